@@ -1,0 +1,916 @@
+"""The Raft state machine, sans-I/O, with an interface in the spirit of etcd-raft's RawNode.
+
+The driver owns every side effect. It calls ``tick()`` on a timer, ``step(msg)`` for each message
+from a peer, ``propose()``/``read_index()``/... for clients, and whenever ``has_ready()`` it takes
+``ready()``, carries it out in the order documented on `Ready` (persist, send, apply), and calls
+``advance(ready)``. Randomness comes only from the injected ``random.Random``; time only from
+``tick()``. Nothing here touches a socket, a file or a clock, so a simulator can run thousands of
+clusters deterministically.
+
+Semantics follow the Raft paper and Ongaro's dissertation, with etcd-raft's refinements:
+pre-vote (9.6), check-quorum, ReadIndex and leases (6.4), leadership transfer (3.10), joint
+consensus (4.3) with configurations taking effect when applied, and chunked snapshots.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import OrderedDict
+
+import attrs
+
+from . import quorum
+from .log import RaftLog
+from .messages import (
+    NONE,
+    ConfChange,
+    ConfChangeSingle,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Message,
+    MsgType,
+    NodeId,
+    NotLeader,
+    ProposalRefused,
+    Ready,
+    ReadState,
+    Snapshot,
+    SnapshotMeta,
+    SoftState,
+    StateRole,
+)
+from .progress import Progress, ProgressState
+
+_TRANSFER_CONTEXT = b"transfer"  # a campaign started by TimeoutNow may ignore leader leases
+
+
+class ReadOnlyOption(enum.Enum):
+    READ_INDEX = "read_index"  # confirm leadership with a heartbeat round per batch of reads
+    LEASE = "lease"  # trust the check-quorum lease; needs check_quorum and bounded clock drift
+
+
+@attrs.frozen
+class RaftConfig:
+    id: NodeId
+    election_tick: int = 10  # followers campaign after [election_tick, 2*election_tick) ticks
+    heartbeat_tick: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    read_only: ReadOnlyOption = ReadOnlyOption.READ_INDEX
+    # Lease reads stop this many ticks before the lease nominally ends, covering clock drift.
+    lease_margin_ticks: int = 2
+    max_inflight: int = 64  # pipelined appends per follower
+    max_msg_entries: int = 512
+    max_msg_bytes: int = 1 << 20
+    max_apply_entries: int = 4096  # committed entries handed out per Ready
+    snapshot_chunk_bytes: int = 64 << 10
+    snapshot_resend_ticks: int = 3  # resend an unacknowledged snapshot chunk after this long
+
+    def __attrs_post_init__(self):
+        if self.id == NONE:
+            raise ValueError("node id must be >= 1")
+        if self.heartbeat_tick < 1 or self.election_tick <= self.heartbeat_tick:
+            raise ValueError("need 1 <= heartbeat_tick < election_tick")
+        if self.read_only == ReadOnlyOption.LEASE and not self.check_quorum:
+            raise ValueError("lease reads need check_quorum: without it a deposed leader keeps "
+                             "serving reads from its own state")
+        if self.lease_margin_ticks >= self.election_tick:
+            raise ValueError("lease_margin_ticks must be smaller than election_tick")
+
+
+@attrs.frozen
+class PersistedState:
+    """What the driver read back from stable storage at start: the input of a restart."""
+
+    hard_state: HardState = HardState()
+    snapshot: Snapshot | None = None
+    entries: tuple[Entry, ...] = ()
+
+
+@attrs.define(slots=True)
+class _ReadRequest:
+    index: int
+    requester: NodeId
+    acks: set
+
+
+class RawNode:
+    """One Raft peer. See the module docstring for the driving contract."""
+
+    def __init__(self, config: RaftConfig, rng: random.Random,
+                 persisted: PersistedState | None = None):
+        persisted = persisted or PersistedState()
+        self.config = config
+        self.id = config.id
+        self._rng = rng
+        hs = persisted.hard_state
+        self.log = RaftLog(persisted.snapshot, persisted.entries, hs.commit)
+        self.snapshot = persisted.snapshot  # the newest snapshot we hold (to send to followers)
+        self.term = hs.term
+        self.vote = hs.vote
+        self.lead = NONE
+        self.role = StateRole.FOLLOWER
+        self.conf = persisted.snapshot.meta.conf_state if persisted.snapshot else ConfState()
+        self.prs: dict[NodeId, Progress] = {}
+        self.votes: dict[NodeId, bool] = {}
+        self.msgs: list[Message] = []
+        self.read_states: list[ReadState] = []
+        self.ticks = 0  # monotonic count of tick() calls: the only clock
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_election_timeout = config.election_tick
+        self.lead_transferee = NONE
+        self.timeout_now_sent = False  # this term: a TimeoutNow went out, so no more lease reads
+        self.pending_conf_index = 0
+        self._reads: OrderedDict[bytes, _ReadRequest] = OrderedDict()
+        self._reads_waiting_for_commit: list[tuple[bytes, NodeId]] = []
+        self._lease_acks: dict[NodeId, int] = {}  # peer -> newest heartbeat tick it echoed
+        self._booting = True  # until one election timeout passes, act as if a leader was seen
+        self._needs_broadcast = False
+        self._pending_snapshot: Snapshot | None = None  # received from the leader, not yet saved
+        self._snapshot_rx: tuple[SnapshotMeta, bytearray] | None = None
+        self._prev_hard_state = hs
+        self._prev_soft_state = SoftState(NONE, StateRole.FOLLOWER)
+        self._ready_outstanding = False
+        self._rebuild_progress()
+        self.become_follower(self.term, NONE)
+
+    @classmethod
+    def bootstrap(cls, config: RaftConfig, rng: random.Random,
+                  voters: list[NodeId] | tuple[NodeId, ...]) -> RawNode:
+        """A brand-new member of a brand-new cluster.
+
+        Like etcd's Bootstrap, the initial membership is the first log entry (term 1, index 1,
+        committed), so nodes that join later learn it by replication like any other change. Every
+        founding node must be bootstrapped with the same voters.
+        """
+        cc = ConfChange(tuple(ConfChangeSingle(ConfChangeType.ADD_VOTER, v) for v in voters))
+        first = Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=cc.encode())
+        node = cls(config, rng)
+        node.log.append([first])
+        node.log.commit_to(1)
+        node.term = 1
+        node.conf = ConfState(voters=frozenset(voters))
+        node._rebuild_progress()
+        return node
+
+    # ==========================================================================================
+    # The driver's interface
+    # ==========================================================================================
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.role == StateRole.LEADER:
+            self._tick_heartbeat()
+        else:
+            self._tick_election()
+
+    def step(self, m: Message) -> None:
+        """Feed one message from a peer. Messages for another node or from nowhere are ignored."""
+        if m.to != self.id:
+            return
+        if m.term > self.term:
+            if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
+                forced = m.context == _TRANSFER_CONTEXT
+                if not forced and self._in_lease():
+                    return  # we heard from a live leader within the election timeout
+            if m.type == MsgType.PRE_VOTE:
+                pass  # a pre-vote never changes our term
+            elif m.type == MsgType.PRE_VOTE_RESP and not m.reject:
+                pass  # a granted pre-vote carries the term we would campaign in
+            elif m.type in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP):
+                self.become_follower(m.term, m.frm)
+            else:
+                self.become_follower(m.term, NONE)
+        elif m.term < self.term:
+            if m.type in (MsgType.APP, MsgType.HEARTBEAT) and (
+                self.config.check_quorum or self.config.pre_vote
+            ):
+                # A stale leader (perhaps partitioned away) needs our term to step down; with
+                # pre-vote it cannot learn it from a disruptive vote request any more.
+                self._send(MsgType.APP_RESP, m.frm)
+            elif m.type == MsgType.PRE_VOTE:
+                self._send(MsgType.PRE_VOTE_RESP, m.frm, reject=True)
+            return
+
+        if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
+            self._handle_vote_request(m)
+        elif self.role == StateRole.LEADER:
+            self._step_leader(m)
+        elif self.role in (StateRole.CANDIDATE, StateRole.PRE_CANDIDATE):
+            self._step_candidate(m)
+        else:
+            self._step_follower(m)
+
+    def propose(self, data: bytes) -> tuple[int, int]:
+        """Append `data` to the log; returns (term, index). Raises ProposalRefused/NotLeader.
+
+        The write is committed once an entry with that index *and term* comes out in
+        committed_entries; the same index with another term means it was overwritten.
+        """
+        self._check_can_propose()
+        index = self._append(Entry(self.term, 0, EntryType.NORMAL, data))
+        return self.term, index
+
+    def propose_conf_change(self, changes) -> tuple[int, int]:
+        """Propose a membership change (a ConfChange or a sequence of ConfChangeSingle).
+
+        Changes that alter the voters go through a joint configuration, left automatically once
+        the change is applied. Only one change may be pending at a time.
+        """
+        cc = changes if isinstance(changes, ConfChange) else ConfChange(tuple(changes))
+        self._check_can_propose()
+        if self.pending_conf_index > self.log.applied:
+            raise ProposalRefused("a configuration change is still being applied", self.lead)
+        if self.conf.joint and cc.changes:
+            raise ProposalRefused("leave the joint configuration first", self.lead)
+        if cc.changes:
+            new = _next_conf(self.conf, cc)
+            if new is None:
+                raise ProposalRefused("invalid change: demote a voter by removing it first, and "
+                                      "keep at least one voter")
+        elif not self.conf.joint:
+            raise ProposalRefused("not in a joint configuration")
+        index = self._append(Entry(self.term, 0, EntryType.CONF_CHANGE, cc.encode()))
+        self.pending_conf_index = index
+        return self.term, index
+
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read index; a ReadState with `context` comes out in a Ready.
+
+        `context` must be unique among outstanding reads. Raises NotLeader when no leader is
+        known (there is no one to ask).
+        """
+        if self.role == StateRole.LEADER:
+            self._handle_read_index(context, self.id)
+        elif self.lead != NONE:
+            self._send(MsgType.READ_INDEX, self.lead, context=context)
+        else:
+            raise NotLeader(NONE)
+
+    def transfer_leadership(self, target: NodeId) -> None:
+        """Hand leadership to `target`: catch it up, then tell it to campaign at once."""
+        if self.role != StateRole.LEADER:
+            raise NotLeader(self.lead)
+        if target == self.id:
+            return
+        if target not in self.conf.voters:
+            raise ProposalRefused(f"node {target} is not a voter")
+        if self.lead_transferee == target:
+            return
+        self.election_elapsed = 0  # the transfer gets one election timeout to finish
+        self.lead_transferee = target
+        pr = self.prs[target]
+        if pr.match == self.log.last_index():
+            self._send_timeout_now(target)
+        else:
+            self._send_append(target)
+
+    def compact(self, data: bytes, keep_entries: int = 0) -> Snapshot:
+        """Take the state machine image `data`, taken at the applied index, as a snapshot.
+
+        Call it between ``advance()`` and the next ``ready()``. Entries up to the applied index
+        minus `keep_entries` are dropped; the driver must persist the returned snapshot before
+        deleting them from its own storage.
+        """
+        index = self.log.applied
+        meta = SnapshotMeta(index=index, term=self.log.term(index) or 0, conf_state=self.conf)
+        snap = Snapshot(meta, data)
+        self.snapshot = snap
+        self.log.compact(max(self.log.offset, index - keep_entries))
+        return snap
+
+    def has_ready(self) -> bool:
+        if self._ready_outstanding:
+            return False
+        return bool(
+            self.msgs
+            or self._needs_broadcast
+            or self.read_states
+            or self._pending_snapshot is not None
+            or self.log.stable < self.log.last_index()
+            or self.log.has_next_committed()
+            or self._hard_state() != self._prev_hard_state
+            or self._soft_state() != self._prev_soft_state
+        )
+
+    def ready(self) -> Ready:
+        if self._ready_outstanding:
+            raise RuntimeError("ready() called twice without advance()")
+        self._flush_broadcast()
+        soft, hard = self._soft_state(), self._hard_state()
+        entries = tuple(self.log.unstable_entries())
+        rd = Ready(
+            soft_state=soft if soft != self._prev_soft_state else None,
+            hard_state=hard if hard != self._prev_hard_state else None,
+            snapshot=self._pending_snapshot,
+            entries=entries,
+            messages=tuple(self.msgs),
+            committed_entries=tuple(self.log.next_committed(self.config.max_apply_entries)),
+            read_states=tuple(self.read_states),
+            must_sync=bool(entries)
+            or self._pending_snapshot is not None
+            or hard.term != self._prev_hard_state.term
+            or hard.vote != self._prev_hard_state.vote,
+        )
+        self.msgs = []
+        self.read_states = []
+        self._prev_soft_state = soft
+        self._prev_hard_state = hard
+        self._ready_outstanding = True
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The driver has persisted, sent and applied everything in `rd`."""
+        self._ready_outstanding = False
+        if rd.snapshot is not None and rd.snapshot is self._pending_snapshot:
+            self._pending_snapshot = None
+        if rd.entries:
+            last = rd.entries[-1]
+            self.log.stable_to(last.index, last.term)
+        for e in rd.committed_entries:
+            self.log.applied_to(e.index)
+            if e.type == EntryType.CONF_CHANGE:
+                self._apply_conf_change(ConfChange.decode(e.data))
+        if self.role == StateRole.LEADER:
+            # The leader counts itself towards a quorum only for what it has made durable.
+            me = self.prs.get(self.id)
+            if me is not None and me.maybe_update(self.log.stable):
+                self._maybe_commit()
+            if (
+                self.conf.joint
+                and self.log.applied >= self.pending_conf_index
+                and self.lead_transferee == NONE
+            ):
+                self.propose_conf_change(ConfChange())  # auto-leave the joint configuration
+
+    # -- introspection for drivers, tests and the simulator --------------------------------------
+    @property
+    def commit(self) -> int:
+        return self.log.committed
+
+    @property
+    def applied(self) -> int:
+        return self.log.applied
+
+    def is_promotable(self) -> bool:
+        return self.conf.is_voter(self.id)
+
+    def lease_valid(self) -> bool:
+        """Whether a lease read may be served from local state right now (leader only)."""
+        if self.role != StateRole.LEADER or self.config.read_only != ReadOnlyOption.LEASE:
+            return False
+        if self.lead_transferee != NONE or self.timeout_now_sent:
+            return False
+        acks = dict(self._lease_acks)
+        acks[self.id] = self.ticks
+        quorum_tick = quorum.committed_index(self.conf, acks)
+        lease = self.config.election_tick - self.config.lease_margin_ticks
+        return self.ticks < quorum_tick + lease
+
+    # ==========================================================================================
+    # Roles
+    # ==========================================================================================
+    def become_follower(self, term: int, lead: NodeId) -> None:
+        self._reset(term)
+        self.lead = lead
+        self.role = StateRole.FOLLOWER
+
+    def _become_pre_candidate(self) -> None:
+        # A pre-candidate changes neither its term nor its vote: that is the point of pre-vote.
+        self.votes = {}
+        self.lead = NONE
+        self.role = StateRole.PRE_CANDIDATE
+
+    def _become_candidate(self) -> None:
+        self._reset(self.term + 1)
+        self.vote = self.id
+        self.role = StateRole.CANDIDATE
+
+    def _become_leader(self) -> None:
+        self._reset(self.term)
+        self.lead = self.id
+        self.role = StateRole.LEADER
+        me = self.prs.get(self.id)
+        if me is not None:
+            me.become_replicate()
+        # No conf change until everything in our log is applied: we cannot know whether an
+        # unapplied entry in it is a conf change that is still in flight.
+        self.pending_conf_index = self.log.last_index()
+        self._append(Entry(self.term, 0, EntryType.NORMAL, b""))  # no-op: commits our term
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = NONE
+            self.timeout_now_sent = False
+        self.lead = NONE
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_election_timeout = self.config.election_tick + self._rng.randrange(
+            self.config.election_tick
+        )
+        self.lead_transferee = NONE
+        self.votes = {}
+        self._reads.clear()
+        self._reads_waiting_for_commit.clear()
+        self._lease_acks.clear()
+        last = self.log.last_index()
+        for node, pr in self.prs.items():
+            mine = node == self.id
+            pr.restart(match=self.log.stable if mine else 0, next=last + 1, active=mine)
+
+    def _rebuild_progress(self) -> None:
+        last = self.log.last_index()
+        nodes = self.conf.all_nodes()
+        for node in list(self.prs):
+            if node not in nodes:
+                del self.prs[node]
+        for node in nodes:
+            if node not in self.prs:
+                self.prs[node] = Progress(
+                    match=self.log.stable if node == self.id else 0,
+                    next=last + 1,
+                    recent_active=True,  # give new members one check-quorum round of grace
+                )
+
+    # ==========================================================================================
+    # Ticks
+    # ==========================================================================================
+    def _tick_election(self) -> None:
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.config.election_tick:
+            self._booting = False
+        if self.election_elapsed >= self.randomized_election_timeout:
+            self.election_elapsed = 0
+            self._hup(transfer=False)
+
+    def _tick_heartbeat(self) -> None:
+        self.heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.config.election_tick:
+            self.election_elapsed = 0
+            if self.config.check_quorum:
+                if not self._quorum_active():
+                    self.become_follower(self.term, NONE)  # we lost touch with a majority
+                    return
+                for node, pr in self.prs.items():
+                    pr.recent_active = node == self.id
+            if self.lead_transferee != NONE:
+                self.lead_transferee = NONE  # the transfer did not finish in time: abort it
+        if self.heartbeat_elapsed >= self.config.heartbeat_tick:
+            self.heartbeat_elapsed = 0
+            self._broadcast_heartbeat()
+            self._resend_stalled_snapshots()
+
+    def _in_lease(self) -> bool:
+        """Whether we heard from a live leader recently enough to refuse to vote for another.
+
+        This is what lets a leader under check-quorum trust its lease. A freshly (re)started
+        node counts as having heard from one: it may have acknowledged a heartbeat just before
+        it crashed.
+        """
+        return (
+            self.config.check_quorum
+            and self.election_elapsed < self.config.election_tick
+            and (self.lead != NONE or self._booting)
+        )
+
+    # ==========================================================================================
+    # Elections
+    # ==========================================================================================
+    def _hup(self, transfer: bool) -> None:
+        if self.role == StateRole.LEADER or not self.is_promotable():
+            return
+        if self._has_unapplied_conf_changes():
+            return  # our configuration may be about to change: we cannot count votes yet
+        if self.config.pre_vote and not transfer:
+            self._campaign(pre=True, transfer=False)
+        else:
+            self._campaign(pre=False, transfer=transfer)
+
+    def _has_unapplied_conf_changes(self) -> bool:
+        lo = self.log.applied - self.log.offset
+        hi = self.log.committed - self.log.offset
+        return any(e.type == EntryType.CONF_CHANGE for e in self.log.entries[lo:hi])
+
+    def _campaign(self, pre: bool, transfer: bool) -> None:
+        if pre:
+            self._become_pre_candidate()
+            kind, term = MsgType.PRE_VOTE, self.term + 1
+        else:
+            self._become_candidate()
+            kind, term = MsgType.VOTE, self.term
+        if self._poll(self.id, True):
+            return
+        ctx = _TRANSFER_CONTEXT if transfer else b""
+        for v in sorted(self.conf.voters | self.conf.voters_outgoing):
+            if v != self.id:
+                self.msgs.append(Message(kind, v, self.id, term, log_term=self.log.last_term(),
+                                         index=self.log.last_index(), context=ctx))
+
+    def _poll(self, node: NodeId, granted: bool) -> bool:
+        """Record a vote; returns True when the campaign is decided."""
+        self.votes.setdefault(node, granted)
+        result = quorum.vote_result(self.conf, self.votes)
+        if result == quorum.VoteResult.WON:
+            if self.role == StateRole.PRE_CANDIDATE:
+                self._campaign(pre=False, transfer=False)
+            else:
+                self._become_leader()
+                self._needs_broadcast = True
+            return True
+        if result == quorum.VoteResult.LOST:
+            self.become_follower(self.term, NONE)
+            return True
+        return False
+
+    def _vote_log_ok(self, last_index: int, last_term: int) -> bool:
+        """The election restriction (Raft 5.4.1): only vote for logs at least as up to date."""
+        return self.log.is_up_to_date(last_index, last_term)
+
+    def _handle_vote_request(self, m: Message) -> None:
+        can_vote = (
+            self.vote == m.frm
+            or (self.vote == NONE and self.lead == NONE)
+            or (m.type == MsgType.PRE_VOTE and m.term > self.term)
+        )
+        resp = MsgType.VOTE_RESP if m.type == MsgType.VOTE else MsgType.PRE_VOTE_RESP
+        if can_vote and self._vote_log_ok(m.index, m.log_term):
+            # The response carries the campaign's term so the candidate counts it.
+            self.msgs.append(Message(resp, m.frm, self.id, m.term))
+            if m.type == MsgType.VOTE:
+                self.election_elapsed = 0
+                self.vote = m.frm
+        else:
+            self._send(resp, m.frm, reject=True)
+
+    # ==========================================================================================
+    # Per-role message handling
+    # ==========================================================================================
+    def _step_follower(self, m: Message) -> None:
+        t = m.type
+        if t == MsgType.APP:
+            self._heard_from_leader(m.frm)
+            self._handle_append(m)
+        elif t == MsgType.HEARTBEAT:
+            self._heard_from_leader(m.frm)
+            self._handle_heartbeat(m)
+        elif t == MsgType.SNAP:
+            self._heard_from_leader(m.frm)
+            self._handle_snapshot_chunk(m)
+        elif t == MsgType.TIMEOUT_NOW:
+            self._hup(transfer=True)
+        elif t == MsgType.READ_INDEX_RESP:
+            if not m.reject:
+                self.read_states.append(ReadState(m.index, m.context))
+
+    def _step_candidate(self, m: Message) -> None:
+        t = m.type
+        if t in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP):
+            self.become_follower(m.term, m.frm)  # someone won this term
+            self._step_follower(m)
+        elif (t == MsgType.VOTE_RESP and self.role == StateRole.CANDIDATE) or (
+            t == MsgType.PRE_VOTE_RESP and self.role == StateRole.PRE_CANDIDATE
+        ):
+            self._poll(m.frm, not m.reject)
+
+    def _step_leader(self, m: Message) -> None:
+        t = m.type
+        if t == MsgType.READ_INDEX:
+            self._handle_read_index(m.context, m.frm)
+            return
+        pr = self.prs.get(m.frm)
+        if pr is None:
+            return  # not (or no longer) a member
+        if t in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP, MsgType.SNAP_RESP):
+            pr.recent_active = True
+        if t == MsgType.APP_RESP:
+            self._handle_append_response(m, pr)
+        elif t == MsgType.HEARTBEAT_RESP:
+            pr.probe_sent = False
+            if m.tick > self._lease_acks.get(m.frm, -1):
+                self._lease_acks[m.frm] = m.tick
+            if pr.match < self.log.last_index():
+                self._send_append(m.frm)
+            if m.context:
+                self._ack_read(m.context, m.frm)
+        elif t == MsgType.SNAP_RESP:
+            self._handle_snapshot_response(m, pr)
+
+    def _heard_from_leader(self, leader: NodeId) -> None:
+        self.election_elapsed = 0
+        self.lead = leader
+        self._booting = False
+
+    # ==========================================================================================
+    # Replication
+    # ==========================================================================================
+    def _check_can_propose(self) -> None:
+        if self.role != StateRole.LEADER:
+            raise NotLeader(self.lead)
+        if self.lead_transferee != NONE:
+            raise ProposalRefused("leadership transfer in progress", self.lead_transferee)
+
+    def _append(self, entry: Entry) -> int:
+        index = self.log.last_index() + 1
+        self.log.append([attrs.evolve(entry, index=index)])
+        self._needs_broadcast = True  # batched: one append per follower per Ready
+        return index
+
+    def _flush_broadcast(self) -> None:
+        if not self._needs_broadcast:
+            return
+        self._needs_broadcast = False
+        if self.role != StateRole.LEADER:
+            return
+        for node in self.prs:
+            if node != self.id:
+                self._send_append(node)
+                while self.prs[node].state == ProgressState.REPLICATE and self._send_append(
+                    node, send_if_empty=False
+                ):
+                    pass  # pipelining: keep filling the window
+
+    def _send_append(self, to: NodeId, send_if_empty: bool = True) -> bool:
+        pr = self.prs[to]
+        if pr.is_paused(self.config.max_inflight):
+            return False
+        prev = pr.next - 1
+        prev_term = self.log.term(prev)
+        if prev_term is None and prev < self.log.offset:
+            return self._send_snapshot(to, pr)
+        if prev_term is None:  # next ran past our log (a stale optimistic guess): probe again
+            pr.become_probe()
+            prev = pr.next - 1
+            prev_term = self.log.term(prev)
+            if prev_term is None:
+                return self._send_snapshot(to, pr)
+        last = self.log.last_index()
+        entries = ()
+        if pr.next <= last:
+            entries = tuple(self.log.slice(pr.next, last + 1, self.config.max_msg_entries,
+                                           self.config.max_msg_bytes))
+        if not entries and not send_if_empty:
+            return False
+        self.msgs.append(Message(MsgType.APP, to, self.id, self.term, log_term=prev_term,
+                                 index=prev, entries=entries, commit=self.log.committed))
+        pr.sent_entries(entries[-1].index if entries else prev)
+        return True
+
+    def _handle_append(self, m: Message) -> None:
+        if m.index < self.log.committed:
+            self._send(MsgType.APP_RESP, m.frm, index=self.log.committed)
+            return
+        last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        if last_new is not None:
+            self._send(MsgType.APP_RESP, m.frm, index=last_new)
+            return
+        hint_index, hint_term = self.log.find_conflict_by_term(
+            min(m.index, self.log.last_index()), m.log_term
+        )
+        self._send(MsgType.APP_RESP, m.frm, index=m.index, reject=True,
+                   reject_hint=hint_index, log_term=hint_term)
+
+    def _handle_append_response(self, m: Message, pr: Progress) -> None:
+        if m.reject:
+            next_probe = m.reject_hint
+            if m.log_term > 0:
+                next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if pr.maybe_decrease_to(m.index, next_probe):
+                if pr.state == ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_append(m.frm)
+            return
+        was_paused = pr.is_paused(self.config.max_inflight)
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state == ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state == ProgressState.SNAPSHOT:
+            pr.become_probe()
+            if pr.match >= self.log.offset:  # the snapshot (or a later append) caught it up
+                pr.become_replicate()
+        else:
+            pr.free_inflights_to(m.index)
+        if self._maybe_commit():
+            self._needs_broadcast = True  # tell everyone, once per Ready
+        elif was_paused:
+            self._send_append(m.frm)
+        while pr.state == ProgressState.REPLICATE and self._send_append(m.frm, send_if_empty=False):
+            pass
+        if m.frm == self.lead_transferee and pr.match == self.log.last_index():
+            self._send_timeout_now(m.frm)
+
+    def _handle_heartbeat(self, m: Message) -> None:
+        self.log.commit_to(min(m.commit, self.log.last_index()))
+        self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context, tick=m.tick)
+
+    def _broadcast_heartbeat(self, context: bytes | None = None) -> None:
+        if context is None and self._reads:
+            context = next(reversed(self._reads))  # piggyback the newest pending read
+        for node, pr in self.prs.items():
+            if node != self.id:
+                self.msgs.append(Message(MsgType.HEARTBEAT, node, self.id, self.term,
+                                         commit=min(pr.match, self.log.committed),
+                                         context=context or b"", tick=self.ticks))
+
+    def _commit_allowed(self, index: int) -> bool:
+        """Raft 5.4.2: count replicas only for entries of the leader's own term."""
+        return self.log.term(index) == self.term
+
+    def _maybe_commit(self) -> bool:
+        acked = {node: pr.match for node, pr in self.prs.items()}
+        index = quorum.committed_index(self.conf, acked)
+        if index <= self.log.committed or not self._commit_allowed(index):
+            return False
+        self.log.commit_to(index)
+        if self._reads_waiting_for_commit and self._committed_in_current_term():
+            waiting, self._reads_waiting_for_commit = self._reads_waiting_for_commit, []
+            for ctx, requester in waiting:
+                self._handle_read_index(ctx, requester)
+        return True
+
+    def _quorum_active(self) -> bool:
+        active = {node for node, pr in self.prs.items() if pr.recent_active or node == self.id}
+        return quorum.has_quorum(self.conf, active)
+
+    # ==========================================================================================
+    # Snapshots
+    # ==========================================================================================
+    def _send_snapshot(self, to: NodeId, pr: Progress) -> bool:
+        if self.snapshot is None or not pr.recent_active:
+            return False  # do not stream a snapshot at a node that may be down
+        pr.become_snapshot(self.snapshot, self.ticks)
+        self._send_snapshot_chunk(to, pr)
+        return True
+
+    def _send_snapshot_chunk(self, to: NodeId, pr: Progress) -> None:
+        snap = pr.snapshot
+        off = pr.snapshot_offset
+        chunk = snap.data[off : off + self.config.snapshot_chunk_bytes]
+        pr.snapshot_sent_tick = self.ticks
+        self.msgs.append(Message(MsgType.SNAP, to, self.id, self.term, snapshot_meta=snap.meta,
+                                 offset=off, data=chunk, done=off + len(chunk) >= len(snap.data)))
+
+    def _resend_stalled_snapshots(self) -> None:
+        for node, pr in self.prs.items():
+            if (
+                pr.state == ProgressState.SNAPSHOT
+                and self.ticks - pr.snapshot_sent_tick >= self.config.snapshot_resend_ticks
+            ):
+                self._send_snapshot_chunk(node, pr)
+
+    def _handle_snapshot_response(self, m: Message, pr: Progress) -> None:
+        if pr.state != ProgressState.SNAPSHOT or pr.snapshot.meta.index != m.index:
+            return
+        if m.reject:
+            pr.snapshot_offset = 0
+        elif m.offset > pr.snapshot_offset:
+            pr.snapshot_offset = m.offset
+        else:
+            return  # a duplicate acknowledgement: the resend timer covers losses
+        if pr.snapshot_offset < len(pr.snapshot.data) or m.reject:
+            self._send_snapshot_chunk(m.frm, pr)
+
+    def _handle_snapshot_chunk(self, m: Message) -> None:
+        meta = m.snapshot_meta
+        if meta.index <= self.log.committed:
+            self._snapshot_rx = None
+            self._send(MsgType.APP_RESP, m.frm, index=self.log.committed)
+            return
+        if self._snapshot_rx is None or self._snapshot_rx[0] != meta:
+            if m.offset != 0:
+                self._send(MsgType.SNAP_RESP, m.frm, index=meta.index, reject=True)
+                return
+            self._snapshot_rx = (meta, bytearray())
+        buf = self._snapshot_rx[1]
+        if m.offset == len(buf):
+            buf += m.data
+        if not (m.done and m.offset + len(m.data) == len(buf)):
+            self._send(MsgType.SNAP_RESP, m.frm, index=meta.index, offset=len(buf))
+            return
+        self._snapshot_rx = None
+        self._restore(Snapshot(meta, bytes(buf)))
+        self._send(MsgType.APP_RESP, m.frm, index=self.log.last_index())
+
+    def _restore(self, snap: Snapshot) -> None:
+        meta = snap.meta
+        if meta.index <= self.log.committed:
+            return
+        if self.log.match_term(meta.index, meta.term):
+            self.log.commit_to(meta.index)  # we hold it already: just fast-forward the commit
+            return
+        self.log.restore(snap)
+        self.snapshot = snap
+        self._pending_snapshot = snap
+        self.conf = meta.conf_state
+        self._rebuild_progress()
+
+    # ==========================================================================================
+    # Reads
+    # ==========================================================================================
+    def _committed_in_current_term(self) -> bool:
+        return self.log.term(self.log.committed) == self.term
+
+    def _handle_read_index(self, context: bytes, requester: NodeId) -> None:
+        """Raft dissertation 6.4: the read index is the commit index, confirmed by a quorum.
+
+        A new leader does not know the commit index until an entry of its own term commits,
+        so reads wait for that; then a heartbeat round proves nobody deposed us meanwhile.
+        """
+        if not self._committed_in_current_term():
+            self._reads_waiting_for_commit.append((context, requester))
+            return
+        index = self.log.committed
+        if quorum.has_quorum(self.conf, {self.id}) or self.lease_valid():
+            self._answer_read(context, requester, index)
+            return
+        self._reads[context] = _ReadRequest(index, requester, {self.id})
+        self._broadcast_heartbeat(context)
+
+    def _ack_read(self, context: bytes, frm: NodeId) -> None:
+        req = self._reads.get(context)
+        if req is None:
+            return
+        req.acks.add(frm)
+        if not quorum.has_quorum(self.conf, req.acks):
+            return
+        # A quorum answered this heartbeat, so every read queued before it is confirmed too.
+        while self._reads:
+            ctx, r = self._reads.popitem(last=False)
+            self._answer_read(ctx, r.requester, r.index)
+            if ctx == context:
+                break
+
+    def _answer_read(self, context: bytes, requester: NodeId, index: int) -> None:
+        if requester == self.id:
+            self.read_states.append(ReadState(index, context))
+        else:
+            self._send(MsgType.READ_INDEX_RESP, requester, index=index, context=context)
+
+    # ==========================================================================================
+    # Leadership transfer and membership
+    # ==========================================================================================
+    def _send_timeout_now(self, to: NodeId) -> None:
+        self.timeout_now_sent = True  # the target may win at any moment: our lease is void
+        self._send(MsgType.TIMEOUT_NOW, to)
+
+    def _apply_conf_change(self, cc: ConfChange) -> None:
+        new = _next_conf(self.conf, cc)
+        if new is None:
+            return  # invalid here (the same on every replica): ignored deterministically
+        self.conf = new
+        self._rebuild_progress()
+        if self.role != StateRole.LEADER:
+            return
+        if not self.conf.is_voter(self.id):
+            self.become_follower(self.term, NONE)  # removed: step down and let others elect
+            return
+        if self._maybe_commit():
+            self._needs_broadcast = True
+        if self.lead_transferee != NONE and self.lead_transferee not in self.conf.voters:
+            self.lead_transferee = NONE
+
+    # ==========================================================================================
+    # Helpers
+    # ==========================================================================================
+    def _send(self, kind: MsgType, to: NodeId, **fields) -> None:
+        self.msgs.append(Message(kind, to, self.id, self.term, **fields))
+
+    def _hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.committed)
+
+    def _soft_state(self) -> SoftState:
+        return SoftState(self.lead, self.role)
+
+
+def _next_conf(conf: ConfState, cc: ConfChange) -> ConfState | None:
+    """The configuration after applying `cc` to `conf`, or None if `cc` is invalid there."""
+    if not cc.changes:
+        if not conf.joint:
+            return None
+        return ConfState(voters=conf.voters, learners=conf.learners)
+    if conf.joint:
+        return None
+    voters, learners = set(conf.voters), set(conf.learners)
+    for c in cc.changes:
+        if c.type == ConfChangeType.ADD_VOTER:
+            voters.add(c.node_id)
+            learners.discard(c.node_id)
+        elif c.type == ConfChangeType.REMOVE_NODE:
+            voters.discard(c.node_id)
+            learners.discard(c.node_id)
+        elif c.type == ConfChangeType.ADD_LEARNER:
+            if c.node_id in voters:
+                return None
+            learners.add(c.node_id)
+    if not voters:
+        return None
+    voters = frozenset(voters)
+    if voters == conf.voters or not conf.voters:
+        return ConfState(voters=voters, learners=frozenset(learners))  # learners only: no joint
+    return ConfState(voters=voters, voters_outgoing=conf.voters, learners=frozenset(learners))
