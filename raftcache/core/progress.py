@@ -88,8 +88,11 @@ class Progress:
 
     def sent_entries(self, last_index: int) -> None:
         if self.state == ProgressState.REPLICATE:
-            self.next = last_index + 1
-            self.inflights.append(last_index)
+            # An empty append (commit index only) takes no window slot: its ack would not move
+            # `match`, so nothing would ever free the slot.
+            if last_index >= self.next:
+                self.next = last_index + 1
+                self.inflights.append(last_index)
         elif self.state == ProgressState.PROBE:
             self.probe_sent = True
 

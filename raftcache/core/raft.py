@@ -292,34 +292,44 @@ class RawNode:
             or self.read_states
             or self._pending_snapshot is not None
             or self.log.stable < self.log.last_index()
-            or self.log.has_next_committed()
-            or self._hard_state() != self._prev_hard_state
-            or self._soft_state() != self._prev_soft_state
+            or self.log.committed > self.log.applied
+            or self.log.committed != self._prev_hard_state.commit
+            or self.term != self._prev_hard_state.term
+            or self.vote != self._prev_hard_state.vote
+            or self.lead != self._prev_soft_state.leader
+            or self.role != self._prev_soft_state.role
         )
 
     def ready(self) -> Ready:
         if self._ready_outstanding:
             raise RuntimeError("ready() called twice without advance()")
         self._flush_broadcast()
-        soft, hard = self._soft_state(), self._hard_state()
-        entries = tuple(self.log.unstable_entries())
+        prev_hard, prev_soft = self._prev_hard_state, self._prev_soft_state
+        hard = soft = None
+        if (self.term, self.vote, self.log.committed) != (
+            prev_hard.term, prev_hard.vote, prev_hard.commit
+        ):
+            hard = self._prev_hard_state = HardState(self.term, self.vote, self.log.committed)
+        if self.lead != prev_soft.leader or self.role != prev_soft.role:
+            soft = self._prev_soft_state = SoftState(self.lead, self.role)
+        log = self.log
+        entries = tuple(log.entries[log.stable - log.offset :])
         rd = Ready(
-            soft_state=soft if soft != self._prev_soft_state else None,
-            hard_state=hard if hard != self._prev_hard_state else None,
-            snapshot=self._pending_snapshot,
-            entries=entries,
-            messages=tuple(self.msgs),
-            committed_entries=tuple(self.log.next_committed(self.config.max_apply_entries)),
-            read_states=tuple(self.read_states),
-            must_sync=bool(entries)
+            soft,
+            hard,
+            self._pending_snapshot,
+            entries,
+            tuple(self.msgs),
+            tuple(log.next_committed(self.config.max_apply_entries))
+            if log.committed > log.applied
+            else (),
+            tuple(self.read_states),
+            bool(entries)
             or self._pending_snapshot is not None
-            or hard.term != self._prev_hard_state.term
-            or hard.vote != self._prev_hard_state.vote,
+            or (hard is not None and (hard.term != prev_hard.term or hard.vote != prev_hard.vote)),
         )
         self.msgs = []
         self.read_states = []
-        self._prev_soft_state = soft
-        self._prev_hard_state = hard
         self._ready_outstanding = True
         return rd
 
@@ -592,6 +602,8 @@ class RawNode:
             self._handle_append_response(m, pr)
         elif t == MsgType.HEARTBEAT_RESP:
             pr.probe_sent = False
+            if pr.state == ProgressState.REPLICATE and pr.is_paused(self.config.max_inflight):
+                pr.inflights.popleft()  # appends may have been lost: let one more through
             if m.tick > self._lease_acks.get(m.frm, -1):
                 self._lease_acks[m.frm] = m.tick
             if pr.match < self.log.last_index():
