@@ -198,7 +198,7 @@ class ProposalRefused(Exception):
     """The core refused a proposal or read; nothing was appended. `reason` says why."""
 
     def __init__(self, reason: str, leader: NodeId = NONE):
-        super().__init__(reason if not leader else f"{reason} (leader is {leader})")
+        super().__init__(reason if not leader else f"{reason} (try node {leader})")
         self.reason = reason
         self.leader = leader
 

@@ -36,8 +36,8 @@ from .messages import (
     NodeId,
     NotLeader,
     ProposalRefused,
-    Ready,
     ReadState,
+    Ready,
     Snapshot,
     SnapshotMeta,
     SoftState,
@@ -343,7 +343,9 @@ class RawNode:
             self.log.stable_to(last.index, last.term)
         for e in rd.committed_entries:
             self.log.applied_to(e.index)
-            if e.type == EntryType.CONF_CHANGE:
+            # A snapshot restored since this Ready was handed out already holds this entry's
+            # configuration: applying it again on top would corrupt the restored one.
+            if e.type == EntryType.CONF_CHANGE and e.index > self.log.offset:
                 self._apply_conf_change(ConfChange.decode(e.data))
         if self.role == StateRole.LEADER:
             # The leader counts itself towards a quorum only for what it has made durable.
@@ -375,7 +377,9 @@ class RawNode:
             return False
         if self.lead_transferee != NONE or self.timeout_now_sent:
             return False
-        acks = dict(self._lease_acks)
+        # A voter we have not heard from this term has acknowledged nothing: not even tick 0.
+        acks = dict.fromkeys(self.conf.voters | self.conf.voters_outgoing, -self.config.election_tick)
+        acks.update(self._lease_acks)
         acks[self.id] = self.ticks
         quorum_tick = quorum.committed_index(self.conf, acks)
         lease = self.config.election_tick - self.config.lease_margin_ticks
@@ -807,7 +811,9 @@ class RawNode:
             return
         self._snapshot_rx = None
         self._restore(Snapshot(meta, bytes(buf)))
-        self._send(MsgType.APP_RESP, m.frm, index=self.log.last_index())
+        # Only the snapshot's index is known to match: when we already held it (and only
+        # fast-forwarded the commit), entries after it may be a stale suffix.
+        self._send(MsgType.APP_RESP, m.frm, index=self.log.committed)
 
     def _restore(self, snap: Snapshot) -> None:
         meta = snap.meta

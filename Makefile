@@ -1,0 +1,17 @@
+.PHONY: test lint sim sim-long demo
+
+test:
+	scripts/test
+
+lint:
+	scripts/bootstrap && .venv/bin/ruff check raftcache tests examples
+
+# The deterministic simulator: 1,000 seeds on 5 nodes (about a minute per core).
+sim:
+	scripts/bootstrap && .venv/bin/python -m raftcache.testing.sim --seeds 1000 --nodes 5 --jobs 2
+
+sim-long:
+	scripts/bootstrap && .venv/bin/python -m raftcache.testing.sim --seeds 10000 --nodes 5 --jobs 2
+
+demo:
+	scripts/demo

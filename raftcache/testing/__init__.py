@@ -1,0 +1,1 @@
+"""Tools for testing raftcache: history recording and linearizability checking."""

@@ -1,0 +1,590 @@
+"""A linearizability checker for raftcache histories (Wing & Gong / Lowe, as in porcupine).
+
+Linearizability is compositional, so the history is split per key and each key's operations are
+checked on their own against a sequential model (a register by default):
+
+1. A quick, independent pre-check: a version is one Raft log entry, so it has one value. Two
+   different values reported for one version is an anomaly however the operations are ordered.
+2. The Wing & Gong search with Lowe's memoization: walk a list of call/return entries sorted by
+   time, linearize any call whose model step is legal, backtrack when the earliest remaining
+   return belongs to an operation that could not be placed, and never revisit a (set of
+   linearized operations, model state) pair. The search is iterative.
+
+Indeterminate (``info``) operations may be linearized anywhere after their invocation or never:
+their return is at +infinity and the search succeeds as soon as every determinate operation is
+placed. ``fail`` operations are dropped.
+
+For a key that fails, the checker shrinks the evidence to a *window*: the shortest run of that
+key's operations (in invocation order) that still cannot be linearized when it starts from an
+unknown register state and every operation outside it is relaxed to ``info`` (may or may not have
+happened). Relaxing only ever removes constraints, so a failing window proves the whole history
+is not linearizable; the table from :func:`format_anomaly` is all one needs to read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import math
+import sys
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+import attrs
+
+from raftcache.testing.history import History, Kind, Operation, Status
+
+__all__ = [
+    "ABSENT",
+    "ANY",
+    "CheckResult",
+    "KeyAnomaly",
+    "Model",
+    "RegisterModel",
+    "check",
+    "format_anomaly",
+    "version_conflicts",
+]
+
+State = Hashable
+
+
+class _Special(enum.Enum):
+    ABSENT = "absent"
+    ANY = "any"
+    UNREAD = "unread"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+ABSENT = _Special.ABSENT  # the key does not exist
+ANY = _Special.ANY  # could be any state: where a window of the history starts
+_UNREAD = _Special.UNREAD  # stands for any value written by an info op that no read returned
+
+
+class Model:
+    """A sequential specification. States must be hashable (the search memoizes on them).
+
+    ``step`` returns the state after ``op``, or ``None`` if ``op`` (with its result) is impossible
+    in ``state``. An ``info`` op has no result: ``step`` applies it as if it took effect, and
+    returns ``None`` if taking effect is impossible or indistinguishable from not happening (the
+    search also considers never applying it). ``step`` may look only at the op's kind, value,
+    expected, result and status: the search treats ops equal in those as interchangeable.
+    """
+
+    def init(self) -> State:
+        raise NotImplementedError
+
+    def unknown(self) -> State:
+        """A state standing for every state; windows after the first operation start here."""
+        raise NotImplementedError
+
+    def step(self, state: State, op: Operation) -> State | None:
+        raise NotImplementedError
+
+    def simplify(self, ops: list[Operation]) -> list[Operation]:
+        """Drop operations that cannot change the verdict (e.g. info reads). Default: none."""
+        return ops
+
+    def describe(self, state: State) -> str:
+        return repr(state)
+
+
+class RegisterModel(Model):
+    """A versioned register: ``ABSENT``, ``ANY`` or ``(value, version)``; version None = unknown."""
+
+    def init(self) -> State:
+        return ABSENT
+
+    def unknown(self) -> State:
+        return ANY
+
+    def step(self, state: State, op: Operation) -> State | None:
+        kind = op.kind
+        if kind is Kind.READ:
+            result = op.result
+            if result is None:
+                return ABSENT if state is ABSENT or state is ANY else None
+            if state is ANY:
+                return result
+            if state is ABSENT or state[0] != result[0]:
+                return None
+            known, seen = state[1], result[1]
+            if known is None:
+                return result  # a read may refine an unknown version
+            return state if seen is None or seen == known else None
+        if kind is Kind.WRITE:
+            return (op.value, op.result if op.status is Status.OK else None)
+        if kind is Kind.DELETE:
+            if op.status is Status.OK and op.result is not None and state is not ANY:
+                if op.result != (state is not ABSENT):
+                    return None
+            return ABSENT
+        # cas. A swap against an unknown version is accepted as if the version matched.
+        swaps = state is ANY or (
+            state is not ABSENT and (state[1] is None or state[1] == op.expected)
+        )
+        if op.status is not Status.OK:
+            # A failed swap changes nothing, which is the same as never linearizing it.
+            return (op.value, None) if swaps else None
+        swapped, new_version = op.result
+        if swapped:
+            return (op.value, new_version) if swaps else None
+        if state is ANY or state is ABSENT or state[1] != op.expected:
+            return state
+        return None
+
+    def simplify(self, ops: list[Operation]) -> list[Operation]:
+        # An info read constrains nothing. An info write of a value nobody read can only make
+        # later reads fail, unless a delete or cas (whose outcome depends on the key merely
+        # being present) might come after it: then it has to stay.
+        observed = set()
+        late_guard = -math.inf  # latest moment a delete/cas could still be linearized
+        for op in ops:
+            if op.kind is Kind.READ and op.status is Status.OK and op.result is not None:
+                observed.add(op.result[0])
+            elif op.kind is Kind.CAS or (op.kind is Kind.DELETE and op.status is Status.OK):
+                late_guard = max(late_guard, _return_time(op))
+        out = []
+        for op in ops:
+            if op.status is Status.INFO:
+                if op.kind is Kind.READ:
+                    continue
+                if op.kind is not Kind.DELETE and op.value not in observed:
+                    if op.kind is Kind.WRITE and op.invoke_time > late_guard:
+                        continue
+                    # Registers holding unread values with unknown versions all behave alike;
+                    # one shared placeholder value lets the memo see that.
+                    op = attrs.evolve(op, value=_UNREAD)
+            out.append(op)
+        return out
+
+    def describe(self, state: State) -> str:
+        if state is ABSENT:
+            return "absent"
+        if state is ANY:
+            return "unknown"
+        value, version = state
+        shown = "a value no read returned" if value is _UNREAD else repr(value)
+        return f"{shown} @ version {'?' if version is None else version}"
+
+
+@attrs.frozen
+class KeyAnomaly:
+    """Evidence that one key's operations are not linearizable.
+
+    ``kind`` is ``"version-conflict"`` (``window`` holds the two disagreeing operations) or
+    ``"not-linearizable"`` (``window`` is the shrunk run of operations, see the module doc).
+    """
+
+    key: Any
+    kind: str
+    message: str
+    window: tuple[Operation, ...]
+
+
+@attrs.frozen
+class CheckResult:
+    ok: bool
+    anomalies: tuple[KeyAnomaly, ...]
+    keys_checked: int
+    operations_checked: int  # operations that reached the search (no fails, no info reads, ...)
+
+
+def check(
+    history: History | Iterable[Operation],
+    model: Model | None = None,
+    *,
+    shrink: bool = True,
+) -> CheckResult:
+    """Check a history (or its operations) for linearizability, key by key."""
+    model = RegisterModel() if model is None else model
+    ops = history.operations() if isinstance(history, History) else list(history)
+    by_key: dict[Any, list[Operation]] = {}
+    for op in ops:
+        by_key.setdefault(op.key, []).append(op)
+
+    anomalies: list[KeyAnomaly] = []
+    checked = 0
+    for key, key_ops in by_key.items():
+        live = [op for op in key_ops if op.status is not Status.FAIL]
+        live.sort(key=lambda op: (op.invoke_time, op.id))
+        if isinstance(model, RegisterModel):
+            anomalies.extend(version_conflicts(key, live))
+        original = {op.id: op for op in live}  # simplify() may rewrite ops; report the real ones
+        live = model.simplify(live)
+        checked += len(live)
+        outcome = _search(model, live, model.init())
+        if outcome.ok:
+            continue
+        s, e, initial = 0, len(live) - 1, model.init()
+        if shrink:
+            s, e = _shrink(model, live)
+            relaxed, initial, deadlines = _relaxed(model, live, s, e)
+            outcome = _search(model, relaxed, initial, deadlines)
+            assert not outcome.ok, "shrinking lost the anomaly"
+        window = tuple(original[op.id] for op in live[s : e + 1])
+        anomalies.append(
+            KeyAnomaly(
+                key=key,
+                kind="not-linearizable",
+                message=_message(model, window, initial, outcome),
+                window=window,
+            )
+        )
+    return CheckResult(
+        ok=not anomalies,
+        anomalies=tuple(anomalies),
+        keys_checked=len(by_key),
+        operations_checked=checked,
+    )
+
+
+def version_conflicts(key: Any, ops: Iterable[Operation]) -> list[KeyAnomaly]:
+    """Anomalies for versions reported with two different values (one per version)."""
+    first: dict[int, tuple[Any, Operation]] = {}
+    reported: set[int] = set()
+    out = []
+    for op in ops:
+        if op.status is not Status.OK or op.result is None:
+            continue
+        if op.kind is Kind.READ:
+            value, version = op.result
+        elif op.kind is Kind.WRITE:
+            value, version = op.value, op.result
+        elif op.kind is Kind.CAS and op.result[0]:
+            value, version = op.value, op.result[1]
+        else:
+            continue
+        if version is None:
+            continue
+        seen = first.setdefault(version, (value, op))
+        if seen[0] != value and version not in reported:
+            reported.add(version)
+            pair = tuple(sorted((seen[1], op), key=lambda o: (o.invoke_time, o.id)))
+            out.append(
+                KeyAnomaly(
+                    key=key,
+                    kind="version-conflict",
+                    message=f"version {version} seen with values {seen[0]!r} and {value!r}",
+                    window=pair,
+                )
+            )
+    return out
+
+
+def format_anomaly(anomaly: KeyAnomaly) -> str:
+    """A readable report: the message and a table of the window's operations."""
+    header = ("id", "process", "kind", "args", "result", "status", "invoke", "complete")
+    rows = [header]
+    for op in anomaly.window:
+        if op.kind is Kind.WRITE:
+            args = _short(op.value)
+        elif op.kind is Kind.CAS:
+            args = f"{op.expected} -> {_short(op.value)}"
+        else:
+            args = ""
+        result = _short(op.result) if op.status is Status.OK else ""
+        complete = "-" if op.complete_time is None else f"{op.complete_time:g}"
+        rows.append(
+            (
+                str(op.id),
+                str(op.process),
+                str(op.kind),
+                args,
+                result,
+                str(op.status),
+                f"{op.invoke_time:g}",
+                complete,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [f"key {anomaly.key!r}: {anomaly.kind}: {anomaly.message}"]
+    for row in rows:
+        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _short(x: Any, limit: int = 40) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- the search -------------------------------------------------------------------------------
+
+
+def _return_time(op: Operation) -> float:
+    if op.status is Status.INFO or op.complete_time is None:
+        return math.inf
+    return op.complete_time
+
+
+@attrs.frozen
+class _Outcome:
+    ok: bool
+    # Where the deepest attempts got stuck: how many determinate ops they had placed, the op
+    # whose return came before it could be placed, and (some of) the model states they were in.
+    placed: int = -1
+    stuck: Operation | None = None
+    states: tuple[State, ...] = ()
+
+
+_MAX_STATES = 4
+_MAX_TWINS = 8  # how many better twins of an optional op the search looks at (any number is sound)
+
+
+def _search(
+    model: Model, ops: list[Operation], initial: State, relaxed: frozenset[int] = frozenset()
+) -> _Outcome:
+    """Wing & Gong / Lowe search. Ops whose id is in ``relaxed`` are optional like info ops, but
+    keep their real return time: linearized before it, or never."""
+    n = len(ops)
+    required = [op.status is not Status.INFO for op in ops]
+    remaining = sum(required)
+    if remaining == 0:
+        return _Outcome(ok=True)
+
+    # Entries sorted by time; at equal times calls come first, i.e. such ops count as concurrent.
+    returns = [op.complete_time if op.id in relaxed else _return_time(op) for op in ops]
+    entries = [(op.invoke_time, 0, i) for i, op in enumerate(ops)]
+    entries += [(returns[i], 1, i) for i in range(n)]
+    entries.sort()
+
+    # A doubly linked list over positions 1..2n, with sentinels 0 (head) and 2n+1 (tail).
+    size = 2 * n + 2
+    nxt = list(range(1, size + 1))
+    prv = list(range(-1, size - 1))
+    entry_op = [0] * size
+    is_call = [False] * size
+    match = [0] * size
+    call_at = [0] * n
+    for pos, (_, is_return, i) in enumerate(entries, 1):
+        entry_op[pos] = i
+        if is_return:
+            match[call_at[i]] = pos
+        else:
+            call_at[i] = pos
+            is_call[pos] = True
+
+    # Bits of the linearized set. Determinate ops are numbered by return time, so the set is
+    # mostly a solid run of low bits: it is kept as (length of that run, the bits above it),
+    # which keeps memo keys small on long histories. Optional ops get a separate, small bitset,
+    # also numbered by return, so the ones dead at any moment are its low bits.
+    bit = [0] * n
+    order = sorted((i for i in range(n) if required[i]), key=lambda i: (returns[i], i))
+    for b, i in enumerate(order):
+        bit[i] = b
+    optional = sorted((i for i in range(n) if not required[i]), key=lambda i: match[call_at[i]])
+    for b, i in enumerate(optional):
+        bit[i] = b
+    optional_returns = [match[call_at[i]] for i in optional]
+    # Optional ops with the same effect are interchangeable, except for how long each stays
+    # available: of those already invoked, using the one with the earliest return first is
+    # never worse. So an optional op is skipped while such a better twin is still usable;
+    # without this, k twins multiply the search by up to k! orderings.
+    twins: list[tuple[tuple[int, int], ...]] = [()] * n  # (bit, return position) of better twins
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i in sorted(optional, key=call_at.__getitem__):
+        group = groups.setdefault((ops[i].kind, ops[i].value, ops[i].expected), [])
+        better = [j for j in group if returns[j] <= returns[i]][-_MAX_TWINS:]
+        twins[i] = tuple((1 << bit[j], match[call_at[j]]) for j in better)
+        group.append(i)
+
+    step = model.step
+    # Memo: (determinate set, state) -> (dead, optional set) pairs tried with it. Having more
+    # optional ops still usable can only help, so a configuration is pruned when one tried
+    # before (and failed, or being tried by an ancestor) had no more dead ops and used no
+    # more of the live ones; not only when it is identical.
+    tried: dict[tuple[int, int, State], list[tuple[int, int]]] = {}
+    # Frames: [call entry, state, base, rest, opt, frontier, relaxed ops unlinked as dead].
+    stack: list[list[Any]] = []
+    state, base, rest, opt = initial, 0, 0, 0
+    # The last call position among linearized ops: a relaxed op returning before it can no
+    # longer be linearized (it would have to precede an op invoked after it returned).
+    frontier = 0
+    total = remaining
+    deepest = _Outcome(ok=False)
+    e = nxt[0]
+    while True:
+        i = entry_op[e]
+        if is_call[e]:
+            if required[i]:
+                new_state = step(state, ops[i])
+            elif match[e] < frontier:
+                # Dead for good below this frame: unlink it there, so scans skip it.
+                r = match[e]
+                after = nxt[r] if nxt[e] == r else nxt[e]
+                nxt[prv[e]] = nxt[e]
+                prv[nxt[e]] = prv[e]
+                nxt[prv[r]] = nxt[r]
+                prv[nxt[r]] = prv[r]
+                stack[-1][6].append(e)
+                e = after
+                continue
+            else:
+                usable_twin = any(not opt & m and r > frontier for m, r in twins[i])
+                new_state = None if usable_twin else step(state, ops[i])
+            if new_state is not None:
+                if required[i]:
+                    new_opt = opt
+                    new_rest = rest | (1 << (bit[i] - base))
+                    new_base = base
+                    if new_rest & 1:
+                        run = (~new_rest & (new_rest + 1)).bit_length() - 1
+                        new_rest >>= run
+                        new_base += run
+                else:
+                    new_base, new_rest, new_opt = base, rest, opt | (1 << bit[i])
+                new_frontier = max(frontier, e)
+                dead = bisect.bisect_left(optional_returns, new_frontier)
+                memo = (new_base, new_rest, new_state)
+                others = tried.get(memo)
+                if others is None:
+                    tried[memo] = [(dead, new_opt)]
+                    fresh = True
+                else:
+                    for other_dead, other_opt in others:
+                        if other_dead <= dead and not (other_opt & ~new_opt) >> dead:
+                            fresh = False
+                            break
+                    else:
+                        fresh = True
+                        others.append((dead, new_opt))
+                if fresh:
+                    stack.append([e, state, base, rest, opt, frontier, []])
+                    state, base, rest, opt = new_state, new_base, new_rest, new_opt
+                    frontier = new_frontier
+                    r = match[e]
+                    nxt[prv[e]] = nxt[e]
+                    prv[nxt[e]] = prv[e]
+                    nxt[prv[r]] = nxt[r]
+                    prv[nxt[r]] = prv[r]
+                    if required[i]:
+                        remaining -= 1
+                        if remaining == 0:
+                            return _Outcome(ok=True)
+                    e = nxt[0]
+                    continue
+            e = nxt[e]
+            continue
+        if not required[i]:
+            e = nxt[e]  # an optional op need not happen before its return
+            continue
+
+        # The earliest remaining return: its op should have been linearized by now.
+        placed = total - remaining
+        if placed > deepest.placed:
+            deepest = _Outcome(False, placed, ops[i], (state,))
+        elif (
+            placed == deepest.placed
+            and ops[i] is deepest.stuck
+            and len(deepest.states) < _MAX_STATES
+            and state not in deepest.states
+        ):
+            deepest = attrs.evolve(deepest, states=(*deepest.states, state))
+        if not stack:
+            return deepest
+        e, state, base, rest, opt, frontier, unlinked = stack.pop()
+        if required[entry_op[e]]:
+            remaining += 1
+        # Relink in the reverse order of unlinking.
+        for c in [*reversed(unlinked), e]:
+            r = match[c]
+            nxt[prv[r]] = r
+            prv[nxt[r]] = r
+            nxt[prv[c]] = c
+            prv[nxt[c]] = c
+        e = nxt[e]
+
+
+def _relax(op: Operation) -> Operation:
+    return op if op.status is Status.INFO else attrs.evolve(op, status=Status.INFO, result=None)
+
+
+def _relaxed(
+    model: Model, ops: list[Operation], s: int, e: int
+) -> tuple[list[Operation], State, frozenset[int]]:
+    """Window ops[s..e] with everything else relaxed: (ops, initial state, relaxed ids).
+
+    Other determinate ops become optional but keep their return time, and lose their result
+    (info ops stay info); a window after the first op starts from an unknown state. Each of
+    these only removes constraints, so a failing window proves the history is not linearizable,
+    and the further a window reaches, the more constrained it is: failure is monotone in both
+    ends. Ops that cannot matter are left out (see below).
+    """
+    window = ops[s : e + 1]
+    end = max((_return_time(op) for op in window if op.status is not Status.INFO), default=-1)
+    # Ops invoked after every determinate op of the window returned can only be linearized
+    # after all of those: they are dropped.
+    after = [op for op in ops[e + 1 :] if op.invoke_time <= end]
+    before = ops[:s]
+    if s == 0:
+        initial = model.init()
+    else:
+        initial = model.unknown()
+        # Ops that returned before the window starts are dropped: in any linearization, the
+        # state after the last of them is covered by the unknown initial state, and whatever
+        # was placed before it is optional here anyway.
+        start = window[0].invoke_time
+        before = [op for op in before if _return_time(op) >= start]
+    relaxed = frozenset(op.id for op in before + after if op.status is not Status.INFO)
+    before = [_relax(op) for op in before]
+    after = [_relax(op) for op in after]
+    return model.simplify(before + window + after), initial, relaxed
+
+
+def _shrink(model: Model, ops: list[Operation]) -> tuple[int, int]:
+    """Bounds of the shortest failing prefix, then of its latest failing start (binary search,
+    as failure is monotone in both ends)."""
+
+    def fails(s: int, e: int) -> bool:
+        return not _search(model, *_relaxed(model, ops, s, e)).ok
+
+    lo, hi = 0, len(ops) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(0, mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    end = hi
+    lo, hi = 0, end
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fails(mid, end):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, end
+
+
+def _message(model: Model, window: tuple[Operation, ...], initial: State, outcome: _Outcome) -> str:
+    start = "an empty key" if initial == model.init() else "an unknown state"
+    text = f"{len(window)} operation(s) admit no linearization, starting from {start}"
+    if outcome.stuck is not None:
+        states = " or ".join(model.describe(state) for state in outcome.states)
+        more = ", ..." if len(outcome.states) == _MAX_STATES else ""
+        text += (
+            f"; the deepest attempts placed {outcome.placed} and then found no place for "
+            f"{outcome.stuck.describe()} (register: {states}{more})"
+        )
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m raftcache.testing.linearizability HISTORY.jsonl``: check a saved history."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    result = check(History.load(args[0]))
+    for anomaly in result.anomalies:
+        print(format_anomaly(anomaly), end="\n\n")
+    verdict = "linearizable" if result.ok else f"NOT linearizable ({len(result.anomalies)})"
+    print(f"{verdict}: {result.operations_checked} operations on {result.keys_checked} keys")
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
