@@ -274,7 +274,7 @@ class Simulation:
         if self.rng.random() < 0.7:
             self._persisted(node.id, (node.incarnation, rd))
         else:
-            self._push(self.rng.randrange(1, 2 * UNIT), _PERSISTED, node.id,
+            self._push(1 + int(self.rng.random() * 2 * UNIT), _PERSISTED, node.id,
                        (node.incarnation, rd))
 
     def _persisted(self, node_id: int, payload) -> None:
@@ -794,6 +794,7 @@ def _run_many(args) -> tuple[int, int, int, list]:
     node_class = MUTANTS[mutant] if mutant else RawNode
     delivered = ops = 0
     failures = []
+    cpu0 = time.process_time()
     for seed in range(start, start + count):
         try:
             sim = run_seed(seed, _config_for(seed, nodes, lease), node_class)
@@ -801,7 +802,7 @@ def _run_many(args) -> tuple[int, int, int, list]:
             ops += len(sim.history)
         except (SafetyViolation, LivenessViolation) as exc:
             failures.append((seed, f"{type(exc).__name__}: {exc}", exc.sim.format_trace()))
-    return delivered, ops, count, failures
+    return delivered, ops, count, failures, time.process_time() - cpu0
 
 
 def demo(seed: int, nodes: int) -> int:
@@ -869,26 +870,30 @@ def main(argv=None) -> int:
         import multiprocessing
 
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            delivered, ops, done, failures = _collect(pool.imap(_run_many, chunks), args.seeds)
+            delivered, ops, done, failures, cpu = _collect(pool.imap(_run_many, chunks),
+                                                            args.seeds)
     else:
-        delivered, ops, done, failures = _collect(map(_run_many, chunks), args.seeds)
+        delivered, ops, done, failures, cpu = _collect(map(_run_many, chunks), args.seeds)
     elapsed = time.perf_counter() - t0
     mutant = f" --mutant {args.mutant}" if args.mutant else ""
     for seed, err, trace in failures[:3]:
         print(f"\nFAILED seed {seed}: {err}\nlast steps:\n{trace}", file=sys.stderr)
         print(f"reproduce: python -m raftcache.testing.sim --start {seed} --seeds 1 "
               f"--nodes {args.nodes} --lease {args.lease}{mutant}", file=sys.stderr)
-    rate = delivered / elapsed / max(1, args.jobs)
-    print(f"{done} seeds, {args.nodes} nodes: {len(failures)} failed; {delivered} messages, "
-          f"{ops} client operations in {elapsed:.1f} s "
+    # Per core = per CPU-second of the workers, so a busy machine does not skew the figure.
+    rate = delivered / max(cpu, 1e-9)
+    print(f"{done} seeds, {args.nodes} nodes: {len(failures)} failed; {delivered} messages "
+          f"delivered, {ops} client operations in {elapsed:.1f} s wall, {cpu:.1f} s CPU "
           f"({rate:,.0f} simulated messages/s per core)")
     return 1 if failures else 0
 
 
 def _collect(results, total):
     delivered = ops = done = 0
+    cpu = 0.0
     failures = []
-    for d, o, n, f in results:
+    for d, o, n, f, c in results:
+        cpu += c
         delivered += d
         ops += o
         done += n
@@ -897,7 +902,7 @@ def _collect(results, total):
             print(f"\r{done}/{total} seeds, {len(failures)} failed", end="", file=sys.stderr)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    return delivered, ops, done, failures
+    return delivered, ops, done, failures, cpu
 
 
 if __name__ == "__main__":
