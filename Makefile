@@ -1,4 +1,4 @@
-.PHONY: test lint sim sim-long demo
+.PHONY: test lint sim sim-long demo bench-failover
 
 test:
 	scripts/test
@@ -15,3 +15,7 @@ sim-long:
 
 demo:
 	scripts/demo
+
+# kill -9 the leader 20 times; time to the first acknowledged write
+bench-failover:
+	scripts/bootstrap && .venv/bin/python examples/failover_bench.py --rounds 20

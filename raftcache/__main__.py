@@ -1,0 +1,5 @@
+import sys
+
+from raftcache.cli import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""The `raftcache` command: up, serve, set, get, delete, status, certs init."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    # gevent must patch the standard library before anything else imports it (pitfalls.md).
+    from gevent import monkey
+
+    monkey.patch_all()
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raftcache", description="A strongly consistent cache.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a local cluster in the foreground")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=7400)
+    up.add_argument("--data-dir", default="./raftcache-data")
+    up.add_argument("--storage", default="memory")
+    up.add_argument("--transport", default="thrift")
+    up.add_argument("--backend", default="memory")
+    up.add_argument("--config", help="a TOML file whose settings every node shares")
+    up.set_defaults(func=_cmd_up)
+
+    serve = sub.add_parser("serve", help="run one node in the foreground")
+    serve.add_argument("--config", required=True)
+    serve.set_defaults(func=_cmd_serve)
+
+    def client_opts(sp):
+        sp.add_argument("--endpoints", default=None,
+                        help="host:port,... (default: $RAFTCACHE_ENDPOINTS or "
+                             "127.0.0.1:7400-7402)")
+        sp.add_argument("--token", default=None)
+        sp.add_argument("--transport", default="thrift")
+        sp.add_argument("--ca", help="CA certificate (PEM) for TLS")
+        sp.add_argument("--cert", help="client certificate (PEM) for TLS")
+        sp.add_argument("--key", help="client key (PEM) for TLS")
+        sp.add_argument("--timeout", type=float, default=5.0)
+
+    s = sub.add_parser("set", help="store a value")
+    s.add_argument("key")
+    s.add_argument("value")
+    s.add_argument("--ttl", type=float, default=None, help="seconds")
+    client_opts(s)
+    s.set_defaults(func=_cmd_set)
+
+    g = sub.add_parser("get", help="print a value (exit 1 when missing)")
+    g.add_argument("key")
+    g.add_argument("--consistency", default="linearizable",
+                   choices=["linearizable", "lease", "stale"])
+    client_opts(g)
+    g.set_defaults(func=_cmd_get)
+
+    d = sub.add_parser("delete", help="delete a key")
+    d.add_argument("key")
+    client_opts(d)
+    d.set_defaults(func=_cmd_delete)
+
+    st = sub.add_parser("status", help="a table of the nodes")
+    client_opts(st)
+    st.set_defaults(func=_cmd_status)
+
+    certs = sub.add_parser("certs", help="certificates for mutual TLS")
+    certs_sub = certs.add_subparsers(required=True, metavar="ACTION")
+    ci = certs_sub.add_parser("init", help="create a CA, node and client certificates")
+    ci.add_argument("--dir", required=True)
+    ci.add_argument("--nodes", type=int, default=3)
+    ci.set_defaults(func=_cmd_certs_init)
+    return p
+
+
+# -- client commands ----------------------------------------------------------------------------
+def _client(args):
+    from raftcache.client import Client
+    from raftcache.core.hookspecs import TLSConfig
+
+    tls = None
+    if args.ca or args.cert or args.key:
+        if not (args.ca and args.cert and args.key):
+            sys.exit("raftcache: --ca, --cert and --key go together")
+        tls = TLSConfig(args.ca, args.cert, args.key)
+    return Client(args.endpoints, token=args.token, tls=tls, timeout=args.timeout,
+                  transport=args.transport)
+
+
+def _run_client(fn):
+    from raftcache import errors
+
+    try:
+        return fn()
+    except errors.RaftCacheError as exc:
+        print(f"raftcache: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_set(args):
+    def go():
+        with _client(args) as c:
+            print(c.set(args.key, args.value, ttl=args.ttl))
+    return _run_client(go)
+
+
+def _cmd_get(args):
+    def go():
+        with _client(args) as c:
+            value = c.get(args.key, consistency=args.consistency)
+        if value is None:
+            return 1
+        sys.stdout.buffer.write(value + b"\n")
+        return 0
+    return _run_client(go)
+
+
+def _cmd_delete(args):
+    def go():
+        with _client(args) as c:
+            print("deleted" if c.delete(args.key) else "not found")
+    return _run_client(go)
+
+
+def _cmd_status(args):
+    from raftcache import errors
+
+    with _client(args) as c:
+        rows = []
+        for endpoint in c.endpoints:
+            try:
+                s = c.status(endpoint)
+                rows.append((str(s.id), endpoint, s.role, str(s.term), str(s.commit),
+                             str(s.applied), str(s.leader or "-")))
+            except (errors.RaftCacheError, OSError, TimeoutError) as exc:
+                rows.append(("?", endpoint, f"unreachable ({type(exc).__name__})", "", "", "",
+                             ""))
+    header = ("NODE", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0 if any(r[0] != "?" for r in rows) else 2
+
+
+def _cmd_certs_init(args):
+    from raftcache.certs import init_certs
+
+    paths = init_certs(args.dir, nodes=args.nodes)
+    print(f"wrote certificates to {args.dir}:")
+    for name in sorted(paths):
+        print(f"  {name}: {paths[name]}")
+    return 0
+
+
+# -- servers ------------------------------------------------------------------------------------
+def _cmd_serve(args):
+    import logging
+    import signal
+
+    import gevent
+
+    from raftcache.core import config as config_mod
+    from raftcache.core.node import Node
+
+    try:
+        config = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"raftcache: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log.level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s [node %(node)s] %(message)s",
+        defaults={"node": config.node.id},
+    )
+    try:
+        node = Node(config)
+    except config_mod.ConfigError as exc:
+        print(f"raftcache: {exc}", file=sys.stderr)
+        return 2
+    node.start()
+    gevent.signal_handler(signal.SIGTERM, node.stop)
+    gevent.signal_handler(signal.SIGINT, node.stop)
+    node.wait()
+    return 0
+
+
+def _cmd_up(args):
+    from raftcache.cluster import run_local_cluster
+
+    return run_local_cluster(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The Python client: `from raftcache import Client`.
+
+It follows NotLeader redirects by itself, pools one connection per endpoint and throws away a
+connection that saw any error (a Thrift connection reused after a timeout can return the
+previous call's reply). Writes carry (client id, sequence) so that a retry after a lost reply
+is applied once (Raft dissertation 6.3): a write is retried until its deadline, and only then
+reported as OutcomeUnknown. Safe to share between greenlets and threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import uuid
+
+from raftcache import errors, wire
+from raftcache.core.hookspecs import TLSConfig
+
+DEFAULT_ENDPOINTS = "127.0.0.1:7400,127.0.0.1:7401,127.0.0.1:7402"
+_WRITES = frozenset({"put", "remove", "cas", "incr", "invalidate", "mset"})
+
+
+def _bytes(x) -> bytes:
+    return x.encode() if isinstance(x, str) else bytes(x)
+
+
+def _endpoints(endpoints) -> list[str]:
+    if endpoints is None:
+        endpoints = os.environ.get("RAFTCACHE_ENDPOINTS") or DEFAULT_ENDPOINTS
+    if isinstance(endpoints, str):
+        endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
+    if not endpoints:
+        raise ValueError("no endpoints given")
+    return list(endpoints)
+
+
+class Client:
+    def __init__(self, endpoints=None, token: str | None = None, tls: TLSConfig | None = None,
+                 timeout: float = 5.0, transport: str = "thrift"):
+        from raftcache.core.plugins import PluginSet, make_manager
+
+        self.endpoints = _endpoints(endpoints)
+        self.token = token
+        self.tls = tls
+        self.timeout = timeout
+        self._connect = PluginSet(make_manager()).transport(transport).connect
+        self._lock = threading.Lock()
+        self._idle: dict[str, list] = {}
+        self._leader: str | None = None
+        self._rotation = itertools.cycle(range(len(self.endpoints)))
+        # Write sessions: one in-flight write per session keeps sequence numbers monotonic.
+        self._base_id = uuid.uuid4().hex[:16]
+        self._sessions: list[list] = []
+        self._session_ids = itertools.count(1)
+
+    # -- the API (design.md section 3) -------------------------------------------------------------
+    def set(self, key, value, ttl: float | None = None) -> int:
+        """Store `value`; returns its version (the log index that wrote it)."""
+        r = self._call("put", key=_bytes(key), value=_bytes(value), ttl_ms=_ttl_ms(ttl))
+        return r.number
+
+    def get(self, key, consistency: str = "linearizable") -> bytes | None:
+        found = self.get_with_version(key, consistency)
+        return None if found is None else found[0]
+
+    def get_with_version(self, key, consistency: str = "linearizable"):
+        """(value, version), or None when the key is missing."""
+        r = self._call("get", key=_bytes(key), consistency=consistency)
+        return (r.result.value, r.result.version) if r.result.found else None
+
+    def delete(self, key) -> bool:
+        return bool(self._call("remove", key=_bytes(key)).ok)
+
+    def cas(self, key, expected_version: int, value, ttl: float | None = None) -> bool:
+        r = self._call("cas", key=_bytes(key), expected_version=expected_version,
+                       value=_bytes(value), ttl_ms=_ttl_ms(ttl))
+        return bool(r.ok)
+
+    def incr(self, key, delta: int = 1) -> int:
+        return self._call("incr", key=_bytes(key), delta=delta).number
+
+    def invalidate(self, prefix="") -> int:
+        return self._call("invalidate", key=_bytes(prefix)).number
+
+    def mget(self, keys, consistency: str = "linearizable") -> list[bytes | None]:
+        r = self._call("mget", keys=[_bytes(k) for k in keys], consistency=consistency)
+        return [g.value if g.found else None for g in r.results]
+
+    def mset(self, items: dict, ttl: float | None = None) -> list[int]:
+        r = self._call("mset", items={_bytes(k): _bytes(v) for k, v in items.items()},
+                       ttl_ms=_ttl_ms(ttl))
+        return list(r.versions)
+
+    def status(self, endpoint: str | None = None):
+        """The status of one node (`endpoint`), or of the first that answers."""
+        if endpoint is not None:
+            return self._call_once(endpoint, wire.Request(op="status"), self.timeout).status
+        return self._call("status").status
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def _call(self, op: str, **fields):
+        session = self._take_session() if op in _WRITES else None
+        try:
+            header = wire.RequestHeader(token=self.token)
+            if session is not None:
+                session[1] += 1
+                header.client_id, header.seq = session[0], session[1]
+            request = wire.Request(op=op, header=header, **fields)
+            return self._call_until_deadline(request)
+        finally:
+            if session is not None:
+                with self._lock:
+                    self._sessions.append(session)
+
+    def _take_session(self) -> list:
+        with self._lock:
+            if self._sessions:
+                return self._sessions.pop()
+        return [f"{self._base_id}-{next(self._session_ids)}", 0]
+
+    def _call_until_deadline(self, request):
+        deadline = time.monotonic() + self.timeout
+        is_write = request.op in _WRITES
+        sent = False  # a write that may have reached a node cannot be reported as Unavailable
+        last_error = "no endpoint answered"
+        target = self._leader
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if is_write and sent:
+                    raise errors.OutcomeUnknown(f"{request.op}: {last_error}")
+                raise errors.Unavailable(f"{request.op}: {last_error}")
+            if attempt:
+                time.sleep(min(0.05 * attempt, 0.2, remaining))
+            attempt += 1
+            address = target or self.endpoints[next(self._rotation)]
+            target = None
+            request.header.timeout_ms = max(1, int(remaining * 1000))
+            try:
+                response = self._call_once(address, request, remaining)
+            except ConnectionRefusedError as exc:
+                last_error = f"{address}: {exc}"
+                self._leader = None if self._leader == address else self._leader
+                continue
+            except (OSError, TimeoutError) as exc:
+                sent = True
+                last_error = f"{address}: {exc!r}"
+                self._leader = None if self._leader == address else self._leader
+                continue
+            error = response.error
+            if error is None:
+                if request.op != "status":
+                    self._leader = address
+                return response
+            if error == "NotLeader":
+                target = response.leader_hint or None
+                self._leader = target
+                last_error = f"{address}: not the leader"
+                attempt = 0 if target else attempt
+                continue
+            if error in ("Unavailable", "OutcomeUnknown"):
+                sent = sent or error == "OutcomeUnknown"
+                last_error = f"{address}: {response.reason}"
+                continue  # exactly-once sessions make a write's retry safe
+            raise errors.BY_NAME.get(error, errors.RaftCacheError)(response.reason or error)
+
+    def _call_once(self, address: str, request, timeout: float):
+        with self._lock:
+            idle = self._idle.get(address)
+            conn = idle.pop() if idle else None
+        if conn is None:
+            conn = self._connect(address, self.tls, timeout)
+        try:
+            response = conn.call(request, timeout)
+        except BaseException:
+            conn.close()  # never reuse a connection that saw an error
+            raise
+        with self._lock:
+            self._idle.setdefault(address, []).append(conn)
+        return response
+
+
+def _ttl_ms(ttl: float | None) -> int | None:
+    if ttl is None:
+        return None
+    if ttl <= 0:
+        raise ValueError("ttl must be positive")
+    return max(1, int(ttl * 1000))

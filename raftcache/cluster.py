@@ -1,0 +1,248 @@
+"""A local cluster of node processes: what `raftcache up` runs, and what tests and the fault
+suite start, kill, pause and restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import attrs
+
+
+def free_port_block(n: int) -> int:
+    """A base port with n consecutive free ports after it (bound and released at once)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65000:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no block of free ports")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(data: dict) -> str:
+    """A minimal TOML writer for our config (tables of scalars, arrays and inline tables)."""
+    lines = []
+    for section, body in data.items():
+        scalars = {k: v for k, v in body.items() if not (isinstance(v, dict) and k == "tls")}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+        if "tls" in body and isinstance(body["tls"], dict):
+            lines.append(f"[{section}.tls]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in body["tls"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@attrs.define
+class LocalCluster:
+    """Node i listens on host:port+i-1 and keeps its files under data_dir/node<i>."""
+
+    data_dir: str
+    nodes: int = 3
+    host: str = "127.0.0.1"
+    port: int = 7400
+    storage: str = "memory"
+    transport: str = "thrift"
+    backend: str = "memory"
+    extra: dict = attrs.Factory(dict)  # extra config sections shared by every node
+    hosts: list | None = None  # per-node host (distinct 127.0.0.x "hosts"); overrides host
+    processes: dict = attrs.Factory(dict)
+
+    def address(self, node_id: int) -> str:
+        host = self.hosts[node_id - 1] if self.hosts else self.host
+        return f"{host}:{self.port + node_id - 1}"
+
+    def endpoints(self) -> list[str]:
+        return [self.address(i) for i in range(1, self.nodes + 1)]
+
+    def config_path(self, node_id: int) -> str:
+        return os.path.join(self.data_dir, f"node{node_id}.toml")
+
+    def log_path(self, node_id: int) -> str:
+        return os.path.join(self.data_dir, f"node{node_id}.log")
+
+    def tls_files(self) -> dict | None:
+        if self.transport != "tcp-tls" and "tls" not in self.extra.get("transport", {}):
+            return None
+        certs = os.path.join(self.data_dir, "certs")
+        if not os.path.exists(os.path.join(certs, "ca.pem")):
+            from raftcache.certs import init_certs
+
+            init_certs(certs, nodes=self.nodes)
+        return {"ca": os.path.join(certs, "ca.pem"), "cert": os.path.join(certs, "client.pem"),
+                "key": os.path.join(certs, "client-key.pem")}
+
+    def write_configs(self) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        peers = {str(i): self.address(i) for i in range(1, self.nodes + 1)}
+        tls = self.tls_files()
+        for i in range(1, self.nodes + 1):
+            transport = {"plugin": self.transport}
+            if tls:
+                certs = os.path.dirname(tls["ca"])
+                transport["tls"] = {"ca": tls["ca"], "cert": os.path.join(certs, f"node{i}.pem"),
+                                    "key": os.path.join(certs, f"node{i}-key.pem")}
+            data = {
+                "node": {"id": i, "address": self.address(i),
+                         "data_dir": os.path.join(self.data_dir, f"node{i}")},
+                "cluster": {"peers": peers},
+                "storage": {"plugin": self.storage},
+                "transport": transport,
+                "backend": {"plugin": self.backend},
+            }
+            for section, body in self.extra.items():
+                data.setdefault(section, {}).update(body)
+            with open(self.config_path(i), "w") as f:
+                f.write(to_toml(data))
+
+    def start(self, node_id: int | None = None) -> None:
+        """Start one node, or every node (writing their configs first)."""
+        if node_id is None:
+            self.write_configs()
+            for i in range(1, self.nodes + 1):
+                self.start(i)
+            return
+        log = open(self.log_path(node_id), "ab")
+        self.processes[node_id] = subprocess.Popen(
+            [sys.executable, "-m", "raftcache", "serve", "--config", self.config_path(node_id)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+
+    def signal(self, node_id: int, sig: int) -> None:
+        p = self.processes.get(node_id)
+        if p is not None and p.poll() is None:
+            os.kill(p.pid, sig)
+
+    def kill(self, node_id: int) -> None:
+        """kill -9: no goodbye, nothing flushed."""
+        self.signal(node_id, signal.SIGKILL)
+        p = self.processes.get(node_id)
+        if p is not None:
+            p.wait(10)
+
+    def pause(self, node_id: int) -> None:
+        self.signal(node_id, signal.SIGSTOP)
+
+    def resume(self, node_id: int) -> None:
+        self.signal(node_id, signal.SIGCONT)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for i in list(self.processes):
+            self.resume(i)
+            self.signal(i, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.processes.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def client(self, **kwargs):
+        from raftcache.client import Client
+
+        tls = self.tls_files()
+        if tls and "tls" not in kwargs:
+            from raftcache.core.hookspecs import TLSConfig
+
+            kwargs["tls"] = TLSConfig(**tls)
+        kwargs.setdefault("transport", self.transport)
+        return Client(self.endpoints(), **kwargs)
+
+    def wait_for_leader(self, timeout: float = 20.0, exclude=()) -> int:
+        """The id of a leader that every reachable node agrees on; raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        with self.client(timeout=1.0) as c:
+            while time.monotonic() < deadline:
+                leaders = set()
+                for i in range(1, self.nodes + 1):
+                    if i in exclude or self.processes.get(i) is None:
+                        continue
+                    if self.processes[i].poll() is not None:
+                        continue
+                    try:
+                        leaders.add(c.status(self.address(i)).leader)
+                    except Exception:
+                        leaders.add(None)
+                if len(leaders) == 1 and None not in leaders and 0 not in leaders:
+                    (leader,) = leaders
+                    if leader not in exclude:
+                        return leader
+                time.sleep(0.05)
+        raise TimeoutError(f"no agreed leader within {timeout} s")
+
+
+def run_local_cluster(args) -> int:
+    """`raftcache up`: start the cluster, show it, keep it in the foreground until a signal."""
+    import tomllib
+
+    extra = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            extra = {k: v for k, v in tomllib.load(f).items() if k not in ("node", "cluster")}
+    cluster = LocalCluster(os.path.abspath(args.data_dir), nodes=args.nodes, host=args.host,
+                           port=args.port, storage=args.storage, transport=args.transport,
+                           backend=args.backend, extra=extra)
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster.start()
+    print(f"raftcache: {args.nodes} nodes ({args.storage} storage, {args.transport} transport, "
+          f"{args.backend} backend), data and logs in {cluster.data_dir}")
+    for i in range(1, args.nodes + 1):
+        print(f"  node {i}: {cluster.address(i)}  (log: {cluster.log_path(i)})")
+    try:
+        leader = cluster.wait_for_leader(timeout=30)
+        print(f"leader: node {leader} at {cluster.address(leader)}")
+        print("export RAFTCACHE_ENDPOINTS=" + ",".join(cluster.endpoints()))
+        print("Ctrl-C stops the cluster.", flush=True)
+    except TimeoutError:
+        print("raftcache: no leader after 30 s; see the node logs", file=sys.stderr)
+        stopping.append(signal.SIGTERM)
+    reported = set()
+    while not stopping:
+        for i, p in cluster.processes.items():
+            if i not in reported and p.poll() is not None:
+                reported.add(i)
+                print(f"raftcache: node {i} exited with code {p.returncode} (not restarted)",
+                      flush=True)
+        time.sleep(0.2)
+    print("raftcache: stopping the cluster", flush=True)
+    cluster.stop()
+    return 0

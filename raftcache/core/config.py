@@ -1,0 +1,174 @@
+"""Node configuration: TOML (stdlib tomllib) mapped onto attrs classes.
+
+A mistake stops start-up with one line naming the file, the key and what is accepted, e.g.
+``node.toml: raft.election_tick: expected an integer, got "ten"``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+
+import attrs
+
+
+class ConfigError(Exception):
+    """A configuration mistake, phrased for the operator: file, key, what is accepted."""
+
+
+@attrs.frozen
+class NodeSection:
+    id: int
+    address: str  # host:port this node listens on (clients and peers)
+    data_dir: str = "raftcache-data"
+    proxy: bool = False  # forward requests from clients to the leader instead of NotLeader
+    request_timeout_ms: int = 5000
+
+
+@attrs.frozen
+class ClusterSection:
+    peers: dict  # node id (string key in TOML) -> "host:port"; must include this node
+    id: int = 1  # cluster id: nodes of another cluster are ignored
+
+
+@attrs.frozen
+class RaftSection:
+    tick_ms: int = 10
+    election_tick: int = 10  # followers campaign after 1-2 election timeouts of silence
+    heartbeat_tick: int = 2
+    pre_vote: bool = True
+    check_quorum: bool = True
+    read_only: str = "read_index"  # or "lease" (needs check_quorum)
+    lease_margin_ticks: int = 2
+    max_inflight: int = 64
+    snapshot_entries: int = 10000  # take a snapshot after this many applied entries
+    snapshot_keep_entries: int = 1000  # keep this many before it for slow followers
+
+
+@attrs.frozen
+class TLSSection:
+    ca: str
+    cert: str
+    key: str
+
+
+@attrs.frozen
+class PluginChoice:
+    plugin: str
+    options: dict = attrs.Factory(dict)
+    tls: TLSSection | None = None
+
+
+@attrs.frozen
+class PluginsSection:
+    block: list = attrs.Factory(list)
+
+
+@attrs.frozen
+class LogSection:
+    level: str = "info"
+
+
+@attrs.frozen
+class Config:
+    node: NodeSection
+    cluster: ClusterSection
+    raft: RaftSection = RaftSection()
+    storage: PluginChoice = PluginChoice("memory")
+    transport: PluginChoice = PluginChoice("thrift")
+    backend: PluginChoice = PluginChoice("memory")
+    plugins: PluginsSection = PluginsSection()
+    log: LogSection = LogSection()
+    path: str = "<config>"
+
+    def peer_addresses(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.cluster.peers.items()}
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        """A ConfigError for `key` of this file (for checks made after loading)."""
+        return ConfigError(f"{self.path}: {key}: {problem}")
+
+
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", dict: "a table",
+               list: "an array", float: "a number"}
+
+
+def _build(cls, data, path: str, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {prefix or '(top)'}: expected a table")
+    fields = {f.name: f for f in attrs.fields(cls) if f.name != "path"}
+    for key in data:
+        if key not in fields:
+            accepted = ", ".join(sorted(fields))
+            raise ConfigError(f"{path}: {prefix}{key}: unknown key (accepted: {accepted})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if field.default is attrs.NOTHING:
+                raise ConfigError(f"{path}: {key}: missing (required)")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], path, key)
+    return cls(**kwargs)
+
+
+def _convert(hint, value, path: str, key: str):
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = options[0]
+    if attrs.has(hint):
+        return _build(hint, value, path, key + ".")
+    expected = hint if hint in _TYPE_NAMES else None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is not None and (
+        not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{path}: {key}: expected {_TYPE_NAMES[expected]}, got {value!r}")
+    return value
+
+
+def parse(data: dict, path: str = "<config>") -> Config:
+    config = attrs.evolve(_build(Config, data, path, ""), path=path)
+    _validate(config)
+    return config
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data, path)
+
+
+def _validate(c: Config) -> None:
+    peers = {}
+    for k, v in c.cluster.peers.items():
+        if not str(k).isdigit() or int(k) < 1:
+            raise c.fail(f"cluster.peers.{k}", "node ids must be integers >= 1")
+        if not isinstance(v, str) or ":" not in v:
+            raise c.fail(f"cluster.peers.{k}", f"expected \"host:port\", got {v!r}")
+        peers[int(k)] = v
+    if c.node.id not in peers:
+        raise c.fail("cluster.peers", f"must include this node (id {c.node.id})")
+    if peers[c.node.id] != c.node.address:
+        raise c.fail("node.address",
+                     f"{c.node.address!r} differs from cluster.peers.{c.node.id} "
+                     f"({peers[c.node.id]!r})")
+    if c.raft.read_only not in ("read_index", "lease"):
+        raise c.fail("raft.read_only", f"expected \"read_index\" or \"lease\", got "
+                                       f"{c.raft.read_only!r}")
+    if c.raft.read_only == "lease" and not c.raft.check_quorum:
+        raise c.fail("raft.read_only", "\"lease\" needs raft.check_quorum = true")
+    if c.raft.tick_ms < 1 or c.raft.heartbeat_tick < 1 or (
+        c.raft.election_tick <= c.raft.heartbeat_tick
+    ):
+        raise c.fail("raft", "need tick_ms >= 1 and 1 <= heartbeat_tick < election_tick")
+    if c.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise c.fail("log.level", "expected debug, info, warning or error")

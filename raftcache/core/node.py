@@ -1,0 +1,442 @@
+"""The gevent node: drives the pure Raft core with real time, storage, network and clients.
+
+One driver greenlet owns the Ready loop and carries out each Ready in the order the core needs:
+persist (in the threadpool, so fsync never blocks the hub; everything that queued up meanwhile
+goes into the next save: group commit), then send, then apply, then advance. Ticks come from a
+monotonic clock: after a stall (SIGSTOP, a long GC) the node catches up on every missed tick
+before it serves anything, so check-quorum and leases see the real elapsed time.
+
+Client requests become futures: a write resolves when its entry (same index *and* term) is
+applied; a read when the read index is confirmed and applied. Every wait has a deadline. A write
+whose fate is unknown is reported as OutcomeUnknown, never as a failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import time
+
+import gevent
+import gevent.event
+from gevent.hub import get_hub
+
+from raftcache import wire
+from raftcache.core import commands
+from raftcache.core.config import Config
+from raftcache.core.hookspecs import TLSConfig
+from raftcache.core.messages import (
+    NONE,
+    EntryType,
+    HardState,
+    NotLeader,
+    ProposalRefused,
+    StateRole,
+)
+from raftcache.core.plugins import PluginSet, make_manager
+from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
+from raftcache.core.statemachine import ApplyError, StateMachine
+
+log = logging.getLogger("raftcache.node")
+
+_WRITE_OPS = ("put", "remove", "cas", "incr", "invalidate", "mset")
+_READ_OPS = ("get", "mget")
+
+
+class _Pending:
+    """A client request waiting on the log."""
+
+    __slots__ = ("term", "result")
+
+    def __init__(self, term: int):
+        self.term = term
+        self.result = gevent.event.AsyncResult()
+
+
+class Node:
+    def __init__(self, config: Config, pm=None, rng: random.Random | None = None):
+        self.config = config
+        self.id = config.node.id
+        self.peers = config.peer_addresses()
+        self.pm = pm or make_manager(block=config.plugins.block)
+        plugins = PluginSet(self.pm)
+        self.log = logging.LoggerAdapter(log, {"node": self.id})
+        storage_p = self._provider(plugins, "storage", config.storage.plugin)
+        transport_p = self._provider(plugins, "transport", config.transport.plugin)
+        backend_p = self._provider(plugins, "backend", config.backend.plugin)
+        data_dir = os.path.join(config.node.data_dir)
+        self.storage = storage_p.factory(self.id, data_dir, dict(config.storage.options))
+        self.tls = _tls(config.transport.tls)
+        self.transport = transport_p.server(self.id, config.node.address, self.peers, self.tls,
+                                            dict(config.transport.options))
+        self._connect = transport_p.connect
+        backend = backend_p.factory(self.id, dict(config.backend.options))
+        self.sm = StateMachine(backend, check_command=self._check_command)
+        self.raw = self._start_raft(rng or random.Random())
+        self._wakeup = gevent.event.Event()
+        self._stopped = gevent.event.Event()
+        self._writes: dict[int, _Pending] = {}  # log index -> waiting write
+        self._reads: dict[bytes, _Pending] = {}  # read context -> waiting read
+        self._read_ids = itertools.count(1)
+        self._confirmed_reads: list = []  # (read index, pending) waiting for apply
+        self._greenlets: list[gevent.Greenlet] = []
+        self._last_stamp = 0
+        self._last_tick = time.monotonic()
+        self._role = (NONE, StateRole.FOLLOWER)
+        self._proxy_conns: dict[str, object] = {}
+
+    # -- start-up ----------------------------------------------------------------------------------
+    def _provider(self, plugins: PluginSet, kind: str, name: str):
+        from raftcache.core.plugins import PluginError
+
+        try:
+            return plugins.get(kind, name)
+        except PluginError as exc:
+            raise self.config.fail(f"{kind}.plugin", str(exc)) from None
+
+    def _raft_config(self) -> RaftConfig:
+        r = self.config.raft
+        return RaftConfig(
+            id=self.id, election_tick=r.election_tick, heartbeat_tick=r.heartbeat_tick,
+            pre_vote=r.pre_vote, check_quorum=r.check_quorum,
+            read_only=ReadOnlyOption.LEASE if r.read_only == "lease" else ReadOnlyOption.READ_INDEX,
+            lease_margin_ticks=r.lease_margin_ticks, max_inflight=r.max_inflight,
+        )
+
+    def _start_raft(self, rng: random.Random) -> RawNode:
+        hard_state, snapshot, entries = self.storage.load()
+        if hard_state == HardState() and snapshot is None and not entries:
+            self.log.info("new node: bootstrapping cluster of %s", sorted(self.peers))
+            return RawNode.bootstrap(self._raft_config(), rng, sorted(self.peers))
+        if snapshot is not None:
+            self.sm.restore(snapshot.data)
+        self.log.info("restarting at term %d, commit %d, %d entries", hard_state.term,
+                      hard_state.commit, len(entries))
+        return RawNode(self._raft_config(), rng, PersistedState(hard_state, snapshot,
+                                                                tuple(entries)))
+
+    def start(self) -> None:
+        self.transport.serve(self)
+        self._greenlets = [gevent.spawn(self._drive), gevent.spawn(self._ticker)]
+        self.log.info("serving on %s (storage %s, transport %s, backend %s)",
+                      self.config.node.address, self.config.storage.plugin,
+                      self.config.transport.plugin, self.config.backend.plugin)
+        self.pm.hook.raftcache_node_started(node=self)
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self.log.info("stopping")
+        self.pm.hook.raftcache_node_stopping(node=self)
+        self._stopped.set()
+        self._wakeup.set()
+        gevent.killall(self._greenlets, timeout=2)
+        for pending in list(self._writes.values()) + list(self._reads.values()):
+            pending.result.set(wire.error_response("Unavailable", "node is shutting down"))
+        self.transport.close()
+        self.storage.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    # -- time ----------------------------------------------------------------------------------------
+    def _ticker(self) -> None:
+        tick_s = self.config.raft.tick_ms / 1000.0
+        while not self._stopped.is_set():
+            gevent.sleep(tick_s)
+            self._advance_clock()
+
+    def _advance_clock(self) -> None:
+        """Tick once for every tick period that passed, however late we got to run."""
+        tick_s = self.config.raft.tick_ms / 1000.0
+        missed = int((time.monotonic() - self._last_tick) / tick_s)
+        if missed > 0:
+            self._last_tick += missed * tick_s
+            for _ in range(missed):
+                self.raw.tick()
+            self._wakeup.set()
+
+    # -- the Ready loop -----------------------------------------------------------------------------
+    def _drive(self) -> None:
+        threadpool = get_hub().threadpool
+        while not self._stopped.is_set():
+            self._wakeup.wait()
+            self._wakeup.clear()
+            while self.raw.has_ready() and not self._stopped.is_set():
+                rd = self.raw.ready()
+                if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
+                    threadpool.apply(self.storage.save, (rd.hard_state, rd.entries, rd.snapshot,
+                                                         rd.must_sync))
+                if rd.messages:
+                    self.transport.send(rd.messages)
+                if rd.snapshot is not None:
+                    self.sm.restore(rd.snapshot.data)
+                    self.pm.hook.raftcache_snapshot_installed(node=self,
+                                                              index=rd.snapshot.meta.index)
+                for entry in rd.committed_entries:
+                    self._apply(entry)
+                self.raw.advance(rd)
+                if rd.soft_state is not None:
+                    self._role_changed()
+                    self._fail_reads("leadership changed while confirming the read; retry")
+                for rs in rd.read_states:
+                    pending = self._reads.pop(rs.context, None)
+                    if pending is not None:
+                        self._confirmed_reads.append((rs.index, pending))
+                self._serve_confirmed_reads()
+                self._maybe_snapshot(threadpool)
+
+    def _apply(self, entry) -> None:
+        result = None
+        if entry.type == EntryType.NORMAL and entry.data:
+            result = self.sm.apply(entry.index, entry.data)
+        pending = self._writes.pop(entry.index, None)
+        if pending is None:
+            return
+        if pending.term != entry.term:
+            # Another leader's entry took our index: ours was never committed, never will be.
+            pending.result.set(wire.error_response(
+                "Unavailable", "leadership changed before the write committed; not applied"))
+        else:
+            pending.result.set(result)
+
+    def _fail_reads(self, reason: str) -> None:
+        # Read requests in flight when the leader changes may never be answered by the core;
+        # reads are idempotent, so tell the client to retry at once rather than time out.
+        reads, self._reads = self._reads, {}
+        for pending in reads.values():
+            pending.result.set(wire.error_response("Unavailable", reason))
+
+    def _serve_confirmed_reads(self) -> None:
+        if not self._confirmed_reads:
+            return
+        applied = self.raw.applied
+        still = []
+        for index, pending in self._confirmed_reads:
+            if index <= applied:
+                pending.result.set(index)
+            else:
+                still.append((index, pending))
+        self._confirmed_reads = still
+
+    def _maybe_snapshot(self, threadpool) -> None:
+        r = self.config.raft
+        if self.raw.applied - self.raw.log.offset < r.snapshot_entries:
+            return
+        snap = self.raw.compact(self.sm.snapshot(), keep_entries=r.snapshot_keep_entries)
+        threadpool.apply(self.storage.compact, (snap,))
+        self.pm.hook.raftcache_snapshot_taken(node=self, index=snap.meta.index,
+                                              size=len(snap.data))
+
+    def _role_changed(self) -> None:
+        role = (self.raw.lead, self.raw.role)
+        if role == self._role:
+            return
+        self._role = role
+        self.log.info("term %d: %s, leader %s", self.raw.term, self.raw.role.name.lower(),
+                      self.raw.lead or "unknown")
+        self.pm.hook.raftcache_role_changed(node=self, role=self.raw.role.name.lower(),
+                                            term=self.raw.term, leader=self.raw.lead)
+
+    def _check_command(self, command, identity, stamp_ms):
+        for reason in self.pm.hook.raftcache_check_command(command=command, identity=identity,
+                                                            stamp_ms=stamp_ms):
+            if reason:
+                return reason
+        return None
+
+    # -- the transport's callbacks -------------------------------------------------------------------
+    def handle_peer_messages(self, messages) -> None:
+        for m in messages:
+            self.raw.step(m)
+        self._wakeup.set()
+
+    def handle_request(self, request):
+        try:
+            op = request.op
+            if op == "status":
+                return wire.Response(status=self.status())
+            if op in _WRITE_OPS:
+                return self._write(request)
+            if op in _READ_OPS:
+                return self._read(request)
+            return wire.error_response("InvalidRequest", f"unknown operation {op!r}")
+        except _BadRequest as exc:
+            return wire.error_response("InvalidRequest", str(exc))
+        except Exception:
+            self.log.exception("request %r failed", getattr(request, "op", None))
+            return wire.error_response("Unavailable", "internal error; see the node's log")
+
+    def _timeout(self, request) -> float:
+        header = request.header
+        if header is not None and header.timeout_ms:
+            return min(header.timeout_ms, 60_000) / 1000.0
+        return self.config.node.request_timeout_ms / 1000.0
+
+    def _not_leader(self, leader: int, request):
+        hint = self.peers.get(leader, "")
+        if self.config.node.proxy and hint and not request.forwarded:
+            return self._forward(hint, request)
+        return wire.error_response("NotLeader", "not the leader", hint)
+
+    def _forward(self, address: str, request):
+        request.forwarded = True
+        conn = self._proxy_conns.pop(address, None) or self._connect(address, self.tls,
+                                                                     self._timeout(request))
+        try:
+            response = conn.call(request, self._timeout(request))
+        except (OSError, TimeoutError):
+            conn.close()
+            if request.op in _WRITE_OPS:
+                return wire.error_response("OutcomeUnknown", "forwarding to the leader failed")
+            return wire.error_response("Unavailable", "forwarding to the leader failed")
+        self._proxy_conns[address] = conn
+        return response
+
+    def _stamp(self) -> int:
+        # The leader's clock, never going backwards (design.md: deterministic TTL).
+        self._last_stamp = max(int(time.time() * 1000), self._last_stamp, self.sm.last_stamp_ms)
+        return self._last_stamp
+
+    def _write(self, request):
+        command = _command_from(request)
+        header = request.header
+        envelope = commands.Envelope(
+            command=command,
+            client_id=header.client_id if header else None,
+            seq=header.seq if header else None,
+            identity=None,
+            stamp_ms=self._stamp(),
+        )
+        try:
+            term, index = self.raw.propose(commands.encode_envelope(envelope))
+        except NotLeader as exc:
+            return self._not_leader(exc.leader, request)
+        except ProposalRefused as exc:
+            return wire.error_response("Unavailable", exc.reason)
+        pending = self._writes[index] = _Pending(term)
+        self._wakeup.set()
+        try:
+            result = pending.result.get(timeout=self._timeout(request))
+        except gevent.Timeout:
+            self._writes.pop(index, None)
+            return wire.error_response("OutcomeUnknown", "timed out waiting for the write to "
+                                                         "commit; it may still apply")
+        if isinstance(result, wire.Response):
+            return result
+        return _write_response(request.op, result)
+
+    def _read(self, request):
+        consistency = request.consistency or "linearizable"
+        if consistency not in ("linearizable", "lease", "stale"):
+            raise _BadRequest(f"unknown consistency {consistency!r} "
+                              "(use linearizable, lease or stale)")
+        if consistency != "stale":
+            self._advance_clock()  # after a stall, leases must see the time that passed
+            ctx = b"%d:%d" % (self.id, next(self._read_ids))
+            try:
+                self.raw.read_index(ctx)
+            except NotLeader as exc:
+                return self._not_leader(exc.leader, request)
+            pending = self._reads[ctx] = _Pending(self.raw.term)
+            self._wakeup.set()
+            try:
+                outcome = pending.result.get(timeout=self._timeout(request))
+            except gevent.Timeout:
+                self._reads.pop(ctx, None)
+                return wire.error_response("Unavailable", "could not confirm a read index in "
+                                                          "time (no quorum?)")
+            if isinstance(outcome, wire.Response):
+                return outcome
+        now = self._stamp()
+        if request.op == "get":
+            return wire.Response(result=_get_result(self.sm.read(_key(request.key), now)))
+        keys = request.keys or []
+        return wire.Response(results=[_get_result(self.sm.read(_key(k), now)) for k in keys])
+
+    def status(self):
+        raw = self.raw
+        return wire.NodeStatus(
+            id=self.id, address=self.config.node.address, role=raw.role.name.lower(),
+            term=raw.term, commit=raw.commit, applied=raw.applied, leader=raw.lead,
+            leader_address=self.peers.get(raw.lead, ""),
+            voters=sorted(raw.conf.voters), learners=sorted(raw.conf.learners),
+        )
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _tls(section) -> TLSConfig | None:
+    if section is None:
+        return None
+    return TLSConfig(section.ca, section.cert, section.key)
+
+
+def _key(key) -> bytes:
+    if not key:
+        raise _BadRequest("a key is required")
+    if len(key) > 64 * 1024:
+        raise _BadRequest("keys are limited to 64 KiB")
+    return key
+
+
+def _ttl(request) -> int | None:
+    ttl = request.ttl_ms
+    if ttl is None or ttl == 0:
+        return None
+    if ttl < 0:
+        raise _BadRequest("ttl must be positive")
+    return ttl
+
+
+def _command_from(request):
+    op = request.op
+    if op == "put":
+        if request.value is None:
+            raise _BadRequest("put needs a value")
+        return commands.Set(_key(request.key), request.value, _ttl(request))
+    if op == "remove":
+        return commands.Delete(_key(request.key))
+    if op == "cas":
+        if request.value is None or request.expected_version is None:
+            raise _BadRequest("cas needs expected_version and value")
+        return commands.Cas(_key(request.key), request.expected_version, request.value,
+                            _ttl(request))
+    if op == "incr":
+        return commands.Incr(_key(request.key), 1 if request.delta is None else request.delta)
+    if op == "invalidate":
+        return commands.Invalidate(request.key or b"")
+    if op == "mset":
+        items = request.items or {}
+        if not items:
+            raise _BadRequest("mset needs items")
+        return commands.MSet(tuple((_key(k), v) for k, v in sorted(items.items())), _ttl(request))
+    raise _BadRequest(f"unknown operation {op!r}")
+
+
+def _write_response(op: str, result):
+    if isinstance(result, ApplyError):
+        return wire.error_response(result.kind, result.reason)
+    if op == "put":
+        return wire.Response(number=result)
+    if op == "remove":
+        return wire.Response(ok=bool(result))
+    if op == "cas":
+        ok, version = result
+        return wire.Response(ok=ok, number=version)
+    if op in ("incr", "invalidate"):
+        return wire.Response(number=result)
+    if op == "mset":
+        return wire.Response(versions=list(result))
+    raise AssertionError(op)
+
+
+def _get_result(found):
+    if found is None:
+        return wire.GetResult(found=False, value=b"", version=0)
+    value, version = found
+    return wire.GetResult(found=True, value=value, version=version)

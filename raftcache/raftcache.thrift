@@ -1,0 +1,158 @@
+// raftcache wire format: the client service and the peer messages.
+//
+// Binary protocol, framed transport. `set` is reserved in Thrift IDL and thriftpy2 rejects
+// `delete`, so the service calls them `put` and `remove` (the Python client and the CLI keep
+// set/delete). Every client call takes an optional trailing RequestHeader: generated clients in
+// any language may pass null.
+
+namespace py raftcache
+namespace java io.raftcache
+namespace go raftcache
+
+// ---- errors (design.md section 2) ------------------------------------------------------------
+exception NotLeader {
+  1: string leader_hint    // "host:port" of the leader this node knows of, or ""
+}
+exception Unauthorized {
+  1: string reason
+}
+exception InvalidRequest {
+  1: string reason
+}
+exception Unavailable {     // nothing was sent, or it surely did not apply: safe to retry
+  1: string reason
+}
+exception OutcomeUnknown {  // a write that may or may not have applied
+  1: string reason
+}
+
+// ---- client calls -----------------------------------------------------------------------------
+struct RequestHeader {
+  1: optional string token,       // signed RBAC token
+  2: optional string client_id,   // exactly-once: (client_id, seq) identifies a write
+  3: optional i64 seq,
+  4: optional i32 timeout_ms,
+}
+
+struct GetResult {
+  1: bool found,
+  2: binary value,
+  3: i64 version,                 // log index of the entry that last wrote the key
+}
+
+struct NodeStatus {
+  1: i64 id,
+  2: string address,
+  3: string role,
+  4: i64 term,
+  5: i64 commit,
+  6: i64 applied,
+  7: i64 leader,
+  8: string leader_address,
+  9: list<i64> voters,
+  10: list<i64> learners,
+}
+
+// A request or response as one value: what the tcp-tls transport carries in its frames, and
+// what the node handles whichever transport a call came in on.
+struct Request {
+  1: string op,                   // put remove get cas incr invalidate mget mset status
+  2: optional binary key,
+  3: optional binary value,
+  4: optional i64 ttl_ms,
+  5: optional i64 expected_version,
+  6: optional i64 delta,
+  7: optional string consistency, // linearizable (default), lease, stale
+  8: optional list<binary> keys,
+  9: optional map<binary, binary> items,
+  10: optional RequestHeader header,
+  11: optional bool forwarded,    // proxied from a follower: do not forward again
+}
+
+struct Response {
+  1: optional string error,       // exception name, e.g. "NotLeader"; absent on success
+  2: optional string reason,
+  3: optional string leader_hint,
+  4: optional GetResult result,   // get
+  5: optional list<GetResult> results,  // mget
+  6: optional i64 number,         // put/cas/mset: version; incr: value; invalidate: count
+  7: optional bool ok,            // remove/cas
+  8: optional NodeStatus status,
+  9: optional list<i64> versions, // mset
+}
+
+// ---- peer messages (raftcache.core.messages) --------------------------------------------------
+struct Entry {
+  1: i64 term,
+  2: i64 index,
+  3: i8 type,
+  4: binary data,
+}
+
+struct ConfState {
+  1: list<i64> voters,
+  2: list<i64> voters_outgoing,
+  3: list<i64> learners,
+}
+
+struct SnapshotMeta {
+  1: i64 index,
+  2: i64 term,
+  3: ConfState conf_state,
+}
+
+struct RaftMessage {
+  1: i8 type,
+  2: i64 to,
+  3: i64 frm,
+  4: i64 term,
+  5: i64 log_term,
+  6: i64 index,
+  7: list<Entry> entries,
+  8: i64 commit,
+  9: bool reject,
+  10: i64 reject_hint,
+  11: binary context,
+  12: optional SnapshotMeta snapshot_meta,
+  13: i64 offset,
+  14: binary data,
+  15: bool done,
+  16: i64 tick,
+}
+
+struct RaftBatch {
+  1: i64 cluster_id,
+  2: list<RaftMessage> messages,
+}
+
+service RaftCache {
+  i64 put(1: binary key, 2: binary value, 3: i64 ttl_ms, 4: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  GetResult get(1: binary key, 2: string consistency, 3: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  bool remove(1: binary key, 2: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  bool cas(1: binary key, 2: i64 expected_version, 3: binary value, 4: i64 ttl_ms,
+           5: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  i64 incr(1: binary key, 2: i64 delta, 3: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  i64 invalidate(1: binary prefix, 2: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  list<GetResult> mget(1: list<binary> keys, 2: string consistency, 3: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  list<i64> mset(1: map<binary, binary> items, 2: i64 ttl_ms, 3: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  NodeStatus status(),
+
+  // Node-to-node: Raft messages, one way, in batches.
+  oneway void raft(1: RaftBatch batch),
+}

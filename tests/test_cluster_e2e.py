@@ -1,0 +1,143 @@
+"""End to end: real node processes on 127.0.0.1, over both transports."""
+
+import time
+
+import pytest
+
+from raftcache import errors
+from raftcache.cluster import LocalCluster, free_port_block
+
+TRANSPORTS = ["thrift", "tcp-tls"]
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    clusters = []
+
+    def make(nodes=3, transport="thrift", **extra):
+        c = LocalCluster(str(tmp_path / f"c{len(clusters)}"), nodes=nodes,
+                         port=free_port_block(nodes), transport=transport,
+                         extra={"raft": {"tick_ms": 10, "election_tick": 10}, **extra})
+        clusters.append(c)
+        c.start()
+        return c
+
+    yield make
+    for c in clusters:
+        c.stop()
+
+
+def single(cluster, node_id, **kw):
+    """A client that only knows one node (it may still follow redirects)."""
+    from raftcache.client import Client
+
+    base = cluster.client()
+    kw.setdefault("timeout", 5.0)
+    return Client([cluster.address(node_id)], tls=base.tls, transport=cluster.transport, **kw)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("nodes", [3, 5])
+def test_elects_and_serves_reads_from_every_node(make_cluster, transport, nodes):
+    cluster = make_cluster(nodes=nodes, transport=transport)
+    leader = cluster.wait_for_leader()
+    assert 1 <= leader <= nodes
+    followers = [i for i in range(1, nodes + 1) if i != leader]
+    # Writes through a follower: the client follows the NotLeader redirect by itself.
+    with single(cluster, followers[0]) as c:
+        v1 = c.set("greeting", "hello")
+        v2 = c.set("greeting", "world")
+    assert v2 > v1 > 0
+    for i in range(1, nodes + 1):
+        with single(cluster, i) as c:
+            assert c.get("greeting") == b"world"  # linearizable: never the older value
+            assert c.get_with_version("greeting") == (b"world", v2)
+    with cluster.client() as c:
+        assert c.delete("greeting") is True
+        assert c.get("greeting") is None
+        assert c.delete("greeting") is False
+        assert c.incr("n", 5) == 5 and c.incr("n") == 6
+        version = c.get_with_version("n")[1]
+        assert c.cas("n", version, "100") is True
+        assert c.cas("n", version, "200") is False
+        assert c.get("n") == b"100"
+        assert c.mset({"a": "1", "b": "2"})
+        assert c.mget(["a", "b", "zz"]) == [b"1", b"2", None]
+        assert c.invalidate("") >= 3
+        assert c.get("a") is None
+
+
+def test_proxy_mode_forwards_writes(make_cluster):
+    cluster = make_cluster(node={"proxy": True})
+    leader = cluster.wait_for_leader()
+    follower = next(i for i in (1, 2, 3) if i != leader)
+    from raftcache import wire
+
+    # Talk to the follower's port only; the answer must come back from it, not a redirect.
+    with single(cluster, follower) as c:
+        response = c._call_once(cluster.address(follower),
+                                wire.Request(op="put", key=b"k", value=b"v",
+                                             header=wire.RequestHeader()), 5.0)
+        assert response.error is None and response.number > 0
+        assert c.get("k") == b"v"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_kill_leader_new_leader_serves_writes(make_cluster, transport):
+    cluster = make_cluster(transport=transport)
+    old = cluster.wait_for_leader()
+    with cluster.client() as c:
+        c.set("before", "1")
+    cluster.kill(old)
+    new = cluster.wait_for_leader(exclude=(old,))
+    assert new != old
+    with cluster.client(timeout=10) as c:
+        c.set("after", "2")
+        assert c.get("before") == b"1"
+        assert c.get("after") == b"2"
+
+
+def test_paused_old_leader_serves_no_stale_read(make_cluster):
+    cluster = make_cluster()
+    old = cluster.wait_for_leader()
+    with cluster.client() as c:
+        c.set("x", "old")
+    cluster.pause(old)  # SIGSTOP: a partitioned leader that does not know it yet
+    try:
+        new = cluster.wait_for_leader(exclude=(old,))
+        assert new != old
+        with single(cluster, new) as c:
+            c.set("x", "new")
+    finally:
+        cluster.resume(old)
+    # Right after SIGCONT the old leader must not answer from its stale state.
+    with single(cluster, old, timeout=10) as c:
+        assert c.get("x") == b"new"
+        assert c.get("x", consistency="lease") == b"new"
+    with single(cluster, old) as c:
+        status = c.status(cluster.address(old))
+        assert status.role != "leader" and status.leader == new
+
+
+def test_status_and_errors(make_cluster):
+    cluster = make_cluster()
+    cluster.wait_for_leader()
+    with cluster.client() as c:
+        s = c.status()
+        assert s.voters == [1, 2, 3]
+        with pytest.raises(errors.InvalidRequest):
+            c.get("")
+        with pytest.raises(errors.InvalidRequest):
+            c.get("k", consistency="sometimes")
+
+
+def test_unavailable_without_quorum(make_cluster):
+    cluster = make_cluster()
+    cluster.wait_for_leader()
+    cluster.kill(1)
+    cluster.kill(2)
+    cluster.kill(3)
+    t0 = time.monotonic()
+    with cluster.client(timeout=1.0) as c, pytest.raises(errors.Unavailable):
+        c.get("k")
+    assert time.monotonic() - t0 < 5

@@ -1,0 +1,105 @@
+"""Config errors name the file, the key and what is accepted; plugins resolve by name."""
+
+import pytest
+
+from raftcache.core import config, hookspecs
+from raftcache.core.plugins import PluginError, PluginSet, entry_point_names, make_manager
+
+GOOD = """
+[node]
+id = 2
+address = "127.0.0.1:7401"
+
+[cluster]
+peers = { 1 = "127.0.0.1:7400", 2 = "127.0.0.1:7401", 3 = "127.0.0.1:7402" }
+
+[raft]
+election_tick = 12
+
+[storage]
+plugin = "memory"
+
+[transport]
+plugin = "tcp-tls"
+[transport.tls]
+ca = "ca.pem"
+cert = "node2.pem"
+key = "node2-key.pem"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_good_config_loads(tmp_path):
+    c = config.load(write(tmp_path, GOOD))
+    assert c.node.id == 2
+    assert c.peer_addresses() == {1: "127.0.0.1:7400", 2: "127.0.0.1:7401", 3: "127.0.0.1:7402"}
+    assert c.raft.election_tick == 12 and c.raft.heartbeat_tick == 2
+    assert c.transport.plugin == "tcp-tls" and c.transport.tls.cert == "node2.pem"
+    assert c.backend.plugin == "memory"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("election_tick = 12", 'election_tick = "ten"'),
+         "raft.election_tick: expected an integer, got 'ten'"),
+        (("election_tick = 12", "election_ticks = 12"),
+         "raft.election_ticks: unknown key (accepted: check_quorum, election_tick"),
+        (('address = "127.0.0.1:7401"', ""), "node.address: missing (required)"),
+        (('address = "127.0.0.1:7401"', 'address = "127.0.0.1:9999"'),
+         "node.address: '127.0.0.1:9999' differs from cluster.peers.2"),
+        (("election_tick = 12", 'read_only = "fast"'), "raft.read_only: expected"),
+        (("[raft]", "[raft\n"), "not valid TOML"),
+    ],
+)
+def test_mistakes_give_one_clear_line(tmp_path, change, message):
+    old, new = change
+    path = write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    text = str(err.value)
+    assert text.startswith(path + ": ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_missing_file():
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load("/nonexistent/node.toml")
+
+
+def test_builtin_plugins_are_entry_points():
+    names = entry_point_names()
+    for name in ["memory-storage", "thrift", "tcp-tls", "memory-backend"]:
+        assert name in names
+
+
+def test_unknown_name_lists_known_ones():
+    plugins = PluginSet(make_manager())
+    with pytest.raises(PluginError) as err:
+        plugins.storage("flie-wal")
+    assert "unknown storage 'flie-wal' (known: " in str(err.value)
+    assert "memory" in str(err.value)
+
+
+class _Dupe:
+    @hookspecs.hookimpl
+    def raftcache_backends(self):
+        yield hookspecs.BackendProvider("memory", lambda node_id, options: None)
+
+
+def test_duplicate_names_fail_loudly():
+    with pytest.raises(PluginError, match="backend 'memory' is provided twice"):
+        PluginSet(make_manager(extra=[_Dupe()]))
+
+
+def test_blocked_plugin_is_not_loaded():
+    plugins = PluginSet(make_manager(block=["memory-backend"]))
+    with pytest.raises(PluginError, match="unknown backend 'memory'"):
+        plugins.backend("memory")
+    assert plugins.storage("memory").name == "memory"
