@@ -46,7 +46,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--transport", default="thrift")
     p.add_argument("--tick-ms", type=int, default=10)
-    p.add_argument("--election-tick", type=int, default=10)
+    p.add_argument("--election-tick", type=int, default=6)
     args = p.parse_args()
     times = []
     with tempfile.TemporaryDirectory(prefix="raftcache-failover-") as base:

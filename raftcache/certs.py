@@ -146,7 +146,7 @@ def make_cert(ca_cert, ca_key, directory, name: str, *, common_name: str | None 
 
 # ---- helpers ------------------------------------------------------------------------------------
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _key_usage(ca: bool) -> x509.KeyUsage:

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--transport", default="thrift")
         sp.add_argument("--ca", help="CA certificate (PEM) for TLS")
         sp.add_argument("--cert", help="client certificate (PEM) for TLS")
-        sp.add_argument("--key", help="client key (PEM) for TLS")
+        sp.add_argument("--key", dest="tls_key", help="client key (PEM) for TLS")
         sp.add_argument("--timeout", type=float, default=5.0)
 
     s = sub.add_parser("set", help="store a value")
@@ -86,10 +86,10 @@ def _client(args):
     from raftcache.core.hookspecs import TLSConfig
 
     tls = None
-    if args.ca or args.cert or args.key:
-        if not (args.ca and args.cert and args.key):
+    if args.ca or args.cert or args.tls_key:
+        if not (args.ca and args.cert and args.tls_key):
             sys.exit("raftcache: --ca, --cert and --key go together")
-        tls = TLSConfig(args.ca, args.cert, args.key)
+        tls = TLSConfig(args.ca, args.cert, args.tls_key)
     return Client(args.endpoints, token=args.token, tls=tls, timeout=args.timeout,
                   transport=args.transport)
 
@@ -174,11 +174,12 @@ def _cmd_serve(args):
     except config_mod.ConfigError as exc:
         print(f"raftcache: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log.level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s [node %(node)s] %(message)s",
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s [node %(node)s] %(name)s: %(message)s",
         defaults={"node": config.node.id},
-    )
+    ))
+    logging.basicConfig(level=config.log.level.upper(), handlers=[handler])
     try:
         node = Node(config)
     except config_mod.ConfigError as exc:

@@ -146,8 +146,8 @@ class Client:
                 if is_write and sent:
                     raise errors.OutcomeUnknown(f"{request.op}: {last_error}")
                 raise errors.Unavailable(f"{request.op}: {last_error}")
-            if attempt:
-                time.sleep(min(0.05 * attempt, 0.2, remaining))
+            if attempt:  # short backoff: an election takes about one election timeout
+                time.sleep(min(0.01 * attempt, 0.1, remaining))
             attempt += 1
             address = target or self.endpoints[next(self._rotation)]
             target = None

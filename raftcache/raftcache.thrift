@@ -5,7 +5,7 @@
 // set/delete). Every client call takes an optional trailing RequestHeader: generated clients in
 // any language may pass null.
 
-namespace py raftcache
+namespace py raftcache_rpc  // not "raftcache": that is the Python package
 namespace java io.raftcache
 namespace go raftcache
 

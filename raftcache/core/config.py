@@ -35,7 +35,7 @@ class ClusterSection:
 @attrs.frozen
 class RaftSection:
     tick_ms: int = 10
-    election_tick: int = 10  # followers campaign after 1-2 election timeouts of silence
+    election_tick: int = 6  # followers campaign after 6-12 ticks (60-120 ms) of silence
     heartbeat_tick: int = 2
     pre_vote: bool = True
     check_quorum: bool = True

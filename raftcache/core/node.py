@@ -84,6 +84,7 @@ class Node:
         self._greenlets: list[gevent.Greenlet] = []
         self._last_stamp = 0
         self._last_tick = time.monotonic()
+        self._sweep_index = 0  # the pending sweep's log index: one at a time
         self._role = (NONE, StateRole.FOLLOWER)
         self._proxy_conns: dict[str, object] = {}
 
@@ -144,9 +145,27 @@ class Node:
     # -- time ----------------------------------------------------------------------------------------
     def _ticker(self) -> None:
         tick_s = self.config.raft.tick_ms / 1000.0
+        next_sweep = time.monotonic()
         while not self._stopped.is_set():
             gevent.sleep(tick_s)
             self._advance_clock()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + 1.0
+                self._maybe_sweep()
+
+    def _maybe_sweep(self) -> None:
+        """The leader reclaims expired keys through the log, so every replica agrees."""
+        if self.raw.role != StateRole.LEADER or self._sweep_index > self.raw.applied:
+            return
+        stamp = self._stamp()
+        if not self.sm.expired_keys_due(stamp):
+            return
+        envelope = commands.Envelope(command=commands.Sweep(stamp), stamp_ms=stamp)
+        try:
+            _term, self._sweep_index = self.raw.propose(commands.encode_envelope(envelope))
+        except ProposalRefused:
+            return
+        self._wakeup.set()
 
     def _advance_clock(self) -> None:
         """Tick once for every tick period that passed, however late we got to run."""
@@ -263,7 +282,7 @@ class Node:
             if op in _READ_OPS:
                 return self._read(request)
             return wire.error_response("InvalidRequest", f"unknown operation {op!r}")
-        except _BadRequest as exc:
+        except (_BadRequest, commands.CommandError) as exc:
             return wire.error_response("InvalidRequest", str(exc))
         except Exception:
             self.log.exception("request %r failed", getattr(request, "op", None))

@@ -1,0 +1,496 @@
+"""The cache's replicated state machine: what a committed write does, identically everywhere.
+
+Every replica applies the same entries in the same order and must reach the same state and the
+same result, so nothing here reads a clock, draws randomness or does I/O besides the backend:
+
+- **Versions**: a key's version is the log index of the entry that last wrote it.
+- **Time** is the entry's `stamp_ms` (the leader's clock). The state machine's own "now" is the
+  largest stamp applied so far, so a stamp that goes backwards (a new leader whose clock is
+  behind) cannot make time go backwards. A key written with a ttl expires at now + ttl_ms; a
+  write treats a key as gone once now >= its expiry, a read once the reader's `now_stamp_ms`
+  is. Expired keys are reclaimed by `Sweep` entries the leader proposes (`expired_keys_due`).
+- **Exactly once** (Raft dissertation 6.3): a table of client sessions keeps each client's
+  latest sequence number and its result; a retried write gets that result back instead of
+  applying twice. Sessions idle for `session_idle_ms` (by stamps) are dropped.
+- **Errors** that are the client's fault are *results* (`ApplyError`), never exceptions.
+
+The catalog (key -> version, expiry) lives here; values live in the backend. Values are stored
+exactly as the entry holds them - already encoded by the proposer's value codecs (encryption) -
+and `read()` returns them as stored: decoding them for the client is the node's job. The only
+exception is `Incr`, which must look inside a value: it decodes the stored value with `codecs`
+(in reverse order) and encodes the new one (in order), like the node does for other writes.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+
+import attrs
+
+from .commands import (
+    Cas,
+    CommandError,
+    Delete,
+    Incr,
+    Invalidate,
+    MSet,
+    Reader,
+    Set,
+    Sweep,
+    decode_envelope,
+)
+
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
+_MAX_INT_DIGITS = 20  # "-9223372036854775808"
+
+SNAPSHOT_MAGIC = b"RCSM"
+SNAPSHOT_VERSION = 1
+
+DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
+
+
+class SnapshotError(ValueError):
+    """`restore()` was given bytes that are not a state machine snapshot."""
+
+
+@attrs.frozen(slots=True)
+class ApplyError:
+    """A write that applied as a refusal, the same way on every replica.
+
+    kind is the client error to report: "InvalidRequest" (e.g. incr on a non-integer),
+    "Unauthorized" (vetoed by check_command), or "OutcomeUnknown" (the state machine cannot tell
+    the result: a retry of a sequence number older than the client's latest, or an incr whose
+    stored value this replica's backend has evicted).
+    """
+
+    kind: str
+    reason: str
+
+
+@attrs.define(slots=True)
+class _Session:
+    seq: int
+    result: object
+    last_stamp_ms: int
+
+
+Result = object  # int | bool | tuple[bool, int | None] | list[int] | ApplyError | None
+
+
+@attrs.define
+class StateMachine:
+    backend: object
+    # check_command(command, identity, stamp_ms) -> veto reason or None; the node wires it to
+    # the raftcache_check_command hook. Exceptions it raises propagate.
+    check_command: Callable[[object, str | None, int], str | None] | None = None
+    codecs: Sequence = attrs.field(default=(), converter=tuple)
+    session_idle_ms: int = DEFAULT_SESSION_IDLE_MS
+
+    applied_index: int = attrs.field(init=False, default=0)
+    last_stamp_ms: int = attrs.field(init=False, default=0)  # the state machine's "now"
+    _catalog: dict = attrs.field(init=False, factory=dict)  # key -> (version, expiry | None)
+    _expiries: list = attrs.field(init=False, factory=list)  # heap of (expiry, key), lazy
+    _ttl_keys: int = attrs.field(init=False, default=0)  # catalog keys with an expiry
+    # (client_id, identity) -> _Session, least recently used first
+    _sessions: OrderedDict = attrs.field(init=False, factory=OrderedDict)
+
+    # ==========================================================================================
+    # Apply
+    # ==========================================================================================
+    def apply(self, index: int, data: bytes) -> Result:
+        """Apply the committed NORMAL entry at `index` and return its result.
+
+        Empty data (a leader's no-op) returns None. Undecodable data returns an ApplyError
+        rather than raising: it is committed, so every replica must get past it the same way.
+        """
+        if index <= self.applied_index:
+            raise ValueError(f"entry {index} is not after the applied index {self.applied_index}")
+        self.applied_index = index
+        if not data:
+            return None
+        try:
+            env = decode_envelope(data)
+        except CommandError as exc:
+            return ApplyError("InvalidRequest", f"undecodable command: {exc}")
+        now = self.last_stamp_ms = max(self.last_stamp_ms, env.stamp_ms)
+        self._expire_sessions(now)
+
+        session_key = None
+        if env.client_id is not None and env.seq is not None:
+            session_key = (env.client_id, env.identity)
+            session = self._sessions.get(session_key)
+            if session is not None:
+                if env.seq == session.seq:
+                    session.last_stamp_ms = now
+                    self._sessions.move_to_end(session_key)
+                    return session.result
+                if env.seq < session.seq:
+                    return ApplyError(
+                        "OutcomeUnknown",
+                        f"sequence number {env.seq} is older than this client's latest "
+                        f"({session.seq}); its result is no longer kept",
+                    )
+
+        cmd = env.command
+        if self.check_command is not None and type(cmd) is not Sweep:
+            reason = self.check_command(cmd, env.identity, now)
+            if reason:
+                # A veto leaves no trace, not even in the session: it surely did not apply.
+                return ApplyError("Unauthorized", str(reason))
+
+        result = self._execute(cmd, index, now)
+        if session_key is not None:
+            self._sessions[session_key] = _Session(env.seq, result, now)
+            self._sessions.move_to_end(session_key)
+        return result
+
+    def _execute(self, cmd, index: int, now: int) -> Result:
+        t = type(cmd)
+        if t is Set:
+            self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
+            return index
+        if t is Delete:
+            existed = self._live(cmd.key, now) is not None
+            if cmd.key in self._catalog:  # also reclaims an expired one
+                self._remove(cmd.key)
+            return existed
+        if t is Cas:
+            meta = self._live(cmd.key, now)
+            current = meta[0] if meta is not None else 0  # a missing key has version 0
+            if current != cmd.expected_version:
+                return (False, None if meta is None else current)
+            self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
+            return (True, index)
+        if t is Incr:
+            return self._incr(cmd, index, now)
+        if t is Invalidate:
+            prefix = cmd.prefix
+            doomed = [k for k in self._catalog if k.startswith(prefix)]
+            count = 0
+            for key in doomed:
+                if self._live(key, now) is not None:
+                    count += 1
+                self._remove(key)
+            return count
+        if t is MSet:
+            expiry = _expiry(now, cmd.ttl_ms)
+            for key, value in cmd.items:
+                self._write(key, value, index, expiry)
+            return [index] * len(cmd.items)
+        if t is Sweep:
+            # Never reclaim a key the entry's own clock does not consider expired yet.
+            return self._sweep(min(cmd.up_to_stamp_ms, now))
+        raise AssertionError(f"unhandled command {cmd!r}")  # decode_envelope only yields these
+
+    def _incr(self, cmd: Incr, index: int, now: int) -> Result:
+        key = cmd.key
+        meta = self._live(key, now)
+        if meta is None:
+            base, expiry = 0, None  # missing or expired: start from 0, no ttl
+        else:
+            expiry = meta[1]  # incr keeps the key's ttl, like Redis
+            blob = self.backend.get(key)
+            if blob is None:
+                # The backend evicted it (Memcached). Other replicas may still hold it, so
+                # bump the version like they do and keep the value unknown here: a miss.
+                self._catalog[key] = (index, expiry)
+                return ApplyError(
+                    "OutcomeUnknown",
+                    f"the value of {key!r} was evicted from this node's backend; the increment "
+                    "applied but its result is unknown",
+                )
+            for codec in reversed(self.codecs):
+                blob = codec.decode(key, blob)
+            base = _parse_int(blob)
+            if base is None:
+                return ApplyError("InvalidRequest", f"the value of {key!r} is not an integer")
+        new = base + cmd.delta
+        if not _I64_MIN <= new <= _I64_MAX:
+            return ApplyError("InvalidRequest", f"incrementing {key!r} overflows 64 bits")
+        blob = b"%d" % new
+        for codec in self.codecs:
+            blob = codec.encode(key, blob)
+        self._write(key, blob, index, expiry)
+        return new
+
+    # -- the catalog --------------------------------------------------------------------------
+    def _live(self, key: bytes, now: int):
+        meta = self._catalog.get(key)
+        if meta is None or (meta[1] is not None and now >= meta[1]):
+            return None
+        return meta
+
+    def _write(self, key: bytes, value: bytes, version: int, expiry: int | None) -> None:
+        old = self._catalog.get(key)
+        if old is not None and old[1] is not None:
+            self._ttl_keys -= 1
+        self._catalog[key] = (version, expiry)
+        self.backend.set(key, value)
+        if expiry is not None:
+            self._ttl_keys += 1
+            heapq.heappush(self._expiries, (expiry, key))
+            self._maybe_rebuild_expiries()
+
+    def _remove(self, key: bytes) -> None:
+        version, expiry = self._catalog.pop(key)
+        if expiry is not None:
+            self._ttl_keys -= 1
+        self.backend.delete(key)
+
+    def _sweep(self, up_to: int) -> int:
+        heap, catalog = self._expiries, self._catalog
+        count = 0
+        while heap and heap[0][0] <= up_to:
+            expiry, key = heapq.heappop(heap)
+            meta = catalog.get(key)
+            if meta is not None and meta[1] == expiry:
+                self._remove(key)
+                count += 1
+        return count
+
+    def _drop_stale_expiries(self) -> None:
+        # Heap entries are never removed on overwrite; skip the ones that no longer match.
+        heap, catalog = self._expiries, self._catalog
+        while heap:
+            expiry, key = heap[0]
+            meta = catalog.get(key)
+            if meta is not None and meta[1] == expiry:
+                return
+            heapq.heappop(heap)
+
+    def _maybe_rebuild_expiries(self) -> None:
+        # Keys rewritten with a ttl leave stale heap entries behind; keep the heap O(live keys).
+        if len(self._expiries) > 2 * self._ttl_keys + 1024:
+            self._rebuild_expiries()
+
+    def _rebuild_expiries(self) -> None:
+        self._expiries = [(m[1], k) for k, m in self._catalog.items() if m[1] is not None]
+        heapq.heapify(self._expiries)
+        self._ttl_keys = len(self._expiries)
+
+    def _expire_sessions(self, now: int) -> None:
+        sessions, idle = self._sessions, self.session_idle_ms
+        while sessions:
+            key, session = next(iter(sessions.items()))
+            if now - session.last_stamp_ms < idle:
+                return
+            del sessions[key]
+
+    # ==========================================================================================
+    # Queries (local: the node decides which consistency level makes them safe)
+    # ==========================================================================================
+    def read(self, key: bytes, now_stamp_ms: int) -> tuple[bytes, int] | None:
+        """(value as stored, version), or None when missing, expired at `now_stamp_ms`, or
+        evicted by the backend."""
+        meta = self._catalog.get(key)
+        if meta is None or (meta[1] is not None and now_stamp_ms >= meta[1]):
+            return None
+        value = self.backend.get(key)
+        if value is None:
+            return None
+        return value, meta[0]
+
+    def read_many(self, keys: Iterable[bytes], now_stamp_ms: int) -> list:
+        return [self.read(key, now_stamp_ms) for key in keys]
+
+    def version(self, key: bytes, now_stamp_ms: int) -> int | None:
+        """The key's version from the catalog alone (no backend call)."""
+        meta = self._catalog.get(key)
+        if meta is None or (meta[1] is not None and now_stamp_ms >= meta[1]):
+            return None
+        return meta[0]
+
+    def expired_keys_due(self, stamp_ms: int) -> bool:
+        """Whether a Sweep(stamp_ms) would reclaim anything: the leader's cue to propose one."""
+        self._drop_stale_expiries()
+        return bool(self._expiries) and self._expiries[0][0] <= stamp_ms
+
+    def next_expiry(self) -> int | None:
+        """The earliest expiry stamp of any key, or None."""
+        self._drop_stale_expiries()
+        return self._expiries[0][0] if self._expiries else None
+
+    def __len__(self) -> int:
+        """Keys in the catalog, including expired ones not yet swept."""
+        return len(self._catalog)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    # ==========================================================================================
+    # Snapshots
+    # ==========================================================================================
+    def snapshot(self) -> bytes:
+        """The whole state (catalog, values, sessions) as deterministic bytes: replicas that
+        applied the same entries, over backends that evicted nothing, give identical images.
+
+        A cataloged key whose value the backend no longer has is recorded as missing.
+        """
+        out = bytearray(SNAPSHOT_MAGIC)
+        out.append(SNAPSHOT_VERSION)
+        _uvarint(out, self.applied_index)
+        _uvarint(out, self.last_stamp_ms)
+        _uvarint(out, len(self._catalog))
+        get = self.backend.get
+        for key in sorted(self._catalog):
+            version, expiry = self._catalog[key]
+            _blob(out, key)
+            _uvarint(out, version)
+            _uvarint(out, 0 if expiry is None else expiry)  # expiries are always > 0
+            value = get(key)
+            if value is None:
+                out.append(0)
+            else:
+                out.append(1)
+                _blob(out, value)
+        _uvarint(out, len(self._sessions))
+        for (client_id, identity), session in self._sessions.items():  # LRU order matters
+            _blob(out, client_id.encode())
+            if identity is None:
+                out.append(0)
+            else:
+                out.append(1)
+                _blob(out, identity.encode())
+            _svarint(out, session.seq)
+            _uvarint(out, session.last_stamp_ms)
+            _encode_result(out, session.result)
+        return bytes(out)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with a snapshot's: the backend is cleared and reloaded.
+
+        The snapshot is parsed completely before anything changes, so garbage raises
+        SnapshotError and leaves the state machine as it was. Empty data is the empty state.
+        """
+        catalog: dict = {}
+        values: list = []
+        sessions: OrderedDict = OrderedDict()
+        applied = stamp = 0
+        if data:
+            r = Reader(bytes(data))
+            try:
+                if bytes(data[:4]) != SNAPSHOT_MAGIC:
+                    raise CommandError("not a raftcache state machine snapshot")
+                r.pos = 4
+                if r.u8() != SNAPSHOT_VERSION:
+                    raise CommandError("unknown snapshot version")
+                applied = r.uvarint()
+                stamp = r.uvarint()
+                for _ in range(r.uvarint()):
+                    key = r.bytes_()
+                    version = r.uvarint()
+                    expiry = r.uvarint() or None
+                    catalog[key] = (version, expiry)
+                    present = r.u8()
+                    if present == 1:
+                        values.append((key, r.bytes_()))
+                    elif present != 0:
+                        raise CommandError("bad value marker")
+                for _ in range(r.uvarint()):
+                    client_id = r.str_()
+                    has_identity = r.u8()
+                    if has_identity not in (0, 1):
+                        raise CommandError("bad identity marker")
+                    identity = r.str_() if has_identity else None
+                    seq = r.svarint()
+                    last = r.uvarint()
+                    sessions[(client_id, identity)] = _Session(seq, _decode_result(r), last)
+                r.end()
+            except CommandError as exc:
+                raise SnapshotError(f"corrupt state machine snapshot: {exc}") from None
+        self.backend.clear()
+        for key, value in values:
+            self.backend.set(key, value)
+        self.applied_index = applied
+        self.last_stamp_ms = stamp
+        self._catalog = catalog
+        self._sessions = sessions
+        self._rebuild_expiries()
+
+
+# ================================================================================================
+# Helpers
+# ================================================================================================
+def _expiry(now: int, ttl_ms: int | None) -> int | None:
+    return None if ttl_ms is None else now + ttl_ms
+
+
+def _parse_int(blob: bytes) -> int | None:
+    # Strict ASCII decimal: int() would also take whitespace, "+", "_" and non-ASCII digits.
+    if not 0 < len(blob) <= _MAX_INT_DIGITS:
+        return None
+    digits = blob[1:] if blob[:1] == b"-" else blob
+    if not digits or not digits.isdigit():  # bytes.isdigit is ASCII-only
+        return None
+    n = int(blob)
+    return n if _I64_MIN <= n <= _I64_MAX else None
+
+
+def _uvarint(out: bytearray, n: int) -> None:
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _svarint(out: bytearray, n: int) -> None:
+    _uvarint(out, (n << 1) ^ (n >> 63))
+
+
+def _blob(out: bytearray, b: bytes) -> None:
+    _uvarint(out, len(b))
+    out += b
+
+
+# Session results in snapshots: a tagged, recursive encoding of the few shapes apply returns.
+_R_NONE, _R_FALSE, _R_TRUE, _R_INT, _R_TUPLE, _R_LIST, _R_ERROR = range(7)
+
+
+def _encode_result(out: bytearray, result) -> None:
+    if result is None:
+        out.append(_R_NONE)
+    elif result is False:
+        out.append(_R_FALSE)
+    elif result is True:
+        out.append(_R_TRUE)
+    elif type(result) is int:
+        out.append(_R_INT)
+        _svarint(out, result)
+    elif type(result) in (tuple, list):
+        out.append(_R_TUPLE if type(result) is tuple else _R_LIST)
+        _uvarint(out, len(result))
+        for item in result:
+            _encode_result(out, item)
+    elif type(result) is ApplyError:
+        out.append(_R_ERROR)
+        _blob(out, result.kind.encode())
+        _blob(out, result.reason.encode("utf-8", "backslashreplace"))
+    else:
+        raise TypeError(f"cannot snapshot result {result!r}")
+
+
+def _decode_result(r: Reader, depth: int = 0):
+    if depth > 4:
+        raise CommandError("result nested too deeply")
+    tag = r.u8()
+    if tag == _R_NONE:
+        return None
+    if tag == _R_FALSE:
+        return False
+    if tag == _R_TRUE:
+        return True
+    if tag == _R_INT:
+        return r.svarint()
+    if tag in (_R_TUPLE, _R_LIST):
+        n = r.uvarint()
+        if n > len(r.data) - r.pos:
+            raise CommandError("result list longer than the snapshot")
+        items = [_decode_result(r, depth + 1) for _ in range(n)]
+        return tuple(items) if tag == _R_TUPLE else items
+    if tag == _R_ERROR:
+        return ApplyError(r.str_(), r.str_())
+    raise CommandError(f"unknown result tag {tag}")

@@ -1,0 +1,668 @@
+"""The `tcp-tls` transport: length-prefixed frames over mutually authenticated TLS 1.3.
+
+One port carries client requests and Raft traffic. Every frame is::
+
+    u32 length (big-endian, of what follows) | u8 kind | u64 request id | payload
+
+REQUEST (payload: wire.Request) is answered by a RESPONSE (wire.Response) with the same id, so
+one connection carries many concurrent requests. PEER (wire.RaftBatch, id 0) is one-way.
+
+Both ends present a certificate signed by the cluster CA (`raftcache.certs`). With the default
+`peer_auth = "node-cn"` Raft messages are accepted only from a certificate whose CN is
+"node<id>" and only with `frm == <id>`, so a client certificate cannot inject Raft traffic.
+
+Everything is plain gevent (gevent.socket, gevent.ssl): it works with or without
+monkey-patching. The TLS handshake happens inside the per-connection greenlet under a deadline,
+so a silent TCP client never holds up anyone else (see pitfalls.md on TSSLServerSocket).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import math
+import os
+import random
+import socket as stdlib_socket
+import ssl
+import struct
+import time
+from collections import deque
+
+import attrs
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+from gevent import socket as gsocket
+from gevent import ssl as gssl
+from gevent.server import StreamServer
+from thriftpy2.protocol import TCyBinaryProtocolFactory
+from thriftpy2.transport import TCyBufferedTransport
+
+from raftcache import wire
+from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
+
+log = logging.getLogger("raftcache.transport.tcp_tls")
+
+REQUEST, RESPONSE, PEER = 1, 2, 3
+KINDS = {REQUEST: "REQUEST", RESPONSE: "RESPONSE", PEER: "PEER"}
+HEADER = struct.Struct(">IBQ")  # length, kind, request id
+_LENGTH = struct.Struct(">I")
+_AFTER_LENGTH = HEADER.size - _LENGTH.size  # kind + id: the smallest valid length
+_RECV = 65536
+_HEALTHY_AFTER = 1.0  # a peer link that lived this long was not refused outright
+
+
+class ProtocolError(Exception):
+    """The other end broke the framing rules; the connection is closed."""
+
+
+class _Idle(Exception):
+    """No frame started within idle_timeout."""
+
+
+def pack_frame(kind: int, request_id: int, payload: bytes) -> bytes:
+    return HEADER.pack(_AFTER_LENGTH + len(payload), kind, request_id) + payload
+
+
+_PROTOCOL = TCyBinaryProtocolFactory()
+
+
+def decode(cls, data: bytes):
+    """Like wire.decode, but safe on hostile bytes.
+
+    thriftpy2's Cython decoder over an in-memory buffer (what `deserialize` uses) trusts length
+    fields: a 12-byte payload claiming a 64 KiB string comes back with 64 KiB of uninitialised
+    heap, and a list claiming 2**31 items spins the hub. Over a buffered transport the same
+    decoder raises end-of-file as soon as the bytes run out, at almost the same speed.
+    """
+    try:
+        trans = TCyBufferedTransport(io.BytesIO(data), buf_size=max(len(data), 1024))
+        obj = cls()
+        obj.read(_PROTOCOL.get_protocol(trans))
+        return obj
+    except Exception as exc:
+        raise wire.WireError(f"cannot decode {cls.__name__}: {exc}") from None
+
+
+# ---- options ------------------------------------------------------------------------------------
+def _positive(_inst, attribute, value):
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen
+class Options:
+    """`[transport.options]` of a node's config; every key is optional."""
+
+    handshake_timeout: float = attrs.field(default=5.0, converter=float, validator=_positive)
+    idle_timeout: float = attrs.field(default=120.0, converter=float, validator=_positive)
+    # A stalled read mid-frame or a stalled write closes the connection after this long.
+    io_timeout: float = attrs.field(default=10.0, converter=float, validator=_positive)
+    max_frame: int = attrs.field(default=16 << 20, converter=int, validator=_positive)
+    max_connections: int = attrs.field(default=1024, converter=int, validator=_positive)
+    max_inflight: int = attrs.field(default=256, converter=int, validator=_positive)
+    peer_queue: int = attrs.field(default=4096, converter=int, validator=_positive)
+    peer_batch: int = attrs.field(default=256, converter=int, validator=_positive)
+    connect_timeout: float = attrs.field(default=2.0, converter=float, validator=_positive)
+    reconnect_min: float = attrs.field(default=0.05, converter=float, validator=_positive)
+    reconnect_max: float = attrs.field(default=2.0, converter=float, validator=_positive)
+    cluster_id: int = attrs.field(default=0, converter=int)
+    peer_auth: str = attrs.field(default="node-cn",
+                                 validator=attrs.validators.in_(("node-cn", "ca")))
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> Options:
+        options = dict(options or {})
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"tcp-tls: unknown option(s) {', '.join(unknown)} "
+                             f"(accepted: {', '.join(sorted(known))})")
+        try:
+            return cls(**options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tcp-tls: bad option: {exc}") from None
+
+
+# ---- TLS ----------------------------------------------------------------------------------------
+_contexts: dict = {}
+
+
+def _context(tls: TLSConfig | None, server_side: bool) -> gssl.SSLContext:
+    if tls is None:
+        raise ValueError("the tcp-tls transport requires TLS: set [transport.tls] ca, cert and "
+                         "key (`raftcache certs init --dir DIR` makes them)")
+    try:
+        # mtimes in the key: rotated files are picked up by the next connection
+        stamp = tuple(_mtime(p) for p in (tls.ca, tls.cert, tls.key))
+        key = (server_side, tls, stamp)
+        ctx = _contexts.get(key)
+        if ctx is not None:
+            return ctx
+        ctx = gssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual: the server demands a client certificate
+        ctx.load_verify_locations(cafile=tls.ca)
+        ctx.load_cert_chain(tls.cert, tls.key)
+        if server_side:
+            ctx.options |= ssl.OP_NO_TICKET  # connections are long-lived; no resumption
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"tcp-tls: cannot load TLS files (ca={tls.ca}, cert={tls.cert}, "
+                         f"key={tls.key}): {exc}") from None
+    _contexts[key] = ctx
+    return ctx
+
+
+def _mtime(path: str) -> int:
+    return os.stat(path).st_mtime_ns
+
+
+def _peer_common_name(sock) -> str | None:
+    cert = sock.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return v
+    return None
+
+
+def _node_id_from_cn(cn: str | None) -> int | None:
+    if cn and cn.startswith("node") and cn[4:].isdigit():
+        return int(cn[4:])
+    return None
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+# ---- frames -------------------------------------------------------------------------------------
+class _FrameReader:
+    """Reads frames from a socket whose timeout is io_timeout."""
+
+    __slots__ = ("sock", "buf", "max_frame")
+
+    def __init__(self, sock, max_frame: int):
+        self.sock = sock
+        self.buf = bytearray()
+        self.max_frame = max_frame
+
+    def _fill(self, need: int, idle_timeout: float) -> bool:
+        """Read until `need` bytes are buffered; False on a clean EOF between frames."""
+        idle_since = time.monotonic()
+        while len(self.buf) < need:
+            try:
+                chunk = self.sock.recv(_RECV)
+            except TimeoutError:
+                if self.buf:
+                    raise ProtocolError(f"stalled mid-frame ({len(self.buf)} of {need} bytes)"
+                                        ) from None
+                if time.monotonic() - idle_since >= idle_timeout:
+                    raise _Idle from None
+                continue
+            if not chunk:
+                if self.buf:
+                    raise ProtocolError(f"truncated frame: EOF after {len(self.buf)} of "
+                                        f"{need} bytes")
+                return False
+            self.buf += chunk
+        return True
+
+    def read(self, idle_timeout: float = math.inf):
+        """(kind, request id, payload), or None on a clean EOF between frames."""
+        if not self._fill(_LENGTH.size, idle_timeout):
+            return None
+        (length,) = _LENGTH.unpack_from(self.buf)
+        if length < _AFTER_LENGTH:
+            raise ProtocolError(f"frame length {length} is below the minimum {_AFTER_LENGTH}")
+        if length > self.max_frame:
+            raise ProtocolError(f"frame of {length} bytes exceeds max_frame {self.max_frame}")
+        end = _LENGTH.size + length
+        self._fill(end, idle_timeout)
+        _, kind, request_id = HEADER.unpack_from(self.buf)
+        payload = bytes(self.buf[HEADER.size:end])
+        del self.buf[:end]
+        return kind, request_id, payload
+
+
+# ---- client side: one connection, many concurrent calls ------------------------------------------
+class TcpTlsConnection:
+    """A mutual-TLS connection to a node. `call` may be used from many greenlets at once;
+    after any failure the connection is closed for good (every later call raises OSError)."""
+
+    def __init__(self, sock, address: str, options: Options):
+        self._sock = sock
+        self.address = address
+        self._max_frame = options.max_frame
+        self._wlock = gevent.lock.Semaphore()
+        self._waiters: dict[int, gevent.event.AsyncResult] = {}
+        self._ids = itertools.count(1)
+        self._error: OSError | None = None
+        self.opened_at = time.monotonic()
+        self._reader = gevent.spawn(self._read_loop)
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    @property
+    def error(self) -> OSError | None:
+        """Why the connection closed (None while open)."""
+        return self._error
+
+    def call(self, request, timeout: float):
+        if self._error is not None:
+            raise ConnectionError(f"{self.address}: connection is closed ({self._error}); "
+                                  "nothing was sent")
+        payload = wire.encode(request)
+        request_id = next(self._ids)
+        frame = pack_frame(REQUEST, request_id, payload)
+        if len(frame) - _LENGTH.size > self._max_frame:
+            raise ValueError(f"request of {len(payload)} bytes exceeds max_frame")
+        result = gevent.event.AsyncResult()
+        self._waiters[request_id] = result
+        timer = gevent.Timeout.start_new(timeout)
+        try:
+            with self._wlock:
+                self._sock.sendall(frame)
+            data = result.get()
+        except gevent.Timeout as t:
+            if t is not timer:  # someone else's deadline: not ours to convert
+                self._break(ConnectionError("call interrupted"))
+                raise
+            self._break(TimeoutError("a call timed out"))
+            raise TimeoutError(f"{self.address}: no answer within {timeout:g}s") from None
+        except OSError as exc:
+            self._break(exc)
+            raise
+        except BaseException:
+            self._break(ConnectionError("call interrupted"))
+            raise
+        finally:
+            timer.close()
+            self._waiters.pop(request_id, None)
+        try:
+            return decode(wire.Response, data)
+        except wire.WireError as exc:
+            self._break(ConnectionError(str(exc)))
+            raise ConnectionError(f"{self.address}: bad response: {exc}") from None
+
+    def send_peer(self, payloads: list[bytes]) -> None:
+        """Write PEER frames (one-way). OSError, and the connection is closed, on failure."""
+        if self._error is not None:
+            raise ConnectionError(f"{self.address}: connection is closed ({self._error})")
+        data = b"".join(pack_frame(PEER, 0, p) for p in payloads)
+        try:
+            with self._wlock:
+                self._sock.sendall(data)  # bounded by the socket's io_timeout
+        except OSError as exc:
+            self._break(exc)
+            raise
+        except BaseException:
+            self._break(ConnectionError("send interrupted"))
+            raise
+
+    def close(self) -> None:
+        self._break(ConnectionError("closed by this side"))
+
+    def _break(self, error: OSError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        waiters, self._waiters = self._waiters, {}
+        for w in waiters.values():
+            w.set_exception(ConnectionError(f"{self.address}: connection lost: {error}"))
+        try:
+            self._sock.close()  # wakes the reader with an error
+        except OSError:
+            pass
+
+    def _read_loop(self) -> None:
+        reader = _FrameReader(self._sock, self._max_frame)
+        try:
+            while True:
+                frame = reader.read()
+                if frame is None:
+                    raise ConnectionError("closed by the server")
+                kind, request_id, payload = frame
+                if kind != RESPONSE:
+                    raise ProtocolError(f"unexpected {KINDS.get(kind, kind)} frame from server")
+                waiter = self._waiters.pop(request_id, None)
+                if waiter is None:
+                    raise ProtocolError(f"response to unknown request {request_id}")
+                waiter.set(payload)
+        except ProtocolError as exc:
+            if self._error is None:
+                log.warning("%s: %s; closing the connection", self.address, exc)
+            self._break(ConnectionError(str(exc)))
+        except OSError as exc:
+            self._break(exc)
+
+
+def connect(address: str, tls: TLSConfig | None, timeout: float,
+            options: dict | None = None) -> TcpTlsConnection:
+    """Open a mutual-TLS connection to `address` ("host:port"); the server's certificate must
+    chain to tls.ca and name the host. OSError/TimeoutError when that fails in `timeout`."""
+    opts = Options.from_dict(options)
+    ctx = _context(tls, server_side=False)
+    host, port = parse_address(address)
+    timer = gevent.Timeout.start_new(timeout)
+    try:
+        # its own timeout too: it closes its socket on socket errors, not on gevent.Timeout
+        raw = gsocket.create_connection((host, port), timeout=timeout)
+        sock = _handshake(ctx, raw, server_hostname=host)
+    except gevent.Timeout as t:
+        if t is not timer:
+            raise
+        raise TimeoutError(f"{address}: TLS connection not established within "
+                           f"{timeout:g}s") from None
+    finally:
+        timer.close()
+    sock.settimeout(opts.io_timeout)
+    return TcpTlsConnection(sock, address, opts)
+
+
+def _handshake(ctx, raw, server_side: bool = False, server_hostname: str | None = None):
+    """Wrap and handshake; on any failure (a gevent.Timeout included) close the socket.
+
+    Wrapping detaches `raw`, and the stdlib only closes the SSL socket on OSError/ValueError,
+    so a deadline firing mid-handshake would otherwise leak an open connection."""
+    sock = None
+    try:
+        raw.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+        sock = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
+                               do_handshake_on_connect=False)
+        sock.do_handshake()
+        return sock
+    except BaseException:
+        _close_quietly(sock)
+        _close_quietly(raw)
+        raise
+
+
+def _close_quietly(sock) -> None:
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+# ---- server side --------------------------------------------------------------------------------
+class _ServerConn:
+    __slots__ = ("sock", "peer", "node_id", "wlock")
+
+    def __init__(self, sock, peer: str, node_id: int | None):
+        self.sock = sock
+        self.peer = peer
+        self.node_id = node_id
+        self.wlock = gevent.lock.Semaphore()
+
+    def write(self, frame: bytes) -> None:
+        try:
+            with self.wlock:
+                self.sock.sendall(frame)
+        except OSError:
+            self.close()  # a partial frame may be out: the stream is unusable; reader notices
+
+    def close(self) -> None:
+        _close_quietly(self.sock)
+
+
+class _PeerLink:
+    """The queue and greenlet that carry Raft messages to one peer."""
+
+    def __init__(self, transport: TcpTlsTransport, peer_id: int, address: str):
+        self.t = transport
+        self.peer_id = peer_id
+        self.address = address
+        self.queue: deque = deque()
+        self.wake = gevent.event.Event()
+        self.conn: TcpTlsConnection | None = None
+        self.dropped = 0
+        self.down = False
+        self.delay = transport.opts.reconnect_min
+        self.greenlet = gevent.spawn(self._run)
+
+    def put(self, message) -> None:
+        if len(self.queue) >= self.t.opts.peer_queue:
+            self.dropped += 1  # Raft resends; never block the node's driver
+            return
+        self.queue.append(message)
+        self.wake.set()
+
+    def close(self) -> None:
+        self.greenlet.kill(block=False)
+        if self.conn is not None:
+            self.conn.close()
+
+    def _run(self) -> None:
+        while True:
+            while not self.queue:
+                self.wake.clear()
+                self.wake.wait()
+            try:
+                self._step()
+            except Exception:  # a bug must not silence this peer for good
+                log.exception("node %d: link to peer %d failed", self.t.node_id, self.peer_id)
+                self._failed("internal error")
+
+    def _step(self) -> None:
+        opts = self.t.opts
+        conn = self.conn
+        if conn is not None and conn.closed:
+            self.conn = None
+            if time.monotonic() - conn.opened_at < _HEALTHY_AFTER:
+                # Died at once (e.g. the peer refused our certificate): count it as a failed
+                # connect and back off, instead of reconnecting for every message.
+                self._failed(f"closed right after connecting: {conn.error}")
+                return
+            self.delay = opts.reconnect_min
+        if self.conn is None:
+            try:
+                self.conn = connect(self.address, self.t.tls, opts.connect_timeout,
+                                    attrs.asdict(opts))
+            except (OSError, ValueError) as exc:
+                self._failed(f"unreachable: {exc}")
+                return
+        n = min(len(self.queue), opts.peer_batch)
+        batch = [self.queue.popleft() for _ in range(n)]
+        try:
+            self.conn.send_peer(self.t._encode_batch(batch))
+        except OSError as exc:
+            log.info("node %d: link to peer %d (%s) broke: %s", self.t.node_id, self.peer_id,
+                     self.address, exc)
+            return
+        if self.down and time.monotonic() - self.conn.opened_at >= _HEALTHY_AFTER:
+            log.info("node %d: link to peer %d (%s) is back", self.t.node_id, self.peer_id,
+                     self.address)
+            self.down = False
+            self.delay = opts.reconnect_min
+
+    def _failed(self, why: str) -> None:
+        if not self.down:  # one line per outage, not one per retry
+            log.warning("node %d: link to peer %d (%s) down: %s; retrying with backoff",
+                        self.t.node_id, self.peer_id, self.address, why)
+            self.down = True
+        self.queue.clear()  # stale by the time the peer is back; Raft resends
+        gevent.sleep(self.delay * random.uniform(0.5, 1.0))
+        self.delay = min(self.delay * 2, self.t.opts.reconnect_max)
+
+
+class TcpTlsTransport:
+    """One node's listener and its links to peers (see the module docstring)."""
+
+    def __init__(self, node_id: int, address: str, peers: dict, tls: TLSConfig | None,
+                 options: dict | None = None):
+        self.node_id = node_id
+        self.address = address
+        self.peers = {int(k): v for k, v in (peers or {}).items()}
+        self.tls = tls
+        self.opts = Options.from_dict(options)
+        self._server_ctx = _context(tls, server_side=True)  # fails now, not at first connect
+        _context(tls, server_side=False)
+        self._handler = None
+        self._server: StreamServer | None = None
+        self._links: dict[int, _PeerLink] = {}
+        self._conns: dict[_ServerConn, gevent.pool.Pool] = {}  # open connections
+        self._closed = False
+
+    @property
+    def bound_address(self) -> str:
+        """host:port actually listened on (useful with port 0)."""
+        host, port = self._server.address[:2]
+        return f"{host}:{port}"
+
+    # -- Transport ------------------------------------------------------------------------------
+    def serve(self, handler) -> None:
+        self._handler = handler
+        host, port = parse_address(self.address)
+        self._server = StreamServer((host, port), self._serve_conn,
+                                    spawn=gevent.pool.Pool(self.opts.max_connections))
+        self._server.start()
+
+    def send(self, messages) -> None:
+        if self._closed:
+            return
+        for m in messages:
+            link = self._links.get(m.to)
+            if link is None:
+                address = self.peers.get(m.to)
+                if address is None or m.to == self.node_id:
+                    log.debug("node %d: no address for peer %d; message dropped", self.node_id,
+                              m.to)
+                    continue
+                link = self._links[m.to] = _PeerLink(self, m.to, address)
+            link.put(m)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        if self._server is None:
+            return
+        self._server.close()  # stop accepting first
+        for conn, pool in list(self._conns.items()):
+            pool.kill(block=False)
+            conn.close()  # wakes its reader at once
+        self._server.stop(timeout=1)
+
+    # -- peers ---------------------------------------------------------------------------------
+    def _encode_batch(self, batch: list) -> list[bytes]:
+        payload = wire.encode(wire.batch_to_wire(batch, self.opts.cluster_id))
+        if len(payload) + _AFTER_LENGTH <= self.opts.max_frame:
+            return [payload]
+        if len(batch) == 1:
+            log.warning("node %d: dropping a %s message of %d bytes to peer %d (over "
+                        "max_frame %d)", self.node_id, batch[0].type.name, len(payload),
+                        batch[0].to, self.opts.max_frame)
+            return []
+        mid = len(batch) // 2
+        return self._encode_batch(batch[:mid]) + self._encode_batch(batch[mid:])
+
+    # -- server --------------------------------------------------------------------------------
+    def _serve_conn(self, raw, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        timer = gevent.Timeout.start_new(self.opts.handshake_timeout)
+        try:
+            sock = _handshake(self._server_ctx, raw, server_side=True)
+        except gevent.Timeout as t:
+            if t is not timer:
+                raise
+            log.warning("%s: no TLS handshake within %gs; closed", peer,
+                        self.opts.handshake_timeout)
+            return
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("%s: TLS handshake failed: %s", peer, exc)
+            return
+        finally:
+            timer.close()
+        conn = _ServerConn(sock, peer, _node_id_from_cn(_peer_common_name(sock)))
+        pool = gevent.pool.Pool(self.opts.max_inflight)
+        self._conns[conn] = pool
+        try:
+            sock.settimeout(self.opts.io_timeout)
+            self._read_frames(conn, pool)
+        finally:
+            self._conns.pop(conn, None)
+            conn.close()  # in-flight requests finish; their answers have nowhere to go
+
+    def _read_frames(self, conn: _ServerConn, pool: gevent.pool.Pool) -> None:
+        reader = _FrameReader(conn.sock, self.opts.max_frame)
+        try:
+            while True:
+                frame = reader.read(self.opts.idle_timeout)
+                if frame is None:
+                    return
+                kind, request_id, payload = frame
+                if kind == REQUEST:
+                    request = decode(wire.Request, payload)
+                    pool.spawn(self._answer, conn, request_id, request)  # waits when full
+                elif kind == PEER:
+                    self._on_peer(conn, decode(wire.RaftBatch, payload))
+                else:
+                    raise ProtocolError(f"unexpected frame kind {KINDS.get(kind, kind)}")
+        except (ProtocolError, wire.WireError) as exc:
+            log.warning("%s: %s; closing the connection", conn.peer, exc)
+        except _Idle:
+            log.info("%s: idle for %gs; closing the connection", conn.peer,
+                     self.opts.idle_timeout)
+        except OSError as exc:
+            if not self._closed:
+                log.info("%s: connection lost: %s", conn.peer, exc)
+
+    def _on_peer(self, conn: _ServerConn, batch) -> None:
+        if (batch.cluster_id or 0) != self.opts.cluster_id:
+            raise ProtocolError(f"Raft batch for cluster {batch.cluster_id}, this node is in "
+                                f"cluster {self.opts.cluster_id}")
+        messages = wire.batch_from_wire(batch)
+        if self.opts.peer_auth == "node-cn":
+            if conn.node_id is None:
+                raise ProtocolError("Raft messages from a certificate that is not a node's "
+                                    "(CN must be node<id>)")
+            for m in messages:
+                if m.frm != conn.node_id:
+                    raise ProtocolError(f"certificate of node {conn.node_id} sent a message "
+                                        f"from node {m.frm}")
+        for m in messages:
+            if m.to != self.node_id:
+                raise ProtocolError(f"message for node {m.to} reached node {self.node_id}")
+        if messages:
+            try:
+                self._handler.handle_peer_messages(messages)
+            except Exception:  # the node's bug, not the peer's: keep the link
+                log.exception("node %d: handle_peer_messages failed", self.node_id)
+
+    def _answer(self, conn: _ServerConn, request_id: int, request) -> None:
+        try:
+            response = self._handler.handle_request(request)
+            payload = wire.encode(response)
+        except Exception:  # the handler promises not to raise; keep the connection anyway
+            log.exception("%s: request %r failed", conn.peer, getattr(request, "op", None))
+            payload = wire.encode(wire.error_response("Unavailable", "internal error"))
+        if len(payload) + _AFTER_LENGTH > self.opts.max_frame:
+            payload = wire.encode(wire.error_response(
+                "InvalidRequest", f"response of {len(payload)} bytes exceeds max_frame"))
+        conn.write(pack_frame(RESPONSE, request_id, payload))
+
+
+def server(node_id: int, address: str, peers: dict, tls: TLSConfig | None,
+           options: dict | None = None) -> TcpTlsTransport:
+    return TcpTlsTransport(node_id, address, peers, tls, options)
+
+
+@hookimpl
+def raftcache_transports():
+    yield TransportProvider(
+        "tcp-tls", server, connect,
+        "length-prefixed frames over mutual TLS 1.3; client and Raft traffic on one port",
+    )

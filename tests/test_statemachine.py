@@ -1,0 +1,610 @@
+"""The replicated state machine: command semantics, versions, deterministic TTL, exactly-once,
+the apply-time veto, snapshots, and the memory backend plugin."""
+
+from __future__ import annotations
+
+import ast
+import random
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from raftcache.core import hookspecs
+from raftcache.core.commands import (
+    Cas,
+    Delete,
+    Envelope,
+    Incr,
+    Invalidate,
+    MSet,
+    Set,
+    Sweep,
+    encode_envelope,
+)
+from raftcache.core.plugins import PluginSet
+from raftcache.core.statemachine import ApplyError, SnapshotError, StateMachine
+from raftcache.plugins.backend import memory as memory_plugin
+from raftcache.plugins.backend.memory import MemoryBackend, make_memory_backend
+
+
+class Replica:
+    """A state machine plus the log index of the next entry it will apply."""
+
+    def __init__(self, **kwargs):
+        self.backend = MemoryBackend()
+        self.sm = StateMachine(self.backend, **kwargs)
+        self.index = 0
+
+    def apply_data(self, data: bytes):
+        self.index += 1
+        return self.sm.apply(self.index, data)
+
+    def write(self, command, stamp=0, client=None, seq=None, identity=None):
+        return self.apply_data(encode_envelope(Envelope(command, client, seq, identity, stamp)))
+
+    def get(self, key, now=0):
+        return self.sm.read(key, now)
+
+
+@pytest.fixture
+def r():
+    return Replica()
+
+
+# ================================================================================================
+# Commands and versions
+# ================================================================================================
+def test_set_returns_the_entry_index_as_version(r):
+    assert r.write(Set(b"k", b"v1")) == 1
+    assert r.get(b"k") == (b"v1", 1)
+    r.write(Set(b"other", b"x"))
+    assert r.write(Set(b"k", b"v2")) == 3
+    assert r.get(b"k") == (b"v2", 3)
+    assert r.get(b"other") == (b"x", 2)
+    assert r.get(b"missing") is None
+    assert r.sm.applied_index == 3
+
+
+def test_versions_are_log_indexes_even_with_gaps(r):
+    # Conf changes and no-ops take log indexes the state machine never sees.
+    assert r.sm.apply(7, encode_envelope(Envelope(Set(b"k", b"v")))) == 7
+    assert r.get(b"k") == (b"v", 7)
+    assert r.sm.apply(10, b"") is None  # leader no-op
+    assert r.sm.applied_index == 10
+    with pytest.raises(ValueError):
+        r.sm.apply(10, encode_envelope(Envelope(Set(b"k", b"again"))))
+    assert r.get(b"k") == (b"v", 7)
+
+
+def test_delete_reports_whether_the_key_existed(r):
+    r.write(Set(b"k", b"v"))
+    assert r.write(Delete(b"k")) is True
+    assert r.get(b"k") is None
+    assert b"k" not in r.backend._values
+    assert r.write(Delete(b"k")) is False
+
+
+def test_cas_compares_against_the_version(r):
+    v = r.write(Set(b"k", b"v1"))
+    assert r.write(Cas(b"k", v + 100, b"nope")) == (False, v)
+    assert r.get(b"k") == (b"v1", v)
+    assert r.write(Cas(b"k", v, b"v2")) == (True, 3)  # entry 2 was the failed cas
+    assert r.get(b"k") == (b"v2", 3)
+    assert r.write(Cas(b"k", v, b"stale")) == (False, 3)  # the old version no longer matches
+    assert r.get(b"k") == (b"v2", 3)
+
+
+def test_cas_on_a_missing_key_matches_only_version_zero(r):
+    assert r.write(Cas(b"k", 1, b"v")) == (False, None)
+    assert r.get(b"k") is None
+    assert r.write(Cas(b"k", 0, b"v")) == (True, 2)  # create if absent
+    assert r.write(Cas(b"k", 0, b"again")) == (False, 2)
+    assert r.get(b"k") == (b"v", 2)
+
+
+def test_incr_counts_from_zero_and_stores_ascii_decimal(r):
+    assert r.write(Incr(b"n")) == 1
+    assert r.write(Incr(b"n", 41)) == 42
+    assert r.write(Incr(b"n", -50)) == -8
+    assert r.get(b"n") == (b"-8", 3)
+    r.write(Set(b"m", b"100"))
+    assert r.write(Incr(b"m", 5)) == 105
+    assert r.get(b"m") == (b"105", 5)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [b"abc", b"", b" 5", b"5 ", b"+5", b"1_000", b"1.5", b"-", b"\xd9\xa3", b"0x10",
+     b"9223372036854775808", b"1" * 30],
+)  # fmt: skip
+def test_incr_on_a_non_integer_is_an_invalid_request_that_changes_nothing(r, stored):
+    r.write(Set(b"k", stored))
+    result = r.write(Incr(b"k"))
+    assert isinstance(result, ApplyError) and result.kind == "InvalidRequest"
+    assert r.get(b"k") == (stored, 1)
+
+
+def test_incr_refuses_to_overflow_64_bits(r):
+    r.write(Set(b"k", b"9223372036854775807"))
+    result = r.write(Incr(b"k"))
+    assert isinstance(result, ApplyError) and result.kind == "InvalidRequest"
+    assert r.get(b"k") == (b"9223372036854775807", 1)
+    assert r.write(Incr(b"k", -1)) == 9223372036854775806
+
+
+def test_invalidate_removes_a_prefix_and_counts(r):
+    for key in (b"user:1", b"user:2", b"user", b"session:1"):
+        r.write(Set(key, b"v"))
+    assert r.write(Invalidate(b"user:")) == 2
+    assert r.get(b"user:1") is None and r.get(b"user:2") is None
+    assert r.get(b"user") is not None and r.get(b"session:1") is not None
+    assert r.write(Invalidate(b"user:")) == 0
+    assert r.write(Invalidate(b"")) == 2  # everything
+    assert len(r.sm) == 0 and len(r.backend) == 0
+
+
+def test_mset_writes_all_keys_at_one_version(r):
+    assert r.write(MSet(((b"a", b"1"), (b"b", b"2")))) == [1, 1]
+    assert r.get(b"a") == (b"1", 1) and r.get(b"b") == (b"2", 1)
+    assert r.write(MSet(((b"a", b"x"), (b"a", b"y")))) == [2, 2]  # in order: last wins
+    assert r.get(b"a") == (b"y", 2)
+
+
+def test_invalidate_counts_only_live_keys_but_reclaims_expired_ones(r):
+    r.write(Set(b"p:1", b"v", ttl_ms=10), stamp=100)
+    r.write(Set(b"p:2", b"v"), stamp=100)
+    assert r.write(Invalidate(b"p:"), stamp=110) == 1
+    assert len(r.sm) == 0 and len(r.backend) == 0
+
+
+def test_read_many(r):
+    r.write(Set(b"a", b"1"))
+    r.write(Set(b"b", b"2", ttl_ms=10), stamp=100)
+    assert r.sm.read_many([b"a", b"b", b"c"], 105) == [(b"1", 1), (b"2", 2), None]
+    assert r.sm.read_many([b"a", b"b"], 110) == [(b"1", 1), None]
+
+
+def test_an_undecodable_entry_applies_as_an_invalid_request(r):
+    result = r.apply_data(b"\x01garbage")
+    assert isinstance(result, ApplyError) and result.kind == "InvalidRequest"
+    assert r.sm.applied_index == 1
+    assert r.write(Set(b"k", b"v")) == 2  # and the state machine carries on
+
+
+# ================================================================================================
+# Deterministic TTL
+# ================================================================================================
+def test_expiry_is_judged_from_stamps_for_reads(r):
+    r.write(Set(b"k", b"v", ttl_ms=500), stamp=1_000)
+    assert r.get(b"k", now=1_000) == (b"v", 1)
+    assert r.get(b"k", now=1_499) == (b"v", 1)
+    assert r.get(b"k", now=1_500) is None
+    assert r.get(b"k", now=10**12) is None
+    assert r.sm.version(b"k", 1_499) == 1 and r.sm.version(b"k", 1_500) is None
+
+
+def test_expiry_is_judged_from_the_entrys_stamp_for_writes(r):
+    r.write(Set(b"k", b"5", ttl_ms=500), stamp=1_000)
+    # Before expiry: the key is there.
+    assert r.write(Cas(b"k", 0, b"x"), stamp=1_499) == (False, 1)
+    # At expiry: writes see a missing key, whatever the local clock says.
+    assert r.write(Incr(b"k", 1), stamp=1_500) == 1  # from 0, not from 5
+    assert r.get(b"k", now=10**12) == (b"1", 3)  # and no ttl carried over
+
+
+def test_cas_on_an_expired_key_behaves_as_on_a_missing_key(r):
+    v = r.write(Set(b"k", b"v", ttl_ms=10), stamp=100)
+    assert r.write(Cas(b"k", v, b"late"), stamp=110) == (False, None)
+    assert r.write(Cas(b"k", 0, b"new"), stamp=111) == (True, 3)
+    assert r.get(b"k", now=10**12) == (b"new", 3)
+
+
+def test_delete_of_an_expired_key_reports_false_and_reclaims_it(r):
+    r.write(Set(b"k", b"v", ttl_ms=10), stamp=100)
+    assert r.write(Delete(b"k"), stamp=200) is False
+    assert len(r.sm) == 0 and len(r.backend) == 0
+
+
+def test_incr_keeps_the_keys_ttl(r):
+    r.write(Set(b"n", b"1", ttl_ms=100), stamp=1_000)
+    assert r.write(Incr(b"n"), stamp=1_050) == 2
+    assert r.get(b"n", now=1_099) == (b"2", 2)
+    assert r.get(b"n", now=1_100) is None
+
+
+def test_overwriting_without_ttl_clears_the_expiry(r):
+    r.write(Set(b"k", b"v", ttl_ms=100), stamp=1_000)
+    r.write(Set(b"k", b"forever"), stamp=1_010)
+    assert r.get(b"k", now=10**12) == (b"forever", 2)
+    assert not r.sm.expired_keys_due(10**12)
+
+
+def test_a_stamp_going_backwards_does_not_turn_back_time(r):
+    r.write(Set(b"a", b"v"), stamp=1_000)
+    # A new leader whose clock is behind: its entry is judged at 1_000, not 900.
+    r.write(Set(b"k", b"v", ttl_ms=100), stamp=900)
+    assert r.sm.last_stamp_ms == 1_000
+    assert r.get(b"k", now=1_099) is not None
+    assert r.get(b"k", now=1_100) is None
+
+
+def test_sweep_reclaims_expired_keys(r):
+    r.write(Set(b"a", b"v", ttl_ms=100), stamp=1_000)  # expires 1_100
+    r.write(Set(b"b", b"v", ttl_ms=200), stamp=1_000)  # expires 1_200
+    r.write(Set(b"c", b"v"), stamp=1_000)  # never
+    assert not r.sm.expired_keys_due(1_099)
+    assert r.sm.expired_keys_due(1_100)
+    assert r.sm.next_expiry() == 1_100
+    assert r.write(Sweep(1_150), stamp=1_150) == 1
+    assert len(r.sm) == 2 and b"a" not in r.backend._values
+    assert not r.sm.expired_keys_due(1_199)
+    assert r.write(Sweep(5_000), stamp=5_000) == 1
+    assert len(r.sm) == 1 and set(r.backend._values) == {b"c"}
+    assert r.sm.next_expiry() is None
+    assert r.write(Sweep(9_000), stamp=9_000) == 0
+
+
+def test_sweep_never_reclaims_beyond_its_own_entrys_stamp(r):
+    r.write(Set(b"a", b"v", ttl_ms=100), stamp=1_000)
+    assert r.write(Sweep(10**9), stamp=1_050) == 0
+    assert r.get(b"a", now=1_099) == (b"v", 1)
+
+
+def test_a_rewritten_keys_old_expiry_does_not_trigger_a_sweep(r):
+    r.write(Set(b"k", b"v", ttl_ms=100), stamp=1_000)
+    r.write(Set(b"k", b"v", ttl_ms=10_000), stamp=1_000)
+    assert not r.sm.expired_keys_due(2_000)
+    assert r.write(Sweep(2_000), stamp=2_000) == 0
+    assert r.get(b"k", now=2_000) == (b"v", 2)
+    assert r.sm.expired_keys_due(11_000)
+
+
+def test_the_expiry_heap_stays_bounded_under_rewrites(r):
+    for i in range(10_000):
+        r.write(Set(b"k", b"v", ttl_ms=10**9), stamp=i)
+    assert len(r.sm._expiries) <= 2 * 1 + 1024 + 1
+
+
+def _random_entries(seed: int, n: int) -> list[bytes]:
+    """A mix of every command over a small key space, some duplicated (client retries)."""
+    rng = random.Random(seed)
+    keys = [b"k%d" % i for i in range(12)] + [b"p:%d" % i for i in range(4)]
+    seqs: dict[str, int] = {}
+    entries, stamp = [], 1_000
+    for _ in range(n):
+        stamp += rng.choice([0, 0, 1, 7, 50, 400])
+        key = rng.choice(keys)
+        ttl = rng.choice([None, None, 1, 30, 300, 5_000])
+        op = rng.randrange(7)
+        if op == 0:
+            cmd = Set(key, b"v%d" % rng.randrange(1000), ttl)
+        elif op == 1:
+            cmd = Delete(key)
+        elif op == 2:
+            cmd = Cas(key, rng.randrange(0, len(entries) + 2), b"c", ttl)
+        elif op == 3:
+            cmd = Incr(key, rng.randint(-3, 3))
+        elif op == 4:
+            cmd = Invalidate(rng.choice([b"p:", b"k1", b""]))
+        elif op == 5:
+            cmd = MSet(((key, b"m"), (rng.choice(keys), b"n")), ttl)
+        else:
+            cmd = Sweep(stamp - rng.randrange(0, 200))
+        client = rng.choice([None, "c1", "c2", "c3"])
+        seq = None
+        if client is not None:
+            if rng.random() < 0.2 and client in seqs:
+                seq = seqs[client]  # a retry
+            else:
+                seq = seqs[client] = seqs.get(client, 0) + 1
+        if rng.random() < 0.05:
+            stamp -= 30  # a new leader whose clock is a little behind
+        entries.append(encode_envelope(Envelope(cmd, client, seq, None, max(stamp, 0))))
+        if rng.random() < 0.05:
+            entries.append(b"")  # leader no-op
+    return entries
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_replicas_fed_the_same_entries_agree_exactly(seed):
+    entries = _random_entries(seed, 600)
+    a, b = Replica(session_idle_ms=2_000), Replica(session_idle_ms=2_000)
+    results_a = [a.apply_data(e) for e in entries]
+    results_b = [b.apply_data(e) for e in entries]
+    assert results_a == results_b
+    assert a.sm.snapshot() == b.sm.snapshot()
+    assert a.backend._values == b.backend._values
+    # Not vacuous: the run exercised expiry, sweeps and errors.
+    assert any(isinstance(x, ApplyError) for x in results_a)
+    assert any(type(x) is int and x > 0 for x in results_a)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_replica_restored_midway_converges_with_one_that_applied_everything(seed):
+    entries = _random_entries(100 + seed, 600)
+    a, b = Replica(session_idle_ms=2_000), Replica(session_idle_ms=2_000)
+    for e in entries[:300]:
+        a.apply_data(e)
+    b.sm.restore(a.sm.snapshot())
+    b.index = a.index
+    tail_a = [a.apply_data(e) for e in entries[300:]]
+    tail_b = [b.apply_data(e) for e in entries[300:]]
+    assert tail_a == tail_b
+    assert a.sm.snapshot() == b.sm.snapshot()
+
+
+# ================================================================================================
+# Exactly once
+# ================================================================================================
+def test_a_retried_write_returns_the_first_result_and_does_not_apply_twice(r):
+    assert r.write(Incr(b"n", 5), client="c", seq=1) == 5
+    assert r.write(Incr(b"n", 5), client="c", seq=1) == 5  # the retry
+    assert r.get(b"n") == (b"5", 1)
+    assert r.write(Incr(b"n", 5), client="c", seq=2) == 10
+    assert r.write(Set(b"k", b"v"), client="c", seq=3) == 4
+    assert r.write(Set(b"k", b"v"), client="c", seq=3) == 4  # version of the first apply
+    assert r.get(b"k") == (b"v", 4)
+
+
+def test_sessions_are_per_client(r):
+    assert r.write(Incr(b"n"), client="a", seq=1) == 1
+    assert r.write(Incr(b"n"), client="b", seq=1) == 2
+    assert r.write(Incr(b"n")) == 3  # untagged writes are never deduplicated
+    assert r.write(Incr(b"n")) == 4
+
+
+def test_a_session_is_bound_to_the_callers_identity(r):
+    assert r.write(Incr(b"n", 10), client="c", seq=1, identity="alice") == 10
+    # Another identity reusing alice's client id neither sees her result nor is suppressed.
+    assert r.write(Incr(b"n", 1), client="c", seq=1, identity="mallory") == 11
+    assert r.write(Incr(b"n", 10), client="c", seq=1, identity="alice") == 10
+
+
+def test_a_retry_older_than_the_latest_sequence_is_outcome_unknown(r):
+    r.write(Incr(b"n"), client="c", seq=1)
+    r.write(Incr(b"n"), client="c", seq=2)
+    result = r.write(Incr(b"n"), client="c", seq=1)
+    assert isinstance(result, ApplyError) and result.kind == "OutcomeUnknown"
+    assert r.get(b"n") == (b"2", 2)
+
+
+def test_error_results_are_remembered_too(r):
+    r.write(Set(b"k", b"text"))
+    first = r.write(Incr(b"k"), client="c", seq=1)
+    assert isinstance(first, ApplyError)
+    r.write(Set(b"k", b"1"))
+    assert r.write(Incr(b"k"), client="c", seq=1) == first  # still the first outcome
+
+
+def test_idle_sessions_expire_so_the_table_stays_bounded():
+    r = Replica(session_idle_ms=1_000)
+    for i in range(5_000):
+        r.write(Set(b"k", b"v"), stamp=i * 10, client=f"client-{i}", seq=1)
+    # Only clients active in the last 1_000 ms (100 of them) are remembered.
+    assert r.sm.session_count <= 100
+    # An active client keeps its session; a retry within the window is deduplicated.
+    assert r.write(Set(b"k", b"v"), stamp=50_000, client="client-4999", seq=1) == 5_000
+    assert r.sm.session_count <= 100
+
+
+def test_a_session_kept_alive_by_activity_is_not_expired():
+    r = Replica(session_idle_ms=1_000)
+    r.write(Incr(b"n"), stamp=0, client="busy", seq=1)
+    for i in range(1, 50):
+        r.write(Incr(b"n"), stamp=i * 500, client="busy", seq=i + 1)
+        r.write(Set(b"x", b"v"), stamp=i * 500, client=f"other-{i}", seq=1)
+    # The busy session must not shield the idle ones queued behind it from expiry.
+    assert r.sm.session_count <= 3
+    assert r.write(Incr(b"n"), stamp=25_000, client="busy", seq=50) == 50  # deduplicated
+    # After idling past the window the session is gone, and a retry applies again:
+    # session_idle_ms must outlast any client's retry horizon.
+    assert r.write(Incr(b"n"), stamp=27_000, client="busy", seq=50) == 51
+    assert r.sm.session_count == 1
+
+
+# ================================================================================================
+# The apply-time veto
+# ================================================================================================
+def test_a_vetoed_write_is_unauthorized_and_changes_nothing():
+    calls = []
+
+    def check(command, identity, stamp_ms):
+        calls.append((command, identity, stamp_ms))
+        return "read-only role" if identity == "mallory" else None
+
+    r = Replica(check_command=check)
+    r.write(Set(b"k", b"v"), identity="alice", stamp=10)
+    before = (dict(r.backend._values), r.sm._catalog.copy(), r.sm.session_count)
+    for cmd in (Set(b"k", b"evil"), Delete(b"k"), Incr(b"n"), Invalidate(b""), Cas(b"k", 1, b"x"),
+                MSet(((b"a", b"b"),))):  # fmt: skip
+        result = r.write(cmd, identity="mallory", stamp=20, client="m", seq=1)
+        assert result == ApplyError("Unauthorized", "read-only role")
+    assert (dict(r.backend._values), r.sm._catalog, r.sm.session_count) == before
+    assert calls[0] == (Set(b"k", b"v"), "alice", 10)
+    assert calls[-1][1:] == ("mallory", 20)
+    # The veto left no session behind: once allowed, the same (client, seq) applies.
+    r.sm.check_command = None
+    assert r.write(Incr(b"n"), identity="mallory", stamp=30, client="m", seq=1) == 1
+
+
+def test_the_leaders_sweep_is_not_subject_to_the_veto():
+    r = Replica(check_command=lambda command, identity, stamp_ms: "nobody may write")
+    r.sm.check_command = None
+    r.write(Set(b"k", b"v", ttl_ms=10), stamp=0)
+    r.sm.check_command = lambda command, identity, stamp_ms: "nobody may write"
+    assert r.write(Sweep(100), stamp=100) == 1
+
+
+# ================================================================================================
+# Snapshots
+# ================================================================================================
+def _populated() -> Replica:
+    r = Replica()
+    r.write(Set(b"plain", b"v"), stamp=1_000)
+    r.write(Set(b"ttl", b"t", ttl_ms=500), stamp=1_000)
+    r.write(Incr(b"n", 7), stamp=1_001, client="c", seq=4)
+    r.write(MSet(((b"bin\x00", b"\xff" * 100), (b"e", b""))), stamp=1_002, client="d", seq=1,
+            identity="alice")  # fmt: skip
+    r.write(Set(b"x", b"oops"), stamp=1_003)
+    r.write(Incr(b"x"), stamp=1_003, client="e", seq=9)  # an ApplyError result in a session
+    return r
+
+
+def test_snapshot_and_restore_round_trip_into_a_fresh_state_machine():
+    a = _populated()
+    b = Replica()
+    b.sm.restore(a.sm.snapshot())
+    keys = [b"plain", b"ttl", b"n", b"bin\x00", b"e", b"x", b"missing"]
+    for now in (1_003, 1_499, 1_500):
+        assert b.sm.read_many(keys, now) == a.sm.read_many(keys, now)
+    assert b.sm.applied_index == a.sm.applied_index == 6
+    assert b.sm.last_stamp_ms == 1_003
+    assert b.sm.snapshot() == a.sm.snapshot()
+    assert b.sm.expired_keys_due(1_500) and not b.sm.expired_keys_due(1_499)
+    # Sessions came along: retries are still answered from them.
+    b.index = a.index
+    assert b.write(Incr(b"n", 7), stamp=1_004, client="c", seq=4) == 7
+    assert b.write(MSet(((b"bin\x00", b"z"),)), stamp=1_004, client="d", seq=1,
+                   identity="alice") == [4, 4]  # fmt: skip
+    assert isinstance(b.write(Incr(b"x"), stamp=1_004, client="e", seq=9), ApplyError)
+    assert b.get(b"n", 1_004) == (b"7", 3)
+
+
+def test_snapshots_do_not_depend_on_the_order_keys_were_inserted():
+    a, b = Replica(), Replica()
+    a.write(MSet(((b"x", b"1"), (b"a", b"2"), (b"m", b"3"))))
+    b.write(MSet(((b"m", b"3"), (b"x", b"1"), (b"a", b"2"))))
+    assert a.sm.snapshot() == b.sm.snapshot()
+
+
+def test_restore_replaces_everything_including_the_backend():
+    a = _populated()
+    b = Replica()
+    b.write(Set(b"leftover", b"v"))
+    b.backend.set(b"stray", b"not in the catalog")
+    b.sm.restore(a.sm.snapshot())
+    assert b.get(b"leftover") is None
+    assert b"stray" not in b.backend._values and b"leftover" not in b.backend._values
+    assert len(b.backend) == 6
+
+
+def test_restore_of_empty_data_is_the_empty_state():
+    a = _populated()
+    a.sm.restore(b"")
+    assert len(a.sm) == 0 and len(a.backend) == 0 and a.sm.session_count == 0
+    assert a.sm.applied_index == 0 and a.sm.snapshot() == Replica().sm.snapshot()
+
+
+@pytest.mark.parametrize("cut", [0, 3, 5, 10, 40, -1])
+def test_a_corrupt_snapshot_is_refused_and_changes_nothing(cut):
+    good = _populated().sm.snapshot()
+    r = _populated()
+    before = r.sm.snapshot()
+    for bad in (good[:cut] if cut else b"junk", good + b"\x00", b"RCSM\x09" + good[5:]):
+        with pytest.raises(SnapshotError):
+            r.sm.restore(bad)
+    assert r.sm.snapshot() == before and len(r.backend) == 6
+
+
+def test_an_evicted_value_is_recorded_as_missing_and_reads_as_a_miss():
+    a = _populated()
+    del a.backend._values[b"plain"]  # Memcached evicted it
+    assert a.get(b"plain", 1_003) is None
+    b = Replica()
+    b.sm.restore(a.sm.snapshot())
+    assert b.get(b"plain", 1_003) is None and b"plain" not in b.backend._values
+    # The catalog still knows the key and its version, so every replica agrees on writes.
+    b.index = a.index
+    assert b.write(Cas(b"plain", 1, b"new"), stamp=1_004) == (True, 7)
+    assert b.get(b"plain", 1_004) == (b"new", 7)
+
+
+def test_incr_on_an_evicted_value_is_outcome_unknown_and_reads_as_a_miss(r):
+    r.write(Set(b"n", b"5"))
+    del r.backend._values[b"n"]
+    result = r.write(Incr(b"n"))
+    assert isinstance(result, ApplyError) and result.kind == "OutcomeUnknown"
+    assert r.get(b"n") is None
+    assert r.sm.version(b"n", 0) == 2  # bumped, like on replicas that still had the value
+
+
+# ================================================================================================
+# Value codecs
+# ================================================================================================
+class XorCodec:
+    """A stand-in for encryption: reversible, key-dependent."""
+
+    def encode(self, key, value):
+        return b"X" + bytes(b ^ len(key) for b in value)
+
+    def decode(self, key, blob):
+        assert blob[:1] == b"X", blob
+        return bytes(b ^ len(key) for b in blob[1:])
+
+
+class TagCodec:
+    def encode(self, key, value):
+        return b"T" + value
+
+    def decode(self, key, blob):
+        assert blob[:1] == b"T", blob
+        return blob[1:]
+
+
+def test_values_are_stored_as_the_entry_holds_them_and_incr_uses_the_codecs():
+    codecs = (XorCodec(), TagCodec())
+    r = Replica(codecs=codecs)
+
+    def enc(key, value):
+        for c in codecs:
+            value = c.encode(key, value)
+        return value
+
+    stored = enc(b"n", b"41")
+    r.write(Set(b"n", stored))  # the proposer encoded it
+    assert r.get(b"n") == (stored, 1)  # stored and read back as-is
+    assert r.write(Incr(b"n")) == 42
+    assert r.get(b"n") == (enc(b"n", b"42"), 2)
+    assert r.write(Incr(b"fresh", 3)) == 3
+    assert r.get(b"fresh")[0] == enc(b"fresh", b"3")
+
+
+# ================================================================================================
+# The memory backend plugin, and purity
+# ================================================================================================
+def test_the_memory_backend_plugin_provides_memory():
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(memory_plugin, name="memory-backend")
+    provider = PluginSet(pm).get("backend", "memory")
+    backend = provider.factory(1, {})
+    backend.set(b"k", b"v")
+    assert backend.get(b"k") == b"v"
+    backend.delete(b"k")
+    backend.delete(b"k")  # deleting a missing key is fine
+    assert backend.get(b"k") is None
+    backend.set(b"a", b"1")
+    backend.clear()
+    assert backend.get(b"a") is None
+    backend.close()
+    with pytest.raises(ValueError, match="no options"):
+        make_memory_backend(1, {"size": 10})
+
+
+CORE = Path(__file__).resolve().parent.parent / "raftcache" / "core"
+ALLOWED = {"__future__", "attrs", "heapq", "collections", "collections.abc", "typing"}
+
+
+@pytest.mark.parametrize("name", ["commands", "statemachine"])
+def test_state_machine_modules_are_pure(name):
+    # They run inside the deterministic simulator: no clocks, randomness or I/O modules.
+    tree = ast.parse((CORE / f"{name}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert all(a.name in ALLOWED for a in node.names), ast.dump(node)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                assert node.module in ("commands",), node.module
+            else:
+                assert node.module in ALLOWED, node.module
