@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     ci = certs_sub.add_parser("init", help="create a CA, node and client certificates")
     ci.add_argument("--dir", required=True)
     ci.add_argument("--nodes", type=int, default=3)
+    ci.add_argument("--force", action="store_true",
+                    help="replace an existing CA (every certificate it signed stops working)")
     ci.set_defaults(func=_cmd_certs_init)
     return p
 
@@ -152,7 +154,11 @@ def _cmd_status(args):
 def _cmd_certs_init(args):
     from raftcache.certs import init_certs
 
-    paths = init_certs(args.dir, nodes=args.nodes)
+    try:
+        paths = init_certs(args.dir, nodes=args.nodes, overwrite=args.force)
+    except FileExistsError as exc:
+        print(f"raftcache: {exc} (pass --force to replace the CA)", file=sys.stderr)
+        return 2
     print(f"wrote certificates to {args.dir}:")
     for name in sorted(paths):
         print(f"  {name}: {paths[name]}")

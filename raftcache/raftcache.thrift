@@ -32,6 +32,7 @@ struct RequestHeader {
   2: optional string client_id,   // exactly-once: (client_id, seq) identifies a write
   3: optional i64 seq,
   4: optional i32 timeout_ms,
+  5: optional bool forwarded,     // proxied by a follower: the receiver must not forward again
 }
 
 struct GetResult {
@@ -66,7 +67,6 @@ struct Request {
   8: optional list<binary> keys,
   9: optional map<binary, binary> items,
   10: optional RequestHeader header,
-  11: optional bool forwarded,    // proxied from a follower: do not forward again
 }
 
 struct Response {

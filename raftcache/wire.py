@@ -6,12 +6,14 @@ its own frames. Decoding untrusted bytes raises `WireError`, never anything else
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 
 import thriftpy2
 from thriftpy2.protocol import TCyBinaryProtocolFactory
-from thriftpy2.utils import deserialize, serialize
+from thriftpy2.transport import TCyBufferedTransport
+from thriftpy2.utils import serialize
 
 from raftcache.core.messages import (
     ConfState,
@@ -46,9 +48,22 @@ def encode(obj) -> bytes:
 
 
 def decode(cls, data: bytes):
-    """Decode `data` as a `cls` (e.g. wire.Request); WireError on garbage."""
+    """Decode `data` as a `cls` (e.g. wire.Request); WireError on anything but a valid encoding.
+
+    thriftpy2's Cython decoder trusts the lengths and counts it reads: from an in-memory buffer
+    a 12-byte payload claiming a 64 KiB string comes back padded with uninitialised heap, and a
+    list claiming 2**31 items of an unknown type spins in C for seconds while the hub stands
+    still. So `check_struct` first (bounds, types, counts), then decode over a buffered
+    transport, which raises end-of-file instead of inventing bytes.
+    """
+    end = check_struct(data)
+    if end != len(data):
+        raise WireError(f"{len(data) - end} stray bytes after the {cls.__name__}")
     try:
-        return deserialize(cls(), data, _PROTOCOL)
+        trans = TCyBufferedTransport(io.BytesIO(data), buf_size=max(len(data), 1024))
+        obj = cls()
+        obj.read(_PROTOCOL.get_protocol(trans))
+        return obj
     except Exception as exc:  # the Cython decoder raises many kinds on bad input
         raise WireError(f"cannot decode {cls.__name__}: {exc}") from None
 

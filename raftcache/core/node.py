@@ -69,8 +69,10 @@ class Node:
         data_dir = os.path.join(config.node.data_dir)
         self.storage = storage_p.factory(self.id, data_dir, dict(config.storage.options))
         self.tls = _tls(config.transport.tls)
+        # Peers of another cluster (a mistyped address) get their connections closed.
+        transport_options = {"cluster_id": config.cluster.id, **config.transport.options}
         self.transport = transport_p.server(self.id, config.node.address, self.peers, self.tls,
-                                            dict(config.transport.options))
+                                            transport_options)
         self._connect = transport_p.connect
         backend = backend_p.factory(self.id, dict(config.backend.options))
         self.sm = StateMachine(backend, check_command=self._check_command)
@@ -296,12 +298,15 @@ class Node:
 
     def _not_leader(self, leader: int, request):
         hint = self.peers.get(leader, "")
-        if self.config.node.proxy and hint and not request.forwarded:
+        forwarded = request.header is not None and request.header.forwarded
+        if self.config.node.proxy and hint and not forwarded:
             return self._forward(hint, request)
         return wire.error_response("NotLeader", "not the leader", hint)
 
     def _forward(self, address: str, request):
-        request.forwarded = True
+        if request.header is None:
+            request.header = wire.RequestHeader()
+        request.header.forwarded = True  # one hop only: stale hints must not bounce it around
         conn = self._proxy_conns.pop(address, None) or self._connect(address, self.tls,
                                                                      self._timeout(request))
         try:

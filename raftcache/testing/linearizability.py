@@ -27,7 +27,8 @@ import bisect
 import enum
 import math
 import sys
-from collections.abc import Hashable, Iterable
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -83,9 +84,16 @@ class Model:
     def step(self, state: State, op: Operation) -> State | None:
         raise NotImplementedError
 
-    def simplify(self, ops: list[Operation]) -> list[Operation]:
-        """Drop operations that cannot change the verdict (e.g. info reads). Default: none."""
-        return ops
+    def simplify(
+        self, ops: list[Operation], initial: State, deadlines: Mapping[int, float]
+    ) -> tuple[list[Operation], Mapping[int, float]]:
+        """Rewrite a search problem into an easier one with the same verdict.
+
+        ``deadlines`` maps ids of optional (info) ops to the time by which they must be
+        linearized, if at all; the others may be linearized any time after their invocation.
+        Returns the ops to search and the deadlines, either possibly tightened. Default: as is.
+        """
+        return ops, deadlines
 
     def describe(self, state: State) -> str:
         return repr(state)
@@ -135,30 +143,54 @@ class RegisterModel(Model):
             return state
         return None
 
-    def simplify(self, ops: list[Operation]) -> list[Operation]:
+    def simplify(
+        self, ops: list[Operation], initial: State, deadlines: Mapping[int, float]
+    ) -> tuple[list[Operation], Mapping[int, float]]:
+        def deadline(op: Operation) -> float:
+            if op.status is Status.INFO:
+                return deadlines.get(op.id, math.inf)
+            return op.complete_time
+
         # An info read constrains nothing. An info write of a value nobody read can only make
         # later reads fail, unless a delete or cas (whose outcome depends on the key merely
         # being present) might come after it: then it has to stay.
-        observed = set()
+        first_read: dict[Any, float] = {}  # value -> earliest return of a read that saw it
         late_guard = -math.inf  # latest moment a delete/cas could still be linearized
         for op in ops:
             if op.kind is Kind.READ and op.status is Status.OK and op.result is not None:
-                observed.add(op.result[0])
+                value = op.result[0]
+                first_read[value] = min(first_read.get(value, math.inf), op.complete_time)
             elif op.kind is Kind.CAS or (op.kind is Kind.DELETE and op.status is Status.OK):
-                late_guard = max(late_guard, _return_time(op))
+                late_guard = max(late_guard, deadline(op))
         out = []
         for op in ops:
             if op.status is Status.INFO:
                 if op.kind is Kind.READ:
                     continue
-                if op.kind is not Kind.DELETE and op.value not in observed:
+                if op.kind is not Kind.DELETE and op.value not in first_read:
                     if op.kind is Kind.WRITE and op.invoke_time > late_guard:
                         continue
                     # Registers holding unread values with unknown versions all behave alike;
                     # one shared placeholder value lets the memo see that.
                     op = attrs.evolve(op, value=_UNREAD)
             out.append(op)
-        return out
+        if initial is ANY:
+            return out, deadlines
+
+        # From a known start, a value can only come from an op writing it. If one info op is
+        # the only writer of a value some read returned, it must take effect before that read
+        # returns: that is its deadline (it stops being "may happen at any time").
+        writers = Counter(op.value for op in out if op.kind is Kind.WRITE or op.kind is Kind.CAS)
+        tightened = dict(deadlines)
+        kept = []
+        for op in out:
+            seen_by = first_read.get(op.value, math.inf) if op.kind is not Kind.READ else math.inf
+            if op.status is Status.INFO and seen_by < math.inf and writers[op.value] == 1:
+                if seen_by < op.invoke_time:
+                    continue  # too late to explain the read: that read fails regardless
+                tightened[op.id] = min(seen_by, deadline(op))
+            kept.append(op)
+        return kept, tightened
 
     def describe(self, state: State) -> str:
         if state is ABSENT:
@@ -213,12 +245,13 @@ def check(
         if isinstance(model, RegisterModel):
             anomalies.extend(version_conflicts(key, live))
         original = {op.id: op for op in live}  # simplify() may rewrite ops; report the real ones
-        live = model.simplify(live)
+        initial = model.init()
+        live, deadlines = model.simplify(live, initial, {})
         checked += len(live)
-        outcome = _search(model, live, model.init())
+        outcome = _search(model, live, initial, deadlines)
         if outcome.ok:
             continue
-        s, e, initial = 0, len(live) - 1, model.init()
+        s, e = 0, len(live) - 1
         if shrink:
             s, e = _shrink(model, live)
             relaxed, initial, deadlines = _relaxed(model, live, s, e)
@@ -302,7 +335,7 @@ def format_anomaly(anomaly: KeyAnomaly) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"key {anomaly.key!r}: {anomaly.kind}: {anomaly.message}"]
     for row in rows:
-        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
 
@@ -335,10 +368,10 @@ _MAX_TWINS = 8  # how many better twins of an optional op the search looks at (a
 
 
 def _search(
-    model: Model, ops: list[Operation], initial: State, relaxed: frozenset[int] = frozenset()
+    model: Model, ops: list[Operation], initial: State, deadlines: Mapping[int, float]
 ) -> _Outcome:
-    """Wing & Gong / Lowe search. Ops whose id is in ``relaxed`` are optional like info ops, but
-    keep their real return time: linearized before it, or never."""
+    """Wing & Gong / Lowe search. Optional (info) ops may be linearized or not; those with a
+    deadline only before it (it acts as their return time)."""
     n = len(ops)
     required = [op.status is not Status.INFO for op in ops]
     remaining = sum(required)
@@ -346,7 +379,10 @@ def _search(
         return _Outcome(ok=True)
 
     # Entries sorted by time; at equal times calls come first, i.e. such ops count as concurrent.
-    returns = [op.complete_time if op.id in relaxed else _return_time(op) for op in ops]
+    returns = [
+        op.complete_time if required[i] else deadlines.get(op.id, math.inf)
+        for i, op in enumerate(ops)
+    ]
     entries = [(op.invoke_time, 0, i) for i, op in enumerate(ops)]
     entries += [(returns[i], 1, i) for i in range(n)]
     entries.sort()
@@ -504,8 +540,8 @@ def _relax(op: Operation) -> Operation:
 
 def _relaxed(
     model: Model, ops: list[Operation], s: int, e: int
-) -> tuple[list[Operation], State, frozenset[int]]:
-    """Window ops[s..e] with everything else relaxed: (ops, initial state, relaxed ids).
+) -> tuple[list[Operation], State, Mapping[int, float]]:
+    """Window ops[s..e] with everything else relaxed: (ops, initial state, deadlines).
 
     Other determinate ops become optional but keep their return time, and lose their result
     (info ops stay info); a window after the first op starts from an unknown state. Each of
@@ -528,10 +564,11 @@ def _relaxed(
         # was placed before it is optional here anyway.
         start = window[0].invoke_time
         before = [op for op in before if _return_time(op) >= start]
-    relaxed = frozenset(op.id for op in before + after if op.status is not Status.INFO)
+    deadlines = {op.id: op.complete_time for op in before + after if op.status is Status.OK}
     before = [_relax(op) for op in before]
     after = [_relax(op) for op in after]
-    return model.simplify(before + window + after), initial, relaxed
+    relaxed, deadlines = model.simplify(before + window + after, initial, deadlines)
+    return relaxed, initial, deadlines
 
 
 def _shrink(model: Model, ops: list[Operation]) -> tuple[int, int]:

@@ -222,7 +222,8 @@ def _peer_node_id(sock) -> int | None:
 
 # ---- frames and messages ------------------------------------------------------------------------
 class _FrameReader:
-    """Reads Thrift frames (i32 length, then a message) from a socket that has a timeout."""
+    """Reads Thrift frames (i32 length, then a message). A socket timeout, when set, is the
+    longest silence tolerated mid-frame and the polling period for `idle_timeout`."""
 
     __slots__ = ("sock", "buf", "max_frame")
 
@@ -523,7 +524,13 @@ class _PeerLink:
                 delay = opts.reconnect_min
             batch = [self.queue.popleft() for _ in range(min(len(self.queue), opts.peer_batch))]
             try:
-                self.sock.sendall(b"".join(self.t._encode_batch(batch)))  # io_timeout bounds it
+                data = b"".join(self.t._encode_batch(batch))
+            except Exception:  # a bad message must not end this link for good
+                log.exception("node %d: cannot encode Raft messages for peer %d; dropped",
+                              self.t.node_id, self.peer_id)
+                continue
+            try:
+                self.sock.sendall(data)  # io_timeout bounds it
             except OSError as exc:
                 log.info("node %d: link to peer %d (%s) broke: %s", self.t.node_id,
                          self.peer_id, self.address, exc)
