@@ -97,8 +97,9 @@ def test_kill_leader_new_leader_serves_writes(make_cluster, transport):
         assert c.get("after") == b"2"
 
 
-def test_paused_old_leader_serves_no_stale_read(make_cluster):
-    cluster = make_cluster()
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_paused_old_leader_serves_no_stale_read(make_cluster, transport):
+    cluster = make_cluster(transport=transport)
     old = cluster.wait_for_leader()
     with cluster.client() as c:
         c.set("x", "old")

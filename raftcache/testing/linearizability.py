@@ -181,14 +181,17 @@ class RegisterModel(Model):
         # the only writer of a value some read returned, it must take effect before that read
         # returns: that is its deadline (it stops being "may happen at any time").
         writers = Counter(op.value for op in out if op.kind is Kind.WRITE or op.kind is Kind.CAS)
+        if initial is not ABSENT:
+            writers[initial[0]] += 1  # the initial state is a writer too
         tightened = dict(deadlines)
         kept = []
         for op in out:
-            seen_by = first_read.get(op.value, math.inf) if op.kind is not Kind.READ else math.inf
-            if op.status is Status.INFO and seen_by < math.inf and writers[op.value] == 1:
-                if seen_by < op.invoke_time:
-                    continue  # too late to explain the read: that read fails regardless
-                tightened[op.id] = min(seen_by, deadline(op))
+            if op.status is Status.INFO and op.kind is not Kind.DELETE:
+                seen_by = first_read.get(op.value, math.inf)
+                if seen_by < math.inf and writers[op.value] == 1:
+                    if seen_by < op.invoke_time:
+                        continue  # too late to explain the read, which fails regardless
+                    tightened[op.id] = min(seen_by, deadline(op))
             kept.append(op)
         return kept, tightened
 

@@ -643,9 +643,10 @@ class Simulation:
         rng = self.rng
         # Mostly the leader we believe in; sometimes any node (follower reads, redirects).
         target = client.leader_guess
-        if not target or rng.random() < 0.25:
-            target = rng.randrange(1, len(self.nodes) + 1)
-        key = b"k%d" % rng.randrange(self.cfg.keys)
+        r = rng.random
+        if not target or r() < 0.25:
+            target = 1 + int(r() * len(self.nodes))
+        key = b"k%d" % int(r() * self.cfg.keys)
         client.seq += 1
         roll = rng.random()
         if roll < 0.45:
@@ -713,7 +714,7 @@ class Simulation:
         client.op = None
         if not self.healing:
             backoff = 3 * UNIT if status == "fail" else UNIT
-            self._push(self.rng.randrange(1, backoff), _CLIENT, client.id, None)
+            self._push(1 + int(self.rng.random() * (backoff - 1)), _CLIENT, client.id, None)
 
     def _client_timeout(self, client: SimClient, op) -> None:
         if client.op == op:
