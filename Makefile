@@ -1,4 +1,4 @@
-.PHONY: test lint sim sim-long demo bench-failover
+.PHONY: test lint sim sim-long demo bench bench-failover bench-storage bench-latency
 
 test:
 	scripts/test
@@ -19,3 +19,13 @@ demo:
 # kill -9 the leader 20 times; time to the first acknowledged write
 bench-failover:
 	scripts/bootstrap && .venv/bin/python examples/failover_bench.py --rounds 20
+
+# durable appends/s: group commit vs one fsync per entry (file-wal, redis-aof)
+bench-storage:
+	scripts/bootstrap && .venv/bin/python examples/bench_storage.py
+
+# one sequential client, 3 nodes: end-to-end write latency per storage
+bench-latency:
+	scripts/bootstrap && .venv/bin/python examples/bench_latency.py
+
+bench: bench-storage bench-latency bench-failover

@@ -39,7 +39,9 @@ class Storage(Protocol):
     """Durable home of one node's Raft log, hard state and newest snapshot.
 
     The node calls these from the gevent threadpool (never on the hub), one call at a time, so
-    an implementation may block (fsync) and need not be thread-safe beyond that.
+    an implementation may block (fsync) and need not be thread-safe beyond that. A storage
+    whose calls never block may say so with a class attribute ``blocking = False``; the node
+    then calls it inline, saving a thread hop per Ready.
     """
 
     def load(self) -> tuple[HardState, Snapshot | None, Sequence[Entry]]:

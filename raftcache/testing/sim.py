@@ -269,6 +269,15 @@ class Simulation:
     def _start_ready(self, node: SimNode) -> None:
         rd = node.raw.ready()
         node.busy = True
+        # As the real driver does: a leader sends while it persists, unless the Ready changes
+        # its term or vote (those must be durable before anyone hears of them).
+        hs = rd.hard_state
+        early = node.raw.role == StateRole.LEADER and (
+            hs is None or (hs.term, hs.vote) == (node.hard_state.term, node.hard_state.vote))
+        if early:
+            for m in rd.messages:
+                self._send(m)
+            rd = attrs.evolve(rd, messages=())
         # Most Readys persist at once; some take a while, and steps go on meanwhile (as they do
         # while the real driver's fsync runs in a thread). A crash in between loses the Ready.
         if self.rng.random() < 0.7:
