@@ -39,6 +39,25 @@ class Recorder:
     def raftcache_snapshot_taken(self, node, index, size):
         self.events.append(("snapshot", index))
 
+    @hookspecs.hookimpl
+    def raftcache_value_codecs(self):
+        yield Reverser()
+
+    @hookspecs.hookimpl
+    def raftcache_metrics(self, node, metrics):
+        metrics["recorder_events"] = len(self.events)
+
+
+class Reverser:
+    """A toy value codec: what reaches the log and the backend is marked and reversed."""
+
+    def encode(self, key, value):
+        return b"R:" + value[::-1]
+
+    def decode(self, key, blob):
+        assert blob.startswith(b"R:"), blob
+        return blob[2:][::-1]
+
 
 def single_node_config(tmp_path, **raft):
     port = free_port_block(1)
@@ -135,3 +154,21 @@ def test_unknown_plugin_name_stops_start_up(tmp_path):
     with pytest.raises(config.ConfigError) as err:
         Node(c)
     assert "test.toml: storage.plugin: unknown storage 'flie-wal' (known: " in str(err.value)
+
+
+def test_value_codecs_wrap_what_is_stored(node_and_plugin):
+    node, _ = node_and_plugin
+    assert call(node, op="put", key=b"c", value=b"hello").error is None
+    assert node.sm.backend.get(b"c") == b"R:olleh"  # the backend never saw the plain value
+    assert call(node, op="get", key=b"c").result.value == b"hello"
+    assert call(node, op="incr", key=b"n", delta=41).number == 41
+    assert call(node, op="incr", key=b"n", delta=1).number == 42
+    assert node.sm.backend.get(b"n") == b"R:24"
+    assert call(node, op="mget", keys=[b"c", b"n"]).results[1].value == b"42"
+
+
+def test_metrics_hook_extends_metrics(node_and_plugin):
+    node, plugin = node_and_plugin
+    m = node.metrics()
+    assert m["role"] == "leader" and m["commit"] >= 1
+    assert m["recorder_events"] == len(plugin.events)

@@ -62,7 +62,7 @@ class Node:
         self.peers = config.peer_addresses()
         self.pm = pm or make_manager(block=config.plugins.block)
         plugins = PluginSet(self.pm)
-        self.log = logging.LoggerAdapter(log, {"node": self.id})
+        self.log = _NodeLog(log, self)
         storage_p = self._provider(plugins, "storage", config.storage.plugin)
         transport_p = self._provider(plugins, "transport", config.transport.plugin)
         backend_p = self._provider(plugins, "backend", config.backend.plugin)
@@ -75,7 +75,10 @@ class Node:
                                             transport_options)
         self._connect = transport_p.connect
         backend = backend_p.factory(self.id, dict(config.backend.options))
-        self.sm = StateMachine(backend, check_command=self._check_command)
+        # Value codecs (encryption, compression) in plugin registration order.
+        self.codecs = tuple(c for codecs in self.pm.hook.raftcache_value_codecs()
+                            for c in (codecs or ()))
+        self.sm = StateMachine(backend, check_command=self._check_command, codecs=self.codecs)
         self.raw = self._start_raft(rng or random.Random())
         self._wakeup = gevent.event.Event()
         self._stopped = gevent.event.Event()
@@ -148,13 +151,16 @@ class Node:
     # -- time ----------------------------------------------------------------------------------------
     def _ticker(self) -> None:
         tick_s = self.config.raft.tick_ms / 1000.0
-        next_sweep = time.monotonic()
+        next_sweep = next_metrics = time.monotonic()
         while not self._stopped.is_set():
             gevent.sleep(tick_s)
             self._advance_clock()
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + 1.0
                 self._maybe_sweep()
+                if time.monotonic() >= next_metrics:
+                    next_metrics = time.monotonic() + 10.0
+                    self.metrics()
 
     def _maybe_sweep(self) -> None:
         """The leader reclaims expired keys through the log, so every replica agrees."""
@@ -339,8 +345,21 @@ class Node:
         self._last_stamp = max(int(time.time() * 1000), self._last_stamp, self.sm.last_stamp_ms)
         return self._last_stamp
 
+    def _encode(self, key: bytes, value: bytes) -> bytes:
+        for codec in self.codecs:
+            value = codec.encode(key, value)
+        return value
+
+    def _decode(self, key: bytes, found):
+        if found is None or not self.codecs:
+            return found
+        value, version = found
+        for codec in reversed(self.codecs):
+            value = codec.decode(key, value)
+        return value, version
+
     def _write(self, request):
-        command = _command_from(request)
+        command = _command_from(request, self._encode)
         header = request.header
         envelope = commands.Envelope(
             command=command,
@@ -391,9 +410,22 @@ class Node:
                 return outcome
         now = self._stamp()
         if request.op == "get":
-            return wire.Response(result=_get_result(self.sm.read(_key(request.key), now)))
-        keys = request.keys or []
-        return wire.Response(results=[_get_result(self.sm.read(_key(k), now)) for k in keys])
+            key = _key(request.key)
+            return wire.Response(result=_get_result(self._decode(key, self.sm.read(key, now))))
+        keys = [_key(k) for k in request.keys or []]
+        return wire.Response(results=[_get_result(self._decode(k, self.sm.read(k, now)))
+                                      for k in keys])
+
+    def metrics(self) -> dict:
+        """Counters and gauges, offered to `raftcache_metrics` plugins to read or extend."""
+        raw = self.raw
+        m = {"node": self.id, "term": raw.term, "role": raw.role.name.lower(),
+             "leader": raw.lead, "commit": raw.commit, "applied": raw.applied,
+             "log_first_index": raw.log.first_index(), "log_last_index": raw.log.last_index(),
+             "pending_writes": len(self._writes), "pending_reads": len(self._reads),
+             "keys": len(self.sm)}
+        self.pm.hook.raftcache_metrics(node=self, metrics=m)
+        return m
 
     def status(self):
         raw = self.raw
@@ -407,6 +439,20 @@ class Node:
 
 class _BadRequest(Exception):
     pass
+
+
+class _NodeLog(logging.LoggerAdapter):
+    """Every line says which node, in which term, in which role."""
+
+    def __init__(self, logger, node: Node):
+        super().__init__(logger, {})
+        self.node = node
+
+    def process(self, msg, kwargs):
+        raw = getattr(self.node, "raw", None)
+        where = f"term {raw.term} {raw.role.name.lower()}" if raw is not None else "starting"
+        kwargs.setdefault("extra", {})["node"] = self.node.id
+        return f"[{where}] {msg}", kwargs
 
 
 def _tls(section) -> TLSConfig | None:
@@ -432,18 +478,20 @@ def _ttl(request) -> int | None:
     return ttl
 
 
-def _command_from(request):
+def _command_from(request, encode):
     op = request.op
     if op == "put":
         if request.value is None:
             raise _BadRequest("put needs a value")
-        return commands.Set(_key(request.key), request.value, _ttl(request))
+        key = _key(request.key)
+        return commands.Set(key, encode(key, request.value), _ttl(request))
     if op == "remove":
         return commands.Delete(_key(request.key))
     if op == "cas":
         if request.value is None or request.expected_version is None:
             raise _BadRequest("cas needs expected_version and value")
-        return commands.Cas(_key(request.key), request.expected_version, request.value,
+        key = _key(request.key)
+        return commands.Cas(key, request.expected_version, encode(key, request.value),
                             _ttl(request))
     if op == "incr":
         return commands.Incr(_key(request.key), 1 if request.delta is None else request.delta)
@@ -453,7 +501,8 @@ def _command_from(request):
         items = request.items or {}
         if not items:
             raise _BadRequest("mset needs items")
-        return commands.MSet(tuple((_key(k), v) for k, v in sorted(items.items())), _ttl(request))
+        return commands.MSet(tuple((_key(k), encode(k, v)) for k, v in sorted(items.items())),
+                             _ttl(request))
     raise _BadRequest(f"unknown operation {op!r}")
 
 
