@@ -8,9 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import attrs
+
+from raftcache.testing.servers import die_with_parent
 
 
 def free_port_block(n: int) -> int:
@@ -78,6 +81,9 @@ class LocalCluster:
     extra: dict = attrs.Factory(dict)  # extra config sections shared by every node
     hosts: list | None = None  # per-node host (distinct 127.0.0.x "hosts"); overrides host
     processes: dict = attrs.Factory(dict)
+    # redis-aof storage without a configured url: one redis-server per node, started and
+    # stopped with it (node id -> raftcache.testing.servers.RedisServer).
+    redis: dict = attrs.Factory(dict)
 
     def address(self, node_id: int) -> str:
         host = self.hosts[node_id - 1] if self.hosts else self.host
@@ -103,6 +109,20 @@ class LocalCluster:
         return {"ca": os.path.join(certs, "ca.pem"), "cert": os.path.join(certs, "client.pem"),
                 "key": os.path.join(certs, "client-key.pem")}
 
+    def owns_redis(self) -> bool:
+        options = self.extra.get("storage", {}).get("options", {})
+        return self.storage == "redis-aof" and not options.get("url")
+
+    def _redis_for(self, node_id: int):
+        from raftcache.testing.servers import RedisServer, free_port
+
+        if node_id not in self.redis:
+            # Its port is fixed now, written into the node's config, and kept across restarts.
+            self.redis[node_id] = RedisServer(
+                os.path.join(self.data_dir, f"node{node_id}", "redis"), port=free_port(self.host),
+                host=self.host)
+        return self.redis[node_id]
+
     def write_configs(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
         peers = {str(i): self.address(i) for i in range(1, self.nodes + 1)}
@@ -123,6 +143,10 @@ class LocalCluster:
             }
             for section, body in self.extra.items():
                 data.setdefault(section, {}).update(body)
+            if self.owns_redis():
+                options = dict(data["storage"].get("options", {}))
+                options["url"] = self._redis_for(i).url
+                data["storage"]["options"] = options
             with open(self.config_path(i), "w") as f:
                 f.write(to_toml(data))
 
@@ -133,10 +157,16 @@ class LocalCluster:
             for i in range(1, self.nodes + 1):
                 self.start(i)
             return
+        if node_id in self.redis:
+            self.redis[node_id].start()  # no-op when it runs; the node needs it to load
         log = open(self.log_path(node_id), "ab")
         self.processes[node_id] = subprocess.Popen(
             [sys.executable, "-m", "raftcache", "serve", "--config", self.config_path(node_id)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # Nodes die with `up` even when it is killed with -9 (PDEATHSIG follows the
+            # forking thread, so only from the main thread).
+            preexec_fn=die_with_parent
+            if threading.current_thread() is threading.main_thread() else None,
         )
         log.close()
 
@@ -152,6 +182,14 @@ class LocalCluster:
         if p is not None:
             p.wait(10)
 
+    def kill_redis(self, node_id: int) -> None:
+        """kill -9 the node's redis-server (its AOF stays for restart_redis)."""
+        self.redis[node_id].kill()
+
+    def restart_redis(self, node_id: int) -> None:
+        """Start the node's redis-server again on the same port and data (loads its AOF)."""
+        self.redis[node_id].restart()
+
     def pause(self, node_id: int) -> None:
         self.signal(node_id, signal.SIGSTOP)
 
@@ -163,12 +201,17 @@ class LocalCluster:
             self.resume(i)
             self.signal(i, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for p in self.processes.values():
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        try:
+            for p in self.processes.values():
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        finally:
+            # After the nodes: a stopping node may still write its last hard state.
+            for server in self.redis.values():
+                server.stop()
 
     def client(self, **kwargs):
         from raftcache.client import Client
@@ -222,11 +265,17 @@ def run_local_cluster(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cluster.start()
+    try:
+        cluster.start()
+    except Exception as exc:  # e.g. redis-server missing: say so, leave nothing running
+        cluster.stop()
+        print(f"raftcache: {exc}", file=sys.stderr)
+        return 1
     print(f"raftcache: {args.nodes} nodes ({args.storage} storage, {args.transport} transport, "
           f"{args.backend} backend), data and logs in {cluster.data_dir}")
     for i in range(1, args.nodes + 1):
-        print(f"  node {i}: {cluster.address(i)}  (log: {cluster.log_path(i)})")
+        where = f", redis: {cluster.redis[i].url}" if i in cluster.redis else ""
+        print(f"  node {i}: {cluster.address(i)}  (log: {cluster.log_path(i)}{where})")
     try:
         leader = cluster.wait_for_leader(timeout=30)
         print(f"leader: node {leader} at {cluster.address(leader)}")

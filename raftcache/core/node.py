@@ -188,6 +188,18 @@ class Node:
 
     # -- the Ready loop -----------------------------------------------------------------------------
     def _drive(self) -> None:
+        try:
+            self._drive_loop()
+        except gevent.GreenletExit:
+            raise
+        except BaseException:
+            # Storage failed (or a bug): we can no longer promise durability. Crash like a
+            # kill -9, which Raft tolerates, rather than linger as a zombie that serves nothing.
+            self.log.critical("driver loop failed; exiting", exc_info=True)
+            logging.shutdown()
+            os._exit(70)
+
+    def _drive_loop(self) -> None:
         threadpool = get_hub().threadpool
         while not self._stopped.is_set():
             self._wakeup.wait()
