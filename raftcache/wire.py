@@ -160,13 +160,25 @@ def _walk(data: bytes, pos: int, ttype: int, depth: int) -> int:
     if depth <= 0:
         raise WireError(f"Thrift value nested deeper than {MAX_DEPTH}")
     if ttype == _STRUCT:
+        fixed, unpack = _FIXED_WIDTH.get, _I32.unpack_from
         while True:
             ftype = data[pos]
             if ftype == 0:
                 return pos + 1
-            if ftype not in _VALUE_TYPES:
+            pos += 3
+            # Scalars and strings inline: most fields are, and a call per field was the cost.
+            width = fixed(ftype)
+            if width is not None:
+                pos += width
+            elif ftype in _STRING_TYPES:
+                (n,) = unpack(data, pos)
+                if n < 0:
+                    raise WireError("negative string length")
+                pos += 4 + n
+            elif ftype in _VALUE_TYPES:
+                pos = _walk(data, pos, ftype, depth - 1)
+            else:
                 raise WireError(f"unknown Thrift type {ftype}")
-            pos = _walk(data, pos + 3, ftype, depth - 1)
     if ttype == _LIST or ttype == _SET:
         types = (data[pos],)
         (n,) = _I32.unpack_from(data, pos + 1)
