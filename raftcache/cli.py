@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=7400)
     up.add_argument("--data-dir", default="./raftcache-data")
-    up.add_argument("--storage", default="memory")
+    up.add_argument("--storage", default="file-wal",
+                    help="file-wal (default), redis-aof, or memory (not durable)")
     up.add_argument("--transport", default="thrift")
     up.add_argument("--backend", default="memory")
     up.add_argument("--config", help="a TOML file whose settings every node shares")
@@ -190,6 +191,10 @@ def _cmd_serve(args):
         node = Node(config)
     except config_mod.ConfigError as exc:
         print(f"raftcache: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # storage refusing to start (corruption, weak durability, ...)
+        print(f"raftcache: cannot start node {config.node.id}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
         return 2
     node.start()
     gevent.signal_handler(signal.SIGTERM, node.stop)

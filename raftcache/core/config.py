@@ -75,7 +75,7 @@ class Config:
     node: NodeSection
     cluster: ClusterSection
     raft: RaftSection = RaftSection()
-    storage: PluginChoice = PluginChoice("memory")
+    storage: PluginChoice = PluginChoice("file-wal")
     transport: PluginChoice = PluginChoice("thrift")
     backend: PluginChoice = PluginChoice("memory")
     plugins: PluginsSection = PluginsSection()

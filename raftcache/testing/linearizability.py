@@ -1,24 +1,31 @@
 """A linearizability checker for raftcache histories (Wing & Gong / Lowe, as in porcupine).
 
 Linearizability is compositional, so the history is split per key and each key's operations are
-checked on their own against a sequential model (a register by default):
+checked on their own against a sequential model (a versioned register by default):
 
 1. A quick, independent pre-check: a version is one Raft log entry, so it has one value. Two
    different values reported for one version is an anomaly however the operations are ordered.
 2. The Wing & Gong search with Lowe's memoization: walk a list of call/return entries sorted by
    time, linearize any call whose model step is legal, backtrack when the earliest remaining
    return belongs to an operation that could not be placed, and never revisit a (set of
-   linearized operations, model state) pair. The search is iterative.
+   linearized operations, model state) configuration. The search is iterative.
 
-Indeterminate (``info``) operations may be linearized anywhere after their invocation or never:
-their return is at +infinity and the search succeeds as soon as every determinate operation is
-placed. ``fail`` operations are dropped.
+Indeterminate (``info``) operations may be linearized anywhere after their invocation, or never:
+the search succeeds as soon as every determinate operation is placed. ``fail`` operations, and
+``info`` reads, are dropped. Info ops are what makes checking hard (each may or may not have
+happened, at any later time), so the search works to tame them: interchangeable info ops are
+only tried in one order, configurations that used more of them than one already tried are
+pruned, an info write whose value a read returned must take effect before that read returns,
+and a key whose search runs long is also checked as a cheaper, weaker history (info ops may
+take effect more than once) whose failure is just as much a proof. A ``budget`` bounds each search; a key
+that exhausts it is reported "undecided", never passed.
 
-For a key that fails, the checker shrinks the evidence to a *window*: the shortest run of that
-key's operations (in invocation order) that still cannot be linearized when it starts from an
-unknown register state and every operation outside it is relaxed to ``info`` (may or may not have
-happened). Relaxing only ever removes constraints, so a failing window proves the whole history
-is not linearizable; the table from :func:`format_anomaly` is all one needs to read.
+For a key that fails, the evidence is shrunk to a *window*: the shortest run of that key's
+operations (in invocation order) that still cannot be linearized when it starts from an unknown
+register state and every operation outside it is relaxed (may or may not have happened, result
+unknown, but still not after it returned). Relaxing only removes constraints, so a failing
+window proves the whole history is not linearizable: the table from :func:`format_anomaly` is
+all one needs to read.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import enum
 import math
 import sys
 from collections import Counter
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -152,15 +159,15 @@ class RegisterModel(Model):
             return op.complete_time
 
         # An info read constrains nothing. An info write of a value nobody read can only make
-        # later reads fail, unless a delete or cas (whose outcome depends on the key merely
-        # being present) might come after it: then it has to stay.
+        # later reads fail, unless a cas, or a delete that found the key, might come after it:
+        # those can need the key merely present. Then it has to stay.
         first_read: dict[Any, float] = {}  # value -> earliest return of a read that saw it
         late_guard = -math.inf  # latest moment a delete/cas could still be linearized
         for op in ops:
             if op.kind is Kind.READ and op.status is Status.OK and op.result is not None:
                 value = op.result[0]
                 first_read[value] = min(first_read.get(value, math.inf), op.complete_time)
-            elif op.kind is Kind.CAS or (op.kind is Kind.DELETE and op.status is Status.OK):
+            elif op.kind is Kind.CAS or (op.kind is Kind.DELETE and op.result is True):
                 late_guard = max(late_guard, deadline(op))
         out = []
         for op in ops:
@@ -207,10 +214,13 @@ class RegisterModel(Model):
 
 @attrs.frozen
 class KeyAnomaly:
-    """Evidence that one key's operations are not linearizable.
+    """Evidence that one key's operations are not linearizable, or that it could not be told.
 
-    ``kind`` is ``"version-conflict"`` (``window`` holds the two disagreeing operations) or
-    ``"not-linearizable"`` (``window`` is the shrunk run of operations, see the module doc).
+    ``kind`` is one of:
+
+    * ``"version-conflict"``: ``window`` holds the two operations that disagree;
+    * ``"not-linearizable"``: ``window`` is the shrunk run of operations (see the module doc);
+    * ``"undecided"``: the search gave up (see ``check``'s ``budget``); ``window`` is empty.
     """
 
     key: Any
@@ -232,8 +242,16 @@ def check(
     model: Model | None = None,
     *,
     shrink: bool = True,
+    budget: int = 1_000_000,
 ) -> CheckResult:
-    """Check a history (or its operations) for linearizability, key by key."""
+    """Check a history (or its operations) for linearizability, key by key.
+
+    ``budget`` caps the configurations one search may visit (about a second per 100,000).
+    Histories of well-behaved systems need about one per operation; the cap only matters when
+    a key with many concurrent info operations is *not* linearizable, where the exact search
+    is exponential. A key given up on is reported as an ``"undecided"`` anomaly, so ``ok`` is
+    only ever true for a proof.
+    """
     model = RegisterModel() if model is None else model
     ops = history.operations() if isinstance(history, History) else list(history)
     by_key: dict[Any, list[Operation]] = {}
@@ -251,15 +269,22 @@ def check(
         initial = model.init()
         live, deadlines = model.simplify(live, initial, {})
         checked += len(live)
-        outcome = _search(model, live, initial, deadlines)
+        outcome, weaker_budget = _decide(model, live, initial, deadlines, budget)
         if outcome.ok:
+            continue
+        if outcome.ok is None:
+            anomalies.append(
+                KeyAnomaly(
+                    key=key,
+                    kind="undecided",
+                    message=f"gave up on {len(live)} operations after {budget} configurations",
+                    window=(),
+                )
+            )
             continue
         s, e = 0, len(live) - 1
         if shrink:
-            s, e = _shrink(model, live)
-            relaxed, initial, deadlines = _relaxed(model, live, s, e)
-            outcome = _search(model, relaxed, initial, deadlines)
-            assert not outcome.ok, "shrinking lost the anomaly"
+            s, e, initial, outcome = _shrink(model, live, outcome, budget, weaker_budget)
         window = tuple(original[op.id] for op in live[s : e + 1])
         anomalies.append(
             KeyAnomaly(
@@ -337,7 +362,7 @@ def format_anomaly(anomaly: KeyAnomaly) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"key {anomaly.key!r}: {anomaly.kind}: {anomaly.message}"]
-    for row in rows:
+    for row in rows if anomaly.window else ():
         lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
@@ -358,7 +383,7 @@ def _return_time(op: Operation) -> float:
 
 @attrs.frozen
 class _Outcome:
-    ok: bool
+    ok: bool | None  # None: gave up
     # Where the deepest attempts got stuck: how many determinate ops they had placed, the op
     # whose return came before it could be placed, and (some of) the model states they were in.
     placed: int = -1
@@ -371,10 +396,20 @@ _MAX_TWINS = 8  # how many better twins of an optional op the search looks at (a
 
 
 def _search(
-    model: Model, ops: list[Operation], initial: State, deadlines: Mapping[int, float]
+    model: Model,
+    ops: list[Operation],
+    initial: State,
+    deadlines: Mapping[int, float],
+    budget: int,
+    reusable: bool = False,
 ) -> _Outcome:
     """Wing & Gong / Lowe search. Optional (info) ops may be linearized or not; those with a
-    deadline only before it (it acts as their return time)."""
+    deadline only before it (it acts as their return time).
+
+    Gives up (``ok=None``) after ``budget`` configurations. With ``reusable``, it checks a
+    weaker history instead, where info ops without a deadline may take effect any number of
+    times: faster, and a failure still proves the real history is not linearizable.
+    """
     n = len(ops)
     required = [op.status is not Status.INFO for op in ops]
     remaining = sum(required)
@@ -429,6 +464,11 @@ def _search(
         better = [j for j in group if returns[j] <= returns[i]][-_MAX_TWINS:]
         twins[i] = tuple((1 << bit[j], match[call_at[j]]) for j in better)
         group.append(i)
+    keep = [1] * n
+    if reusable:
+        for i in optional:
+            if returns[i] == math.inf:
+                keep[i] = 0
 
     step = model.step
     # Memo: (determinate set, state) -> (dead, optional set) pairs tried with it. Having more
@@ -474,7 +514,7 @@ def _search(
                         new_rest >>= run
                         new_base += run
                 else:
-                    new_base, new_rest, new_opt = base, rest, opt | (1 << bit[i])
+                    new_base, new_rest, new_opt = base, rest, opt | (keep[i] << bit[i])
                 new_frontier = max(frontier, e)
                 dead = bisect.bisect_left(optional_returns, new_frontier)
                 memo = (new_base, new_rest, new_state)
@@ -491,14 +531,18 @@ def _search(
                         fresh = True
                         others.append((dead, new_opt))
                 if fresh:
+                    budget -= 1
+                    if budget < 0:
+                        return _Outcome(ok=None)
                     stack.append([e, state, base, rest, opt, frontier, []])
                     state, base, rest, opt = new_state, new_base, new_rest, new_opt
                     frontier = new_frontier
-                    r = match[e]
-                    nxt[prv[e]] = nxt[e]
-                    prv[nxt[e]] = prv[e]
-                    nxt[prv[r]] = nxt[r]
-                    prv[nxt[r]] = prv[r]
+                    if keep[i]:
+                        r = match[e]
+                        nxt[prv[e]] = nxt[e]
+                        prv[nxt[e]] = prv[e]
+                        nxt[prv[r]] = nxt[r]
+                        prv[nxt[r]] = prv[r]
                     if required[i]:
                         remaining -= 1
                         if remaining == 0:
@@ -528,7 +572,7 @@ def _search(
         if required[entry_op[e]]:
             remaining += 1
         # Relink in the reverse order of unlinking.
-        for c in [*reversed(unlinked), e]:
+        for c in [*reversed(unlinked), e] if keep[entry_op[e]] else reversed(unlinked):
             r = match[c]
             nxt[prv[r]] = r
             prv[nxt[r]] = r
@@ -574,29 +618,96 @@ def _relaxed(
     return relaxed, initial, deadlines
 
 
-def _shrink(model: Model, ops: list[Operation]) -> tuple[int, int]:
-    """Bounds of the shortest failing prefix, then of its latest failing start (binary search,
-    as failure is monotone in both ends)."""
+def _decide(
+    model: Model,
+    ops: list[Operation],
+    initial: State,
+    deadlines: Mapping[int, float],
+    budget: int,
+    weaker_budget: int = 0,
+) -> tuple[_Outcome, int]:
+    """Search; returns the outcome and a ``weaker_budget`` to start from on a similar search.
+
+    A linearizable history needs at most a few configurations per op, so the exact search
+    gets that much first. If it needs more, the history is probably not linearizable, which
+    with many info ops can take exponentially many; so next comes the weaker history where info
+    ops are reusable, with growing budgets: far cheaper, and its failure is a proof too (its
+    success proves nothing). Only then the exact search in full.
+    """
+    outcome = _search(model, ops, initial, deadlines, min(budget, 10_000 + 20 * len(ops)))
+    if outcome.ok is not None:
+        return outcome, weaker_budget
+    weaker_budget = min(budget, max(weaker_budget, 10_000 + 20 * len(ops)))
+    while True:
+        weaker = _search(model, ops, initial, deadlines, weaker_budget, reusable=True)
+        if weaker.ok is False:
+            return weaker, weaker_budget
+        if weaker.ok or weaker_budget == budget:
+            break
+        weaker_budget = min(budget, weaker_budget * 4)
+    return _search(model, ops, initial, deadlines, budget), weaker_budget
+
+
+def _least(lo: int, hi: int, guess: int, holds: Callable[[int], bool]) -> int:
+    """The least x in [lo, hi] where the monotone ``holds`` is true, given it holds at ``hi``.
+
+    Gallops from ``guess`` towards the answer, then bisects: when probes near the answer are
+    cheap and far ones dear, a good guess saves nearly all the cost.
+    """
+    below, at = lo - 1, hi  # holds(below) is false (or out of range), holds(at) is true
+    x = min(max(guess, lo), hi)
+    step = 1
+    if x == hi or holds(x):
+        at = x
+        while at - step > below:
+            if not holds(at - step):
+                below = at - step
+                break
+            at -= step
+            step *= 2
+    else:
+        below = x
+        while below + step < at:
+            if holds(below + step):
+                at = below + step
+                break
+            below += step
+            step *= 2
+    while at - below > 1:
+        mid = (below + at) // 2
+        if holds(mid):
+            at = mid
+        else:
+            below = mid
+    return at
+
+
+def _shrink(
+    model: Model, ops: list[Operation], outcome: _Outcome, budget: int, weaker_budget: int
+) -> tuple[int, int, State, _Outcome]:
+    """The shortest failing prefix, then its latest failing start: (s, e, initial state, and
+    the failed search of ops[s..e]).
+
+    Failure is monotone in both ends, so these are two thresholds. Failing searches are the
+    dear ones (they are exhaustive), so the end is sought from the op the search got stuck on,
+    and the start from the end. A window the search gives up on counts as passing, which can
+    only make the result longer.
+    """
+    failures = {(0, len(ops) - 1): (model.init(), outcome)}
 
     def fails(s: int, e: int) -> bool:
-        return not _search(model, *_relaxed(model, ops, s, e)).ok
+        nonlocal weaker_budget
+        relaxed, initial, deadlines = _relaxed(model, ops, s, e)
+        result, weaker_budget = _decide(model, relaxed, initial, deadlines, budget, weaker_budget)
+        if result.ok is False:
+            failures[s, e] = (initial, result)
+        return result.ok is False
 
-    lo, hi = 0, len(ops) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fails(0, mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    end = hi
-    lo, hi = 0, end
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fails(mid, end):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo, end
+    last = len(ops) - 1
+    stuck = next((i for i, op in enumerate(ops) if op is outcome.stuck), last)
+    end = _least(0, last, stuck, lambda e: fails(0, e))
+    start = -_least(-end, 0, -end, lambda s: fails(-s, end))  # the greatest failing start
+    return (start, end, *failures[start, end])
 
 
 def _message(model: Model, window: tuple[Operation, ...], initial: State, outcome: _Outcome) -> str:
@@ -607,7 +718,7 @@ def _message(model: Model, window: tuple[Operation, ...], initial: State, outcom
         more = ", ..." if len(outcome.states) == _MAX_STATES else ""
         text += (
             f"; the deepest attempts placed {outcome.placed} and then found no place for "
-            f"{outcome.stuck.describe()} (register: {states}{more})"
+            f"{outcome.stuck.describe()} (state: {states}{more})"
         )
     return text
 
@@ -621,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     result = check(History.load(args[0]))
     for anomaly in result.anomalies:
         print(format_anomaly(anomaly), end="\n\n")
-    verdict = "linearizable" if result.ok else f"NOT linearizable ({len(result.anomalies)})"
+    kinds = Counter(anomaly.kind for anomaly in result.anomalies)
+    verdict = "linearizable" if result.ok else ", ".join(f"{n} {k}" for k, n in kinds.items())
     print(f"{verdict}: {result.operations_checked} operations on {result.keys_checked} keys")
     return 0 if result.ok else 1
 
