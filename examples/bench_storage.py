@@ -120,7 +120,27 @@ def bench_file_wal(args) -> list[Row]:
     return bench_pair("file-wal", lambda d: FileWALStorage(1, d, {}), args)
 
 
-BENCHES = {"file-wal": bench_file_wal}
+def bench_redis_aof(args) -> list[Row]:
+    """A redis-server of its own (appendonly yes, appendfsync always) per run."""
+    from raftcache.plugins.storage.redis_aof import RedisAofStorage
+    from raftcache.testing.servers import RedisServer
+
+    servers = []
+
+    def make(d):
+        server = RedisServer(d + "-redis")
+        server.start()
+        servers.append(server)
+        return RedisAofStorage(1, d, {"url": server.url})
+
+    try:
+        return bench_pair("redis-aof", make, args)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+BENCHES = {"file-wal": bench_file_wal, "redis-aof": bench_redis_aof}
 
 
 def main() -> int:
