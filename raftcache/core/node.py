@@ -50,7 +50,7 @@ class _Pending:
 
     __slots__ = ("term", "result")
 
-    def __init__(self, term: int):
+    def __init__(self, term):  # writes: the entry's term; reads: (term, leader) when issued
         self.term = term
         self.result = gevent.event.AsyncResult()
 
@@ -257,11 +257,13 @@ class Node:
             pending.result.set(result)
 
     def _fail_reads(self, reason: str) -> None:
-        # Read requests in flight when the leader changes may never be answered by the core;
-        # reads are idempotent, so tell the client to retry at once rather than time out.
-        reads, self._reads = self._reads, {}
-        for pending in reads.values():
-            pending.result.set(wire.error_response("Unavailable", reason))
+        # Read requests issued under another leader may never be answered by the core; reads
+        # are idempotent, so tell those clients to retry at once rather than time out.
+        now = (self.raw.term, self.raw.lead)
+        for ctx, pending in list(self._reads.items()):
+            if pending.term != now:
+                del self._reads[ctx]
+                pending.result.set(wire.error_response("Unavailable", reason))
 
     def _serve_confirmed_reads(self) -> None:
         if not self._confirmed_reads:
@@ -410,7 +412,7 @@ class Node:
                 self.raw.read_index(ctx)
             except NotLeader as exc:
                 return self._not_leader(exc.leader, request)
-            pending = self._reads[ctx] = _Pending(self.raw.term)
+            pending = self._reads[ctx] = _Pending((self.raw.term, self.raw.lead))
             self._wakeup.set()
             try:
                 outcome = pending.result.get(timeout=self._timeout(request))
