@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
 import attrs
 import pytest
 
+from raftcache.testing import linearizability as lz
 from raftcache.testing.history import History, Kind, Operation, Status
 from raftcache.testing.linearizability import (
     ABSENT,
@@ -15,6 +17,7 @@ from raftcache.testing.linearizability import (
     RegisterModel,
     check,
     format_anomaly,
+    main,
 )
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -356,6 +359,175 @@ def test_register_model_steps():
     assert m.step(ABSENT, _op("cas", status="info", value="b", expected=4)) is None
 
 
+# -- against brute force ----------------------------------------------------------------------
+
+
+def _random_small_history(rng, n):
+    """Arbitrary (mostly non-linearizable) histories over few values, versions and times."""
+    ops = []
+    for i in range(n):
+        kind = rng.choice(["read", "read", "write", "write", "delete", "cas"])
+        status = rng.choice(["ok", "ok", "ok", "info", "fail"])
+        start = rng.randint(0, 8)
+        value = rng.choice("abc") if kind in ("write", "cas") else None
+        expected = rng.randint(1, 3) if kind == "cas" else None
+        version = rng.choice([1, 2, 3, None])
+        result = None
+        if status == "ok":
+            result = {
+                "read": rng.choice([None, (rng.choice("abc"), version)]),
+                "write": version,
+                "delete": rng.choice([True, False, None]),
+                "cas": rng.choice([(True, version), (False, None)]),
+            }[kind]
+        ops.append(
+            Operation(
+                id=i,
+                process=i,
+                kind=kind,
+                key="k",
+                value=value,
+                expected=expected,
+                result=result,
+                status=status,
+                invoke_time=start,
+                complete_time=start + rng.randint(0, 4),
+            )
+        )
+    return ops
+
+
+def _brute_force_linearizable(ops, initial=ABSENT, deadlines=None):
+    """Try every subset of the info ops and every order: the definition, nothing clever.
+    An info op may take effect any time after its invocation, or by its deadline if it has one.
+    """
+    model = RegisterModel()
+    deadlines = deadlines or {}
+    ops = [op for op in ops if op.status is not Status.FAIL]
+    required = [op for op in ops if op.status is Status.OK]
+    optional = [op for op in ops if op.status is Status.INFO]
+
+    def returns(op):
+        if op.status is Status.INFO:
+            return deadlines.get(op.id, float("inf"))
+        return op.complete_time
+
+    for k in range(len(optional) + 1):
+        for chosen in itertools.combinations(optional, k):
+            for order in itertools.permutations(required + list(chosen)):
+                if any(
+                    returns(later) < earlier.invoke_time
+                    for i, earlier in enumerate(order)
+                    for later in order[i + 1 :]
+                ):
+                    continue
+                state = initial
+                for op in order:
+                    state = model.step(state, op)
+                    if state is None:
+                        break
+                else:
+                    return True
+    return False
+
+
+def test_agrees_with_brute_force_on_small_histories():
+    rng = random.Random(5)
+    verdicts = set()
+    for _ in range(1500):
+        ops = _random_small_history(rng, rng.randint(1, 6))
+        want = _brute_force_linearizable(ops)
+        verdicts.add(want)
+        for budget in (10**6, 3):  # 3: forces the weaker search and giving up
+            kinds = {a.kind for a in check(ops, budget=budget).anomalies}
+            if want:
+                assert "not-linearizable" not in kinds, ops
+            elif budget > 3:
+                assert "not-linearizable" in kinds, ops
+    assert verdicts == {True, False}
+
+
+def test_windows_are_sound_and_monotone_against_brute_force():
+    # White box: every window the shrinker may test is checked against brute force on the
+    # relaxed history it stands for; a failing window must mean a failing history, and failure
+    # must be monotone in both ends (the shrinker's binary searches rely on it).
+    rng = random.Random(11)
+    model = RegisterModel()
+    for _ in range(1000):
+        ops = _random_small_history(rng, rng.randint(2, 6))
+        live = sorted(
+            (op for op in ops if op.status is not Status.FAIL),
+            key=lambda op: (op.invoke_time, op.id),
+        )
+        live, _ = model.simplify(live, model.init(), {})
+        whole = _brute_force_linearizable(live)
+        fails = {}
+        for s, e in itertools.combinations_with_replacement(range(len(live)), 2):
+            relaxed, initial, deadlines = lz._relaxed(model, live, s, e)
+            got = lz._search(model, relaxed, initial, deadlines, 10**6).ok
+            assert got == _brute_force_linearizable(relaxed, initial, deadlines), (s, e, ops)
+            assert got or not whole, (s, e, ops)
+            fails[s, e] = not got
+        for (s, e), failed in fails.items():
+            for (s2, e2), failed2 in fails.items():
+                if failed and s2 <= s and e <= e2:
+                    assert failed2, ((s, e), (s2, e2), ops)
+
+
+def _reference_linearizable(ops, initial, deadlines):
+    """A plain memoized search over sets of placed ops, for histories too long for brute force."""
+    model = RegisterModel()
+    returns = [
+        deadlines.get(op.id, float("inf")) if op.status is Status.INFO else op.complete_time
+        for op in ops
+    ]
+    required = [op.status is Status.OK for op in ops]
+    everything = sum(1 << i for i in range(len(ops)) if required[i])
+    seen = set()
+    stack = [(0, initial, float("-inf"))]
+    while stack:
+        placed, state, latest_invoke = stack.pop()
+        if placed & everything == everything:
+            return True
+        if (placed, state) in seen:
+            continue
+        seen.add((placed, state))
+        for i, op in enumerate(ops):
+            if placed >> i & 1 or returns[i] < latest_invoke:
+                continue  # placed already, or too late: something invoked after it returned
+            if any(
+                required[j] and not placed >> j & 1 and j != i and returns[j] < op.invoke_time
+                for j in range(len(ops))
+            ):
+                continue  # a pending op returned before this one was invoked
+            new_state = model.step(state, op)
+            if new_state is not None:
+                stack.append((placed | 1 << i, new_state, max(latest_invoke, op.invoke_time)))
+    return False
+
+
+def test_agrees_with_a_plain_search_on_medium_histories():
+    # Longer histories, random relaxations and starting states: exercises the pruning (twins,
+    # subsumption, dead relaxed ops, reusable info ops) that tiny histories barely reach.
+    rng = random.Random(3)
+    model = RegisterModel()
+    for _ in range(1500):
+        ops = sorted(
+            (op for op in _random_small_history(rng, rng.randint(6, 12)) if op.status != "fail"),
+            key=lambda op: (op.invoke_time, op.id),
+        )
+        deadlines = {
+            op.id: op.complete_time for op in ops if op.status == "ok" and rng.random() < 0.5
+        }
+        ops = [lz._relax(op) if op.id in deadlines else op for op in ops]
+        initial = rng.choice([ABSENT, ANY, ("a", 1), ("b", None)])
+        want = _reference_linearizable(ops, initial, deadlines)
+        simplified, tightened = model.simplify(ops, initial, deadlines)
+        assert lz._search(model, simplified, initial, tightened, 10**7).ok == want, ops
+        weaker = lz._search(model, simplified, initial, tightened, 10**7, reusable=True).ok
+        assert weaker or not want, ops
+
+
 # -- recorder ---------------------------------------------------------------------------------
 
 
@@ -583,6 +755,45 @@ def test_window_is_small_for_stale_read_in_long_history():
     assert anomaly.window[-1].id == bad.id
     assert len(anomaly.window) <= 6
     assert 0 < len(anomaly.window) < len(ops) // 100
+
+
+def test_exhausted_budget_is_undecided_not_passed():
+    h = History()
+    record(h, 1, "write", 0, 1, 1, value="a")
+    record(h, 2, "read", 2, 3, ("a", 1))
+    result = check(h, budget=1)
+    assert not result.ok
+    (anomaly,) = result.anomalies
+    assert anomaly.kind == "undecided" and anomaly.window == ()
+    assert "gave up" in format_anomaly(anomaly)
+    assert check(h).ok
+
+
+def test_hard_non_linearizable_key_is_still_decided():
+    # One hot key, ten clients, many info ops, and a read of a value never written: the exact
+    # search alone is exponential here; the weaker search must find the proof quickly.
+    rng = random.Random(136)
+    h = generate(rng, n_ops=600, keys=["hot"], processes=10, info_rate=0.1)
+    assert_good(h)
+    ops, bad = _corrupt_one_read(rng, h.operations())
+    result = check(ops)
+    linear = [a for a in result.anomalies if a.kind == "not-linearizable"]
+    assert len(linear) == 1 and linear[0].window[-1].id == bad.id
+    assert len(linear[0].window) <= 12
+
+
+def test_command_line(tmp_path, capsys):
+    good, bad = History(), History()
+    for h in (good, bad):
+        record(h, 1, "write", 0, 1, 1, value="a")
+    record(good, 2, "read", 2, 3, ("a", 1))
+    record(bad, 2, "read", 2, 3, None)
+    good.dump(tmp_path / "good.jsonl")
+    bad.dump(tmp_path / "bad.jsonl")
+    assert main([str(tmp_path / "good.jsonl")]) == 0
+    assert "linearizable: 2 operations on 1 keys" in capsys.readouterr().out
+    assert main([str(tmp_path / "bad.jsonl")]) == 1
+    assert "1 not-linearizable" in capsys.readouterr().out
 
 
 def test_window_check_without_shrinking_reports_everything():

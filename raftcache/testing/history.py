@@ -290,7 +290,9 @@ class History:
                 if op != data["id"]:
                     raise ValueError(f"line {lineno}: invocation #{data['id']} out of order")
             else:
-                history._complete(data["id"], Status(data["type"]), data.get("result"), data["time"])
+                history._complete(
+                    data["id"], Status(data["type"]), data.get("result"), data["time"]
+                )
         return history
 
 

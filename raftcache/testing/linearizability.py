@@ -363,7 +363,9 @@ def format_anomaly(anomaly: KeyAnomaly) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"key {anomaly.key!r}: {anomaly.kind}: {anomaly.message}"]
     for row in rows if anomaly.window else ():
-        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        lines.append(
+            "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        )
     return "\n".join(lines)
 
 
@@ -410,6 +412,19 @@ def _search(
     weaker history instead, where info ops without a deadline may take effect any number of
     times: faster, and a failure still proves the real history is not linearizable.
     """
+    if reusable:
+        # A reusable op is there from its invocation on, for good: of identical ones, only
+        # the first invoked matters.
+        firsts: set[tuple[Any, ...]] = set()
+        kept = []
+        for op in sorted(ops, key=lambda op: (op.invoke_time, op.id)):
+            if op.status is Status.INFO and op.id not in deadlines:
+                signature = (op.kind, op.value, op.expected)
+                if signature in firsts:
+                    continue
+                firsts.add(signature)
+            kept.append(op)
+        ops = kept
     n = len(ops)
     required = [op.status is not Status.INFO for op in ops]
     remaining = sum(required)
