@@ -21,10 +21,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import random
 import socket as stdlib_socket
-import ssl
 import struct
 import time
 from collections import deque
@@ -41,6 +39,14 @@ from thriftpy2.protocol import TCyBinaryProtocolFactory
 
 from raftcache import wire
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
+from raftcache.plugins.transport.common import (
+    close_quietly,
+    options_from_dict,
+    parse_address,
+    peer_node_id,
+    positive,
+    tls_context,
+)
 
 log = logging.getLogger("raftcache.transport.tcp_tls")
 
@@ -72,98 +78,37 @@ decode = wire.decode  # bounds-checked: safe on hostile bytes
 
 
 # ---- options ------------------------------------------------------------------------------------
-def _positive(_inst, attribute, value):
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
-
-
 @attrs.frozen
 class Options:
     """`[transport.options]` of a node's config; every key is optional."""
 
-    handshake_timeout: float = attrs.field(default=5.0, converter=float, validator=_positive)
-    idle_timeout: float = attrs.field(default=120.0, converter=float, validator=_positive)
+    handshake_timeout: float = attrs.field(default=5.0, converter=float, validator=positive)
+    idle_timeout: float = attrs.field(default=120.0, converter=float, validator=positive)
     # A stalled read mid-frame or a stalled write closes the connection after this long.
-    io_timeout: float = attrs.field(default=10.0, converter=float, validator=_positive)
-    max_frame: int = attrs.field(default=16 << 20, converter=int, validator=_positive)
-    max_connections: int = attrs.field(default=1024, converter=int, validator=_positive)
-    max_inflight: int = attrs.field(default=256, converter=int, validator=_positive)
-    peer_queue: int = attrs.field(default=4096, converter=int, validator=_positive)
-    peer_batch: int = attrs.field(default=256, converter=int, validator=_positive)
-    connect_timeout: float = attrs.field(default=2.0, converter=float, validator=_positive)
-    reconnect_min: float = attrs.field(default=0.05, converter=float, validator=_positive)
-    reconnect_max: float = attrs.field(default=2.0, converter=float, validator=_positive)
+    io_timeout: float = attrs.field(default=10.0, converter=float, validator=positive)
+    max_frame: int = attrs.field(default=16 << 20, converter=int, validator=positive)
+    max_connections: int = attrs.field(default=1024, converter=int, validator=positive)
+    max_inflight: int = attrs.field(default=256, converter=int, validator=positive)
+    peer_queue: int = attrs.field(default=4096, converter=int, validator=positive)
+    peer_batch: int = attrs.field(default=256, converter=int, validator=positive)
+    connect_timeout: float = attrs.field(default=2.0, converter=float, validator=positive)
+    reconnect_min: float = attrs.field(default=0.05, converter=float, validator=positive)
+    reconnect_max: float = attrs.field(default=2.0, converter=float, validator=positive)
     cluster_id: int = attrs.field(default=0, converter=int)
     peer_auth: str = attrs.field(default="node-cn",
                                  validator=attrs.validators.in_(("node-cn", "ca")))
 
     @classmethod
     def from_dict(cls, options: dict | None) -> Options:
-        options = dict(options or {})
-        known = {f.name for f in attrs.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"tcp-tls: unknown option(s) {', '.join(unknown)} "
-                             f"(accepted: {', '.join(sorted(known))})")
-        try:
-            return cls(**options)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"tcp-tls: bad option: {exc}") from None
+        return options_from_dict(cls, "tcp-tls", options)
 
 
 # ---- TLS ----------------------------------------------------------------------------------------
-_contexts: dict = {}
-
-
 def _context(tls: TLSConfig | None, server_side: bool) -> gssl.SSLContext:
     if tls is None:
         raise ValueError("the tcp-tls transport requires TLS: set [transport.tls] ca, cert and "
                          "key (`raftcache certs init --dir DIR` makes them)")
-    try:
-        # mtimes in the key: rotated files are picked up by the next connection
-        stamp = tuple(_mtime(p) for p in (tls.ca, tls.cert, tls.key))
-        key = (server_side, tls, stamp)
-        ctx = _contexts.get(key)
-        if ctx is not None:
-            return ctx
-        ctx = gssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual: the server demands a client certificate
-        ctx.load_verify_locations(cafile=tls.ca)
-        ctx.load_cert_chain(tls.cert, tls.key)
-        if server_side:
-            ctx.options |= ssl.OP_NO_TICKET  # connections are long-lived; no resumption
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"tcp-tls: cannot load TLS files (ca={tls.ca}, cert={tls.cert}, "
-                         f"key={tls.key}): {exc}") from None
-    _contexts[key] = ctx
-    return ctx
-
-
-def _mtime(path: str) -> int:
-    return os.stat(path).st_mtime_ns
-
-
-def _peer_common_name(sock) -> str | None:
-    cert = sock.getpeercert() or {}
-    for rdn in cert.get("subject", ()):
-        for k, v in rdn:
-            if k == "commonName":
-                return v
-    return None
-
-
-def _node_id_from_cn(cn: str | None) -> int | None:
-    if cn and cn.startswith("node") and cn[4:].isdigit():
-        return int(cn[4:])
-    return None
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return tls_context(tls, server_side, "tcp-tls")
 
 
 # ---- frames -------------------------------------------------------------------------------------
@@ -365,17 +310,9 @@ def _handshake(ctx, raw, server_side: bool = False, server_hostname: str | None 
         sock.do_handshake()
         return sock
     except BaseException:
-        _close_quietly(sock)
-        _close_quietly(raw)
+        close_quietly(sock)
+        close_quietly(raw)
         raise
-
-
-def _close_quietly(sock) -> None:
-    if sock is not None:
-        try:
-            sock.close()
-        except OSError:
-            pass
 
 
 # ---- server side --------------------------------------------------------------------------------
@@ -396,7 +333,7 @@ class _ServerConn:
             self.close()  # a partial frame may be out: the stream is unusable; reader notices
 
     def close(self) -> None:
-        _close_quietly(self.sock)
+        close_quietly(self.sock)
 
 
 class _PeerLink:
@@ -570,7 +507,7 @@ class TcpTlsTransport:
             return
         finally:
             timer.close()
-        conn = _ServerConn(sock, peer, _node_id_from_cn(_peer_common_name(sock)))
+        conn = _ServerConn(sock, peer, peer_node_id(sock))
         pool = gevent.pool.Pool(self.opts.max_inflight)
         self._conns[conn] = pool
         try:

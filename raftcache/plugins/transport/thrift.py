@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import select
 import socket as stdlib_socket
@@ -41,6 +40,14 @@ from thriftpy2.transport import TCyBufferedTransport, TCyMemoryBuffer
 
 from raftcache import wire
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
+from raftcache.plugins.transport.common import (
+    close_quietly,
+    options_from_dict,
+    parse_address,
+    peer_node_id,
+    positive,
+    tls_context,
+)
 
 log = logging.getLogger("raftcache.transport.thrift")
 
@@ -85,27 +92,22 @@ class _Refuse(Exception):
 
 
 # ---- options ------------------------------------------------------------------------------------
-def _positive(_inst, attribute, value):
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
-
-
 @attrs.frozen
 class Options:
     """`[transport.options]` of a node's config; every key is optional. Seconds are floats.
     The names match the tcp-tls transport's where the meaning is the same."""
 
-    max_connections: int = attrs.field(default=1000, converter=int, validator=_positive)
-    idle_timeout: float = attrs.field(default=60.0, converter=float, validator=_positive)
+    max_connections: int = attrs.field(default=1000, converter=int, validator=positive)
+    idle_timeout: float = attrs.field(default=60.0, converter=float, validator=positive)
     # A read stalled mid-frame or a write stalled this long closes the connection.
-    io_timeout: float = attrs.field(default=10.0, converter=float, validator=_positive)
-    handshake_timeout: float = attrs.field(default=5.0, converter=float, validator=_positive)
-    max_frame: int = attrs.field(default=16 << 20, converter=int, validator=_positive)
-    peer_queue: int = attrs.field(default=4096, converter=int, validator=_positive)
-    peer_batch: int = attrs.field(default=256, converter=int, validator=_positive)
-    connect_timeout: float = attrs.field(default=2.0, converter=float, validator=_positive)
-    reconnect_min: float = attrs.field(default=0.05, converter=float, validator=_positive)
-    reconnect_max: float = attrs.field(default=2.0, converter=float, validator=_positive)
+    io_timeout: float = attrs.field(default=10.0, converter=float, validator=positive)
+    handshake_timeout: float = attrs.field(default=5.0, converter=float, validator=positive)
+    max_frame: int = attrs.field(default=16 << 20, converter=int, validator=positive)
+    peer_queue: int = attrs.field(default=4096, converter=int, validator=positive)
+    peer_batch: int = attrs.field(default=256, converter=int, validator=positive)
+    connect_timeout: float = attrs.field(default=2.0, converter=float, validator=positive)
+    reconnect_min: float = attrs.field(default=0.05, converter=float, validator=positive)
+    reconnect_max: float = attrs.field(default=2.0, converter=float, validator=positive)
     cluster_id: int = attrs.field(default=0, converter=int)
     # With TLS, "node-cn" accepts Raft messages only from a certificate with CN "node<id>" and
     # only with frm == <id>; "ca" accepts any certificate of the cluster CA.
@@ -114,50 +116,12 @@ class Options:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> Options:
-        options = dict(options or {})
-        known = {f.name for f in attrs.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"thrift: unknown option(s) {', '.join(unknown)} "
-                             f"(accepted: {', '.join(sorted(known))})")
-        try:
-            return cls(**options)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"thrift: bad option: {exc}") from None
+        return options_from_dict(cls, "thrift", options)
 
 
 # ---- sockets and TLS ----------------------------------------------------------------------------
-_contexts: dict = {}
-
-
 def _context(tls: TLSConfig, server_side: bool) -> gssl.SSLContext:
-    """Mutual TLS 1.3 (both ends present a certificate of the cluster CA), cached per file set."""
-    try:
-        # mtimes in the key: rotated files are picked up by the next connection
-        key = (server_side, tls, tuple(os.stat(p).st_mtime_ns for p in (tls.ca, tls.cert,
-                                                                          tls.key)))
-        ctx = _contexts.get(key)
-        if ctx is None:
-            ctx = gssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side
-                                  else ssl.PROTOCOL_TLS_CLIENT)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=tls.ca)
-            ctx.load_cert_chain(tls.cert, tls.key)
-            if server_side:
-                ctx.num_tickets = 0  # connections are long-lived; no resumption to offer
-            _contexts[key] = ctx
-        return ctx
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"thrift: cannot load TLS files (ca={tls.ca}, cert={tls.cert}, "
-                         f"key={tls.key}): {exc}") from None
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return tls_context(tls, server_side, "thrift")
 
 
 def _open(address: str, tls: TLSConfig | None, timeout: float):
@@ -173,23 +137,15 @@ def _open(address: str, tls: TLSConfig | None, timeout: float):
             sock = ctx.wrap_socket(sock, server_hostname=host)
         return sock
     except gevent.Timeout as t:
-        _close_quietly(sock)
+        close_quietly(sock)
         if t is not timer:
             raise
         raise TimeoutError(f"{address}: no connection within {timeout:g}s") from None
     except BaseException:
-        _close_quietly(sock)
+        close_quietly(sock)
         raise
     finally:
         timer.close()
-
-
-def _close_quietly(sock) -> None:
-    if sock is not None:
-        try:
-            sock.close()
-        except OSError:
-            pass
 
 
 def _stale(sock) -> bool:
@@ -209,15 +165,6 @@ def _stale(sock) -> bool:
     except (OSError, ValueError):  # reset, or closed meanwhile
         pass
     return True
-
-
-def _peer_node_id(sock) -> int | None:
-    """<id> of a certificate whose CN is "node<id>", else None."""
-    for rdn in (sock.getpeercert() or {}).get("subject", ()):
-        for k, v in rdn:
-            if k == "commonName" and v.startswith("node") and v[4:].isdigit():
-                return int(v[4:])
-    return None
 
 
 # ---- frames and messages ------------------------------------------------------------------------
@@ -488,7 +435,7 @@ class _PeerLink:
         self._disconnect()
 
     def _disconnect(self) -> None:
-        _close_quietly(self.sock)
+        close_quietly(self.sock)
         self.sock = None
 
     def _run(self) -> None:
@@ -635,7 +582,7 @@ class ThriftTransport:
                 if sock is None:
                     return
             conn = _ServerConn(self, sock, peer,
-                               _peer_node_id(sock) if self._server_ctx is not None else None)
+                               peer_node_id(sock) if self._server_ctx is not None else None)
             sock.settimeout(min(self.opts.io_timeout, self.opts.idle_timeout))
             self._conns.add(conn)
             try:
@@ -649,7 +596,7 @@ class ThriftTransport:
         except OSError as exc:
             log.info("%s: connection lost: %s", peer, exc)
         finally:
-            _close_quietly(sock)
+            close_quietly(sock)
 
     def _handshake(self, raw, peer: str):
         """The TLS socket, or None (logged) when the handshake fails or takes too long."""
@@ -671,7 +618,7 @@ class ThriftTransport:
         finally:
             timer.close()
             if not done:
-                _close_quietly(sock)
+                close_quietly(sock)
         return None
 
 
@@ -715,7 +662,7 @@ class ThriftConnection:
             if _stale(self._sock):
                 # The server closed it while it sat in a pool (idle_timeout, a restart).
                 # Nothing was sent yet, so a new connection is safe and spares a retry.
-                _close_quietly(self._sock)
+                close_quietly(self._sock)
                 self._sock = _open(self.address, self._tls, timeout)
                 self._reader = _FrameReader(self._sock, self._max_frame)
             self._sock.sendall(frame)
@@ -743,7 +690,7 @@ class ThriftConnection:
     def _break(self, why: str) -> None:
         if self._error is None:
             self._error = why
-            _close_quietly(self._sock)
+            close_quietly(self._sock)
 
 
 def _decode_reply(op: str, seqid: int, frame: bytes):
