@@ -242,15 +242,16 @@ def check(
     model: Model | None = None,
     *,
     shrink: bool = True,
-    budget: int = 1_000_000,
+    budget: int | None = None,
 ) -> CheckResult:
     """Check a history (or its operations) for linearizability, key by key.
 
-    ``budget`` caps the configurations one search may visit (about a second per 100,000).
-    Histories of well-behaved systems need about one per operation; the cap only matters when
-    a key with many concurrent info operations is *not* linearizable, where the exact search
-    is exponential. A key given up on is reported as an ``"undecided"`` anomaly, so ``ok`` is
-    only ever true for a proof.
+    ``budget`` caps the configurations one search may visit (roughly 100,000 a second); by
+    default 1,000,000 plus 50 per operation of the key. A linearizable history needs one to a
+    few dozen per operation (more with more concurrency on the key); the cap matters when a
+    key with many info operations is *not* linearizable, where the exact search is
+    exponential. A key given up on is reported as an ``"undecided"`` anomaly: ``ok`` is only
+    ever true for a proof.
     """
     model = RegisterModel() if model is None else model
     ops = history.operations() if isinstance(history, History) else list(history)
@@ -269,7 +270,8 @@ def check(
         initial = model.init()
         live, deadlines = model.simplify(live, initial, {})
         checked += len(live)
-        outcome, weaker_budget = _decide(model, live, initial, deadlines, budget)
+        key_budget = 1_000_000 + 50 * len(live) if budget is None else budget
+        outcome, weaker_budget = _decide(model, live, initial, deadlines, key_budget)
         if outcome.ok:
             continue
         if outcome.ok is None:
@@ -277,14 +279,14 @@ def check(
                 KeyAnomaly(
                     key=key,
                     kind="undecided",
-                    message=f"gave up on {len(live)} operations after {budget} configurations",
+                    message=f"gave up on {len(live)} operations after {key_budget} configurations",
                     window=(),
                 )
             )
             continue
         s, e = 0, len(live) - 1
         if shrink:
-            s, e, initial, outcome = _shrink(model, live, outcome, budget, weaker_budget)
+            s, e, initial, outcome = _shrink(model, live, outcome, key_budget, weaker_budget)
         window = tuple(original[op.id] for op in live[s : e + 1])
         anomalies.append(
             KeyAnomaly(
@@ -412,38 +414,24 @@ def _search(
     weaker history instead, where info ops without a deadline may take effect any number of
     times: faster, and a failure still proves the real history is not linearizable.
     """
-    if reusable:
-        # A reusable op is there from its invocation on, for good: of identical ones, only
-        # the first invoked matters.
-        firsts: set[tuple[Any, ...]] = set()
-        kept = []
-        for op in sorted(ops, key=lambda op: (op.invoke_time, op.id)):
-            if op.status is Status.INFO and op.id not in deadlines:
-                signature = (op.kind, op.value, op.expected)
-                if signature in firsts:
-                    continue
-                firsts.add(signature)
-            kept.append(op)
-        ops = kept
     n = len(ops)
     required = [op.status is not Status.INFO for op in ops]
     remaining = sum(required)
     if remaining == 0:
         return _Outcome(ok=True)
-
-    # Entries sorted by time; at equal times calls come first, i.e. such ops count as concurrent.
     returns = [
         op.complete_time if required[i] else deadlines.get(op.id, math.inf)
         for i, op in enumerate(ops)
     ]
-    entries = [(op.invoke_time, 0, i) for i, op in enumerate(ops)]
-    entries += [(returns[i], 1, i) for i in range(n)]
-    entries.sort()
+    # Optional ops without a deadline "float": once invoked they stay available for good.
+    floating = [returns[i] == math.inf for i in range(n)]
 
-    # A doubly linked list over positions 1..2n, with sentinels 0 (head) and 2n+1 (tail).
-    size = 2 * n + 2
-    nxt = list(range(1, size + 1))
-    prv = list(range(-1, size - 1))
+    # Entries sorted by time; at equal times calls come first, i.e. such ops count as concurrent.
+    # Floating ops have no return entry, and stay out of the linked list (see below).
+    entries = [(op.invoke_time, 0, i) for i, op in enumerate(ops)]
+    entries += [(returns[i], 1, i) for i in range(n) if not floating[i]]
+    entries.sort()
+    size = len(entries) + 2  # positions 1.., with sentinels 0 (head) and size - 1 (tail)
     entry_op = [0] * size
     is_call = [False] * size
     match = [0] * size
@@ -455,6 +443,15 @@ def _search(
         else:
             call_at[i] = pos
             is_call[pos] = True
+    # A doubly linked list of the other entries.
+    nxt = [0] * size
+    prv = [0] * size
+    last = 0
+    for pos in range(1, size):
+        if pos == size - 1 or not floating[entry_op[pos]]:
+            nxt[last] = pos
+            prv[pos] = last
+            last = pos
 
     # Bits of the linearized set. Determinate ops are numbered by return time, so the set is
     # mostly a solid run of low bits: it is kept as (length of that run, the bits above it),
@@ -464,26 +461,31 @@ def _search(
     order = sorted((i for i in range(n) if required[i]), key=lambda i: (returns[i], i))
     for b, i in enumerate(order):
         bit[i] = b
-    optional = sorted((i for i in range(n) if not required[i]), key=lambda i: match[call_at[i]])
-    for b, i in enumerate(optional):
+    bounded = sorted(
+        (i for i in range(n) if not required[i] and not floating[i]), key=lambda i: returns[i]
+    )
+    for b, i in enumerate(bounded):
         bit[i] = b
-    optional_returns = [match[call_at[i]] for i in optional]
+    bounded_returns = [match[call_at[i]] for i in bounded]
     # Optional ops with the same effect are interchangeable, except for how long each stays
-    # available: of those already invoked, using the one with the earliest return first is
-    # never worse. So an optional op is skipped while such a better twin is still usable;
-    # without this, k twins multiply the search by up to k! orderings.
-    twins: list[tuple[tuple[int, int], ...]] = [()] * n  # (bit, return position) of better twins
+    # available: of those invoked, using the one with the earliest return first is never
+    # worse. Without this, k twins multiply the search by up to k! orderings. So floating ops
+    # wait in one queue per kind, used in invocation order...
+    queues: dict[tuple[Any, ...], list[int]] = {}
+    for i in sorted((i for i in range(n) if floating[i]), key=call_at.__getitem__):
+        queues.setdefault((ops[i].kind, ops[i].value, ops[i].expected), []).append(i)
+    queue_list = sorted(queues.values(), key=lambda queue: call_at[queue[0]])
+    used = [0] * len(queue_list)  # how much of each queue is used (reusable: stays 0)
+    for b, i in enumerate((i for queue in queue_list for i in queue), len(bounded)):
+        bit[i] = b
+    # ...and a bounded op is skipped while a twin invoked earlier, expiring no later, is usable.
+    twins: list[tuple[tuple[int, int], ...]] = [()] * n  # (bit, return position) of those twins
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for i in sorted(optional, key=call_at.__getitem__):
+    for i in sorted(bounded, key=call_at.__getitem__):
         group = groups.setdefault((ops[i].kind, ops[i].value, ops[i].expected), [])
         better = [j for j in group if returns[j] <= returns[i]][-_MAX_TWINS:]
         twins[i] = tuple((1 << bit[j], match[call_at[j]]) for j in better)
         group.append(i)
-    keep = [1] * n
-    if reusable:
-        for i in optional:
-            if returns[i] == math.inf:
-                keep[i] = 0
 
     step = model.step
     # Memo: (determinate set, state) -> (dead, optional set) pairs tried with it. Having more
@@ -491,21 +493,70 @@ def _search(
     # before (and failed, or being tried by an ancestor) had no more dead ops and used no
     # more of the live ones; not only when it is identical.
     tried: dict[tuple[int, int, State], list[tuple[int, int]]] = {}
-    # Frames: [call entry, state, base, rest, opt, frontier, relaxed ops unlinked as dead].
+    # Frames: [queue or call entry taken, state, base, rest, opt, frontier, blocking return,
+    # relaxed ops unlinked as dead].
     stack: list[list[Any]] = []
     state, base, rest, opt = initial, 0, 0, 0
-    # The last call position among linearized ops: a relaxed op returning before it can no
+    # The last call position among linearized ops: a bounded op returning before it can no
     # longer be linearized (it would have to precede an op invoked after it returned).
     frontier = 0
     total = remaining
     deepest = _Outcome(ok=False)
-    e = nxt[0]
+    # Where the expansion of the current configuration is: queue q (while e is -1; queues
+    # come first), else entry e of the list. `block` is the earliest remaining return of a
+    # determinate op (-1: not found yet): ops invoked after it cannot come next.
+    q, e, block = 0, -1, -1
     while True:
-        i = entry_op[e]
-        if is_call[e]:
-            if required[i]:
-                new_state = step(state, ops[i])
-            elif match[e] < frontier:
+        if e < 0:
+            if block < 0:
+                block = nxt[0]
+                while is_call[block] or not required[entry_op[block]]:
+                    block = nxt[block]
+            if q == len(queue_list):
+                e = nxt[0]
+                continue
+            queue = queue_list[q]
+            if used[q] == len(queue) or call_at[queue[used[q]]] > block:
+                q += 1
+                continue
+            i = queue[used[q]]
+        else:
+            i = entry_op[e]
+            if not is_call[e]:
+                if not required[i]:
+                    e = nxt[e]  # a bounded op need not happen before its return
+                    continue
+                # The earliest remaining return: its op should have been linearized by now.
+                placed = total - remaining
+                if placed > deepest.placed:
+                    deepest = _Outcome(False, placed, ops[i], (state,))
+                elif (
+                    placed == deepest.placed
+                    and ops[i] is deepest.stuck
+                    and len(deepest.states) < _MAX_STATES
+                    and state not in deepest.states
+                ):
+                    deepest = attrs.evolve(deepest, states=(*deepest.states, state))
+                # Backtrack: undo the last step, and go on to its next sibling.
+                if not stack:
+                    return deepest
+                taken, state, base, rest, opt, frontier, block, unlinked = stack.pop()
+                for c in reversed(unlinked):  # relink, in the reverse order of unlinking
+                    r = match[c]
+                    nxt[prv[r]] = r
+                    prv[nxt[r]] = r
+                    nxt[prv[c]] = c
+                    prv[nxt[c]] = c
+                if taken < 0:
+                    q, e = ~taken + 1, -1
+                    if not reusable:
+                        used[~taken] -= 1
+                else:
+                    if required[entry_op[taken]]:
+                        remaining += 1
+                    e = nxt[taken]
+                continue
+            if not required[i] and match[e] < frontier:
                 # Dead for good below this frame: unlink it there, so scans skip it.
                 r = match[e]
                 after = nxt[r] if nxt[e] == r else nxt[e]
@@ -513,87 +564,70 @@ def _search(
                 prv[nxt[e]] = prv[e]
                 nxt[prv[r]] = nxt[r]
                 prv[nxt[r]] = prv[r]
-                stack[-1][6].append(e)
+                stack[-1][7].append(e)
                 e = after
                 continue
-            else:
-                usable_twin = any(not opt & m and r > frontier for m, r in twins[i])
-                new_state = None if usable_twin else step(state, ops[i])
-            if new_state is not None:
-                if required[i]:
-                    new_opt = opt
-                    new_rest = rest | (1 << (bit[i] - base))
-                    new_base = base
-                    if new_rest & 1:
-                        run = (~new_rest & (new_rest + 1)).bit_length() - 1
-                        new_rest >>= run
-                        new_base += run
-                else:
-                    new_base, new_rest, new_opt = base, rest, opt | (keep[i] << bit[i])
-                new_frontier = max(frontier, e)
-                dead = bisect.bisect_left(optional_returns, new_frontier)
-                memo = (new_base, new_rest, new_state)
-                others = tried.get(memo)
-                if others is None:
-                    tried[memo] = [(dead, new_opt)]
-                    fresh = True
-                else:
-                    for other_dead, other_opt in others:
-                        if other_dead <= dead and not (other_opt & ~new_opt) >> dead:
-                            fresh = False
-                            break
-                    else:
-                        fresh = True
-                        others.append((dead, new_opt))
-                if fresh:
-                    budget -= 1
-                    if budget < 0:
-                        return _Outcome(ok=None)
-                    stack.append([e, state, base, rest, opt, frontier, []])
-                    state, base, rest, opt = new_state, new_base, new_rest, new_opt
-                    frontier = new_frontier
-                    if keep[i]:
-                        r = match[e]
-                        nxt[prv[e]] = nxt[e]
-                        prv[nxt[e]] = prv[e]
-                        nxt[prv[r]] = nxt[r]
-                        prv[nxt[r]] = prv[r]
-                    if required[i]:
-                        remaining -= 1
-                        if remaining == 0:
-                            return _Outcome(ok=True)
-                    e = nxt[0]
-                    continue
-            e = nxt[e]
-            continue
-        if not required[i]:
-            e = nxt[e]  # an optional op need not happen before its return
-            continue
+            if not required[i] and any(not opt & m and r > frontier for m, r in twins[i]):
+                e = nxt[e]
+                continue
 
-        # The earliest remaining return: its op should have been linearized by now.
-        placed = total - remaining
-        if placed > deepest.placed:
-            deepest = _Outcome(False, placed, ops[i], (state,))
-        elif (
-            placed == deepest.placed
-            and ops[i] is deepest.stuck
-            and len(deepest.states) < _MAX_STATES
-            and state not in deepest.states
-        ):
-            deepest = attrs.evolve(deepest, states=(*deepest.states, state))
-        if not stack:
-            return deepest
-        e, state, base, rest, opt, frontier, unlinked = stack.pop()
-        if required[entry_op[e]]:
-            remaining += 1
-        # Relink in the reverse order of unlinking.
-        for c in [*reversed(unlinked), e] if keep[entry_op[e]] else reversed(unlinked):
-            r = match[c]
-            nxt[prv[r]] = r
-            prv[nxt[r]] = r
-            nxt[prv[c]] = c
-            prv[nxt[c]] = c
-        e = nxt[e]
+        # Try op i next.
+        new_state = step(state, ops[i])
+        if new_state is not None:
+            if required[i]:
+                new_opt = opt
+                new_rest = rest | (1 << (bit[i] - base))
+                new_base = base
+                if new_rest & 1:
+                    run = (~new_rest & (new_rest + 1)).bit_length() - 1
+                    new_rest >>= run
+                    new_base += run
+            else:
+                new_base, new_rest = base, rest
+                new_opt = opt if reusable and floating[i] else opt | (1 << bit[i])
+            new_frontier = max(frontier, call_at[i])
+            dead = bisect.bisect_left(bounded_returns, new_frontier)
+            memo = (new_base, new_rest, new_state)
+            others = tried.get(memo)
+            if others is None:
+                tried[memo] = [(dead, new_opt)]
+                fresh = True
+            else:
+                for other_dead, other_opt in others:
+                    if other_dead <= dead and not (other_opt & ~new_opt) >> dead:
+                        fresh = False
+                        break
+                else:
+                    fresh = True
+                    others.append((dead, new_opt))
+            if fresh:
+                budget -= 1
+                if budget < 0:
+                    return _Outcome(ok=None)
+                if e < 0:
+                    stack.append([~q, state, base, rest, opt, frontier, block, []])
+                    if not reusable:
+                        used[q] += 1
+                else:
+                    stack.append([e, state, base, rest, opt, frontier, block, []])
+                    r = match[e]
+                    nxt[prv[e]] = nxt[e]
+                    prv[nxt[e]] = prv[e]
+                    nxt[prv[r]] = nxt[r]
+                    prv[nxt[r]] = prv[r]
+                    stack[-1][7].append(e)
+                state, base, rest, opt = new_state, new_base, new_rest, new_opt
+                frontier = new_frontier
+                if required[i]:
+                    remaining -= 1
+                    if remaining == 0:
+                        return _Outcome(ok=True)
+                q, e, block = 0, -1, -1
+                continue
+        if e < 0:
+            q += 1
+        else:
+            e = nxt[e]
 
 
 def _relax(op: Operation) -> Operation:
