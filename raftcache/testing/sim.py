@@ -249,7 +249,7 @@ class Simulation:
 
     def _deliver(self, m: Message) -> None:
         node = self.nodes[m.to]
-        if not node.alive or (m.frm, m.to) in self.blocked:
+        if not node.alive or (self.blocked and (m.frm, m.to) in self.blocked):
             return
         self.delivered += 1
         node.raw.step(m)
@@ -277,18 +277,17 @@ class Simulation:
         if early:
             for m in rd.messages:
                 self._send(m)
-            rd = attrs.evolve(rd, messages=())
         # Most Readys persist at once; some take a while, and steps go on meanwhile (as they do
         # while the real driver's fsync runs in a thread). A crash in between loses the Ready.
+        payload = (node.incarnation, rd, early)
         if self.rng.random() < 0.7:
-            self._persisted(node.id, (node.incarnation, rd))
+            self._persisted(node.id, payload)
         else:
-            self._push(1 + int(self.rng.random() * 2 * UNIT), _PERSISTED, node.id,
-                       (node.incarnation, rd))
+            self._push(1 + int(self.rng.random() * 2 * UNIT), _PERSISTED, node.id, payload)
 
     def _persisted(self, node_id: int, payload) -> None:
         node = self.nodes[node_id]
-        incarnation, rd = payload
+        incarnation, rd, sent = payload
         if not node.alive or node.incarnation != incarnation:
             return
         if rd.snapshot is not None:
@@ -302,8 +301,9 @@ class Simulation:
             node.entries.extend(rd.entries)
         if rd.hard_state is not None:
             node.hard_state = rd.hard_state
-        for m in rd.messages:
-            self._send(m)
+        if not sent:
+            for m in rd.messages:
+                self._send(m)
         if rd.snapshot is not None:
             node.kv = pickle.loads(rd.snapshot.data)
             node.applied = rd.snapshot.meta.index
