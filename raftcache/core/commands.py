@@ -269,7 +269,8 @@ class Reader:
         self.pos = pos + 1
         return self.data[pos]
 
-    def uvarint(self) -> int:
+    def _varint(self) -> int:
+        """One LEB128 group sequence, canonical (no trailing zero group), at most 64 bits."""
         data, pos = self.data, self.pos
         n = shift = 0
         while True:
@@ -286,28 +287,23 @@ class Reader:
         # Reject overlong forms (a trailing zero group) so every value has exactly one encoding.
         if b == 0 and shift:
             raise CommandError("non-canonical varint")
-        if n > _UMAX:
-            raise CommandError("integer out of range")
         self.pos = pos
         return n
 
+    def uvarint(self) -> int:
+        pos = self.pos
+        n = self._varint()
+        if n > _UMAX:
+            self.pos = pos
+            raise CommandError("integer out of range")
+        return n
+
     def svarint(self) -> int:
-        data, pos = self.data, self.pos
-        n = shift = 0
-        while True:
-            if pos >= len(data):
-                raise CommandError("truncated varint")
-            b = data[pos]
-            pos += 1
-            n |= (b & 0x7F) << shift
-            if not b & 0x80:
-                break
-            shift += 7
-            if shift > 63:
-                raise CommandError("varint longer than 64 bits")
-        if (b == 0 and shift) or n >> 64:
-            raise CommandError("non-canonical or oversized varint")
-        self.pos = pos
+        pos = self.pos
+        n = self._varint()
+        if n >> 64:
+            self.pos = pos
+            raise CommandError("oversized varint")
         return (n >> 1) ^ -(n & 1)
 
     def bytes_(self) -> bytes:
