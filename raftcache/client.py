@@ -19,7 +19,7 @@ from raftcache import errors, wire
 from raftcache.core.hookspecs import TLSConfig
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7400,127.0.0.1:7401,127.0.0.1:7402"
-_WRITES = frozenset({"put", "remove", "cas", "incr", "invalidate", "mset"})
+_WRITES = frozenset({"put", "remove", "cas", "incr", "invalidate", "mset", "change_member"})
 
 
 def _bytes(x) -> bytes:
@@ -74,9 +74,15 @@ class Client:
         return bool(self._call("remove", key=_bytes(key)).ok)
 
     def cas(self, key, expected_version: int, value, ttl: float | None = None) -> bool:
+        return self.cas_with_version(key, expected_version, value, ttl)[0]
+
+    def cas_with_version(self, key, expected_version: int, value,
+                         ttl: float | None = None) -> tuple[bool, int | None]:
+        """(swapped, new version): the version when the transport carries it (tcp-tls does;
+        the Thrift service's cas returns only a bool), else None."""
         r = self._call("cas", key=_bytes(key), expected_version=expected_version,
                        value=_bytes(value), ttl_ms=_ttl_ms(ttl))
-        return bool(r.ok)
+        return (True, r.number or None) if r.ok else (False, None)
 
     def incr(self, key, delta: int = 1) -> int:
         return self._call("incr", key=_bytes(key), delta=delta).number
@@ -98,6 +104,22 @@ class Client:
         if endpoint is not None:
             return self._call_once(endpoint, wire.Request(op="status"), self.timeout).status
         return self._call("status").status
+
+    # -- operations ----------------------------------------------------------------------------------
+    def transfer_leader(self, node_id: int):
+        """Hand leadership to `node_id`; returns the leader's status once it leads."""
+        return self._call("transfer_leader", node_id=node_id).status
+
+    def add_member(self, node_id: int, learner: bool = False):
+        """Add `node_id` (listed in every node's cluster.peers) as a voter, or as a learner that
+        receives the log but does not vote; add_member(n) also promotes learner n. Returns the
+        leader's status once the change is applied."""
+        change = "add-learner" if learner else "add-voter"
+        return self._call("change_member", change=change, node_id=node_id).status
+
+    def remove_member(self, node_id: int):
+        """Remove `node_id` from the cluster; returns the status once the change is applied."""
+        return self._call("change_member", change="remove", node_id=node_id).status
 
     def close(self) -> None:
         with self._lock:

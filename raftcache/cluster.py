@@ -80,6 +80,9 @@ class LocalCluster:
     backend: str = "memory"
     extra: dict = attrs.Factory(dict)  # extra config sections shared by every node
     hosts: list | None = None  # per-node host (distinct 127.0.0.x "hosts"); overrides host
+    # (from node, to node) -> the address `from` dials to reach `to` (a fault relay); clients
+    # still reach every node at its own address.
+    routes: dict = attrs.Factory(dict)
     processes: dict = attrs.Factory(dict)
     # redis-aof storage without a configured url: one redis-server per node, started and
     # stopped with it (node id -> raftcache.testing.servers.RedisServer).
@@ -125,9 +128,14 @@ class LocalCluster:
 
     def write_configs(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
-        peers = {str(i): self.address(i) for i in range(1, self.nodes + 1)}
         tls = self.tls_files()
         for i in range(1, self.nodes + 1):
+            peers = {str(j): self.routes.get((i, j), self.address(j))
+                     for j in range(1, self.nodes + 1)}
+            cluster = {"peers": peers}
+            if self.routes:
+                cluster["client_addresses"] = {str(j): self.address(j)
+                                               for j in range(1, self.nodes + 1)}
             transport = {"plugin": self.transport}
             if tls:
                 certs = os.path.dirname(tls["ca"])
@@ -136,7 +144,7 @@ class LocalCluster:
             data = {
                 "node": {"id": i, "address": self.address(i),
                          "data_dir": os.path.join(self.data_dir, f"node{i}")},
-                "cluster": {"peers": peers},
+                "cluster": cluster,
                 "storage": {"plugin": self.storage},
                 "transport": transport,
                 "backend": {"plugin": self.backend},

@@ -58,6 +58,7 @@ struct NodeStatus {
 // what the node handles whichever transport a call came in on.
 struct Request {
   1: string op,                   // put remove get cas incr invalidate mget mset status
+                                  // transfer_leader change_member
   2: optional binary key,
   3: optional binary value,
   4: optional i64 ttl_ms,
@@ -67,6 +68,8 @@ struct Request {
   8: optional list<binary> keys,
   9: optional map<binary, binary> items,
   10: optional RequestHeader header,
+  11: optional i64 node_id,       // transfer_leader, change_member
+  12: optional string change,     // change_member: add-voter, add-learner, remove
 }
 
 struct Response {
@@ -152,6 +155,17 @@ service RaftCache {
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
   NodeStatus status(),
+
+  // Operations. Both are answered by the leader (a follower redirects or proxies) and return
+  // the leader's status once done: transfer_leader when `node_id` leads, change_member when
+  // the change is applied. change_member is idempotent: asking for what is already in effect
+  // succeeds at once.
+  NodeStatus transfer_leader(1: i64 node_id, 2: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  NodeStatus change_member(1: string change, 2: i64 node_id, 3: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
 
   // Node-to-node: Raft messages, one way, in batches.
   oneway void raft(1: RaftBatch batch),

@@ -30,6 +30,10 @@ class NodeSection:
 class ClusterSection:
     peers: dict  # node id (string key in TOML) -> "host:port"; must include this node
     id: int = 1  # cluster id: nodes of another cluster are ignored
+    # node id -> "host:port" that clients use, when it differs from the peer address (peers
+    # reached through proxies or relays, as in the fault suite). NotLeader hints and status
+    # name these; defaults to `peers`.
+    client_addresses: dict = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -71,6 +75,13 @@ class LogSection:
 
 
 @attrs.frozen
+class TestingSection:
+    # Test-only: run a deliberately broken Raft core (a name from raftcache.testing.mutants) so
+    # that the fault suite can prove it catches the bug. Never set this in production.
+    mutant: str = ""
+
+
+@attrs.frozen
 class Config:
     node: NodeSection
     cluster: ClusterSection
@@ -80,10 +91,17 @@ class Config:
     backend: PluginChoice = PluginChoice("memory")
     plugins: PluginsSection = PluginsSection()
     log: LogSection = LogSection()
+    testing: TestingSection = TestingSection()
     path: str = "<config>"
 
     def peer_addresses(self) -> dict[int, str]:
         return {int(k): v for k, v in self.cluster.peers.items()}
+
+    def client_addresses(self) -> dict[int, str]:
+        out = self.peer_addresses()
+        out.update({int(k): v for k, v in self.cluster.client_addresses.items()})
+        out[self.node.id] = self.node.address
+        return out
 
     def fail(self, key: str, problem: str) -> ConfigError:
         """A ConfigError for `key` of this file (for checks made after loading)."""
@@ -155,6 +173,17 @@ def _validate(c: Config) -> None:
         if not isinstance(v, str) or ":" not in v:
             raise c.fail(f"cluster.peers.{k}", f"expected \"host:port\", got {v!r}")
         peers[int(k)] = v
+    for k, v in c.cluster.client_addresses.items():
+        if not str(k).isdigit() or int(k) not in peers:
+            raise c.fail(f"cluster.client_addresses.{k}", "not a node id in cluster.peers")
+        if not isinstance(v, str) or ":" not in v:
+            raise c.fail(f"cluster.client_addresses.{k}", f"expected \"host:port\", got {v!r}")
+    if c.testing.mutant:
+        from raftcache.testing.mutants import MUTANTS
+
+        if c.testing.mutant not in MUTANTS:
+            raise c.fail("testing.mutant", f"unknown mutant {c.testing.mutant!r} (known: "
+                                           f"{', '.join(sorted(MUTANTS))})")
     if c.node.id not in peers:
         raise c.fail("cluster.peers", f"must include this node (id {c.node.id})")
     if peers[c.node.id] != c.node.address:

@@ -29,6 +29,9 @@ from raftcache.core.config import Config
 from raftcache.core.hookspecs import TLSConfig
 from raftcache.core.messages import (
     NONE,
+    ConfChange,
+    ConfChangeSingle,
+    ConfChangeType,
     EntryType,
     HardState,
     NotLeader,
@@ -43,6 +46,8 @@ log = logging.getLogger("raftcache.node")
 
 _WRITE_OPS = ("put", "remove", "cas", "incr", "invalidate", "mset")
 _READ_OPS = ("get", "mget")
+_CHANGES = {"add-voter": ConfChangeType.ADD_VOTER, "add-learner": ConfChangeType.ADD_LEARNER,
+            "remove": ConfChangeType.REMOVE_NODE}
 
 
 class _Pending:
@@ -59,7 +64,8 @@ class Node:
     def __init__(self, config: Config, pm=None, rng: random.Random | None = None):
         self.config = config
         self.id = config.node.id
-        self.peers = config.peer_addresses()
+        self.peers = config.peer_addresses()  # where this node reaches each peer
+        self.client_addresses = config.client_addresses()  # what clients are told
         self.pm = pm or make_manager(block=config.plugins.block)
         plugins = PluginSet(self.pm)
         self.log = _NodeLog(log, self)
@@ -113,16 +119,23 @@ class Node:
         )
 
     def _start_raft(self, rng: random.Random) -> RawNode:
+        core = RawNode
+        if self.config.testing.mutant:
+            from raftcache.testing.mutants import MUTANTS
+
+            core = MUTANTS[self.config.testing.mutant]
+            self.log.warning("TEST-ONLY: running the deliberately broken Raft core %r "
+                             "(testing.mutant); this node is NOT safe", self.config.testing.mutant)
         hard_state, snapshot, entries = self.storage.load()
         if hard_state == HardState() and snapshot is None and not entries:
             self.log.info("new node: bootstrapping cluster of %s", sorted(self.peers))
-            return RawNode.bootstrap(self._raft_config(), rng, sorted(self.peers))
+            return core.bootstrap(self._raft_config(), rng, sorted(self.peers))
         if snapshot is not None:
             self.sm.restore(snapshot.data)
         self.log.info("restarting at term %d, commit %d, %d entries", hard_state.term,
                       hard_state.commit, len(entries))
-        return RawNode(self._raft_config(), rng, PersistedState(hard_state, snapshot,
-                                                                tuple(entries)))
+        return core(self._raft_config(), rng, PersistedState(hard_state, snapshot,
+                                                             tuple(entries)))
 
     def start(self) -> None:
         self.transport.serve(self)
@@ -140,7 +153,11 @@ class Node:
         self._stopped.set()
         self._wakeup.set()
         gevent.killall(self._greenlets, timeout=2)
-        for pending in list(self._writes.values()) + list(self._reads.values()):
+        # A proposed write may still commit through the other nodes: its fate is unknown.
+        for pending in self._writes.values():
+            pending.result.set(wire.error_response("OutcomeUnknown", "node is shutting down; "
+                                                                     "the write may still apply"))
+        for pending in self._reads.values():
             pending.result.set(wire.error_response("Unavailable", "node is shutting down"))
         self.transport.close()
         self.storage.close()
@@ -318,6 +335,10 @@ class Node:
                 return self._write(request)
             if op in _READ_OPS:
                 return self._read(request)
+            if op == "transfer_leader":
+                return self._transfer_leader(request)
+            if op == "change_member":
+                return self._change_member(request)
             return wire.error_response("InvalidRequest", f"unknown operation {op!r}")
         except (_BadRequest, commands.CommandError) as exc:
             return wire.error_response("InvalidRequest", str(exc))
@@ -332,11 +353,11 @@ class Node:
         return self.config.node.request_timeout_ms / 1000.0
 
     def _not_leader(self, leader: int, request):
-        hint = self.peers.get(leader, "")
         forwarded = request.header is not None and request.header.forwarded
-        if self.config.node.proxy and hint and not forwarded:
-            return self._forward(hint, request)
-        return wire.error_response("NotLeader", "not the leader", hint)
+        if self.config.node.proxy and leader in self.peers and not forwarded:
+            return self._forward(self.peers[leader], request)
+        return wire.error_response("NotLeader", "not the leader",
+                                   self.client_addresses.get(leader, ""))
 
     def _forward(self, address: str, request):
         if request.header is None:
@@ -388,17 +409,76 @@ class Node:
             return self._not_leader(exc.leader, request)
         except ProposalRefused as exc:
             return wire.error_response("Unavailable", exc.reason)
+        result = self._await_write(index, term, request)
+        if isinstance(result, wire.Response):
+            return result
+        return _write_response(request.op, result)
+
+    def _await_write(self, index: int, term: int, request):
+        """The applied result of our entry (index, term), or an error Response."""
         pending = self._writes[index] = _Pending(term)
         self._wakeup.set()
         try:
-            result = pending.result.get(timeout=self._timeout(request))
+            return pending.result.get(timeout=self._timeout(request))
         except gevent.Timeout:
             self._writes.pop(index, None)
             return wire.error_response("OutcomeUnknown", "timed out waiting for the write to "
                                                          "commit; it may still apply")
-        if isinstance(result, wire.Response):
-            return result
-        return _write_response(request.op, result)
+
+    # -- operations ----------------------------------------------------------------------------------
+    def _transfer_leader(self, request):
+        target = request.node_id
+        if not target:
+            raise _BadRequest("transfer_leader needs node_id")
+        deadline = time.monotonic() + self._timeout(request)
+        try:
+            self.raw.transfer_leadership(target)
+        except NotLeader as exc:
+            return self._not_leader(exc.leader, request)
+        except ProposalRefused as exc:
+            return wire.error_response("InvalidRequest", exc.reason)
+        self._wakeup.set()
+        while self.raw.lead != target:
+            if time.monotonic() >= deadline:
+                return wire.error_response("Unavailable", f"node {target} did not take over "
+                                                          "in time; retry")
+            gevent.sleep(self.config.raft.tick_ms / 1000.0)
+        return wire.Response(status=self.status())
+
+    def _change_member(self, request):
+        change, target = request.change, request.node_id
+        if change not in _CHANGES or not target or target < 1:
+            raise _BadRequest(f"change_member needs node_id and a change out of "
+                              f"{', '.join(_CHANGES)}")
+        if target not in self.peers:
+            raise _BadRequest(f"node {target} is not in cluster.peers (known: "
+                              f"{', '.join(map(str, sorted(self.peers)))})")
+        deadline = time.monotonic() + self._timeout(request)
+        while True:
+            conf = self.raw.conf
+            done = {"add-voter": target in conf.voters and not conf.joint,
+                    "add-learner": target in conf.learners,
+                    "remove": target not in conf.all_nodes()}[change]
+            if done:  # raw.conf is what has been applied, hence committed
+                return wire.Response(status=self.status())
+            cc = ConfChange((ConfChangeSingle(_CHANGES[change], target),))
+            try:
+                if conf.joint:
+                    raise ProposalRefused("a configuration change is still being applied")
+                term, index = self.raw.propose_conf_change(cc)
+            except NotLeader as exc:
+                return self._not_leader(exc.leader, request)
+            except ProposalRefused as exc:
+                # One change at a time: wait for the one in progress (or the joint state) to end.
+                if time.monotonic() >= deadline:
+                    return wire.error_response("Unavailable", exc.reason)
+                self._wakeup.set()
+                gevent.sleep(self.config.raft.tick_ms / 1000.0)
+                continue
+            result = self._await_write(index, term, request)
+            if isinstance(result, wire.Response) and result.error:
+                return result
+            # Applied; loop once more to report the settled (non-joint) configuration.
 
     def _read(self, request):
         consistency = request.consistency or "linearizable"
@@ -446,7 +526,7 @@ class Node:
         return wire.NodeStatus(
             id=self.id, address=self.config.node.address, role=raw.role.name.lower(),
             term=raw.term, commit=raw.commit, applied=raw.applied, leader=raw.lead,
-            leader_address=self.peers.get(raw.lead, ""),
+            leader_address=self.client_addresses.get(raw.lead, ""),
             voters=sorted(raw.conf.voters), learners=sorted(raw.conf.learners),
         )
 

@@ -68,11 +68,14 @@ FIELDS = {
     "mget": ("keys", "consistency", "header"),
     "mset": ("items", "ttl_ms", "header"),
     "status": (),
+    "transfer_leader": ("node_id", "header"),
+    "change_member": ("change", "node_id", "header"),
 }
 # Service method -> the Response field holding its return value.
 RESULT = {"put": "number", "get": "result", "remove": "ok", "cas": "ok", "incr": "number",
-          "invalidate": "number", "mget": "results", "mset": "versions", "status": "status"}
-_READ_ONLY = frozenset({"get", "mget", "status"})
+          "invalidate": "number", "mget": "results", "mset": "versions", "status": "status",
+          "transfer_leader": "status", "change_member": "status"}
+_READ_ONLY = frozenset({"get", "mget", "status", "transfer_leader"})
 _EXCEPTIONS = {name: getattr(wire.idl, name) for name in wire.ERRORS}
 
 for _op, _fields in FIELDS.items():  # the IDL and these tables must agree

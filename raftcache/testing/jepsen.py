@@ -1,0 +1,960 @@
+"""A Jepsen-style fault suite: a real cluster, real faults, a linearizability checker.
+
+    python -m raftcache.testing.jepsen --time 120 --nemesis all --seed 7
+
+starts a cluster from scratch in a temporary directory (nodes on distinct 127.0.0.x "hosts",
+reaching each other only through fault relays: :mod:`raftcache.testing.relay`), runs a register
+workload with many concurrent clients while nemeses inject faults chosen at random from the
+seed, heals everything, checks, prints a summary and exits non-zero on any anomaly.
+
+The checks:
+
+* **linearizability** of every key's history (:mod:`raftcache.testing.linearizability`);
+* **final reads**: after healing, every acknowledged write is still readable unless a later
+  acknowledged write replaced it (:func:`lost_writes`);
+* **replicas agree**: once caught up, every node holds the same value for every key;
+* **nodes stay up**: a node that exits without being killed, or fails to restart, is an anomaly;
+* **progress**: once healed, the cluster elects a leader, takes a write and has its membership
+  back within a bounded time.
+
+Operations are recorded as invoke and ok / fail / info with times from the runner's monotonic
+clock. OutcomeUnknown and write timeouts are ``info`` (the process then continues under a new
+id, as in Jepsen); a failed read, or a write the system said surely did not apply, is ``fail``.
+
+``SCENARIOS`` maps every anomaly Jepsen found in Raft-backed stores (../shared/anchors.md) to the
+faults and checks here that would catch it; ``--scenario NAME`` runs one.
+"""
+
+if __name__ == "__main__":  # before anything imports socket, ssl or threading (pitfalls.md)
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from collections.abc import Callable, Iterable  # noqa: E402
+
+import attrs  # noqa: E402
+
+from raftcache.testing.history import History, Kind, Operation, Status  # noqa: E402
+
+# -- the final-read check (pure) -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Anomaly:
+    kind: str  # not-linearizable, version-conflict, undecided, lost-write, replicas-diverge,
+    #            node-crashed, no-progress
+    key: object
+    message: str
+
+
+def _writes(op: Operation) -> bool:
+    if op.kind in (Kind.WRITE, Kind.DELETE):
+        return op.status is not Status.FAIL
+    if op.kind is Kind.CAS:
+        return op.status is Status.INFO or (op.status is Status.OK and op.result[0])
+    return False
+
+
+def lost_writes(ops: Iterable[Operation], final: dict) -> list[Anomaly]:
+    """Every acknowledged write must still be readable at the end unless a later acknowledged
+    write replaced it.
+
+    ``final`` maps each key to what a linearizable read returned once every fault had healed:
+    ``(value, version)`` or ``None``. A write "could be last" unless some acknowledged write was
+    invoked after it completed (an ``info`` write never completed, so it always could be). The
+    final state must come from a write that could be last; when the key was never written by
+    an acknowledged op, absence is fine too.
+    """
+    by_key: dict = {}
+    for op in ops:
+        if _writes(op):
+            by_key.setdefault(op.key, []).append(op)
+    out = []
+    for key, result in final.items():
+        writes = by_key.get(key, [])
+        acked = [w for w in writes if w.status is Status.OK]
+        last_invoke = max((w.invoke_time for w in acked), default=-1.0)
+        could_be_last = [w for w in writes
+                         if w.status is Status.INFO or w.complete_time >= last_invoke]
+        if result is None:
+            if not acked or any(w.kind is Kind.DELETE for w in could_be_last):
+                continue
+            problem = "the key is gone"
+        else:
+            if any(w.kind is not Kind.DELETE and w.value == result[0] for w in could_be_last):
+                continue
+            problem = f"it reads {result[0]!r} @ version {result[1]}"
+        latest = sorted((w for w in could_be_last if w.status is Status.OK),
+                        key=lambda w: w.invoke_time)[-3:]
+        shown = "; ".join(w.describe() for w in latest)
+        out.append(Anomaly("lost-write", key, f"{problem}, but the acknowledged write(s) "
+                                              f"that could be last were: {shown}"))
+    return out
+
+
+# -- scenarios: the anomalies Jepsen found (../shared/anchors.md), and what catches each ---------------
+
+
+@attrs.frozen
+class Scenario:
+    anomaly: str  # as anchors.md tells it
+    nemesis: tuple[str, ...]
+    catches: str  # which check reports it
+    read: str = "linearizable"
+    settings: tuple[str, ...] = ()  # extra config, "section.key=value"
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "failover-data-loss": Scenario(
+        "RedisRaft: total data loss on failover", ("kill-leader", "pause-leader"),
+        "final reads (lost-write) and linearizability"),
+    "restart-stale-reads": Scenario(
+        "RedisRaft: stale or empty reads after restart, because a new leader served reads "
+        "before committing an entry of its own term", ("kill-all", "kill-majority"),
+        "linearizability (a read older than an acknowledged write)"),
+    "aborted-read": Scenario(
+        "RedisRaft: a write reported as failed that had committed",
+        ("partition-leader", "kill-leader", "transfer"),
+        "linearizability: fail means never applied, so reading a failed write's value breaks it"),
+    "membership-split-brain": Scenario(
+        "RedisRaft: split brain with lost updates during a partition plus a membership change",
+        ("partition-halves", "partition-leader", "member-readd"),
+        "linearizability, final reads, replicas agree"),
+    "crash-partition-loss": Scenario(
+        "RedisRaft: committed writes lost under crashes plus partitions",
+        ("kill", "kill-leader", "partition-halves", "partition-bridge"),
+        "final reads (lost-write) and linearizability"),
+    "membership-empty-reads": Scenario(
+        "RedisRaft: empty reads after membership changes", ("member-readd", "member-learner"),
+        "linearizability (absent where a value was acknowledged) and final reads"),
+    "proxy-crossed-replies": Scenario(
+        "RedisRaft: crossed replies when followers proxied requests",
+        ("slow", "reset", "lossy", "transfer"),
+        "linearizability: every value is unique to one key and write, so a reply meant for "
+        "another request reads a value never written to this key",
+        settings=("node.proxy=true",)),
+    "reapplied-command": Scenario(
+        "RedisRaft: a command re-applied forever", ("kill", "lossy", "reset"),
+        "replicas agree, nodes stay up, progress after healing (and exactly-once retries: a "
+        "re-applied write shows as a value or version no linearization explains)"),
+    "snapshot-startup-crash": Scenario(
+        "RedisRaft: crashes when snapshot and log indexes disagreed at start-up",
+        ("kill", "kill-majority", "kill-all", "member-learner"),
+        "nodes stay up (a node that cannot restart is an anomaly); snapshots every 200 entries",
+        settings=("raft.snapshot_entries=200", "raft.snapshot_keep_entries=20")),
+    "deposed-leader-reads": Scenario(
+        "etcd/Consul 2014: stale reads from a deposed leader serving local reads",
+        ("partition-leader", "partition-oneway", "pause-leader"),
+        "linearizability (the teeth test runs this with the read-without-heartbeat mutant)"),
+    "lease-slow-disk": Scenario(
+        "etcd: every lease revoked while the leader was stuck in a slow fdatasync",
+        ("pause-leader", "slow", "partition-leader"),
+        "linearizability of lease reads while the leader stalls and its clock jumps",
+        read="lease"),
+    "unfsynced-write-loss": Scenario(
+        "etcd: stale reads after losing un-fsynced writes", ("kill-all", "kill-majority"),
+        "final reads and linearizability after every node restarted from its disk"),
+}
+
+
+# -- nemeses -----------------------------------------------------------------------------------------
+
+
+@attrs.define
+class Fault:
+    name: str
+    detail: str
+    heal: Callable[[], None] = lambda: None
+
+
+NEMESES: dict[str, Callable] = {}
+
+
+def nemesis(name: str):
+    def register(fn):
+        NEMESES[name] = fn
+        return fn
+
+    return register
+
+
+FAMILIES = {
+    "kill": ("kill", "kill-leader", "kill-majority", "kill-all"),
+    "pause": ("pause", "pause-leader"),
+    "partition": ("partition-one", "partition-leader", "partition-halves", "partition-ring",
+                  "partition-bridge", "partition-oneway"),
+    "link": ("slow", "lossy", "reset"),
+    "transfer": ("transfer",),
+    "member": ("member-readd", "member-learner"),
+}
+
+
+def expand_nemeses(spec: Iterable[str]) -> list[str]:
+    """Names and family names (kill, pause, partition, link, transfer, member, all) -> names."""
+    out: list[str] = []
+    for item in spec:
+        for name in (x.strip() for x in item.split(",") if x.strip()):
+            if name == "all":
+                names = [n for f in FAMILIES.values() for n in f]
+            elif name == "none":
+                names = []
+            elif name in FAMILIES:
+                names = list(FAMILIES[name])
+            elif name in NEMESES:
+                names = [name]
+            else:
+                known = sorted(set(NEMESES) | set(FAMILIES) | {"all", "none"})
+                raise ValueError(f"unknown nemesis {name!r} (known: {', '.join(known)})")
+            out += [n for n in names if n not in out]
+    return out
+
+
+def _kill(run, nodes: list[int], label: str) -> Fault:
+    redis_too = []
+    for n in nodes:
+        run.kill(n)
+        if n in run.cluster.redis and run.rng.random() < 0.3:
+            run.cluster.kill_redis(n)  # the AOF must hold everything acknowledged
+            redis_too.append(n)
+
+    def heal():
+        for n in nodes:
+            if n in redis_too:
+                run.cluster.restart_redis(n)
+            run.restart(n)
+
+    extra = f" (and its redis-server: {redis_too})" if redis_too else ""
+    return Fault(label, f"kill -9 {nodes}{extra}", heal)
+
+
+@nemesis("kill")
+def _nemesis_kill(run) -> Fault:
+    return _kill(run, [run.rng.choice(run.live())], "kill")
+
+
+@nemesis("kill-leader")
+def _nemesis_kill_leader(run) -> Fault:
+    return _kill(run, [run.leader_or_any()], "kill-leader")
+
+
+@nemesis("kill-majority")
+def _nemesis_kill_majority(run) -> Fault:
+    live = run.live()
+    k = min(len(live), run.nodes // 2 + 1)
+    return _kill(run, run.rng.sample(live, k), "kill-majority")
+
+
+@nemesis("kill-all")
+def _nemesis_kill_all(run) -> Fault:
+    return _kill(run, run.live(), "kill-all")
+
+
+def _pause(run, node: int, label: str) -> Fault:
+    run.pause(node)
+    return Fault(label, f"SIGSTOP node {node}", lambda: run.resume(node))
+
+
+@nemesis("pause")
+def _nemesis_pause(run) -> Fault:
+    return _pause(run, run.rng.choice(run.live()), "pause")
+
+
+@nemesis("pause-leader")
+def _nemesis_pause_leader(run) -> Fault:
+    return _pause(run, run.leader_or_any(), "pause-leader")
+
+
+def _partition(run, links: set, label: str, detail: str) -> Fault:
+    run.net.block(links)
+
+    def heal():
+        for link in links:
+            run.net.faults[link].blocked = False
+
+    return Fault(label, f"{detail}: {len(links)} links blocked", heal)
+
+
+@nemesis("partition-one")
+def _nemesis_partition_one(run) -> Fault:
+    from raftcache.testing import relay
+
+    n = run.rng.choice(run.node_ids())
+    return _partition(run, relay.isolate(n, run.node_ids()), "partition-one", f"isolate {n}")
+
+
+@nemesis("partition-leader")
+def _nemesis_partition_leader(run) -> Fault:
+    from raftcache.testing import relay
+
+    n = run.leader_or_any()
+    return _partition(run, relay.isolate(n, run.node_ids()), "partition-leader",
+                      f"isolate leader {n}")
+
+
+@nemesis("partition-halves")
+def _nemesis_partition_halves(run) -> Fault:
+    from raftcache.testing import relay
+
+    return _partition(run, relay.halves(run.node_ids(), run.rng), "partition-halves",
+                      "majority | minority")
+
+
+@nemesis("partition-ring")
+def _nemesis_partition_ring(run) -> Fault:
+    from raftcache.testing import relay
+
+    return _partition(run, relay.majorities_ring(run.node_ids(), run.rng), "partition-ring",
+                      "majorities ring")
+
+
+@nemesis("partition-bridge")
+def _nemesis_partition_bridge(run) -> Fault:
+    from raftcache.testing import relay
+
+    return _partition(run, relay.bridge(run.node_ids(), run.rng), "partition-bridge", "bridge")
+
+
+@nemesis("partition-oneway")
+def _nemesis_partition_oneway(run) -> Fault:
+    from raftcache.testing import relay
+
+    n = run.leader_or_any() if run.rng.random() < 0.5 else run.rng.choice(run.node_ids())
+    return _partition(run, relay.one_way(n, run.node_ids()), "partition-oneway",
+                      f"node {n} hears nobody")
+
+
+def _some_links(run) -> list:
+    links = run.net.links()
+    if run.rng.random() < 0.5:
+        return links
+    return run.rng.sample(links, max(1, len(links) // 3))
+
+
+@nemesis("slow")
+def _nemesis_slow(run) -> Fault:
+    links = _some_links(run)
+    delay, jitter = run.rng.uniform(0.005, 0.08), run.rng.uniform(0.0, 0.05)
+    run.net.slow(links, delay, jitter)
+
+    def heal():
+        run.net.slow(links, 0.0, 0.0)
+
+    return Fault("slow", f"{len(links)} links delayed {delay * 1000:.0f} ms "
+                         f"+ up to {jitter * 1000:.0f} ms", heal)
+
+
+@nemesis("lossy")
+def _nemesis_lossy(run) -> Fault:
+    links = _some_links(run)
+    drop = run.rng.uniform(0.01, 0.15)
+    run.net.lossy(links, drop)
+
+    def heal():
+        run.net.lossy(links, 0.0)
+
+    return Fault("lossy", f"{len(links)} links drop {drop:.0%} of chunks", heal)
+
+
+@nemesis("reset")
+def _nemesis_reset(run) -> Fault:
+    return Fault("reset", f"reset {run.net.reset()} connections")
+
+
+@nemesis("transfer")
+def _nemesis_transfer(run) -> Fault:
+    voters = run.voters()
+    leader = run.leader()
+    candidates = [n for n in voters if n != leader and n in run.live()]
+    if not candidates:
+        return Fault("transfer", "no live voter to transfer to")
+    target = run.rng.choice(candidates)
+    outcome = run.admin(lambda c: c.transfer_leader(target))
+    return Fault("transfer", f"leadership {leader} -> {target}: {outcome}")
+
+
+@nemesis("member-readd")
+def _nemesis_member_readd(run) -> Fault:
+    n = run.rng.choice(run.node_ids())
+    outcome = run.admin(lambda c: c.remove_member(n))
+
+    def heal():
+        run.admin(lambda c: c.add_member(n))
+
+    return Fault("member-readd", f"remove node {n}: {outcome}", heal)
+
+
+@nemesis("member-learner")
+def _nemesis_member_learner(run) -> Fault:
+    n = run.rng.choice(run.node_ids())
+    removed = run.admin(lambda c: c.remove_member(n))
+    learner = run.admin(lambda c: c.add_member(n, learner=True))
+
+    def heal():
+        run.admin(lambda c: c.add_member(n))  # promote
+
+    return Fault("member-learner", f"remove node {n}: {removed}; add as learner: {learner}",
+                 heal)
+
+
+def _perform(c, kind: Kind, key: str, value, expected, read: str):
+    if kind is Kind.READ:
+        return c.get_with_version(key, read)
+    if kind is Kind.WRITE:
+        return c.set(key, value)
+    if kind is Kind.CAS:
+        return c.cas_with_version(key, expected, value)
+    return c.delete(key)
+
+
+# -- the runner ---------------------------------------------------------------------------------------
+
+
+@attrs.define
+class Options:
+    time: float = 60.0
+    seed: int = 0
+    nodes: int = 5
+    nemesis: tuple = ("all",)
+    transport: str = "thrift"
+    storage: str = "file-wal"
+    read: str = "linearizable"  # or "lease"
+    clients: int = 10
+    keys: int = 5  # keys in play at once
+    ops_per_key: int = 150  # then the key retires for a fresh one (keeps the search small)
+    op_timeout: float = 1.5
+    rate: float = 0.0  # cap on operations per second over all clients (0: as fast as they go)
+    quiet: tuple = (0.5, 2.0)  # seconds between faults
+    hold: tuple = (1.0, 4.0)  # seconds a fault lasts
+    compose: float = 0.3  # chance that a second fault joins the first
+    settings: tuple = ()  # "section.key=value" config overrides
+    mutant: str = ""
+    dir: str | None = None  # keep everything here (default: a temp dir, kept on anomalies)
+    history: str | None = None  # where to write the history (default: dir/history.jsonl)
+
+
+def _parse_setting(text: str) -> tuple[str, str, object]:
+    import tomllib
+
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"settings look like section.key=value, got {text!r}")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+class Run:
+    """One run: cluster, relays, workload, nemeses, final checks. See the module doc."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.nodes = opts.nodes
+        self.rng = random.Random(opts.seed)
+        self.history = History()
+        self.anomalies: list[Anomaly] = []
+        self.faults = Counter()
+        self.fault_log: list[str] = []
+        self.nemesis_errors = 0
+        self.down: set[int] = set()
+        self.paused: set[int] = set()
+        self.exits_seen: set[tuple[int, int]] = set()
+        self.terms_with_leader: set[int] = set()
+        self.keys_used: list[str] = []
+        self.stopping = False
+        self._next_op = 0.0
+        self.cluster = None
+        self.net = None
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        from raftcache.cluster import LocalCluster, free_port_block
+        from raftcache.testing.relay import RelayNet
+
+        o = self.opts
+        self.tmp = o.dir is None
+        self.dir = o.dir or tempfile.mkdtemp(prefix="raftcache-jepsen-")
+        os.makedirs(self.dir, exist_ok=True)
+        hosts = [f"127.0.0.{i + 1}" for i in range(1, self.nodes + 1)]
+        extra: dict = {
+            "raft": {"snapshot_entries": 2000, "snapshot_keep_entries": 200},
+            "node": {"proxy": True, "request_timeout_ms": int(o.op_timeout * 1000)},
+        }
+        if o.read == "lease":
+            extra["raft"]["read_only"] = "lease"
+        if o.mutant:
+            extra["testing"] = {"mutant": o.mutant}
+        for text in o.settings:
+            section, key, value = _parse_setting(text)
+            extra.setdefault(section, {})[key] = value
+        port = free_port_block(self.nodes)
+        self.cluster = LocalCluster(self.dir, nodes=self.nodes, port=port, storage=o.storage,
+                                    transport=o.transport, hosts=hosts, extra=extra)
+        self.net = RelayNet({i: self.cluster.address(i) for i in self.node_ids()}, self.rng)
+        self.cluster.routes = self.net.routes()
+        self.cluster.start()
+        self.cluster.wait_for_leader(timeout=30)
+
+    def node_ids(self) -> list[int]:
+        return list(range(1, self.nodes + 1))
+
+    def live(self) -> list[int]:
+        return [n for n in self.node_ids() if n not in self.down] or self.node_ids()
+
+    def client(self, endpoints=None, timeout: float | None = None):
+        from raftcache.client import Client
+        from raftcache.core.hookspecs import TLSConfig
+
+        tls = self.cluster.tls_files()
+        return Client(endpoints or self.cluster.endpoints(), timeout=timeout or self.opts.op_timeout,
+                      transport=self.opts.transport, tls=TLSConfig(**tls) if tls else None)
+
+    # -- process control (the nemeses' hands) -------------------------------------------------------
+    def kill(self, n: int) -> None:
+        self.down.add(n)
+        self.cluster.kill(n)
+
+    def restart(self, n: int) -> None:
+        if n in self.down:
+            self.cluster.start(n)
+            self.down.discard(n)
+            self.paused.discard(n)
+
+    def pause(self, n: int) -> None:
+        self.paused.add(n)
+        self.cluster.pause(n)
+
+    def resume(self, n: int) -> None:
+        self.paused.discard(n)
+        self.cluster.resume(n)
+
+    def statuses(self, timeout: float = 0.5) -> dict:
+        out = {}
+        with self.client(timeout=timeout) as c:
+            for n in self.node_ids():
+                if n in self.down or n in self.paused:
+                    continue
+                try:
+                    out[n] = c.status(self.cluster.address(n))
+                except Exception:
+                    pass
+        return out
+
+    def leader(self) -> int | None:
+        leaders = [(s.term, n) for n, s in self.statuses().items() if s.role == "leader"]
+        return max(leaders)[1] if leaders else None
+
+    def leader_or_any(self) -> int:
+        leader = self.leader()
+        return leader if leader is not None else self.rng.choice(self.live())
+
+    def voters(self) -> list[int]:
+        for s in self.statuses().values():
+            if s.role == "leader":
+                return list(s.voters)
+        return self.node_ids()
+
+    def admin(self, action) -> str:
+        try:
+            with self.client(timeout=3.0) as c:
+                action(c)
+            return "done"
+        except Exception as exc:
+            self.nemesis_errors += 1
+            return f"{type(exc).__name__}: {exc}"
+
+    # -- workload -----------------------------------------------------------------------------------
+    def _pace(self) -> None:
+        if not self.opts.rate:
+            return
+        import gevent
+
+        # One shared schedule: operation i may start at t0 + i / rate.
+        now = time.monotonic()
+        self._next_op = max(self._next_op, now) + 1.0 / self.opts.rate
+        if self._next_op - now > 1.0 / self.opts.rate:
+            gevent.sleep(self._next_op - now - 1.0 / self.opts.rate)
+
+    def _pick_key(self, active: list, counts: Counter) -> str:
+        slot = self.rng.randrange(len(active))
+        key = active[slot]
+        counts[key] += 1
+        if counts[key] >= self.opts.ops_per_key:
+            fresh = f"k{len(self.keys_used)}"
+            self.keys_used.append(fresh)
+            active[slot] = fresh
+        return key
+
+    def _worker(self, w: int, active: list, counts: Counter) -> None:
+        from raftcache import errors
+
+        o = self.opts
+        rng = random.Random(o.seed * 1000 + w)
+        # Half the clients stick to one node: they exercise follower reads and proxying.
+        endpoints = None if w % 2 == 0 else [self.cluster.address(w // 2 % self.nodes + 1)]
+        process = w
+        seen: dict[str, int] = {}  # key -> latest version this worker saw
+        counter = 0
+        with self.client(endpoints) as c:
+            while not self.stopping:
+                key = self._pick_key(active, counts)
+                roll = rng.random()
+                counter += 1
+                value, expected = f"{w}.{counter}", None
+                if roll < 0.45:
+                    kind, value = Kind.READ, None
+                elif roll < 0.75:
+                    kind = Kind.WRITE
+                elif roll < 0.9:
+                    kind, expected = Kind.CAS, seen.get(key) or 1
+                else:
+                    kind, value = Kind.DELETE, None
+                self._pace()
+                op = self.history.invoke(process, kind, key, value, expected)
+                try:
+                    result = _perform(c, kind, key, value, expected, o.read)
+                except errors.Unavailable:
+                    self.history.fail(op)  # surely not applied / the read was not served
+                    continue
+                except (errors.OutcomeUnknown, OSError, TimeoutError):
+                    if kind is Kind.READ:
+                        self.history.fail(op)
+                        continue
+                    self.history.info(op)
+                    process += o.clients  # the op may still be pending: a new process
+                    continue
+                except errors.RaftCacheError as exc:
+                    self.history.info(op)
+                    process += o.clients
+                    self.anomalies.append(Anomaly("unexpected-error", key, f"{kind}: {exc!r}"))
+                    continue
+                if kind is Kind.READ:
+                    result = None if result is None else (result[0].decode(), result[1])
+                    if result is not None:
+                        seen[key] = result[1]
+                elif kind is Kind.WRITE:
+                    seen[key] = result
+                elif kind is Kind.CAS and result[0]:
+                    seen[key] = result[1]
+                self.history.ok(op, result)
+
+    # -- nemesis schedule ---------------------------------------------------------------------------
+    def _nemesis_loop(self, names: list[str], until: float) -> None:
+        import gevent
+
+        o = self.opts
+        while names and time.monotonic() < until:
+            gevent.sleep(min(self.rng.uniform(*o.quiet), max(0.0, until - time.monotonic())))
+            if time.monotonic() >= until:
+                break
+            picks = [self.rng.choice(names)]
+            if self.rng.random() < o.compose:
+                picks.append(self.rng.choice(names))
+            active = []
+            for name in picks:
+                try:
+                    fault = NEMESES[name](self)
+                except Exception as exc:
+                    self.nemesis_errors += 1
+                    self._note(f"{name}: could not start: {exc!r}")
+                    continue
+                self.faults[name] += 1
+                active.append(fault)
+                self._note(f"start {fault.name}: {fault.detail}")
+            gevent.sleep(min(self.rng.uniform(*o.hold), max(0.0, until - time.monotonic())))
+            for fault in reversed(active):
+                try:
+                    fault.heal()
+                except Exception as exc:
+                    self.nemesis_errors += 1
+                    self._note(f"{fault.name}: heal failed: {exc!r}")
+                self._note(f"heal {fault.name}")
+
+    def _note(self, text: str) -> None:
+        line = f"{time.monotonic() - self.t0:8.3f} {text}"
+        self.fault_log.append(line)
+        if self.verbose:
+            print(line, flush=True)
+
+    def _monitor(self) -> None:
+        import gevent
+
+        while not self.stopping:
+            self._check_processes()
+            for s in self.statuses(timeout=0.3).values():
+                if s.role == "leader":
+                    self.terms_with_leader.add(s.term)
+            gevent.sleep(0.25)
+
+    def _check_processes(self) -> None:
+        for n, p in self.cluster.processes.items():
+            code = p.poll()
+            if code is None or n in self.down or (n, p.pid) in self.exits_seen:
+                continue
+            self.exits_seen.add((n, p.pid))
+            self.anomalies.append(Anomaly(
+                "node-crashed", None, f"node {n} exited with code {code} without being killed; "
+                                      f"log tail:\n{self._log_tail(n)}"))
+
+    def _log_tail(self, n: int, lines: int = 8) -> str:
+        try:
+            with open(self.cluster.log_path(n), errors="replace") as f:
+                return "".join("    " + x for x in f.readlines()[-lines:])
+        except OSError:
+            return "    (no log)"
+
+    # -- healing and the final checks ---------------------------------------------------------------
+    def heal_all(self) -> None:
+        self.net.heal()
+        for n in list(self.paused):
+            self.resume(n)
+        for n in list(self.down):
+            self.restart(n)
+        for n in self.node_ids():
+            server = self.cluster.redis.get(n)
+            if server is not None and not server.running():
+                self.cluster.restart_redis(n)
+
+    def _until(self, seconds: float, what: str, attempt) -> object:
+        """Retry `attempt` until it returns non-None; an anomaly when `seconds` pass."""
+        import gevent
+
+        deadline = time.monotonic() + seconds
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                result = attempt()
+                if result is not None:
+                    return result
+            except Exception as exc:
+                last = exc
+            gevent.sleep(0.2)
+        self.anomalies.append(Anomaly("no-progress", None, f"{what} within {seconds:.0f} s "
+                                                           f"after healing (last: {last!r})"))
+        return None
+
+    def _restore_membership(self):
+        leader = self.leader()
+        if leader is None:
+            return None
+        status = self.statuses()[leader]
+        missing = [n for n in self.node_ids() if n not in status.voters]
+        if not missing:
+            return True
+        with self.client(timeout=3.0) as c:
+            for n in missing:
+                c.add_member(n)
+        return None
+
+    def final_checks(self) -> dict:
+        from raftcache.testing.linearizability import check, format_anomaly
+
+        self._check_processes()
+        self._until(30, "a leader", self.leader)
+        self._until(30, "every node a voter again", self._restore_membership)
+        with self.client(timeout=5.0) as c:
+            sentinel = self._until(20, "an acknowledged write", lambda: c.set("jepsen-sentinel", "1"))
+        # Final reads, recorded like any other read (so the linearizability check sees them).
+        final: dict = {}
+        process = "final"
+        with self.client(timeout=5.0) as c:
+            for key in self.keys_used:
+                for _ in range(10):
+                    op = self.history.invoke(process, Kind.READ, key)
+                    try:
+                        found = c.get_with_version(key)
+                    except Exception:
+                        self.history.fail(op)
+                        continue
+                    found = None if found is None else (found[0].decode(), found[1])
+                    self.history.ok(op, found)
+                    final[key] = found
+                    break
+                else:
+                    self.anomalies.append(Anomaly("no-progress", key, "final read failed 10 "
+                                                                      "times after healing"))
+        self._check_replicas(sentinel)
+        self._check_processes()
+        ops = self.history.operations()
+        result = check(ops)
+        for a in result.anomalies:
+            self.anomalies.append(Anomaly(a.kind, a.key, format_anomaly(a)))
+        self.anomalies.extend(lost_writes(ops, final))
+        return {"keys": result.keys_checked, "checked": result.operations_checked}
+
+    def _check_replicas(self, sentinel) -> None:
+        if sentinel is None:
+            return
+
+        def caught_up():
+            statuses = self.statuses()
+            if len(statuses) == self.nodes and all(s.applied >= sentinel
+                                                   for s in statuses.values()):
+                return True
+            return None
+
+        if self._until(20, "every node applying the final write", caught_up) is None:
+            return
+        views = {}
+        for n in self.node_ids():
+            with self.client([self.cluster.address(n)], timeout=5.0) as c:
+                views[n] = c.mget(self.keys_used, consistency="stale")
+        first = views[1]
+        for n, view in views.items():
+            differ = [k for k, a, b in zip(self.keys_used, first, view, strict=True) if a != b]
+            if differ:
+                self.anomalies.append(Anomaly(
+                    "replicas-diverge", differ[0], f"node {n} and node 1 disagree on "
+                                                   f"{len(differ)} keys, e.g. {differ[:3]}"))
+
+    # -- the whole run ------------------------------------------------------------------------------
+    def run(self, verbose: bool = False) -> dict:
+        import gevent
+
+        self.verbose = verbose
+        o = self.opts
+        names = expand_nemeses(o.nemesis)
+        self.t0 = time.monotonic()
+        started = time.monotonic()
+        try:
+            self.start()
+            active = [f"k{i}" for i in range(o.keys)]
+            self.keys_used = list(active)
+            counts: Counter = Counter()
+            until = time.monotonic() + o.time
+            monitor = gevent.spawn(self._monitor)
+            workers = [gevent.spawn(self._worker, w, active, counts) for w in range(o.clients)]
+            self._nemesis_loop(names, until)
+            gevent.sleep(max(0.0, until - time.monotonic()))
+            self.stopping = True
+            gevent.joinall(workers, timeout=o.op_timeout * 4 + 5)
+            gevent.killall(workers, timeout=1)
+            monitor.kill()
+            self._note("healing")
+            self.heal_all()
+            self.stopping = False
+            checked = self.final_checks()
+        finally:
+            self.stopping = True
+            if self.cluster is not None:
+                self.cluster.stop()
+            if self.net is not None:
+                self.net.close()
+        history_path = o.history or os.path.join(self.dir, "history.jsonl")
+        self.history.dump(history_path)
+        ops = self.history.operations()
+        summary = {
+            "seed": o.seed, "seconds": round(time.monotonic() - started, 1), "nodes": o.nodes,
+            "transport": o.transport, "storage": o.storage, "read": o.read,
+            "nemesis": names, "mutant": o.mutant,
+            "ops": {s: sum(1 for op in ops if op.status is Status(s))
+                    for s in ("ok", "fail", "info")},
+            "by_kind": {str(k): Counter(str(op.status) for op in ops if op.kind is k)
+                        for k in Kind},
+            "faults": dict(self.faults), "nemesis_errors": self.nemesis_errors,
+            "elections": len(self.terms_with_leader),
+            "anomalies": [attrs.asdict(a) | {"key": repr(a.key)} for a in self.anomalies],
+            "history": history_path, "dir": self.dir, **checked,
+        }
+        if self.tmp and not self.anomalies:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            summary["history"] = None
+        return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"raftcache jepsen: seed {s['seed']}, {s['seconds']} s, {s['nodes']} nodes, "
+             f"{s['transport']}, {s['storage']}, reads {s['read']}"
+             + (f", MUTANT {s['mutant']}" if s["mutant"] else "")]
+    lines.append("")
+    lines.append(f"  {'operation':<10}{'ok':>8}{'fail':>8}{'info':>8}")
+    for kind, c in s["by_kind"].items():
+        lines.append(f"  {kind:<10}{c.get('ok', 0):>8}{c.get('fail', 0):>8}{c.get('info', 0):>8}")
+    o = s["ops"]
+    lines.append(f"  {'total':<10}{o['ok']:>8}{o['fail']:>8}{o['info']:>8}")
+    lines.append("")
+    faults = ", ".join(f"{k} {v}" for k, v in sorted(s["faults"].items())) or "none"
+    lines.append(f"  faults injected: {faults} ({s['nemesis_errors']} nemesis calls failed)")
+    lines.append(f"  elections (terms that had a leader): {s['elections']}")
+    lines.append(f"  checked: {s.get('checked', 0)} operations on {s.get('keys', 0)} keys")
+    lines.append(f"  anomalies: {len(s['anomalies'])}")
+    for a in s["anomalies"]:
+        lines.append(f"  - {a['kind']}: {a['message']}")
+    if s["history"]:
+        lines.append(f"  history: {s['history']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raftcache.testing.jepsen",
+                                description="Run a fault-injection test against a local cluster.")
+    p.add_argument("--time", type=float, default=60.0, help="seconds of workload under faults")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nodes", type=int, default=5)
+    p.add_argument("--nemesis", action="append", default=None,
+                   help="nemesis names or families, comma separated (default: all): "
+                        + ", ".join(list(FAMILIES) + ["all", "none"]))
+    p.add_argument("--scenario", choices=sorted(SCENARIOS),
+                   help="the nemeses, read level and settings of one anomaly scenario")
+    p.add_argument("--transport", default="thrift")
+    p.add_argument("--storage", default="file-wal")
+    p.add_argument("--read", choices=("linearizable", "lease"), default=None)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--keys", type=int, default=5)
+    p.add_argument("--ops-per-key", type=int, default=150)
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="cap on operations per second (default: as fast as the clients go); "
+                        "long runs keep their history small with it")
+    p.add_argument("--set", dest="settings", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override a node setting, e.g. "
+                                                     "raft.check_quorum=false")
+    p.add_argument("--mutant", default="", help="TEST-ONLY: run a deliberately broken core")
+    p.add_argument("--dir", help="keep the cluster's files and the history here")
+    p.add_argument("--json", help="also write the summary as JSON to this file")
+    p.add_argument("--list", action="store_true", help="list the nemeses and scenarios")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each fault as it happens")
+    a = p.parse_args(argv)
+    if a.list:
+        for family, names in FAMILIES.items():
+            print(f"{family}: {', '.join(names)}")
+        for name, sc in SCENARIOS.items():
+            print(f"scenario {name}: {sc.anomaly}\n    nemeses {', '.join(sc.nemesis)}; "
+                  f"caught by {sc.catches}")
+        return 0
+    nemeses, read, settings = a.nemesis or ["all"], a.read or "linearizable", list(a.settings)
+    if a.scenario:
+        sc = SCENARIOS[a.scenario]
+        nemeses = a.nemesis or list(sc.nemesis)
+        read = a.read or sc.read
+        settings = list(sc.settings) + settings
+    try:
+        expand_nemeses(nemeses)
+        for text in settings:
+            _parse_setting(text)
+    except ValueError as exc:
+        p.error(str(exc))
+    opts = Options(time=a.time, seed=a.seed, nodes=a.nodes, nemesis=tuple(nemeses),
+                   transport=a.transport, storage=a.storage, read=read, clients=a.clients,
+                   keys=a.keys, ops_per_key=a.ops_per_key, rate=a.rate, settings=tuple(settings),
+                   mutant=a.mutant, dir=a.dir)
+    summary = Run(opts).run(verbose=a.verbose)
+    print(format_summary(summary), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+    return 1 if summary["anomalies"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
