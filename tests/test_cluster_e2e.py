@@ -142,3 +142,37 @@ def test_unavailable_without_quorum(make_cluster):
     with cluster.client(timeout=1.0) as c, pytest.raises(errors.Unavailable):
         c.get("k")
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_leadership_transfer_and_membership_changes(make_cluster, transport):
+    cluster = make_cluster(nodes=3, transport=transport)
+    leader = cluster.wait_for_leader()
+    target = 1 if leader != 1 else 2
+    with cluster.client(timeout=10.0) as c:
+        c.set("before", "x")
+        assert c.transfer_leader(target).leader == target
+        assert cluster.wait_for_leader() == target
+        # Remove a node, bring it back as a learner, promote it: writes go on throughout.
+        other = next(n for n in (1, 2, 3) if n != target)
+        status = c.remove_member(other)
+        assert sorted(status.voters) == sorted({1, 2, 3} - {other})
+        assert c.remove_member(other).voters == status.voters  # idempotent
+        c.set("while-removed", "y")
+        status = c.add_member(other, learner=True)
+        assert list(status.learners) == [other] and other not in status.voters
+        status = c.add_member(other)
+        assert sorted(status.voters) == [1, 2, 3] and not status.learners
+        version = c.set("after", "z")
+        with pytest.raises(errors.InvalidRequest, match="not in cluster.peers"):
+            c.add_member(9)
+        with pytest.raises(errors.InvalidRequest, match="not a voter"):
+            c.transfer_leader(9)
+    # The re-added node caught up on everything, including what was written without it.
+    with single(cluster, other) as c:
+        deadline = time.monotonic() + 10
+        while c.status(cluster.address(other)).applied < version:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for key, value in (("before", b"x"), ("while-removed", b"y"), ("after", b"z")):
+            assert c.get(key, consistency="stale") == value

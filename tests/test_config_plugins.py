@@ -55,6 +55,10 @@ def test_good_config_loads(tmp_path):
          "node.address: '127.0.0.1:9999' differs from cluster.peers.2"),
         (("election_tick = 12", 'read_only = "fast"'), "raft.read_only: expected"),
         (("[raft]", "[raft\n"), "not valid TOML"),
+        (("[raft]", 'client_addresses = { 7 = "127.0.0.1:1" }\n[raft]'),
+         "cluster.client_addresses.7: not a node id in cluster.peers"),
+        (("[raft]", '[testing]\nmutant = "oops"\n[raft]'),
+         "testing.mutant: unknown mutant 'oops' (known: commit-old-terms, read-before-own"),
     ],
 )
 def test_mistakes_give_one_clear_line(tmp_path, change, message):
@@ -66,6 +70,15 @@ def test_mistakes_give_one_clear_line(tmp_path, change, message):
     assert text.startswith(path + ": ")
     assert message in text
     assert "\n" not in text
+
+
+def test_client_addresses_default_to_peers_and_may_differ(tmp_path):
+    c = config.load(write(tmp_path, GOOD))
+    assert c.client_addresses() == c.peer_addresses()
+    text = GOOD.replace('peers = { 1 = "127.0.0.1:7400", 2',
+                        'client_addresses = { 1 = "127.0.0.9:7400" }\npeers = { 1 = "127.0.0.1:7400", 2')
+    c = config.load(write(tmp_path, text))
+    assert c.client_addresses()[1] == "127.0.0.9:7400" and c.peer_addresses()[1] == "127.0.0.1:7400"
 
 
 def test_missing_file():

@@ -179,11 +179,12 @@ def _validate(c: Config) -> None:
         if not isinstance(v, str) or ":" not in v:
             raise c.fail(f"cluster.client_addresses.{k}", f"expected \"host:port\", got {v!r}")
     if c.testing.mutant:
-        from raftcache.testing.mutants import MUTANTS
+        from raftcache.testing.mutants import MUTANTS, NODE_MUTANTS
 
-        if c.testing.mutant not in MUTANTS:
+        known = sorted(set(MUTANTS) | set(NODE_MUTANTS))
+        if c.testing.mutant not in known:
             raise c.fail("testing.mutant", f"unknown mutant {c.testing.mutant!r} (known: "
-                                           f"{', '.join(sorted(MUTANTS))})")
+                                           f"{', '.join(known)})")
     if c.node.id not in peers:
         raise c.fail("cluster.peers", f"must include this node (id {c.node.id})")
     if peers[c.node.id] != c.node.address:

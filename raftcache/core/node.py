@@ -121,11 +121,13 @@ class Node:
     def _start_raft(self, rng: random.Random) -> RawNode:
         core = RawNode
         if self.config.testing.mutant:
-            from raftcache.testing.mutants import MUTANTS
+            from raftcache.testing.mutants import MUTANTS, NODE_MUTANTS
 
-            core = MUTANTS[self.config.testing.mutant]
-            self.log.warning("TEST-ONLY: running the deliberately broken Raft core %r "
-                             "(testing.mutant); this node is NOT safe", self.config.testing.mutant)
+            core = MUTANTS.get(self.config.testing.mutant, RawNode)
+            if self.config.testing.mutant in NODE_MUTANTS:
+                NODE_MUTANTS[self.config.testing.mutant](self)
+            self.log.warning("TEST-ONLY: running the deliberately broken %r (testing.mutant); "
+                             "this node is NOT safe", self.config.testing.mutant)
         hard_state, snapshot, entries = self.storage.load()
         if hard_state == HardState() and snapshot is None and not entries:
             self.log.info("new node: bootstrapping cluster of %s", sorted(self.peers))

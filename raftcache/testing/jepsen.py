@@ -131,7 +131,7 @@ SCENARIOS: dict[str, Scenario] = {
         "linearizability, final reads, replicas agree"),
     "crash-partition-loss": Scenario(
         "RedisRaft: committed writes lost under crashes plus partitions",
-        ("kill", "kill-leader", "partition-halves", "partition-bridge"),
+        ("kill-one", "kill-leader", "partition-halves", "partition-bridge"),
         "final reads (lost-write) and linearizability"),
     "membership-empty-reads": Scenario(
         "RedisRaft: empty reads after membership changes", ("member-readd", "member-learner"),
@@ -143,12 +143,12 @@ SCENARIOS: dict[str, Scenario] = {
         "another request reads a value never written to this key",
         settings=("node.proxy=true",)),
     "reapplied-command": Scenario(
-        "RedisRaft: a command re-applied forever", ("kill", "lossy", "reset"),
+        "RedisRaft: a command re-applied forever", ("kill-one", "lossy", "reset"),
         "replicas agree, nodes stay up, progress after healing (and exactly-once retries: a "
         "re-applied write shows as a value or version no linearization explains)"),
     "snapshot-startup-crash": Scenario(
         "RedisRaft: crashes when snapshot and log indexes disagreed at start-up",
-        ("kill", "kill-majority", "kill-all", "member-learner"),
+        ("kill-one", "kill-majority", "kill-all", "member-learner"),
         "nodes stay up (a node that cannot restart is an anomaly); snapshots every 200 entries",
         settings=("raft.snapshot_entries=200", "raft.snapshot_keep_entries=20")),
     "deposed-leader-reads": Scenario(
@@ -188,8 +188,8 @@ def nemesis(name: str):
 
 
 FAMILIES = {
-    "kill": ("kill", "kill-leader", "kill-majority", "kill-all"),
-    "pause": ("pause", "pause-leader"),
+    "kill": ("kill-one", "kill-leader", "kill-majority", "kill-all"),
+    "pause": ("pause-one", "pause-leader"),
     "partition": ("partition-one", "partition-leader", "partition-halves", "partition-ring",
                   "partition-bridge", "partition-oneway"),
     "link": ("slow", "lossy", "reset"),
@@ -236,9 +236,9 @@ def _kill(run, nodes: list[int], label: str) -> Fault:
     return Fault(label, f"kill -9 {nodes}{extra}", heal)
 
 
-@nemesis("kill")
+@nemesis("kill-one")
 def _nemesis_kill(run) -> Fault:
-    return _kill(run, [run.rng.choice(run.live())], "kill")
+    return _kill(run, [run.rng.choice(run.live())], "kill-one")
 
 
 @nemesis("kill-leader")
@@ -263,9 +263,9 @@ def _pause(run, node: int, label: str) -> Fault:
     return Fault(label, f"SIGSTOP node {node}", lambda: run.resume(node))
 
 
-@nemesis("pause")
+@nemesis("pause-one")
 def _nemesis_pause(run) -> Fault:
-    return _pause(run, run.rng.choice(run.live()), "pause")
+    return _pause(run, run.rng.choice(run.live()), "pause-one")
 
 
 @nemesis("pause-leader")

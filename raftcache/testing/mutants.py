@@ -1,11 +1,15 @@
-"""Deliberately broken Raft cores, to prove that the simulator's checks have teeth.
+"""Deliberately broken Raft cores and nodes, to prove that the checks have teeth.
 
 Each one removes a single safety rule. `python -m raftcache.testing.sim --mutant NAME` runs the
-simulator against it and should report a violation within a few hundred seeds; the tests in
-tests/test_sim_mutants.py assert exactly that.
+simulator against a core mutant and should report a violation within a few hundred seeds; the
+tests in tests/test_sim_mutants.py assert exactly that. A real node runs one when its config says
+`[testing] mutant = "NAME"` (core or node mutants); tests/test_jepsen.py uses that to show the
+fault suite catches them on a running cluster.
 """
 
 from __future__ import annotations
+
+import zlib
 
 from raftcache.core.raft import RawNode
 
@@ -46,4 +50,39 @@ MUTANTS = {
     "commit-old-terms": CommitByCountingOldTerms,
     "read-without-heartbeat": ReadIndexWithoutHeartbeat,
     "read-before-own-commit": ReadIndexBeforeOwnCommit,
+}
+
+
+def report_writes_failed(node) -> None:
+    """A node that answers "surely not applied" (Unavailable) for some writes it did apply: the
+    RedisRaft "aborted read". Chosen by (client id, sequence), so client retries are refused
+    too and the client ends up reporting the write as failed."""
+    from raftcache import wire
+    from raftcache.core import commands
+
+    apply = node._apply
+
+    def _apply(entry) -> None:
+        pending = node._writes.get(entry.index)
+        chosen = False
+        if pending is not None and pending.term == entry.term and entry.data:
+            try:
+                env = commands.decode_envelope(entry.data)
+                chosen = env.client_id is not None and zlib.crc32(
+                    b"%s:%d" % (env.client_id.encode(), env.seq)) % 10 == 0
+            except commands.CommandError:
+                pass
+        if not chosen:
+            apply(entry)
+            return
+        del node._writes[entry.index]
+        apply(entry)
+        pending.result.set(wire.error_response("Unavailable", "not applied (mutant: it was)"))
+
+    node._apply = _apply
+
+
+# Node mutants patch a running raftcache.core.node.Node.
+NODE_MUTANTS = {
+    "report-writes-failed": report_writes_failed,
 }

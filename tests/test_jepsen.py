@@ -1,0 +1,201 @@
+"""The fault suite: its checks have teeth, and the real cluster passes it.
+
+The runs start real node processes on distinct 127.0.0.x hosts, behind fault relays, and drive
+them with `python -m raftcache.testing.jepsen`, as a user would.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from raftcache.testing import jepsen
+from raftcache.testing.history import History
+
+# ---- the final-read check --------------------------------------------------------------------------
+
+
+def _ops(*steps):
+    """steps: (process, kind, key, value, expected, status, result, t0, t1)."""
+    h = History()
+    for p, kind, key, value, expected, status, result, t0, t1 in steps:
+        op = h.invoke(p, kind, key, value, expected, time=t0)
+        if status == "ok":
+            h.ok(op, result, time=t1)
+        elif status == "fail":
+            h.fail(op, time=t1)
+        else:
+            h.info(op, time=t1)
+    return h.operations()
+
+
+def test_final_read_of_the_last_acknowledged_write_passes():
+    ops = _ops((1, "write", "k", "a", None, "ok", 3, 0, 1),
+               (2, "write", "k", "b", None, "ok", 5, 2, 3))
+    assert jepsen.lost_writes(ops, {"k": ("b", 5)}) == []
+
+
+def test_lost_acknowledged_write_is_reported():
+    ops = _ops((1, "write", "k", "a", None, "ok", 3, 0, 1),
+               (2, "write", "k", "b", None, "ok", 5, 2, 3))
+    [a] = jepsen.lost_writes(ops, {"k": ("a", 3)})
+    assert a.kind == "lost-write" and "write('b')" in a.message
+
+
+def test_acknowledged_write_gone_at_the_end_is_reported():
+    ops = _ops((1, "write", "k", "a", None, "ok", 3, 0, 1))
+    [a] = jepsen.lost_writes(ops, {"k": None})
+    assert "the key is gone" in a.message
+
+
+def test_final_value_never_written_is_reported():
+    ops = _ops((1, "write", "k", "a", None, "ok", 3, 0, 1))
+    assert jepsen.lost_writes(ops, {"k": ("zzz", 9)})
+
+
+def test_failed_write_cannot_explain_the_final_value():
+    ops = _ops((1, "write", "k", "a", None, "ok", 3, 0, 1),
+               (2, "write", "k", "b", None, "fail", None, 2, 3))
+    assert jepsen.lost_writes(ops, {"k": ("b", 5)})
+
+
+def test_concurrent_and_indeterminate_writes_may_be_last():
+    ops = _ops((1, "write", "k", "a", None, "ok", 3, 0, 4),
+               (2, "write", "k", "b", None, "ok", 5, 1, 2),  # overlaps a: either may be last
+               (3, "write", "k", "c", None, "info", None, 0.5, 9),  # may apply any time
+               (4, "delete", "k", None, None, "info", None, 5, 9))
+    for final in (("a", 3), ("b", 5), ("c", 7), None):
+        assert jepsen.lost_writes(ops, {"k": final}) == [], final
+
+
+def test_swapped_cas_and_acknowledged_delete_count_as_writes():
+    ops = _ops((1, "write", "k", "a", None, "ok", 3, 0, 1),
+               (2, "cas", "k", "b", 3, "ok", (True, None), 2, 3),
+               (3, "cas", "k", "c", 1, "ok", (False, None), 4, 5))
+    assert jepsen.lost_writes(ops, {"k": ("b", 6)}) == []
+    assert jepsen.lost_writes(ops, {"k": ("c", 7)})  # that cas did not swap
+    ops = _ops((1, "write", "k", "a", None, "ok", 3, 0, 1),
+               (2, "delete", "k", None, None, "ok", True, 2, 3))
+    assert jepsen.lost_writes(ops, {"k": None}) == []
+    assert jepsen.lost_writes(ops, {"k": ("a", 3)})
+
+
+def test_key_never_acknowledged_may_be_absent():
+    ops = _ops((1, "write", "k", "a", None, "fail", None, 0, 1))
+    assert jepsen.lost_writes(ops, {"k": None}) == []
+
+
+# ---- nemeses and scenarios ---------------------------------------------------------------------------
+
+# The anomalies Jepsen found in Raft-backed stores (../shared/anchors.md), each of which must have
+# a scenario in the suite.
+ANCHOR_ANOMALIES = [
+    "total data loss on failover",
+    "stale or empty reads after restart",
+    "a write reported as failed that had committed",
+    "split brain with lost updates during a partition plus a membership change",
+    "committed writes lost under crashes plus partitions",
+    "empty reads after membership changes",
+    "crossed replies when followers proxied requests",
+    "a command re-applied forever",
+    "crashes when snapshot and log indexes disagreed at start-up",
+    "stale reads from a deposed leader serving local reads",
+    "every lease revoked while the leader was stuck in a slow fdatasync",
+    "stale reads after losing un-fsynced writes",
+]
+
+
+@pytest.mark.parametrize("anomaly", ANCHOR_ANOMALIES)
+def test_every_anomaly_jepsen_found_has_a_scenario(anomaly):
+    [name] = [n for n, s in jepsen.SCENARIOS.items() if anomaly in s.anomaly]
+    scenario = jepsen.SCENARIOS[name]
+    assert jepsen.expand_nemeses(scenario.nemesis) == list(scenario.nemesis)
+    assert name in SCENARIO_RUNS  # and CI runs it against the real cluster
+
+
+def test_nemesis_names_and_families():
+    everything = jepsen.expand_nemeses(["all"])
+    assert set(everything) == set(jepsen.NEMESES)
+    assert jepsen.expand_nemeses(["kill-one,partition-one", "link", "kill"]) == [
+        "kill-one", "partition-one", "slow", "lossy", "reset", "kill-leader", "kill-majority",
+        "kill-all"]
+    with pytest.raises(ValueError, match="unknown nemesis 'chaos' \\(known: all, kill"):
+        jepsen.expand_nemeses(["chaos"])
+
+
+# ---- the real cluster --------------------------------------------------------------------------------
+
+
+def run_jepsen(tmp_path, *args, timeout=240):
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raftcache.testing.jepsen", "--dir", str(tmp_path / "run"),
+         "--json", str(out), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout)
+    summary = json.loads(out.read_text()) if out.exists() else None
+    return proc, summary
+
+
+# Each scenario once, on a mix of transports, storages and sizes (about 20 s each).
+SCENARIO_RUNS = {
+    "failover-data-loss": ("thrift", "file-wal", 3),
+    "restart-stale-reads": ("tcp-tls", "redis-aof", 3),
+    "aborted-read": ("thrift", "redis-aof", 3),
+    "membership-split-brain": ("thrift", "file-wal", 5),
+    "crash-partition-loss": ("tcp-tls", "file-wal", 5),
+    "membership-empty-reads": ("tcp-tls", "file-wal", 3),
+    "proxy-crossed-replies": ("thrift", "file-wal", 3),
+    "reapplied-command": ("tcp-tls", "redis-aof", 3),
+    "snapshot-startup-crash": ("thrift", "file-wal", 3),
+    "deposed-leader-reads": ("thrift", "file-wal", 3),
+    "lease-slow-disk": ("tcp-tls", "file-wal", 3),
+    "unfsynced-write-loss": ("thrift", "redis-aof", 3),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIO_RUNS))
+def test_scenario_finds_no_anomaly_on_the_real_cluster(tmp_path, scenario):
+    transport, storage, nodes = SCENARIO_RUNS[scenario]
+    proc, s = run_jepsen(tmp_path, "--scenario", scenario, "--time", 12, "--seed",
+                         sorted(SCENARIO_RUNS).index(scenario), "--transport", transport,
+                         "--storage", storage, "--nodes", nodes, "--clients", 8)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert s["anomalies"] == []
+    assert sum(s["faults"].values()) >= 2, s["faults"]  # faults did happen
+    assert set(s["faults"]) <= set(jepsen.SCENARIOS[scenario].nemesis)
+    assert s["ops"]["ok"] > 200 and s["checked"] >= s["ops"]["ok"]
+    assert "anomalies: 0" in proc.stdout
+
+
+def test_the_suite_catches_a_deposed_leader_serving_local_reads(tmp_path):
+    """Teeth: the ReadIndex round switched off (test-only mutant), no check-quorum, as in the
+    etcd/Consul 2014 bug: an isolated leader answers reads from its own state."""
+    for seed in (1, 2):
+        proc, s = run_jepsen(tmp_path / str(seed), "--mutant", "read-without-heartbeat",
+                             "--set", "raft.check_quorum=false", "--nemesis", "partition-leader",
+                             "--time", 15, "--nodes", 3, "--seed", seed)
+        if proc.returncode == 1:
+            break
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kinds = {a["kind"] for a in s["anomalies"]}
+    assert "not-linearizable" in kinds
+    assert "MUTANT read-without-heartbeat" in proc.stdout
+    assert (tmp_path / str(seed) / "run" / "history.jsonl").exists()  # kept for reading
+
+
+def test_the_suite_catches_an_aborted_read(tmp_path):
+    """Teeth for the other direction: a node that calls committed writes failed."""
+    proc, s = run_jepsen(tmp_path, "--mutant", "report-writes-failed", "--nemesis", "none",
+                         "--time", 5, "--nodes", 3)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {a["kind"] for a in s["anomalies"]} & {"not-linearizable", "lost-write"}
+
+
+def test_list_and_bad_arguments():
+    out = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--list"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "scenario deposed-leader-reads" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--nemesis", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown nemesis 'x'" in bad.stderr
