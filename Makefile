@@ -1,4 +1,4 @@
-.PHONY: test lint sim sim-long demo bench bench-failover bench-storage bench-latency
+.PHONY: test lint sim sim-long jepsen jepsen-long demo bench bench-failover bench-storage bench-latency
 
 test:
 	scripts/test
@@ -12,6 +12,13 @@ sim:
 
 sim-long:
 	scripts/bootstrap && .venv/bin/python -m raftcache.testing.sim --seeds 10000 --nodes 5 --jobs 2
+
+# The fault suite against a real 5-node cluster: all nemeses, 2 minutes / 30 minutes.
+jepsen:
+	scripts/bootstrap && .venv/bin/python -m raftcache.testing.jepsen --time 120 --nemesis all
+
+jepsen-long:
+	scripts/bootstrap && .venv/bin/python -m raftcache.testing.jepsen --time 1800 --nemesis all --rate 150
 
 demo:
 	scripts/demo

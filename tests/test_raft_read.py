@@ -133,7 +133,7 @@ def _lease_cluster() -> tuple[Network, object]:
 def test_lease_read_is_served_without_a_heartbeat_round():
     net, leader = _lease_cluster()
     assert leader.lease_valid()
-    leader.read_index(b"fast")
+    leader.read_index(b"fast", lease=True)
     net.process(1)
     assert net.read_states[1] == [ReadState(2, b"fast")]
     assert net.queue == []  # no heartbeat was needed
@@ -141,7 +141,7 @@ def test_lease_read_is_served_without_a_heartbeat_round():
 
 def test_lease_read_from_a_follower_is_answered_without_a_heartbeat_round():
     net, leader = _lease_cluster()
-    net.nodes[3].read_index(b"f")
+    net.nodes[3].read_index(b"f", lease=True)
     net.process(3)
     net.deliver()  # READ_INDEX reaches the leader, which answers at once
     assert [m.type for m in net.queue] == [MsgType.READ_INDEX_RESP]
@@ -158,7 +158,7 @@ def test_lease_expires_without_acknowledgements():
     net.tick(1)
     assert not leader.lease_valid()
     assert leader.role == StateRole.LEADER  # still leader, but no longer sure nobody else is
-    leader.read_index(b"late")
+    leader.read_index(b"late", lease=True)
     net.process(1)
     assert net.read_states[1] == []
     assert net.dropped[-1].type == MsgType.HEARTBEAT and net.dropped[-1].context == b"late"
@@ -170,7 +170,7 @@ def test_lease_is_renewed_by_acknowledged_heartbeats():
     net, leader = _lease_cluster()
     net.run(5 * ET)  # long after the first lease would have run out
     assert leader.lease_valid()
-    leader.read_index(b"r")
+    leader.read_index(b"r", lease=True)
     net.process(1)
     assert net.read_states[1] == [ReadState(2, b"r")]
 
@@ -181,7 +181,7 @@ def test_no_lease_reads_after_timeout_now_was_sent():
     net.process(1)
     assert [m.type for m in net.take()] == [MsgType.TIMEOUT_NOW]  # and is lost
     assert not leader.lease_valid()
-    leader.read_index(b"r")
+    leader.read_index(b"r", lease=True)
     net.process(1)
     assert net.read_states[1] == []
     assert sorted(m.to for m in _heartbeats_with(net, b"r")) == [2, 3]
@@ -196,11 +196,36 @@ def test_new_leader_with_leases_still_waits_for_its_term_to_commit():
     net.campaign(1)
     net.stabilize(lambda m: m.type in (MsgType.VOTE, MsgType.VOTE_RESP))
     leader = net.nodes[1]
-    leader.read_index(b"r")
+    leader.read_index(b"r", lease=True)
     net.process(1)
     assert net.read_states[1] == []
     net.stabilize()
     assert net.read_states[1] == [ReadState(2, b"r")]
+
+
+def test_lease_reads_are_per_request():
+    """A read that asks for linearizable still gets a heartbeat round on a lease cluster."""
+    net, leader = _lease_cluster()
+    assert leader.lease_valid()
+    leader.read_index(b"strict")
+    net.process(1)
+    assert net.read_states[1] == []
+    assert sorted(m.to for m in _heartbeats_with(net, b"strict")) == [2, 3]
+    net.nodes[3].read_index(b"strict-follower")  # the choice travels with a follower's request
+    net.process(3)
+    net.deliver()
+    assert [m.type for m in net.queue if m.context == b"strict-follower"] == [
+        MsgType.HEARTBEAT, MsgType.HEARTBEAT]
+
+
+def test_lease_request_without_lease_option_is_a_read_index_read():
+    net = Network.bootstrap([1, 2, 3])
+    leader = net.elect(1)
+    net.run(1)
+    leader.read_index(b"r", lease=True)
+    net.process(1)
+    assert net.read_states[1] == []
+    assert sorted(m.to for m in _heartbeats_with(net, b"r")) == [2, 3]
 
 
 def test_lease_is_never_valid_with_read_index_option():

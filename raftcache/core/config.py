@@ -43,7 +43,9 @@ class RaftSection:
     heartbeat_tick: int = 2
     pre_vote: bool = True
     check_quorum: bool = True
-    read_only: str = "read_index"  # or "lease" (needs check_quorum)
+    # "lease" lets reads that ask for the `lease` level use the leader's check-quorum lease
+    # (needs check_quorum); with "read_index" they get a ReadIndex round like `linearizable`.
+    read_only: str = "read_index"
     lease_margin_ticks: int = 2
     max_inflight: int = 64
     snapshot_entries: int = 10000  # take a snapshot after this many applied entries

@@ -491,7 +491,7 @@ class Node:
             self._advance_clock()  # after a stall, leases must see the time that passed
             ctx = b"%d:%d" % (self.id, next(self._read_ids))
             try:
-                self.raw.read_index(ctx)
+                self.raw.read_index(ctx, lease=consistency == "lease")
             except NotLeader as exc:
                 return self._not_leader(exc.leader, request)
             pending = self._reads[ctx] = _Pending((self.raw.term, self.raw.lead))

@@ -127,7 +127,7 @@ class RawNode:
         self.timeout_now_sent = False  # this term: a TimeoutNow went out, so no more lease reads
         self.pending_conf_index = 0
         self._reads: OrderedDict[bytes, _ReadRequest] = OrderedDict()
-        self._reads_waiting_for_commit: list[tuple[bytes, NodeId]] = []
+        self._reads_waiting_for_commit: list[tuple[bytes, NodeId, bool]] = []
         self._lease_acks: dict[NodeId, int] = {}  # peer -> newest heartbeat tick it echoed
         self._booting = True  # until one election timeout passes, act as if a leader was seen
         self._needs_broadcast = False
@@ -238,16 +238,19 @@ class RawNode:
         self.pending_conf_index = index
         return self.term, index
 
-    def read_index(self, context: bytes) -> None:
+    def read_index(self, context: bytes, lease: bool = False) -> None:
         """Ask for a linearizable read index; a ReadState with `context` comes out in a Ready.
 
-        `context` must be unique among outstanding reads. Raises NotLeader when no leader is
-        known (there is no one to ask).
+        `context` must be unique among outstanding reads. With `lease` the leader may answer
+        from its check-quorum lease instead of a heartbeat round, if the config enables lease
+        reads (read_only=LEASE) and the lease holds; otherwise it is a ReadIndex read. Raises
+        NotLeader when no leader is known (there is no one to ask).
         """
         if self.role == StateRole.LEADER:
-            self._handle_read_index(context, self.id)
+            self._handle_read_index(context, self.id, lease)
         elif self.lead != NONE:
-            self._send(MsgType.READ_INDEX, self.lead, context=context)
+            # A READ_INDEX request carries index=1 when the requester accepts a lease read.
+            self._send(MsgType.READ_INDEX, self.lead, context=context, index=int(lease))
         else:
             raise NotLeader(NONE)
 
@@ -595,7 +598,7 @@ class RawNode:
     def _step_leader(self, m: Message) -> None:
         t = m.type
         if t == MsgType.READ_INDEX:
-            self._handle_read_index(m.context, m.frm)
+            self._handle_read_index(m.context, m.frm, m.index == 1)
             return
         pr = self.prs.get(m.frm)
         if pr is None:
@@ -746,8 +749,8 @@ class RawNode:
         self.log.commit_to(index)
         if self._reads_waiting_for_commit and self._committed_in_current_term():
             waiting, self._reads_waiting_for_commit = self._reads_waiting_for_commit, []
-            for ctx, requester in waiting:
-                self._handle_read_index(ctx, requester)
+            for ctx, requester, lease in waiting:
+                self._handle_read_index(ctx, requester, lease)
         return True
 
     def _quorum_active(self) -> bool:
@@ -834,17 +837,17 @@ class RawNode:
     def _committed_in_current_term(self) -> bool:
         return self.log.term(self.log.committed) == self.term
 
-    def _handle_read_index(self, context: bytes, requester: NodeId) -> None:
+    def _handle_read_index(self, context: bytes, requester: NodeId, lease: bool) -> None:
         """Raft dissertation 6.4: the read index is the commit index, confirmed by a quorum.
 
         A new leader does not know the commit index until an entry of its own term commits,
         so reads wait for that; then a heartbeat round proves nobody deposed us meanwhile.
         """
         if not self._committed_in_current_term():
-            self._reads_waiting_for_commit.append((context, requester))
+            self._reads_waiting_for_commit.append((context, requester, lease))
             return
         index = self.log.committed
-        if quorum.has_quorum(self.conf, {self.id}) or self.lease_valid():
+        if quorum.has_quorum(self.conf, {self.id}) or (lease and self.lease_valid()):
             self._answer_read(context, requester, index)
             return
         self._reads[context] = _ReadRequest(index, requester, {self.id})

@@ -31,9 +31,9 @@ class CommitByCountingOldTerms(RawNode):
 class ReadIndexWithoutHeartbeat(RawNode):
     """Serves ReadIndex from the leader's commit index without confirming leadership."""
 
-    def _handle_read_index(self, context: bytes, requester: int) -> None:
+    def _handle_read_index(self, context: bytes, requester: int, lease: bool) -> None:
         if not self._committed_in_current_term():
-            self._reads_waiting_for_commit.append((context, requester))
+            self._reads_waiting_for_commit.append((context, requester, lease))
             return
         self._answer_read(context, requester, self.log.committed)
 

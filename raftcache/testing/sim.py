@@ -676,7 +676,7 @@ class Simulation:
             try:
                 if kind == "read":
                     ctx = b"%d.%d.%d" % (client.id, client.seq, node.incarnation)
-                    node.raw.read_index(ctx)
+                    node.raw.read_index(ctx, lease=client.seq % 4 != 0)  # some ReadIndex too
                     node.pending_reads[ctx] = (client, op, key)
                 else:
                     term, index = node.raw.propose(key + b"=" + value)
