@@ -1,4 +1,5 @@
-"""The `raftcache` command: up, serve, set, get, delete, status, certs init."""
+"""The `raftcache` command: up, serve, set, get, delete, status, member, transfer-leader,
+certs init."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     client_opts(st)
     st.set_defaults(func=_cmd_status)
 
+    m = sub.add_parser("member", help="change membership (nodes listed in cluster.peers)")
+    m.add_argument("action", choices=["add", "remove", "promote"],
+                   help="add a voter (--learner: a learner), remove a node, promote a learner")
+    m.add_argument("node", type=int)
+    m.add_argument("--learner", action="store_true")
+    client_opts(m)
+    m.set_defaults(func=_cmd_member)
+
+    t = sub.add_parser("transfer-leader", help="hand leadership to a node")
+    t.add_argument("node", type=int)
+    client_opts(t)
+    t.set_defaults(func=_cmd_transfer_leader)
+
     certs = sub.add_parser("certs", help="certificates for mutual TLS")
     certs_sub = certs.add_subparsers(required=True, metavar="ACTION")
     ci = certs_sub.add_parser("init", help="create a CA, node and client certificates")
@@ -129,6 +143,30 @@ def _cmd_delete(args):
     def go():
         with _client(args) as c:
             print("deleted" if c.delete(args.key) else "not found")
+    return _run_client(go)
+
+
+def _describe(status) -> str:
+    learners = ",".join(map(str, status.learners)) or "-"
+    return (f"leader {status.leader}, term {status.term}, voters "
+            f"{','.join(map(str, status.voters))}, learners {learners}")
+
+
+def _cmd_member(args):
+    def go():
+        with _client(args) as c:
+            if args.action == "remove":
+                status = c.remove_member(args.node)
+            else:
+                status = c.add_member(args.node, learner=args.learner and args.action == "add")
+            print(_describe(status))
+    return _run_client(go)
+
+
+def _cmd_transfer_leader(args):
+    def go():
+        with _client(args) as c:
+            print(_describe(c.transfer_leader(args.node)))
     return _run_client(go)
 
 

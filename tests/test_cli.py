@@ -56,6 +56,19 @@ def test_up_set_get_status_and_clean_stop(tmp_path):
                                    "LEADER"]
         roles = sorted(r.split()[2] for r in rows[1:])
         assert roles == ["follower", "follower", "leader"]
+        # Operations: hand leadership over, take a node out and bring it back as a learner.
+        leader = next(int(r.split()[0]) for r in rows[1:] if r.split()[2] == "leader")
+        target = 3 if leader != 3 else 1
+        moved = raftcache("transfer-leader", str(target), env=env)
+        assert moved.returncode == 0 and moved.stdout.startswith(f"leader {target}, "), moved
+        removed = raftcache("member", "remove", "2", env=env)
+        assert "voters 1,3, learners -" in removed.stdout, removed
+        added = raftcache("member", "add", "2", "--learner", env=env)
+        assert "voters 1,3, learners 2" in added.stdout, added
+        promoted = raftcache("member", "promote", "2", env=env)
+        assert "voters 1,2,3, learners -" in promoted.stdout, promoted
+        unknown = raftcache("member", "add", "7", env=env)
+        assert unknown.returncode == 2 and "not in cluster.peers" in unknown.stderr
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(20)
