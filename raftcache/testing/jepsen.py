@@ -474,6 +474,9 @@ class Run:
         self.keys_used: list[str] = []
         self.stopping = False
         self._next_op = 0.0
+        self._status_client = None
+        self.verbose = False
+        self.t0 = time.monotonic()
         self.cluster = None
         self.net = None
 
@@ -539,16 +542,19 @@ class Run:
         self.paused.discard(n)
         self.cluster.resume(n)
 
-    def statuses(self, timeout: float = 0.5) -> dict:
+    def statuses(self) -> dict:
+        """node id -> NodeStatus of every node that answers (killed and paused ones are not
+        asked)."""
+        if self._status_client is None:
+            self._status_client = self.client(timeout=0.5)
         out = {}
-        with self.client(timeout=timeout) as c:
-            for n in self.node_ids():
-                if n in self.down or n in self.paused:
-                    continue
-                try:
-                    out[n] = c.status(self.cluster.address(n))
-                except Exception:
-                    pass
+        for n in self.node_ids():
+            if n in self.down or n in self.paused:
+                continue
+            try:
+                out[n] = self._status_client.status(self.cluster.address(n))
+            except Exception:
+                pass
         return out
 
     def leader(self) -> int | None:
@@ -692,7 +698,7 @@ class Run:
 
         while not self.stopping:
             self._check_processes()
-            for s in self.statuses(timeout=0.3).values():
+            for s in self.statuses().values():
                 if s.role == "leader":
                     self.terms_with_leader.add(s.term)
             gevent.sleep(0.25)
@@ -847,6 +853,8 @@ class Run:
             checked = self.final_checks()
         finally:
             self.stopping = True
+            if self._status_client is not None:
+                self._status_client.close()
             if self.cluster is not None:
                 self.cluster.stop()
             if self.net is not None:
