@@ -1,10 +1,12 @@
-"""What both built-in transports share: option parsing, mutual-TLS contexts, addresses and
-certificate identities. One place, so the two cannot drift apart on security."""
+"""What both built-in transports share: option parsing, mutual-TLS contexts, addresses,
+certificate identities and buffered frame reading. One place, so the two cannot drift apart on
+security or on how they treat a bad or silent peer."""
 
 from __future__ import annotations
 
 import os
 import ssl
+import time
 
 import attrs
 from gevent import ssl as gssl
@@ -82,3 +84,49 @@ def peer_node_id(sock) -> int | None:
             if k == "commonName" and v.startswith("node") and v[4:].isdigit():
                 return int(v[4:])
     return None
+
+
+# ---- reading frames -----------------------------------------------------------------------------
+_RECV = 65536
+
+
+class ProtocolError(Exception):
+    """The other end broke the framing rules; the connection is closed."""
+
+
+class Idle(Exception):
+    """No frame started within idle_timeout."""
+
+
+class SocketBuffer:
+    """Bytes read from a socket, for a frame parser to take whole frames from. A socket timeout,
+    when set, is the longest silence tolerated mid-frame and the polling period of
+    `idle_timeout` (the longest silence between frames)."""
+
+    __slots__ = ("sock", "buf", "max_frame")
+
+    def __init__(self, sock, max_frame: int):
+        self.sock = sock
+        self.buf = bytearray()
+        self.max_frame = max_frame
+
+    def fill(self, need: int, idle_timeout: float) -> bool:
+        """Read until `need` bytes are buffered; False on a clean EOF between frames."""
+        idle_since = time.monotonic()
+        while len(self.buf) < need:
+            try:
+                chunk = self.sock.recv(_RECV)
+            except TimeoutError:
+                if self.buf:
+                    raise ProtocolError(f"stalled mid-frame ({len(self.buf)} of {need} bytes)"
+                                        ) from None
+                if time.monotonic() - idle_since >= idle_timeout:
+                    raise Idle from None
+                continue
+            if not chunk:
+                if self.buf:
+                    raise ProtocolError(f"truncated frame: EOF after {len(self.buf)} of "
+                                        f"{need} bytes")
+                return False
+            self.buf += chunk
+        return True

@@ -40,6 +40,9 @@ from thriftpy2.protocol import TCyBinaryProtocolFactory
 from raftcache import wire
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
 from raftcache.plugins.transport.common import (
+    Idle,
+    ProtocolError,
+    SocketBuffer,
     close_quietly,
     options_from_dict,
     parse_address,
@@ -55,16 +58,7 @@ KINDS = {REQUEST: "REQUEST", RESPONSE: "RESPONSE", PEER: "PEER"}
 HEADER = struct.Struct(">IBQ")  # length, kind, request id
 _LENGTH = struct.Struct(">I")
 _AFTER_LENGTH = HEADER.size - _LENGTH.size  # kind + id: the smallest valid length
-_RECV = 65536
 _HEALTHY_AFTER = 1.0  # a peer link that lived this long was not refused outright
-
-
-class ProtocolError(Exception):
-    """The other end broke the framing rules; the connection is closed."""
-
-
-class _Idle(Exception):
-    """No frame started within idle_timeout."""
 
 
 def pack_frame(kind: int, request_id: int, payload: bytes) -> bytes:
@@ -112,40 +106,14 @@ def _context(tls: TLSConfig | None, server_side: bool) -> gssl.SSLContext:
 
 
 # ---- frames -------------------------------------------------------------------------------------
-class _FrameReader:
+class _FrameReader(SocketBuffer):
     """Reads frames from a socket whose timeout is io_timeout."""
 
-    __slots__ = ("sock", "buf", "max_frame")
-
-    def __init__(self, sock, max_frame: int):
-        self.sock = sock
-        self.buf = bytearray()
-        self.max_frame = max_frame
-
-    def _fill(self, need: int, idle_timeout: float) -> bool:
-        """Read until `need` bytes are buffered; False on a clean EOF between frames."""
-        idle_since = time.monotonic()
-        while len(self.buf) < need:
-            try:
-                chunk = self.sock.recv(_RECV)
-            except TimeoutError:
-                if self.buf:
-                    raise ProtocolError(f"stalled mid-frame ({len(self.buf)} of {need} bytes)"
-                                        ) from None
-                if time.monotonic() - idle_since >= idle_timeout:
-                    raise _Idle from None
-                continue
-            if not chunk:
-                if self.buf:
-                    raise ProtocolError(f"truncated frame: EOF after {len(self.buf)} of "
-                                        f"{need} bytes")
-                return False
-            self.buf += chunk
-        return True
+    __slots__ = ()
 
     def read(self, idle_timeout: float = math.inf):
         """(kind, request id, payload), or None on a clean EOF between frames."""
-        if not self._fill(_LENGTH.size, idle_timeout):
+        if not self.fill(_LENGTH.size, idle_timeout):
             return None
         (length,) = _LENGTH.unpack_from(self.buf)
         if length < _AFTER_LENGTH:
@@ -153,7 +121,7 @@ class _FrameReader:
         if length > self.max_frame:
             raise ProtocolError(f"frame of {length} bytes exceeds max_frame {self.max_frame}")
         end = _LENGTH.size + length
-        self._fill(end, idle_timeout)
+        self.fill(end, idle_timeout)
         _, kind, request_id = HEADER.unpack_from(self.buf)
         payload = bytes(self.buf[HEADER.size:end])
         del self.buf[:end]
@@ -534,7 +502,7 @@ class TcpTlsTransport:
                     raise ProtocolError(f"unexpected frame kind {KINDS.get(kind, kind)}")
         except (ProtocolError, wire.WireError) as exc:
             log.warning("%s: %s; closing the connection", conn.peer, exc)
-        except _Idle:
+        except Idle:
             log.info("%s: idle for %gs; closing the connection", conn.peer,
                      self.opts.idle_timeout)
         except OSError as exc:

@@ -41,6 +41,9 @@ from thriftpy2.transport import TCyBufferedTransport, TCyMemoryBuffer
 from raftcache import wire
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
 from raftcache.plugins.transport.common import (
+    Idle,
+    ProtocolError,
+    SocketBuffer,
     close_quietly,
     options_from_dict,
     parse_address,
@@ -52,7 +55,6 @@ from raftcache.plugins.transport.common import (
 log = logging.getLogger("raftcache.transport.thrift")
 
 _LENGTH = struct.Struct(">i")
-_RECV = 65536
 _SERVICE = wire.RaftCacheService
 
 # Service method (the same name as Request.op) -> the Request fields its arguments carry, in IDL
@@ -80,14 +82,6 @@ _EXCEPTIONS = {name: getattr(wire.idl, name) for name in wire.ERRORS}
 
 for _op, _fields in FIELDS.items():  # the IDL and these tables must agree
     assert len(getattr(_SERVICE, _op + "_args").thrift_spec) == len(_fields), _op
-
-
-class ProtocolError(Exception):
-    """The other end broke the framing rules; the connection is closed."""
-
-
-class _Idle(Exception):
-    """No frame started within idle_timeout."""
 
 
 class _Refuse(Exception):
@@ -171,48 +165,22 @@ def _stale(sock) -> bool:
 
 
 # ---- frames and messages ------------------------------------------------------------------------
-class _FrameReader:
+class _FrameReader(SocketBuffer):
     """Reads Thrift frames (i32 length, then a message). A socket timeout, when set, is the
     longest silence tolerated mid-frame and the polling period for `idle_timeout`."""
 
-    __slots__ = ("sock", "buf", "max_frame")
-
-    def __init__(self, sock, max_frame: int):
-        self.sock = sock
-        self.buf = bytearray()
-        self.max_frame = max_frame
-
-    def _fill(self, need: int, idle_timeout: float) -> bool:
-        """Read until `need` bytes are buffered; False on a clean EOF between frames."""
-        idle_since = time.monotonic()
-        while len(self.buf) < need:
-            try:
-                chunk = self.sock.recv(_RECV)
-            except TimeoutError:
-                if self.buf:
-                    raise ProtocolError(f"stalled mid-frame ({len(self.buf)} of {need} bytes)"
-                                        ) from None
-                if time.monotonic() - idle_since >= idle_timeout:
-                    raise _Idle from None
-                continue
-            if not chunk:
-                if self.buf:
-                    raise ProtocolError(f"truncated frame: EOF after {len(self.buf)} of "
-                                        f"{need} bytes")
-                return False
-            self.buf += chunk
-        return True
+    __slots__ = ()
 
     def read(self, idle_timeout: float = math.inf) -> bytes | None:
         """One frame's message, or None on a clean EOF between frames."""
-        if not self._fill(_LENGTH.size, idle_timeout):
+        if not self.fill(_LENGTH.size, idle_timeout):
             return None
         (length,) = _LENGTH.unpack_from(self.buf)
         if length <= 0 or length > self.max_frame:
             raise ProtocolError(f"frame length {length} is outside 1..{self.max_frame} "
                                 "(max_frame); not a Thrift framed client?")
         end = _LENGTH.size + length
-        self._fill(end, idle_timeout)
+        self.fill(end, idle_timeout)
         frame = bytes(self.buf[_LENGTH.size:end])
         del self.buf[:end]
         return frame
@@ -594,7 +562,7 @@ class ThriftTransport:
                 self._conns.discard(conn)
         except (ProtocolError, wire.WireError, _Refuse) as exc:
             log.warning("%s: %s; closing the connection", peer, exc)
-        except _Idle:
+        except Idle:
             log.info("%s: idle for %gs; closing the connection", peer, self.opts.idle_timeout)
         except OSError as exc:
             log.info("%s: connection lost: %s", peer, exc)
