@@ -192,6 +192,15 @@ def test_the_suite_catches_an_aborted_read(tmp_path):
     assert {a["kind"] for a in s["anomalies"]} & {"not-linearizable", "lost-write"}
 
 
+def test_the_suite_catches_lost_writes_of_a_storage_that_forgets(tmp_path):
+    """Teeth for the final-read check on a real run: the `memory` storage keeps no log across
+    kill -9, so a whole-cluster restart loses every acknowledged write."""
+    proc, s = run_jepsen(tmp_path, "--storage", "memory", "--nemesis", "kill-all", "--time", 8,
+                         "--nodes", 3)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lost-write" in {a["kind"] for a in s["anomalies"]}
+
+
 def test_list_and_bad_arguments():
     out = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--list"],
                          capture_output=True, text=True, timeout=60)
