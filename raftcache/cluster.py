@@ -114,7 +114,8 @@ class LocalCluster:
 
     def owns_redis(self) -> bool:
         options = self.extra.get("storage", {}).get("options", {})
-        return self.storage == "redis-aof" and not options.get("url")
+        # `slow-disk` (fault suite) wraps another storage: options.inner
+        return "redis-aof" in (self.storage, options.get("inner")) and not options.get("url")
 
     def _redis_for(self, node_id: int):
         from raftcache.testing.servers import RedisServer, free_port

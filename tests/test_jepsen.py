@@ -120,7 +120,7 @@ def test_nemesis_names_and_families():
     assert jepsen.expand_nemeses(["kill-one,partition-one", "link", "kill"]) == [
         "kill-one", "partition-one", "slow", "lossy", "reset", "kill-leader", "kill-majority",
         "kill-all"]
-    with pytest.raises(ValueError, match="unknown nemesis 'chaos' \\(known: all, kill"):
+    with pytest.raises(ValueError, match="unknown nemesis 'chaos' \\(known: all, disk, kill"):
         jepsen.expand_nemeses(["chaos"])
 
 

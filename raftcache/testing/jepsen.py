@@ -157,8 +157,9 @@ SCENARIOS: dict[str, Scenario] = {
         "linearizability (the teeth test runs this with the read-without-heartbeat mutant)"),
     "lease-slow-disk": Scenario(
         "etcd: every lease revoked while the leader was stuck in a slow fdatasync",
-        ("pause-leader", "slow", "partition-leader"),
-        "linearizability of lease reads while the leader stalls and its clock jumps",
+        ("slow-disk", "pause-leader", "partition-leader"),
+        "linearizability of lease reads while the leader's fsyncs stall (slow-disk wraps the "
+        "storage), it is paused, or cut off",
         read="lease"),
     "unfsynced-write-loss": Scenario(
         "etcd: stale reads after losing un-fsynced writes", ("kill-all", "kill-majority"),
@@ -193,6 +194,7 @@ FAMILIES = {
     "partition": ("partition-one", "partition-leader", "partition-halves", "partition-ring",
                   "partition-bridge", "partition-oneway"),
     "link": ("slow", "lossy", "reset"),
+    "disk": ("slow-disk",),
     "transfer": ("transfer",),
     "member": ("member-readd", "member-learner"),
 }
@@ -369,6 +371,18 @@ def _nemesis_reset(run) -> Fault:
     return Fault("reset", f"reset {run.net.reset()} connections")
 
 
+@nemesis("slow-disk")
+def _nemesis_slow_disk(run) -> Fault:
+    from raftcache.testing.slow_disk import set_delay
+
+    n = run.leader_or_any() if run.rng.random() < 0.7 else run.rng.choice(run.node_ids())
+    delay = run.rng.uniform(0.1, 1.5)
+    data_dir = os.path.join(run.dir, f"node{n}")
+    set_delay(data_dir, delay)
+    return Fault("slow-disk", f"node {n}: every fsync stalls {delay * 1000:.0f} ms",
+                 lambda: set_delay(data_dir, 0))
+
+
 @nemesis("transfer")
 def _nemesis_transfer(run) -> Fault:
     voters = run.voters()
@@ -501,8 +515,13 @@ class Run:
         for text in o.settings:
             section, key, value = _parse_setting(text)
             extra.setdefault(section, {})[key] = value
+        storage = o.storage
+        if "slow-disk" in expand_nemeses(o.nemesis) and o.storage != "memory":
+            # The same storage, behind the wrapper that lets the nemesis stall its fsyncs.
+            options = extra.setdefault("storage", {}).setdefault("options", {})
+            options["inner"], storage = o.storage, "slow-disk"
         port = free_port_block(self.nodes)
-        self.cluster = LocalCluster(self.dir, nodes=self.nodes, port=port, storage=o.storage,
+        self.cluster = LocalCluster(self.dir, nodes=self.nodes, port=port, storage=storage,
                                     transport=o.transport, hosts=hosts, extra=extra)
         self.net = RelayNet({i: self.cluster.address(i) for i in self.node_ids()}, self.rng)
         self.cluster.routes = self.net.routes()
