@@ -176,3 +176,29 @@ def test_leadership_transfer_and_membership_changes(make_cluster, transport):
             time.sleep(0.05)
         for key, value in (("before", b"x"), ("while-removed", b"y"), ("after", b"z")):
             assert c.get(key, consistency="stale") == value
+
+
+def test_membership_change_is_decided_by_the_leader_not_a_removed_node(make_cluster):
+    """A node removed while it was down never hears of it and still thinks it is a voter;
+    asked to re-add itself, it must not answer "already done" from that stale view (found by
+    the fault suite: the node held such requests until the client's deadline)."""
+    from raftcache.client import Client
+
+    cluster = make_cluster(nodes=3, storage={"plugin": "file-wal"})
+    leader = cluster.wait_for_leader()
+    victim = next(n for n in (1, 2, 3) if n != leader)
+    with cluster.client(timeout=10.0) as c:
+        c.set("k", "v")
+        cluster.kill(victim)
+        assert victim not in c.remove_member(victim).voters
+        c.set("k", "w")
+    cluster.start(victim)  # from its own disk: it never saw the removal
+    time.sleep(1.0)
+    # The victim first in line, as a client that tries the endpoints in order would.
+    endpoints = [cluster.address(victim)] + [cluster.address(n) for n in (1, 2, 3) if n != victim]
+    with Client(endpoints, timeout=10.0) as c:
+        started = time.monotonic()
+        status = c.add_member(victim)
+        assert victim in status.voters and status.leader in {1, 2, 3} - {victim}
+        assert time.monotonic() - started < 5.0  # redirected, not held until the deadline
+        assert victim in c.status(cluster.address(status.leader)).voters

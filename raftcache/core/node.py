@@ -455,13 +455,18 @@ class Node:
         if target not in self.peers:
             raise _BadRequest(f"node {target} is not in cluster.peers (known: "
                               f"{', '.join(map(str, sorted(self.peers)))})")
-        deadline = time.monotonic() + self._timeout(request)
+        # Answer before the client's own deadline, so that it can still try elsewhere.
+        deadline = time.monotonic() + 0.8 * self._timeout(request)
         while True:
+            if self.raw.role != StateRole.LEADER:
+                # Only the leader's view counts: a removed node that never heard of its
+                # removal still believes it is a voter (and may sit in a joint configuration).
+                return self._not_leader(self.raw.lead, request)
             conf = self.raw.conf
             done = {"add-voter": target in conf.voters and not conf.joint,
                     "add-learner": target in conf.learners,
                     "remove": target not in conf.all_nodes()}[change]
-            if done:  # raw.conf is what has been applied, hence committed
+            if done:  # the leader's applied configuration, hence committed
                 return wire.Response(status=self.status())
             cc = ConfChange((ConfChangeSingle(_CHANGES[change], target),))
             try:
