@@ -21,11 +21,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
 import socket as stdlib_socket
 import struct
 import time
-from collections import deque
 
 import attrs
 import gevent
@@ -41,6 +39,7 @@ from raftcache import wire
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
 from raftcache.plugins.transport.common import (
     Idle,
+    PeerLinks,
     ProtocolError,
     SocketBuffer,
     close_quietly,
@@ -58,7 +57,6 @@ KINDS = {REQUEST: "REQUEST", RESPONSE: "RESPONSE", PEER: "PEER"}
 HEADER = struct.Struct(">IBQ")  # length, kind, request id
 _LENGTH = struct.Struct(">I")
 _AFTER_LENGTH = HEADER.size - _LENGTH.size  # kind + id: the smallest valid length
-_HEALTHY_AFTER = 1.0  # a peer link that lived this long was not refused outright
 
 
 def pack_frame(kind: int, request_id: int, payload: bytes) -> bytes:
@@ -304,86 +302,6 @@ class _ServerConn:
         close_quietly(self.sock)
 
 
-class _PeerLink:
-    """The queue and greenlet that carry Raft messages to one peer."""
-
-    def __init__(self, transport: TcpTlsTransport, peer_id: int, address: str):
-        self.t = transport
-        self.peer_id = peer_id
-        self.address = address
-        self.queue: deque = deque()
-        self.wake = gevent.event.Event()
-        self.conn: TcpTlsConnection | None = None
-        self.dropped = 0
-        self.down = False
-        self.delay = transport.opts.reconnect_min
-        self.greenlet = gevent.spawn(self._run)
-
-    def put(self, message) -> None:
-        if len(self.queue) >= self.t.opts.peer_queue:
-            self.dropped += 1  # Raft resends; never block the node's driver
-            return
-        self.queue.append(message)
-        self.wake.set()
-
-    def close(self) -> None:
-        self.greenlet.kill(block=False)
-        if self.conn is not None:
-            self.conn.close()
-
-    def _run(self) -> None:
-        while True:
-            while not self.queue:
-                self.wake.clear()
-                self.wake.wait()
-            try:
-                self._step()
-            except Exception:  # a bug must not silence this peer for good
-                log.exception("node %d: link to peer %d failed", self.t.node_id, self.peer_id)
-                self._failed("internal error")
-
-    def _step(self) -> None:
-        opts = self.t.opts
-        conn = self.conn
-        if conn is not None and conn.closed:
-            self.conn = None
-            if time.monotonic() - conn.opened_at < _HEALTHY_AFTER:
-                # Died at once (e.g. the peer refused our certificate): count it as a failed
-                # connect and back off, instead of reconnecting for every message.
-                self._failed(f"closed right after connecting: {conn.error}")
-                return
-            self.delay = opts.reconnect_min
-        if self.conn is None:
-            try:
-                self.conn = connect(self.address, self.t.tls, opts.connect_timeout,
-                                    attrs.asdict(opts))
-            except (OSError, ValueError) as exc:
-                self._failed(f"unreachable: {exc}")
-                return
-        n = min(len(self.queue), opts.peer_batch)
-        batch = [self.queue.popleft() for _ in range(n)]
-        try:
-            self.conn.send_peer(self.t._encode_batch(batch))
-        except OSError as exc:
-            log.info("node %d: link to peer %d (%s) broke: %s", self.t.node_id, self.peer_id,
-                     self.address, exc)
-            return
-        if self.down and time.monotonic() - self.conn.opened_at >= _HEALTHY_AFTER:
-            log.info("node %d: link to peer %d (%s) is back", self.t.node_id, self.peer_id,
-                     self.address)
-            self.down = False
-            self.delay = opts.reconnect_min
-
-    def _failed(self, why: str) -> None:
-        if not self.down:  # one line per outage, not one per retry
-            log.warning("node %d: link to peer %d (%s) down: %s; retrying with backoff",
-                        self.t.node_id, self.peer_id, self.address, why)
-            self.down = True
-        self.queue.clear()  # stale by the time the peer is back; Raft resends
-        gevent.sleep(self.delay * random.uniform(0.5, 1.0))
-        self.delay = min(self.delay * 2, self.t.opts.reconnect_max)
-
-
 class TcpTlsTransport:
     """One node's listener and its links to peers (see the module docstring)."""
 
@@ -398,7 +316,10 @@ class TcpTlsTransport:
         _context(tls, server_side=False)
         self._handler = None
         self._server: StreamServer | None = None
-        self._links: dict[int, _PeerLink] = {}
+        self._links = PeerLinks(
+            node_id, self.peers, self.opts, encode=self._encode_batch,
+            dial=lambda address: connect(address, tls, self.opts.connect_timeout,
+                                         attrs.asdict(self.opts)))
         self._conns: dict[_ServerConn, gevent.pool.Pool] = {}  # open connections
         self._closed = False
 
@@ -417,26 +338,17 @@ class TcpTlsTransport:
         self._server.start()
 
     def send(self, messages) -> None:
-        if self._closed:
-            return
-        for m in messages:
-            link = self._links.get(m.to)
-            if link is None:
-                address = self.peers.get(m.to)
-                if address is None or m.to == self.node_id:
-                    log.debug("node %d: no address for peer %d; message dropped", self.node_id,
-                              m.to)
-                    continue
-                link = self._links[m.to] = _PeerLink(self, m.to, address)
-            link.put(m)
+        self._links.send(messages)
+
+    def dropped(self) -> dict[int, int]:
+        """Raft messages dropped so far because a peer's queue was full, by peer id."""
+        return self._links.dropped()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for link in self._links.values():
-            link.close()
-        self._links.clear()
+        self._links.close()
         if self._server is None:
             return
         self._server.close()  # stop accepting first

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import select
 import socket as stdlib_socket
 import ssl
 import struct
 import time
-from collections import deque
 
 import attrs
 import gevent
@@ -42,6 +40,7 @@ from raftcache import wire
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
 from raftcache.plugins.transport.common import (
     Idle,
+    PeerLinks,
     ProtocolError,
     SocketBuffer,
     close_quietly,
@@ -380,87 +379,32 @@ class _ServerConn:
 
 
 # ---- peer links ---------------------------------------------------------------------------------
-class _PeerLink:
-    """The queue and greenlet that carry Raft messages to one peer: everything queued goes out
-    as one raft(RaftBatch) call on a persistent connection."""
+class _PeerSocket:
+    """A plain or TLS socket carrying one-way raft() calls to a peer (see common.PeerLink)."""
 
-    def __init__(self, transport: ThriftTransport, peer_id: int, address: str):
-        self.t = transport
-        self.peer_id = peer_id
-        self.address = address
-        self.queue: deque = deque()
-        self.wake = gevent.event.Event()
-        self.sock = None
-        self.dropped = 0
-        self.greenlet = gevent.spawn(self._run)
+    def __init__(self, sock):
+        self.sock = sock
+        self.opened_at = time.monotonic()
+        self.error = None
 
-    def put(self, message) -> None:
-        if len(self.queue) >= self.t.opts.peer_queue:
-            self.dropped += 1  # Raft resends; never block the node's driver
-            return
-        self.queue.append(message)
-        self.wake.set()
+    @property
+    def closed(self) -> bool:
+        if self.error is None and _stale(self.sock):
+            self.error = "closed by the peer"
+            close_quietly(self.sock)
+        return self.error is not None
+
+    def send_peer(self, payloads: list[bytes]) -> None:
+        try:
+            self.sock.sendall(b"".join(payloads))  # io_timeout bounds it
+        except OSError as exc:
+            self.error = repr(exc)
+            close_quietly(self.sock)
+            raise
 
     def close(self) -> None:
-        self.greenlet.kill(block=False)
-        self._disconnect()
-
-    def _disconnect(self) -> None:
+        self.error = self.error or "closed"
         close_quietly(self.sock)
-        self.sock = None
-
-    def _run(self) -> None:
-        opts = self.t.opts
-        delay = opts.reconnect_min
-        down = False
-        opened_at = 0.0
-        while True:
-            while not self.queue:
-                self.wake.clear()
-                self.wake.wait()
-            if self.sock is not None and _stale(self.sock):
-                # The peer closed this connection (restart, idle timeout, our certificate
-                # refused): writing would "succeed" into a dead socket and lose the batch.
-                self._disconnect()
-                if time.monotonic() - opened_at < 1.0:  # died at once: back off, not spin
-                    down = self._failed(down, "connection closed right after connecting", delay)
-                    delay = min(delay * 2, opts.reconnect_max)
-                    continue
-            if self.sock is None:
-                try:
-                    self.sock = _open(self.address, self.t.tls, opts.connect_timeout)
-                except (OSError, ValueError) as exc:
-                    down = self._failed(down, exc, delay)
-                    delay = min(delay * 2, opts.reconnect_max)
-                    continue
-                self.sock.settimeout(opts.io_timeout)
-                opened_at = time.monotonic()
-                if down:
-                    log.info("node %d: connected to peer %d (%s)", self.t.node_id,
-                             self.peer_id, self.address)
-                    down = False
-                delay = opts.reconnect_min
-            batch = [self.queue.popleft() for _ in range(min(len(self.queue), opts.peer_batch))]
-            try:
-                data = b"".join(self.t._encode_batch(batch))
-            except Exception:  # a bad message must not end this link for good
-                log.exception("node %d: cannot encode Raft messages for peer %d; dropped",
-                              self.t.node_id, self.peer_id)
-                continue
-            try:
-                self.sock.sendall(data)  # io_timeout bounds it
-            except OSError as exc:
-                log.info("node %d: link to peer %d (%s) broke: %s", self.t.node_id,
-                         self.peer_id, self.address, exc)
-                self._disconnect()
-
-    def _failed(self, down: bool, why, delay: float) -> bool:
-        if not down:  # once per outage, not once per retry
-            log.warning("node %d: peer %d (%s) unreachable: %s; retrying with backoff",
-                        self.t.node_id, self.peer_id, self.address, why)
-        self.queue.clear()  # stale by the time the peer is back; Raft resends
-        gevent.sleep(delay * random.uniform(0.5, 1.0))
-        return True
 
 
 # ---- the transport ------------------------------------------------------------------------------
@@ -480,7 +424,8 @@ class ThriftTransport:
         self.handler = None
         self._server: StreamServer | None = None
         self._conns: set[_ServerConn] = set()
-        self._links: dict[int, _PeerLink] = {}
+        self._links = PeerLinks(node_id, self.peers, self.opts, dial=self._dial_peer,
+                                encode=self._encode_batch)
         self._closed = False
 
     @property
@@ -491,7 +436,7 @@ class ThriftTransport:
 
     def dropped(self) -> dict[int, int]:
         """Raft messages dropped so far because a peer's queue was full, by peer id."""
-        return {peer: link.dropped for peer, link in self._links.items()}
+        return self._links.dropped()
 
     # -- Transport ------------------------------------------------------------------------------
     def serve(self, handler) -> None:
@@ -501,26 +446,13 @@ class ThriftTransport:
         self._server.start()
 
     def send(self, messages) -> None:
-        if self._closed:
-            return
-        for m in messages:
-            link = self._links.get(m.to)
-            if link is None:
-                address = self.peers.get(m.to)
-                if address is None or m.to == self.node_id:
-                    log.debug("node %d: no address for peer %d; message dropped", self.node_id,
-                              m.to)
-                    continue
-                link = self._links[m.to] = _PeerLink(self, m.to, address)
-            link.put(m)
+        self._links.send(messages)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for link in self._links.values():
-            link.close()
-        self._links.clear()
+        self._links.close()
         if self._server is not None:
             for conn in list(self._conns):
                 if not conn.busy:
@@ -528,6 +460,11 @@ class ThriftTransport:
             self._server.stop(timeout=1)  # calls in progress get a second to answer
 
     # -- internals ------------------------------------------------------------------------------
+    def _dial_peer(self, address: str) -> _PeerSocket:
+        sock = _open(address, self.tls, self.opts.connect_timeout)
+        sock.settimeout(self.opts.io_timeout)
+        return _PeerSocket(sock)
+
     def _encode_batch(self, batch: list) -> list[bytes]:
         """Framed raft() calls carrying `batch`, split to fit max_frame (a message that cannot
         fit alone is dropped)."""
