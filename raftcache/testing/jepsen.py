@@ -965,6 +965,9 @@ def main(argv: list[str] | None = None) -> int:
         nemeses = a.nemesis or list(sc.nemesis)
         read = a.read or sc.read
         settings = list(sc.settings) + settings
+    if not 1 <= a.nodes <= 15:
+        p.error("--nodes must be 1..15 (node i lives on 127.0.0.<i+1>, which the generated "
+                "certificates name up to 127.0.0.16)")
     try:
         expand_nemeses(nemeses)
         for text in settings:
