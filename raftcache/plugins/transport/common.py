@@ -24,6 +24,29 @@ def positive(_inst, attribute, value):
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
 
 
+@attrs.frozen
+class TransportOptions:
+    """`[transport.options]` that both built-in transports take (each may add its own); every
+    key is optional, seconds are floats."""
+
+    handshake_timeout: float = attrs.field(default=5.0, converter=float, validator=positive)
+    idle_timeout: float = attrs.field(default=60.0, converter=float, validator=positive)
+    # A read stalled mid-frame or a write stalled this long closes the connection.
+    io_timeout: float = attrs.field(default=10.0, converter=float, validator=positive)
+    max_frame: int = attrs.field(default=16 << 20, converter=int, validator=positive)
+    max_connections: int = attrs.field(default=1024, converter=int, validator=positive)
+    peer_queue: int = attrs.field(default=4096, converter=int, validator=positive)
+    peer_batch: int = attrs.field(default=256, converter=int, validator=positive)
+    connect_timeout: float = attrs.field(default=2.0, converter=float, validator=positive)
+    reconnect_min: float = attrs.field(default=0.05, converter=float, validator=positive)
+    reconnect_max: float = attrs.field(default=2.0, converter=float, validator=positive)
+    cluster_id: int = attrs.field(default=0, converter=int)
+    # With TLS, "node-cn" accepts Raft messages only from a certificate with CN "node<id>" and
+    # only with frm == <id>; "ca" accepts any certificate of the cluster CA.
+    peer_auth: str = attrs.field(default="node-cn",
+                                 validator=attrs.validators.in_(("node-cn", "ca")))
+
+
 def options_from_dict(cls, transport: str, options: dict | None):
     """`cls(**options)` with errors that name the transport and the accepted keys."""
     options = dict(options or {})

@@ -42,6 +42,7 @@ from raftcache.plugins.transport.common import (
     PeerLinks,
     ProtocolError,
     SocketBuffer,
+    TransportOptions,
     close_quietly,
     options_from_dict,
     parse_address,
@@ -71,24 +72,12 @@ decode = wire.decode  # bounds-checked: safe on hostile bytes
 
 # ---- options ------------------------------------------------------------------------------------
 @attrs.frozen
-class Options:
-    """`[transport.options]` of a node's config; every key is optional."""
+class Options(TransportOptions):
+    """`[transport.options]` of a node's config: common.TransportOptions, and how many calls
+    one client connection may have in flight at once."""
 
-    handshake_timeout: float = attrs.field(default=5.0, converter=float, validator=positive)
     idle_timeout: float = attrs.field(default=120.0, converter=float, validator=positive)
-    # A stalled read mid-frame or a stalled write closes the connection after this long.
-    io_timeout: float = attrs.field(default=10.0, converter=float, validator=positive)
-    max_frame: int = attrs.field(default=16 << 20, converter=int, validator=positive)
-    max_connections: int = attrs.field(default=1024, converter=int, validator=positive)
     max_inflight: int = attrs.field(default=256, converter=int, validator=positive)
-    peer_queue: int = attrs.field(default=4096, converter=int, validator=positive)
-    peer_batch: int = attrs.field(default=256, converter=int, validator=positive)
-    connect_timeout: float = attrs.field(default=2.0, converter=float, validator=positive)
-    reconnect_min: float = attrs.field(default=0.05, converter=float, validator=positive)
-    reconnect_max: float = attrs.field(default=2.0, converter=float, validator=positive)
-    cluster_id: int = attrs.field(default=0, converter=int)
-    peer_auth: str = attrs.field(default="node-cn",
-                                 validator=attrs.validators.in_(("node-cn", "ca")))
 
     @classmethod
     def from_dict(cls, options: dict | None) -> Options:

@@ -43,11 +43,11 @@ from raftcache.plugins.transport.common import (
     PeerLinks,
     ProtocolError,
     SocketBuffer,
+    TransportOptions,
     close_quietly,
     options_from_dict,
     parse_address,
     peer_node_id,
-    positive,
     tls_context,
 )
 
@@ -89,26 +89,8 @@ class _Refuse(Exception):
 
 # ---- options ------------------------------------------------------------------------------------
 @attrs.frozen
-class Options:
-    """`[transport.options]` of a node's config; every key is optional. Seconds are floats.
-    The names match the tcp-tls transport's where the meaning is the same."""
-
-    max_connections: int = attrs.field(default=1000, converter=int, validator=positive)
-    idle_timeout: float = attrs.field(default=60.0, converter=float, validator=positive)
-    # A read stalled mid-frame or a write stalled this long closes the connection.
-    io_timeout: float = attrs.field(default=10.0, converter=float, validator=positive)
-    handshake_timeout: float = attrs.field(default=5.0, converter=float, validator=positive)
-    max_frame: int = attrs.field(default=16 << 20, converter=int, validator=positive)
-    peer_queue: int = attrs.field(default=4096, converter=int, validator=positive)
-    peer_batch: int = attrs.field(default=256, converter=int, validator=positive)
-    connect_timeout: float = attrs.field(default=2.0, converter=float, validator=positive)
-    reconnect_min: float = attrs.field(default=0.05, converter=float, validator=positive)
-    reconnect_max: float = attrs.field(default=2.0, converter=float, validator=positive)
-    cluster_id: int = attrs.field(default=0, converter=int)
-    # With TLS, "node-cn" accepts Raft messages only from a certificate with CN "node<id>" and
-    # only with frm == <id>; "ca" accepts any certificate of the cluster CA.
-    peer_auth: str = attrs.field(default="node-cn",
-                                 validator=attrs.validators.in_(("node-cn", "ca")))
+class Options(TransportOptions):
+    """`[transport.options]` of a node's config: see common.TransportOptions."""
 
     @classmethod
     def from_dict(cls, options: dict | None) -> Options:
