@@ -889,6 +889,10 @@ class Run:
                     for s in ("ok", "fail", "info")},
             "by_kind": {str(k): Counter(str(op.status) for op in ops if op.kind is k)
                         for k in Kind},
+            "latency_ms": {str(k): _percentiles([op.complete_time - op.invoke_time for op in ops
+                                                 if op.kind is k and op.status is Status.OK
+                                                 and op.process != "final"])
+                           for k in Kind},
             "faults": dict(self.faults), "nemesis_errors": self.nemesis_errors,
             "elections": len(self.terms_with_leader),
             "anomalies": [attrs.asdict(a) | {"key": repr(a.key)} for a in self.anomalies],
@@ -900,14 +904,25 @@ class Run:
         return summary
 
 
+def _percentiles(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"p50": 0.0, "p99": 0.0}
+    seconds.sort()
+    return {q: round(seconds[min(len(seconds) - 1, int(len(seconds) * f))] * 1000, 2)
+            for q, f in (("p50", 0.5), ("p99", 0.99))}
+
+
 def format_summary(s: dict) -> str:
     lines = [f"raftcache jepsen: seed {s['seed']}, {s['seconds']} s, {s['nodes']} nodes, "
              f"{s['transport']}, {s['storage']}, reads {s['read']}"
              + (f", MUTANT {s['mutant']}" if s["mutant"] else "")]
     lines.append("")
-    lines.append(f"  {'operation':<10}{'ok':>8}{'fail':>8}{'info':>8}")
+    lines.append(f"  {'operation':<10}{'ok':>8}{'fail':>8}{'info':>8}"
+                 f"{'ok p50 ms':>11}{'ok p99 ms':>11}")
     for kind, c in s["by_kind"].items():
-        lines.append(f"  {kind:<10}{c.get('ok', 0):>8}{c.get('fail', 0):>8}{c.get('info', 0):>8}")
+        lat = s["latency_ms"][kind]
+        lines.append(f"  {kind:<10}{c.get('ok', 0):>8}{c.get('fail', 0):>8}{c.get('info', 0):>8}"
+                     f"{lat['p50']:>11.2f}{lat['p99']:>11.2f}")
     o = s["ops"]
     lines.append(f"  {'total':<10}{o['ok']:>8}{o['fail']:>8}{o['info']:>8}")
     lines.append("")
