@@ -427,3 +427,29 @@ def test_check_struct_accepts_what_wire_encodes():
 def test_check_struct_refuses_hostile_bytes(data):
     with pytest.raises(wire.WireError):
         wire.check_struct(data)
+
+
+def test_a_peer_that_hangs_up_at_once_gets_backoff_not_a_storm(transports):
+    """A peer that closes every connection right away (say, it refuses our certificate) must
+    not be redialled for every message: the shared PeerLink backs off exponentially."""
+    from gevent.server import StreamServer
+
+    accepted = []
+
+    def hang_up(sock, _addr):
+        accepted.append(time.monotonic())
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), hang_up)
+    server.start()
+    try:
+        a = transports(node_id=1, peers={2: f"127.0.0.1:{server.address[1]}"},
+                       reconnect_min=0.02, reconnect_max=0.5)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            a.send(_messages(2, 1, 1))
+            gevent.sleep(0.005)  # ~300 sends
+        # Without backoff: a dial per send (hundreds). With it: 0.02, 0.04, ... 0.5 s apart.
+        assert 2 <= len(accepted) <= 15, len(accepted)
+    finally:
+        server.stop()
