@@ -172,3 +172,30 @@ def test_metrics_hook_extends_metrics(node_and_plugin):
     m = node.metrics()
     assert m["role"] == "leader" and m["commit"] >= 1
     assert m["recorder_events"] == len(plugin.events)
+
+
+def test_not_leader_hints_and_status_name_client_addresses(tmp_path):
+    """When peers are reached through relays or proxies, clients must still be told where a
+    node really is (cluster.client_addresses), never the peer route."""
+    from raftcache.core.messages import Message, MsgType
+
+    port = free_port_block(1)
+    me = f"127.0.0.1:{port}"
+    c = config.parse({
+        "node": {"id": 1, "address": me, "data_dir": str(tmp_path / "n1")},
+        "cluster": {"peers": {"1": me, "2": "127.0.0.2:1", "3": "127.0.0.3:1"},
+                    "client_addresses": {"2": "127.0.0.9:7402", "3": "127.0.0.9:7403"}},
+        "raft": {"tick_ms": 1000},  # no election of our own meanwhile
+    }, "test.toml")
+    node = Node(c)
+    node.start()
+    try:
+        node.handle_peer_messages([Message(MsgType.HEARTBEAT, 1, 2, term=5, commit=0)])
+        gevent.sleep(0.05)
+        assert node.raw.lead == 2
+        r = call(node, op="put", key=b"k", value=b"v")
+        assert (r.error, r.leader_hint) == ("NotLeader", "127.0.0.9:7402")
+        status = node.status()
+        assert (status.leader, status.leader_address) == (2, "127.0.0.9:7402")
+    finally:
+        node.stop()
