@@ -9,6 +9,7 @@ from raftcache.core.messages import HardState
 
 class MemoryStorage:
     blocking = False  # nothing here waits for a disk: the node may call it on the hub
+
     def __init__(self, node_id: int = 0, data_dir: str = "", options: dict | None = None):
         self.hard_state = HardState()
         self.snapshot = None
