@@ -309,9 +309,14 @@ class Node:
         role = (self.raw.lead, self.raw.role)
         if role == self._role:
             return
-        self._role = role
-        self.log.info("term %d: %s, leader %s", self.raw.term, self.raw.role.name.lower(),
-                      self.raw.lead or "unknown")
+        previous, self._role = self._role, role
+        # A node that cannot reach a quorum flips between pre-candidate and leaderless
+        # follower every election timeout: that is worth a line only when a leader is
+        # gained or lost, or someone campaigns for real.
+        quiet = (self.raw.lead == NONE and previous[0] == NONE
+                 and self.raw.role in (StateRole.PRE_CANDIDATE, StateRole.FOLLOWER))
+        self.log.log(logging.DEBUG if quiet else logging.INFO, "term %d: %s, leader %s",
+                     self.raw.term, self.raw.role.name.lower(), self.raw.lead or "unknown")
         self.pm.hook.raftcache_role_changed(node=self, role=self.raw.role.name.lower(),
                                             term=self.raw.term, leader=self.raw.lead)
 
