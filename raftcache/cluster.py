@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,27 +15,12 @@ import attrs
 from raftcache.testing.servers import die_with_parent
 
 
-def free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports after it (bound and released at once)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
-        socks = []
-        try:
-            for i in range(n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no block of free ports")
+def free_port_block(n: int, host: str = "127.0.0.1") -> int:
+    """A base port with n consecutive free ports after it (below the ephemeral range, so no
+    outgoing connection can take one before the nodes bind them)."""
+    from raftcache.testing.servers import free_ports
+
+    return free_ports(n, host)
 
 
 def _toml_value(v) -> str:

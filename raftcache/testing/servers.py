@@ -8,6 +8,7 @@ AOF the killed process left behind, exactly like a crashed production server com
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,10 +23,40 @@ class ServerError(RuntimeError):
     """A server would not start (missing binary, port taken, bad config): says which and why."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_ports(n: int = 1, host: str = "127.0.0.1") -> int:
+    """A base port such that base .. base+n-1 are free on `host`, chosen *below* the kernel's
+    ephemeral range: a port in that range can be taken at any moment as the source port of
+    some outgoing connection (a node dialling its peers, say) before our server binds it."""
+    low, _high = _ephemeral_range()
+    rng = random.Random()  # unseeded: concurrent test runs must not pick alike
+    for _ in range(500):
+        base = rng.randrange(10000, max(10001, low - n))
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise ServerError(f"no block of {n} free ports below {low} on {host}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)
 
 
 def die_with_parent() -> None:
