@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable  # noqa: E402
 
 import attrs  # noqa: E402
 
+from raftcache.testing import relay  # noqa: E402
 from raftcache.testing.history import History, Kind, Operation, Status  # noqa: E402
 
 # -- the final-read check (pure) -----------------------------------------------------------------------
@@ -287,16 +288,12 @@ def _partition(run, links: set, label: str, detail: str) -> Fault:
 
 @nemesis("partition-one")
 def _nemesis_partition_one(run) -> Fault:
-    from raftcache.testing import relay
-
     n = run.rng.choice(run.node_ids())
     return _partition(run, relay.isolate(n, run.node_ids()), "partition-one", f"isolate {n}")
 
 
 @nemesis("partition-leader")
 def _nemesis_partition_leader(run) -> Fault:
-    from raftcache.testing import relay
-
     n = run.leader_or_any()
     return _partition(run, relay.isolate(n, run.node_ids()), "partition-leader",
                       f"isolate leader {n}")
@@ -304,31 +301,23 @@ def _nemesis_partition_leader(run) -> Fault:
 
 @nemesis("partition-halves")
 def _nemesis_partition_halves(run) -> Fault:
-    from raftcache.testing import relay
-
     return _partition(run, relay.halves(run.node_ids(), run.rng), "partition-halves",
                       "majority | minority")
 
 
 @nemesis("partition-ring")
 def _nemesis_partition_ring(run) -> Fault:
-    from raftcache.testing import relay
-
     return _partition(run, relay.majorities_ring(run.node_ids(), run.rng), "partition-ring",
                       "majorities ring")
 
 
 @nemesis("partition-bridge")
 def _nemesis_partition_bridge(run) -> Fault:
-    from raftcache.testing import relay
-
     return _partition(run, relay.bridge(run.node_ids(), run.rng), "partition-bridge", "bridge")
 
 
 @nemesis("partition-oneway")
 def _nemesis_partition_oneway(run) -> Fault:
-    from raftcache.testing import relay
-
     n = run.leader_or_any() if run.rng.random() < 0.5 else run.rng.choice(run.node_ids())
     return _partition(run, relay.one_way(n, run.node_ids()), "partition-oneway",
                       f"node {n} hears nobody")
@@ -385,8 +374,8 @@ def _nemesis_slow_disk(run) -> Fault:
 
 @nemesis("transfer")
 def _nemesis_transfer(run) -> Fault:
-    voters = run.voters()
-    leader = run.leader()
+    found = run.leader_status()
+    leader, voters = (found[0], found[1].voters) if found else (None, run.node_ids())
     candidates = [n for n in voters if n != leader and n in run.live()]
     if not candidates:
         return Fault("transfer", "no live voter to transfer to")
@@ -476,6 +465,7 @@ class Run:
         self.opts = opts
         self.nodes = opts.nodes
         self.rng = random.Random(opts.seed)
+        self.names = expand_nemeses(opts.nemesis)
         self.history = History()
         self.anomalies: list[Anomaly] = []
         self.faults = Counter()
@@ -497,7 +487,6 @@ class Run:
     # -- set-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
         from raftcache.cluster import LocalCluster, free_port_block
-        from raftcache.testing.relay import RelayNet
 
         o = self.opts
         self.tmp = o.dir is None
@@ -516,14 +505,14 @@ class Run:
             section, key, value = _parse_setting(text)
             extra.setdefault(section, {})[key] = value
         storage = o.storage
-        if "slow-disk" in expand_nemeses(o.nemesis) and o.storage != "memory":
+        if "slow-disk" in self.names and o.storage != "memory":
             # The same storage, behind the wrapper that lets the nemesis stall its fsyncs.
             options = extra.setdefault("storage", {}).setdefault("options", {})
             options["inner"], storage = o.storage, "slow-disk"
         port = free_port_block(self.nodes)
         self.cluster = LocalCluster(self.dir, nodes=self.nodes, port=port, storage=storage,
                                     transport=o.transport, hosts=hosts, extra=extra)
-        self.net = RelayNet({i: self.cluster.address(i) for i in self.node_ids()}, self.rng)
+        self.net = relay.RelayNet({i: self.cluster.address(i) for i in self.node_ids()}, self.rng)
         self.cluster.routes = self.net.routes()
         self.cluster.start()
         self.cluster.wait_for_leader(timeout=30)
@@ -576,19 +565,19 @@ class Run:
                 pass
         return out
 
+    def leader_status(self):
+        """(id, status) of the leader with the highest term among the nodes that answer."""
+        leaders = [(s.term, n, s) for n, s in self.statuses().items() if s.role == "leader"]
+        return max(leaders, key=lambda x: x[:2])[1:] if leaders else None
+
     def leader(self) -> int | None:
-        leaders = [(s.term, n) for n, s in self.statuses().items() if s.role == "leader"]
-        return max(leaders)[1] if leaders else None
+        found = self.leader_status()
+        return found[0] if found else None
 
     def leader_or_any(self) -> int:
         leader = self.leader()
         return leader if leader is not None else self.rng.choice(self.live())
 
-    def voters(self) -> list[int]:
-        for s in self.statuses().values():
-            if s.role == "leader":
-                return list(s.voters)
-        return self.node_ids()
 
     def admin(self, action) -> str:
         try:
@@ -770,11 +759,10 @@ class Run:
         return None
 
     def _restore_membership(self):
-        leader = self.leader()
-        if leader is None:
+        found = self.leader_status()
+        if found is None:
             return None
-        status = self.statuses()[leader]
-        missing = [n for n in self.node_ids() if n not in status.voters]
+        missing = [n for n in self.node_ids() if n not in found[1].voters]
         if not missing:
             return True
         with self.client(timeout=3.0) as c:
@@ -849,7 +837,7 @@ class Run:
 
         self.verbose = verbose
         o = self.opts
-        names = expand_nemeses(o.nemesis)
+        names = self.names
         self.t0 = time.monotonic()
         started = time.monotonic()
         try:

@@ -65,8 +65,9 @@ class SlowDisk:
         return self.inner.load()
 
     def save(self, hard_state, entries, snapshot, sync: bool) -> None:
-        if sync and self.delay():
-            self._sleep(self._delay)
+        stall = self.delay() if sync else 0.0
+        if stall:
+            self._sleep(stall)
         self.inner.save(hard_state, entries, snapshot, sync)
 
     def compact(self, snapshot) -> None:
