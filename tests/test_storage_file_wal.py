@@ -428,6 +428,47 @@ def test_damage_in_the_part_a_snapshot_covers_is_skipped(d, caplog):
     assert got == entries(51, 149) + entries(150, 151, term=2)
 
 
+def test_a_compaction_cut_short_by_a_crash_leaves_a_log_that_loads(d):
+    # Compaction deletes the segments a snapshot covers. Whatever subset a crash leaves behind
+    # (here: the newest covered segment gone, older ones still there), the node must start.
+    n = write_batches(d, segment_bytes=2048)
+    store, _ = reopen(d, segment_bytes=2048)
+    store._write_atomic("snapshot", file_wal._encode_snapshot(snap(n - 20)))  # compaction's 1st step
+    store.close()
+    covered = [p for p in segments(d) if _last_index(p) <= n - 20]
+    assert len(covered) >= 3
+    os.unlink(covered[-2])  # a gap inside the covered prefix
+    store, (_, snapshot, got) = reopen(d, segment_bytes=2048)
+    assert snapshot.meta.index == n - 20 and got == entries(n - 19, n)
+    store.compact(snap(n - 10))  # and compacting again removes what was left
+    store.close()
+    assert all(_last_index(p) > n - 10 for p in segments(d)[:-1])
+
+
+def test_compaction_deletes_the_oldest_segment_first(d, monkeypatch):
+    n = write_batches(d, segment_bytes=2048)
+    store, _ = reopen(d, segment_bytes=2048)
+    order = []
+    real_unlink = os.unlink
+    monkeypatch.setattr(file_wal.os, "unlink",
+                        lambda p: (order.append(p), real_unlink(p))[1])
+    store.compact(snap(n - 20))
+    store.close()
+    wal = [p for p in order if p.endswith(".seg")]
+    assert len(wal) >= 2 and wal == sorted(wal)
+
+
+def _last_index(path):
+    blob = open(path, "rb").read()
+    mv, pos, last = memoryview(blob), 0, 0
+    while not isinstance(rec := file_wal._parse(mv, pos), str):
+        kind, start, end = rec
+        if kind & ~file_wal.END_OF_WRITE == file_wal.KIND_ENTRY:
+            last = file_wal.ENTRY.unpack_from(mv, start)[3]
+        pos = end
+    return last
+
+
 # ------------------------------------------------------------------------------------------------
 # kill -9 of a process that saves with sync=True
 # ------------------------------------------------------------------------------------------------

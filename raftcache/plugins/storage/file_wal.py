@@ -426,9 +426,10 @@ class FileWALStorage:
         self._fresh = True
         return seg
 
-    def _delete_segments(self, segs: list[_Segment]) -> None:
-        # Newest first: a crash part-way leaves a prefix of the log, never a gap.
-        for seg in reversed(segs):
+    def _delete_segments(self, segs: list[_Segment], oldest_first: bool = False) -> None:
+        # A crash part-way must never leave a gap in the live log: a suffix goes newest first
+        # (leaving a prefix), a compacted prefix oldest first (leaving a suffix).
+        for seg in (segs if oldest_first else reversed(segs)):
             os.unlink(seg.path)
             self._segs.remove(seg)
         if segs:
@@ -472,7 +473,7 @@ class FileWALStorage:
                 break
             covered.append(seg)
         if covered:
-            self._delete_segments(covered)
+            self._delete_segments(covered, oldest_first=True)
             if self.options.fsync:
                 self._sync()
 
@@ -560,7 +561,9 @@ class FileWALStorage:
                 kind, start, end = rec
                 if kind & ~END_OF_WRITE == KIND_ENTRY:
                     _, wid, term, index, etype = ENTRY.unpack_from(mv, start)
-                    if prev is not None and index != prev + 1:
+                    # A gap is corruption, unless the snapshot covers it (a compaction that
+                    # a crash interrupted, in a version that deleted newest first).
+                    if prev is not None and index != prev + 1 and not prev < index <= base + 1:
                         bad = _Bad(k, pos, f"entry {index} follows entry {prev}", logical=True)
                         break
                     if etype not in _ENTRY_TYPES:
