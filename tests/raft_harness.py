@@ -293,10 +293,8 @@ class Network:
             self.stabilize()
 
     def campaign(self, nid: NodeId) -> None:
-        """Make `nid` campaign now, like etcd's Campaign(): TimeoutNow is the core's only way
-        to start an election without waiting out a randomized timeout."""
-        node = self.nodes[nid]
-        node.step(Message(MsgType.TIMEOUT_NOW, nid, nid, node.term))
+        """Make `nid` campaign now, without waiting out a randomized timeout."""
+        self.nodes[nid].campaign()
         self.process(nid)
 
     def elect(self, nid: NodeId) -> RawNode:

@@ -15,6 +15,14 @@ import attrs
 NodeId = int
 NONE: NodeId = 0  # "no node": no vote cast, no leader known. Real node ids are >= 1.
 
+# Bounds on what any node accepts from the network (validate.py) and hence ever persists: far
+# enough below 2**63 that no term or index a node derives from them overflows a signed 64-bit
+# field of any storage or wire format. A term of 2**62 takes ten elections a second for over a
+# billion years to reach.
+MAX_TERM = 1 << 62
+MAX_INDEX = 1 << 62
+MAX_NODE_ID = (1 << 62) - 1
+
 
 class MsgType(enum.IntEnum):
     APP = 1  # AppendEntries: index/log_term name the entry before `entries`
@@ -115,7 +123,16 @@ class ConfChange:
 
     @classmethod
     def decode(cls, data: bytes) -> ConfChange:
-        return cls(tuple(ConfChangeSingle(ConfChangeType(t), n) for t, n in json.loads(data)))
+        """The change `data` encodes; ValueError (only) when it encodes none."""
+        try:
+            pairs = json.loads(data)
+            changes = tuple(ConfChangeSingle(ConfChangeType(t), n) for t, n in pairs)
+        except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"not a configuration change: {exc}") from None
+        for c in changes:
+            if type(c.node_id) is not int or not NONE < c.node_id <= MAX_NODE_ID:
+                raise ValueError(f"node id out of range in a configuration change: {c.node_id!r}")
+        return cls(changes)
 
 
 @attrs.frozen(slots=True)

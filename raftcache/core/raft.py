@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 
 import attrs
 
@@ -69,6 +70,10 @@ class RaftConfig:
     max_apply_entries: int = 4096  # committed entries handed out per Ready
     snapshot_chunk_bytes: int = 64 << 10
     snapshot_resend_ticks: int = 3  # resend an unacknowledged snapshot chunk after this long
+    # Checks a snapshot received from the leader before it replaces the log (the state
+    # machine's parser): returns why it is unusable, or None. A refused snapshot is dropped
+    # and counted in RawNode.refused_snapshots, so a bad image never reaches storage.
+    check_snapshot: Callable[[Snapshot], str | None] | None = None
 
     def __attrs_post_init__(self):
         if self.id == NONE:
@@ -136,6 +141,7 @@ class RawNode:
         self._prev_hard_state = hs
         self._prev_soft_state = SoftState(NONE, StateRole.FOLLOWER)
         self._ready_outstanding = False
+        self.refused_snapshots = 0
         self._rebuild_progress()
         self.become_follower(self.term, NONE)
 
@@ -272,6 +278,11 @@ class RawNode:
         else:
             self._send_append(target)
 
+    def campaign(self) -> None:
+        """Start an election now, as a TimeoutNow from our leader would: no pre-vote, and
+        voters' leases are ignored (etcd's forced campaign; tests and tools use it)."""
+        self._hup(transfer=True)
+
     def compact(self, data: bytes, keep_entries: int = 0) -> Snapshot:
         """Take the state machine image `data`, taken at the applied index, as a snapshot.
 
@@ -349,7 +360,11 @@ class RawNode:
             # A snapshot restored since this Ready was handed out already holds this entry's
             # configuration: applying it again on top would corrupt the restored one.
             if e.type == EntryType.CONF_CHANGE and e.index > self.log.offset:
-                self._apply_conf_change(ConfChange.decode(e.data))
+                try:
+                    cc = ConfChange.decode(e.data)
+                except ValueError:
+                    continue  # undecodable: ignored the same way on every replica
+                self._apply_conf_change(cc)
         if self.role == StateRole.LEADER:
             # The leader counts itself towards a quorum only for what it has made durable.
             me = self.prs.get(self.id)
@@ -580,7 +595,8 @@ class RawNode:
             self._heard_from_leader(m.frm)
             self._handle_snapshot_chunk(m)
         elif t == MsgType.TIMEOUT_NOW:
-            self._hup(transfer=True)
+            if m.frm == self.lead:  # only our leader may hand over its leadership
+                self._hup(transfer=True)
         elif t == MsgType.READ_INDEX_RESP:
             if not m.reject:
                 self.read_states.append(ReadState(m.index, m.context))
@@ -611,7 +627,8 @@ class RawNode:
             pr.probe_sent = False
             if pr.state == ProgressState.REPLICATE and pr.is_paused(self.config.max_inflight):
                 pr.inflights.popleft()  # appends may have been lost: let one more through
-            if m.tick > self._lease_acks.get(m.frm, -1):
+            # An echo of a tick we never sent would extend the lease: ignore it.
+            if self._lease_acks.get(m.frm, -1) < m.tick <= self.ticks:
                 self._lease_acks[m.frm] = m.tick
             if pr.match < self.log.last_index():
                 self._send_append(m.frm)
@@ -695,6 +712,8 @@ class RawNode:
                    reject_hint=hint_index, log_term=hint_term)
 
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
+        if not m.reject and m.index > self.log.last_index():
+            return  # acknowledges entries we never sent
         if m.reject:
             next_probe = m.reject_hint
             if m.log_term > 0:
@@ -813,7 +832,13 @@ class RawNode:
             self._send(MsgType.SNAP_RESP, m.frm, index=meta.index, offset=len(buf))
             return
         self._snapshot_rx = None
-        self._restore(Snapshot(meta, bytes(buf)))
+        snap = Snapshot(meta, bytes(buf))
+        check = self.config.check_snapshot
+        if check is not None and check(snap) is not None:
+            self.refused_snapshots += 1
+            self._send(MsgType.SNAP_RESP, m.frm, index=meta.index, reject=True)
+            return
+        self._restore(snap)
         # Only the snapshot's index is known to match: when we already held it (and only
         # fast-forwarded the commit), entries after it may be a stale suffix.
         self._send(MsgType.APP_RESP, m.frm, index=self.log.committed)
