@@ -23,7 +23,14 @@ from raftcache.core.commands import (
     encode_envelope,
 )
 from raftcache.core.plugins import PluginSet
-from raftcache.core.statemachine import ApplyError, SnapshotError, StateMachine
+from raftcache.core.statemachine import (
+    _R_INT,
+    SESSION_RESULTS,
+    SNAPSHOT_MAGIC,
+    ApplyError,
+    SnapshotError,
+    StateMachine,
+)
 from raftcache.plugins.backend import memory as memory_plugin
 from raftcache.plugins.backend.memory import MemoryBackend, make_memory_backend
 
@@ -361,12 +368,51 @@ def test_a_session_is_bound_to_the_callers_identity(r):
     assert r.write(Incr(b"n", 10), client="c", seq=1, identity="alice") == 10
 
 
-def test_a_retry_older_than_the_latest_sequence_is_outcome_unknown(r):
+def test_a_late_duplicate_of_an_older_write_gets_its_first_result(r):
     r.write(Incr(b"n"), client="c", seq=1)
     r.write(Incr(b"n"), client="c", seq=2)
-    result = r.write(Incr(b"n"), client="c", seq=1)
-    assert isinstance(result, ApplyError) and result.kind == "OutcomeUnknown"
+    assert r.write(Incr(b"n"), client="c", seq=1) == 1
     assert r.get(b"n") == (b"2", 2)
+
+
+def test_a_retry_older_than_every_kept_result_is_outcome_unknown(r):
+    for seq in range(1, SESSION_RESULTS + 2):
+        r.write(Incr(b"n"), client="c", seq=seq)
+    result = r.write(Incr(b"n"), client="c", seq=1)  # its result was dropped
+    assert isinstance(result, ApplyError) and result.kind == "OutcomeUnknown"
+    assert r.get(b"n")[0] == b"%d" % (SESSION_RESULTS + 1)
+
+
+def test_a_sequence_number_reused_for_another_write_is_refused(r):
+    assert r.write(Set(b"a", b"1"), client="c", seq=1) == 1
+    for other in (Set(b"b", b"1"), Incr(b"a"), Delete(b"a"), Set(b"a", b"1", ttl_ms=5)):
+        result = r.write(other, client="c", seq=1)
+        assert isinstance(result, ApplyError) and result.kind == "InvalidRequest", other
+        assert "already used" in result.reason
+    assert r.get(b"a") == (b"1", 1) and r.get(b"b") is None
+    # The same write with another value is a retry (a codec may seal it differently).
+    assert r.write(Set(b"a", b"sealed again"), client="c", seq=1) == 1
+
+
+def test_a_higher_sequence_number_from_someone_else_does_not_fail_the_client(r):
+    assert r.write(Incr(b"n"), client="c", seq=1) == 1
+    assert r.write(Incr(b"other"), client="c", seq=10**12) == 1  # a stranger using c's id
+    assert r.write(Incr(b"n"), client="c", seq=2) == 2  # c's next write still applies
+    assert r.write(Incr(b"n"), client="c", seq=2) == 2  # and is deduplicated
+
+
+def test_sessions_survive_a_version_1_snapshot():
+    # A version-1 image (one result per session, as the previous release wrote it).
+    out = bytearray(SNAPSHOT_MAGIC)
+    out += bytes([1, 5, 100, 0, 1])  # v1, applied 5, stamp 100, no keys, one session
+    out += bytes([1]) + b"c" + bytes([0])  # client "c", no identity
+    out += bytes([6, 100, _R_INT, 2])  # seq 3 (zigzag 6), last stamp 100, result int 1
+    r = Replica()
+    r.sm.restore(bytes(out))
+    r.index = 5
+    assert r.write(Incr(b"n"), client="c", seq=3) == 1  # the kept result
+    assert isinstance(r.write(Incr(b"n"), client="c", seq=2), ApplyError)  # older: refused
+    assert r.write(Incr(b"n"), client="c", seq=4) == 1  # newer: applies
 
 
 def test_error_results_are_remembered_too(r):
@@ -465,7 +511,7 @@ def test_snapshot_and_restore_round_trip_into_a_fresh_state_machine():
     # Sessions came along: retries are still answered from them.
     b.index = a.index
     assert b.write(Incr(b"n", 7), stamp=1_004, client="c", seq=4) == 7
-    assert b.write(MSet(((b"bin\x00", b"z"),)), stamp=1_004, client="d", seq=1,
+    assert b.write(MSet(((b"bin\x00", b"z"), (b"e", b""))), stamp=1_004, client="d", seq=1,
                    identity="alice") == [4, 4]  # fmt: skip
     assert isinstance(b.write(Incr(b"x"), stamp=1_004, client="e", seq=9), ApplyError)
     assert b.get(b"n", 1_004) == (b"7", 3)
@@ -593,7 +639,7 @@ def test_the_memory_backend_plugin_provides_memory():
 
 
 CORE = Path(__file__).resolve().parent.parent / "raftcache" / "core"
-ALLOWED = {"__future__", "attrs", "heapq", "collections", "collections.abc", "typing"}
+ALLOWED = {"__future__", "attrs", "hashlib", "heapq", "collections", "collections.abc", "typing"}
 
 
 @pytest.mark.parametrize("name", ["commands", "statemachine"])

@@ -24,14 +24,18 @@ Pure: no I/O, no clock, no randomness (it runs inside the deterministic simulato
 
 from __future__ import annotations
 
+import hashlib
 from typing import ClassVar
 
 import attrs
 
 FORMAT_VERSION = 1
 
-# Unsigned fields (stamps, ttls, versions) stay below 2**63 so stamp + ttl never overflows.
+# Unsigned fields (stamps, ttls, versions) stay below 2**63. Expiries saturate there
+# (statemachine._expiry), and nodes accept no ttl above MAX_TTL_MS from clients.
 _UMAX = (1 << 63) - 1
+MAX_STAMP_MS = _UMAX
+MAX_TTL_MS = 10 * 365 * 24 * 3600 * 1000  # ten years
 _SMIN = -(1 << 63)
 _SMAX = (1 << 63) - 1
 
@@ -224,6 +228,20 @@ def encode_command(out: bytearray, cmd: Command) -> None:
         _uint(out, cmd.up_to_stamp_ms, "up_to_stamp_ms")
     else:
         raise CommandError(f"not a command: {cmd!r}")
+
+
+def fingerprint(cmd: Command) -> bytes:
+    """What tells two writes under one (client id, sequence) apart: the command's kind, keys and
+    arguments, but not its values, which a value codec may seal differently on each attempt
+    of the same write. Deterministic, so every replica computes the same."""
+    t = type(cmd)
+    if t is Set or t is Cas:
+        cmd = attrs.evolve(cmd, value=b"")
+    elif t is MSet and type(cmd.items) is tuple:
+        cmd = MSet(tuple((item[0], b"") for item in cmd.items), cmd.ttl_ms)
+    out = bytearray()
+    encode_command(out, cmd)
+    return hashlib.blake2b(out, digest_size=8).digest()
 
 
 def encode_envelope(env: Envelope) -> bytes:

@@ -9,9 +9,14 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   behind) cannot make time go backwards. A key written with a ttl expires at now + ttl_ms; a
   write treats a key as gone once now >= its expiry, a read once the reader's `now_stamp_ms`
   is. Expired keys are reclaimed by `Sweep` entries the leader proposes (`expired_keys_due`).
-- **Exactly once** (Raft dissertation 6.3): a table of client sessions keeps each client's
-  latest sequence number and its result; a retried write gets that result back instead of
-  applying twice. Sessions idle for `session_idle_ms` (by stamps) are dropped.
+- **Exactly once** (Raft dissertation 6.3): a table of client sessions keeps the results of
+  each client's newest `SESSION_RESULTS` writes, by sequence number; a retried write gets its
+  first result back instead of applying twice. The same sequence number on a different write
+  (another kind or key) is refused. A sequence number the session no longer holds is refused
+  when it is below every number it still holds (its result is gone), and applied otherwise
+  (it never applied), so a write tagged with another client's id and a higher number does not
+  make that client's next write fail. Sessions idle for `session_idle_ms` (by stamps) are
+  dropped.
 - **Errors** that are the client's fault are *results* (`ApplyError`), never exceptions.
 
 The catalog (key -> version, expiry) lives here; values live in the backend. Values are stored
@@ -30,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 import attrs
 
 from .commands import (
+    MAX_STAMP_MS,
     Cas,
     CommandError,
     Delete,
@@ -40,6 +46,7 @@ from .commands import (
     Set,
     Sweep,
     decode_envelope,
+    fingerprint,
 )
 
 _I64_MIN = -(1 << 63)
@@ -47,9 +54,10 @@ _I64_MAX = (1 << 63) - 1
 _MAX_INT_DIGITS = 20  # "-9223372036854775808"
 
 SNAPSHOT_MAGIC = b"RCSM"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: sessions hold several results with fingerprints; 1 is still read
 
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
+SESSION_RESULTS = 8  # results kept per client session (a well-behaved client needs one)
 
 
 class SnapshotError(ValueError):
@@ -72,9 +80,17 @@ class ApplyError:
 
 @attrs.define(slots=True)
 class _Session:
-    seq: int
-    result: object
     last_stamp_ms: int
+    # seq -> (fingerprint of the write, its result), the newest SESSION_RESULTS writes
+    results: dict = attrs.Factory(dict)
+    floor: int = -(1 << 63)  # the highest sequence number whose result was dropped
+
+    def remember(self, seq: int, fp: bytes, result) -> None:
+        self.results[seq] = (fp, result)
+        if len(self.results) > SESSION_RESULTS:
+            oldest = min(self.results)
+            del self.results[oldest]
+            self.floor = max(self.floor, oldest)
 
 
 Result = object  # int | bool | tuple[bool, int | None] | list[int] | ApplyError | None
@@ -118,23 +134,29 @@ class StateMachine:
         now = self.last_stamp_ms = max(self.last_stamp_ms, env.stamp_ms)
         self._expire_sessions(now)
 
-        session_key = None
+        cmd = env.command
+        session = None
         if env.client_id is not None and env.seq is not None:
             session_key = (env.client_id, env.identity)
             session = self._sessions.get(session_key)
+            fp = fingerprint(cmd)
             if session is not None:
-                if env.seq == session.seq:
+                seen = session.results.get(env.seq)
+                if seen is not None:
+                    if seen[0] and seen[0] != fp:
+                        return ApplyError(
+                            "InvalidRequest",
+                            f"sequence number {env.seq} of client {env.client_id!r} was "
+                            "already used for a different write; nothing was applied")
                     session.last_stamp_ms = now
                     self._sessions.move_to_end(session_key)
-                    return session.result
-                if env.seq < session.seq:
+                    return seen[1]
+                if env.seq <= session.floor:
                     return ApplyError(
                         "OutcomeUnknown",
-                        f"sequence number {env.seq} is older than this client's latest "
-                        f"({session.seq}); its result is no longer kept",
-                    )
+                        f"sequence number {env.seq} is older than every write of this client "
+                        "whose result is still kept; it may have applied before")
 
-        cmd = env.command
         if self.check_command is not None and type(cmd) is not Sweep:
             reason = self.check_command(cmd, env.identity, now)
             if reason:
@@ -142,8 +164,11 @@ class StateMachine:
                 return ApplyError("Unauthorized", str(reason))
 
         result = self._execute(cmd, index, now)
-        if session_key is not None:
-            self._sessions[session_key] = _Session(env.seq, result, now)
+        if env.client_id is not None and env.seq is not None:
+            if session is None:
+                session = self._sessions[session_key] = _Session(now)
+            session.last_stamp_ms = now
+            session.remember(env.seq, fp, result)
             self._sessions.move_to_end(session_key)
         return result
 
@@ -355,9 +380,13 @@ class StateMachine:
             else:
                 out.append(1)
                 _blob(out, identity.encode())
-            _svarint(out, session.seq)
             _uvarint(out, session.last_stamp_ms)
-            _encode_result(out, session.result)
+            _svarint(out, session.floor)
+            _uvarint(out, len(session.results))
+            for seq, (fp, result) in session.results.items():
+                _svarint(out, seq)
+                _blob(out, fp)
+                _encode_result(out, result)
         return bytes(out)
 
     def restore(self, data: bytes) -> None:
@@ -366,42 +395,7 @@ class StateMachine:
         The snapshot is parsed completely before anything changes, so garbage raises
         SnapshotError and leaves the state machine as it was. Empty data is the empty state.
         """
-        catalog: dict = {}
-        values: list = []
-        sessions: OrderedDict = OrderedDict()
-        applied = stamp = 0
-        if data:
-            r = Reader(bytes(data))
-            try:
-                if bytes(data[:4]) != SNAPSHOT_MAGIC:
-                    raise CommandError("not a raftcache state machine snapshot")
-                r.pos = 4
-                if r.u8() != SNAPSHOT_VERSION:
-                    raise CommandError("unknown snapshot version")
-                applied = r.uvarint()
-                stamp = r.uvarint()
-                for _ in range(r.uvarint()):
-                    key = r.bytes_()
-                    version = r.uvarint()
-                    expiry = r.uvarint() or None
-                    catalog[key] = (version, expiry)
-                    present = r.u8()
-                    if present == 1:
-                        values.append((key, r.bytes_()))
-                    elif present != 0:
-                        raise CommandError("bad value marker")
-                for _ in range(r.uvarint()):
-                    client_id = r.str_()
-                    has_identity = r.u8()
-                    if has_identity not in (0, 1):
-                        raise CommandError("bad identity marker")
-                    identity = r.str_() if has_identity else None
-                    seq = r.svarint()
-                    last = r.uvarint()
-                    sessions[(client_id, identity)] = _Session(seq, _decode_result(r), last)
-                r.end()
-            except CommandError as exc:
-                raise SnapshotError(f"corrupt state machine snapshot: {exc}") from None
+        applied, stamp, catalog, values, sessions = _parse_snapshot(data)
         self.backend.clear()
         for key, value in values:
             self.backend.set(key, value)
@@ -412,11 +406,81 @@ class StateMachine:
         self._rebuild_expiries()
 
 
+def check_snapshot(snapshot) -> str | None:
+    """Why a Raft snapshot (`raftcache.core.messages.Snapshot`) does not hold an image that
+    `restore()` would take at its index, or None. The Raft core asks before a snapshot
+    received from the leader replaces its log."""
+    try:
+        applied = _parse_snapshot(snapshot.data)[0]
+    except SnapshotError as exc:
+        return str(exc)
+    if applied > snapshot.meta.index:
+        return (f"the image has applied entry {applied}, after the snapshot's index "
+                f"{snapshot.meta.index}")
+    return None
+
+
+def _parse_snapshot(data: bytes):
+    """(applied index, stamp, catalog, values, sessions) of a snapshot; SnapshotError (only)
+    when `data` is not one."""
+    catalog: dict = {}
+    values: list = []
+    sessions: OrderedDict = OrderedDict()
+    applied = stamp = 0
+    if not data:
+        return applied, stamp, catalog, values, sessions
+    r = Reader(bytes(data))
+    try:
+        if bytes(data[:4]) != SNAPSHOT_MAGIC:
+            raise CommandError("not a raftcache state machine snapshot")
+        r.pos = 4
+        version = r.u8()
+        if version not in (1, SNAPSHOT_VERSION):
+            raise CommandError(f"unknown snapshot version {version} (this build reads 1 and "
+                               f"{SNAPSHOT_VERSION})")
+        applied = r.uvarint()
+        stamp = r.uvarint()
+        for _ in range(r.uvarint()):
+            key = r.bytes_()
+            version_ = r.uvarint()
+            expiry = r.uvarint() or None
+            catalog[key] = (version_, expiry)
+            present = r.u8()
+            if present == 1:
+                values.append((key, r.bytes_()))
+            elif present != 0:
+                raise CommandError("bad value marker")
+        for _ in range(r.uvarint()):
+            client_id = r.str_()
+            has_identity = r.u8()
+            if has_identity not in (0, 1):
+                raise CommandError("bad identity marker")
+            identity = r.str_() if has_identity else None
+            if version == 1:  # the latest result only: older numbers were refused
+                seq = r.svarint()
+                session = _Session(r.uvarint(), floor=seq - 1)
+                session.results[seq] = (b"", _decode_result(r))
+            else:
+                session = _Session(r.uvarint(), floor=r.svarint())
+                count = r.uvarint()
+                if count > SESSION_RESULTS:
+                    raise CommandError(f"a session with {count} results")
+                for _ in range(count):
+                    seq = r.svarint()
+                    session.results[seq] = (r.bytes_(), _decode_result(r))
+            sessions[(client_id, identity)] = session
+        r.end()
+    except CommandError as exc:
+        raise SnapshotError(f"corrupt state machine snapshot: {exc}") from None
+    return applied, stamp, catalog, values, sessions
+
+
 # ================================================================================================
 # Helpers
 # ================================================================================================
 def _expiry(now: int, ttl_ms: int | None) -> int | None:
-    return None if ttl_ms is None else now + ttl_ms
+    # Saturating: an entry written before ttls were bounded must still snapshot.
+    return None if ttl_ms is None else min(now + ttl_ms, MAX_STAMP_MS)
 
 
 def _parse_int(blob: bytes) -> int | None:
