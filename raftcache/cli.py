@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--transport", default="thrift")
     up.add_argument("--backend", default="memory")
     up.add_argument("--config", help="a TOML file whose settings every node shares")
+    up.add_argument("--insecure", action="store_true",
+                    help="let peers talk without proving they are nodes of this cluster (no "
+                         "cluster secret on plaintext transports); logs a warning")
     up.set_defaults(func=_cmd_up)
 
     serve = sub.add_parser("serve", help="run one node in the foreground")

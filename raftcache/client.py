@@ -16,6 +16,7 @@ import time
 import uuid
 
 from raftcache import errors, wire
+from raftcache.core.commands import MAX_TTL_MS
 from raftcache.core.hookspecs import TLSConfig
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7400,127.0.0.1:7401,127.0.0.1:7402"
@@ -51,7 +52,8 @@ class Client:
         self._leader: str | None = None
         self._rotation = itertools.cycle(range(len(self.endpoints)))
         # Write sessions: one in-flight write per session keeps sequence numbers monotonic.
-        self._base_id = uuid.uuid4().hex[:16]
+        # 128 random bits: nobody else's writes can land in our sessions by accident.
+        self._base_id = uuid.uuid4().hex
         self._sessions: list[list] = []
         self._session_ids = itertools.count(1)
 
@@ -221,6 +223,6 @@ class Client:
 def _ttl_ms(ttl: float | None) -> int | None:
     if ttl is None:
         return None
-    if ttl <= 0:
-        raise ValueError("ttl must be positive")
+    if not 0 < ttl <= MAX_TTL_MS / 1000:
+        raise ValueError(f"ttl must be positive and at most {MAX_TTL_MS // 1000} s (ten years)")
     return max(1, int(ttl * 1000))

@@ -12,6 +12,7 @@ import time
 
 import attrs
 
+from raftcache.core.config import write_secret
 from raftcache.testing.servers import die_with_parent
 
 
@@ -63,6 +64,8 @@ class LocalCluster:
     transport: str = "thrift"
     backend: str = "memory"
     extra: dict = attrs.Factory(dict)  # extra config sections shared by every node
+    # Peers without proof of membership (no secret, no node certificates): must be asked for.
+    insecure: bool = False
     hosts: list | None = None  # per-node host (distinct 127.0.0.x "hosts"); overrides host
     # (from node, to node) -> the address `from` dials to reach `to` (a fault relay); clients
     # still reach every node at its own address.
@@ -96,6 +99,15 @@ class LocalCluster:
         return {"ca": os.path.join(certs, "ca.pem"), "cert": os.path.join(certs, "client.pem"),
                 "key": os.path.join(certs, "client-key.pem")}
 
+    def secret_path(self) -> str | None:
+        """The cluster secret peers prove they hold, on a plaintext transport (made at the
+        first start, kept after); None when node certificates or --insecure stand instead."""
+        if self.insecure or self.tls_files():
+            return None
+        path = os.path.join(self.data_dir, "cluster.secret")
+        write_secret(path)
+        return path
+
     def owns_redis(self) -> bool:
         options = self.extra.get("storage", {}).get("options", {})
         # `slow-disk` (fault suite) wraps another storage: options.inner
@@ -114,10 +126,15 @@ class LocalCluster:
     def write_configs(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
         tls = self.tls_files()
+        secret = self.secret_path()
         for i in range(1, self.nodes + 1):
             peers = {str(j): self.routes.get((i, j), self.address(j))
                      for j in range(1, self.nodes + 1)}
             cluster = {"peers": peers}
+            if secret:
+                cluster["secret_file"] = secret
+            elif self.insecure:
+                cluster["insecure"] = True
             if self.routes:
                 cluster["client_addresses"] = {str(j): self.address(j)
                                                for j in range(1, self.nodes + 1)}
@@ -250,7 +267,7 @@ def run_local_cluster(args) -> int:
             extra = {k: v for k, v in tomllib.load(f).items() if k not in ("node", "cluster")}
     cluster = LocalCluster(os.path.abspath(args.data_dir), nodes=args.nodes, host=args.host,
                            port=args.port, storage=args.storage, transport=args.transport,
-                           backend=args.backend, extra=extra)
+                           backend=args.backend, extra=extra, insecure=args.insecure)
     stopping = []
 
     def on_signal(signum, frame):
@@ -269,6 +286,13 @@ def run_local_cluster(args) -> int:
     for i in range(1, args.nodes + 1):
         where = f", redis: {cluster.redis[i].url}" if i in cluster.redis else ""
         print(f"  node {i}: {cluster.address(i)}  (log: {cluster.log_path(i)}{where})")
+    if args.insecure:
+        print("WARNING: --insecure: the nodes accept Raft messages from anyone who can reach "
+              "their ports", file=sys.stderr)
+    elif cluster.tls_files():
+        print(f"peers prove themselves with node certificates ({cluster.data_dir}/certs)")
+    else:
+        print(f"peers prove themselves with the cluster secret {cluster.secret_path()}")
     try:
         leader = cluster.wait_for_leader(timeout=30)
         print(f"leader: node {leader} at {cluster.address(leader)}")

@@ -128,6 +128,22 @@ struct RaftBatch {
   2: list<RaftMessage> messages,
 }
 
+// ---- peer authentication on a plaintext connection (docs/security.md) -------------------------
+// A node that dials a peer calls peer_hello, checks the listener's proof, then calls peer_auth
+// with its own; only then do its raft() batches count. A proof is HMAC-SHA256 with the cluster
+// secret over both nonces, the cluster id and both node ids (transport/common.py peer_proof).
+struct PeerHello {
+  1: i64 cluster_id,
+  2: i64 from_node,
+  3: i64 to_node,
+  4: binary nonce,                // 32 fresh random bytes
+}
+
+struct PeerChallenge {
+  1: binary nonce,                // the listener's 32 fresh random bytes
+  2: binary proof,                // the listener's proof that it holds the secret
+}
+
 service RaftCache {
   i64 put(1: binary key, 2: binary value, 3: i64 ttl_ms, 4: RequestHeader header)
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
@@ -167,6 +183,9 @@ service RaftCache {
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
 
-  // Node-to-node: Raft messages, one way, in batches.
+  // Node-to-node: Raft messages, one way, in batches, on a connection that proved it is a
+  // peer (a node certificate under TLS, or peer_hello + peer_auth with the cluster secret).
   oneway void raft(1: RaftBatch batch),
+  PeerChallenge peer_hello(1: PeerHello hello),
+  bool peer_auth(1: binary proof),
 }

@@ -43,12 +43,18 @@ class WireError(ValueError):
     """Bytes that are not a valid encoding of what was expected."""
 
 
+class TooManyItems(WireError):
+    """A well-formed value with more list, set or map elements than the caller allows: an
+    invalid request to answer, not a broken stream."""
+
+
 def encode(obj) -> bytes:
     return serialize(obj, _PROTOCOL)
 
 
-def decode(cls, data: bytes):
-    """Decode `data` as a `cls` (e.g. wire.Request); WireError on anything but a valid encoding.
+def decode(cls, data: bytes, max_items: int | None = None):
+    """Decode `data` as a `cls` (e.g. wire.Request); WireError on anything but a valid encoding,
+    TooManyItems when its containers hold more than `max_items` elements in all.
 
     thriftpy2's Cython decoder trusts the lengths and counts it reads: from an in-memory buffer
     a 12-byte payload claiming a 64 KiB string comes back padded with uninitialised heap, and a
@@ -56,7 +62,7 @@ def decode(cls, data: bytes):
     still. So `check_struct` first (bounds, types, counts), then decode over a buffered
     transport, which raises end-of-file instead of inventing bytes.
     """
-    end = check_struct(data)
+    end = check_struct(data, 0, max_items)
     if end != len(data):
         raise WireError(f"{len(data) - end} stray bytes after the {cls.__name__}")
     try:
@@ -90,17 +96,26 @@ def message_to_wire(m: Message):
     )
 
 
+def _required(value, what: str) -> int:
+    if type(value) is not int:
+        raise WireError(f"bad raft message: {what} is missing")
+    return value
+
+
 def message_from_wire(w) -> Message:
     """Convert a decoded RaftMessage; WireError when a field is missing or out of range."""
     try:
         meta = None
         if w.snapshot_meta is not None:
             sm = w.snapshot_meta
-            meta = SnapshotMeta(sm.index, sm.term, _conf_from_wire(sm.conf_state))
+            meta = SnapshotMeta(_required(sm.index, "snapshot index"),
+                                _required(sm.term, "snapshot term"),
+                                _conf_from_wire(sm.conf_state))
         return Message(
-            MsgType(w.type), w.to, w.frm, w.term, w.log_term or 0, w.index or 0,
-            tuple(Entry(e.term, e.index, EntryType(e.type), e.data or b"")
-                  for e in (w.entries or ())),
+            MsgType(w.type), _required(w.to, "to"), _required(w.frm, "frm"),
+            _required(w.term, "term"), w.log_term or 0, w.index or 0,
+            tuple(Entry(_required(e.term, "entry term"), _required(e.index, "entry index"),
+                        EntryType(e.type), e.data or b"") for e in (w.entries or ())),
             w.commit or 0, bool(w.reject), w.reject_hint or 0, w.context or b"", meta,
             w.offset or 0, w.data or b"", bool(w.done), w.tick or 0,
         )
@@ -135,12 +150,15 @@ _I32 = struct.Struct(">i")
 MAX_DEPTH = 64  # thriftpy2's own nesting limit
 
 
-def check_struct(data: bytes, pos: int = 0) -> int:
+def check_struct(data: bytes, pos: int = 0, max_items: int | None = None) -> int:
     """Check that a Thrift-binary struct starts at `data[pos]` and lies wholly inside `data`;
     return where it ends. WireError when it does not (truncated, unknown type, absurd count,
-    nested deeper than MAX_DEPTH)."""
+    nested deeper than MAX_DEPTH); TooManyItems when its containers announce more than
+    `max_items` elements in all (checked at each container's header, before any element: a
+    16 MiB list of empty structs would otherwise cost seconds of walking and decoding)."""
+    budget = [len(data) if max_items is None else max_items]
     try:
-        end = _walk(data, pos, _STRUCT, MAX_DEPTH)
+        end = _walk(data, pos, _STRUCT, MAX_DEPTH, budget)
     except (IndexError, struct.error):
         raise WireError("truncated Thrift value") from None
     if end > len(data):
@@ -148,7 +166,7 @@ def check_struct(data: bytes, pos: int = 0) -> int:
     return end
 
 
-def _walk(data: bytes, pos: int, ttype: int, depth: int) -> int:
+def _walk(data: bytes, pos: int, ttype: int, depth: int, budget: list) -> int:
     width = _FIXED_WIDTH.get(ttype)
     if width is not None:
         return pos + width
@@ -176,7 +194,7 @@ def _walk(data: bytes, pos: int, ttype: int, depth: int) -> int:
                     raise WireError("negative string length")
                 pos += 4 + n
             elif ftype in _VALUE_TYPES:
-                pos = _walk(data, pos, ftype, depth - 1)
+                pos = _walk(data, pos, ftype, depth - 1, budget)
             else:
                 raise WireError(f"unknown Thrift type {ftype}")
     if ttype == _LIST or ttype == _SET:
@@ -194,9 +212,13 @@ def _walk(data: bytes, pos: int, ttype: int, depth: int) -> int:
             raise WireError(f"unknown Thrift element type {t}")
     if n < 0 or n > len(data) - pos:  # every element takes at least one byte
         raise WireError(f"container of {n} elements in {len(data) - pos} bytes")
+    budget[0] -= n
+    if budget[0] < 0:
+        raise TooManyItems(f"more list, set or map elements than the {budget[0] + n} still "
+                           "allowed in one request")
     if all(t in _FIXED_WIDTH for t in types):
         return pos + n * sum(_FIXED_WIDTH[t] for t in types)
     for _ in range(n):
         for t in types:
-            pos = _walk(data, pos, t, depth - 1)
+            pos = _walk(data, pos, t, depth - 1, budget)
     return pos

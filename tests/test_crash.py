@@ -93,7 +93,9 @@ def crash_and_verify(tmp_path, storage: str, seed: int = 4242) -> tuple[dict, li
         tls = cluster.client().tls
         for address in cluster.endpoints():
             with Client([address], tls=tls, transport=cluster.transport, timeout=10.0) as c:
-                values = c.mget(list(acked), consistency="stale")
+                keys = list(acked)  # in batches of node.max_batch_keys at most
+                values = [v for i in range(0, len(keys), 500)
+                          for v in c.mget(keys[i:i + 500], consistency="stale")]
             if values != [v.encode() for v in acked.values()]:
                 problems.append(f"{address} disagrees with the acknowledged writes")
     except (TimeoutError, errors.RaftCacheError) as exc:

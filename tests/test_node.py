@@ -184,13 +184,14 @@ def test_not_leader_hints_and_status_name_client_addresses(tmp_path):
     c = config.parse({
         "node": {"id": 1, "address": me, "data_dir": str(tmp_path / "n1")},
         "cluster": {"peers": {"1": me, "2": "127.0.0.2:1", "3": "127.0.0.3:1"},
-                    "client_addresses": {"2": "127.0.0.9:7402", "3": "127.0.0.9:7403"}},
+                    "client_addresses": {"2": "127.0.0.9:7402", "3": "127.0.0.9:7403"},
+                    "insecure": True},
         "raft": {"tick_ms": 1000},  # no election of our own meanwhile
     }, "test.toml")
     node = Node(c)
     node.start()
     try:
-        node.handle_peer_messages([Message(MsgType.HEARTBEAT, 1, 2, term=5, commit=0)])
+        node.handle_peer_messages([Message(MsgType.HEARTBEAT, 1, 2, term=5, commit=0)], 2)
         gevent.sleep(0.05)
         assert node.raw.lead == 2
         r = call(node, op="put", key=b"k", value=b"v")

@@ -70,7 +70,7 @@ class EchoHandler:
                 leader=1, leader_address="127.0.0.1:1", voters=[1, 2, 3], learners=[]))
         raise AssertionError(r.op)
 
-    def handle_peer_messages(self, messages):
+    def handle_peer_messages(self, messages, sender=None):
         self.messages.extend(messages)
         self.got_messages.set()
 

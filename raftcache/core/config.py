@@ -6,11 +6,15 @@ A mistake stops start-up with one line naming the file, the key and what is acce
 
 from __future__ import annotations
 
+import os
+import secrets
 import tomllib
 import types
 import typing
 
 import attrs
+
+from raftcache.core.messages import MAX_NODE_ID
 
 
 class ConfigError(Exception):
@@ -24,6 +28,10 @@ class NodeSection:
     data_dir: str = "raftcache-data"
     proxy: bool = False  # forward requests from clients to the leader instead of NotLeader
     request_timeout_ms: int = 5000
+    # A write whose log entry would be larger is refused (InvalidRequest) before it is
+    # proposed: it must fit one peer frame (transport.options.max_frame) with room to spare.
+    max_request_bytes: int = 4 << 20
+    max_batch_keys: int = 1000  # keys in one mget or mset
 
 
 @attrs.frozen
@@ -34,6 +42,11 @@ class ClusterSection:
     # reached through proxies or relays, as in the fault suite). NotLeader hints and status
     # name these; defaults to `peers`.
     client_addresses: dict = attrs.Factory(dict)
+    # Peers prove they are nodes of this cluster: with a TLS node certificate, or on a
+    # plaintext transport with this shared secret (`raftcache up` generates one). Without
+    # either, Raft traffic is accepted from anyone only when `insecure` is true.
+    secret_file: str = ""
+    insecure: bool = False
 
 
 @attrs.frozen
@@ -167,19 +180,48 @@ def load(path: str) -> Config:
     return parse(data, path)
 
 
+_I64_MAX = (1 << 63) - 1
+
+
+def _ranges(c: Config) -> list:
+    """(key, value, lowest, highest) of every number a node takes from its config."""
+    n, r = c.node, c.raft
+    return [
+        ("node.id", n.id, 1, MAX_NODE_ID),
+        ("node.request_timeout_ms", n.request_timeout_ms, 1, 3_600_000),
+        ("node.max_request_bytes", n.max_request_bytes, 1024, 1 << 30),
+        ("node.max_batch_keys", n.max_batch_keys, 1, 1 << 20),
+        ("cluster.id", c.cluster.id, 0, _I64_MAX),
+        ("raft.tick_ms", r.tick_ms, 1, 60_000),
+        ("raft.election_tick", r.election_tick, 2, 100_000),
+        ("raft.heartbeat_tick", r.heartbeat_tick, 1, max(1, r.election_tick - 1)),
+        ("raft.lease_margin_ticks", r.lease_margin_ticks, 0, max(0, r.election_tick - 1)),
+        ("raft.max_inflight", r.max_inflight, 1, 1 << 16),
+        ("raft.snapshot_entries", r.snapshot_entries, 1, _I64_MAX),
+        ("raft.snapshot_keep_entries", r.snapshot_keep_entries, 0, _I64_MAX),
+    ]
+
+
+def _address(c: Config, key: str, value) -> str:
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise c.fail(key, f"expected \"host:port\", got {value!r}")
+    return value
+
+
 def _validate(c: Config) -> None:
+    for key, value, lo, hi in _ranges(c):
+        if not lo <= value <= hi:
+            raise c.fail(key, f"must be between {lo} and {hi}, got {value}")
     peers = {}
     for k, v in c.cluster.peers.items():
-        if not str(k).isdigit() or int(k) < 1:
+        if not str(k).isdigit() or not 1 <= int(k) <= MAX_NODE_ID:
             raise c.fail(f"cluster.peers.{k}", "node ids must be integers >= 1")
-        if not isinstance(v, str) or ":" not in v:
-            raise c.fail(f"cluster.peers.{k}", f"expected \"host:port\", got {v!r}")
-        peers[int(k)] = v
+        peers[int(k)] = _address(c, f"cluster.peers.{k}", v)
     for k, v in c.cluster.client_addresses.items():
         if not str(k).isdigit() or int(k) not in peers:
             raise c.fail(f"cluster.client_addresses.{k}", "not a node id in cluster.peers")
-        if not isinstance(v, str) or ":" not in v:
-            raise c.fail(f"cluster.client_addresses.{k}", f"expected \"host:port\", got {v!r}")
+        _address(c, f"cluster.client_addresses.{k}", v)
     if c.testing.mutant:
         from raftcache.testing.mutants import MUTANTS, NODE_MUTANTS
 
@@ -198,9 +240,42 @@ def _validate(c: Config) -> None:
                                        f"{c.raft.read_only!r}")
     if c.raft.read_only == "lease" and not c.raft.check_quorum:
         raise c.fail("raft.read_only", "\"lease\" needs raft.check_quorum = true")
-    if c.raft.tick_ms < 1 or c.raft.heartbeat_tick < 1 or (
-        c.raft.election_tick <= c.raft.heartbeat_tick
-    ):
-        raise c.fail("raft", "need tick_ms >= 1 and 1 <= heartbeat_tick < election_tick")
     if c.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise c.fail("log.level", "expected debug, info, warning or error")
+    if len(peers) > 1 and not (c.cluster.secret_file or c.transport.tls or c.cluster.insecure):
+        raise c.fail("cluster.secret_file",
+                     "peers must prove they are nodes of this cluster: name a secret file "
+                     "(`raftcache up` generates one; any 32 random bytes, mode 0600), or use "
+                     "TLS node certificates ([transport.tls]), or accept Raft traffic from "
+                     "anyone who can reach the port with cluster.insecure = true")
+
+
+def read_secret(path: str, config: Config | None = None) -> bytes:
+    """The cluster secret in `path`: refused when missing, short, or readable by others."""
+    def fail(problem: str) -> ConfigError:
+        message = f"{path}: {problem}"
+        return config.fail("cluster.secret_file", message) if config else ConfigError(message)
+
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            secret = f.read(4096).strip()
+    except OSError as exc:
+        raise fail(f"cannot read the cluster secret: {exc.strerror}") from None
+    if mode & 0o077:
+        raise fail(f"the cluster secret is readable by others (mode {mode & 0o777:04o}); "
+                   f"chmod 600 {path}")
+    if len(secret) < 32:
+        raise fail(f"the cluster secret has {len(secret)} bytes; use at least 32 "
+                   "(e.g. `head -c 32 /dev/urandom | xxd -p -c 64`)")
+    return secret
+
+
+def write_secret(path: str) -> None:
+    """A new random cluster secret in `path` (mode 0600); an existing one is kept."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")

@@ -67,12 +67,24 @@ class PeerHandler(Protocol):
         """A client request (`raftcache.wire.Request`), answered with a `raftcache.wire.Response`.
         Blocks the calling greenlet until the answer is known; never raises."""
 
-    def handle_peer_messages(self, messages: Sequence[Message]) -> None:
-        """Raft messages from a peer. Returns at once."""
+    def handle_peer_messages(self, messages: Sequence[Message], sender: int | None = None) -> None:
+        """Raft messages from a connection that proved it belongs to node `sender` (a node
+        certificate, or the cluster secret); None when the transport runs without peer
+        authentication, which the node accepts only with `cluster.insecure = true`. The node
+        drops (and counts) messages not from `sender`, from non-members, or out of range
+        (`raftcache.core.validate`). Returns at once; never raises."""
 
 
 class Transport(Protocol):
-    """One node's listener (client and peer traffic on one port) and its links to peers."""
+    """One node's listener (client and peer traffic on one port) and its links to peers.
+
+    A transport hands the node Raft messages only from connections that proved they are a
+    node of this cluster, and names that node (`PeerHandler.handle_peer_messages`). It bounds
+    what one connection can cost (frame size, a deadline for each whole frame, idle time) and
+    how many connections clients may hold, so that peers always get in. It may offer
+    ``max_frame`` (int): the largest frame it carries; the node then refuses writes that could
+    not fit one append to a peer.
+    """
 
     def serve(self, handler: PeerHandler) -> None:
         """Start listening on the node's address (spawn greenlets; return at once)."""
@@ -118,6 +130,8 @@ class StorageProvider:
 class TransportProvider:
     name: str
     # server(node_id, address, peers: dict[int, str], tls: TLSConfig | None, options) -> Transport
+    # `options` is `[transport.options]` plus what the node sets: `cluster_id` (int) and
+    # `peer_secret` (bytes, or None: the cluster secret that peers must prove they hold).
     server: Callable[..., Transport]
     # connect(address, tls: TLSConfig | None, timeout) -> Connection
     connect: Callable[..., Connection]

@@ -25,7 +25,7 @@ from gevent.hub import get_hub
 
 from raftcache import wire
 from raftcache.core import commands
-from raftcache.core.config import Config
+from raftcache.core.config import Config, read_secret
 from raftcache.core.hookspecs import TLSConfig
 from raftcache.core.messages import (
     NONE,
@@ -40,7 +40,9 @@ from raftcache.core.messages import (
 )
 from raftcache.core.plugins import PluginSet, make_manager
 from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
-from raftcache.core.statemachine import ApplyError, StateMachine
+from raftcache.core.statemachine import ApplyError, StateMachine, check_snapshot
+from raftcache.core.throttle import Throttle
+from raftcache.core.validate import peer_message_problem
 
 log = logging.getLogger("raftcache.node")
 
@@ -48,6 +50,10 @@ _WRITE_OPS = ("put", "remove", "cas", "incr", "invalidate", "mset")
 _READ_OPS = ("get", "mget")
 _CHANGES = {"add-voter": ConfChangeType.ADD_VOTER, "add-learner": ConfChangeType.ADD_LEARNER,
             "remove": ConfChangeType.REMOVE_NODE}
+# Room a peer frame needs besides the one entry an append may carry (message fields, framing).
+FRAME_HEADROOM = 64 << 10
+MAX_KEY_BYTES = 64 << 10
+MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
 
 
 class _Pending:
@@ -75,10 +81,17 @@ class Node:
         data_dir = os.path.join(config.node.data_dir)
         self.storage = storage_p.factory(self.id, data_dir, dict(config.storage.options))
         self.tls = _tls(config.transport.tls)
-        # Peers of another cluster (a mistyped address) get their connections closed.
-        transport_options = {"cluster_id": config.cluster.id, **config.transport.options}
+        secret = (read_secret(config.cluster.secret_file, config)
+                  if config.cluster.secret_file else None)
+        # Peers of another cluster (a mistyped address) get their connections closed; with a
+        # secret, a peer proves it holds it before its Raft messages count; a client frame
+        # too big for any acceptable write is answered before it is read.
+        transport_options = {**config.transport.options, "cluster_id": config.cluster.id,
+                             "peer_secret": secret,
+                             "max_request_bytes": config.node.max_request_bytes}
         self.transport = transport_p.server(self.id, config.node.address, self.peers, self.tls,
                                             transport_options)
+        self._check_request_limit(getattr(self.transport, "max_frame", None))
         self._connect = transport_p.connect
         backend = backend_p.factory(self.id, dict(config.backend.options))
         # Value codecs (encryption, compression) in plugin registration order.
@@ -99,6 +112,9 @@ class Node:
         self._durable_vote = (self.raw.term, self.raw.vote)  # what storage holds
         self._role = (NONE, StateRole.FOLLOWER)
         self._proxy_conns: dict[str, object] = {}
+        self._members = (None, frozenset())  # (the configuration it was made from, members)
+        self.dropped_peer_messages = 0
+        self._drop_log = Throttle(self.log)
 
     # -- start-up ----------------------------------------------------------------------------------
     def _provider(self, plugins: PluginSet, kind: str, name: str):
@@ -109,6 +125,16 @@ class Node:
         except PluginError as exc:
             raise self.config.fail(f"{kind}.plugin", str(exc)) from None
 
+    def _check_request_limit(self, max_frame: int | None) -> None:
+        # An accepted write must always fit one append to a peer, or it could never commit.
+        limit = self.config.node.max_request_bytes
+        if max_frame is not None and limit > max_frame - FRAME_HEADROOM:
+            raise self.config.fail(
+                "node.max_request_bytes",
+                f"{limit} does not fit one peer frame of {max_frame} bytes (the transport's "
+                f"max_frame) with {FRAME_HEADROOM} bytes to spare: lower it or raise "
+                "transport.options.max_frame")
+
     def _raft_config(self) -> RaftConfig:
         r = self.config.raft
         return RaftConfig(
@@ -116,6 +142,7 @@ class Node:
             pre_vote=r.pre_vote, check_quorum=r.check_quorum,
             read_only=ReadOnlyOption.LEASE if r.read_only == "lease" else ReadOnlyOption.READ_INDEX,
             lease_margin_ticks=r.lease_margin_ticks, max_inflight=r.max_inflight,
+            check_snapshot=check_snapshot,
         )
 
     def _start_raft(self, rng: random.Random) -> RawNode:
@@ -140,6 +167,10 @@ class Node:
                                                              tuple(entries)))
 
     def start(self) -> None:
+        if self.config.cluster.insecure:
+            self.log.warning("cluster.insecure = true: Raft messages are accepted from anyone "
+                             "who can reach %s, without proof that they come from a node of "
+                             "this cluster", self.config.node.address)
         self.transport.serve(self)
         self._greenlets = [gevent.spawn(self._drive), gevent.spawn(self._ticker)]
         self.log.info("serving on %s (storage %s, transport %s, backend %s)",
@@ -328,10 +359,37 @@ class Node:
         return None
 
     # -- the transport's callbacks -------------------------------------------------------------------
-    def handle_peer_messages(self, messages) -> None:
+    def handle_peer_messages(self, messages, sender: int | None = None) -> None:
+        if sender is None and not self.config.cluster.insecure:
+            self._drop(len(messages), "unauthenticated",
+                       "from a connection that did not prove it is a peer")
+            return
+        members = self._peer_members()
+        stepped = False
         for m in messages:
+            if sender is not None and m.frm != sender:
+                problem = f"claims to come from node {m.frm} on node {sender}'s connection"
+            else:
+                problem = peer_message_problem(m, self.id, members)
+            if problem is not None:
+                self._drop(1, sender, f"{m.type.name} {problem}")
+                continue
             self.raw.step(m)
-        self._wakeup.set()
+            stepped = True
+        if stepped:
+            self._wakeup.set()
+
+    def _peer_members(self) -> frozenset:
+        """The nodes that may send us Raft messages: configured peers and every node of the
+        current configuration (made again only when the configuration changes)."""
+        conf = self.raw.conf
+        if self._members[0] is not conf:
+            self._members = (conf, frozenset(self.peers) | conf.all_nodes())
+        return self._members[1]
+
+    def _drop(self, count: int, sender, what: str) -> None:
+        self.dropped_peer_messages += count
+        self._drop_log.warning(sender, "dropped a Raft message (peer %s): %s", sender, what)
 
     def handle_request(self, request):
         try:
@@ -356,7 +414,7 @@ class Node:
     def _timeout(self, request) -> float:
         header = request.header
         if header is not None and header.timeout_ms:
-            return min(header.timeout_ms, 60_000) / 1000.0
+            return min(max(header.timeout_ms, 1), 60_000) / 1000.0
         return self.config.node.request_timeout_ms / 1000.0
 
     def _not_leader(self, leader: int, request):
@@ -401,17 +459,21 @@ class Node:
         return value, version
 
     def _write(self, request):
-        command = _command_from(request, self._encode)
+        command = _command_from(request, self._encode, self.config.node.max_batch_keys)
         header = request.header
-        envelope = commands.Envelope(
-            command=command,
-            client_id=header.client_id if header else None,
-            seq=header.seq if header else None,
-            identity=None,
-            stamp_ms=self._stamp(),
-        )
+        client_id, seq = (header.client_id, header.seq) if header else (None, None)
+        if client_id is not None and len(client_id) > MAX_CLIENT_ID:
+            raise _BadRequest(f"client_id is limited to {MAX_CLIENT_ID} characters")
+        if seq is not None and seq < 0:
+            raise _BadRequest("seq must not be negative")
+        envelope = commands.Envelope(command=command, client_id=client_id, seq=seq,
+                                     identity=None, stamp_ms=self._stamp())
+        data = commands.encode_envelope(envelope)
+        if len(data) > self.config.node.max_request_bytes:
+            raise _BadRequest(f"the write takes {len(data)} bytes in the log, more than "
+                              f"node.max_request_bytes ({self.config.node.max_request_bytes})")
         try:
-            term, index = self.raw.propose(commands.encode_envelope(envelope))
+            term, index = self.raw.propose(data)
         except NotLeader as exc:
             return self._not_leader(exc.leader, request)
         except ProposalRefused as exc:
@@ -497,6 +559,11 @@ class Node:
         if consistency not in ("linearizable", "lease", "stale"):
             raise _BadRequest(f"unknown consistency {consistency!r} "
                               "(use linearizable, lease or stale)")
+        if request.op == "get":
+            keys = [_key(request.key)]
+        else:
+            keys = [_key(k) for k in _batch(request.keys, self.config.node.max_batch_keys,
+                                            "mget")]
         if consistency != "stale":
             self._advance_clock()  # after a stall, leases must see the time that passed
             ctx = b"%d:%d" % (self.id, next(self._read_ids))
@@ -515,12 +582,10 @@ class Node:
             if isinstance(outcome, wire.Response):
                 return outcome
         now = self._stamp()
+        results = [_get_result(self._decode(k, self.sm.read(k, now))) for k in keys]
         if request.op == "get":
-            key = _key(request.key)
-            return wire.Response(result=_get_result(self._decode(key, self.sm.read(key, now))))
-        keys = [_key(k) for k in request.keys or []]
-        return wire.Response(results=[_get_result(self._decode(k, self.sm.read(k, now)))
-                                      for k in keys])
+            return wire.Response(result=results[0])
+        return wire.Response(results=results)
 
     def metrics(self) -> dict:
         """Counters and gauges, offered to `raftcache_metrics` plugins to read or extend."""
@@ -529,7 +594,8 @@ class Node:
              "leader": raw.lead, "commit": raw.commit, "applied": raw.applied,
              "log_first_index": raw.log.first_index(), "log_last_index": raw.log.last_index(),
              "pending_writes": len(self._writes), "pending_reads": len(self._reads),
-             "keys": len(self.sm)}
+             "keys": len(self.sm), "dropped_peer_messages": self.dropped_peer_messages,
+             "refused_snapshots": raw.refused_snapshots}
         self.pm.hook.raftcache_metrics(node=self, metrics=m)
         return m
 
@@ -570,21 +636,29 @@ def _tls(section) -> TLSConfig | None:
 def _key(key) -> bytes:
     if not key:
         raise _BadRequest("a key is required")
-    if len(key) > 64 * 1024:
+    if len(key) > MAX_KEY_BYTES:
         raise _BadRequest("keys are limited to 64 KiB")
     return key
+
+
+def _batch(items, limit: int, op: str):
+    if not items:
+        raise _BadRequest(f"{op} needs at least one key")
+    if len(items) > limit:
+        raise _BadRequest(f"{op} of {len(items)} keys; node.max_batch_keys is {limit}")
+    return items
 
 
 def _ttl(request) -> int | None:
     ttl = request.ttl_ms
     if ttl is None or ttl == 0:
         return None
-    if ttl < 0:
-        raise _BadRequest("ttl must be positive")
+    if not 0 < ttl <= commands.MAX_TTL_MS:
+        raise _BadRequest(f"ttl_ms must be between 1 and {commands.MAX_TTL_MS} (ten years)")
     return ttl
 
 
-def _command_from(request, encode):
+def _command_from(request, encode, max_batch_keys: int):
     op = request.op
     if op == "put":
         if request.value is None:
@@ -596,17 +670,20 @@ def _command_from(request, encode):
     if op == "cas":
         if request.value is None or request.expected_version is None:
             raise _BadRequest("cas needs expected_version and value")
+        if request.expected_version < 0:
+            raise _BadRequest("expected_version must not be negative (0: the key is missing)")
         key = _key(request.key)
         return commands.Cas(key, request.expected_version, encode(key, request.value),
                             _ttl(request))
     if op == "incr":
         return commands.Incr(_key(request.key), 1 if request.delta is None else request.delta)
     if op == "invalidate":
-        return commands.Invalidate(request.key or b"")
+        prefix = request.key or b""
+        if len(prefix) > MAX_KEY_BYTES:
+            raise _BadRequest("prefixes are limited to 64 KiB")
+        return commands.Invalidate(prefix)
     if op == "mset":
-        items = request.items or {}
-        if not items:
-            raise _BadRequest("mset needs items")
+        items = _batch(request.items, max_batch_keys, "mset")
         return commands.MSet(tuple((_key(k), encode(k, v)) for k, v in sorted(items.items())),
                              _ttl(request))
     raise _BadRequest(f"unknown operation {op!r}")

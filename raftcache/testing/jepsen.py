@@ -822,7 +822,8 @@ class Run:
         views = {}
         for n in self.node_ids():
             with self.client([self.cluster.address(n)], timeout=5.0) as c:
-                views[n] = c.mget(self.keys_used, consistency="stale")
+                views[n] = [value for i in range(0, len(self.keys_used), 500)  # max_batch_keys
+                            for value in c.mget(self.keys_used[i:i + 500], consistency="stale")]
         first = views[1]
         for n, view in views.items():
             differ = [k for k, a, b in zip(self.keys_used, first, view, strict=True) if a != b]

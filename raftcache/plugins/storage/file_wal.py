@@ -107,6 +107,8 @@ def _parse(mv: memoryview, pos: int) -> tuple[int, int, int] | str:
         return "short payload"
     if zlib.crc32(mv[start:end]) != crc:
         return "crc mismatch"
+    if not length:
+        return "empty record"
     kind = mv[start]
     need = _MIN_PAYLOAD.get(kind & ~END_OF_WRITE)
     if need is None or length < need:
@@ -134,13 +136,17 @@ def _decode_snapshot(blob: bytes, name: str) -> Snapshot:
     if magic != SNAP_MAGIC or length != len(body) or zlib.crc32(body) != crc:
         raise WALCorruption(f"{name}: damaged snapshot file (bad magic, length or crc); "
                             "refusing to start")
-    index, term = SNAP_META.unpack_from(body)
-    pos = SNAP_META.size
-    lists = []
-    for _ in range(3):
-        (n,) = struct.unpack_from("<I", body, pos)
-        lists.append(frozenset(struct.unpack_from(f"<{n}Q", body, pos + 4)))
-        pos += 4 + 8 * n
+    try:
+        index, term = SNAP_META.unpack_from(body)
+        pos = SNAP_META.size
+        lists = []
+        for _ in range(3):
+            (n,) = struct.unpack_from("<I", body, pos)
+            lists.append(frozenset(struct.unpack_from(f"<{n}Q", body, pos + 4)))
+            pos += 4 + 8 * n
+    except struct.error as exc:  # a checksum that matches, over a body that does not parse
+        raise WALCorruption(f"{name}: malformed snapshot metadata ({exc}); refusing to start"
+                            ) from None
     conf = ConfState(voters=lists[0], voters_outgoing=lists[1], learners=lists[2])
     return Snapshot(SnapshotMeta(index=index, term=term, conf_state=conf), bytes(body[pos:]))
 

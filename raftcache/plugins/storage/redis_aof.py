@@ -75,6 +75,24 @@ def encode_entry(e: Entry) -> bytes:
     return _ENTRY.pack(FORMAT, e.index, e.term, int(e.type)) + e.data
 
 
+def _damaged(what: str):
+    """Decoders raise RedisAofError (only) on bytes that are not what they should be."""
+    def wrap(decode):
+        def checked(blob: bytes):
+            try:
+                return decode(blob)
+            except RedisAofError:
+                raise
+            except (struct.error, ValueError, TypeError) as exc:
+                raise RedisAofError(f"storage redis-aof: a damaged {what} record "
+                                    f"({len(blob)} bytes: {exc}); refusing to start") from None
+        checked.__name__ = decode.__name__
+        checked.__doc__ = decode.__doc__
+        return checked
+    return wrap
+
+
+@_damaged("log entry")
 def decode_entry(blob: bytes) -> Entry:
     fmt, index, term, kind = _ENTRY.unpack_from(blob)
     _check_format(fmt, "log entry")
@@ -85,6 +103,7 @@ def encode_hard_state(hs: HardState) -> bytes:
     return _HARD.pack(FORMAT, hs.term, hs.vote, hs.commit)
 
 
+@_damaged("hard state")
 def decode_hard_state(blob: bytes) -> HardState:
     fmt, term, vote, commit = _HARD.unpack(blob)
     _check_format(fmt, "hard state")
@@ -99,6 +118,7 @@ def encode_meta(meta: SnapshotMeta) -> bytes:
     return b"".join(out)
 
 
+@_damaged("snapshot meta")
 def decode_meta(blob: bytes) -> SnapshotMeta:
     fmt, index, term = _META.unpack_from(blob)
     _check_format(fmt, "snapshot meta")

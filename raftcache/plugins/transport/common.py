@@ -1,15 +1,21 @@
 """What both built-in transports share: option parsing, mutual-TLS contexts, addresses,
-certificate identities and buffered frame reading. One place, so the two cannot drift apart on
-security or on how they treat a bad or silent peer."""
+certificate identities, buffered frame reading with deadlines, connection admission and peer
+links. One place, so the two cannot drift apart on security or on how they treat a bad or
+silent peer."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import math
 import os
 import random
+import resource
 import ssl
+import struct
 import time
-from collections import deque
+from collections import Counter, deque
 
 import attrs
 import gevent
@@ -17,6 +23,7 @@ import gevent.event
 from gevent import ssl as gssl
 
 from raftcache.core.hookspecs import TLSConfig
+from raftcache.core.throttle import Throttle
 
 
 def positive(_inst, attribute, value):
@@ -33,18 +40,45 @@ class TransportOptions:
     idle_timeout: float = attrs.field(default=60.0, converter=float, validator=positive)
     # A read stalled mid-frame or a write stalled this long closes the connection.
     io_timeout: float = attrs.field(default=10.0, converter=float, validator=positive)
+    # A frame must arrive whole within this long of its first byte (slow-drip clients).
+    frame_timeout: float = attrs.field(default=30.0, converter=float, validator=positive)
     max_frame: int = attrs.field(default=16 << 20, converter=int, validator=positive)
+    # List, set and map elements in one client request (keys of an mget, items of an mset):
+    # counted before decoding, so that no frame costs more than milliseconds to decode.
+    max_request_items: int = attrs.field(default=16384, converter=int, validator=positive)
+    # Connections from clients (anything that has not proved it is a peer), in all and from
+    # one source address; when full, the longest-idle one is closed to make room, or the
+    # newcomer is refused at once. Peers do not count: they always get in.
     max_connections: int = attrs.field(default=1024, converter=int, validator=positive)
+    max_connections_per_source: int = attrs.field(default=256, converter=int,
+                                                  validator=positive)
     peer_queue: int = attrs.field(default=4096, converter=int, validator=positive)
     peer_batch: int = attrs.field(default=256, converter=int, validator=positive)
     connect_timeout: float = attrs.field(default=2.0, converter=float, validator=positive)
     reconnect_min: float = attrs.field(default=0.05, converter=float, validator=positive)
     reconnect_max: float = attrs.field(default=2.0, converter=float, validator=positive)
+    # Set by the node, not in [transport.options]: the cluster's id, its secret (None: peers
+    # prove themselves with TLS node certificates, or not at all), and node.max_request_bytes.
     cluster_id: int = attrs.field(default=0, converter=int)
-    # With TLS, "node-cn" accepts Raft messages only from a certificate with CN "node<id>" and
-    # only with frm == <id>; "ca" accepts any certificate of the cluster CA.
-    peer_auth: str = attrs.field(default="node-cn",
-                                 validator=attrs.validators.in_(("node-cn", "ca")))
+    peer_secret: bytes | None = attrs.field(default=None, repr=False)
+    max_request_bytes: int = attrs.field(default=4 << 20, converter=int, validator=positive)
+
+    @property
+    def max_request_frame(self) -> int:
+        """The longest frame a connection that is not a proven peer may send. Anything longer
+        cannot hold an acceptable write (keys, headers and framing take far less than the
+        slack), so it is answered and the connection closed before its body is read."""
+        return min(self.max_frame, self.max_request_bytes + REQUEST_SLACK)
+
+
+REQUEST_SLACK = 1 << 20
+# What a client hears when its request could not fit node.max_request_bytes.
+TOO_LARGE = ("the request takes {} bytes, more than a write may (node.max_request_bytes is {}); "
+             "nothing was applied")
+
+# What a client hears when its request holds more than max_request_items elements.
+TOO_MANY_ITEMS = ("the request holds more than {} keys, values or list items "
+                  "(transport.options.max_request_items); send fewer at once")
 
 
 def options_from_dict(cls, transport: str, options: dict | None):
@@ -114,8 +148,126 @@ def peer_node_id(sock) -> int | None:
     return None
 
 
+# ---- proving a peer holds the cluster secret -----------------------------------------------------
+NONCE_BYTES = 32
+_PROOF = struct.Struct(">16sqqq32s32s")
+
+
+def peer_proof(secret: bytes, role: bytes, cluster_id: int, frm: int, to: int,
+               dialer_nonce: bytes, listener_nonce: bytes) -> bytes:
+    """HMAC-SHA256 by which one end of a new peer connection proves it holds the cluster
+    secret. Both ends contribute a fresh nonce, so a recorded handshake cannot be replayed;
+    `role` (b"dialer" or b"listener") keeps one side's proof from serving as the other's."""
+    msg = _PROOF.pack(b"raftcache-peer-1", cluster_id, frm, to, dialer_nonce,
+                      listener_nonce) + role
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+# ---- admitting connections ------------------------------------------------------------------------
+@attrs.define(eq=False)
+class Slot:
+    """One accepted connection as the admission table sees it."""
+
+    source: str
+    close: object  # callable that closes the connection (replaced once TLS wraps the socket)
+    last_active: float = attrs.Factory(time.monotonic)
+    inflight: int = 0  # requests being answered: an idle connection has none
+    peer: int | None = None  # the node it proved to be; peers are not counted as clients
+
+
+_FD_RESERVE = 256  # descriptors for peers, storage files and the rest of the process
+
+
+def fit_connection_limit(max_connections: int, logger) -> int:
+    """Raise this process's open-file limit so that `max_connections` clients fit beside the
+    peers and the node's own files, as Redis does for maxclients. Where the hard limit is
+    lower, admit fewer clients (and say so): running out of descriptors would stop the accept
+    loop before any limit of ours could make room for a peer."""
+    want = max_connections + _FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft >= want:
+        return max_connections
+    fitted = max(16, soft - _FD_RESERVE)
+    logger.warning("the open-file limit is %d (ulimit -n): admitting %d client connections "
+                   "instead of max_connections = %d", soft, fitted, max_connections)
+    return fitted
+
+
+class Admission:
+    """Limits on the connections clients hold, in all and per source address, so that no
+    number of idle or slow clients can keep a peer (or a new client) out: at a limit, the
+    longest-idle client connection in its scope is closed to make room, and only when none is
+    idle is the newcomer refused, at once. A connection that proves it is a peer leaves the
+    count."""
+
+    def __init__(self, max_connections: int, max_per_source: int, logger):
+        self.max_connections = fit_connection_limit(max_connections, logger)
+        self.max_per_source = max_per_source
+        self._clients: dict[Slot, None] = {}
+        self._per_source: Counter = Counter()
+        self._log = Throttle(logger)
+
+    def admit(self, source: str, close) -> Slot | None:
+        """A slot for a new connection from `source`, or None (refused: close it)."""
+        if self._per_source[source] >= self.max_per_source and not self._make_room(
+                source, "max_connections_per_source", self.max_per_source):
+            return None
+        if len(self._clients) >= self.max_connections and not self._make_room(
+                None, "max_connections", self.max_connections):
+            return None
+        slot = Slot(source, close)
+        self._clients[slot] = None
+        self._per_source[source] += 1
+        return slot
+
+    def promote(self, slot: Slot, node_id: int) -> None:
+        """The connection proved it is node `node_id`: no longer a client."""
+        slot.peer = node_id
+        self._forget(slot)
+
+    def release(self, slot: Slot) -> None:
+        self._forget(slot)
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def _forget(self, slot: Slot) -> None:
+        if self._clients.pop(slot, False) is None:
+            self._per_source[slot.source] -= 1
+            if not self._per_source[slot.source]:
+                del self._per_source[slot.source]
+
+    def _make_room(self, source: str | None, limit: str, value: int) -> bool:
+        idle = [s for s in self._clients if not s.inflight and source in (None, s.source)]
+        if not idle:
+            self._log.warning(("refused", source), "refusing a connection%s: %s (%d) reached "
+                              "and no connection is idle", f" from {source}" if source else "",
+                              limit, value)
+            return False
+        victim = min(idle, key=lambda s: s.last_active)
+        self._log.log(logging.INFO, ("evicted", source), "%s (%d) reached: closed the "
+                      "longest-idle client connection (from %s) to admit a new one", limit,
+                      value, victim.source)
+        self._forget(victim)
+        victim.close()
+        return True
+
+
 # ---- reading frames -----------------------------------------------------------------------------
 _RECV = 65536
+_YIELD_EVERY = 1 << 20  # bytes of one frame read between two turns for the other greenlets
 
 
 class ProtocolError(Exception):
@@ -126,22 +278,50 @@ class Idle(Exception):
     """No frame started within idle_timeout."""
 
 
+class Oversized(Exception):
+    """A frame longer than this connection may send; `head` holds its first bytes (enough to
+    answer it), the rest was never read."""
+
+    def __init__(self, length: int, head: bytes):
+        super().__init__(f"a frame of {length} bytes")
+        self.length = length
+        self.head = head
+
+
+HEAD_BYTES = 256  # of an oversized frame, read to name the call it carries
+
+
 class SocketBuffer:
     """Bytes read from a socket, for a frame parser to take whole frames from. A socket timeout,
     when set, is the longest silence tolerated mid-frame and the polling period of
-    `idle_timeout` (the longest silence between frames)."""
+    `idle_timeout` (the longest silence between frames); a frame whose first byte arrived more
+    than `frame_timeout` ago ends the connection however steadily its bytes drip in."""
 
-    __slots__ = ("sock", "buf", "max_frame")
+    __slots__ = ("sock", "buf", "max_frame", "frame_timeout", "_started")
 
-    def __init__(self, sock, max_frame: int):
+    def __init__(self, sock, max_frame: int, frame_timeout: float = math.inf):
         self.sock = sock
         self.buf = bytearray()
         self.max_frame = max_frame
+        self.frame_timeout = frame_timeout
+        self._started: float | None = None  # when the frame being read was first seen
 
     def fill(self, need: int, idle_timeout: float) -> bool:
-        """Read until `need` bytes are buffered; False on a clean EOF between frames."""
+        """Read until `need` bytes are buffered; False on a clean EOF between frames.
+
+        A big frame that arrives as fast as it is read would keep this greenlet running
+        (gevent only switches when a read would block): it yields every megabyte, so the
+        node's ticks and heartbeats go on while a 16 MiB frame comes in."""
         idle_since = time.monotonic()
+        read = 0
         while len(self.buf) < need:
+            if self.buf:
+                now = time.monotonic()
+                if self._started is None:
+                    self._started = now
+                elif now - self._started > self.frame_timeout:
+                    raise ProtocolError(f"a frame took over {self.frame_timeout:g}s to arrive "
+                                        f"({len(self.buf)} of {need} bytes)")
             try:
                 chunk = self.sock.recv(_RECV)
             except TimeoutError:
@@ -157,7 +337,42 @@ class SocketBuffer:
                                         f"{need} bytes")
                 return False
             self.buf += chunk
+            read += len(chunk)
+            if read >= _YIELD_EVERY:
+                read = 0
+                gevent.sleep(0)
         return True
+
+    def discard(self, end: int) -> None:
+        """Read and drop the frame that ends at offset `end` without keeping it: what an
+        oversized request costs is a read, not its size in memory."""
+        left = end - len(self.buf)
+        del self.buf[:end]
+        started = self._started or time.monotonic()
+        read = 0
+        while left > 0:
+            if time.monotonic() - started > self.frame_timeout:
+                raise ProtocolError(f"a frame took over {self.frame_timeout:g}s to arrive")
+            try:
+                chunk = self.sock.recv(min(_RECV, left))  # never past this frame
+            except TimeoutError:
+                raise ProtocolError(f"stalled mid-frame ({left} bytes to go)") from None
+            if not chunk:
+                raise ProtocolError(f"truncated frame: EOF with {left} bytes to go")
+            left -= len(chunk)
+            read += len(chunk)
+            if read >= _YIELD_EVERY:
+                read = 0
+                gevent.sleep(0)
+        self._started = time.monotonic() if self.buf else None
+
+    def take(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a whole frame that ends at `end`, and drop the frame."""
+        with memoryview(self.buf) as view:
+            data = bytes(view[start:end])  # one copy, not two
+        del self.buf[:end]
+        self._started = time.monotonic() if self.buf else None
+        return data
 
 
 # ---- carrying Raft messages to peers -------------------------------------------------------------
@@ -171,7 +386,8 @@ class PeerLink:
     driver never blocks); an unreachable peer is retried with jittered exponential backoff and
     one log line per outage.
 
-    `dial()` opens a connection with `opened_at`, `closed`, `error`, `send_peer(payloads)`
+    `dial()` opens a connection (proving to the peer that we are a node of its cluster, where
+    the transport asks for that) with `opened_at`, `closed`, `error`, `send_peer(payloads)`
     (OSError on failure, after which it is closed) and `close()`; `encode(batch)` turns Raft
     messages into the payloads that `send_peer` takes.
     """
@@ -263,8 +479,8 @@ class PeerLink:
 
 
 class PeerLinks:
-    """One PeerLink per peer, made on first use. `dial(address)` and `encode(batch)` as for
-    PeerLink."""
+    """One PeerLink per peer, made on first use. `dial(peer_id, address)` and `encode(batch)`
+    as for PeerLink."""
 
     def __init__(self, node_id: int, peers: dict, opts, dial, encode):
         self.node_id = node_id
@@ -288,7 +504,7 @@ class PeerLinks:
                     continue
                 link = self._links[m.to] = PeerLink(
                     self.node_id, m.to, address, self.opts,
-                    lambda address=address: self._dial(address), self._encode)
+                    lambda peer=m.to, address=address: self._dial(peer, address), self._encode)
             link.put(m)
 
     def dropped(self) -> dict[int, int]:

@@ -7,17 +7,20 @@ One port carries client requests and Raft traffic. Every frame is::
 REQUEST (payload: wire.Request) is answered by a RESPONSE (wire.Response) with the same id, so
 one connection carries many concurrent requests. PEER (wire.RaftBatch, id 0) is one-way.
 
-Both ends present a certificate signed by the cluster CA (`raftcache.certs`). With the default
-`peer_auth = "node-cn"` Raft messages are accepted only from a certificate whose CN is
-"node<id>" and only with `frm == <id>`, so a client certificate cannot inject Raft traffic.
+Both ends present a certificate signed by the cluster CA (`raftcache.certs`). Raft messages are
+accepted only from a certificate whose CN is "node<id>", and the node keeps only those with
+`frm == <id>`, so a client certificate cannot inject Raft traffic.
 
 Everything is plain gevent (gevent.socket, gevent.ssl): it works with or without
-monkey-patching. The TLS handshake happens inside the per-connection greenlet under a deadline,
-so a silent TCP client never holds up anyone else (see pitfalls.md on TSSLServerSocket).
+monkey-patching. The TLS handshake happens inside the per-connection greenlet under a deadline
+(thriftpy2's TSSLServerSocket handshakes inside its accept loop, with no deadline: one silent
+client would freeze every new connection). Connections are admitted under the limits of
+`common.Admission`, and every frame must arrive whole within `frame_timeout`.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -37,8 +40,13 @@ from thriftpy2.protocol import TCyBinaryProtocolFactory
 
 from raftcache import wire
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
+from raftcache.core.throttle import Throttle, problem_key
 from raftcache.plugins.transport.common import (
+    TOO_LARGE,
+    TOO_MANY_ITEMS,
+    Admission,
     Idle,
+    Oversized,
     PeerLinks,
     ProtocolError,
     SocketBuffer,
@@ -98,8 +106,10 @@ class _FrameReader(SocketBuffer):
 
     __slots__ = ()
 
-    def read(self, idle_timeout: float = math.inf):
-        """(kind, request id, payload), or None on a clean EOF between frames."""
+    def read(self, idle_timeout: float = math.inf, limit=None):
+        """(kind, request id, payload), or None on a clean EOF between frames. With
+        `limit(kind)`, a longer frame of that kind raises Oversized (its header as `head`)
+        before its payload is read."""
         if not self.fill(_LENGTH.size, idle_timeout):
             return None
         (length,) = _LENGTH.unpack_from(self.buf)
@@ -107,12 +117,13 @@ class _FrameReader(SocketBuffer):
             raise ProtocolError(f"frame length {length} is below the minimum {_AFTER_LENGTH}")
         if length > self.max_frame:
             raise ProtocolError(f"frame of {length} bytes exceeds max_frame {self.max_frame}")
+        self.fill(HEADER.size, idle_timeout)
+        _, kind, request_id = HEADER.unpack_from(self.buf)
+        if limit is not None and length > limit(kind):
+            raise Oversized(length, bytes(self.buf[:HEADER.size]))
         end = _LENGTH.size + length
         self.fill(end, idle_timeout)
-        _, kind, request_id = HEADER.unpack_from(self.buf)
-        payload = bytes(self.buf[HEADER.size:end])
-        del self.buf[:end]
-        return kind, request_id, payload
+        return kind, request_id, self.take(HEADER.size, end)
 
 
 # ---- client side: one connection, many concurrent calls ------------------------------------------
@@ -272,13 +283,14 @@ def _handshake(ctx, raw, server_side: bool = False, server_hostname: str | None 
 
 # ---- server side --------------------------------------------------------------------------------
 class _ServerConn:
-    __slots__ = ("sock", "peer", "node_id", "wlock")
+    __slots__ = ("sock", "peer", "node_id", "wlock", "slot")
 
-    def __init__(self, sock, peer: str, node_id: int | None):
+    def __init__(self, sock, peer: str, node_id: int | None, slot):
         self.sock = sock
         self.peer = peer
-        self.node_id = node_id
+        self.node_id = node_id  # from a certificate whose CN is "node<id>"
         self.wlock = gevent.lock.Semaphore()
+        self.slot = slot
 
     def write(self, frame: bytes) -> None:
         try:
@@ -301,15 +313,19 @@ class TcpTlsTransport:
         self.peers = {int(k): v for k, v in (peers or {}).items()}
         self.tls = tls
         self.opts = Options.from_dict(options)
+        self.max_frame = self.opts.max_frame
         self._server_ctx = _context(tls, server_side=True)  # fails now, not at first connect
         _context(tls, server_side=False)
         self._handler = None
         self._server: StreamServer | None = None
         self._links = PeerLinks(
             node_id, self.peers, self.opts, encode=self._encode_batch,
-            dial=lambda address: connect(address, tls, self.opts.connect_timeout,
-                                         attrs.asdict(self.opts)))
+            dial=lambda _peer, address: connect(address, tls, self.opts.connect_timeout,
+                                                attrs.asdict(self.opts)))
         self._conns: dict[_ServerConn, gevent.pool.Pool] = {}  # open connections
+        self.admission = Admission(self.opts.max_connections,
+                                   self.opts.max_connections_per_source, log)
+        self._closings = Throttle(log)
         self._closed = False
 
     @property
@@ -322,8 +338,9 @@ class TcpTlsTransport:
     def serve(self, handler) -> None:
         self._handler = handler
         host, port = parse_address(self.address)
-        self._server = StreamServer((host, port), self._serve_conn,
-                                    spawn=gevent.pool.Pool(self.opts.max_connections))
+        # Unbounded: _serve_conn admits or refuses at once (a bounded pool would stop the
+        # accept loop, peers included).
+        self._server = StreamServer((host, port), self._serve_conn, spawn=gevent.pool.Pool())
         self._server.start()
 
     def send(self, messages) -> None:
@@ -362,73 +379,108 @@ class TcpTlsTransport:
     # -- server --------------------------------------------------------------------------------
     def _serve_conn(self, raw, addr) -> None:
         peer = f"{addr[0]}:{addr[1]}"
-        timer = gevent.Timeout.start_new(self.opts.handshake_timeout)
-        try:
-            sock = _handshake(self._server_ctx, raw, server_side=True)
-        except gevent.Timeout as t:
-            if t is not timer:
-                raise
-            log.warning("%s: no TLS handshake within %gs; closed", peer,
-                        self.opts.handshake_timeout)
+        slot = self.admission.admit(addr[0], lambda: close_quietly(raw))
+        if slot is None:
+            close_quietly(raw)
             return
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            log.warning("%s: TLS handshake failed: %s", peer, exc)
-            return
-        finally:
-            timer.close()
-        conn = _ServerConn(sock, peer, peer_node_id(sock))
-        pool = gevent.pool.Pool(self.opts.max_inflight)
-        self._conns[conn] = pool
         try:
-            sock.settimeout(self.opts.io_timeout)
-            self._read_frames(conn, pool)
+            timer = gevent.Timeout.start_new(self.opts.handshake_timeout)
+            try:
+                sock = _handshake(self._server_ctx, raw, server_side=True)
+            except gevent.Timeout as t:
+                if t is not timer:
+                    raise
+                self._closings.warning(addr[0], "%s: no TLS handshake within %gs; closed",
+                                       peer, self.opts.handshake_timeout)
+                return
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                self._closings.warning(problem_key(addr[0], exc), "%s: TLS handshake failed: %s",
+                                       peer, exc)
+                return
+            finally:
+                timer.close()
+            conn = _ServerConn(sock, peer, peer_node_id(sock), slot)
+            slot.close = conn.close
+            pool = gevent.pool.Pool(self.opts.max_inflight)
+            self._conns[conn] = pool
+            try:
+                sock.settimeout(self.opts.io_timeout)
+                self._read_frames(conn, pool)
+            finally:
+                self._conns.pop(conn, None)
+                conn.close()  # in-flight requests finish; their answers have nowhere to go
         finally:
-            self._conns.pop(conn, None)
-            conn.close()  # in-flight requests finish; their answers have nowhere to go
+            self.admission.release(slot)
+
+    def _frame_limit(self, conn: _ServerConn, kind: int) -> int:
+        # Only a node's certificate may send Raft traffic, and only Raft traffic may be
+        # bigger than any acceptable request.
+        if kind == PEER:
+            return self.opts.max_frame if conn.node_id is not None else 0
+        return self.opts.max_request_frame
 
     def _read_frames(self, conn: _ServerConn, pool: gevent.pool.Pool) -> None:
-        reader = _FrameReader(conn.sock, self.opts.max_frame)
+        reader = _FrameReader(conn.sock, self.opts.max_frame, self.opts.frame_timeout)
+        source = conn.peer.rpartition(":")[0]
+        limit = functools.partial(self._frame_limit, conn)
         try:
             while True:
-                frame = reader.read(self.opts.idle_timeout)
+                try:
+                    frame = reader.read(self.opts.idle_timeout, limit)
+                except Oversized as exc:
+                    _, kind, request_id = HEADER.unpack(exc.head)
+                    if kind == PEER:
+                        raise ProtocolError("Raft messages from a certificate that is not a "
+                                            "node's (CN must be node<id>)") from None
+                    if kind != REQUEST:
+                        raise ProtocolError(f"unexpected frame kind {KINDS.get(kind, kind)}"
+                                            ) from None
+                    reader.discard(_LENGTH.size + exc.length)  # answered without keeping it
+                    conn.write(pack_frame(RESPONSE, request_id, wire.encode(
+                        wire.error_response("InvalidRequest", TOO_LARGE.format(
+                            exc.length, self.opts.max_request_bytes)))))
+                    continue
                 if frame is None:
                     return
                 kind, request_id, payload = frame
                 if kind == REQUEST:
-                    request = decode(wire.Request, payload)
+                    try:
+                        request = decode(wire.Request, payload, self.opts.max_request_items)
+                    except wire.TooManyItems:
+                        conn.write(pack_frame(RESPONSE, request_id, wire.encode(
+                            wire.error_response("InvalidRequest", TOO_MANY_ITEMS.format(
+                                self.opts.max_request_items)))))
+                        continue
+                    conn.slot.inflight += 1
                     pool.spawn(self._answer, conn, request_id, request)  # waits when full
-                elif kind == PEER:
+                elif kind == PEER:  # from a node's certificate: _frame_limit saw to that
                     self._on_peer(conn, decode(wire.RaftBatch, payload))
                 else:
                     raise ProtocolError(f"unexpected frame kind {KINDS.get(kind, kind)}")
         except (ProtocolError, wire.WireError) as exc:
-            log.warning("%s: %s; closing the connection", conn.peer, exc)
+            self._closings.warning(problem_key(source, exc), "%s: %s; closing the connection",
+                                   conn.peer, exc)
         except Idle:
-            log.info("%s: idle for %gs; closing the connection", conn.peer,
-                     self.opts.idle_timeout)
+            self._closings.log(logging.INFO, source, "%s: idle for %gs; closing the "
+                               "connection", conn.peer, self.opts.idle_timeout)
         except OSError as exc:
             if not self._closed:
-                log.info("%s: connection lost: %s", conn.peer, exc)
+                self._closings.log(logging.INFO, problem_key(source, exc), "%s: connection "
+                                   "lost: %s", conn.peer, exc)
 
     def _on_peer(self, conn: _ServerConn, batch) -> None:
         if (batch.cluster_id or 0) != self.opts.cluster_id:
             raise ProtocolError(f"Raft batch for cluster {batch.cluster_id}, this node is in "
                                 f"cluster {self.opts.cluster_id}")
+        if conn.slot.peer is None:
+            self.admission.promote(conn.slot, conn.node_id)
         messages = wire.batch_from_wire(batch)
-        if self.opts.peer_auth == "node-cn":
-            if conn.node_id is None:
-                raise ProtocolError("Raft messages from a certificate that is not a node's "
-                                    "(CN must be node<id>)")
-            for m in messages:
-                if m.frm != conn.node_id:
-                    raise ProtocolError(f"certificate of node {conn.node_id} sent a message "
-                                        f"from node {m.frm}")
         for m in messages:
             if m.to != self.node_id:
                 raise ProtocolError(f"message for node {m.to} reached node {self.node_id}")
         if messages:
             try:
-                self._handler.handle_peer_messages(messages)
+                self._handler.handle_peer_messages(messages, conn.node_id)
             except Exception:  # the node's bug, not the peer's: keep the link
                 log.exception("node %d: handle_peer_messages failed", self.node_id)
 
@@ -439,6 +491,9 @@ class TcpTlsTransport:
         except Exception:  # the handler promises not to raise; keep the connection anyway
             log.exception("%s: request %r failed", conn.peer, getattr(request, "op", None))
             payload = wire.encode(wire.error_response("Unavailable", "internal error"))
+        finally:
+            conn.slot.inflight -= 1
+            conn.slot.last_active = time.monotonic()
         if len(payload) + _AFTER_LENGTH > self.opts.max_frame:
             payload = wire.encode(wire.error_response(
                 "InvalidRequest", f"response of {len(payload)} bytes exceeds max_frame"))
