@@ -1,4 +1,4 @@
-.PHONY: test lint sim sim-long jepsen jepsen-long demo bench bench-failover bench-storage bench-latency
+.PHONY: test lint sim sim-long jepsen jepsen-long fuzz demo bench bench-failover bench-storage bench-latency
 
 test:
 	scripts/test
@@ -19,6 +19,11 @@ jepsen:
 
 jepsen-long:
 	scripts/bootstrap && .venv/bin/python -m raftcache.testing.jepsen --time 1800 --nemesis all --rate 150
+
+# Every parser's fuzz target for a minute (atheris where it installs).
+fuzz:
+	scripts/bootstrap && for t in $$(.venv/bin/python -m raftcache.testing.fuzz --list); do \
+	  .venv/bin/python -m raftcache.testing.fuzz $$t --seconds 60 || exit 1; done
 
 demo:
 	scripts/demo

@@ -8,7 +8,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    # gevent must patch the standard library before anything else imports it (pitfalls.md).
+    # gevent must patch the standard library before anything else imports it: thriftpy2's
+    # TLS module binds ssl names at import time and would keep the blocking ones.
     from gevent import monkey
 
     monkey.patch_all()

@@ -57,7 +57,7 @@ class Client:
         self._sessions: list[list] = []
         self._session_ids = itertools.count(1)
 
-    # -- the API (design.md section 3) -------------------------------------------------------------
+    # -- the API (a contract: README, and raftcache.thrift for other languages) -------------------
     def set(self, key, value, ttl: float | None = None) -> int:
         """Store `value`; returns its version (the log index that wrote it)."""
         r = self._call("put", key=_bytes(key), value=_bytes(value), ttl_ms=_ttl_ms(ttl))

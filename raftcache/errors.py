@@ -1,4 +1,4 @@
-"""The errors a client sees (design.md section 2)."""
+"""The errors a client sees, and what each promises about the operation that raised it."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ namespace py raftcache_rpc  // not "raftcache": that is the Python package
 namespace java io.raftcache
 namespace go raftcache
 
-// ---- errors (design.md section 2) ------------------------------------------------------------
+// ---- errors: what each promises about the call that raised it ---------------------------------
 exception NotLeader {
   1: string leader_hint    // "host:port" of the leader this node knows of, or ""
 }

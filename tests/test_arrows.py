@@ -1,4 +1,4 @@
-"""Arrows point inward (design.md section 1): plugins, the client, the CLI and the tools import
+"""Arrows point inward: plugins, the client, the CLI and the tools import
 the core; the core never imports them. It reaches plugins only through hooks."""
 
 from __future__ import annotations

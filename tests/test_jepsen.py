@@ -88,7 +88,7 @@ def test_key_never_acknowledged_may_be_absent():
 
 # ---- nemeses and scenarios ---------------------------------------------------------------------------
 
-# The anomalies Jepsen found in Raft-backed stores (../shared/anchors.md), each of which must have
+# The anomalies Jepsen found in Raft-backed stores (RedisRaft, etcd, Consul), each of which must have
 # a scenario in the suite.
 ANCHOR_ANOMALIES = [
     "total data loss on failover",

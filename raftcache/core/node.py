@@ -441,7 +441,7 @@ class Node:
         return response
 
     def _stamp(self) -> int:
-        # The leader's clock, never going backwards (design.md: deterministic TTL).
+        # The leader's clock, never going backwards: every replica judges expiry by it.
         self._last_stamp = max(int(time.time() * 1000), self._last_stamp, self.sm.last_stamp_ms)
         return self._last_stamp
 

@@ -21,11 +21,11 @@ Operations are recorded as invoke and ok / fail / info with times from the runne
 clock. OutcomeUnknown and write timeouts are ``info`` (the process then continues under a new
 id, as in Jepsen); a failed read, or a write the system said surely did not apply, is ``fail``.
 
-``SCENARIOS`` maps every anomaly Jepsen found in Raft-backed stores (../shared/anchors.md) to the
+``SCENARIOS`` maps every anomaly Jepsen found in Raft-backed stores (RedisRaft, etcd, Consul) to the
 faults and checks here that would catch it; ``--scenario NAME`` runs one.
 """
 
-if __name__ == "__main__":  # before anything imports socket, ssl or threading (pitfalls.md)
+if __name__ == "__main__":  # before anything imports socket, ssl or threading (see cli.main)
     from gevent import monkey
 
     monkey.patch_all()
@@ -102,12 +102,12 @@ def lost_writes(ops: Iterable[Operation], final: dict) -> list[Anomaly]:
     return out
 
 
-# -- scenarios: the anomalies Jepsen found (../shared/anchors.md), and what catches each ---------------
+# -- scenarios: the anomalies Jepsen found in Raft-backed stores, and what catches each ---------------
 
 
 @attrs.frozen
 class Scenario:
-    anomaly: str  # as anchors.md tells it
+    anomaly: str  # as Jepsen's analyses tell it
     nemesis: tuple[str, ...]
     catches: str  # which check reports it
     read: str = "linearizable"

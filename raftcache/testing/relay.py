@@ -1,8 +1,8 @@
 """Fault relays: one userspace TCP relay per directed node-to-node link.
 
-The kernel here has no netem (../shared/pitfalls.md), so the fault suite puts a small gevent relay
-on every directed link: node ``a`` reaches node ``b`` at ``relay(a, b)``, which forwards to ``b``'s
-real address. Each directed link ``a -> b`` has one :class:`LinkFault` that governs the bytes
+Test machines may lack netem (`tc qdisc netem` needs a kernel module), so the fault suite puts
+a small gevent relay on every directed link: node ``a`` reaches node ``b`` at ``relay(a, b)``,
+which forwards to ``b``'s real address. Each directed link ``a -> b`` has one :class:`LinkFault` that governs the bytes
 flowing from ``a`` to ``b``: the requests ``a`` sends on its own connections to ``b`` and the
 replies ``a`` sends back on connections that ``b`` opened to ``a``. So blocking ``a -> b`` and
 ``b -> a`` cuts the pair completely, and blocking only one of them is a one-way partition.
