@@ -58,6 +58,7 @@ def tls(pki, name, ca_dir=None):
 
 class EchoHandler:
     def __init__(self):
+        self.ops = []
         self.senders = []
         self.peer_calls = []
         self.peer_messages = []
@@ -65,6 +66,7 @@ class EchoHandler:
         self.want = 0
 
     def handle_request(self, request):
+        self.ops.append(request.op)
         if request.op == "sleep":
             gevent.sleep(request.ttl_ms / 1000.0)
         return wire.Response(reason=request.op, number=len(request.key or b""))
@@ -502,3 +504,32 @@ def test_the_plugin_provides_tcp_tls():
     pm.register(tcp_tls, name="tcp-tls")
     provider = PluginSet(pm).get("transport", "tcp-tls")
     assert provider.server is tcp_tls.server and provider.connect is tcp_tls.connect
+
+
+# ---- requests no node could take ---------------------------------------------------------------
+def test_a_request_too_big_for_any_write_is_answered_unread_and_the_connection_goes_on(pki):
+    options = {"max_frame": 8 << 20, "max_request_bytes": 1 << 20}
+    t, handler = start(pki, options)
+    conn = tcp_tls.connect(t.bound_address, tls(pki, "client"), 5.0, options)
+    try:
+        big = wire.Request(op="put", key=b"k", value=b"x" * (3 << 20))
+        r = conn.call(big, 5.0)
+        assert r.error == "InvalidRequest" and "max_request_bytes" in r.reason
+        assert conn.call(get(b"after"), 5.0).number == 5  # the same connection goes on
+        assert handler.ops == ["get"] and not conn.closed  # the put never reached the node
+    finally:
+        conn.close()
+        t.close()
+
+
+def test_a_request_with_too_many_items_is_refused_before_it_is_decoded(pki):
+    t, handler = start(pki, {"max_request_items": 100})
+    conn = tcp_tls.connect(t.bound_address, tls(pki, "client"), 5.0)
+    try:
+        r = conn.call(wire.Request(op="mget", keys=[b"k"] * 101), 5.0)
+        assert r.error == "InvalidRequest" and "max_request_items" in r.reason
+        assert conn.call(wire.Request(op="mget", keys=[b"k"] * 100), 5.0).reason == "mget"
+        assert handler.ops == ["mget"]
+    finally:
+        conn.close()
+        t.close()

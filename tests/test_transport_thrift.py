@@ -453,3 +453,24 @@ def test_a_peer_that_hangs_up_at_once_gets_backoff_not_a_storm(transports):
         assert 2 <= len(accepted) <= 15, len(accepted)
     finally:
         server.stop()
+
+
+# ---- requests no node could take ---------------------------------------------------------------
+def test_a_request_too_big_for_any_write_is_answered_unread_and_the_connection_goes_on(
+        transports):
+    options = {"max_frame": 8 << 20, "max_request_bytes": 1 << 20}
+    node = transports(**options)
+    conn = thrift.connect(node.bound_address, None, WAIT, options)
+    r = call(conn, "put", key=b"k", value=b"x" * (3 << 20))
+    assert r.error == "InvalidRequest" and "max_request_bytes" in r.reason
+    assert call(conn, "status").status.term == 4  # the same connection goes on
+    assert [r.op for r in node.handler_for_test.requests] == ["status"]
+
+
+def test_a_request_with_too_many_items_is_refused_before_it_is_decoded(transports):
+    node = transports(max_request_items=100)
+    conn = thrift.connect(node.bound_address, None, WAIT)
+    r = call(conn, "mget", keys=[b"k"] * 101)
+    assert r.error == "InvalidRequest" and "max_request_items" in r.reason
+    assert len(call(conn, "mget", keys=[b"k"] * 100).results) == 100
+    assert [r.op for r in node.handler_for_test.requests] == ["mget"]

@@ -67,7 +67,7 @@ class TransportOptions:
     def max_request_frame(self) -> int:
         """The longest frame a connection that is not a proven peer may send. Anything longer
         cannot hold an acceptable write (keys, headers and framing take far less than the
-        slack), so it is answered and the connection closed before its body is read."""
+        slack), so it is answered from its first bytes and the rest is read and dropped."""
         return min(self.max_frame, self.max_request_bytes + REQUEST_SLACK)
 
 
@@ -239,10 +239,6 @@ class Admission:
     def release(self, slot: Slot) -> None:
         self._forget(slot)
 
-    @property
-    def clients(self) -> int:
-        return len(self._clients)
-
     def _forget(self, slot: Slot) -> None:
         if self._clients.pop(slot, False) is None:
             self._per_source[slot.source] -= 1
@@ -291,6 +287,17 @@ class Oversized(Exception):
 HEAD_BYTES = 256  # of an oversized frame, read to name the call it carries
 
 
+def _pace(paced: int, n: int) -> int:
+    # A big frame that arrives as fast as it is read would keep its greenlet running (gevent
+    # switches only when a read would block): give the others a turn every megabyte, so the
+    # node's ticks and heartbeats go on while a 16 MiB frame comes in.
+    paced += n
+    if paced < _YIELD_EVERY:
+        return paced
+    gevent.sleep(0)
+    return 0
+
+
 class SocketBuffer:
     """Bytes read from a socket, for a frame parser to take whole frames from. A socket timeout,
     when set, is the longest silence tolerated mid-frame and the polling period of
@@ -307,40 +314,17 @@ class SocketBuffer:
         self._started: float | None = None  # when the frame being read was first seen
 
     def fill(self, need: int, idle_timeout: float) -> bool:
-        """Read until `need` bytes are buffered; False on a clean EOF between frames.
-
-        A big frame that arrives as fast as it is read would keep this greenlet running
-        (gevent only switches when a read would block): it yields every megabyte, so the
-        node's ticks and heartbeats go on while a 16 MiB frame comes in."""
+        """Read until `need` bytes are buffered; False on a clean EOF between frames."""
         idle_since = time.monotonic()
-        read = 0
+        paced = 0
         while len(self.buf) < need:
-            if self.buf:
-                now = time.monotonic()
-                if self._started is None:
-                    self._started = now
-                elif now - self._started > self.frame_timeout:
-                    raise ProtocolError(f"a frame took over {self.frame_timeout:g}s to arrive "
-                                        f"({len(self.buf)} of {need} bytes)")
-            try:
-                chunk = self.sock.recv(_RECV)
-            except TimeoutError:
-                if self.buf:
-                    raise ProtocolError(f"stalled mid-frame ({len(self.buf)} of {need} bytes)"
-                                        ) from None
-                if time.monotonic() - idle_since >= idle_timeout:
-                    raise Idle from None
+            chunk = self._recv(bool(self.buf), idle_since, idle_timeout)
+            if chunk is None:
                 continue
             if not chunk:
-                if self.buf:
-                    raise ProtocolError(f"truncated frame: EOF after {len(self.buf)} of "
-                                        f"{need} bytes")
                 return False
             self.buf += chunk
-            read += len(chunk)
-            if read >= _YIELD_EVERY:
-                read = 0
-                gevent.sleep(0)
+            paced = _pace(paced, len(chunk))
         return True
 
     def discard(self, end: int) -> None:
@@ -348,23 +332,35 @@ class SocketBuffer:
         oversized request costs is a read, not its size in memory."""
         left = end - len(self.buf)
         del self.buf[:end]
-        started = self._started or time.monotonic()
-        read = 0
+        paced = 0
         while left > 0:
-            if time.monotonic() - started > self.frame_timeout:
-                raise ProtocolError(f"a frame took over {self.frame_timeout:g}s to arrive")
-            try:
-                chunk = self.sock.recv(min(_RECV, left))  # never past this frame
-            except TimeoutError:
-                raise ProtocolError(f"stalled mid-frame ({left} bytes to go)") from None
-            if not chunk:
-                raise ProtocolError(f"truncated frame: EOF with {left} bytes to go")
+            chunk = self._recv(True, 0.0, math.inf, min(_RECV, left))  # never past this frame
             left -= len(chunk)
-            read += len(chunk)
-            if read >= _YIELD_EVERY:
-                read = 0
-                gevent.sleep(0)
+            paced = _pace(paced, len(chunk))
         self._started = time.monotonic() if self.buf else None
+
+    def _recv(self, mid_frame: bool, idle_since: float, idle_timeout: float,
+              size: int = _RECV) -> bytes | None:
+        """One read: bytes, b"" at a clean EOF between frames, None when nothing came within
+        the socket's timeout between frames (Idle once idle_timeout has passed). Mid-frame,
+        silence, EOF and a frame older than frame_timeout are ProtocolErrors."""
+        if mid_frame:
+            now = time.monotonic()
+            if self._started is None:
+                self._started = now
+            elif now - self._started > self.frame_timeout:
+                raise ProtocolError(f"a frame took over {self.frame_timeout:g}s to arrive")
+        try:
+            chunk = self.sock.recv(size)
+        except TimeoutError:
+            if mid_frame:
+                raise ProtocolError("stalled mid-frame") from None
+            if time.monotonic() - idle_since >= idle_timeout:
+                raise Idle from None
+            return None
+        if not chunk and mid_frame:
+            raise ProtocolError("truncated frame: EOF mid-frame")
+        return chunk
 
     def take(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of a whole frame that ends at `end`, and drop the frame."""

@@ -436,9 +436,8 @@ class TcpTlsTransport:
                         raise ProtocolError(f"unexpected frame kind {KINDS.get(kind, kind)}"
                                             ) from None
                     reader.discard(_LENGTH.size + exc.length)  # answered without keeping it
-                    conn.write(pack_frame(RESPONSE, request_id, wire.encode(
-                        wire.error_response("InvalidRequest", TOO_LARGE.format(
-                            exc.length, self.opts.max_request_bytes)))))
+                    _refuse(conn, request_id, TOO_LARGE.format(exc.length,
+                                                               self.opts.max_request_bytes))
                     continue
                 if frame is None:
                     return
@@ -447,9 +446,8 @@ class TcpTlsTransport:
                     try:
                         request = decode(wire.Request, payload, self.opts.max_request_items)
                     except wire.TooManyItems:
-                        conn.write(pack_frame(RESPONSE, request_id, wire.encode(
-                            wire.error_response("InvalidRequest", TOO_MANY_ITEMS.format(
-                                self.opts.max_request_items)))))
+                        _refuse(conn, request_id, TOO_MANY_ITEMS.format(
+                            self.opts.max_request_items))
                         continue
                     conn.slot.inflight += 1
                     pool.spawn(self._answer, conn, request_id, request)  # waits when full
@@ -498,6 +496,12 @@ class TcpTlsTransport:
             payload = wire.encode(wire.error_response(
                 "InvalidRequest", f"response of {len(payload)} bytes exceeds max_frame"))
         conn.write(pack_frame(RESPONSE, request_id, payload))
+
+
+def _refuse(conn: _ServerConn, request_id: int, reason: str) -> None:
+    """Answer a request that cannot be taken (the connection goes on)."""
+    conn.write(pack_frame(RESPONSE, request_id, wire.encode(
+        wire.error_response("InvalidRequest", reason))))
 
 
 def server(node_id: int, address: str, peers: dict, tls: TLSConfig | None,
