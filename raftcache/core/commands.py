@@ -235,12 +235,23 @@ def fingerprint(cmd: Command) -> bytes:
     arguments, but not its values, which a value codec may seal differently on each attempt
     of the same write. Deterministic, so every replica computes the same."""
     t = type(cmd)
-    if t is Set or t is Cas:
-        cmd = attrs.evolve(cmd, value=b"")
-    elif t is MSet and type(cmd.items) is tuple:
-        cmd = MSet(tuple((item[0], b"") for item in cmd.items), cmd.ttl_ms)
     out = bytearray()
-    encode_command(out, cmd)
+    if t is Set:
+        out.append(_TAG_SET)
+        _bytes(out, cmd.key, "key")
+        _ttl(out, cmd.ttl_ms)
+    elif t is Cas:
+        out.append(_TAG_CAS)
+        _bytes(out, cmd.key, "key")
+        _sint(out, cmd.expected_version, "expected_version")
+        _ttl(out, cmd.ttl_ms)
+    elif t is MSet:
+        out.append(_TAG_MSET)
+        for key, _value in cmd.items:
+            _bytes(out, key, "key")
+        _ttl(out, cmd.ttl_ms)
+    else:  # nothing to leave out
+        encode_command(out, cmd)
     return hashlib.blake2b(out, digest_size=8).digest()
 
 
