@@ -187,13 +187,15 @@ def _ttl(out: bytearray, ttl) -> None:
         raise CommandError(f"ttl_ms must be None or a positive integer, got {ttl!r}")
 
 
-def encode_command(out: bytearray, cmd: Command) -> None:
-    """Append `cmd`'s encoding (tag and fields) to `out`."""
+def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
+    """Append `cmd`'s encoding (tag and fields) to `out`; without its values when `values` is
+    false (what `fingerprint` hashes)."""
     t = type(cmd)
     if t is Set:
         out.append(_TAG_SET)
         _bytes(out, cmd.key, "key")
-        _bytes(out, cmd.value, "value")
+        if values:
+            _bytes(out, cmd.value, "value")
         _ttl(out, cmd.ttl_ms)
     elif t is Delete:
         out.append(_TAG_DELETE)
@@ -202,7 +204,8 @@ def encode_command(out: bytearray, cmd: Command) -> None:
         out.append(_TAG_CAS)
         _bytes(out, cmd.key, "key")
         _sint(out, cmd.expected_version, "expected_version")
-        _bytes(out, cmd.value, "value")
+        if values:
+            _bytes(out, cmd.value, "value")
         _ttl(out, cmd.ttl_ms)
     elif t is Incr:
         out.append(_TAG_INCR)
@@ -221,7 +224,8 @@ def encode_command(out: bytearray, cmd: Command) -> None:
             if type(item) is not tuple or len(item) != 2:
                 raise CommandError(f"MSet items must be (key, value) pairs, got {item!r}")
             _bytes(out, item[0], "key")
-            _bytes(out, item[1], "value")
+            if values:
+                _bytes(out, item[1], "value")
         _ttl(out, cmd.ttl_ms)
     elif t is Sweep:
         out.append(_TAG_SWEEP)
@@ -234,24 +238,8 @@ def fingerprint(cmd: Command) -> bytes:
     """What tells two writes under one (client id, sequence) apart: the command's kind, keys and
     arguments, but not its values, which a value codec may seal differently on each attempt
     of the same write. Deterministic, so every replica computes the same."""
-    t = type(cmd)
     out = bytearray()
-    if t is Set:
-        out.append(_TAG_SET)
-        _bytes(out, cmd.key, "key")
-        _ttl(out, cmd.ttl_ms)
-    elif t is Cas:
-        out.append(_TAG_CAS)
-        _bytes(out, cmd.key, "key")
-        _sint(out, cmd.expected_version, "expected_version")
-        _ttl(out, cmd.ttl_ms)
-    elif t is MSet:
-        out.append(_TAG_MSET)
-        for key, _value in cmd.items:
-            _bytes(out, key, "key")
-        _ttl(out, cmd.ttl_ms)
-    else:  # nothing to leave out
-        encode_command(out, cmd)
+    encode_command(out, cmd, values=False)
     return hashlib.blake2b(out, digest_size=8).digest()
 
 
