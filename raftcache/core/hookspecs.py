@@ -67,7 +67,8 @@ class PeerHandler(Protocol):
         """A client request (`raftcache.wire.Request`), answered with a `raftcache.wire.Response`.
         Blocks the calling greenlet until the answer is known; never raises."""
 
-    def handle_peer_messages(self, messages: Sequence[Message], sender: int | None = None) -> None:
+    def handle_peer_messages(self, messages: Sequence[Message],
+                             sender: int | None = None) -> None:
         """Raft messages from a connection that proved it belongs to node `sender` (a node
         certificate, or the cluster secret); None when the transport runs without peer
         authentication, which the node accepts only with `cluster.insecure = true`. The node
