@@ -404,6 +404,19 @@ def test_every_accepted_history_snapshots_restores_and_converges(envelopes, cut)
     assert c.sm.snapshot() == image
 
 
+def test_the_history_property_has_teeth(monkeypatch):
+    # Without saturating expiries (the code before the hardening), a ttl near 2**63 makes a
+    # snapshot that no node can load: the property above fails on it.
+    from raftcache.core import statemachine
+
+    monkeypatch.setattr(statemachine, "_expiry",
+                        lambda now, ttl: None if ttl is None else now + ttl)
+    r = Replica()
+    r.write(Set(b"a", b"v", _U), stamp=5)
+    with pytest.raises(SnapshotError, match="out of range"):
+        Replica().sm.restore(r.sm.snapshot())
+
+
 # ================================================================================================
 # Exactly once
 # ================================================================================================
