@@ -1,31 +1,51 @@
 """The plugin author's manual: every hook raftcache calls, and what a plugin must provide.
 
 raftcache uses pluggy, like pytest. A plugin is a module or object with functions marked
-``@hookimpl`` whose names match the specs below. Plugins are found through the entry-point group
-``raftcache`` (the built-in ones are registered there too, exactly like third-party ones), e.g. in
-your package's setup.cfg::
+``@hookimpl`` whose names match the specs below; an implementation may take any subset of a
+hook's arguments, by name. Plugins are found through the entry-point group ``raftcache`` (the
+built-in ones are registered there too, exactly like third-party ones), e.g. in your package's
+setup.cfg::
 
     [options.entry_points]
     raftcache =
         audit-log = my_package.audit_plugin
 
-A node's config picks storage, transport and backend implementations by name; a name that no
-plugin provides stops start-up with the list of known names. ``[plugins] block = ["name"]`` in
-the config keeps an entry-point plugin from loading.
+Entry-point plugins load sorted by name; plugins handed to ``make_manager(extra=...)`` (tests,
+embedding applications) come after them. ``[plugins] block = ["name"]`` in a node's config keeps
+an entry-point plugin from loading. `examples/raftcache-audit-log` is a complete third-party
+plugin package.
 
-Provider hooks follow conda's style: they return (or yield) records naming implementations.
-Two plugins providing the same name is an error, reported with both plugin names.
+There are four kinds of hooks:
+
+- **Providers** (``raftcache_storages``, ``raftcache_transports``, ``raftcache_backends``)
+  yield records naming implementations, in conda's style. A node's config picks one of each by
+  name; an unknown name stops start-up with the list of known names, and two plugins providing
+  the same name is an error naming both.
+- **Observers** (``raftcache_node_started``, ``..._node_stopping``, ``..._role_changed``,
+  ``..._snapshot_taken``, ``..._snapshot_installed``, ``raftcache_metrics``) are told what
+  happened on one node. They run on the node's event loop, so they must return quickly and never
+  block on I/O; an exception one raises is logged with its plugin's name and the node carries on
+  (the other implementations still run). Their return values are ignored.
+- **The apply pipeline** (``raftcache_check_command``, ``raftcache_value_codecs``) shapes what
+  every replica stores. It must be deterministic: the same entry must give the same outcome on
+  every replica, so decide only from the arguments, never from clocks, files or randomness. An
+  exception raised here stops the node (it cannot know what the other replicas did).
+- Hooks are called with keyword arguments; ``node`` is the `raftcache.core.node.Node` they run
+  in (read its ``id``, ``config`` and ``status()``; do not call into it from a hook).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import pluggy
 
 from .messages import Entry, HardState, Message, Snapshot
+
+if TYPE_CHECKING:
+    from .node import Node
 
 PROJECT = "raftcache"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -33,7 +53,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # ================================================================================================
-# What providers return
+# What providers make
 # ================================================================================================
 class Storage(Protocol):
     """Durable home of one node's Raft log, hard state and newest snapshot.
@@ -82,9 +102,9 @@ class Transport(Protocol):
     A transport hands the node Raft messages only from connections that proved they are a
     node of this cluster, and names that node (`PeerHandler.handle_peer_messages`). It bounds
     what one connection can cost (frame size, a deadline for each whole frame, idle time) and
-    how many connections clients may hold, so that peers always get in. It may offer
-    ``max_frame`` (int): the largest frame it carries; the node then refuses writes that could
-    not fit one append to a peer.
+    how many connections clients may hold, so that peers always get in (docs/security.md). It
+    may offer ``max_frame`` (int): the largest frame it carries; the node then refuses, at
+    start, a ``node.max_request_bytes`` that could not fit one append to a peer.
     """
 
     def serve(self, handler: PeerHandler) -> None:
@@ -120,29 +140,95 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class ValueCodec(Protocol):
+    """Turns a value into what is stored (sealed, compressed) and back.
+
+    `encode` runs on the node that takes the write, before the value reaches the log; `decode`
+    on the node that serves a read, and inside the state machine for ``incr`` (which must read
+    a number). Both must be pure functions of their arguments and the codec's keys: `decode`
+    runs on every replica for ``incr``. `encode` may be randomized (a nonce) - exactly-once
+    retries compare writes without their values.
+    """
+
+    def encode(self, key: bytes, value: bytes) -> bytes: ...
+    def decode(self, key: bytes, blob: bytes) -> bytes: ...
+
+
+# ---- factories, as providers name them -----------------------------------------------------------
+class StorageFactory(Protocol):
+    def __call__(self, node_id: int, data_dir: str, options: dict) -> Storage:
+        """`options` is ``[storage.options]`` of the node's config; refuse unknown keys with
+        ValueError naming them (or config.ConfigError for a finding about the environment)."""
+
+
+class TransportServer(Protocol):
+    def __call__(self, node_id: int, address: str, peers: dict[int, str],
+                 tls: TLSConfig | None, options: dict) -> Transport:
+        """`options` is ``[transport.options]`` plus what the node sets: ``cluster_id`` (int),
+        ``peer_secret`` (bytes, or None: the cluster secret peers must prove they hold) and
+        ``max_request_bytes`` (``node.max_request_bytes``)."""
+
+
+class TransportConnect(Protocol):
+    def __call__(self, address: str, tls: TLSConfig | None, timeout: float,
+                 options: dict | None = None) -> Connection:
+        """A client connection to `address` ("host:port"); OSError/TimeoutError when it cannot
+        be made within `timeout`."""
+
+
+class BackendFactory(Protocol):
+    def __call__(self, node_id: int, options: dict) -> Backend:
+        """`options` is ``[backend.options]`` of the node's config."""
+
+
+# ---- the records providers yield ------------------------------------------------------------------
 @attrs.frozen
 class StorageProvider:
+    """A storage by name (``[storage] plugin = "<name>"``).
+
+    Example::
+
+        @hookimpl
+        def raftcache_storages():
+            yield StorageProvider("rocks", RocksStorage, "the log in RocksDB (durable)")
+    """
+
     name: str
-    factory: Callable[..., Storage]  # factory(node_id, data_dir, options: dict) -> Storage
+    factory: StorageFactory
     description: str = ""
 
 
 @attrs.frozen
 class TransportProvider:
+    """A transport by name (``[transport] plugin = "<name>"``): the node's server side and the
+    clients' connections, which must speak to each other.
+
+    Example::
+
+        @hookimpl
+        def raftcache_transports():
+            yield TransportProvider("quic", quic_server, quic_connect, "frames over QUIC")
+    """
+
     name: str
-    # server(node_id, address, peers: dict[int, str], tls: TLSConfig | None, options) -> Transport
-    # `options` is `[transport.options]` plus what the node sets: `cluster_id` (int) and
-    # `peer_secret` (bytes, or None: the cluster secret that peers must prove they hold).
-    server: Callable[..., Transport]
-    # connect(address, tls: TLSConfig | None, timeout) -> Connection
-    connect: Callable[..., Connection]
+    server: TransportServer
+    connect: TransportConnect
     description: str = ""
 
 
 @attrs.frozen
 class BackendProvider:
+    """A cache backend by name (``[backend] plugin = "<name>"``).
+
+    Example::
+
+        @hookimpl
+        def raftcache_backends():
+            yield BackendProvider("audit-memory", AuditMemoryBackend, "a dict, audited")
+    """
+
     name: str
-    factory: Callable[..., Backend]  # factory(node_id, options: dict) -> Backend
+    factory: BackendFactory
     description: str = ""
 
 
@@ -160,68 +246,115 @@ class TLSConfig:
 # ================================================================================================
 @hookspec
 def raftcache_storages() -> Iterable[StorageProvider]:
-    """Yield the storage implementations this plugin offers, by name (`storage.plugin`)."""
+    """Yield the storage implementations this plugin offers.
 
-
-@hookspec
-def raftcache_transports() -> Iterable[TransportProvider]:
-    """Yield the transports this plugin offers, by name (`transport.plugin`)."""
-
-
-@hookspec
-def raftcache_backends() -> Iterable[BackendProvider]:
-    """Yield the cache backends this plugin offers, by name (`backend.plugin`)."""
-
-
-# ================================================================================================
-# Node life cycle: observers; exceptions they raise are logged, never fatal
-# ================================================================================================
-@hookspec
-def raftcache_node_started(node) -> None:
-    """The node is serving: its transport listens and its driver loop runs."""
-
-
-@hookspec
-def raftcache_node_stopping(node) -> None:
-    """The node is shutting down (SIGTERM/SIGINT or `Node.stop()`); storage is still open."""
-
-
-@hookspec
-def raftcache_role_changed(node, role: str, term: int, leader: int) -> None:
-    """This node's role or the leader it knows changed."""
-
-
-@hookspec
-def raftcache_snapshot_taken(node, index: int, size: int) -> None:
-    """The node took a snapshot covering the log up to `index` (`size` bytes)."""
-
-
-@hookspec
-def raftcache_snapshot_installed(node, index: int) -> None:
-    """The node installed a snapshot received from the leader."""
-
-
-# ================================================================================================
-# The apply pipeline: runs on every replica, so it must be deterministic
-# ================================================================================================
-@hookspec
-def raftcache_check_command(command, identity: str | None, stamp_ms: int) -> str | None:
-    """Veto a committed command before it is applied: return a reason to refuse it, or None.
-
-    Runs on every replica for every write, so decide only from the command, the identity
-    recorded in the entry, the entry's stamp and replicated state - never from local clocks or
-    files - or replicas will disagree. A vetoed write is reported to its client as
-    Unauthorized(reason) and changes nothing.
+    Called once per plugin manager, when a node starts (and by the CLI to list names).
     """
 
 
 @hookspec
-def raftcache_value_codecs() -> Iterable:
-    """Yield value codecs: objects with ``encode(key, value) -> bytes`` and
-    ``decode(key, blob) -> bytes``. Values are encoded, in plugin registration order, before
-    they reach the log, snapshots and backends, and decoded in reverse order when read."""
+def raftcache_transports() -> Iterable[TransportProvider]:
+    """Yield the transports this plugin offers.
+
+    Called when a node starts and when a client is made (`raftcache.Client(transport=...)`).
+    """
 
 
 @hookspec
-def raftcache_metrics(node, metrics: dict) -> None:
-    """Observe or add to the node's metrics (called for `status` and periodically)."""
+def raftcache_backends() -> Iterable[BackendProvider]:
+    """Yield the cache backends this plugin offers. Called when a node starts."""
+
+
+# ================================================================================================
+# Observers: one node's events; an exception is logged and the node carries on
+# ================================================================================================
+@hookspec
+def raftcache_node_started(node: Node) -> None:
+    """The node is serving: its transport listens and its driver loop runs.
+
+    :param node: the node.
+    """
+
+
+@hookspec
+def raftcache_node_stopping(node: Node) -> None:
+    """The node is shutting down (SIGTERM/SIGINT or `Node.stop()`); storage is still open.
+
+    :param node: the node.
+    """
+
+
+@hookspec
+def raftcache_role_changed(node: Node, role: str, term: int, leader: int) -> None:
+    """This node's role, or the leader it knows, changed. Called after the change is durable,
+    on each node for itself.
+
+    :param node: the node.
+    :param role: "follower", "pre_candidate", "candidate" or "leader".
+    :param term: the node's term.
+    :param leader: the id of the leader it knows, 0 for none.
+    """
+
+
+@hookspec
+def raftcache_snapshot_taken(node: Node, index: int, size: int) -> None:
+    """The node took a snapshot of its state machine and dropped the log up to `index`.
+
+    :param node: the node.
+    :param index: the last log index the snapshot covers.
+    :param size: the snapshot's size in bytes.
+    """
+
+
+@hookspec
+def raftcache_snapshot_installed(node: Node, index: int) -> None:
+    """The node replaced its state with a snapshot received from the leader (it was too far
+    behind for the log).
+
+    :param node: the node.
+    :param index: the last log index the snapshot covers.
+    """
+
+
+@hookspec
+def raftcache_metrics(node: Node, metrics: dict) -> None:
+    """Read or add to the node's metrics. Called every ten seconds by the node's ticker and
+    whenever `Node.metrics()` is asked (not by the ``status`` call, which carries no metrics).
+
+    :param node: the node.
+    :param metrics: name -> value (numbers and short strings); add your own keys. Built in:
+        node, term, role, leader, commit, applied, log_first_index, log_last_index,
+        pending_writes, pending_reads, keys, dropped_peer_messages, refused_snapshots.
+    """
+
+
+# ================================================================================================
+# The apply pipeline: every replica, deterministic
+# ================================================================================================
+@hookspec(firstresult=True)
+def raftcache_check_command(command, identity: str | None, stamp_ms: int) -> str | None:
+    """Veto a committed write before it is applied: return the reason, or None to let it be.
+
+    Called on every replica, for every write command (not for the leader's expiry sweeps), in
+    log order; the first implementation that returns a reason decides (pluggy's firstresult),
+    and later ones are not asked. A vetoed write changes nothing, not even the client's
+    exactly-once session, and its client gets ``Unauthorized(reason)``. Decide only from the
+    arguments and replicated state, or replicas will disagree. An exception stops the node.
+
+    :param command: a `raftcache.core.commands` command (Set, Delete, Cas, Incr, Invalidate,
+        MSet) as it is in the log; its values are already encoded by the value codecs.
+    :param identity: the caller's identity recorded in the entry by the node that took the
+        write, or None (no authentication).
+    :param stamp_ms: the entry's time: the proposing leader's clock, never going backwards.
+    """
+
+
+@hookspec
+def raftcache_value_codecs() -> Iterable[ValueCodec]:
+    """Yield value codecs (`ValueCodec`): encryption, compression.
+
+    Called once when a node starts. A value is encoded by every codec in plugin registration
+    order (entry-point plugins by name, then extra plugins; within a plugin, in the order it
+    yields them), before it reaches the log, snapshots and backends, and decoded in the reverse
+    order when read. Codecs must be the same on every node of a cluster.
+    """

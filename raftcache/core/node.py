@@ -38,7 +38,7 @@ from raftcache.core.messages import (
     ProposalRefused,
     StateRole,
 )
-from raftcache.core.plugins import PluginSet, make_manager
+from raftcache.core.plugins import PluginSet, make_manager, notify
 from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
 from raftcache.core.statemachine import ApplyError, StateMachine, check_snapshot
 from raftcache.core.throttle import Throttle
@@ -94,8 +94,9 @@ class Node:
         self._check_request_limit(getattr(self.transport, "max_frame", None))
         self._connect = transport_p.connect
         backend = backend_p.factory(self.id, dict(config.backend.options))
-        # Value codecs (encryption, compression) in plugin registration order.
-        self.codecs = tuple(c for codecs in self.pm.hook.raftcache_value_codecs()
+        # Value codecs (encryption, compression) in plugin registration order: pluggy calls
+        # the last registered plugin first.
+        self.codecs = tuple(c for codecs in reversed(self.pm.hook.raftcache_value_codecs())
                             for c in (codecs or ()))
         self.sm = StateMachine(backend, check_command=self._check_command, codecs=self.codecs)
         self.raw = self._start_raft(rng or random.Random())
@@ -176,13 +177,13 @@ class Node:
         self.log.info("serving on %s (storage %s, transport %s, backend %s)",
                       self.config.node.address, self.config.storage.plugin,
                       self.config.transport.plugin, self.config.backend.plugin)
-        self.pm.hook.raftcache_node_started(node=self)
+        notify(self.pm.hook.raftcache_node_started, self.log, node=self)
 
     def stop(self) -> None:
         if self._stopped.is_set():
             return
         self.log.info("stopping")
-        self.pm.hook.raftcache_node_stopping(node=self)
+        notify(self.pm.hook.raftcache_node_stopping, self.log, node=self)
         self._stopped.set()
         self._wakeup.set()
         gevent.killall(self._greenlets, timeout=2)
@@ -277,8 +278,8 @@ class Node:
                     self.transport.send(rd.messages)
                 if rd.snapshot is not None:
                     self.sm.restore(rd.snapshot.data)
-                    self.pm.hook.raftcache_snapshot_installed(node=self,
-                                                              index=rd.snapshot.meta.index)
+                    notify(self.pm.hook.raftcache_snapshot_installed, self.log, node=self,
+                           index=rd.snapshot.meta.index)
                 for entry in rd.committed_entries:
                     self._apply(entry)
                 self.raw.advance(rd)
@@ -333,8 +334,8 @@ class Node:
             return
         snap = self.raw.compact(self.sm.snapshot(), keep_entries=r.snapshot_keep_entries)
         threadpool.apply(self.storage.compact, (snap,))
-        self.pm.hook.raftcache_snapshot_taken(node=self, index=snap.meta.index,
-                                              size=len(snap.data))
+        notify(self.pm.hook.raftcache_snapshot_taken, self.log, node=self,
+               index=snap.meta.index, size=len(snap.data))
 
     def _role_changed(self) -> None:
         role = (self.raw.lead, self.raw.role)
@@ -348,15 +349,13 @@ class Node:
                  and self.raw.role in (StateRole.PRE_CANDIDATE, StateRole.FOLLOWER))
         self.log.log(logging.DEBUG if quiet else logging.INFO, "term %d: %s, leader %s",
                      self.raw.term, self.raw.role.name.lower(), self.raw.lead or "unknown")
-        self.pm.hook.raftcache_role_changed(node=self, role=self.raw.role.name.lower(),
-                                            term=self.raw.term, leader=self.raw.lead)
+        notify(self.pm.hook.raftcache_role_changed, self.log, node=self,
+               role=self.raw.role.name.lower(), term=self.raw.term, leader=self.raw.lead)
 
     def _check_command(self, command, identity, stamp_ms):
-        for reason in self.pm.hook.raftcache_check_command(command=command, identity=identity,
-                                                            stamp_ms=stamp_ms):
-            if reason:
-                return reason
-        return None
+        # firstresult: the first plugin with a reason decides.
+        return self.pm.hook.raftcache_check_command(command=command, identity=identity,
+                                                    stamp_ms=stamp_ms)
 
     # -- the transport's callbacks -------------------------------------------------------------------
     def handle_peer_messages(self, messages, sender: int | None = None) -> None:
@@ -596,7 +595,7 @@ class Node:
              "pending_writes": len(self._writes), "pending_reads": len(self._reads),
              "keys": len(self.sm), "dropped_peer_messages": self.dropped_peer_messages,
              "refused_snapshots": raw.refused_snapshots}
-        self.pm.hook.raftcache_metrics(node=self, metrics=m)
+        notify(self.pm.hook.raftcache_metrics, self.log, node=self, metrics=m)
         return m
 
     def status(self):

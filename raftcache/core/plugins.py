@@ -89,6 +89,17 @@ class PluginSet:
         return self.get("backend", name)
 
 
+def notify(hook, logger, **kwargs) -> None:
+    """Call every implementation of observer `hook` with `kwargs` (each takes the arguments it
+    names). One that raises is logged with its plugin's name and the others still run: an
+    observer must never stop a node, and pluggy's own call stops at the first exception."""
+    for impl in hook.get_hookimpls():
+        try:
+            impl.function(*(kwargs[name] for name in impl.argnames))
+        except Exception:
+            logger.exception("plugin %r: %s failed; carrying on", impl.plugin_name, hook.name)
+
+
 def entry_point_names() -> list[str]:
     """Names of every plugin declared in the `raftcache` entry-point group."""
     return sorted(ep.name for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT))
