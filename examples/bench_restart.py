@@ -23,9 +23,8 @@ def dir_size(path: str) -> int:
 def main() -> int:
     import gevent
 
-    from raftcache import wire
     from raftcache.cluster import free_port_block
-    from raftcache.core import config
+    from raftcache.core import api, config
     from raftcache.core.node import Node
 
     p = argparse.ArgumentParser(description=__doc__,
@@ -56,9 +55,9 @@ def main() -> int:
 
         def writer():
             for i in counter:
-                r = node.handle_request(wire.Request(
+                r = node.handle_request(api.Request(
                     op="put", key=b"key%d" % (i % args.keys), value=value,
-                    header=wire.RequestHeader()))
+                    header=api.RequestHeader()))
                 assert r.error is None, r
 
         t0 = time.perf_counter()
@@ -70,8 +69,8 @@ def main() -> int:
         t1 = time.perf_counter()
         node = start()
         while True:  # as a client would: retry until the restarted node answers
-            r = node.handle_request(wire.Request(op="get", key=b"key0",
-                                                 header=wire.RequestHeader()))
+            r = node.handle_request(api.Request(op="get", key=b"key0",
+                                                 header=api.RequestHeader()))
             if r.error is None:
                 break
             print(f"  (retrying: {r.error}: {r.reason})")

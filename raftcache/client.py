@@ -15,12 +15,14 @@ import threading
 import time
 import uuid
 
-from raftcache import errors, wire
+import attrs
+
+from raftcache import errors
+from raftcache.core import api, operations
 from raftcache.core.commands import MAX_TTL_MS
 from raftcache.core.hookspecs import TLSConfig
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7400,127.0.0.1:7401,127.0.0.1:7402"
-_WRITES = frozenset({"put", "remove", "cas", "incr", "invalidate", "mset", "change_member"})
 
 
 def _bytes(x) -> bytes:
@@ -54,7 +56,7 @@ class Client:
         # Write sessions: one in-flight write per session keeps sequence numbers monotonic.
         # 128 random bits: nobody else's writes can land in our sessions by accident.
         self._base_id = uuid.uuid4().hex
-        self._sessions: list[list] = []
+        self._sessions: list[_Session] = []
         self._session_ids = itertools.count(1)
 
     # -- the API (a contract: README, and raftcache.thrift for other languages) -------------------
@@ -104,7 +106,7 @@ class Client:
     def status(self, endpoint: str | None = None):
         """The status of one node (`endpoint`), or of the first that answers."""
         if endpoint is not None:
-            return self._call_once(endpoint, wire.Request(op="status"), self.timeout).status
+            return self._call_once(endpoint, api.Request(op="status"), self.timeout).status
         return self._call("status").status
 
     # -- operations ----------------------------------------------------------------------------------
@@ -138,28 +140,27 @@ class Client:
 
     # -- plumbing -----------------------------------------------------------------------------------
     def _call(self, op: str, **fields):
-        session = self._take_session() if op in _WRITES else None
+        session = self._take_session() if operations.needs_session(op) else None
         try:
-            header = wire.RequestHeader(token=self.token)
+            header = api.RequestHeader(token=self.token)
             if session is not None:
-                session[1] += 1
-                header.client_id, header.seq = session[0], session[1]
-            request = wire.Request(op=op, header=header, **fields)
-            return self._call_until_deadline(request)
+                session.seq += 1
+                header = attrs.evolve(header, client_id=session.id, seq=session.seq)
+            return self._call_until_deadline(api.Request(op=op, header=header, **fields))
         finally:
             if session is not None:
                 with self._lock:
                     self._sessions.append(session)
 
-    def _take_session(self) -> list:
+    def _take_session(self) -> _Session:
         with self._lock:
             if self._sessions:
                 return self._sessions.pop()
-        return [f"{self._base_id}-{next(self._session_ids)}", 0]
+        return _Session(f"{self._base_id}-{next(self._session_ids)}")
 
-    def _call_until_deadline(self, request):
+    def _call_until_deadline(self, request: api.Request):
         deadline = time.monotonic() + self.timeout
-        is_write = request.op in _WRITES
+        is_write = operations.mutates(request.op)
         sent = False  # a write that may have reached a node cannot be reported as Unavailable
         last_error = "no endpoint answered"
         target = self._leader
@@ -175,7 +176,8 @@ class Client:
             attempt += 1
             address = target or self.endpoints[next(self._rotation)]
             target = None
-            request.header.timeout_ms = max(1, int(remaining * 1000))
+            request = attrs.evolve(request, header=attrs.evolve(
+                request.header or api.RequestHeader(), timeout_ms=max(1, int(remaining * 1000))))
             try:
                 response = self._call_once(address, request, remaining)
             except ConnectionRefusedError as exc:
@@ -218,6 +220,14 @@ class Client:
         with self._lock:
             self._idle.setdefault(address, []).append(conn)
         return response
+
+
+@attrs.define
+class _Session:
+    """An exactly-once session: one write in flight at a time keeps its numbers in order."""
+
+    id: str
+    seq: int = 0
 
 
 def _ttl_ms(ttl: float | None) -> int | None:

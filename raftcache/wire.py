@@ -1,4 +1,5 @@
-"""The wire format: the Thrift IDL loaded once, and conversions to and from the core's messages.
+"""The wire format: the Thrift IDL loaded once, and conversions to and from the core's values
+(Raft messages, and the node's requests and responses of `raftcache.core.api`).
 
 Both transports speak it: `thrift` as a Thrift service, `tcp-tls` as Thrift-binary structs in
 its own frames. Decoding untrusted bytes raises `WireError`, never anything else.
@@ -10,11 +11,13 @@ import io
 import os
 import struct
 
+import attrs
 import thriftpy2
 from thriftpy2.protocol import TCyBinaryProtocolFactory
 from thriftpy2.transport import TCyBufferedTransport
 from thriftpy2.utils import serialize
 
+from raftcache.core import api
 from raftcache.core.messages import (
     ConfState,
     Entry,
@@ -35,7 +38,6 @@ RequestHeader = idl.RequestHeader
 RaftBatch = idl.RaftBatch
 RaftCacheService = idl.RaftCache
 
-ERRORS = ("NotLeader", "Unauthorized", "InvalidRequest", "Unavailable", "OutcomeUnknown")
 _PROTOCOL = TCyBinaryProtocolFactory()
 
 
@@ -131,10 +133,72 @@ def batch_from_wire(batch) -> list[Message]:
     return [message_from_wire(w) for w in (batch.messages or ())]
 
 
-# ---- responses ----------------------------------------------------------------------------------
-def error_response(error: str, reason: str = "", leader_hint: str = ""):
-    assert error in ERRORS, error
-    return Response(error=error, reason=reason, leader_hint=leader_hint or None)
+# ---- requests and responses ---------------------------------------------------------------------
+# The IDL's structs and the core's values share their field names: a conversion is a copy.
+def _fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in attrs.fields(cls))
+
+
+_HEADER, _REQUEST = _fields(api.RequestHeader), _fields(api.Request)
+_GET, _STATUS, _RESPONSE = _fields(api.GetResult), _fields(api.NodeStatus), _fields(api.Response)
+
+
+def header_from_wire(w) -> api.RequestHeader | None:
+    return None if w is None else api.RequestHeader(*(getattr(w, f) for f in _HEADER))
+
+
+def header_to_wire(h: api.RequestHeader | None):
+    return None if h is None else RequestHeader(*(getattr(h, f) for f in _HEADER))
+
+
+def request_from_wire(w) -> api.Request:
+    fields = {f: getattr(w, f) for f in _REQUEST}
+    fields["header"] = header_from_wire(w.header)
+    return api.Request(**fields)
+
+
+def request_to_wire(r: api.Request):
+    fields = {f: getattr(r, f) for f in _REQUEST}
+    fields["header"] = header_to_wire(r.header)
+    return Request(**fields)
+
+
+def _get_from_wire(w) -> api.GetResult:
+    return api.GetResult(bool(w.found), w.value or b"", w.version or 0)
+
+
+def value_from_wire(name: str, w):
+    """A Response field's value (`name`) as the core has it."""
+    if w is None:
+        return None
+    if name == "result":
+        return _get_from_wire(w)
+    if name == "results":
+        return [_get_from_wire(g) for g in w]
+    if name == "status":
+        return api.NodeStatus(*(getattr(w, f) for f in _STATUS))
+    return w
+
+
+def value_to_wire(name: str, v):
+    """A Response field's value (`name`) as the IDL has it."""
+    if v is None:
+        return None
+    if name == "result":
+        return GetResult(*(getattr(v, f) for f in _GET))
+    if name == "results":
+        return [GetResult(*(getattr(g, f) for f in _GET)) for g in v]
+    if name == "status":
+        return NodeStatus(*(getattr(v, f) for f in _STATUS))
+    return v
+
+
+def response_from_wire(w) -> api.Response:
+    return api.Response(**{f: value_from_wire(f, getattr(w, f)) for f in _RESPONSE})
+
+
+def response_to_wire(r: api.Response):
+    return Response(**{f: value_to_wire(f, getattr(r, f)) for f in _RESPONSE})
 
 
 # ---- checking untrusted bytes before thriftpy2 decodes them -------------------------------------

@@ -71,13 +71,13 @@ def test_proxy_mode_forwards_writes(make_cluster):
     cluster = make_cluster(node={"proxy": True})
     leader = cluster.wait_for_leader()
     follower = next(i for i in (1, 2, 3) if i != leader)
-    from raftcache import wire
+    from raftcache.core import api
 
     # Talk to the follower's port only; the answer must come back from it, not a redirect.
     with single(cluster, follower) as c:
         response = c._call_once(cluster.address(follower),
-                                wire.Request(op="put", key=b"k", value=b"v",
-                                             header=wire.RequestHeader()), 5.0)
+                                api.Request(op="put", key=b"k", value=b"v",
+                                             header=api.RequestHeader()), 5.0)
         assert response.error is None and response.number > 0
         assert c.get("k") == b"v"
 

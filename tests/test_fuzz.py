@@ -21,9 +21,11 @@ from thriftpy2.thrift import TMessageType, TProcessor
 
 from raftcache import wire
 from raftcache.cluster import LocalCluster, free_port_block
+from raftcache.core import api
 from raftcache.core.config import read_secret
 from raftcache.core.hookspecs import TLSConfig
 from raftcache.core.messages import MAX_TERM, Entry, Message, MsgType
+from raftcache.core.operations import OPERATIONS
 from raftcache.plugins.transport import tcp_tls, thrift
 from raftcache.testing import fuzz
 
@@ -95,12 +97,12 @@ class _Recorder:
 
     def __init__(self):
         self.request = None
-        for op, fields in thrift.FIELDS.items():
-            setattr(self, op, self._make(op, fields))
+        for op in OPERATIONS.values():
+            setattr(self, op.name, self._make(op.name, op.fields))
 
     def _make(self, op, fields):
         def method(*args):
-            self.request = wire.Request(op=op, **dict(zip(fields, args, strict=True)))
+            self.request = api.Request(op=op, **dict(zip(fields, args, strict=True)))
         return method
 
 
@@ -108,7 +110,7 @@ def _client_request(cluster, payload: bytes):
     """The request a client frame's payload decodes to, or None."""
     try:
         if cluster.transport == "tcp-tls":
-            return wire.decode(wire.Request, payload)
+            return wire.request_from_wire(wire.decode(wire.Request, payload))
         recorder = _Recorder()
         call = TProcessor(wire.RaftCacheService, recorder).process_in(thrift._input(payload))[3]
         if call is not None:
@@ -139,11 +141,11 @@ def _client_frame(cluster, payload: bytes) -> bytes:
 # ---- client frames ---------------------------------------------------------------------------------
 keys = st.binary(max_size=24).map(lambda k: b"fz:" + k)
 headers = st.one_of(st.none(), st.builds(
-    wire.RequestHeader, token=st.none() | st.text(max_size=20),
+    api.RequestHeader, token=st.none() | st.text(max_size=20),
     client_id=st.none() | st.text(max_size=200), seq=st.none() | I64,
     timeout_ms=st.none() | st.integers(-(2**31), 2**31 - 1), forwarded=st.none() | st.booleans()))
 requests = st.builds(
-    wire.Request,
+    api.Request,
     op=st.sampled_from(["put", "get", "remove", "cas", "incr", "invalidate", "mget", "mset",
                         "status", "nonsense"]),
     key=st.none() | keys, value=st.none() | st.binary(max_size=64), ttl_ms=st.none() | I64,
@@ -156,13 +158,14 @@ requests = st.builds(
 
 def _encode_request(cluster, request) -> bytes | None:
     if cluster.transport == "tcp-tls":
-        return wire.encode(request)
-    fields = thrift.FIELDS.get(request.op)
-    if fields is None:
+        return wire.encode(wire.request_to_wire(request))
+    operation = OPERATIONS.get(request.op)
+    if operation is None:
         return thrift._encode(request.op, TMessageType.CALL, 1,
                               wire.RaftCacheService.status_args())[4:]
     args = getattr(wire.RaftCacheService, request.op + "_args")(
-        *(getattr(request, f) for f in fields))
+        *(wire.header_to_wire(request.header) if f == "header" else getattr(request, f)
+          for f in operation.fields))
     return thrift._encode(request.op, TMessageType.CALL, 1, args)[4:]
 
 

@@ -19,7 +19,9 @@ import pytest
 from thriftpy2.thrift import TMessageType
 
 from raftcache import errors, wire
+from raftcache.client import _Session
 from raftcache.cluster import LocalCluster, free_port_block
+from raftcache.core import api
 from raftcache.core.commands import MAX_TTL_MS, Envelope, Set, encode_envelope
 from raftcache.core.config import read_secret
 from raftcache.core.messages import Entry, Message, MsgType
@@ -286,19 +288,19 @@ def test_row9_a_connection_dripping_a_byte_at_a_time_is_closed(cluster):
 def test_row10_a_reused_client_id_neither_fails_the_owner_nor_answers_for_it(cluster):
     with cluster.client(timeout=WAIT) as owner:
         assert owner.set("mine", "1") > 0
-        session = owner._sessions[0][0]  # the id the owner's next write will use
-    header = wire.RequestHeader(client_id=session, seq=10**9)
+        session = owner._sessions[0].id  # the id the owner's next write will use
+    header = api.RequestHeader(client_id=session, seq=10**9)
     with cluster.client(timeout=WAIT) as stranger:
         # A higher sequence number under the owner's id...
-        assert stranger._call_until_deadline(wire.Request(op="put", key=b"theirs", value=b"x",
+        assert stranger._call_until_deadline(api.Request(op="put", key=b"theirs", value=b"x",
                                                           header=header)).number > 0
         # ...and the same (id, seq) on another operation.
-        retry = wire.Request(op="incr", key=b"theirs", delta=1,
-                             header=wire.RequestHeader(client_id=session, seq=10**9))
+        retry = api.Request(op="incr", key=b"theirs", delta=1,
+                             header=api.RequestHeader(client_id=session, seq=10**9))
         with pytest.raises(errors.InvalidRequest, match="already used for a different write"):
             stranger._call_until_deadline(retry)
     with cluster.client(timeout=WAIT) as owner:
-        owner._sessions.append([session, 1])  # the owner carries on with its session
+        owner._sessions.append(_Session(session, 1))  # the owner carries on with its session
         assert owner.set("mine", "2") > 0
         assert owner.get("mine") == b"2"
 
@@ -306,5 +308,5 @@ def test_row10_a_reused_client_id_neither_fails_the_owner_nor_answers_for_it(clu
 def test_client_ids_are_long_and_random():
     from raftcache.client import Client
 
-    ids = {Client(["127.0.0.1:1"])._take_session()[0] for _ in range(50)}
+    ids = {Client(["127.0.0.1:1"])._take_session().id for _ in range(50)}
     assert len(ids) == 50 and all(len(i.split("-")[0]) == 32 for i in ids)

@@ -3,9 +3,8 @@
 import gevent
 import pytest
 
-from raftcache import wire
 from raftcache.cluster import free_port_block
-from raftcache.core import config, hookspecs
+from raftcache.core import api, config, hookspecs
 from raftcache.core.node import Node
 from raftcache.core.plugins import make_manager
 
@@ -83,8 +82,8 @@ def node_and_plugin(tmp_path):
 
 
 def call(node, **fields):
-    fields.setdefault("header", wire.RequestHeader())
-    return node.handle_request(wire.Request(**fields))
+    fields.setdefault("header", api.RequestHeader())
+    return node.handle_request(api.Request(**fields))
 
 
 def test_hooks_and_veto(node_and_plugin):
@@ -110,7 +109,7 @@ def test_snapshots_are_taken_and_hooked(node_and_plugin):
 
 def test_exactly_once_retry(node_and_plugin):
     node, _ = node_and_plugin
-    header = wire.RequestHeader(client_id="c1", seq=1)
+    header = api.RequestHeader(client_id="c1", seq=1)
     first = call(node, op="incr", key=b"n", delta=5, header=header)
     retry = call(node, op="incr", key=b"n", delta=5, header=header)
     assert first.number == retry.number == 5

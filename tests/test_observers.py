@@ -9,10 +9,9 @@ import collections
 import gevent
 import pytest
 
-from raftcache import wire
 from raftcache.client import Client
 from raftcache.cluster import free_port_block
-from raftcache.core import config, hookspecs
+from raftcache.core import api, config, hookspecs
 from raftcache.core.config import write_secret
 from raftcache.core.node import Node
 from raftcache.core.plugins import make_manager
@@ -183,8 +182,8 @@ def _single(tmp_path, plugins):
 
 
 def _call(node, **fields):
-    fields.setdefault("header", wire.RequestHeader())
-    return node.handle_request(wire.Request(**fields))
+    fields.setdefault("header", api.RequestHeader())
+    return node.handle_request(api.Request(**fields))
 
 
 def test_value_codecs_run_in_registration_order(tmp_path):

@@ -583,9 +583,8 @@ def test_kill_9_never_loses_an_acknowledged_entry(tmp_path):
 def test_a_node_on_file_wal_keeps_its_data_across_a_restart(tmp_path):
     import gevent
 
-    from raftcache import wire
     from raftcache.cluster import free_port_block
-    from raftcache.core import config
+    from raftcache.core import api, config
     from raftcache.core.node import Node
 
     address = f"127.0.0.1:{free_port_block(1)}"
@@ -598,7 +597,7 @@ def test_a_node_on_file_wal_keeps_its_data_across_a_restart(tmp_path):
 
     def call(node, **fields):
         for _ in range(50):  # like a client: retry what the node says to retry
-            got = node.handle_request(wire.Request(header=wire.RequestHeader(), **fields))
+            got = node.handle_request(api.Request(header=api.RequestHeader(), **fields))
             if got.error != "Unavailable":
                 break
             gevent.sleep(0.01)

@@ -18,7 +18,7 @@ from gevent import socket as gsocket
 from gevent import ssl as gssl
 
 from raftcache import certs, wire
-from raftcache.core import hookspecs
+from raftcache.core import api, hookspecs
 from raftcache.core.hookspecs import TLSConfig
 from raftcache.core.messages import Message, MsgType
 from raftcache.core.plugins import PluginSet
@@ -69,7 +69,7 @@ class EchoHandler:
         self.ops.append(request.op)
         if request.op == "sleep":
             gevent.sleep(request.ttl_ms / 1000.0)
-        return wire.Response(reason=request.op, number=len(request.key or b""))
+        return api.Response(reason=request.op, number=len(request.key or b""))
 
     def handle_peer_messages(self, messages, sender=None):
         self.senders.append(sender)
@@ -102,7 +102,7 @@ def strict_node(pki):
 
 
 def get(key=b"k"):
-    return wire.Request(op="get", key=key)
+    return api.Request(op="get", key=key)
 
 
 def raw_tls(address, ctx):
@@ -159,7 +159,7 @@ def test_many_concurrent_calls_share_one_connection(node, pki):
     t, _ = node
     conn = tcp_tls.connect(t.bound_address, tls(pki, "client"), 2)
     started = time.monotonic()
-    calls = [gevent.spawn(conn.call, wire.Request(op="sleep", key=b"x" * i, ttl_ms=200), 5)
+    calls = [gevent.spawn(conn.call, api.Request(op="sleep", key=b"x" * i, ttl_ms=200), 5)
              for i in range(200)]
     gevent.joinall(calls, timeout=5, raise_error=True)
     elapsed = time.monotonic() - started
@@ -171,11 +171,11 @@ def test_many_concurrent_calls_share_one_connection(node, pki):
 def test_a_timeout_raises_timeouterror_and_breaks_the_connection(node, pki):
     t, _ = node
     conn = tcp_tls.connect(t.bound_address, tls(pki, "client"), 2)
-    other = gevent.spawn(conn.call, wire.Request(op="sleep", ttl_ms=1000), 5)
+    other = gevent.spawn(conn.call, api.Request(op="sleep", ttl_ms=1000), 5)
     gevent.sleep(0.01)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        conn.call(wire.Request(op="sleep", ttl_ms=1000), 0.1)
+        conn.call(api.Request(op="sleep", ttl_ms=1000), 0.1)
     assert time.monotonic() - started < 0.5
     assert conn.closed
     with pytest.raises(OSError):
@@ -189,7 +189,7 @@ def test_an_outer_gevent_timeout_is_not_swallowed(node, pki):
     conn = tcp_tls.connect(t.bound_address, tls(pki, "client"), 2)
     outer = gevent.Timeout(0.1)
     with pytest.raises(gevent.Timeout) as info, outer:
-        conn.call(wire.Request(op="sleep", ttl_ms=1000), 5)
+        conn.call(api.Request(op="sleep", ttl_ms=1000), 5)
     assert info.value is outer
     assert conn.closed
 
@@ -217,7 +217,7 @@ def test_refused_without_a_client_certificate(node, pki, caplog):
     t, _ = node
     caplog.set_level(logging.WARNING, LOGGER)
     sock = raw_tls(t.bound_address, client_ctx(pki, cert=False))  # TLS 1.3: fails after
-    sock.sendall(pack_frame(REQUEST, 1, wire.encode(get())))
+    sock.sendall(pack_frame(REQUEST, 1, wire.encode(wire.request_to_wire(get()))))
     assert closed_by_server(sock)
     sock.close()
     assert "certificate" in caplog.text.lower()
@@ -240,7 +240,7 @@ def test_refused_plain_tcp(node, caplog):
     caplog.set_level(logging.WARNING, LOGGER)
     host, port = tcp_tls.parse_address(node[0].bound_address)
     sock = gsocket.create_connection((host, port), timeout=2)
-    sock.sendall(pack_frame(REQUEST, 1, wire.encode(get())))
+    sock.sendall(pack_frame(REQUEST, 1, wire.encode(wire.request_to_wire(get()))))
     assert closed_by_server(sock)
     sock.close()
     assert "TLS handshake failed" in caplog.text
@@ -330,12 +330,12 @@ HOSTILE = {
     "random bytes": random.Random(7).randbytes(300),
     "oversized frame": tcp_tls.HEADER.pack((16 << 20) + 1, REQUEST, 1),
     "length below the header": b"\x00\x00\x00\x03abc",
-    "unknown kind": pack_frame(9, 1, wire.encode(get())),
+    "unknown kind": pack_frame(9, 1, wire.encode(wire.request_to_wire(get()))),
     "undecodable payload": pack_frame(REQUEST, 1, b"\x0b\x00\x01\x00\x01\x00\x00ab"),
     "undecodable raft batch": pack_frame(PEER, 0, b"\x0f\x00\x02\x0c\x7f\xff\xff\xff"),
     # a list of an unknown element type claiming 2**31 items: seconds of hub stall if decoded
     "spinning payload": pack_frame(REQUEST, 1, b"\x0f\x00\x08\x63\x7f\xff\xff\xff"),
-    "trailing bytes": pack_frame(REQUEST, 1, wire.encode(get()) + b"\x00"),
+    "trailing bytes": pack_frame(REQUEST, 1, wire.encode(wire.request_to_wire(get())) + b"\x00"),
 }
 
 
@@ -362,7 +362,7 @@ def test_a_truncated_frame_then_eof_closes_the_connection(node, pki, caplog):
     caplog.set_level(logging.WARNING, LOGGER)
     good = tcp_tls.connect(t.bound_address, tls(pki, "client"), 2)
     bad = raw_tls(t.bound_address, client_ctx(pki))
-    frame = pack_frame(REQUEST, 1, wire.encode(get(b"x" * 100)))
+    frame = pack_frame(REQUEST, 1, wire.encode(wire.request_to_wire(get(b"x" * 100))))
     bad.sendall(frame[: len(frame) // 2])
     bad.shutdown(gsocket.SHUT_WR)
     assert closed_by_server(bad)
@@ -375,7 +375,7 @@ def test_a_truncated_frame_that_stalls_closes_the_connection(strict_node, pki, c
     t, _ = strict_node
     caplog.set_level(logging.WARNING, LOGGER)
     bad = raw_tls(t.bound_address, client_ctx(pki))
-    frame = pack_frame(REQUEST, 1, wire.encode(get(b"x" * 100)))
+    frame = pack_frame(REQUEST, 1, wire.encode(wire.request_to_wire(get(b"x" * 100))))
     bad.sendall(frame[:20])
     assert closed_by_server(bad, within=2)
     bad.close()
@@ -397,9 +397,10 @@ def test_decode_refuses_hostile_payloads_quickly(hostile):
 
 
 def test_decode_round_trips():
-    good = wire.encode(wire.Request(op="put", key=b"k", value=b"v" * 5000))
-    assert tcp_tls.decode(wire.Request, good) == wire.Request(op="put", key=b"k",
-                                                              value=b"v" * 5000)
+    request = api.Request(op="put", key=b"k", value=b"v" * 5000,
+                          header=api.RequestHeader(client_id="c", seq=3))
+    good = wire.encode(wire.request_to_wire(request))
+    assert wire.request_from_wire(tcp_tls.decode(wire.Request, good)) == request
 
 
 # ---- peers --------------------------------------------------------------------------------------
@@ -512,7 +513,7 @@ def test_a_request_too_big_for_any_write_is_answered_unread_and_the_connection_g
     t, handler = start(pki, options)
     conn = tcp_tls.connect(t.bound_address, tls(pki, "client"), 5.0, options)
     try:
-        big = wire.Request(op="put", key=b"k", value=b"x" * (3 << 20))
+        big = api.Request(op="put", key=b"k", value=b"x" * (3 << 20))
         r = conn.call(big, 5.0)
         assert r.error == "InvalidRequest" and "max_request_bytes" in r.reason
         assert conn.call(get(b"after"), 5.0).number == 5  # the same connection goes on
@@ -526,9 +527,9 @@ def test_a_request_with_too_many_items_is_refused_before_it_is_decoded(pki):
     t, handler = start(pki, {"max_request_items": 100})
     conn = tcp_tls.connect(t.bound_address, tls(pki, "client"), 5.0)
     try:
-        r = conn.call(wire.Request(op="mget", keys=[b"k"] * 101), 5.0)
+        r = conn.call(api.Request(op="mget", keys=[b"k"] * 101), 5.0)
         assert r.error == "InvalidRequest" and "max_request_items" in r.reason
-        assert conn.call(wire.Request(op="mget", keys=[b"k"] * 100), 5.0).reason == "mget"
+        assert conn.call(api.Request(op="mget", keys=[b"k"] * 100), 5.0).reason == "mget"
         assert handler.ops == ["mget"]
     finally:
         conn.close()

@@ -20,6 +20,7 @@ from gevent import socket as gsocket
 from thriftpy2.transport import TCyFramedTransportFactory
 
 from raftcache import certs, wire
+from raftcache.core import api
 from raftcache.core.messages import ConfState, Entry, Message, MsgType, SnapshotMeta
 from raftcache.core.plugins import PluginSet, make_manager
 from raftcache.plugins.transport import thrift
@@ -43,29 +44,29 @@ class EchoHandler:
         key = r.key or b""
         if key.startswith(b"err:"):
             name = key[4:].decode()
-            return wire.error_response(name, f"because {name}",
+            return api.error(name, f"because {name}",
                                        "127.0.0.1:7401" if name == "NotLeader" else "")
         if key == b"slow":
             gevent.sleep(0.5)
         if r.op == "put":
-            return wire.Response(number=len(r.value) + (r.ttl_ms or 0))
+            return api.Response(number=len(r.value) + (r.ttl_ms or 0))
         if r.op == "get":
-            return wire.Response(result=wire.GetResult(True, key + (r.consistency or "").encode(),
+            return api.Response(result=api.GetResult(True, key + (r.consistency or "").encode(),
                                                        7))
         if r.op == "remove":
-            return wire.Response(ok=key == b"present")
+            return api.Response(ok=key == b"present")
         if r.op == "cas":
-            return wire.Response(ok=r.expected_version == 3 and r.value == b"new", number=9)
+            return api.Response(ok=r.expected_version == 3 and r.value == b"new", number=9)
         if r.op == "incr":
-            return wire.Response(number=r.delta)
+            return api.Response(number=r.delta)
         if r.op == "invalidate":
-            return wire.Response(number=len(key))
+            return api.Response(number=len(key))
         if r.op == "mget":
-            return wire.Response(results=[wire.GetResult(True, k, i) for i, k in enumerate(r.keys)])
+            return api.Response(results=[api.GetResult(True, k, i) for i, k in enumerate(r.keys)])
         if r.op == "mset":
-            return wire.Response(versions=sorted(len(v) for v in r.items.values()))
+            return api.Response(versions=sorted(len(v) for v in r.items.values()))
         if r.op == "status":
-            return wire.Response(status=wire.NodeStatus(
+            return api.Response(status=api.NodeStatus(
                 id=1, address="127.0.0.1:1", role="leader", term=4, commit=10, applied=9,
                 leader=1, leader_address="127.0.0.1:1", voters=[1, 2, 3], learners=[]))
         raise AssertionError(r.op)
@@ -97,7 +98,7 @@ def node(transports):
 
 
 def call(conn, op, **fields):
-    return conn.call(wire.Request(op=op, **fields), WAIT)
+    return conn.call(api.Request(op=op, **fields), WAIT)
 
 
 def wait_for(predicate, what: str):
@@ -132,7 +133,7 @@ class GoodClient:
 # ---- client calls -------------------------------------------------------------------------------
 def test_every_method_round_trips(node):
     conn = thrift.connect(node.bound_address, None, WAIT)
-    header = wire.RequestHeader(token="tok", client_id="c1", seq=5, timeout_ms=900)
+    header = api.RequestHeader(token="tok", client_id="c1", seq=5, timeout_ms=900)
     assert call(conn, "put", key=b"k", value=b"abc", ttl_ms=10, header=header).number == 13
     got = call(conn, "get", key=b"k", consistency="lease").result
     assert (got.found, got.value, got.version) == (True, b"klease", 7)
@@ -156,7 +157,7 @@ def test_every_method_round_trips(node):
     conn.close()
 
 
-@pytest.mark.parametrize("error", wire.ERRORS)
+@pytest.mark.parametrize("error", api.ERRORS)
 def test_idl_exceptions_round_trip(node, error):
     conn = thrift.connect(node.bound_address, None, WAIT)
     response = call(conn, "put", key=b"err:" + error.encode(), value=b"v")
@@ -200,7 +201,7 @@ def test_timeout_raises_and_breaks_the_connection(node):
     conn = thrift.connect(node.bound_address, None, WAIT)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        conn.call(wire.Request(op="get", key=b"slow"), 0.1)
+        conn.call(api.Request(op="get", key=b"slow"), 0.1)
     assert time.monotonic() - started < 0.4
     assert conn.closed
     with pytest.raises(OSError):
@@ -409,9 +410,9 @@ def test_check_struct_accepts_what_wire_encodes():
     batch = wire.batch_to_wire(_messages(2, 1, 5), cluster_id=3)
     data = wire.encode(batch)
     assert wire.check_struct(data) == len(data)
-    request = wire.Request(op="mset", items={b"a": b"1"}, keys=[b"x"],
-                           header=wire.RequestHeader(token="t", seq=1))
-    data = wire.encode(request)
+    request = api.Request(op="mset", items={b"a": b"1"}, keys=[b"x"],
+                           header=api.RequestHeader(token="t", seq=1))
+    data = wire.encode(wire.request_to_wire(request))
     assert wire.check_struct(data) == len(data)
 
 

@@ -37,11 +37,12 @@ There are four kinds of hooks:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import pluggy
 
+from . import api
 from .messages import Entry, HardState, Message, Snapshot
 
 if TYPE_CHECKING:
@@ -83,9 +84,11 @@ class Storage(Protocol):
 class PeerHandler(Protocol):
     """What a transport's server calls into. Implemented by the node."""
 
-    def handle_request(self, request: Any) -> Any:
-        """A client request (`raftcache.wire.Request`), answered with a `raftcache.wire.Response`.
-        Blocks the calling greenlet until the answer is known; never raises."""
+    def handle_request(self, request: api.Request) -> api.Response:
+        """A client's call, answered. Blocks the calling greenlet until the answer is known;
+        never raises. The transport turns its wire format into `api.Request` and the answer
+        back (`raftcache.wire` does it for the Thrift IDL); `raftcache.core.operations` says
+        which fields each operation takes and which field of the answer holds its result."""
 
     def handle_peer_messages(self, messages: Sequence[Message],
                              sender: int | None = None) -> None:
@@ -120,9 +123,9 @@ class Transport(Protocol):
 class Connection(Protocol):
     """A client's connection to one node."""
 
-    def call(self, request: Any, timeout: float) -> Any:
-        """Send a `raftcache.wire.Request`, return its `raftcache.wire.Response`. Raises
-        OSError/TimeoutError on transport failure; then the connection is useless: close it."""
+    def call(self, request: api.Request, timeout: float) -> api.Response:
+        """Send a call, return its answer. Raises OSError/TimeoutError on transport failure;
+        then the connection is useless: close it."""
 
     def close(self) -> None: ...
 

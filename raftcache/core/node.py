@@ -19,12 +19,12 @@ import os
 import random
 import time
 
+import attrs
 import gevent
 import gevent.event
 from gevent.hub import get_hub
 
-from raftcache import wire
-from raftcache.core import commands
+from raftcache.core import api, commands
 from raftcache.core.config import Config, read_secret
 from raftcache.core.hookspecs import TLSConfig
 from raftcache.core.messages import (
@@ -38,6 +38,7 @@ from raftcache.core.messages import (
     ProposalRefused,
     StateRole,
 )
+from raftcache.core.operations import OPERATIONS, BadRequest, batch, key
 from raftcache.core.plugins import PluginSet, make_manager, notify
 from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
 from raftcache.core.statemachine import ApplyError, StateMachine, check_snapshot
@@ -46,13 +47,10 @@ from raftcache.core.validate import peer_message_problem
 
 log = logging.getLogger("raftcache.node")
 
-_WRITE_OPS = ("put", "remove", "cas", "incr", "invalidate", "mset")
-_READ_OPS = ("get", "mget")
 _CHANGES = {"add-voter": ConfChangeType.ADD_VOTER, "add-learner": ConfChangeType.ADD_LEARNER,
             "remove": ConfChangeType.REMOVE_NODE}
 # Room a peer frame needs besides the one entry an append may carry (message fields, framing).
 FRAME_HEADROOM = 64 << 10
-MAX_KEY_BYTES = 64 << 10
 MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
 
 
@@ -189,10 +187,10 @@ class Node:
         gevent.killall(self._greenlets, timeout=2)
         # A proposed write may still commit through the other nodes: its fate is unknown.
         for pending in self._writes.values():
-            pending.result.set(wire.error_response("OutcomeUnknown", "node is shutting down; "
-                                                                     "the write may still apply"))
+            pending.result.set(api.error("OutcomeUnknown", "node is shutting down; "
+                                         "the write may still apply"))
         for pending in self._reads.values():
-            pending.result.set(wire.error_response("Unavailable", "node is shutting down"))
+            pending.result.set(api.error("Unavailable", "node is shutting down"))
         self.transport.close()
         self.storage.close()
 
@@ -302,7 +300,7 @@ class Node:
             return
         if pending.term != entry.term:
             # Another leader's entry took our index: ours was never committed, never will be.
-            pending.result.set(wire.error_response(
+            pending.result.set(api.error(
                 "Unavailable", "leadership changed before the write committed; not applied"))
         else:
             pending.result.set(result)
@@ -314,7 +312,7 @@ class Node:
         for ctx, pending in list(self._reads.items()):
             if pending.term != now:
                 del self._reads[ctx]
-                pending.result.set(wire.error_response("Unavailable", reason))
+                pending.result.set(api.error("Unavailable", reason))
 
     def _serve_confirmed_reads(self) -> None:
         if not self._confirmed_reads:
@@ -390,25 +388,21 @@ class Node:
         self.dropped_peer_messages += count
         self._drop_log.warning(sender, "dropped a Raft message (peer %s): %s", sender, what)
 
-    def handle_request(self, request):
+    def handle_request(self, request: api.Request) -> api.Response:
+        op = OPERATIONS.get(request.op)
         try:
-            op = request.op
-            if op == "status":
-                return wire.Response(status=self.status())
-            if op in _WRITE_OPS:
-                return self._write(request)
-            if op in _READ_OPS:
+            if op is None:
+                raise BadRequest(f"unknown operation {request.op!r}")
+            if op.kind == "write":
+                return self._write(op, request)
+            if op.kind == "read":
                 return self._read(request)
-            if op == "transfer_leader":
-                return self._transfer_leader(request)
-            if op == "change_member":
-                return self._change_member(request)
-            return wire.error_response("InvalidRequest", f"unknown operation {op!r}")
-        except (_BadRequest, commands.CommandError) as exc:
-            return wire.error_response("InvalidRequest", str(exc))
+            return getattr(self, "_" + op.name)(request)  # the node's own: status, admin
+        except (BadRequest, commands.CommandError) as exc:
+            return api.error("InvalidRequest", str(exc))
         except Exception:
-            self.log.exception("request %r failed", getattr(request, "op", None))
-            return wire.error_response("Unavailable", "internal error; see the node's log")
+            self.log.exception("request %r failed", request.op)
+            return api.error("Unavailable", "internal error; see the node's log")
 
     def _timeout(self, request) -> float:
         header = request.header
@@ -420,22 +414,22 @@ class Node:
         forwarded = request.header is not None and request.header.forwarded
         if self.config.node.proxy and leader in self.peers and not forwarded:
             return self._forward(self.peers[leader], request)
-        return wire.error_response("NotLeader", "not the leader",
+        return api.error("NotLeader", "not the leader",
                                    self.client_addresses.get(leader, ""))
 
-    def _forward(self, address: str, request):
-        if request.header is None:
-            request.header = wire.RequestHeader()
-        request.header.forwarded = True  # one hop only: stale hints must not bounce it around
+    def _forward(self, address: str, request: api.Request) -> api.Response:
+        # One hop only: stale hints must not bounce it around.
+        request = attrs.evolve(request, header=attrs.evolve(request.header or api.RequestHeader(),
+                                                            forwarded=True))
         conn = self._proxy_conns.pop(address, None) or self._connect(address, self.tls,
                                                                      self._timeout(request))
         try:
             response = conn.call(request, self._timeout(request))
         except (OSError, TimeoutError):
             conn.close()
-            if request.op in _WRITE_OPS:
-                return wire.error_response("OutcomeUnknown", "forwarding to the leader failed")
-            return wire.error_response("Unavailable", "forwarding to the leader failed")
+            if OPERATIONS[request.op].mutates:
+                return api.error("OutcomeUnknown", "forwarding to the leader failed")
+            return api.error("Unavailable", "forwarding to the leader failed")
         self._proxy_conns[address] = conn
         return response
 
@@ -457,30 +451,32 @@ class Node:
             value = codec.decode(key, value)
         return value, version
 
-    def _write(self, request):
-        command = _command_from(request, self._encode, self.config.node.max_batch_keys)
+    def _write(self, op, request: api.Request) -> api.Response:
+        command = op.command(request, self._encode, self.config.node.max_batch_keys)
         header = request.header
         client_id, seq = (header.client_id, header.seq) if header else (None, None)
         if client_id is not None and len(client_id) > MAX_CLIENT_ID:
-            raise _BadRequest(f"client_id is limited to {MAX_CLIENT_ID} characters")
+            raise BadRequest(f"client_id is limited to {MAX_CLIENT_ID} characters")
         if seq is not None and seq < 0:
-            raise _BadRequest("seq must not be negative")
+            raise BadRequest("seq must not be negative")
         envelope = commands.Envelope(command=command, client_id=client_id, seq=seq,
                                      identity=None, stamp_ms=self._stamp())
         data = commands.encode_envelope(envelope)
         if len(data) > self.config.node.max_request_bytes:
-            raise _BadRequest(f"the write takes {len(data)} bytes in the log, more than "
-                              f"node.max_request_bytes ({self.config.node.max_request_bytes})")
+            raise BadRequest(f"the write takes {len(data)} bytes in the log, more than "
+                             f"node.max_request_bytes ({self.config.node.max_request_bytes})")
         try:
             term, index = self.raw.propose(data)
         except NotLeader as exc:
             return self._not_leader(exc.leader, request)
         except ProposalRefused as exc:
-            return wire.error_response("Unavailable", exc.reason)
+            return api.error("Unavailable", exc.reason)
         result = self._await_write(index, term, request)
-        if isinstance(result, wire.Response):
+        if isinstance(result, api.Response):
             return result
-        return _write_response(request.op, result)
+        if isinstance(result, ApplyError):
+            return api.error(result.kind, result.reason)
+        return api.Response(**op.answer(result))
 
     def _await_write(self, index: int, term: int, request):
         """The applied result of our entry (index, term), or an error Response."""
@@ -490,37 +486,40 @@ class Node:
             return pending.result.get(timeout=self._timeout(request))
         except gevent.Timeout:
             self._writes.pop(index, None)
-            return wire.error_response("OutcomeUnknown", "timed out waiting for the write to "
-                                                         "commit; it may still apply")
+            return api.error("OutcomeUnknown", "timed out waiting for the write to "
+                             "commit; it may still apply")
 
     # -- operations ----------------------------------------------------------------------------------
-    def _transfer_leader(self, request):
+    def _status(self, request: api.Request) -> api.Response:
+        return api.Response(status=self.status())
+
+    def _transfer_leader(self, request: api.Request) -> api.Response:
         target = request.node_id
         if not target:
-            raise _BadRequest("transfer_leader needs node_id")
+            raise BadRequest("transfer_leader needs node_id")
         deadline = time.monotonic() + 0.8 * self._timeout(request)  # before the client's
         try:
             self.raw.transfer_leadership(target)
         except NotLeader as exc:
             return self._not_leader(exc.leader, request)
         except ProposalRefused as exc:
-            return wire.error_response("InvalidRequest", exc.reason)
+            return api.error("InvalidRequest", exc.reason)
         self._wakeup.set()
         while self.raw.lead != target:
             if time.monotonic() >= deadline:
-                return wire.error_response("Unavailable", f"node {target} did not take over "
-                                                          "in time; retry")
+                return api.error("Unavailable", f"node {target} did not take over "
+                                 "in time; retry")
             gevent.sleep(self.config.raft.tick_ms / 1000.0)
-        return wire.Response(status=self.status())
+        return api.Response(status=self.status())
 
-    def _change_member(self, request):
+    def _change_member(self, request: api.Request) -> api.Response:
         change, target = request.change, request.node_id
         if change not in _CHANGES or not target or target < 1:
-            raise _BadRequest(f"change_member needs node_id and a change out of "
-                              f"{', '.join(_CHANGES)}")
+            raise BadRequest(f"change_member needs node_id and a change out of "
+                             f"{', '.join(_CHANGES)}")
         if target not in self.peers:
-            raise _BadRequest(f"node {target} is not in cluster.peers (known: "
-                              f"{', '.join(map(str, sorted(self.peers)))})")
+            raise BadRequest(f"node {target} is not in cluster.peers (known: "
+                             f"{', '.join(map(str, sorted(self.peers)))})")
         # Answer before the client's own deadline, so that it can still try elsewhere.
         deadline = time.monotonic() + 0.8 * self._timeout(request)
         while True:
@@ -533,7 +532,7 @@ class Node:
                     "add-learner": target in conf.learners,
                     "remove": target not in conf.all_nodes()}[change]
             if done:  # the leader's applied configuration, hence committed
-                return wire.Response(status=self.status())
+                return api.Response(status=self.status())
             cc = ConfChange((ConfChangeSingle(_CHANGES[change], target),))
             try:
                 if conf.joint:
@@ -544,25 +543,24 @@ class Node:
             except ProposalRefused as exc:
                 # One change at a time: wait for the one in progress (or the joint state) to end.
                 if time.monotonic() >= deadline:
-                    return wire.error_response("Unavailable", exc.reason)
+                    return api.error("Unavailable", exc.reason)
                 self._wakeup.set()
                 gevent.sleep(self.config.raft.tick_ms / 1000.0)
                 continue
             result = self._await_write(index, term, request)
-            if isinstance(result, wire.Response) and result.error:
+            if isinstance(result, api.Response) and result.error:
                 return result
             # Applied; loop once more to report the settled (non-joint) configuration.
 
-    def _read(self, request):
+    def _read(self, request: api.Request) -> api.Response:
         consistency = request.consistency or "linearizable"
         if consistency not in ("linearizable", "lease", "stale"):
-            raise _BadRequest(f"unknown consistency {consistency!r} "
-                              "(use linearizable, lease or stale)")
+            raise BadRequest(f"unknown consistency {consistency!r} "
+                             "(use linearizable, lease or stale)")
         if request.op == "get":
-            keys = [_key(request.key)]
+            keys = [key(request.key)]
         else:
-            keys = [_key(k) for k in _batch(request.keys, self.config.node.max_batch_keys,
-                                            "mget")]
+            keys = [key(k) for k in batch(request.keys, self.config.node.max_batch_keys, "mget")]
         if consistency != "stale":
             self._advance_clock()  # after a stall, leases must see the time that passed
             ctx = b"%d:%d" % (self.id, next(self._read_ids))
@@ -576,15 +574,15 @@ class Node:
                 outcome = pending.result.get(timeout=self._timeout(request))
             except gevent.Timeout:
                 self._reads.pop(ctx, None)
-                return wire.error_response("Unavailable", "could not confirm a read index in "
-                                                          "time (no quorum?)")
-            if isinstance(outcome, wire.Response):
+                return api.error("Unavailable", "could not confirm a read index in "
+                                 "time (no quorum?)")
+            if isinstance(outcome, api.Response):
                 return outcome
         now = self._stamp()
         results = [_get_result(self._decode(k, self.sm.read(k, now))) for k in keys]
         if request.op == "get":
-            return wire.Response(result=results[0])
-        return wire.Response(results=results)
+            return api.Response(result=results[0])
+        return api.Response(results=results)
 
     def metrics(self) -> dict:
         """Counters and gauges, offered to `raftcache_metrics` plugins to read or extend."""
@@ -600,16 +598,12 @@ class Node:
 
     def status(self):
         raw = self.raw
-        return wire.NodeStatus(
+        return api.NodeStatus(
             id=self.id, address=self.config.node.address, role=raw.role.name.lower(),
             term=raw.term, commit=raw.commit, applied=raw.applied, leader=raw.lead,
             leader_address=self.client_addresses.get(raw.lead, ""),
             voters=sorted(raw.conf.voters), learners=sorted(raw.conf.learners),
         )
-
-
-class _BadRequest(Exception):
-    pass
 
 
 class _NodeLog(logging.LoggerAdapter):
@@ -632,81 +626,8 @@ def _tls(section) -> TLSConfig | None:
     return TLSConfig(section.ca, section.cert, section.key)
 
 
-def _key(key) -> bytes:
-    if not key:
-        raise _BadRequest("a key is required")
-    if len(key) > MAX_KEY_BYTES:
-        raise _BadRequest("keys are limited to 64 KiB")
-    return key
-
-
-def _batch(items, limit: int, op: str):
-    if not items:
-        raise _BadRequest(f"{op} needs at least one key")
-    if len(items) > limit:
-        raise _BadRequest(f"{op} of {len(items)} keys; node.max_batch_keys is {limit}")
-    return items
-
-
-def _ttl(request) -> int | None:
-    ttl = request.ttl_ms
-    if ttl is None or ttl == 0:
-        return None
-    if not 0 < ttl <= commands.MAX_TTL_MS:
-        raise _BadRequest(f"ttl_ms must be between 1 and {commands.MAX_TTL_MS} (ten years)")
-    return ttl
-
-
-def _command_from(request, encode, max_batch_keys: int):
-    op = request.op
-    if op == "put":
-        if request.value is None:
-            raise _BadRequest("put needs a value")
-        key = _key(request.key)
-        return commands.Set(key, encode(key, request.value), _ttl(request))
-    if op == "remove":
-        return commands.Delete(_key(request.key))
-    if op == "cas":
-        if request.value is None or request.expected_version is None:
-            raise _BadRequest("cas needs expected_version and value")
-        if request.expected_version < 0:
-            raise _BadRequest("expected_version must not be negative (0: the key is missing)")
-        key = _key(request.key)
-        return commands.Cas(key, request.expected_version, encode(key, request.value),
-                            _ttl(request))
-    if op == "incr":
-        return commands.Incr(_key(request.key), 1 if request.delta is None else request.delta)
-    if op == "invalidate":
-        prefix = request.key or b""
-        if len(prefix) > MAX_KEY_BYTES:
-            raise _BadRequest("prefixes are limited to 64 KiB")
-        return commands.Invalidate(prefix)
-    if op == "mset":
-        items = _batch(request.items, max_batch_keys, "mset")
-        return commands.MSet(tuple((_key(k), encode(k, v)) for k, v in sorted(items.items())),
-                             _ttl(request))
-    raise _BadRequest(f"unknown operation {op!r}")
-
-
-def _write_response(op: str, result):
-    if isinstance(result, ApplyError):
-        return wire.error_response(result.kind, result.reason)
-    if op == "put":
-        return wire.Response(number=result)
-    if op == "remove":
-        return wire.Response(ok=bool(result))
-    if op == "cas":
-        ok, version = result
-        return wire.Response(ok=ok, number=version)
-    if op in ("incr", "invalidate"):
-        return wire.Response(number=result)
-    if op == "mset":
-        return wire.Response(versions=list(result))
-    raise AssertionError(op)
-
-
-def _get_result(found):
+def _get_result(found) -> api.GetResult:
     if found is None:
-        return wire.GetResult(found=False, value=b"", version=0)
+        return api.GetResult(found=False)
     value, version = found
-    return wire.GetResult(found=True, value=value, version=version)
+    return api.GetResult(found=True, value=value, version=version)

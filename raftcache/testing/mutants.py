@@ -57,8 +57,7 @@ def report_writes_failed(node) -> None:
     """A node that answers "surely not applied" (Unavailable) for some writes it did apply: the
     RedisRaft "aborted read". Chosen by (client id, sequence), so client retries are refused
     too and the client ends up reporting the write as failed."""
-    from raftcache import wire
-    from raftcache.core import commands
+    from raftcache.core import api, commands
 
     apply = node._apply
 
@@ -77,7 +76,7 @@ def report_writes_failed(node) -> None:
             return
         del node._writes[entry.index]
         apply(entry)
-        pending.result.set(wire.error_response("Unavailable", "not applied (mutant: it was)"))
+        pending.result.set(api.error("Unavailable", "not applied (mutant: it was)"))
 
     node._apply = _apply
 

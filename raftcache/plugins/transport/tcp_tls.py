@@ -39,6 +39,7 @@ from gevent.server import StreamServer
 from thriftpy2.protocol import TCyBinaryProtocolFactory
 
 from raftcache import wire
+from raftcache.core import api
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
 from raftcache.core.throttle import Throttle, problem_key
 from raftcache.plugins.transport.common import (
@@ -155,7 +156,7 @@ class TcpTlsConnection:
         if self._error is not None:
             raise ConnectionError(f"{self.address}: connection is closed ({self._error}); "
                                   "nothing was sent")
-        payload = wire.encode(request)
+        payload = wire.encode(wire.request_to_wire(request))
         request_id = next(self._ids)
         frame = pack_frame(REQUEST, request_id, payload)
         if len(frame) - _LENGTH.size > self._max_frame:
@@ -183,7 +184,7 @@ class TcpTlsConnection:
             timer.close()
             self._waiters.pop(request_id, None)
         try:
-            return decode(wire.Response, data)
+            return wire.response_from_wire(decode(wire.Response, data))
         except wire.WireError as exc:
             self._break(ConnectionError(str(exc)))
             raise ConnectionError(f"{self.address}: bad response: {exc}") from None
@@ -444,7 +445,8 @@ class TcpTlsTransport:
                 kind, request_id, payload = frame
                 if kind == REQUEST:
                     try:
-                        request = decode(wire.Request, payload, self.opts.max_request_items)
+                        request = wire.request_from_wire(
+                            decode(wire.Request, payload, self.opts.max_request_items))
                     except wire.TooManyItems:
                         _refuse(conn, request_id, TOO_MANY_ITEMS.format(
                             self.opts.max_request_items))
@@ -485,23 +487,27 @@ class TcpTlsTransport:
     def _answer(self, conn: _ServerConn, request_id: int, request) -> None:
         try:
             response = self._handler.handle_request(request)
-            payload = wire.encode(response)
+            payload = wire.encode(wire.response_to_wire(response))
         except Exception:  # the handler promises not to raise; keep the connection anyway
             log.exception("%s: request %r failed", conn.peer, getattr(request, "op", None))
-            payload = wire.encode(wire.error_response("Unavailable", "internal error"))
+            payload = _response_payload(api.error("Unavailable", "internal error"))
         finally:
             conn.slot.inflight -= 1
             conn.slot.last_active = time.monotonic()
         if len(payload) + _AFTER_LENGTH > self.opts.max_frame:
-            payload = wire.encode(wire.error_response(
+            payload = _response_payload(api.error(
                 "InvalidRequest", f"response of {len(payload)} bytes exceeds max_frame"))
         conn.write(pack_frame(RESPONSE, request_id, payload))
 
 
 def _refuse(conn: _ServerConn, request_id: int, reason: str) -> None:
     """Answer a request that cannot be taken (the connection goes on)."""
-    conn.write(pack_frame(RESPONSE, request_id, wire.encode(
-        wire.error_response("InvalidRequest", reason))))
+    conn.write(pack_frame(RESPONSE, request_id, _response_payload(api.error("InvalidRequest",
+                                                                            reason))))
+
+
+def _response_payload(response: api.Response) -> bytes:
+    return wire.encode(wire.response_to_wire(response))
 
 
 def server(node_id: int, address: str, peers: dict, tls: TLSConfig | None,

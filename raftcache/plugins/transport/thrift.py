@@ -17,9 +17,10 @@ always leave room for peers (`common.Admission`). A silent or malicious client c
 greenlet, and eventually its connection.
 
 Each frame is checked by `wire.check_struct` before thriftpy2's Cython decoder sees it (that
-decoder trusts lengths: see wire.py). A client call maps to exactly one `wire.Request(op=...)`
-handed to the node; the `wire.Response` becomes the method's return value or the IDL exception
-that `Response.error` names.
+decoder trusts lengths: see wire.py). A client call maps to exactly one `api.Request(op=...)`
+handed to the node; the `api.Response` becomes the method's return value or the IDL exception
+that `Response.error` names. Which arguments a method takes and which field of the answer it
+returns come from the operation registry (`raftcache.core.operations`).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from thriftpy2.thrift import TApplicationException, TMessageType, TProcessor
 from thriftpy2.transport import TCyBufferedTransport, TCyMemoryBuffer
 
 from raftcache import wire
+from raftcache.core import api
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
 from raftcache.core.messages import MAX_NODE_ID
+from raftcache.core.operations import OPERATIONS, Operation
 from raftcache.core.throttle import Throttle, problem_key
 from raftcache.plugins.transport.common import (
     HEAD_BYTES,
@@ -74,31 +77,10 @@ log = logging.getLogger("raftcache.transport.thrift")
 _LENGTH = struct.Struct(">i")
 _SERVICE = wire.RaftCacheService
 
-# Service method (the same name as Request.op) -> the Request fields its arguments carry, in IDL
-# order. The client builds arguments from a Request with it and the server builds the Request
-# back, so the two directions cannot drift apart.
-FIELDS = {
-    "put": ("key", "value", "ttl_ms", "header"),
-    "get": ("key", "consistency", "header"),
-    "remove": ("key", "header"),
-    "cas": ("key", "expected_version", "value", "ttl_ms", "header"),
-    "incr": ("key", "delta", "header"),
-    "invalidate": ("key", "header"),  # the IDL names it `prefix`
-    "mget": ("keys", "consistency", "header"),
-    "mset": ("items", "ttl_ms", "header"),
-    "status": (),
-    "transfer_leader": ("node_id", "header"),
-    "change_member": ("change", "node_id", "header"),
-}
-# Service method -> the Response field holding its return value.
-RESULT = {"put": "number", "get": "result", "remove": "ok", "cas": "ok", "incr": "number",
-          "invalidate": "number", "mget": "results", "mset": "versions", "status": "status",
-          "transfer_leader": "status", "change_member": "status"}
-_READ_ONLY = frozenset({"get", "mget", "status", "transfer_leader"})
-_EXCEPTIONS = {name: getattr(wire.idl, name) for name in wire.ERRORS}
+_EXCEPTIONS = {name: getattr(wire.idl, name) for name in api.ERRORS}
 
-for _op, _fields in FIELDS.items():  # the IDL and these tables must agree
-    assert len(getattr(_SERVICE, _op + "_args").thrift_spec) == len(_fields), _op
+for _op in OPERATIONS.values():  # every operation is a method whose arguments are its fields
+    assert len(getattr(_SERVICE, _op.name + "_args").thrift_spec) == len(_op.fields), _op.name
 
 
 _PEER_METHODS = frozenset({b"raft", b"peer_hello", b"peer_auth"})
@@ -251,11 +233,11 @@ def _input(frame: bytes, max_items: int | None = None, pos: int | None = None
 def _invalid_reply(name: bytes, seqid: int, reason: str) -> bytes:
     """The framed InvalidRequest answer to client call `name` that cannot be taken (too big,
     too many items); WireError when `name` is no client call that could be answered so."""
-    api = name.decode("ascii", "replace")
-    if api not in FIELDS or api == "status":
-        raise wire.WireError(f"a {api!r} call that cannot be taken: {reason}")
-    result = getattr(_SERVICE, api + "_result")(invalid=wire.idl.InvalidRequest(reason))
-    return _encode(api, TMessageType.REPLY, seqid, result)
+    method = name.decode("ascii", "replace")
+    if method not in OPERATIONS or method == "status":
+        raise wire.WireError(f"a {method!r} call that cannot be taken: {reason}")
+    result = getattr(_SERVICE, method + "_result")(invalid=wire.idl.InvalidRequest(reason))
+    return _encode(method, TMessageType.REPLY, seqid, result)
 
 
 def _encode(name: str, mtype: int, seqid: int, payload) -> bytes:
@@ -268,8 +250,8 @@ def _encode(name: str, mtype: int, seqid: int, payload) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-def _exception_for(response):
-    """The IDL exception a failed wire.Response stands for."""
+def _exception_for(response: api.Response):
+    """The IDL exception a failed response stands for."""
     cls = _EXCEPTIONS.get(response.error)
     if cls is None:
         return TApplicationException(TApplicationException.INTERNAL_ERROR,
@@ -279,12 +261,12 @@ def _exception_for(response):
     return cls(reason=response.reason or "")
 
 
-def _response_for(exc):
-    """The wire.Response an IDL exception stands for."""
+def _response_for(exc) -> api.Response:
+    """The response an IDL exception stands for."""
     name = type(exc).__name__
     if name == "NotLeader":
-        return wire.error_response(name, "not the leader", exc.leader_hint or "")
-    return wire.error_response(name, exc.reason or "")
+        return api.error(name, "not the leader", exc.leader_hint or "")
+    return api.error(name, exc.reason or "")
 
 
 # ---- server side --------------------------------------------------------------------------------
@@ -304,20 +286,22 @@ class _Service:
         return self._conn.on_peer_auth(proof)
 
 
-def _method(op: str, fields: tuple, result: str):
+def _method(op: Operation):
     def method(self, *args):
-        request = wire.Request(op=op, **dict(zip(fields, args, strict=True)))
-        response = self._conn.transport.handler.handle_request(request)
+        given = dict(zip(op.fields, args, strict=True))
+        if "header" in given:
+            given["header"] = wire.header_from_wire(given["header"])
+        response = self._conn.transport.handler.handle_request(api.Request(op=op.name, **given))
         if response.error:
             raise _exception_for(response)
-        return getattr(response, result)
+        return wire.value_to_wire(op.result, getattr(response, op.result))
 
-    method.__name__ = op
+    method.__name__ = op.name
     return method
 
 
-for _op, _fields in FIELDS.items():
-    setattr(_Service, _op, _method(_op, _fields, RESULT[_op]))
+for _op in OPERATIONS.values():
+    setattr(_Service, _op.name, _method(_op))
 
 
 class _ServerConn:
@@ -724,13 +708,14 @@ class ThriftConnection:
         if self._error is not None:
             raise ConnectionError(f"{self.address}: connection is closed ({self._error}); "
                                   "nothing was sent")
-        op = request.op
-        fields = FIELDS.get(op)
-        if fields is None:
-            return wire.error_response("InvalidRequest", f"unknown operation {op!r}")
+        op = OPERATIONS.get(request.op)
+        if op is None:
+            return api.error("InvalidRequest", f"unknown operation {request.op!r}")
         self._seqid = seqid = (self._seqid + 1) & 0x7FFFFFFF
-        args = getattr(_SERVICE, op + "_args")(*(getattr(request, f) for f in fields))
-        frame = _encode(op, TMessageType.CALL, seqid, args)
+        args = getattr(_SERVICE, op.name + "_args")(*(
+            wire.header_to_wire(request.header) if f == "header" else getattr(request, f)
+            for f in op.fields))
+        frame = _encode(op.name, TMessageType.CALL, seqid, args)
         timer = gevent.Timeout.start_new(timeout)
         try:
             if _stale(self._sock):
@@ -790,33 +775,32 @@ def _call_raw(sock, reader: _FrameReader, method: str, seqid: int, **args):
     return result.success
 
 
-def _decode_reply(op: str, seqid: int, frame: bytes):
+def _decode_reply(op: Operation, seqid: int, frame: bytes) -> api.Response:
+    # The server failed after reading the call: a write may have been applied.
+    failed = "OutcomeUnknown" if op.mutates else "Unavailable"
     try:
         iprot = _input(frame)
         name, mtype, rseqid = iprot.read_message_begin()
-        if name != op or rseqid != seqid:
-            raise ProtocolError(f"reply {name}#{rseqid} to call {op}#{seqid}")
+        if name != op.name or rseqid != seqid:
+            raise ProtocolError(f"reply {name}#{rseqid} to call {op.name}#{seqid}")
         if mtype == TMessageType.EXCEPTION:
             exc = TApplicationException()
             exc.read(iprot)
             if exc.type == TApplicationException.UNKNOWN_METHOD:
-                return wire.error_response("InvalidRequest", f"the server has no {op}: {exc}")
-            # The server failed after reading the call: a write may have been applied.
-            kind = "Unavailable" if op in _READ_ONLY else "OutcomeUnknown"
-            return wire.error_response(kind, f"server error: {exc}")
-        result = getattr(_SERVICE, op + "_result")()
+                return api.error("InvalidRequest", f"the server has no {op.name}: {exc}")
+            return api.error(failed, f"server error: {exc}")
+        result = getattr(_SERVICE, op.name + "_result")()
         result.read(iprot)
     except (ProtocolError, wire.WireError):
         raise
     except Exception as exc:  # the Cython decoder raises many kinds on bad input
         raise wire.WireError(f"cannot decode the reply: {exc!r}") from None
     if result.success is not None:
-        return wire.Response(**{RESULT[op]: result.success})
+        return api.Response(**{op.result: wire.value_from_wire(op.result, result.success)})
     for value in vars(result).values():
         if value is not None:
             return _response_for(value)
-    kind = "Unavailable" if op in _READ_ONLY else "OutcomeUnknown"
-    return wire.error_response(kind, f"the server sent no result for {op}")
+    return api.error(failed, f"the server sent no result for {op.name}")
 
 
 def connect(address: str, tls: TLSConfig | None, timeout: float,

@@ -1,0 +1,86 @@
+"""What a node is asked and what it answers, as plain values (like h11's events).
+
+Transports turn their own wire format into a `Request` and a `Response` back into it
+(`raftcache.wire` for the Thrift IDL both built-in transports speak); the node, the client and
+the CLI deal only in these. Field names follow `raftcache.thrift` so that the conversion is a
+copy. Every value here is frozen: a request handed to a node, or a response handed back, cannot
+change under anyone's feet.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+# The errors a call can end with; what each promises is in raftcache/errors.py.
+ERRORS = ("NotLeader", "Unauthorized", "InvalidRequest", "Unavailable", "OutcomeUnknown")
+
+
+@attrs.frozen
+class RequestHeader:
+    token: str | None = None  # signed RBAC token
+    client_id: str | None = None  # exactly-once: (client_id, seq) names a write
+    seq: int | None = None
+    timeout_ms: int | None = None  # the caller's deadline for this call
+    forwarded: bool | None = None  # proxied by a follower: the receiver must not forward again
+
+
+@attrs.frozen
+class Request:
+    """One call: `op` names an operation of `raftcache.core.operations.OPERATIONS`; which
+    other fields it uses is that operation's `fields`."""
+
+    op: str
+    key: bytes | None = None
+    value: bytes | None = None
+    ttl_ms: int | None = None
+    expected_version: int | None = None
+    delta: int | None = None
+    consistency: str | None = None
+    keys: list | None = None
+    items: dict | None = None
+    header: RequestHeader | None = None
+    node_id: int | None = None
+    change: str | None = None
+
+
+@attrs.frozen
+class GetResult:
+    found: bool
+    value: bytes = b""
+    version: int = 0  # the log index of the entry that last wrote the key
+
+
+@attrs.frozen
+class NodeStatus:
+    id: int
+    address: str
+    role: str
+    term: int
+    commit: int
+    applied: int
+    leader: int
+    leader_address: str
+    voters: list = attrs.Factory(list)
+    learners: list = attrs.Factory(list)
+
+
+@attrs.frozen
+class Response:
+    """An answer: `error` names one of ERRORS, or the fields of the operation's result are set
+    (see `Operation.result`)."""
+
+    error: str | None = None
+    reason: str | None = None
+    leader_hint: str | None = None
+    result: GetResult | None = None  # get
+    results: list | None = None  # mget: GetResults
+    number: int | None = None  # put/cas/mset: version; incr: value; invalidate: count
+    ok: bool | None = None  # remove/cas
+    status: NodeStatus | None = None
+    versions: list | None = None  # mset
+
+
+def error(kind: str, reason: str = "", leader_hint: str = "") -> Response:
+    """A failed call's answer; `kind` is one of ERRORS."""
+    assert kind in ERRORS, kind
+    return Response(error=kind, reason=reason, leader_hint=leader_hint or None)

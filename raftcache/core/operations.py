@@ -1,0 +1,155 @@
+"""Every operation a client can ask of a node, named once.
+
+The table `OPERATIONS` is what the rest reads: the transports build their method tables from
+it (the Thrift method's arguments are `fields`, its return value is the `result` field), the
+node dispatches on `kind` and builds a write's state-machine command with `command`, the client
+decides from `command` whether a call needs an exactly-once session and from `mutates` whether
+a call whose fate is unknown is `OutcomeUnknown` or merely `Unavailable`.
+
+Adding a write: its method in raftcache.thrift, an `Operation` here (request fields, the command
+it proposes, the answer its result becomes), the command's encoding and apply
+(`commands.py`, `statemachine.py`), and the client/CLI surface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from . import commands
+from .api import Request
+
+MAX_KEY_BYTES = 64 << 10
+
+
+class BadRequest(Exception):
+    """A request that can never succeed as it is: answered InvalidRequest(reason)."""
+
+
+Encode = Callable[[bytes, bytes], bytes]  # a value as the value codecs store it
+
+
+@attrs.frozen
+class Operation:
+    name: str  # Request.op, and the Thrift method
+    fields: tuple[str, ...]  # the Request fields it takes, in the Thrift method's argument order
+    result: str | None  # the Response field that holds its answer (the method's return value)
+    kind: str  # "write": proposes `command`; "read": get/mget; "node": the node answers itself
+    mutates: bool  # may change state: a call of unknown fate is OutcomeUnknown, not Unavailable
+    # write: (request, encode, max_batch_keys) -> the command to propose; BadRequest if invalid
+    command: Callable[[Request, Encode, int], commands.Command] | None = None
+    # write: the state machine's result -> the Response fields that carry it
+    answer: Callable[[object], dict] | None = None
+    doc: str = ""
+
+
+# ---- checks shared by the operations ------------------------------------------------------------
+def key(value) -> bytes:
+    if not value:
+        raise BadRequest("a key is required")
+    if len(value) > MAX_KEY_BYTES:
+        raise BadRequest("keys are limited to 64 KiB")
+    return value
+
+
+def batch(items, limit: int, op: str):
+    if not items:
+        raise BadRequest(f"{op} needs at least one key")
+    if len(items) > limit:
+        raise BadRequest(f"{op} of {len(items)} keys; node.max_batch_keys is {limit}")
+    return items
+
+
+def ttl(request: Request) -> int | None:
+    value = request.ttl_ms
+    if value is None or value == 0:
+        return None
+    if not 0 < value <= commands.MAX_TTL_MS:
+        raise BadRequest(f"ttl_ms must be between 1 and {commands.MAX_TTL_MS} (ten years)")
+    return value
+
+
+def _value(request: Request, op: str) -> bytes:
+    if request.value is None:
+        raise BadRequest(f"{op} needs a value")
+    return request.value
+
+
+# ---- the writes' commands -------------------------------------------------------------------------
+def _put(r: Request, encode: Encode, _limit: int):
+    k = key(r.key)
+    return commands.Set(k, encode(k, _value(r, "put")), ttl(r))
+
+
+def _cas(r: Request, encode: Encode, _limit: int):
+    if r.expected_version is None:
+        raise BadRequest("cas needs expected_version and value")
+    if r.expected_version < 0:
+        raise BadRequest("expected_version must not be negative (0: the key is missing)")
+    k = key(r.key)
+    return commands.Cas(k, r.expected_version, encode(k, _value(r, "cas")), ttl(r))
+
+
+def _invalidate(r: Request, _encode: Encode, _limit: int):
+    prefix = r.key or b""
+    if len(prefix) > MAX_KEY_BYTES:
+        raise BadRequest("prefixes are limited to 64 KiB")
+    return commands.Invalidate(prefix)
+
+
+def _mset(r: Request, encode: Encode, limit: int):
+    items = batch(r.items, limit, "mset")
+    return commands.MSet(tuple((key(k), encode(k, v)) for k, v in sorted(items.items())),
+                         ttl(r))
+
+
+def _cas_answer(result) -> dict:
+    swapped, version = result
+    return {"ok": swapped, "number": version}
+
+
+# ---- the table --------------------------------------------------------------------------------------
+OPERATIONS: dict[str, Operation] = {op.name: op for op in (
+    Operation("put", ("key", "value", "ttl_ms", "header"), "number", "write", True,
+              _put, lambda version: {"number": version},
+              doc="store a value; answers its version"),
+    Operation("remove", ("key", "header"), "ok", "write", True,
+              lambda r, _e, _l: commands.Delete(key(r.key)),
+              lambda existed: {"ok": bool(existed)},
+              doc="delete a key; answers whether it existed"),
+    Operation("cas", ("key", "expected_version", "value", "ttl_ms", "header"), "ok", "write",
+              True, _cas, _cas_answer,
+              doc="store a value if the key's version is expected_version (0: missing)"),
+    Operation("incr", ("key", "delta", "header"), "number", "write", True,
+              lambda r, _e, _l: commands.Incr(key(r.key), 1 if r.delta is None else r.delta),
+              lambda value: {"number": value},
+              doc="add delta to a decimal integer (missing: 0); answers the new value"),
+    Operation("invalidate", ("key", "header"), "number", "write", True,  # IDL: `prefix`
+              _invalidate, lambda count: {"number": count},
+              doc="delete every key with a prefix; answers how many"),
+    Operation("mset", ("items", "ttl_ms", "header"), "versions", "write", True,
+              _mset, lambda versions: {"versions": list(versions)},
+              doc="store several values at once; answers their versions"),
+    Operation("get", ("key", "consistency", "header"), "result", "read", False,
+              doc="a value and its version"),
+    Operation("mget", ("keys", "consistency", "header"), "results", "read", False,
+              doc="several values, read at one point"),
+    Operation("status", (), "status", "node", False, doc="this node's view of the cluster"),
+    Operation("transfer_leader", ("node_id", "header"), "status", "node", False,
+              doc="hand leadership to node_id; answers the leader's status"),
+    Operation("change_member", ("change", "node_id", "header"), "status", "node", True,
+              doc="add-voter, add-learner or remove node_id; answers the leader's status"),
+)}
+
+
+def needs_session(op: str) -> bool:
+    """Whether a client tags `op` with (client id, seq): writes that become state-machine
+    commands are applied exactly once."""
+    operation = OPERATIONS.get(op)
+    return operation is not None and operation.command is not None
+
+
+def mutates(op: str) -> bool:
+    operation = OPERATIONS.get(op)
+    return operation is not None and operation.mutates
