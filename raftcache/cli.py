@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raftcache.core.operations import OPERATIONS
+
 
 def main(argv=None) -> int:
     # gevent must patch the standard library before anything else imports it: thriftpy2's
@@ -54,26 +56,32 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--key", dest="tls_key", help="client key (PEM) for TLS")
         sp.add_argument("--timeout", type=float, default=5.0)
 
-    s = sub.add_parser("set", help="store a value")
+    s = sub.add_parser("set", help=OPERATIONS["put"].doc)
     s.add_argument("key")
     s.add_argument("value")
     s.add_argument("--ttl", type=float, default=None, help="seconds")
     client_opts(s)
     s.set_defaults(func=_cmd_set)
 
-    g = sub.add_parser("get", help="print a value (exit 1 when missing)")
+    g = sub.add_parser("get", help=OPERATIONS["get"].doc + " (exit 1 when missing)")
     g.add_argument("key")
     g.add_argument("--consistency", default="linearizable",
                    choices=["linearizable", "lease", "stale"])
     client_opts(g)
     g.set_defaults(func=_cmd_get)
 
-    d = sub.add_parser("delete", help="delete a key")
+    d = sub.add_parser("delete", help=OPERATIONS["remove"].doc)
     d.add_argument("key")
     client_opts(d)
     d.set_defaults(func=_cmd_delete)
 
-    st = sub.add_parser("status", help="a table of the nodes")
+    a = sub.add_parser("append", help=OPERATIONS["append"].doc)
+    a.add_argument("key")
+    a.add_argument("value")
+    client_opts(a)
+    a.set_defaults(func=_cmd_append)
+
+    st = sub.add_parser("status", help="a table of the nodes: " + OPERATIONS["status"].doc)
     client_opts(st)
     st.set_defaults(func=_cmd_status)
 
@@ -85,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     client_opts(m)
     m.set_defaults(func=_cmd_member)
 
-    t = sub.add_parser("transfer-leader", help="hand leadership to a node")
+    t = sub.add_parser("transfer-leader", help=OPERATIONS["transfer_leader"].doc)
     t.add_argument("node", type=int)
     client_opts(t)
     t.set_defaults(func=_cmd_transfer_leader)
@@ -140,6 +148,13 @@ def _cmd_get(args):
             return 1
         sys.stdout.buffer.write(value + b"\n")
         return 0
+    return _run_client(go)
+
+
+def _cmd_append(args):
+    def go():
+        with _client(args) as c:
+            print(c.append(args.key, args.value))
     return _run_client(go)
 
 

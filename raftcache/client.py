@@ -91,6 +91,10 @@ class Client:
     def incr(self, key, delta: int = 1) -> int:
         return self._call("incr", key=_bytes(key), delta=delta).number
 
+    def append(self, key, value) -> int:
+        """Append `value` to the key's value (a missing key counts as empty); the new length."""
+        return self._call("append", key=_bytes(key), value=_bytes(value)).number
+
     def invalidate(self, prefix="") -> int:
         return self._call("invalidate", key=_bytes(prefix)).number
 

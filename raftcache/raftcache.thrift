@@ -170,6 +170,9 @@ service RaftCache {
   list<i64> mset(1: map<binary, binary> items, 2: i64 ttl_ms, 3: RequestHeader header)
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+  i64 append(1: binary key, 2: binary value, 3: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
   NodeStatus status(),
 
   // Operations. Both are answered by the leader (a follower redirects or proxies) and return

@@ -48,6 +48,8 @@ def test_up_set_get_status_and_clean_stop(tmp_path):
         assert (got.returncode, got.stdout) == (0, "hello\n")
         missing = raftcache("get", "nope", env=env)
         assert missing.returncode == 1 and missing.stdout == ""
+        assert raftcache("append", "greeting", ", world", env=env).stdout == "12\n"
+        assert raftcache("get", "greeting", env=env).stdout == "hello, world\n"
         assert raftcache("delete", "greeting", env=env).stdout.strip() == "deleted"
         status = raftcache("status", env=env)
         assert status.returncode == 0

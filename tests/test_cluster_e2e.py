@@ -63,6 +63,8 @@ def test_elects_and_serves_reads_from_every_node(make_cluster, transport, nodes)
         assert c.get("n") == b"100"
         assert c.mset({"a": "1", "b": "2"})
         assert c.mget(["a", "b", "zz"]) == [b"1", b"2", None]
+        assert c.append("a", "23") == 3 and c.append("log", "x") == 1
+        assert c.mget(["a", "log"]) == [b"123", b"x"]
         assert c.invalidate("") >= 3
         assert c.get("a") is None
 

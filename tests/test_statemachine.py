@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from raftcache.core import hookspecs
 from raftcache.core.commands import (
+    Append,
     Cas,
     CommandError,
     Delete,
@@ -28,6 +29,7 @@ from raftcache.core.commands import (
 from raftcache.core.plugins import PluginSet
 from raftcache.core.statemachine import (
     _R_INT,
+    MAX_APPENDED_BYTES,
     SESSION_RESULTS,
     SNAPSHOT_MAGIC,
     ApplyError,
@@ -357,6 +359,7 @@ _commands = st.one_of(
     st.builds(Delete, _keys),
     st.builds(Cas, _keys, _extreme, st.binary(max_size=4), _ttls),
     st.builds(Incr, _keys, _extreme),
+    st.builds(Append, _keys, st.binary(max_size=5)),
     st.builds(Invalidate, st.sampled_from([b"", b"p:", b"a", b"zz"])),
     st.builds(MSet, st.lists(st.tuples(_keys, st.binary(max_size=4)), max_size=4).map(tuple),
               _ttls),
@@ -442,6 +445,34 @@ def test_a_session_is_bound_to_the_callers_identity(r):
     # Another identity reusing alice's client id neither sees her result nor is suppressed.
     assert r.write(Incr(b"n", 1), client="c", seq=1, identity="mallory") == 11
     assert r.write(Incr(b"n", 10), client="c", seq=1, identity="alice") == 10
+
+
+def test_append_grows_a_value_and_keeps_its_ttl(r):
+    assert r.write(Append(b"log", b"a"), stamp=1_000) == 1  # missing: from empty
+    assert r.write(Set(b"log", b"ab", ttl_ms=500), stamp=1_000) == 2
+    assert r.write(Append(b"log", b"cd"), stamp=1_100) == 4
+    assert r.get(b"log", 1_100) == (b"abcd", 3)
+    assert r.get(b"log", 1_500) is None  # the ttl of the Set still holds
+    assert r.write(Append(b"log", b"x"), stamp=1_600) == 1  # expired: from empty again
+    big = r.write(Append(b"log", b"y" * MAX_APPENDED_BYTES), stamp=1_600)
+    assert isinstance(big, ApplyError) and big.kind == "InvalidRequest"
+    assert r.get(b"log", 1_600) == (b"x", 4)  # the refused append changed nothing
+
+
+def test_append_through_value_codecs_stores_only_sealed_values():
+    class Seal:
+        def encode(self, key, value):
+            return b"S:" + value[::-1]
+
+        def decode(self, key, blob):
+            assert blob.startswith(b"S:"), blob
+            return blob[2:][::-1]
+
+    r = Replica(codecs=(Seal(),))
+    seal = Seal()
+    r.write(Set(b"k", seal.encode(b"k", b"ab")))
+    assert r.write(Append(b"k", seal.encode(b"k", b"cd"))) == 4
+    assert r.backend.get(b"k") == b"S:dcba"
 
 
 def test_a_late_duplicate_of_an_older_write_gets_its_first_result(r):

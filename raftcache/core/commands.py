@@ -101,6 +101,17 @@ class MSet:
 
 
 @attrs.frozen(slots=True)
+class Append:
+    """Append `value` to the value under `key` (a missing key counts as empty); the key keeps
+    its ttl. `value` is encoded by the value codecs like a Set's: the state machine decodes
+    both parts and encodes the result."""
+
+    kind: ClassVar[str] = "append"
+    key: bytes
+    value: bytes
+
+
+@attrs.frozen(slots=True)
 class Sweep:
     """The leader's expiry reclaim: drop keys whose expiry is <= `up_to_stamp_ms`."""
 
@@ -108,7 +119,7 @@ class Sweep:
     up_to_stamp_ms: int
 
 
-Command = Set | Delete | Cas | Incr | Invalidate | MSet | Sweep
+Command = Set | Delete | Cas | Incr | Invalidate | MSet | Sweep | Append
 
 
 @attrs.frozen(slots=True)
@@ -137,6 +148,7 @@ _TAG_INCR = 4
 _TAG_INVALIDATE = 5
 _TAG_MSET = 6
 _TAG_SWEEP = 7
+_TAG_APPEND = 8
 
 _F_CLIENT = 1
 _F_SEQ = 2
@@ -227,6 +239,11 @@ def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
             if values:
                 _bytes(out, item[1], "value")
         _ttl(out, cmd.ttl_ms)
+    elif t is Append:
+        out.append(_TAG_APPEND)
+        _bytes(out, cmd.key, "key")
+        if values:
+            _bytes(out, cmd.value, "value")
     elif t is Sweep:
         out.append(_TAG_SWEEP)
         _uint(out, cmd.up_to_stamp_ms, "up_to_stamp_ms")
@@ -367,6 +384,8 @@ def decode_command(r: Reader) -> Command:
         return MSet(items, r.ttl())
     if tag == _TAG_SWEEP:
         return Sweep(r.uvarint())
+    if tag == _TAG_APPEND:
+        return Append(r.bytes_(), r.bytes_())
     raise CommandError(f"unknown command tag {tag}")
 
 

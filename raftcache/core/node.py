@@ -41,7 +41,13 @@ from raftcache.core.messages import (
 from raftcache.core.operations import OPERATIONS, BadRequest, batch, key
 from raftcache.core.plugins import PluginSet, make_manager, notify
 from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
-from raftcache.core.statemachine import ApplyError, StateMachine, check_snapshot
+from raftcache.core.statemachine import (
+    ApplyError,
+    StateMachine,
+    check_snapshot,
+    decode_value,
+    encode_value,
+)
 from raftcache.core.throttle import Throttle
 from raftcache.core.validate import peer_message_problem
 
@@ -439,17 +445,13 @@ class Node:
         return self._last_stamp
 
     def _encode(self, key: bytes, value: bytes) -> bytes:
-        for codec in self.codecs:
-            value = codec.encode(key, value)
-        return value
+        return encode_value(self.codecs, key, value)
 
     def _decode(self, key: bytes, found):
         if found is None or not self.codecs:
             return found
         value, version = found
-        for codec in reversed(self.codecs):
-            value = codec.decode(key, value)
-        return value, version
+        return decode_value(self.codecs, key, value), version
 
     def _write(self, op, request: api.Request) -> api.Response:
         command = op.command(request, self._encode, self.config.node.max_batch_keys)

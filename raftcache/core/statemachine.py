@@ -36,6 +36,7 @@ import attrs
 
 from .commands import (
     MAX_STAMP_MS,
+    Append,
     Cas,
     CommandError,
     Delete,
@@ -58,6 +59,7 @@ SNAPSHOT_VERSION = 2  # 2: sessions hold several results with fingerprints; 1 is
 
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
 SESSION_RESULTS = 8  # results kept per client session (a well-behaved client needs one)
+MAX_APPENDED_BYTES = 4 << 20  # what append may grow a value to (node.max_request_bytes' default)
 
 
 class SnapshotError(ValueError):
@@ -191,6 +193,8 @@ class StateMachine:
             return (True, index)
         if t is Incr:
             return self._incr(cmd, index, now)
+        if t is Append:
+            return self._append(cmd, index, now)
         if t is Invalidate:
             prefix = cmd.prefix
             doomed = [k for k in self._catalog if k.startswith(prefix)]
@@ -211,35 +215,47 @@ class StateMachine:
         raise AssertionError(f"unhandled command {cmd!r}")  # decode_envelope only yields these
 
     def _incr(self, cmd: Incr, index: int, now: int) -> Result:
-        key = cmd.key
-        meta = self._live(key, now)
-        if meta is None:
-            base, expiry = 0, None  # missing or expired: start from 0, no ttl
-        else:
-            expiry = meta[1]  # incr keeps the key's ttl, like Redis
-            blob = self.backend.get(key)
-            if blob is None:
-                # The backend evicted it (Memcached). Other replicas may still hold it, so
-                # bump the version like they do and keep the value unknown here: a miss.
-                self._catalog[key] = (index, expiry)
-                return ApplyError(
-                    "OutcomeUnknown",
-                    f"the value of {key!r} was evicted from this node's backend; the increment "
-                    "applied but its result is unknown",
-                )
-            for codec in reversed(self.codecs):
-                blob = codec.decode(key, blob)
-            base = _parse_int(blob)
-            if base is None:
-                return ApplyError("InvalidRequest", f"the value of {key!r} is not an integer")
+        current = self._current(cmd.key, index, now, "increment")
+        if isinstance(current, ApplyError):
+            return current
+        blob, expiry = current
+        base = 0 if blob is None else _parse_int(blob)  # missing or expired: from 0, no ttl
+        if base is None:
+            return ApplyError("InvalidRequest", f"the value of {cmd.key!r} is not an integer")
         new = base + cmd.delta
         if not _I64_MIN <= new <= _I64_MAX:
-            return ApplyError("InvalidRequest", f"incrementing {key!r} overflows 64 bits")
-        blob = b"%d" % new
-        for codec in self.codecs:
-            blob = codec.encode(key, blob)
-        self._write(key, blob, index, expiry)
+            return ApplyError("InvalidRequest", f"incrementing {cmd.key!r} overflows 64 bits")
+        self._write(cmd.key, encode_value(self.codecs, cmd.key, b"%d" % new), index, expiry)
         return new
+
+    def _append(self, cmd: Append, index: int, now: int) -> Result:
+        current = self._current(cmd.key, index, now, "append")
+        if isinstance(current, ApplyError):
+            return current
+        blob, expiry = current
+        new = (blob or b"") + decode_value(self.codecs, cmd.key, cmd.value)
+        if len(new) > MAX_APPENDED_BYTES:
+            return ApplyError("InvalidRequest", f"appending to {cmd.key!r} would make it "
+                                                f"{len(new)} bytes (at most {MAX_APPENDED_BYTES})")
+        self._write(cmd.key, encode_value(self.codecs, cmd.key, new), index, expiry)
+        return len(new)
+
+    def _current(self, key: bytes, index: int, now: int, what: str):
+        """(decoded value, expiry) of `key` for a write that reads it first ((None, None) when
+        missing or expired), or an ApplyError when this replica's backend lost the value. Such
+        writes keep the key's ttl, like Redis."""
+        meta = self._live(key, now)
+        if meta is None:
+            return None, None
+        blob = self.backend.get(key)
+        if blob is None:
+            # The backend evicted it (Memcached). Other replicas may still hold it, so bump
+            # the version like they do and keep the value unknown here: a miss.
+            self._catalog[key] = (index, meta[1])
+            return ApplyError("OutcomeUnknown", f"the value of {key!r} was evicted from this "
+                                                f"node's backend; the {what} applied but its "
+                                                "result is unknown")
+        return decode_value(self.codecs, key, blob), meta[1]
 
     # -- the catalog --------------------------------------------------------------------------
     def _live(self, key: bytes, now: int):
@@ -478,6 +494,20 @@ def _parse_snapshot(data: bytes):
 # ================================================================================================
 # Helpers
 # ================================================================================================
+def encode_value(codecs: Sequence, key: bytes, value: bytes) -> bytes:
+    """`value` as it is stored: through every value codec, in order."""
+    for codec in codecs:
+        value = codec.encode(key, value)
+    return value
+
+
+def decode_value(codecs: Sequence, key: bytes, blob: bytes) -> bytes:
+    """A stored value as the client wrote it: through the codecs in reverse order."""
+    for codec in reversed(codecs):
+        blob = codec.decode(key, blob)
+    return blob
+
+
 def _expiry(now: int, ttl_ms: int | None) -> int | None:
     # Saturating: an entry written before ttls were bounded must still snapshot.
     return None if ttl_ms is None else min(now + ttl_ms, MAX_STAMP_MS)

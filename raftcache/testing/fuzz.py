@@ -106,6 +106,7 @@ def _envelope_seeds():
         c.Envelope(c.MSet(((b"a", b"1"), (b"b", b""))), stamp_ms=9),
         c.Envelope(c.Invalidate(b"user:"), stamp_ms=10),
         c.Envelope(c.Sweep(11), stamp_ms=11),
+        c.Envelope(c.Append(b"k", b"more"), "c", 10, None, 12),
     )]
 
 
