@@ -123,7 +123,7 @@ def bench_file_wal(args) -> list[Row]:
 def bench_redis_aof(args) -> list[Row]:
     """A redis-server of its own (appendonly yes, appendfsync always) per run."""
     from raftcache.plugins.storage.redis_aof import RedisAofStorage
-    from raftcache.testing.servers import RedisServer
+    from raftcache.servers import RedisServer
 
     servers = []
 

@@ -225,6 +225,16 @@ def _cmd_certs_init(args):
 
 # -- servers ------------------------------------------------------------------------------------
 def _cmd_serve(args):
+    return serve(args.config)
+
+
+def serve(config_path: str, plugins=(), core=None, prepare=None) -> int:
+    """Run the node `config_path` describes until SIGTERM/SIGINT; the exit code.
+
+    `plugins` are registered beside the entry-point plugins, `core` replaces the Raft core
+    class and `prepare(node)` runs before the node starts: what `raftcache.testing.node` hands
+    in to run test-only plugins and deliberately broken nodes. `raftcache serve` passes none.
+    """
     import logging
     import signal
 
@@ -232,9 +242,11 @@ def _cmd_serve(args):
 
     from raftcache.core import config as config_mod
     from raftcache.core.node import Node
+    from raftcache.core.plugins import make_manager
+    from raftcache.core.raft import RawNode
 
     try:
-        config = config_mod.load(args.config)
+        config = config_mod.load(config_path)
     except config_mod.ConfigError as exc:
         print(f"raftcache: {exc}", file=sys.stderr)
         return 2
@@ -245,7 +257,10 @@ def _cmd_serve(args):
     ))
     logging.basicConfig(level=config.log.level.upper(), handlers=[handler])
     try:
-        node = Node(config)
+        node = Node(config, pm=make_manager(block=config.plugins.block, extra=plugins),
+                    core=core or RawNode)
+        if prepare is not None:
+            prepare(node)
     except config_mod.ConfigError as exc:
         print(f"raftcache: {exc}", file=sys.stderr)
         return 2

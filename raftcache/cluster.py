@@ -13,14 +13,12 @@ import time
 import attrs
 
 from raftcache.core.config import write_secret
-from raftcache.testing.servers import die_with_parent
+from raftcache.servers import RedisServer, die_with_parent, free_port, free_ports
 
 
 def free_port_block(n: int, host: str = "127.0.0.1") -> int:
     """A base port with n consecutive free ports after it (below the ephemeral range, so no
     outgoing connection can take one before the nodes bind them)."""
-    from raftcache.testing.servers import free_ports
-
     return free_ports(n, host)
 
 
@@ -66,13 +64,16 @@ class LocalCluster:
     extra: dict = attrs.Factory(dict)  # extra config sections shared by every node
     # Peers without proof of membership (no secret, no node certificates): must be asked for.
     insecure: bool = False
+    # How a node process starts, before `--config PATH` (the fault suite runs its test-only
+    # plugins and mutants through raftcache.testing.node instead).
+    launcher: list = attrs.Factory(lambda: ["-m", "raftcache", "serve"])
     hosts: list | None = None  # per-node host (distinct 127.0.0.x "hosts"); overrides host
     # (from node, to node) -> the address `from` dials to reach `to` (a fault relay); clients
     # still reach every node at its own address.
     routes: dict = attrs.Factory(dict)
     processes: dict = attrs.Factory(dict)
     # redis-aof storage without a configured url: one redis-server per node, started and
-    # stopped with it (node id -> raftcache.testing.servers.RedisServer).
+    # stopped with it (node id -> raftcache.servers.RedisServer).
     redis: dict = attrs.Factory(dict)
 
     def address(self, node_id: int) -> str:
@@ -114,8 +115,6 @@ class LocalCluster:
         return "redis-aof" in (self.storage, options.get("inner")) and not options.get("url")
 
     def _redis_for(self, node_id: int):
-        from raftcache.testing.servers import RedisServer, free_port
-
         if node_id not in self.redis:
             # Its port is fixed now, written into the node's config, and kept across restarts.
             self.redis[node_id] = RedisServer(
@@ -171,7 +170,7 @@ class LocalCluster:
             self.redis[node_id].start()  # no-op when it runs; the node needs it to load
         log = open(self.log_path(node_id), "ab")
         self.processes[node_id] = subprocess.Popen(
-            [sys.executable, "-m", "raftcache", "serve", "--config", self.config_path(node_id)],
+            [sys.executable, *self.launcher, "--config", self.config_path(node_id)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # Nodes die with `up` even when it is killed with -9 (PDEATHSIG follows the
             # forking thread, so only from the main thread).

@@ -5,13 +5,22 @@ import time
 import pytest
 
 from raftcache.core.messages import Entry, HardState
-from raftcache.core.plugins import PluginSet, make_manager
+from raftcache.core.plugins import PluginSet, entry_point_names, make_manager
+from raftcache.testing import slow_disk
 from raftcache.testing.slow_disk import set_delay
 
 
 def make(tmp_path, **options):
-    provider = PluginSet(make_manager()).storage("slow-disk")  # registered like any plugin
+    # Test code: registered by the test side (raftcache.testing.node --plugin), never shipped
+    # as an entry point.
+    provider = PluginSet(make_manager(extra=[slow_disk])).storage("slow-disk")
     return provider.factory(1, str(tmp_path), {"inner": "file-wal", **options})
+
+
+def test_a_production_node_cannot_load_it():
+    assert "slow-disk" not in entry_point_names()
+    with pytest.raises(Exception, match="unknown storage 'slow-disk'"):
+        PluginSet(make_manager()).storage("slow-disk")
 
 
 def timed(fn):

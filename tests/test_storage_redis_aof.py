@@ -21,7 +21,7 @@ from raftcache.core.messages import (
     SnapshotMeta,
 )
 from raftcache.plugins.storage.redis_aof import RedisAofError, RedisAofStorage
-from raftcache.testing.servers import RedisServer
+from raftcache.servers import RedisServer
 
 
 @pytest.fixture

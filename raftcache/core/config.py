@@ -90,13 +90,6 @@ class LogSection:
 
 
 @attrs.frozen
-class TestingSection:
-    # Test-only: run a deliberately broken Raft core (a name from raftcache.testing.mutants) so
-    # that the fault suite can prove it catches the bug. Never set this in production.
-    mutant: str = ""
-
-
-@attrs.frozen
 class Config:
     node: NodeSection
     cluster: ClusterSection
@@ -106,7 +99,6 @@ class Config:
     backend: PluginChoice = PluginChoice("memory")
     plugins: PluginsSection = PluginsSection()
     log: LogSection = LogSection()
-    testing: TestingSection = TestingSection()
     path: str = "<config>"
 
     def peer_addresses(self) -> dict[int, str]:
@@ -222,13 +214,6 @@ def _validate(c: Config) -> None:
         if not str(k).isdigit() or int(k) not in peers:
             raise c.fail(f"cluster.client_addresses.{k}", "not a node id in cluster.peers")
         _address(c, f"cluster.client_addresses.{k}", v)
-    if c.testing.mutant:
-        from raftcache.testing.mutants import MUTANTS, NODE_MUTANTS
-
-        known = sorted(set(MUTANTS) | set(NODE_MUTANTS))
-        if c.testing.mutant not in known:
-            raise c.fail("testing.mutant", f"unknown mutant {c.testing.mutant!r} (known: "
-                                           f"{', '.join(known)})")
     if c.node.id not in peers:
         raise c.fail("cluster.peers", f"must include this node (id {c.node.id})")
     if peers[c.node.id] != c.node.address:

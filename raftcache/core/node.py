@@ -71,7 +71,10 @@ class _Pending:
 
 
 class Node:
-    def __init__(self, config: Config, pm=None, rng: random.Random | None = None):
+    def __init__(self, config: Config, pm=None, rng: random.Random | None = None,
+                 core: type[RawNode] = RawNode):
+        """`pm`: the plugin manager (default: every entry-point plugin not blocked);
+        `core`: the Raft core class (tests hand a deliberately broken one here)."""
         self.config = config
         self.id = config.node.id
         self.peers = config.peer_addresses()  # where this node reaches each peer
@@ -103,7 +106,7 @@ class Node:
         self.codecs = tuple(c for codecs in reversed(self.pm.hook.raftcache_value_codecs())
                             for c in (codecs or ()))
         self.sm = StateMachine(backend, check_command=self._check_command, codecs=self.codecs)
-        self.raw = self._start_raft(rng or random.Random())
+        self.raw = self._start_raft(core, rng or random.Random())
         self._wakeup = gevent.event.Event()
         self._stopped = gevent.event.Event()
         self._writes: dict[int, _Pending] = {}  # log index -> waiting write
@@ -150,16 +153,7 @@ class Node:
             check_snapshot=check_snapshot,
         )
 
-    def _start_raft(self, rng: random.Random) -> RawNode:
-        core = RawNode
-        if self.config.testing.mutant:
-            from raftcache.testing.mutants import MUTANTS, NODE_MUTANTS
-
-            core = MUTANTS.get(self.config.testing.mutant, RawNode)
-            if self.config.testing.mutant in NODE_MUTANTS:
-                NODE_MUTANTS[self.config.testing.mutant](self)
-            self.log.warning("TEST-ONLY: running the deliberately broken %r (testing.mutant); "
-                             "this node is NOT safe", self.config.testing.mutant)
+    def _start_raft(self, core: type[RawNode], rng: random.Random) -> RawNode:
         hard_state, snapshot, entries = self.storage.load()
         if hard_state == HardState() and snapshot is None and not entries:
             self.log.info("new node: bootstrapping cluster of %s", sorted(self.peers))

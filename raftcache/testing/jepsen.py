@@ -499,8 +499,6 @@ class Run:
         }
         if o.read == "lease":
             extra["raft"]["read_only"] = "lease"
-        if o.mutant:
-            extra["testing"] = {"mutant": o.mutant}
         for text in o.settings:
             section, key, value = _parse_setting(text)
             extra.setdefault(section, {})[key] = value
@@ -510,8 +508,14 @@ class Run:
             options = extra.setdefault("storage", {}).setdefault("options", {})
             options["inner"], storage = o.storage, "slow-disk"
         port = free_port_block(self.nodes)
+        # Nodes run through the test-side launcher: the slow-disk storage and mutants are test
+        # code that no production node can load.
+        launcher = ["-m", "raftcache.testing.node", "--plugin", "raftcache.testing.slow_disk"]
+        if o.mutant:
+            launcher += ["--mutant", o.mutant]
         self.cluster = LocalCluster(self.dir, nodes=self.nodes, port=port, storage=storage,
-                                    transport=o.transport, hosts=hosts, extra=extra)
+                                    transport=o.transport, hosts=hosts, extra=extra,
+                                    launcher=launcher)
         self.net = relay.RelayNet({i: self.cluster.address(i) for i in self.node_ids()}, self.rng)
         self.cluster.routes = self.net.routes()
         self.cluster.start()
