@@ -206,7 +206,7 @@ class Network:
             rd = node.ready()
             self.readys[nid].append(rd)
             self.storage[nid].save(rd)
-            for m in rd.messages:
+            for m in rd.early_messages + rd.messages:
                 self._send(m)
             self._apply(nid, rd)
             self.read_states[nid].extend(rd.read_states)

@@ -120,7 +120,7 @@ def test_new_leader_appends_a_noop_immediately():
     rd = net.readys[1][-1]
     assert rd.soft_state.role == StateRole.LEADER
     assert rd.entries == (Entry(2, 2, EntryType.NORMAL, b""),)
-    apps = [m for m in rd.messages if m.type == MsgType.APP]
+    apps = [m for m in rd.all_messages if m.type == MsgType.APP]
     assert sorted(m.to for m in apps) == [2, 3]
     assert all(m.entries == rd.entries for m in apps)
     net.stabilize()

@@ -152,7 +152,7 @@ def test_prevote_is_granted_without_changing_the_voters_term_or_vote():
     # A pre-vote from a node with an up-to-date log for term 3 is granted but nothing changes.
     node2.step(Message(MsgType.PRE_VOTE, 2, 3, 3, log_term=2, index=2))
     rd = node2.ready()
-    assert [(m.type, m.to, m.term, m.reject) for m in rd.messages] == [
+    assert [(m.type, m.to, m.term, m.reject) for m in rd.all_messages] == [
         (MsgType.PRE_VOTE_RESP, 3, 3, False)
     ]
     assert rd.hard_state is None and node2.term == 2 and node2.vote == 1
@@ -160,7 +160,7 @@ def test_prevote_is_granted_without_changing_the_voters_term_or_vote():
     # A stale log is refused.
     node2.step(Message(MsgType.PRE_VOTE, 2, 3, 3, log_term=1, index=5))
     rd = node2.ready()
-    assert [(m.type, m.reject) for m in rd.messages] == [(MsgType.PRE_VOTE_RESP, True)]
+    assert [(m.type, m.reject) for m in rd.all_messages] == [(MsgType.PRE_VOTE_RESP, True)]
     node2.advance(rd)
 
 
@@ -175,7 +175,7 @@ def test_election_restriction_refuses_votes_for_stale_logs():
         term = node2.term + 1
         node2.step(Message(MsgType.VOTE, 2, 3, term, log_term=log_term, index=index))
         rd = node2.ready()
-        assert [(m.type, m.term, m.reject) for m in rd.messages] == [
+        assert [(m.type, m.term, m.reject) for m in rd.all_messages] == [
             (MsgType.VOTE_RESP, term, not granted)
         ]
         assert node2.vote == (3 if granted else NONE)
@@ -225,7 +225,7 @@ def test_follower_in_lease_ignores_a_vote_request():
     net.tick(2, ET)
     node2.step(vote)
     rd = node2.ready()
-    assert [(m.type, m.to, m.term, m.reject) for m in rd.messages] == [
+    assert [(m.type, m.to, m.term, m.reject) for m in rd.all_messages] == [
         (MsgType.VOTE_RESP, 3, 3, False)
     ]
     assert rd.hard_state.term == 3 and rd.hard_state.vote == 3

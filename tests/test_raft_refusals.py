@@ -119,7 +119,7 @@ def test_stale_term_messages_do_not_change_state():
     # The old leader's append from term 2 is answered with the current term so it steps down.
     node3.step(Message(MsgType.APP, 3, 1, 2, log_term=2, index=2))
     rd = node3.ready()
-    assert [(m.type, m.to, m.term) for m in rd.messages] == [(MsgType.APP_RESP, 1, 3)]
+    assert [(m.type, m.to, m.term) for m in rd.all_messages] == [(MsgType.APP_RESP, 1, 3)]
     assert node3.lead == 2 and node3.term == 3
     node3.advance(rd)
     # A stale vote request is dropped without an answer.

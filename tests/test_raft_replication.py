@@ -139,8 +139,8 @@ def test_proposals_between_two_readys_go_out_as_one_batch():
         assert leader.propose(b"b%d" % i) == (2, 3 + i)
     rd = leader.ready()
     assert [e.index for e in rd.entries] == list(range(3, 13)) and rd.must_sync
-    assert sorted(m.to for m in rd.messages) == [2, 3]
-    for m in rd.messages:
+    assert sorted(m.to for m in rd.all_messages) == [2, 3]
+    for m in rd.all_messages:
         assert m.type == MsgType.APP and (m.index, m.log_term) == (2, 2)
         assert [e.data for e in m.entries] == [b"b%d" % i for i in range(10)]
     leader.advance(rd)
@@ -152,8 +152,8 @@ def test_batch_is_split_by_max_msg_entries():
     for i in range(10):
         leader.propose(b"b%d" % i)
     rd = leader.ready()
-    assert [len(m.entries) for m in rd.messages] == [4, 4, 2]  # pipelined, in order
-    assert [m.index for m in rd.messages] == [2, 6, 10]
+    assert [len(m.entries) for m in rd.all_messages] == [4, 4, 2]  # pipelined, in order
+    assert [m.index for m in rd.all_messages] == [2, 6, 10]
     leader.advance(rd)
 
 
@@ -164,7 +164,7 @@ def test_leader_counts_itself_for_commit_only_after_advance():
     leader.propose(b"x")
     rd = leader.ready()
     assert [e.index for e in rd.entries] == [3]
-    app = next(m for m in rd.messages if m.to == 2)
+    app = next(m for m in rd.all_messages if m.to == 2)
     net.step(app)  # the follower persists and acknowledges
     (ack,) = net.take(lambda m: m.type == MsgType.APP_RESP)
     leader.step(ack)
@@ -205,7 +205,7 @@ def test_follower_acknowledges_in_the_same_ready_as_the_entries():
     follower.step(app)
     rd = follower.ready()
     assert [e.index for e in rd.entries] == [3, 4] and rd.must_sync
-    assert [(m.type, m.index, m.reject) for m in rd.messages] == [(MsgType.APP_RESP, 4, False)]
+    assert [(m.type, m.index, m.reject) for m in rd.all_messages] == [(MsgType.APP_RESP, 4, False)]
     follower.advance(rd)
 
 
@@ -311,3 +311,68 @@ def test_must_sync_only_when_entries_term_vote_or_snapshot_change():
     assert got[0][0] == (3,) and got[0][2]
     # The commit index alone can be recovered from the others: no fsync needed for it.
     assert got[-1][0] == () and got[-1][1].commit == 3 and not got[-1][2]
+
+
+def test_the_core_says_which_messages_need_not_wait_for_the_disk():
+    net = Network.bootstrap([1, 2, 3])
+    net.nodes[1].campaign()
+    rd = net.nodes[1].ready()  # a new term and a vote: nothing may go out before they are durable
+    assert rd.hard_state.term == 2 and not rd.early_messages
+    assert {m.type for m in rd.messages} == {MsgType.VOTE}
+    net.storage[1].save(rd)
+    for m in rd.messages:
+        net._send(m)
+    net.nodes[1].advance(rd)
+    net.stabilize()
+    leader = net.nodes[1]
+    assert leader.role == StateRole.LEADER
+    leader.propose(b"x")
+    rd = leader.ready()  # the leader's appends: they may leave while the entry is being saved
+    assert rd.entries and {m.type for m in rd.early_messages} == {MsgType.APP}
+    assert not rd.messages
+    net.storage[1].save(rd)
+    for m in rd.early_messages:
+        net._send(m)
+    leader.advance(rd)
+    net.process(1)
+    (app,) = net.take(lambda m: m.type == MsgType.APP and m.to == 2)
+    follower = net.nodes[2]
+    follower.step(app)
+    rd = follower.ready()  # an acknowledgement: only once the entries are durable
+    assert not rd.early_messages and [m.type for m in rd.messages] == [MsgType.APP_RESP]
+
+
+class EarlyNetwork(CheckingNetwork):
+    """Sends early_messages before the Ready is saved, as the real driver does, and checks every
+    message against the disk as it leaves."""
+
+    def process(self, nid):
+        node = self.nodes[nid]
+        while node.has_ready():
+            rd = node.ready()
+            self.readys[nid].append(rd)
+            for m in rd.early_messages:
+                self._send(m)
+            self.storage[nid].save(rd)
+            for m in rd.messages:
+                self._send(m)
+            self._apply(nid, rd)
+            self.read_states[nid].extend(rd.read_states)
+            node.advance(rd)
+            self._note_conf(nid)
+
+
+def test_early_messages_promise_nothing_the_disk_does_not_hold():
+    net = EarlyNetwork.bootstrap([1, 2, 3, 4, 5], seed=5, max_inflight=2)
+    net.run(3 * ET)
+    for round_ in range(6):
+        leader = net.leader()
+        for i in range(5):
+            net.propose(leader, b"%d-%d" % (round_, i))
+        net.stabilize()
+        net.isolate(leader)
+        net.run(3 * ET)
+        net.heal()
+        net.run(ET)
+    commits = {node.commit for node in net.nodes.values()}
+    assert len(commits) == 1 and commits.pop() >= 6 * 5

@@ -176,7 +176,7 @@ def test_snapshot_at_an_index_the_follower_already_holds_is_acknowledged_at_that
     meta = SnapshotMeta(3, 1, ConfState(voters=frozenset(ids)))
     node.step(Message(MsgType.SNAP, 2, 1, 3, snapshot_meta=meta, data=b"[]", done=True))
     rd = node.ready()
-    assert [(m.type, m.index, m.reject) for m in rd.messages] == [(MsgType.APP_RESP, 3, False)]
+    assert [(m.type, m.index, m.reject) for m in rd.all_messages] == [(MsgType.APP_RESP, 3, False)]
     assert rd.snapshot is None and node.commit == 3 and node.log.last_index() == 6
     node.advance(rd)
 
@@ -187,7 +187,7 @@ def test_snapshot_behind_the_commit_index_is_answered_with_the_commit_index():
     meta = SnapshotMeta(4, 2, ConfState(voters=frozenset({1, 2, 3})))
     node.step(Message(MsgType.SNAP, 2, 1, 2, snapshot_meta=meta, offset=CHUNK, data=b"x"))
     rd = node.ready()
-    assert [(m.type, m.index) for m in rd.messages] == [(MsgType.APP_RESP, 7)]
+    assert [(m.type, m.index) for m in rd.all_messages] == [(MsgType.APP_RESP, 7)]
     assert rd.snapshot is None
     node.advance(rd)
 

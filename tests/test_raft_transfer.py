@@ -60,7 +60,7 @@ def test_up_to_date_target_gets_timeout_now_at_once():
     leader = net.elect(1)
     leader.transfer_leadership(2)
     rd = leader.ready()
-    assert [(m.type, m.to) for m in rd.messages] == [(MsgType.TIMEOUT_NOW, 2)]
+    assert [(m.type, m.to) for m in rd.all_messages] == [(MsgType.TIMEOUT_NOW, 2)]
     leader.advance(rd)
 
 

@@ -192,6 +192,8 @@ class SoftState:
 class Ready:
     """Work the driver must carry out, in this order, then call ``advance(ready)``.
 
+    0. send `early_messages` (they may go out before the persisting is done, like etcd's
+       leader appends; sending them with `messages` instead is correct too);
     1. persist `snapshot` (if any), then `entries` (replacing any stored entries at the same
        indexes or later), then `hard_state` (if any) - durably when `must_sync`;
     2. send `messages`;
@@ -205,10 +207,15 @@ class Ready:
     hard_state: HardState | None = None
     snapshot: Snapshot | None = None
     entries: tuple[Entry, ...] = ()
-    messages: tuple[Message, ...] = ()
+    messages: tuple[Message, ...] = ()  # only once this Ready is persisted
+    early_messages: tuple[Message, ...] = ()  # at once: nothing in them waits for the disk
     committed_entries: tuple[Entry, ...] = ()
     read_states: tuple[ReadState, ...] = ()
     must_sync: bool = False
+
+    @property
+    def all_messages(self) -> tuple[Message, ...]:
+        return self.early_messages + self.messages
 
 
 class ProposalRefused(Exception):

@@ -117,7 +117,6 @@ class Node:
         self._last_stamp = 0
         self._last_tick = time.monotonic()
         self._sweep_index = 0  # the pending sweep's log index: one at a time
-        self._durable_vote = (self.raw.term, self.raw.vote)  # what storage holds
         self._role = (NONE, StateRole.FOLLOWER)
         self._proxy_conns: dict[str, object] = {}
         self._members = (None, frozenset())  # (the configuration it was made from, members)
@@ -255,24 +254,15 @@ class Node:
             self._wakeup.clear()
             while self.raw.has_ready() and not self._stopped.is_set():
                 rd = self.raw.ready()
-                # A leader may send its appends while it persists them (it counts itself
-                # towards a quorum only after advance()), unless this Ready changes its term or
-                # vote: those must be durable before anyone hears of them.
-                early = self.raw.role == StateRole.LEADER and (
-                    rd.hard_state is None
-                    or (rd.hard_state.term, rd.hard_state.vote) == self._durable_vote
-                )
-                if early and rd.messages:
-                    self.transport.send(rd.messages)
+                if rd.early_messages:  # the core says these need not wait for the disk
+                    self.transport.send(rd.early_messages)
                 if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                     args = (rd.hard_state, rd.entries, rd.snapshot, rd.must_sync)
                     if rd.must_sync and getattr(self.storage, "blocking", True):
                         threadpool.apply(self.storage.save, args)  # fsync: off the hub
                     else:
                         self.storage.save(*args)
-                    if rd.hard_state is not None:
-                        self._durable_vote = (rd.hard_state.term, rd.hard_state.vote)
-                if not early and rd.messages:
+                if rd.messages:
                     self.transport.send(rd.messages)
                 if rd.snapshot is not None:
                     self.sm.restore(rd.snapshot.data)

@@ -328,19 +328,23 @@ class RawNode:
             soft = self._prev_soft_state = SoftState(self.lead, self.role)
         log = self.log
         entries = tuple(log.entries[log.stable - log.offset :])
+        new_vote = hard is not None and (hard.term, hard.vote) != (prev_hard.term, prev_hard.vote)
+        # A leader may send its appends and heartbeats while it persists the entries (etcd's
+        # leader does too): it counts itself towards a quorum only for what advance() says is
+        # durable. A new term or vote must be durable before anyone hears of it.
+        early = self.role == StateRole.LEADER and not new_vote
+        messages = tuple(self.msgs)
         rd = Ready(
-            soft,
-            hard,
-            self._pending_snapshot,
-            entries,
-            tuple(self.msgs),
-            tuple(log.next_committed(self.config.max_apply_entries))
-            if log.committed > log.applied
-            else (),
-            tuple(self.read_states),
-            bool(entries)
-            or self._pending_snapshot is not None
-            or (hard is not None and (hard.term != prev_hard.term or hard.vote != prev_hard.vote)),
+            soft_state=soft,
+            hard_state=hard,
+            snapshot=self._pending_snapshot,
+            entries=entries,
+            messages=() if early else messages,
+            early_messages=messages if early else (),
+            committed_entries=tuple(log.next_committed(self.config.max_apply_entries))
+            if log.committed > log.applied else (),
+            read_states=tuple(self.read_states),
+            must_sync=bool(entries) or self._pending_snapshot is not None or new_vote,
         )
         self.msgs = []
         self.read_states = []
@@ -541,7 +545,8 @@ class RawNode:
         ctx = _TRANSFER_CONTEXT if transfer else b""
         for v in sorted(self.conf.voters | self.conf.voters_outgoing):
             if v != self.id:
-                self.msgs.append(Message(kind, v, self.id, term, log_term=self.log.last_term(),
+                self.msgs.append(Message(type=kind, to=v, frm=self.id, term=term,
+                                         log_term=self.log.last_term(),
                                          index=self.log.last_index(), context=ctx))
 
     def _poll(self, node: NodeId, granted: bool) -> bool:
@@ -573,7 +578,7 @@ class RawNode:
         resp = MsgType.VOTE_RESP if m.type == MsgType.VOTE else MsgType.PRE_VOTE_RESP
         if can_vote and self._vote_log_ok(m.index, m.log_term):
             # The response carries the campaign's term so the candidate counts it.
-            self.msgs.append(Message(resp, m.frm, self.id, m.term))
+            self.msgs.append(Message(type=resp, to=m.frm, frm=self.id, term=m.term))
             if m.type == MsgType.VOTE:
                 self.election_elapsed = 0
                 self.vote = m.frm
@@ -692,7 +697,8 @@ class RawNode:
                                            self.config.max_msg_bytes))
         if not entries and not send_if_empty:
             return False
-        self.msgs.append(Message(MsgType.APP, to, self.id, self.term, log_term=prev_term,
+        self.msgs.append(Message(type=MsgType.APP, to=to, frm=self.id, term=self.term,
+                                 log_term=prev_term,
                                  index=prev, entries=entries, commit=self.log.committed))
         pr.sent_entries(entries[-1].index if entries else prev)
         return True
@@ -752,7 +758,8 @@ class RawNode:
             context = next(reversed(self._reads))  # piggyback the newest pending read
         for node, pr in self.prs.items():
             if node != self.id:
-                self.msgs.append(Message(MsgType.HEARTBEAT, node, self.id, self.term,
+                self.msgs.append(Message(type=MsgType.HEARTBEAT, to=node, frm=self.id,
+                                         term=self.term,
                                          commit=min(pr.match, self.log.committed),
                                          context=context or b"", tick=self.ticks))
 
@@ -791,7 +798,8 @@ class RawNode:
         off = pr.snapshot_offset
         chunk = snap.data[off : off + self.config.snapshot_chunk_bytes]
         pr.snapshot_sent_tick = self.ticks
-        self.msgs.append(Message(MsgType.SNAP, to, self.id, self.term, snapshot_meta=snap.meta,
+        self.msgs.append(Message(type=MsgType.SNAP, to=to, frm=self.id, term=self.term,
+                                 snapshot_meta=snap.meta,
                                  offset=off, data=chunk, done=off + len(chunk) >= len(snap.data)))
 
     def _resend_stalled_snapshots(self) -> None:
@@ -925,13 +933,7 @@ class RawNode:
     # Helpers
     # ==========================================================================================
     def _send(self, kind: MsgType, to: NodeId, **fields) -> None:
-        self.msgs.append(Message(kind, to, self.id, self.term, **fields))
-
-    def _hard_state(self) -> HardState:
-        return HardState(self.term, self.vote, self.log.committed)
-
-    def _soft_state(self) -> SoftState:
-        return SoftState(self.lead, self.role)
+        self.msgs.append(Message(type=kind, to=to, frm=self.id, term=self.term, **fields))
 
 
 def _next_conf(conf: ConfState, cc: ConfChange) -> ConfState | None:

@@ -269,17 +269,12 @@ class Simulation:
     def _start_ready(self, node: SimNode) -> None:
         rd = node.raw.ready()
         node.busy = True
-        # As the real driver does: a leader sends while it persists, unless the Ready changes
-        # its term or vote (those must be durable before anyone hears of them).
-        hs = rd.hard_state
-        early = node.raw.role == StateRole.LEADER and (
-            hs is None or (hs.term, hs.vote) == (node.hard_state.term, node.hard_state.vote))
-        if early:
-            for m in rd.messages:
-                self._send(m)
+        # As the real driver does: what the core says need not wait for the disk goes out now.
+        for m in rd.early_messages:
+            self._send(m)
         # Most Readys persist at once; some take a while, and steps go on meanwhile (as they do
         # while the real driver's fsync runs in a thread). A crash in between loses the Ready.
-        payload = (node.incarnation, rd, early)
+        payload = (node.incarnation, rd)
         if self.rng.random() < 0.7:
             self._persisted(node.id, payload)
         else:
@@ -287,7 +282,7 @@ class Simulation:
 
     def _persisted(self, node_id: int, payload) -> None:
         node = self.nodes[node_id]
-        incarnation, rd, sent = payload
+        incarnation, rd = payload
         if not node.alive or node.incarnation != incarnation:
             return
         if rd.snapshot is not None:
@@ -301,9 +296,8 @@ class Simulation:
             node.entries.extend(rd.entries)
         if rd.hard_state is not None:
             node.hard_state = rd.hard_state
-        if not sent:
-            for m in rd.messages:
-                self._send(m)
+        for m in rd.messages:
+            self._send(m)
         if rd.snapshot is not None:
             node.kv = pickle.loads(rd.snapshot.data)
             node.applied = rd.snapshot.meta.index
