@@ -212,7 +212,8 @@ class Node:
 
     def _maybe_sweep(self) -> None:
         """The leader reclaims expired keys through the log, so every replica agrees."""
-        if self.raw.role != StateRole.LEADER or self._sweep_index > self.raw.applied:
+        st = self.raw.status()
+        if st.role != StateRole.LEADER or self._sweep_index > st.applied:
             return
         stamp = self._stamp()
         if not self.sm.expired_keys_due(stamp):
@@ -298,7 +299,8 @@ class Node:
     def _fail_reads(self, reason: str) -> None:
         # Read requests issued under another leader may never be answered by the core; reads
         # are idempotent, so tell those clients to retry at once rather than time out.
-        now = (self.raw.term, self.raw.lead)
+        st = self.raw.status()
+        now = (st.term, st.lead)
         for ctx, pending in list(self._reads.items()):
             if pending.term != now:
                 del self._reads[ctx]
@@ -307,7 +309,7 @@ class Node:
     def _serve_confirmed_reads(self) -> None:
         if not self._confirmed_reads:
             return
-        applied = self.raw.applied
+        applied = self.raw.status().applied
         still = []
         for index, pending in self._confirmed_reads:
             if index <= applied:
@@ -318,7 +320,8 @@ class Node:
 
     def _maybe_snapshot(self, threadpool) -> None:
         r = self.config.raft
-        if self.raw.applied - self.raw.log.offset < r.snapshot_entries:
+        st = self.raw.status()
+        if st.applied - (st.first_index - 1) < r.snapshot_entries:
             return
         snap = self.raw.compact(self.sm.snapshot(), keep_entries=r.snapshot_keep_entries)
         threadpool.apply(self.storage.compact, (snap,))
@@ -326,19 +329,20 @@ class Node:
                index=snap.meta.index, size=len(snap.data))
 
     def _role_changed(self) -> None:
-        role = (self.raw.lead, self.raw.role)
+        st = self.raw.status()
+        role = (st.lead, st.role)
         if role == self._role:
             return
         previous, self._role = self._role, role
         # A node that cannot reach a quorum flips between pre-candidate and leaderless
         # follower every election timeout: that is worth a line only when a leader is
         # gained or lost, or someone campaigns for real.
-        quiet = (self.raw.lead == NONE and previous[0] == NONE
-                 and self.raw.role in (StateRole.PRE_CANDIDATE, StateRole.FOLLOWER))
+        quiet = (st.lead == NONE and previous[0] == NONE
+                 and st.role in (StateRole.PRE_CANDIDATE, StateRole.FOLLOWER))
         self.log.log(logging.DEBUG if quiet else logging.INFO, "term %d: %s, leader %s",
-                     self.raw.term, self.raw.role.name.lower(), self.raw.lead or "unknown")
+                     st.term, st.role.name.lower(), st.lead or "unknown")
         notify(self.pm.hook.raftcache_role_changed, self.log, node=self,
-               role=self.raw.role.name.lower(), term=self.raw.term, leader=self.raw.lead)
+               role=st.role.name.lower(), term=st.term, leader=st.lead)
 
     def _check_command(self, command, identity, stamp_ms):
         # firstresult: the first plugin with a reason decides.
@@ -369,7 +373,7 @@ class Node:
     def _peer_members(self) -> frozenset:
         """The nodes that may send us Raft messages: configured peers and every node of the
         current configuration (made again only when the configuration changes)."""
-        conf = self.raw.conf
+        conf = self.raw.status().conf
         if self._members[0] is not conf:
             self._members = (conf, frozenset(self.peers) | conf.all_nodes())
         return self._members[1]
@@ -491,7 +495,7 @@ class Node:
         except ProposalRefused as exc:
             return api.error("InvalidRequest", exc.reason)
         self._wakeup.set()
-        while self.raw.lead != target:
+        while self.raw.status().lead != target:
             if time.monotonic() >= deadline:
                 return api.error("Unavailable", f"node {target} did not take over "
                                  "in time; retry")
@@ -509,11 +513,12 @@ class Node:
         # Answer before the client's own deadline, so that it can still try elsewhere.
         deadline = time.monotonic() + 0.8 * self._timeout(request)
         while True:
-            if self.raw.role != StateRole.LEADER:
+            st = self.raw.status()
+            if st.role != StateRole.LEADER:
                 # Only the leader's view counts: a removed node that never heard of its
                 # removal still believes it is a voter (and may sit in a joint configuration).
-                return self._not_leader(self.raw.lead, request)
-            conf = self.raw.conf
+                return self._not_leader(st.lead, request)
+            conf = st.conf
             done = {"add-voter": target in conf.voters and not conf.joint,
                     "add-learner": target in conf.learners,
                     "remove": target not in conf.all_nodes()}[change]
@@ -554,7 +559,8 @@ class Node:
                 self.raw.read_index(ctx, lease=consistency == "lease")
             except NotLeader as exc:
                 return self._not_leader(exc.leader, request)
-            pending = self._reads[ctx] = _Pending((self.raw.term, self.raw.lead))
+            st = self.raw.status()
+            pending = self._reads[ctx] = _Pending((st.term, st.lead))
             self._wakeup.set()
             try:
                 outcome = pending.result.get(timeout=self._timeout(request))
@@ -572,23 +578,23 @@ class Node:
 
     def metrics(self) -> dict:
         """Counters and gauges, offered to `raftcache_metrics` plugins to read or extend."""
-        raw = self.raw
-        m = {"node": self.id, "term": raw.term, "role": raw.role.name.lower(),
-             "leader": raw.lead, "commit": raw.commit, "applied": raw.applied,
-             "log_first_index": raw.log.first_index(), "log_last_index": raw.log.last_index(),
+        st = self.raw.status()
+        m = {"node": self.id, "term": st.term, "role": st.role.name.lower(),
+             "leader": st.lead, "commit": st.commit, "applied": st.applied,
+             "log_first_index": st.first_index, "log_last_index": st.last_index,
              "pending_writes": len(self._writes), "pending_reads": len(self._reads),
              "keys": len(self.sm), "dropped_peer_messages": self.dropped_peer_messages,
-             "refused_snapshots": raw.refused_snapshots}
+             "refused_snapshots": st.refused_snapshots}
         notify(self.pm.hook.raftcache_metrics, self.log, node=self, metrics=m)
         return m
 
-    def status(self):
-        raw = self.raw
+    def status(self) -> api.NodeStatus:
+        st = self.raw.status()
         return api.NodeStatus(
-            id=self.id, address=self.config.node.address, role=raw.role.name.lower(),
-            term=raw.term, commit=raw.commit, applied=raw.applied, leader=raw.lead,
-            leader_address=self.client_addresses.get(raw.lead, ""),
-            voters=sorted(raw.conf.voters), learners=sorted(raw.conf.learners),
+            id=self.id, address=self.config.node.address, role=st.role.name.lower(),
+            term=st.term, commit=st.commit, applied=st.applied, leader=st.lead,
+            leader_address=self.client_addresses.get(st.lead, ""),
+            voters=sorted(st.conf.voters), learners=sorted(st.conf.learners),
         )
 
 
@@ -601,7 +607,11 @@ class _NodeLog(logging.LoggerAdapter):
 
     def process(self, msg, kwargs):
         raw = getattr(self.node, "raw", None)
-        where = f"term {raw.term} {raw.role.name.lower()}" if raw is not None else "starting"
+        if raw is None:
+            where = "starting"
+        else:
+            st = raw.status()
+            where = f"term {st.term} {st.role.name.lower()}"
         kwargs.setdefault("extra", {})["node"] = self.node.id
         return f"[{where}] {msg}", kwargs
 

@@ -43,6 +43,7 @@ from .messages import (
     SnapshotMeta,
     SoftState,
     StateRole,
+    Status,
 )
 from .progress import Progress, ProgressState
 
@@ -115,10 +116,10 @@ class RawNode:
         hs = persisted.hard_state
         self.log = RaftLog(persisted.snapshot, persisted.entries, hs.commit)
         self.snapshot = persisted.snapshot  # the newest snapshot we hold (to send to followers)
-        self.term = hs.term
-        self.vote = hs.vote
-        self.lead = NONE
-        self.role = StateRole.FOLLOWER
+        self._term = hs.term
+        self._vote = hs.vote
+        self._lead = NONE
+        self._role = StateRole.FOLLOWER
         self.conf = persisted.snapshot.meta.conf_state if persisted.snapshot else ConfState()
         self.prs: dict[NodeId, Progress] = {}
         self.votes: dict[NodeId, bool] = {}
@@ -143,7 +144,7 @@ class RawNode:
         self._ready_outstanding = False
         self.refused_snapshots = 0
         self._rebuild_progress()
-        self.become_follower(self.term, NONE)
+        self.become_follower(self._term, NONE)
 
     @classmethod
     def bootstrap(cls, config: RaftConfig, rng: random.Random,
@@ -154,22 +155,26 @@ class RawNode:
         committed), so nodes that join later learn it by replication like any other change. Every
         founding node must be bootstrapped with the same voters.
         """
-        cc = ConfChange(tuple(ConfChangeSingle(ConfChangeType.ADD_VOTER, v) for v in voters))
-        first = Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=cc.encode())
         node = cls(config, rng)
-        node.log.append([first])
+        node.log.append(list(cls.bootstrap_entries(voters)))
         node.log.commit_to(1)
-        node.term = 1
+        node._term = 1
         node.conf = ConfState(voters=frozenset(voters))
         node._rebuild_progress()
         return node
+
+    @staticmethod
+    def bootstrap_entries(voters) -> tuple[Entry, ...]:
+        """The log a brand-new cluster of `voters` starts with: its membership, at index 1."""
+        cc = ConfChange(tuple(ConfChangeSingle(ConfChangeType.ADD_VOTER, v) for v in voters))
+        return (Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=cc.encode()),)
 
     # ==========================================================================================
     # The driver's interface
     # ==========================================================================================
     def tick(self) -> None:
         self.ticks += 1
-        if self.role == StateRole.LEADER:
+        if self._role == StateRole.LEADER:
             self._tick_heartbeat()
         else:
             self._tick_election()
@@ -178,7 +183,7 @@ class RawNode:
         """Feed one message from a peer. Messages for another node or from nowhere are ignored."""
         if m.to != self.id:
             return
-        if m.term > self.term:
+        if m.term > self._term:
             if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
                 forced = m.context == _TRANSFER_CONTEXT
                 if not forced and self._in_lease():
@@ -191,7 +196,7 @@ class RawNode:
                 self.become_follower(m.term, m.frm)
             else:
                 self.become_follower(m.term, NONE)
-        elif m.term < self.term:
+        elif m.term < self._term:
             if m.type in (MsgType.APP, MsgType.HEARTBEAT) and (
                 self.config.check_quorum or self.config.pre_vote
             ):
@@ -204,9 +209,9 @@ class RawNode:
 
         if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
             self._handle_vote_request(m)
-        elif self.role == StateRole.LEADER:
+        elif self._role == StateRole.LEADER:
             self._step_leader(m)
-        elif self.role in (StateRole.CANDIDATE, StateRole.PRE_CANDIDATE):
+        elif self._role in (StateRole.CANDIDATE, StateRole.PRE_CANDIDATE):
             self._step_candidate(m)
         else:
             self._step_follower(m)
@@ -218,8 +223,8 @@ class RawNode:
         committed_entries; the same index with another term means it was overwritten.
         """
         self._check_can_propose()
-        index = self._append(Entry(self.term, 0, EntryType.NORMAL, data))
-        return self.term, index
+        index = self._append(Entry(self._term, 0, EntryType.NORMAL, data))
+        return self._term, index
 
     def propose_conf_change(self, changes) -> tuple[int, int]:
         """Propose a membership change (a ConfChange or a sequence of ConfChangeSingle).
@@ -230,9 +235,9 @@ class RawNode:
         cc = changes if isinstance(changes, ConfChange) else ConfChange(tuple(changes))
         self._check_can_propose()
         if self.pending_conf_index > self.log.applied:
-            raise ProposalRefused("a configuration change is still being applied", self.lead)
+            raise ProposalRefused("a configuration change is still being applied", self._lead)
         if self.conf.joint and cc.changes:
-            raise ProposalRefused("leave the joint configuration first", self.lead)
+            raise ProposalRefused("leave the joint configuration first", self._lead)
         if cc.changes:
             new = _next_conf(self.conf, cc)
             if new is None:
@@ -240,9 +245,9 @@ class RawNode:
                                       "keep at least one voter")
         elif not self.conf.joint:
             raise ProposalRefused("not in a joint configuration")
-        index = self._append(Entry(self.term, 0, EntryType.CONF_CHANGE, cc.encode()))
+        index = self._append(Entry(self._term, 0, EntryType.CONF_CHANGE, cc.encode()))
         self.pending_conf_index = index
-        return self.term, index
+        return self._term, index
 
     def read_index(self, context: bytes, lease: bool = False) -> None:
         """Ask for a linearizable read index; a ReadState with `context` comes out in a Ready.
@@ -252,18 +257,18 @@ class RawNode:
         reads (read_only=LEASE) and the lease holds; otherwise it is a ReadIndex read. Raises
         NotLeader when no leader is known (there is no one to ask).
         """
-        if self.role == StateRole.LEADER:
+        if self._role == StateRole.LEADER:
             self._handle_read_index(context, self.id, lease)
-        elif self.lead != NONE:
+        elif self._lead != NONE:
             # A READ_INDEX request carries index=1 when the requester accepts a lease read.
-            self._send(MsgType.READ_INDEX, self.lead, context=context, index=int(lease))
+            self._send(MsgType.READ_INDEX, self._lead, context=context, index=int(lease))
         else:
             raise NotLeader(NONE)
 
     def transfer_leadership(self, target: NodeId) -> None:
         """Hand leadership to `target`: catch it up, then tell it to campaign at once."""
-        if self.role != StateRole.LEADER:
-            raise NotLeader(self.lead)
+        if self._role != StateRole.LEADER:
+            raise NotLeader(self._lead)
         if target == self.id:
             return
         if target not in self.conf.voters:
@@ -308,10 +313,10 @@ class RawNode:
             or self.log.stable < self.log.last_index()
             or self.log.committed > self.log.applied
             or self.log.committed != self._prev_hard_state.commit
-            or self.term != self._prev_hard_state.term
-            or self.vote != self._prev_hard_state.vote
-            or self.lead != self._prev_soft_state.leader
-            or self.role != self._prev_soft_state.role
+            or self._term != self._prev_hard_state.term
+            or self._vote != self._prev_hard_state.vote
+            or self._lead != self._prev_soft_state.leader
+            or self._role != self._prev_soft_state.role
         )
 
     def ready(self) -> Ready:
@@ -320,19 +325,19 @@ class RawNode:
         self._flush_broadcast()
         prev_hard, prev_soft = self._prev_hard_state, self._prev_soft_state
         hard = soft = None
-        if (self.term, self.vote, self.log.committed) != (
+        if (self._term, self._vote, self.log.committed) != (
             prev_hard.term, prev_hard.vote, prev_hard.commit
         ):
-            hard = self._prev_hard_state = HardState(self.term, self.vote, self.log.committed)
-        if self.lead != prev_soft.leader or self.role != prev_soft.role:
-            soft = self._prev_soft_state = SoftState(self.lead, self.role)
+            hard = self._prev_hard_state = HardState(self._term, self._vote, self.log.committed)
+        if self._lead != prev_soft.leader or self._role != prev_soft.role:
+            soft = self._prev_soft_state = SoftState(self._lead, self._role)
         log = self.log
         entries = tuple(log.entries[log.stable - log.offset :])
         new_vote = hard is not None and (hard.term, hard.vote) != (prev_hard.term, prev_hard.vote)
         # A leader may send its appends and heartbeats while it persists the entries (etcd's
         # leader does too): it counts itself towards a quorum only for what advance() says is
         # durable. A new term or vote must be durable before anyone hears of it.
-        early = self.role == StateRole.LEADER and not new_vote
+        early = self._role == StateRole.LEADER and not new_vote
         messages = tuple(self.msgs)
         rd = Ready(
             soft_state=soft,
@@ -369,7 +374,7 @@ class RawNode:
                 except ValueError:
                     continue  # undecodable: ignored the same way on every replica
                 self._apply_conf_change(cc)
-        if self.role == StateRole.LEADER:
+        if self._role == StateRole.LEADER:
             # The leader counts itself towards a quorum only for what it has made durable.
             me = self.prs.get(self.id)
             if me is not None and me.maybe_update(self.log.stable):
@@ -381,10 +386,43 @@ class RawNode:
             ):
                 self.propose_conf_change(ConfChange())  # auto-leave the joint configuration
 
-    # -- introspection for drivers, tests and the simulator --------------------------------------
+    # -- introspection for drivers, tests and the simulator: read-only ---------------------------
+    @property
+    def term(self) -> int:
+        return self._term
+
+    @property
+    def vote(self) -> NodeId:
+        return self._vote
+
+    @property
+    def lead(self) -> NodeId:
+        """The leader this node knows of, or NONE."""
+        return self._lead
+
+    @property
+    def role(self) -> StateRole:
+        return self._role
+
+    def status(self) -> Status:
+        log = self.log  # _make: half the cost of Status(...), and drivers ask often
+        return Status._make((self.id, self._term, self._vote, log.committed, log.applied,
+                             self._lead, self._role, self.conf, log.offset + 1,
+                             log.last_index(), log.last_term(), self.lead_transferee,
+                             self.refused_snapshots))
+
+    def term_at(self, index: int) -> int | None:
+        """The term of the entry at `index`; None when it is compacted away or not there."""
+        return self.log.term(index)
+
     @property
     def commit(self) -> int:
         return self.log.committed
+
+    @property
+    def first_index(self) -> int:
+        """The first entry still in the log (the snapshot's index + 1)."""
+        return self.log.offset + 1
 
     @property
     def applied(self) -> int:
@@ -395,7 +433,7 @@ class RawNode:
 
     def lease_valid(self) -> bool:
         """Whether a lease read may be served from local state right now (leader only)."""
-        if self.role != StateRole.LEADER or self.config.read_only != ReadOnlyOption.LEASE:
+        if self._role != StateRole.LEADER or self.config.read_only != ReadOnlyOption.LEASE:
             return False
         if self.lead_transferee != NONE or self.timeout_now_sent:
             return False
@@ -412,38 +450,38 @@ class RawNode:
     # ==========================================================================================
     def become_follower(self, term: int, lead: NodeId) -> None:
         self._reset(term)
-        self.lead = lead
-        self.role = StateRole.FOLLOWER
+        self._lead = lead
+        self._role = StateRole.FOLLOWER
 
     def _become_pre_candidate(self) -> None:
         # A pre-candidate changes neither its term nor its vote: that is the point of pre-vote.
         self.votes = {}
-        self.lead = NONE
-        self.role = StateRole.PRE_CANDIDATE
+        self._lead = NONE
+        self._role = StateRole.PRE_CANDIDATE
 
     def _become_candidate(self) -> None:
-        self._reset(self.term + 1)
-        self.vote = self.id
-        self.role = StateRole.CANDIDATE
+        self._reset(self._term + 1)
+        self._vote = self.id
+        self._role = StateRole.CANDIDATE
 
     def _become_leader(self) -> None:
-        self._reset(self.term)
-        self.lead = self.id
-        self.role = StateRole.LEADER
+        self._reset(self._term)
+        self._lead = self.id
+        self._role = StateRole.LEADER
         me = self.prs.get(self.id)
         if me is not None:
             me.become_replicate()
         # No conf change until everything in our log is applied: we cannot know whether an
         # unapplied entry in it is a conf change that is still in flight.
         self.pending_conf_index = self.log.last_index()
-        self._append(Entry(self.term, 0, EntryType.NORMAL, b""))  # no-op: commits our term
+        self._append(Entry(self._term, 0, EntryType.NORMAL, b""))  # no-op: commits our term
 
     def _reset(self, term: int) -> None:
-        if term != self.term:
-            self.term = term
-            self.vote = NONE
+        if term != self._term:
+            self._term = term
+            self._vote = NONE
             self.timeout_now_sent = False
-        self.lead = NONE
+        self._lead = NONE
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = self.config.election_tick + self._rng.randrange(
@@ -491,7 +529,7 @@ class RawNode:
             self.election_elapsed = 0
             if self.config.check_quorum:
                 if not self._quorum_active():
-                    self.become_follower(self.term, NONE)  # we lost touch with a majority
+                    self.become_follower(self._term, NONE)  # we lost touch with a majority
                     return
                 for node, pr in self.prs.items():
                     pr.recent_active = node == self.id
@@ -512,14 +550,14 @@ class RawNode:
         return (
             self.config.check_quorum
             and self.election_elapsed < self.config.election_tick
-            and (self.lead != NONE or self._booting)
+            and (self._lead != NONE or self._booting)
         )
 
     # ==========================================================================================
     # Elections
     # ==========================================================================================
     def _hup(self, transfer: bool) -> None:
-        if self.role == StateRole.LEADER or not self.is_promotable():
+        if self._role == StateRole.LEADER or not self.is_promotable():
             return
         if self._has_unapplied_conf_changes():
             return  # our configuration may be about to change: we cannot count votes yet
@@ -536,10 +574,10 @@ class RawNode:
     def _campaign(self, pre: bool, transfer: bool) -> None:
         if pre:
             self._become_pre_candidate()
-            kind, term = MsgType.PRE_VOTE, self.term + 1
+            kind, term = MsgType.PRE_VOTE, self._term + 1
         else:
             self._become_candidate()
-            kind, term = MsgType.VOTE, self.term
+            kind, term = MsgType.VOTE, self._term
         if self._poll(self.id, True):
             return
         ctx = _TRANSFER_CONTEXT if transfer else b""
@@ -554,14 +592,14 @@ class RawNode:
         self.votes.setdefault(node, granted)
         result = quorum.vote_result(self.conf, self.votes)
         if result == quorum.VoteResult.WON:
-            if self.role == StateRole.PRE_CANDIDATE:
+            if self._role == StateRole.PRE_CANDIDATE:
                 self._campaign(pre=False, transfer=False)
             else:
                 self._become_leader()
                 self._needs_broadcast = True
             return True
         if result == quorum.VoteResult.LOST:
-            self.become_follower(self.term, NONE)
+            self.become_follower(self._term, NONE)
             return True
         return False
 
@@ -571,9 +609,9 @@ class RawNode:
 
     def _handle_vote_request(self, m: Message) -> None:
         can_vote = (
-            self.vote == m.frm
-            or (self.vote == NONE and self.lead == NONE)
-            or (m.type == MsgType.PRE_VOTE and m.term > self.term)
+            self._vote == m.frm
+            or (self._vote == NONE and self._lead == NONE)
+            or (m.type == MsgType.PRE_VOTE and m.term > self._term)
         )
         resp = MsgType.VOTE_RESP if m.type == MsgType.VOTE else MsgType.PRE_VOTE_RESP
         if can_vote and self._vote_log_ok(m.index, m.log_term):
@@ -581,7 +619,7 @@ class RawNode:
             self.msgs.append(Message(type=resp, to=m.frm, frm=self.id, term=m.term))
             if m.type == MsgType.VOTE:
                 self.election_elapsed = 0
-                self.vote = m.frm
+                self._vote = m.frm
         else:
             self._send(resp, m.frm, reject=True)
 
@@ -600,7 +638,7 @@ class RawNode:
             self._heard_from_leader(m.frm)
             self._handle_snapshot_chunk(m)
         elif t == MsgType.TIMEOUT_NOW:
-            if m.frm == self.lead:  # only our leader may hand over its leadership
+            if m.frm == self._lead:  # only our leader may hand over its leadership
                 self._hup(transfer=True)
         elif t == MsgType.READ_INDEX_RESP:
             if not m.reject:
@@ -611,8 +649,8 @@ class RawNode:
         if t in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP):
             self.become_follower(m.term, m.frm)  # someone won this term
             self._step_follower(m)
-        elif (t == MsgType.VOTE_RESP and self.role == StateRole.CANDIDATE) or (
-            t == MsgType.PRE_VOTE_RESP and self.role == StateRole.PRE_CANDIDATE
+        elif (t == MsgType.VOTE_RESP and self._role == StateRole.CANDIDATE) or (
+            t == MsgType.PRE_VOTE_RESP and self._role == StateRole.PRE_CANDIDATE
         ):
             self._poll(m.frm, not m.reject)
 
@@ -644,15 +682,15 @@ class RawNode:
 
     def _heard_from_leader(self, leader: NodeId) -> None:
         self.election_elapsed = 0
-        self.lead = leader
+        self._lead = leader
         self._booting = False
 
     # ==========================================================================================
     # Replication
     # ==========================================================================================
     def _check_can_propose(self) -> None:
-        if self.role != StateRole.LEADER:
-            raise NotLeader(self.lead)
+        if self._role != StateRole.LEADER:
+            raise NotLeader(self._lead)
         if self.lead_transferee != NONE:
             raise ProposalRefused("leadership transfer in progress", self.lead_transferee)
 
@@ -666,7 +704,7 @@ class RawNode:
         if not self._needs_broadcast:
             return
         self._needs_broadcast = False
-        if self.role != StateRole.LEADER:
+        if self._role != StateRole.LEADER:
             return
         for node in self.prs:
             if node != self.id:
@@ -697,7 +735,7 @@ class RawNode:
                                            self.config.max_msg_bytes))
         if not entries and not send_if_empty:
             return False
-        self.msgs.append(Message(type=MsgType.APP, to=to, frm=self.id, term=self.term,
+        self.msgs.append(Message(type=MsgType.APP, to=to, frm=self.id, term=self._term,
                                  log_term=prev_term,
                                  index=prev, entries=entries, commit=self.log.committed))
         pr.sent_entries(entries[-1].index if entries else prev)
@@ -759,13 +797,13 @@ class RawNode:
         for node, pr in self.prs.items():
             if node != self.id:
                 self.msgs.append(Message(type=MsgType.HEARTBEAT, to=node, frm=self.id,
-                                         term=self.term,
+                                         term=self._term,
                                          commit=min(pr.match, self.log.committed),
                                          context=context or b"", tick=self.ticks))
 
     def _commit_allowed(self, index: int) -> bool:
         """Raft 5.4.2: count replicas only for entries of the leader's own term."""
-        return self.log.term(index) == self.term
+        return self.log.term(index) == self._term
 
     def _maybe_commit(self) -> bool:
         acked = {node: pr.match for node, pr in self.prs.items()}
@@ -798,7 +836,7 @@ class RawNode:
         off = pr.snapshot_offset
         chunk = snap.data[off : off + self.config.snapshot_chunk_bytes]
         pr.snapshot_sent_tick = self.ticks
-        self.msgs.append(Message(type=MsgType.SNAP, to=to, frm=self.id, term=self.term,
+        self.msgs.append(Message(type=MsgType.SNAP, to=to, frm=self.id, term=self._term,
                                  snapshot_meta=snap.meta,
                                  offset=off, data=chunk, done=off + len(chunk) >= len(snap.data)))
 
@@ -868,7 +906,7 @@ class RawNode:
     # Reads
     # ==========================================================================================
     def _committed_in_current_term(self) -> bool:
-        return self.log.term(self.log.committed) == self.term
+        return self.log.term(self.log.committed) == self._term
 
     def _handle_read_index(self, context: bytes, requester: NodeId, lease: bool) -> None:
         """Raft dissertation 6.4: the read index is the commit index, confirmed by a quorum.
@@ -919,10 +957,10 @@ class RawNode:
             return  # invalid here (the same on every replica): ignored deterministically
         self.conf = new
         self._rebuild_progress()
-        if self.role != StateRole.LEADER:
+        if self._role != StateRole.LEADER:
             return
         if not self.conf.is_voter(self.id):
-            self.become_follower(self.term, NONE)  # removed: step down and let others elect
+            self.become_follower(self._term, NONE)  # removed: step down and let others elect
             return
         if self._maybe_commit():
             self._needs_broadcast = True
@@ -933,7 +971,7 @@ class RawNode:
     # Helpers
     # ==========================================================================================
     def _send(self, kind: MsgType, to: NodeId, **fields) -> None:
-        self.msgs.append(Message(type=kind, to=to, frm=self.id, term=self.term, **fields))
+        self.msgs.append(Message(type=kind, to=to, frm=self.id, term=self._term, **fields))
 
 
 def _next_conf(conf: ConfState, cc: ConfChange) -> ConfState | None:

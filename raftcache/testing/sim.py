@@ -166,7 +166,7 @@ class Simulation:
             raw = self.node_class.bootstrap(self._raft_config(i), self._node_rng(i), ids)
             # Bootstrapping writes the initial membership to disk before the node starts.
             self.nodes[i] = SimNode(i, raw, hard_state=HardState(term=1, commit=1),
-                                    entries=list(raw.log.entries))
+                                    entries=list(RawNode.bootstrap_entries(ids)))
             self._push(self.rng.randrange(UNIT), _TICK, i, 0)
         self.clients = [SimClient(c, c) for c in range(config.clients)]
         for c in self.clients:
@@ -256,12 +256,12 @@ class Simulation:
         self._after_input(node)
 
     def _after_input(self, node: SimNode) -> None:
-        raw = node.raw
+        raw = node.raw  # after every event: the cheap read-only properties, not status()
         if raw.role == StateRole.LEADER:
             self._check_leader(node)
-            if raw.log.committed > node.checked_commit:
-                node.checked_commit = raw.log.committed
-                self._check_commit_is_safe(node)
+            if raw.commit > node.checked_commit:
+                node.checked_commit = raw.commit
+                self._check_commit_is_safe(node, raw.status())
         if not node.busy and raw.has_ready():
             self._start_ready(node)
 
@@ -306,7 +306,7 @@ class Simulation:
         node.raw.advance(rd)
         node.busy = False
         if rd.soft_state is not None:
-            self._note("role", node.id, rd.soft_state.role.name, node.raw.term,
+            self._note("role", node.id, rd.soft_state.role.name, node.raw.status().term,
                        rd.soft_state.leader)
         node.ready_reads.extend(rd.read_states)
         self._serve_reads(node)
@@ -339,7 +339,7 @@ class Simulation:
             )
         node.applied = e.index
         if e.type == EntryType.CONF_CHANGE:
-            self._note("conf", node.id, e.index, node.raw.conf)
+            self._note("conf", node.id, e.index, node.raw.status().conf)
         elif e.data:
             key, value = e.data.split(b"=", 1)
             if value == b"":
@@ -356,27 +356,28 @@ class Simulation:
 
     def _maybe_compact(self, node: SimNode) -> None:
         every = self.cfg.snapshot_every
-        if not every or node.raw.applied - node.raw.log.offset < every:
+        raw = node.raw
+        if not every or raw.applied - raw.first_index + 1 < every:
             return
-        snap = node.raw.compact(pickle.dumps(node.kv), keep_entries=self.rng.randrange(4))
+        snap = raw.compact(pickle.dumps(node.kv), keep_entries=self.rng.randrange(4))
         node.snapshot = snap
-        node.entries = [e for e in node.entries if e.index > node.raw.log.offset]
+        node.entries = [e for e in node.entries if e.index >= raw.first_index]
         self._note("snapshot", node.id, snap.meta.index)
 
     # -- safety checks ------------------------------------------------------------------------------
     def _check_leader(self, node: SimNode) -> None:
-        raw = node.raw
-        other = self.leaders.setdefault(raw.term, node.id)
+        term = node.raw.term
+        other = self.leaders.setdefault(term, node.id)
         if other == node.id:
-            if node.checked_term != raw.term:  # once per term it leads
-                node.checked_term = raw.term
-                self._check_leader_completeness(node)
+            if node.checked_term != term:  # once per term it leads
+                node.checked_term = term
+                self._check_leader_completeness(node, node.raw.status())
                 self._maybe_churn(node)
             return
         raise SafetyViolation(f"election safety: nodes {other} and {node.id} both lead term "
-                              f"{raw.term}")
+                              f"{term}")
 
-    def _check_commit_is_safe(self, node: SimNode) -> None:
+    def _check_commit_is_safe(self, node: SimNode, st) -> None:
         """When a leader commits index c, no voter lacking c may be able to win an election.
 
         A voter Y would vote for X if X's log is at least as up to date as Y's; we compare with
@@ -384,45 +385,43 @@ class Simulation:
         commit rule exists for, checked at the moment of commit instead of waiting for the
         unlucky schedule that actually loses the entry (the paper's Figure 8).
         """
-        raw = node.raw
-        c = raw.log.committed
-        term = raw.log.term(c)
+        c = st.commit
+        term = node.raw.term_at(c)
         if term is None:
             return
-        conf = raw.conf
+        conf = st.conf
         for x in conf.voters | conf.voters_outgoing:
             xn = self.nodes[x]
-            xlog = xn.raw.log
-            if c <= xlog.offset or xlog.term(c) == term:
+            if xn.raw.term_at(c) == term:
                 continue  # X holds c
-            x_last = (xlog.last_term(), xlog.last_index())
+            xst = xn.raw.status()
+            if c < xst.first_index:
+                continue  # X holds c, in its snapshot
+            x_last = (xst.last_term, xst.last_index)
             supporters = {x}
             for y, yn in self.nodes.items():
                 if y != x and x_last >= yn.disk_last():
                     supporters.add(y)
             if quorum.has_quorum(conf, supporters):
                 raise SafetyViolation(
-                    f"commit safety: leader {node.id} (term {raw.term}) committed index {c} "
+                    f"commit safety: leader {node.id} (term {st.term}) committed index {c} "
                     f"(term {term}), but node {x}, which lacks it, can still be elected with "
                     f"votes from {sorted(supporters)}"
                 )
 
-    def _check_leader_completeness(self, node: SimNode) -> None:
+    def _check_leader_completeness(self, node: SimNode, st) -> None:
         c = self.max_applied
-        if c == 0:
+        if c == 0 or c < st.first_index:
             return
-        log = node.raw.log
-        if c <= log.offset:
-            return
-        term = log.term(c)
+        term = node.raw.term_at(c)
         if term != self.applied_at[c][0]:
             raise SafetyViolation(
-                f"leader completeness: node {node.id} leads term {node.raw.term} but its log has "
+                f"leader completeness: node {node.id} leads term {st.term} but its log has "
                 f"term {term} at committed index {c} (committed term {self.applied_at[c][0]})"
             )
 
     def _check_log_matching(self, node: SimNode, entries) -> None:
-        prev_term = node.raw.log.term(entries[0].index - 1)
+        prev_term = node.raw.term_at(entries[0].index - 1)
         for e in entries:
             key = (e.index, e.term)
             seen = self.entry_ids.get(key)
@@ -518,10 +517,11 @@ class Simulation:
     def _current_leader(self) -> int:
         best = None
         for n in self.nodes.values():
-            if n.alive and n.raw.role == StateRole.LEADER:
-                if best is None or n.raw.term > best.raw.term:
-                    best = n
-        return best.id if best else 0
+            st = n.raw.status() if n.alive else None
+            if st is not None and st.role == StateRole.LEADER:
+                if best is None or st.term > best[1]:
+                    best = (n.id, st.term)
+        return best[0] if best else 0
 
     def _crash(self, node_id: int) -> None:
         node = self.nodes[node_id]
@@ -603,7 +603,7 @@ class Simulation:
     def _change_membership(self, leader: int) -> None:
         rng = self.rng
         raw = self.nodes[leader].raw
-        voters = sorted(raw.conf.voters)
+        voters = sorted(raw.status().conf.voters)
         try:
             if self.learners and rng.random() < 0.6:
                 node = self.learners[0]
@@ -740,7 +740,7 @@ class Simulation:
                     self._after_input(node)
                 except ProposalRefused:
                     return False
-            return node.raw.applied >= probe["index"] and node.raw.log.term(
+            return node.raw.status().applied >= probe["index"] and node.raw.term_at(
                 probe["index"]) in (probe["term"], None)
 
         self._run_until(deadline, stop=committed)
