@@ -135,7 +135,7 @@ def test_an_acknowledgement_of_entries_never_sent_is_ignored():
     commit = leader.commit
     leader.step(Message(MsgType.APP_RESP, 1, 2, leader.term, index=leader.log.last_index() + 50))
     leader.step(Message(MsgType.APP_RESP, 1, 3, leader.term, index=leader.log.last_index() + 50))
-    assert leader.commit == commit and leader.prs[2].match <= leader.log.last_index()
+    assert leader.commit == commit and leader.tracker.progress[2].match <= leader.log.last_index()
 
 
 def test_an_undecodable_configuration_change_is_skipped_on_apply():

@@ -69,7 +69,7 @@ def _figure8_up_to_c() -> tuple[Network, Message]:
 def test_figure8_entry_from_an_earlier_term_on_a_majority_is_not_committed():
     net, _ = _figure8_up_to_c()
     leader = net.nodes[1]
-    assert {n: leader.prs[n].match for n in (1, 2, 3)} == {1: 3, 2: 3, 3: 2}
+    assert {n: leader.tracker.progress[n].match for n in (1, 2, 3)} == {1: 3, 2: 3, 3: 2}
     holders = [n for n in net.nodes if (2, 2) in net.log(n)]
     assert holders == [1, 2, 3]  # a majority of five holds (2, term 2)...
     assert leader.commit == 1  # ...but replicas are counted only for the leader's own term
@@ -134,7 +134,7 @@ def test_commit_needs_a_majority_of_voters():
     net.isolate(3, 4, 5)
     net.propose(1, b"x")
     net.stabilize()
-    assert leader.commit == 2 and leader.prs[2].match == 3  # two of five hold index 3
+    assert leader.commit == 2 and leader.tracker.progress[2].match == 3  # two of five hold index 3
     net.heal()
     net.isolate(4, 5)
     net.run(1)  # the heartbeat round brings node 3 back

@@ -60,7 +60,7 @@ def test_add_voter_goes_through_a_joint_configuration_and_leaves_it_automaticall
         (4, EntryType.CONF_CHANGE),
     ]
     assert ConfChange.decode(entries[3].data) == ConfChange()
-    assert leader.commit == 4 and set(leader.prs) == {1, 2, 3, 4}
+    assert leader.commit == 4 and set(leader.tracker.progress) == {1, 2, 3, 4}
     net.propose(1, b"with 4")
     net.stabilize()
     assert net.sm[4].data == [b"with 4"]
@@ -113,7 +113,7 @@ def test_joint_configuration_needs_a_majority_of_both_halves():
     net.stabilize()
     net.propose(1, b"x")
     net.stabilize()
-    assert leader.prs[4].match == leader.prs[5].match == leader.log.last_index()
+    assert leader.tracker.progress[4].match == leader.tracker.progress[5].match == leader.log.last_index()
     assert leader.commit < leader.log.last_index() and leader.conf.joint
     net.heal()
     net.run(1)
@@ -127,7 +127,7 @@ def test_remove_a_voter():
     change(net, 1, (REMOVE, 3))
     net.stabilize()
     assert net.confs[1] == [conf({1, 2, 3}), conf({1, 2}, {1, 2, 3}), conf({1, 2})]
-    assert set(leader.prs) == {1, 2}
+    assert set(leader.tracker.progress) == {1, 2}
     net.crash(3)
     net.propose(1, b"two of two")
     net.stabilize()
@@ -186,7 +186,7 @@ def test_learners_receive_entries_but_neither_vote_nor_count_for_commit():
     net.isolate(2, 3)
     net.propose(1, b"learners only")
     net.stabilize()
-    assert leader.prs[4].match == leader.prs[5].match == leader.log.last_index()
+    assert leader.tracker.progress[4].match == leader.tracker.progress[5].match == leader.log.last_index()
     assert leader.commit == leader.log.last_index() - 1
     # They never campaign, and nobody asks them for a vote.
     net.heal()

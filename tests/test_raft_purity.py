@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parent.parent / "raftcache" / "core"
-PURE = ("messages", "raft", "log", "progress", "quorum", "validate")
+PURE = ("messages", "raft", "log", "progress", "quorum", "validate", "tracker", "read_only")
 ALLOWED = {"__future__", "attrs", "enum", "json", "collections", "typing", "random"}
 IO_BUILTINS = {"open", "print", "input", "exec", "eval", "compile", "__import__", "breakpoint"}
 

@@ -61,7 +61,7 @@ def test_figure7_style_divergence_needs_few_round_trips_per_follower():
 def test_stale_rejection_is_ignored():
     net = Network.bootstrap([1, 2, 3])
     leader = net.elect(1)
-    pr = leader.prs[2]
+    pr = leader.tracker.progress[2]
     assert pr.state == ProgressState.REPLICATE and pr.match == 2
     before = (pr.match, pr.next, pr.state)
     # A rejection of an append at an index it has since acknowledged: nothing to redo.
@@ -74,7 +74,7 @@ def test_stale_rejection_is_ignored():
 def test_pipelining_keeps_max_inflight_appends_in_flight():
     net = Network.bootstrap([1, 2, 3], max_inflight=3)
     leader = net.elect(1)
-    assert leader.prs[2].state == ProgressState.REPLICATE
+    assert leader.tracker.progress[2].state == ProgressState.REPLICATE
     for i in range(5):
         net.propose(1, b"p%d" % i)  # indexes 3..7, one Ready each, nothing delivered
     apps = [m for m in net.queue if m.type == MsgType.APP and m.to == 2]
@@ -83,7 +83,7 @@ def test_pipelining_keeps_max_inflight_appends_in_flight():
         (3, [4]),
         (4, [5]),
     ]
-    assert list(leader.prs[2].inflights) == [3, 4, 5]
+    assert list(leader.tracker.progress[2].inflights) == [3, 4, 5]
     # One acknowledgement frees one slot: the two unsent entries go out together.
     net.deliver(lambda m: m is apps[0])
     net.deliver(lambda m: m.type == MsgType.APP_RESP and m.frm == 2)
@@ -93,7 +93,7 @@ def test_pipelining_keeps_max_inflight_appends_in_flight():
         (4, [5]),
         (5, [6, 7]),
     ]
-    assert list(leader.prs[2].inflights) == [4, 5, 7]
+    assert list(leader.tracker.progress[2].inflights) == [4, 5, 7]
     net.stabilize()
     assert net.log(2) == net.log(1) and net.nodes[2].commit == 7
 
@@ -106,7 +106,7 @@ def test_pipeline_recovers_when_every_inflight_append_is_lost():
         net.propose(1, b"p%d" % i)
     net.stabilize()
     assert leader.commit == 6  # with node 3
-    assert leader.prs[2].is_paused(2) and net.nodes[2].log.last_index() == 2
+    assert leader.tracker.progress[2].is_paused(2) and net.nodes[2].log.last_index() == 2
     net.heal()
     net.run(3)  # heartbeats must get the follower going again
     assert net.log(2) == net.log(1) and net.nodes[2].commit == 6
@@ -127,7 +127,7 @@ def test_lost_append_in_the_middle_of_a_pipeline_is_resent():
     assert [m.index for m in _rejections(net, 2)] == [4, 5]
     after_3 = [m for m in net.messages(MsgType.APP, to=2) if m.index == 3]
     assert [[e.index for e in m.entries] for m in after_3] == [[4], [4, 5, 6]]  # lost, resent
-    assert leader.prs[2].state == ProgressState.REPLICATE
+    assert leader.tracker.progress[2].state == ProgressState.REPLICATE
     assert net.log(2) == net.log(1) and net.nodes[2].commit == 6
 
 
@@ -169,7 +169,7 @@ def test_leader_counts_itself_for_commit_only_after_advance():
     (ack,) = net.take(lambda m: m.type == MsgType.APP_RESP)
     leader.step(ack)
     # Follower 2 has index 3, but the leader has not persisted it yet: no quorum.
-    assert leader.prs[2].match == 3 and leader.prs[1].match == 2
+    assert leader.tracker.progress[2].match == 3 and leader.tracker.progress[1].match == 2
     assert leader.commit == 2
     leader.advance(rd)
     assert leader.commit == 3
@@ -249,7 +249,7 @@ def test_heartbeat_never_advances_a_follower_commit_past_its_match():
     net.drop(lambda m: m.type == MsgType.APP and m.to == 3)
     net.propose(1, b"x")
     net.stabilize()
-    assert leader.commit == 3 and leader.prs[3].match == 2
+    assert leader.commit == 3 and leader.tracker.progress[3].match == 2
     net.tick(1)
     (hb,) = [m for m in net.queue if m.type == MsgType.HEARTBEAT and m.to == 3]
     assert hb.commit == 2

@@ -82,7 +82,7 @@ def _snaps_to_3(net: Network) -> list[tuple[int, int, bool]]:
 def test_far_behind_follower_gets_the_snapshot_in_chunks_then_appends():
     net, snap = _far_behind()
     net.run(1)  # a heartbeat: node 3 answers, the leader finds it needs the snapshot
-    assert net.nodes[1].prs[3].state != ProgressState.SNAPSHOT  # done within the round
+    assert net.nodes[1].tracker.progress[3].state != ProgressState.SNAPSHOT  # done within the round
     chunks = _snaps_to_3(net)
     n = math.ceil(len(snap.data) / CHUNK)
     assert len(chunks) == n >= 4
@@ -102,7 +102,7 @@ def test_far_behind_follower_gets_the_snapshot_in_chunks_then_appends():
     net.stabilize()
     (app,) = [m for m in net.messages(MsgType.APP, to=3) if m.entries and m.index >= 32]
     assert (app.index, app.log_term, [e.index for e in app.entries]) == (32, 2, [33])
-    assert net.nodes[1].prs[3].state == ProgressState.REPLICATE
+    assert net.nodes[1].tracker.progress[3].state == ProgressState.REPLICATE
     assert net.sm[3].data[-1] == b"after" and node3.log.last_index() == 33
 
 
@@ -111,7 +111,7 @@ def test_lost_chunk_is_resent():
     net.drop(lambda m: m.type == MsgType.SNAP and m.offset == CHUNK, times=1)
     net.run(1)
     assert [off for off, _, _ in _snaps_to_3(net)] == [0, CHUNK]  # stop and wait
-    assert net.nodes[1].prs[3].state == ProgressState.SNAPSHOT
+    assert net.nodes[1].tracker.progress[3].state == ProgressState.SNAPSHOT
     resend = net.make_config(1).snapshot_resend_ticks
     net.run(resend - 1)
     assert len(_snaps_to_3(net)) == 2
@@ -126,10 +126,10 @@ def test_lost_final_acknowledgement_is_recovered():
     net.drop(lambda m: m.type == MsgType.APP_RESP and m.frm == 3 and not m.reject, times=1)
     net.run(1)
     assert net.nodes[3].log.offset == 32
-    assert net.nodes[1].prs[3].state == ProgressState.SNAPSHOT  # it does not know yet
+    assert net.nodes[1].tracker.progress[3].state == ProgressState.SNAPSHOT  # it does not know yet
     net.run(5)
-    assert net.nodes[1].prs[3].state == ProgressState.REPLICATE
-    assert net.nodes[1].prs[3].match == 32
+    assert net.nodes[1].tracker.progress[3].state == ProgressState.REPLICATE
+    assert net.nodes[1].tracker.progress[3].match == 32
     assert len([m for m in net.messages(MsgType.SNAP, to=3) if m.done]) == 2  # resent once
 
 

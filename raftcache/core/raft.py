@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import random
-from collections import OrderedDict
 from collections.abc import Callable
 
 import attrs
@@ -46,6 +45,8 @@ from .messages import (
     Status,
 )
 from .progress import Progress, ProgressState
+from .read_only import ReadOnly
+from .tracker import ProgressTracker
 
 _TRANSFER_CONTEXT = b"transfer"  # a campaign started by TimeoutNow may ignore leader leases
 
@@ -97,13 +98,6 @@ class PersistedState:
     entries: tuple[Entry, ...] = ()
 
 
-@attrs.define(slots=True)
-class _ReadRequest:
-    index: int
-    requester: NodeId
-    acks: set
-
-
 class RawNode:
     """One Raft peer. See the module docstring for the driving contract."""
 
@@ -121,8 +115,8 @@ class RawNode:
         self._lead = NONE
         self._role = StateRole.FOLLOWER
         self.conf = persisted.snapshot.meta.conf_state if persisted.snapshot else ConfState()
-        self.prs: dict[NodeId, Progress] = {}
-        self.votes: dict[NodeId, bool] = {}
+        self.tracker = ProgressTracker()  # the others' progress and votes
+        self.read_only = ReadOnly()  # pending ReadIndex requests and lease acknowledgements
         self.msgs: list[Message] = []
         self.read_states: list[ReadState] = []
         self.ticks = 0  # monotonic count of tick() calls: the only clock
@@ -132,9 +126,6 @@ class RawNode:
         self.lead_transferee = NONE
         self.timeout_now_sent = False  # this term: a TimeoutNow went out, so no more lease reads
         self.pending_conf_index = 0
-        self._reads: OrderedDict[bytes, _ReadRequest] = OrderedDict()
-        self._reads_waiting_for_commit: list[tuple[bytes, NodeId, bool]] = []
-        self._lease_acks: dict[NodeId, int] = {}  # peer -> newest heartbeat tick it echoed
         self._booting = True  # until one election timeout passes, act as if a leader was seen
         self._needs_broadcast = False
         self._pending_snapshot: Snapshot | None = None  # received from the leader, not yet saved
@@ -277,7 +268,7 @@ class RawNode:
             return
         self.election_elapsed = 0  # the transfer gets one election timeout to finish
         self.lead_transferee = target
-        pr = self.prs[target]
+        pr = self.tracker.progress[target]
         if pr.match == self.log.last_index():
             self._send_timeout_now(target)
         else:
@@ -376,7 +367,7 @@ class RawNode:
                 self._apply_conf_change(cc)
         if self._role == StateRole.LEADER:
             # The leader counts itself towards a quorum only for what it has made durable.
-            me = self.prs.get(self.id)
+            me = self.tracker.progress.get(self.id)
             if me is not None and me.maybe_update(self.log.stable):
                 self._maybe_commit()
             if (
@@ -438,10 +429,8 @@ class RawNode:
         if self.lead_transferee != NONE or self.timeout_now_sent:
             return False
         # A voter we have not heard from this term has acknowledged nothing: not even tick 0.
-        acks = dict.fromkeys(self.conf.voters | self.conf.voters_outgoing, -self.config.election_tick)
-        acks.update(self._lease_acks)
-        acks[self.id] = self.ticks
-        quorum_tick = quorum.committed_index(self.conf, acks)
+        quorum_tick = self.read_only.quorum_tick(self.conf, self.id, self.ticks,
+                                                 never=-self.config.election_tick)
         lease = self.config.election_tick - self.config.lease_margin_ticks
         return self.ticks < quorum_tick + lease
 
@@ -455,7 +444,7 @@ class RawNode:
 
     def _become_pre_candidate(self) -> None:
         # A pre-candidate changes neither its term nor its vote: that is the point of pre-vote.
-        self.votes = {}
+        self.tracker.reset_votes()
         self._lead = NONE
         self._role = StateRole.PRE_CANDIDATE
 
@@ -468,7 +457,7 @@ class RawNode:
         self._reset(self._term)
         self._lead = self.id
         self._role = StateRole.LEADER
-        me = self.prs.get(self.id)
+        me = self.tracker.progress.get(self.id)
         if me is not None:
             me.become_replicate()
         # No conf change until everything in our log is applied: we cannot know whether an
@@ -488,28 +477,11 @@ class RawNode:
             self.config.election_tick
         )
         self.lead_transferee = NONE
-        self.votes = {}
-        self._reads.clear()
-        self._reads_waiting_for_commit.clear()
-        self._lease_acks.clear()
-        last = self.log.last_index()
-        for node, pr in self.prs.items():
-            mine = node == self.id
-            pr.restart(match=self.log.stable if mine else 0, next=last + 1, active=mine)
+        self.read_only.reset()
+        self.tracker.restart(self.id, self.log.last_index(), self.log.stable)
 
     def _rebuild_progress(self) -> None:
-        last = self.log.last_index()
-        nodes = self.conf.all_nodes()
-        for node in list(self.prs):
-            if node not in nodes:
-                del self.prs[node]
-        for node in nodes:
-            if node not in self.prs:
-                self.prs[node] = Progress(
-                    match=self.log.stable if node == self.id else 0,
-                    next=last + 1,
-                    recent_active=True,  # give new members one check-quorum round of grace
-                )
+        self.tracker.rebuild(self.conf, self.id, self.log.last_index(), self.log.stable)
 
     # ==========================================================================================
     # Ticks
@@ -528,11 +500,10 @@ class RawNode:
         if self.election_elapsed >= self.config.election_tick:
             self.election_elapsed = 0
             if self.config.check_quorum:
-                if not self._quorum_active():
+                if not self.tracker.quorum_active(self.conf, self.id):
                     self.become_follower(self._term, NONE)  # we lost touch with a majority
                     return
-                for node, pr in self.prs.items():
-                    pr.recent_active = node == self.id
+                self.tracker.start_activity_round(self.id)
             if self.lead_transferee != NONE:
                 self.lead_transferee = NONE  # the transfer did not finish in time: abort it
         if self.heartbeat_elapsed >= self.config.heartbeat_tick:
@@ -589,8 +560,7 @@ class RawNode:
 
     def _poll(self, node: NodeId, granted: bool) -> bool:
         """Record a vote; returns True when the campaign is decided."""
-        self.votes.setdefault(node, granted)
-        result = quorum.vote_result(self.conf, self.votes)
+        result = self.tracker.record_vote(self.conf, node, granted)
         if result == quorum.VoteResult.WON:
             if self._role == StateRole.PRE_CANDIDATE:
                 self._campaign(pre=False, transfer=False)
@@ -659,7 +629,7 @@ class RawNode:
         if t == MsgType.READ_INDEX:
             self._handle_read_index(m.context, m.frm, m.index == 1)
             return
-        pr = self.prs.get(m.frm)
+        pr = self.tracker.progress.get(m.frm)
         if pr is None:
             return  # not (or no longer) a member
         if t in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP, MsgType.SNAP_RESP):
@@ -670,9 +640,7 @@ class RawNode:
             pr.probe_sent = False
             if pr.state == ProgressState.REPLICATE and pr.is_paused(self.config.max_inflight):
                 pr.inflights.popleft()  # appends may have been lost: let one more through
-            # An echo of a tick we never sent would extend the lease: ignore it.
-            if self._lease_acks.get(m.frm, -1) < m.tick <= self.ticks:
-                self._lease_acks[m.frm] = m.tick
+            self.read_only.record_lease_ack(m.frm, m.tick, self.ticks)
             if pr.match < self.log.last_index():
                 self._send_append(m.frm)
             if m.context:
@@ -706,16 +674,15 @@ class RawNode:
         self._needs_broadcast = False
         if self._role != StateRole.LEADER:
             return
-        for node in self.prs:
-            if node != self.id:
-                self._send_append(node)
-                while self.prs[node].state == ProgressState.REPLICATE and self._send_append(
-                    node, send_if_empty=False
-                ):
-                    pass  # pipelining: keep filling the window
+        for node, pr in self.tracker.peers(self.id):
+            self._send_append(node)
+            while pr.state == ProgressState.REPLICATE and self._send_append(
+                node, send_if_empty=False
+            ):
+                pass  # pipelining: keep filling the window
 
     def _send_append(self, to: NodeId, send_if_empty: bool = True) -> bool:
-        pr = self.prs[to]
+        pr = self.tracker.progress[to]
         if pr.is_paused(self.config.max_inflight):
             return False
         prev = pr.next - 1
@@ -792,34 +759,26 @@ class RawNode:
         self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context, tick=m.tick)
 
     def _broadcast_heartbeat(self, context: bytes | None = None) -> None:
-        if context is None and self._reads:
-            context = next(reversed(self._reads))  # piggyback the newest pending read
-        for node, pr in self.prs.items():
-            if node != self.id:
-                self.msgs.append(Message(type=MsgType.HEARTBEAT, to=node, frm=self.id,
-                                         term=self._term,
-                                         commit=min(pr.match, self.log.committed),
-                                         context=context or b"", tick=self.ticks))
+        if context is None:
+            context = self.read_only.newest_context()  # piggyback the newest pending read
+        for node, pr in self.tracker.peers(self.id):
+            self.msgs.append(Message(type=MsgType.HEARTBEAT, to=node, frm=self.id,
+                                     term=self._term, commit=min(pr.match, self.log.committed),
+                                     context=context or b"", tick=self.ticks))
 
     def _commit_allowed(self, index: int) -> bool:
         """Raft 5.4.2: count replicas only for entries of the leader's own term."""
         return self.log.term(index) == self._term
 
     def _maybe_commit(self) -> bool:
-        acked = {node: pr.match for node, pr in self.prs.items()}
-        index = quorum.committed_index(self.conf, acked)
+        index = self.tracker.committed_index(self.conf)
         if index <= self.log.committed or not self._commit_allowed(index):
             return False
         self.log.commit_to(index)
-        if self._reads_waiting_for_commit and self._committed_in_current_term():
-            waiting, self._reads_waiting_for_commit = self._reads_waiting_for_commit, []
-            for ctx, requester, lease in waiting:
+        if self.read_only.waiting_for_commit and self._committed_in_current_term():
+            for ctx, requester, lease in self.read_only.take_waiting():
                 self._handle_read_index(ctx, requester, lease)
         return True
-
-    def _quorum_active(self) -> bool:
-        active = {node for node, pr in self.prs.items() if pr.recent_active or node == self.id}
-        return quorum.has_quorum(self.conf, active)
 
     # ==========================================================================================
     # Snapshots
@@ -841,12 +800,9 @@ class RawNode:
                                  offset=off, data=chunk, done=off + len(chunk) >= len(snap.data)))
 
     def _resend_stalled_snapshots(self) -> None:
-        for node, pr in self.prs.items():
-            if (
-                pr.state == ProgressState.SNAPSHOT
-                and self.ticks - pr.snapshot_sent_tick >= self.config.snapshot_resend_ticks
-            ):
-                self._send_snapshot_chunk(node, pr)
+        for node, pr in self.tracker.stalled_snapshots(self.ticks,
+                                                       self.config.snapshot_resend_ticks):
+            self._send_snapshot_chunk(node, pr)
 
     def _handle_snapshot_response(self, m: Message, pr: Progress) -> None:
         if pr.state != ProgressState.SNAPSHOT or pr.snapshot.meta.index != m.index:
@@ -915,28 +871,19 @@ class RawNode:
         so reads wait for that; then a heartbeat round proves nobody deposed us meanwhile.
         """
         if not self._committed_in_current_term():
-            self._reads_waiting_for_commit.append((context, requester, lease))
+            self.read_only.wait_for_commit(context, requester, lease)
             return
         index = self.log.committed
         if quorum.has_quorum(self.conf, {self.id}) or (lease and self.lease_valid()):
             self._answer_read(context, requester, index)
             return
-        self._reads[context] = _ReadRequest(index, requester, {self.id})
+        self.read_only.add(context, index, requester, self.id)
         self._broadcast_heartbeat(context)
 
     def _ack_read(self, context: bytes, frm: NodeId) -> None:
-        req = self._reads.get(context)
-        if req is None:
-            return
-        req.acks.add(frm)
-        if not quorum.has_quorum(self.conf, req.acks):
-            return
-        # A quorum answered this heartbeat, so every read queued before it is confirmed too.
-        while self._reads:
-            ctx, r = self._reads.popitem(last=False)
+        # A quorum answering this heartbeat confirms every read queued before it too.
+        for ctx, r in self.read_only.ack(context, frm, self.conf):
             self._answer_read(ctx, r.requester, r.index)
-            if ctx == context:
-                break
 
     def _answer_read(self, context: bytes, requester: NodeId, index: int) -> None:
         if requester == self.id:

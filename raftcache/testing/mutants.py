@@ -33,7 +33,7 @@ class ReadIndexWithoutHeartbeat(RawNode):
 
     def _handle_read_index(self, context: bytes, requester: int, lease: bool) -> None:
         if not self._committed_in_current_term():
-            self._reads_waiting_for_commit.append((context, requester, lease))
+            self.read_only.wait_for_commit(context, requester, lease)
             return
         self._answer_read(context, requester, self.log.committed)
 
