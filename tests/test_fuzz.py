@@ -27,6 +27,7 @@ from raftcache.core.hookspecs import TLSConfig
 from raftcache.core.messages import MAX_TERM, Entry, Message, MsgType
 from raftcache.core.operations import OPERATIONS
 from raftcache.plugins.transport import tcp_tls, thrift
+from raftcache.plugins.transport.common import tls_handshake
 from raftcache.testing import fuzz
 
 SENTINELS = {b"sentinel:%d" % i: b"value %d" % i for i in range(20)}
@@ -73,8 +74,8 @@ def _connect(cluster, node: int, cert: str = "client"):
         certs = os.path.join(cluster.data_dir, "certs")
         tls = TLSConfig(os.path.join(certs, "ca.pem"), os.path.join(certs, f"{cert}.pem"),
                         os.path.join(certs, f"{cert}-key.pem"))
-        sock = tcp_tls._handshake(tcp_tls._context(tls, server_side=False), sock,
-                                  server_hostname=host)
+        sock = tls_handshake(tcp_tls._context(tls, server_side=False), sock,
+                             server_hostname=host)
     return sock
 
 
@@ -235,7 +236,7 @@ def _send_as_peer(cluster, as_node: int, to_node: int, frame: bytes) -> None:
     secret = read_secret(os.path.join(cluster.data_dir, "cluster.secret"))
     t = thrift.ThriftTransport(as_node, "127.0.0.1:0", {}, None,
                                {"cluster_id": 1, "peer_secret": secret})
-    _exchange(t._dial_peer(to_node, cluster.address(to_node)).sock, frame)
+    _exchange(t._dial(to_node, cluster.address(to_node)).sock, frame)
 
 
 @settings(max_examples=80, **SETTINGS)

@@ -89,7 +89,7 @@ def authenticated_peer(cluster, as_node: int, to_node: int):
     secret = read_secret(os.path.join(cluster.data_dir, "cluster.secret"))
     t = thrift.ThriftTransport(as_node, "127.0.0.1:0", {}, None,
                                {"cluster_id": 1, "peer_secret": secret})
-    return t._dial_peer(to_node, cluster.address(to_node)).sock
+    return t._dial(to_node, cluster.address(to_node)).sock
 
 
 # ---- rows 1-4: forged Raft traffic -------------------------------------------------------------

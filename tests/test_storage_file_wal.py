@@ -54,11 +54,14 @@ def test_registered_by_entry_point():
 
 
 def test_unknown_option_lists_accepted_ones(d):
-    with pytest.raises(ValueError, match="segment_bytes, repair, fsync"):
+    with pytest.raises(ValueError, match=r"storage.options.segment_size: unknown key "
+                                         r"\(accepted: fsync, repair, segment_bytes\)"):
         FileWALStorage(1, str(d), {"segment_size": 10})
-    with pytest.raises(ValueError, match="segment_bytes"):
+    with pytest.raises(ValueError, match="storage.options.segment_bytes: expected an integer"):
         FileWALStorage(1, str(d), {"segment_bytes": "big"})
-    with pytest.raises(ValueError, match="repair"):
+    with pytest.raises(ValueError, match="storage.options.segment_bytes: must be at least 1024"):
+        FileWALStorage(1, str(d), {"segment_bytes": 10})
+    with pytest.raises(ValueError, match="storage.options.repair: expected true or false"):
         FileWALStorage(1, str(d), {"repair": "maybe"})
 
 

@@ -155,7 +155,8 @@ _F_SEQ = 2
 _F_IDENTITY = 4
 
 
-def _put_uvarint(out: bytearray, n: int) -> None:
+def put_uvarint(out: bytearray, n: int) -> None:
+    """Append `n` (>= 0) as LEB128; the one varint writer of the log and snapshot formats."""
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
@@ -165,20 +166,30 @@ def _put_uvarint(out: bytearray, n: int) -> None:
 def _uint(out: bytearray, n, what: str) -> None:
     if type(n) is not int or not 0 <= n <= _UMAX:  # bool is not a valid field value
         raise CommandError(f"{what} must be an integer in [0, 2**63), got {n!r}")
-    _put_uvarint(out, n)
+    put_uvarint(out, n)
+
+
+def put_svarint(out: bytearray, n: int) -> None:
+    """Append a signed 64-bit `n`, zigzag-encoded."""
+    put_uvarint(out, (n << 1) ^ (n >> 63))
+
+
+def put_blob(out: bytearray, b: bytes) -> None:
+    """Append `b` with its length in front."""
+    put_uvarint(out, len(b))
+    out += b
 
 
 def _sint(out: bytearray, n, what: str) -> None:
     if type(n) is not int or not _SMIN <= n <= _SMAX:
         raise CommandError(f"{what} must be a signed 64-bit integer, got {n!r}")
-    _put_uvarint(out, (n << 1) ^ (n >> 63))
+    put_svarint(out, n)
 
 
 def _bytes(out: bytearray, b, what: str) -> None:
     if type(b) is not bytes:
         raise CommandError(f"{what} must be bytes, got {type(b).__name__}")
-    _put_uvarint(out, len(b))
-    out += b
+    put_blob(out, b)
 
 
 def _str(out: bytearray, s, what: str) -> None:
@@ -194,7 +205,7 @@ def _ttl(out: bytearray, ttl) -> None:
     if ttl is None:
         out.append(0)
     elif type(ttl) is int and 0 < ttl <= _UMAX:
-        _put_uvarint(out, ttl)
+        put_uvarint(out, ttl)
     else:
         raise CommandError(f"ttl_ms must be None or a positive integer, got {ttl!r}")
 
@@ -231,7 +242,7 @@ def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
         items = cmd.items
         if type(items) is not tuple:
             raise CommandError(f"MSet items must be a tuple of (key, value), got {items!r}")
-        _put_uvarint(out, len(items))
+        put_uvarint(out, len(items))
         for item in items:
             if type(item) is not tuple or len(item) != 2:
                 raise CommandError(f"MSet items must be (key, value) pairs, got {item!r}")

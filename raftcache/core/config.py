@@ -17,8 +17,18 @@ import attrs
 from raftcache.core.messages import MAX_NODE_ID
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A configuration mistake, phrased for the operator: file, key, what is accepted."""
+
+
+class OptionError(ValueError):
+    """Raised by a plugin's options class (in a converter, validator or __attrs_post_init__)
+    for one of its options: `parse_options` names the full key."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option}: {problem}")
+        self.option = option
+        self.problem = problem
 
 
 @attrs.frozen
@@ -119,24 +129,45 @@ _TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", dict: 
                list: "an array", float: "a number"}
 
 
-def _build(cls, data, path: str, prefix: str):
+def _where(path: str | None, key: str) -> str:
+    return f"{path}: {key}" if path else key
+
+
+def _build(cls, data, path: str | None, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: {prefix or '(top)'}: expected a table")
+        raise ConfigError(f"{_where(path, prefix or '(top)')}: expected a table")
     fields = {f.name: f for f in attrs.fields(cls) if f.name != "path"}
     for key in data:
         if key not in fields:
             accepted = ", ".join(sorted(fields))
-            raise ConfigError(f"{path}: {prefix}{key}: unknown key (accepted: {accepted})")
+            raise ConfigError(f"{_where(path, prefix + str(key))}: unknown key "
+                              f"(accepted: {accepted})")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, field in fields.items():
         key = f"{prefix}{name}"
         if name not in data:
             if field.default is attrs.NOTHING:
-                raise ConfigError(f"{path}: {key}: missing (required)")
+                raise ConfigError(f"{_where(path, key)}: missing (required)")
             continue
         kwargs[name] = _convert(hints[name], data[name], path, key)
     return cls(**kwargs)
+
+
+def parse_options(cls, options: dict | None, key: str):
+    """A plugin's options (``[storage] options = {...}`` and alike) as the attrs class `cls`,
+    checked like the rest of a node's config: an unknown key, a wrong type or a value the class
+    refuses raises ConfigError naming the key (`key` is where the options sit, e.g.
+    "storage.options") and what is accepted. The class refuses a value by raising OptionError
+    (or ValueError) from a converter, validator or ``__attrs_post_init__``."""
+    try:
+        return _build(cls, dict(options or {}), None, key + ".")
+    except OptionError as exc:
+        raise ConfigError(f"{key}.{exc.option}: {exc.problem}") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _convert(hint, value, path: str, key: str):
@@ -151,7 +182,7 @@ def _convert(hint, value, path: str, key: str):
     if expected is not None and (
         not isinstance(value, expected) or (expected is int and isinstance(value, bool))
     ):
-        raise ConfigError(f"{path}: {key}: expected {_TYPE_NAMES[expected]}, got {value!r}")
+        raise ConfigError(f"{_where(path, key)}: expected {_TYPE_NAMES[expected]}, got {value!r}")
     return value
 
 

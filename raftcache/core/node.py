@@ -1,4 +1,5 @@
-"""The gevent node: drives the pure Raft core with real time, storage, network and clients.
+"""The gevent node: drives the pure Raft core with real time, storage, network and clients
+(docs/architecture.md follows a write and a read through it).
 
 One driver greenlet owns the Ready loop and carries out each Ready in the order the core needs:
 persist (in the threadpool, so fsync never blocks the hub; everything that queued up meanwhile
@@ -61,12 +62,14 @@ MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits 
 
 
 class _Pending:
-    """A client request waiting on the log."""
+    """A client request waiting on the log: a write for its entry (proposed in `term`), a read
+    for its read index (asked in `term`, of `leader`)."""
 
-    __slots__ = ("term", "result")
+    __slots__ = ("term", "leader", "result")
 
-    def __init__(self, term):  # writes: the entry's term; reads: (term, leader) when issued
+    def __init__(self, term: int, leader: int = NONE):
         self.term = term
+        self.leader = leader
         self.result = gevent.event.AsyncResult()
 
 
@@ -300,9 +303,8 @@ class Node:
         # Read requests issued under another leader may never be answered by the core; reads
         # are idempotent, so tell those clients to retry at once rather than time out.
         st = self.raw.status()
-        now = (st.term, st.lead)
         for ctx, pending in list(self._reads.items()):
-            if pending.term != now:
+            if (pending.term, pending.leader) != (st.term, st.lead):
                 del self._reads[ctx]
                 pending.result.set(api.error("Unavailable", reason))
 
@@ -560,7 +562,7 @@ class Node:
             except NotLeader as exc:
                 return self._not_leader(exc.leader, request)
             st = self.raw.status()
-            pending = self._reads[ctx] = _Pending((st.term, st.lead))
+            pending = self._reads[ctx] = _Pending(st.term, st.lead)
             self._wakeup.set()
             try:
                 outcome = pending.result.get(timeout=self._timeout(request))

@@ -1,4 +1,5 @@
-"""The cache's replicated state machine: what a committed write does, identically everywhere.
+"""The cache's replicated state machine: what a committed write does, identically everywhere
+(what users may rely on of it: docs/semantics.md).
 
 Every replica applies the same entries in the same order and must reach the same state and the
 same result, so nothing here reads a clock, draws randomness or does I/O besides the backend:
@@ -31,6 +32,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import attrs
 
@@ -48,6 +50,9 @@ from .commands import (
     Sweep,
     decode_envelope,
     fingerprint,
+    put_blob,
+    put_svarint,
+    put_uvarint,
 )
 
 _I64_MIN = -(1 << 63)
@@ -80,6 +85,16 @@ class ApplyError:
     reason: str
 
 
+class KeyMeta(NamedTuple):
+    """What the catalog keeps of a key (a tuple: a million keys cost no more than tuples)."""
+
+    version: int  # the log index of the entry that last wrote it
+    expiry: int | None  # the stamp at which it expires, or None
+
+    def live_at(self, now: int) -> bool:
+        return self.expiry is None or now < self.expiry
+
+
 @attrs.define(slots=True)
 class _Session:
     last_stamp_ms: int
@@ -109,7 +124,7 @@ class StateMachine:
 
     applied_index: int = attrs.field(init=False, default=0)
     last_stamp_ms: int = attrs.field(init=False, default=0)  # the state machine's "now"
-    _catalog: dict = attrs.field(init=False, factory=dict)  # key -> (version, expiry | None)
+    _catalog: dict = attrs.field(init=False, factory=dict)  # key -> KeyMeta
     _expiries: list = attrs.field(init=False, factory=list)  # heap of (expiry, key), lazy
     _ttl_keys: int = attrs.field(init=False, default=0)  # catalog keys with an expiry
     # (client_id, identity) -> _Session, least recently used first
@@ -186,7 +201,7 @@ class StateMachine:
             return existed
         if t is Cas:
             meta = self._live(cmd.key, now)
-            current = meta[0] if meta is not None else 0  # a missing key has version 0
+            current = meta.version if meta is not None else 0  # a missing key has version 0
             if current != cmd.expected_version:
                 return (False, None if meta is None else current)
             self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
@@ -251,24 +266,23 @@ class StateMachine:
         if blob is None:
             # The backend evicted it (Memcached). Other replicas may still hold it, so bump
             # the version like they do and keep the value unknown here: a miss.
-            self._catalog[key] = (index, meta[1])
+            self._catalog[key] = KeyMeta(index, meta.expiry)
             return ApplyError("OutcomeUnknown", f"the value of {key!r} was evicted from this "
                                                 f"node's backend; the {what} applied but its "
                                                 "result is unknown")
-        return decode_value(self.codecs, key, blob), meta[1]
+        return decode_value(self.codecs, key, blob), meta.expiry
 
     # -- the catalog --------------------------------------------------------------------------
-    def _live(self, key: bytes, now: int):
+    def _live(self, key: bytes, now: int) -> KeyMeta | None:
+        """The key's catalog entry, unless it is missing or expired at `now`."""
         meta = self._catalog.get(key)
-        if meta is None or (meta[1] is not None and now >= meta[1]):
-            return None
-        return meta
+        return meta if meta is not None and meta.live_at(now) else None
 
     def _write(self, key: bytes, value: bytes, version: int, expiry: int | None) -> None:
         old = self._catalog.get(key)
-        if old is not None and old[1] is not None:
+        if old is not None and old.expiry is not None:
             self._ttl_keys -= 1
-        self._catalog[key] = (version, expiry)
+        self._catalog[key] = KeyMeta(version, expiry)
         self.backend.set(key, value)
         if expiry is not None:
             self._ttl_keys += 1
@@ -287,7 +301,7 @@ class StateMachine:
         while heap and heap[0][0] <= up_to:
             expiry, key = heapq.heappop(heap)
             meta = catalog.get(key)
-            if meta is not None and meta[1] == expiry:
+            if meta is not None and meta.expiry == expiry:
                 self._remove(key)
                 count += 1
         return count
@@ -298,7 +312,7 @@ class StateMachine:
         while heap:
             expiry, key = heap[0]
             meta = catalog.get(key)
-            if meta is not None and meta[1] == expiry:
+            if meta is not None and meta.expiry == expiry:
                 return
             heapq.heappop(heap)
 
@@ -308,7 +322,7 @@ class StateMachine:
             self._rebuild_expiries()
 
     def _rebuild_expiries(self) -> None:
-        self._expiries = [(m[1], k) for k, m in self._catalog.items() if m[1] is not None]
+        self._expiries = [(m.expiry, k) for k, m in self._catalog.items() if m.expiry is not None]
         heapq.heapify(self._expiries)
         self._ttl_keys = len(self._expiries)
 
@@ -326,23 +340,21 @@ class StateMachine:
     def read(self, key: bytes, now_stamp_ms: int) -> tuple[bytes, int] | None:
         """(value as stored, version), or None when missing, expired at `now_stamp_ms`, or
         evicted by the backend."""
-        meta = self._catalog.get(key)
-        if meta is None or (meta[1] is not None and now_stamp_ms >= meta[1]):
+        meta = self._live(key, now_stamp_ms)
+        if meta is None:
             return None
         value = self.backend.get(key)
         if value is None:
             return None
-        return value, meta[0]
+        return value, meta.version
 
     def read_many(self, keys: Iterable[bytes], now_stamp_ms: int) -> list:
         return [self.read(key, now_stamp_ms) for key in keys]
 
     def version(self, key: bytes, now_stamp_ms: int) -> int | None:
         """The key's version from the catalog alone (no backend call)."""
-        meta = self._catalog.get(key)
-        if meta is None or (meta[1] is not None and now_stamp_ms >= meta[1]):
-            return None
-        return meta[0]
+        meta = self._live(key, now_stamp_ms)
+        return None if meta is None else meta.version
 
     def expired_keys_due(self, stamp_ms: int) -> bool:
         """Whether a Sweep(stamp_ms) would reclaim anything: the leader's cue to propose one."""
@@ -373,35 +385,35 @@ class StateMachine:
         """
         out = bytearray(SNAPSHOT_MAGIC)
         out.append(SNAPSHOT_VERSION)
-        _uvarint(out, self.applied_index)
-        _uvarint(out, self.last_stamp_ms)
-        _uvarint(out, len(self._catalog))
+        put_uvarint(out, self.applied_index)
+        put_uvarint(out, self.last_stamp_ms)
+        put_uvarint(out, len(self._catalog))
         get = self.backend.get
         for key in sorted(self._catalog):
             version, expiry = self._catalog[key]
-            _blob(out, key)
-            _uvarint(out, version)
-            _uvarint(out, 0 if expiry is None else expiry)  # expiries are always > 0
+            put_blob(out, key)
+            put_uvarint(out, version)
+            put_uvarint(out, 0 if expiry is None else expiry)  # expiries are always > 0
             value = get(key)
             if value is None:
                 out.append(0)
             else:
                 out.append(1)
-                _blob(out, value)
-        _uvarint(out, len(self._sessions))
+                put_blob(out, value)
+        put_uvarint(out, len(self._sessions))
         for (client_id, identity), session in self._sessions.items():  # LRU order matters
-            _blob(out, client_id.encode())
+            put_blob(out, client_id.encode())
             if identity is None:
                 out.append(0)
             else:
                 out.append(1)
-                _blob(out, identity.encode())
-            _uvarint(out, session.last_stamp_ms)
-            _svarint(out, session.floor)
-            _uvarint(out, len(session.results))
+                put_blob(out, identity.encode())
+            put_uvarint(out, session.last_stamp_ms)
+            put_svarint(out, session.floor)
+            put_uvarint(out, len(session.results))
             for seq, (fp, result) in session.results.items():
-                _svarint(out, seq)
-                _blob(out, fp)
+                put_svarint(out, seq)
+                put_blob(out, fp)
                 _encode_result(out, result)
         return bytes(out)
 
@@ -460,7 +472,7 @@ def _parse_snapshot(data: bytes):
             key = r.bytes_()
             version_ = r.uvarint()
             expiry = r.uvarint() or None
-            catalog[key] = (version_, expiry)
+            catalog[key] = KeyMeta(version_, expiry)
             present = r.u8()
             if present == 1:
                 values.append((key, r.bytes_()))
@@ -524,22 +536,6 @@ def _parse_int(blob: bytes) -> int | None:
     return n if _I64_MIN <= n <= _I64_MAX else None
 
 
-def _uvarint(out: bytearray, n: int) -> None:
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-
-
-def _svarint(out: bytearray, n: int) -> None:
-    _uvarint(out, (n << 1) ^ (n >> 63))
-
-
-def _blob(out: bytearray, b: bytes) -> None:
-    _uvarint(out, len(b))
-    out += b
-
-
 # Session results in snapshots: a tagged, recursive encoding of the few shapes apply returns.
 _R_NONE, _R_FALSE, _R_TRUE, _R_INT, _R_TUPLE, _R_LIST, _R_ERROR = range(7)
 
@@ -553,16 +549,16 @@ def _encode_result(out: bytearray, result) -> None:
         out.append(_R_TRUE)
     elif type(result) is int:
         out.append(_R_INT)
-        _svarint(out, result)
+        put_svarint(out, result)
     elif type(result) in (tuple, list):
         out.append(_R_TUPLE if type(result) is tuple else _R_LIST)
-        _uvarint(out, len(result))
+        put_uvarint(out, len(result))
         for item in result:
             _encode_result(out, item)
     elif type(result) is ApplyError:
         out.append(_R_ERROR)
-        _blob(out, result.kind.encode())
-        _blob(out, result.reason.encode("utf-8", "backslashreplace"))
+        put_blob(out, result.kind.encode())
+        put_blob(out, result.reason.encode("utf-8", "backslashreplace"))
     else:
         raise TypeError(f"cannot snapshot result {result!r}")
 

@@ -50,8 +50,10 @@ from collections.abc import Sequence
 
 import attrs
 
+from raftcache.core.config import OptionError, parse_options
 from raftcache.core.hookspecs import StorageProvider, hookimpl
-from raftcache.core.messages import ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMeta
+from raftcache.core.messages import Entry, EntryType, HardState, Snapshot
+from raftcache.plugins.storage.records import decode_meta, encode_meta
 
 log = logging.getLogger("raftcache.storage.file_wal")
 
@@ -68,14 +70,12 @@ _MIN_PAYLOAD = {KIND_ENTRY: ENTRY.size, KIND_HARD_STATE: HARD.size}
 
 SNAP_MAGIC = b"RCSNAP01"
 SNAP_HEADER = struct.Struct("<8sIQ")  # magic, crc32(body), body length
-SNAP_META = struct.Struct("<QQ")  # index, term; then three u32-counted lists of u64 node ids
 HS_MAGIC = b"RCHS"
 HS_FILE = struct.Struct("<4sIQQQ")  # magic, crc32(term, vote, commit), term, vote, commit
 _HS_BODY = struct.Struct("<QQQ")
 
 SEGMENT_RE = re.compile(r"(\d{20})\.seg")
 DEFAULT_SEGMENT_BYTES = 64 << 20
-OPTIONS = ("segment_bytes", "repair", "fsync")
 
 
 class WALCorruption(Exception):
@@ -117,14 +117,7 @@ def _parse(mv: memoryview, pos: int) -> tuple[int, int, int] | str:
 
 
 def _encode_snapshot(snapshot: Snapshot) -> bytes:
-    meta = snapshot.meta
-    parts = [SNAP_META.pack(meta.index, meta.term)]
-    cs = meta.conf_state
-    for ids in (cs.voters, cs.voters_outgoing, cs.learners):
-        ids = sorted(ids)
-        parts.append(struct.pack(f"<I{len(ids)}Q", len(ids), *ids))
-    parts.append(snapshot.data)
-    body = b"".join(parts)
+    body = encode_meta(snapshot.meta, "<") + snapshot.data
     return SNAP_HEADER.pack(SNAP_MAGIC, zlib.crc32(body), len(body)) + body
 
 
@@ -137,50 +130,32 @@ def _decode_snapshot(blob: bytes, name: str) -> Snapshot:
         raise WALCorruption(f"{name}: damaged snapshot file (bad magic, length or crc); "
                             "refusing to start")
     try:
-        index, term = SNAP_META.unpack_from(body)
-        pos = SNAP_META.size
-        lists = []
-        for _ in range(3):
-            (n,) = struct.unpack_from("<I", body, pos)
-            lists.append(frozenset(struct.unpack_from(f"<{n}Q", body, pos + 4)))
-            pos += 4 + 8 * n
+        meta, pos = decode_meta(body, 0, "<")
     except struct.error as exc:  # a checksum that matches, over a body that does not parse
         raise WALCorruption(f"{name}: malformed snapshot metadata ({exc}); refusing to start"
                             ) from None
-    conf = ConfState(voters=lists[0], voters_outgoing=lists[1], learners=lists[2])
-    return Snapshot(SnapshotMeta(index=index, term=term, conf_state=conf), bytes(body[pos:]))
+    return Snapshot(meta, bytes(body[pos:]))
 
 
 # ------------------------------------------------------------------------------------------------
 # Options
 # ------------------------------------------------------------------------------------------------
-def _bool(name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise ValueError(f"file-wal: option {name} must be true or false, got {value!r}")
+def _at_least_1024(_inst, attribute, value):
+    if value < 1024:
+        raise OptionError(attribute.name, f"must be at least 1024, got {value!r}")
 
 
 @attrs.frozen
 class Options:
-    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    """``[storage] options`` of file-wal."""
+
+    segment_bytes: int = attrs.field(default=DEFAULT_SEGMENT_BYTES, validator=_at_least_1024)
     repair: bool = False  # truncate the log at a corrupt record instead of refusing to start
     fsync: bool = True  # false: UNSAFE, benchmarks only
 
     @classmethod
     def parse(cls, options: dict | None) -> Options:
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"file-wal: unknown option(s) {', '.join(unknown)}; "
-                             f"accepted: {', '.join(OPTIONS)}")
-        size = options.get("segment_bytes", DEFAULT_SEGMENT_BYTES)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
-            raise ValueError(f"file-wal: option segment_bytes must be an integer >= 1024, "
-                             f"got {size!r}")
-        return cls(segment_bytes=size, repair=_bool("repair", options.get("repair", False)),
-                   fsync=_bool("fsync", options.get("fsync", True)))
+        return parse_options(cls, options, "storage.options")
 
 
 # ------------------------------------------------------------------------------------------------

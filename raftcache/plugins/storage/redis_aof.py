@@ -37,28 +37,27 @@ import struct
 import time
 import urllib.parse
 
+import attrs
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from raftcache.core.config import ConfigError
+from raftcache.core.config import ConfigError, OptionError, parse_options
 from raftcache.core.hookspecs import StorageProvider, hookimpl
 from raftcache.core.messages import (
-    ConfState,
     Entry,
     EntryType,
     HardState,
     Snapshot,
     SnapshotMeta,
 )
+from raftcache.plugins.storage import records
 
 log = logging.getLogger("raftcache.storage.redis_aof")
 
 FORMAT = 1  # leading byte of every encoded record; bump on a layout change
 _ENTRY = struct.Struct(">BQQB")  # format, index, term, type; then the data
 _HARD = struct.Struct(">BQQQ")  # format, term, vote, commit
-_META = struct.Struct(">BQQ")  # format, index, term; then three id lists (conf state)
-_COUNT = struct.Struct(">I")
 MARKER = "redis-aof.json"
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
@@ -83,7 +82,7 @@ def _damaged(what: str):
                 return decode(blob)
             except RedisAofError:
                 raise
-            except (struct.error, ValueError, TypeError) as exc:
+            except (struct.error, ValueError, TypeError, IndexError) as exc:
                 raise RedisAofError(f"storage redis-aof: a damaged {what} record "
                                     f"({len(blob)} bytes: {exc}); refusing to start") from None
         checked.__name__ = decode.__name__
@@ -111,24 +110,13 @@ def decode_hard_state(blob: bytes) -> HardState:
 
 
 def encode_meta(meta: SnapshotMeta) -> bytes:
-    out = [_META.pack(FORMAT, meta.index, meta.term)]
-    cs = meta.conf_state
-    for ids in (cs.voters, cs.voters_outgoing, cs.learners):
-        out.append(_COUNT.pack(len(ids)) + struct.pack(f">{len(ids)}Q", *sorted(ids)))
-    return b"".join(out)
+    return bytes((FORMAT,)) + records.encode_meta(meta, ">")
 
 
 @_damaged("snapshot meta")
 def decode_meta(blob: bytes) -> SnapshotMeta:
-    fmt, index, term = _META.unpack_from(blob)
-    _check_format(fmt, "snapshot meta")
-    pos, sets = _META.size, []
-    for _ in range(3):
-        (n,) = _COUNT.unpack_from(blob, pos)
-        pos += _COUNT.size
-        sets.append(frozenset(struct.unpack_from(f">{n}Q", blob, pos)))
-        pos += 8 * n
-    return SnapshotMeta(index=index, term=term, conf_state=ConfState(*sets))
+    _check_format(blob[0], "snapshot meta")
+    return records.decode_meta(blob, 1, ">")[0]
 
 
 def _check_format(fmt: int, what: str) -> None:
@@ -241,36 +229,32 @@ return 1
 """
 
 
-def _options(options: dict) -> dict:
-    known = {"url": str, "cluster": str, "accept_weak_durability": bool,
-             "socket_timeout": float, "socket_connect_timeout": float, "retry_timeout": float}
-    out = {"url": None, "cluster": "raftcache", "accept_weak_durability": False,
-           "socket_timeout": 10.0, "socket_connect_timeout": 2.0, "retry_timeout": 30.0}
-    for key, value in options.items():
-        if key not in known:
-            raise ConfigError(f"storage.options.{key}: unknown option of redis-aof "
-                              f"(accepted: {', '.join(sorted(known))})")
-        kind = known[key]
-        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            if value <= 0:
-                raise ConfigError(f"storage.options.{key}: expected seconds > 0, got {value!r}")
-            value = float(value)
-        elif not isinstance(value, kind):
-            raise ConfigError(f"storage.options.{key}: expected "
-                              f"{'true or false' if kind is bool else kind.__name__}, "
-                              f"got {value!r}")
-        out[key] = value
-    if not out["url"]:
-        raise ConfigError("storage.options.url: missing: the redis-aof storage needs "
-                          "url = \"redis://host:port/db\" (`raftcache up --storage redis-aof` "
-                          "starts a redis-server per node and sets it)")
-    scheme = urllib.parse.urlsplit(out["url"]).scheme
-    if scheme not in ("redis", "unix"):
-        raise ConfigError(f"storage.options.url: expected redis://host:port/db or "
-                          f"unix:///path, got {safe_url(out['url'])!r}")
-    if not out["cluster"] or any(c in out["cluster"] for c in "{}"):
-        raise ConfigError("storage.options.cluster: expected a non-empty name without braces")
-    return out
+def _seconds(_inst, attribute, value):
+    if not value > 0:
+        raise OptionError(attribute.name, f"expected seconds > 0, got {value!r}")
+
+
+@attrs.frozen
+class Options:
+    """``[storage] options`` of redis-aof (see the module docstring)."""
+
+    url: str = ""
+    cluster: str = "raftcache"
+    accept_weak_durability: bool = False
+    socket_timeout: float = attrs.field(default=10.0, validator=_seconds)
+    socket_connect_timeout: float = attrs.field(default=2.0, validator=_seconds)
+    retry_timeout: float = attrs.field(default=30.0, validator=_seconds)
+
+    def __attrs_post_init__(self):
+        if not self.url:
+            raise OptionError("url", "missing: the redis-aof storage needs url = "
+                              "\"redis://host:port/db\" (`raftcache up --storage redis-aof` "
+                              "starts a redis-server per node and sets it)")
+        if urllib.parse.urlsplit(self.url).scheme not in ("redis", "unix"):
+            raise OptionError("url", f"expected redis://host:port/db or unix:///path, got "
+                                     f"{safe_url(self.url)!r}")
+        if not self.cluster or any(c in self.cluster for c in "{}"):
+            raise OptionError("cluster", "expected a non-empty name without braces")
 
 
 # ================================================================================================
@@ -278,21 +262,21 @@ def _options(options: dict) -> dict:
 # ================================================================================================
 class RedisAofStorage:
     def __init__(self, node_id: int, data_dir: str | None, options: dict | None = None):
-        opts = _options(dict(options or {}))
+        opts = parse_options(Options, options, "storage.options")
         self.node_id = node_id
-        self.url = opts["url"]
+        self.url = opts.url
         self.where = safe_url(self.url)
-        self.accept_weak = opts["accept_weak_durability"]
-        self.retry_timeout = opts["retry_timeout"]
-        self.prefix = f"{{{opts['cluster']}:{node_id}}}"
+        self.accept_weak = opts.accept_weak_durability
+        self.retry_timeout = opts.retry_timeout
+        self.prefix = f"{{{opts.cluster}:{node_id}}}"
         self.keys = [f"{self.prefix}:{k}" for k in ("log", "hard", "snap", "owner")]
         self.marker = os.path.join(data_dir, MARKER) if data_dir else None
         unix = urllib.parse.urlsplit(self.url).scheme == "unix"
         # One pool, explicit timeouts, no hidden retries: our own retry loop decides.
         self.pool = redis.ConnectionPool.from_url(
             self.url, connection_class=_UnixConnection if unix else _TcpConnection,
-            socket_timeout=opts["socket_timeout"],
-            socket_connect_timeout=opts["socket_connect_timeout"], retry=Retry(NoBackoff(), 0),
+            socket_timeout=opts.socket_timeout,
+            socket_connect_timeout=opts.socket_connect_timeout, retry=Retry(NoBackoff(), 0),
         )
         self.redis = redis.Redis(connection_pool=self.pool)
         self._script = self.redis.register_script(_SAVE)

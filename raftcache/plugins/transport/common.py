@@ -12,6 +12,7 @@ import math
 import os
 import random
 import resource
+import socket
 import ssl
 import struct
 import time
@@ -20,15 +21,19 @@ from collections import Counter, deque
 import attrs
 import gevent
 import gevent.event
+import gevent.pool
 from gevent import ssl as gssl
+from gevent.server import StreamServer
 
+from raftcache import wire
+from raftcache.core.config import OptionError
 from raftcache.core.hookspecs import TLSConfig
-from raftcache.core.throttle import Throttle
+from raftcache.core.throttle import Throttle, problem_key
 
 
 def positive(_inst, attribute, value):
     if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+        raise OptionError(attribute.name, f"must be positive, got {value!r}")
 
 
 @attrs.frozen
@@ -81,20 +86,6 @@ TOO_MANY_ITEMS = ("the request holds more than {} keys, values or list items "
                   "(transport.options.max_request_items); send fewer at once")
 
 
-def options_from_dict(cls, transport: str, options: dict | None):
-    """`cls(**options)` with errors that name the transport and the accepted keys."""
-    options = dict(options or {})
-    known = {f.name for f in attrs.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"{transport}: unknown option(s) {', '.join(unknown)} "
-                         f"(accepted: {', '.join(sorted(known))})")
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{transport}: bad option: {exc}") from None
-
-
 _contexts: dict = {}
 
 
@@ -122,6 +113,43 @@ def tls_context(tls: TLSConfig, server_side: bool, transport: str) -> gssl.SSLCo
     except (OSError, ValueError) as exc:
         raise ValueError(f"{transport}: cannot load TLS files (ca={tls.ca}, cert={tls.cert}, "
                          f"key={tls.key}): {exc}") from None
+
+
+def tls_handshake(ctx, raw, server_side: bool = False, server_hostname: str | None = None):
+    """Wrap `raw` and handshake; on any failure (a gevent.Timeout included) close the socket.
+
+    Wrapping detaches `raw`, and the stdlib only closes the SSL socket on OSError/ValueError,
+    so a deadline firing mid-handshake would otherwise leak an open connection."""
+    sock = None
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
+                               do_handshake_on_connect=False)
+        sock.do_handshake()
+        return sock
+    except BaseException:
+        close_quietly(sock)
+        close_quietly(raw)
+        raise
+
+
+def tls_accept(ctx, raw, timeout: float, peer: str, closings: Throttle):
+    """The server side of a TLS handshake under a deadline, in the connection's own greenlet
+    (a silent client holds up nobody else): the TLS socket, or None, logged, and closed."""
+    timer = gevent.Timeout.start_new(timeout)
+    try:
+        return tls_handshake(ctx, raw, server_side=True)
+    except gevent.Timeout as t:
+        if t is not timer:
+            raise
+        closings.warning(peer.rpartition(":")[0], "%s: no TLS handshake within %gs; closed",
+                         peer, timeout)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        closings.warning(problem_key(peer.rpartition(":")[0], exc), "%s: TLS handshake "
+                         "failed: %s", peer, exc)
+    finally:
+        timer.close()
+    return None
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -369,6 +397,100 @@ class SocketBuffer:
         del self.buf[:end]
         self._started = time.monotonic() if self.buf else None
         return data
+
+
+# ---- the server both transports are ---------------------------------------------------------------
+class ServerBase:
+    """What both built-in transports' servers share: the node's identity and peers, options,
+    connection admission, the logging of closed connections, peer links, and a listener whose
+    accept loop never stops (admission refuses at once instead). A subclass names its
+    `Options` class and `logger`, and provides `_serve_conn(sock, addr)`, `_dial(peer_id,
+    address)` and `_encode_batch(messages)`."""
+
+    Options = TransportOptions
+    logger = logging.getLogger("raftcache.transport")
+
+    def __init__(self, node_id: int, address: str, peers: dict, tls: TLSConfig | None,
+                 options: dict | None = None):
+        self.node_id = node_id
+        self.address = address
+        self.peers = {int(k): v for k, v in (peers or {}).items()}
+        self.tls = tls
+        self.opts = self.Options.from_dict(options)
+        self.max_frame = self.opts.max_frame
+        self.handler = None
+        self.admission = Admission(self.opts.max_connections,
+                                   self.opts.max_connections_per_source, self.logger)
+        self._closings = Throttle(self.logger)
+        self._server: StreamServer | None = None
+        self._links = PeerLinks(node_id, self.peers, self.opts, dial=self._dial,
+                                encode=self._encode_batch)
+        self._closed = False
+
+    @property
+    def bound_address(self) -> str:
+        """host:port actually listened on (useful with port 0)."""
+        host, port = self._server.address[:2]
+        return f"{host}:{port}"
+
+    def serve(self, handler) -> None:
+        self.handler = handler
+        # An unbounded pool: _serve_conn admits or refuses at once; a bounded one would stop
+        # the accept loop when full and keep peers out with everyone else.
+        self._server = StreamServer(parse_address(self.address), self._serve_conn,
+                                    spawn=gevent.pool.Pool())
+        self._server.start()
+
+    def send(self, messages) -> None:
+        self._links.send(messages)
+
+    def dropped(self) -> dict[int, int]:
+        """Raft messages dropped so far because a peer's queue was full, by peer id."""
+        return self._links.dropped()
+
+
+# ---- Raft traffic in both directions ------------------------------------------------------------
+def deliver_batch(transport, batch, sender: int | None, slot: Slot, warn) -> None:
+    """Hand a peer's RaftBatch (decoded from a connection that proved it is node `sender`, or
+    from anyone when the transport authenticates no one) to the node.
+
+    A batch for another cluster is a ProtocolError (the connection is closed: a mistyped
+    address). A message that does not convert is dropped with `warn(text)`; what the node
+    must refuse besides (another recipient, another sender, values out of range) it drops and
+    counts itself. The first batch of a proven peer takes its connection out of the clients'
+    count.
+    """
+    if (batch.cluster_id or 0) != transport.opts.cluster_id:
+        raise ProtocolError(f"Raft batch for cluster {batch.cluster_id}, this node is in "
+                            f"cluster {transport.opts.cluster_id}")
+    if sender is not None and slot.peer is None:
+        transport.admission.promote(slot, sender)
+    messages = []
+    for w in batch.messages or ():
+        try:
+            messages.append(wire.message_from_wire(w))
+        except wire.WireError as exc:
+            warn(f"dropped a Raft message: {exc}")
+    if messages:
+        try:
+            transport.handler.handle_peer_messages(messages, sender)
+        except Exception:  # the node's bug, not the peer's: keep the link
+            log.exception("node %d: handle_peer_messages failed", transport.node_id)
+
+
+def encode_to_fit(batch: list, encode, fits, node_id: int) -> list[bytes]:
+    """`encode(messages)` for `batch`, halved until every piece `fits(payload)`; a single
+    message that cannot fit is dropped with a warning (Raft resends what matters)."""
+    payload = encode(batch)
+    if fits(payload):
+        return [payload]
+    if len(batch) == 1:
+        log.warning("node %d: dropping a %s message of %d bytes to peer %d (over max_frame)",
+                    node_id, batch[0].type.name, len(payload), batch[0].to)
+        return []
+    mid = len(batch) // 2
+    return (encode_to_fit(batch[:mid], encode, fits, node_id)
+            + encode_to_fit(batch[mid:], encode, fits, node_id))
 
 
 # ---- carrying Raft messages to peers -------------------------------------------------------------

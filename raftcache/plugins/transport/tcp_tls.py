@@ -24,7 +24,6 @@ import functools
 import itertools
 import logging
 import math
-import socket as stdlib_socket
 import struct
 import time
 
@@ -35,29 +34,31 @@ import gevent.lock
 import gevent.pool
 from gevent import socket as gsocket
 from gevent import ssl as gssl
-from gevent.server import StreamServer
 from thriftpy2.protocol import TCyBinaryProtocolFactory
 
 from raftcache import wire
 from raftcache.core import api
+from raftcache.core.config import parse_options
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
-from raftcache.core.throttle import Throttle, problem_key
+from raftcache.core.throttle import problem_key
 from raftcache.plugins.transport.common import (
     TOO_LARGE,
     TOO_MANY_ITEMS,
-    Admission,
     Idle,
     Oversized,
-    PeerLinks,
     ProtocolError,
+    ServerBase,
     SocketBuffer,
     TransportOptions,
     close_quietly,
-    options_from_dict,
+    deliver_batch,
+    encode_to_fit,
     parse_address,
     peer_node_id,
     positive,
+    tls_accept,
     tls_context,
+    tls_handshake,
 )
 
 log = logging.getLogger("raftcache.transport.tcp_tls")
@@ -90,7 +91,7 @@ class Options(TransportOptions):
 
     @classmethod
     def from_dict(cls, options: dict | None) -> Options:
-        return options_from_dict(cls, "tcp-tls", options)
+        return parse_options(cls, options, "transport.options")
 
 
 # ---- TLS ----------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def connect(address: str, tls: TLSConfig | None, timeout: float,
     try:
         # its own timeout too: it closes its socket on socket errors, not on gevent.Timeout
         raw = gsocket.create_connection((host, port), timeout=timeout)
-        sock = _handshake(ctx, raw, server_hostname=host)
+        sock = tls_handshake(ctx, raw, server_hostname=host)
     except gevent.Timeout as t:
         if t is not timer:
             raise
@@ -262,24 +263,6 @@ def connect(address: str, tls: TLSConfig | None, timeout: float,
         timer.close()
     sock.settimeout(opts.io_timeout)
     return TcpTlsConnection(sock, address, opts)
-
-
-def _handshake(ctx, raw, server_side: bool = False, server_hostname: str | None = None):
-    """Wrap and handshake; on any failure (a gevent.Timeout included) close the socket.
-
-    Wrapping detaches `raw`, and the stdlib only closes the SSL socket on OSError/ValueError,
-    so a deadline firing mid-handshake would otherwise leak an open connection."""
-    sock = None
-    try:
-        raw.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-        sock = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
-                               do_handshake_on_connect=False)
-        sock.do_handshake()
-        return sock
-    except BaseException:
-        close_quietly(sock)
-        close_quietly(raw)
-        raise
 
 
 # ---- server side --------------------------------------------------------------------------------
@@ -304,52 +287,21 @@ class _ServerConn:
         close_quietly(self.sock)
 
 
-class TcpTlsTransport:
+class TcpTlsTransport(ServerBase):
     """One node's listener and its links to peers (see the module docstring)."""
+
+    Options = Options
+    logger = log
 
     def __init__(self, node_id: int, address: str, peers: dict, tls: TLSConfig | None,
                  options: dict | None = None):
-        self.node_id = node_id
-        self.address = address
-        self.peers = {int(k): v for k, v in (peers or {}).items()}
-        self.tls = tls
-        self.opts = Options.from_dict(options)
-        self.max_frame = self.opts.max_frame
+        super().__init__(node_id, address, peers, tls, options)
         self._server_ctx = _context(tls, server_side=True)  # fails now, not at first connect
         _context(tls, server_side=False)
-        self._handler = None
-        self._server: StreamServer | None = None
-        self._links = PeerLinks(
-            node_id, self.peers, self.opts, encode=self._encode_batch,
-            dial=lambda _peer, address: connect(address, tls, self.opts.connect_timeout,
-                                                attrs.asdict(self.opts)))
         self._conns: dict[_ServerConn, gevent.pool.Pool] = {}  # open connections
-        self.admission = Admission(self.opts.max_connections,
-                                   self.opts.max_connections_per_source, log)
-        self._closings = Throttle(log)
-        self._closed = False
 
-    @property
-    def bound_address(self) -> str:
-        """host:port actually listened on (useful with port 0)."""
-        host, port = self._server.address[:2]
-        return f"{host}:{port}"
-
-    # -- Transport ------------------------------------------------------------------------------
-    def serve(self, handler) -> None:
-        self._handler = handler
-        host, port = parse_address(self.address)
-        # Unbounded: _serve_conn admits or refuses at once (a bounded pool would stop the
-        # accept loop, peers included).
-        self._server = StreamServer((host, port), self._serve_conn, spawn=gevent.pool.Pool())
-        self._server.start()
-
-    def send(self, messages) -> None:
-        self._links.send(messages)
-
-    def dropped(self) -> dict[int, int]:
-        """Raft messages dropped so far because a peer's queue was full, by peer id."""
-        return self._links.dropped()
+    def _dial(self, _peer: int, address: str) -> TcpTlsConnection:
+        return connect(address, self.tls, self.opts.connect_timeout, attrs.asdict(self.opts))
 
     def close(self) -> None:
         if self._closed:
@@ -366,16 +318,10 @@ class TcpTlsTransport:
 
     # -- peers ---------------------------------------------------------------------------------
     def _encode_batch(self, batch: list) -> list[bytes]:
-        payload = wire.encode(wire.batch_to_wire(batch, self.opts.cluster_id))
-        if len(payload) + _AFTER_LENGTH <= self.opts.max_frame:
-            return [payload]
-        if len(batch) == 1:
-            log.warning("node %d: dropping a %s message of %d bytes to peer %d (over "
-                        "max_frame %d)", self.node_id, batch[0].type.name, len(payload),
-                        batch[0].to, self.opts.max_frame)
-            return []
-        mid = len(batch) // 2
-        return self._encode_batch(batch[:mid]) + self._encode_batch(batch[mid:])
+        """PEER payloads carrying `batch`, split to fit max_frame."""
+        return encode_to_fit(
+            batch, lambda messages: wire.encode(wire.batch_to_wire(messages, self.opts.cluster_id)),
+            lambda payload: len(payload) + _AFTER_LENGTH <= self.max_frame, self.node_id)
 
     # -- server --------------------------------------------------------------------------------
     def _serve_conn(self, raw, addr) -> None:
@@ -385,21 +331,10 @@ class TcpTlsTransport:
             close_quietly(raw)
             return
         try:
-            timer = gevent.Timeout.start_new(self.opts.handshake_timeout)
-            try:
-                sock = _handshake(self._server_ctx, raw, server_side=True)
-            except gevent.Timeout as t:
-                if t is not timer:
-                    raise
-                self._closings.warning(addr[0], "%s: no TLS handshake within %gs; closed",
-                                       peer, self.opts.handshake_timeout)
+            sock = tls_accept(self._server_ctx, raw, self.opts.handshake_timeout, peer,
+                              self._closings)
+            if sock is None:
                 return
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                self._closings.warning(problem_key(addr[0], exc), "%s: TLS handshake failed: %s",
-                                       peer, exc)
-                return
-            finally:
-                timer.close()
             conn = _ServerConn(sock, peer, peer_node_id(sock), slot)
             slot.close = conn.close
             pool = gevent.pool.Pool(self.opts.max_inflight)
@@ -454,7 +389,9 @@ class TcpTlsTransport:
                     conn.slot.inflight += 1
                     pool.spawn(self._answer, conn, request_id, request)  # waits when full
                 elif kind == PEER:  # from a node's certificate: _frame_limit saw to that
-                    self._on_peer(conn, decode(wire.RaftBatch, payload))
+                    deliver_batch(self, decode(wire.RaftBatch, payload), conn.node_id,
+                                  conn.slot, lambda text: self._closings.warning(
+                                      ("bad", source), "%s: %s", conn.peer, text))
                 else:
                     raise ProtocolError(f"unexpected frame kind {KINDS.get(kind, kind)}")
         except (ProtocolError, wire.WireError) as exc:
@@ -468,25 +405,9 @@ class TcpTlsTransport:
                 self._closings.log(logging.INFO, problem_key(source, exc), "%s: connection "
                                    "lost: %s", conn.peer, exc)
 
-    def _on_peer(self, conn: _ServerConn, batch) -> None:
-        if (batch.cluster_id or 0) != self.opts.cluster_id:
-            raise ProtocolError(f"Raft batch for cluster {batch.cluster_id}, this node is in "
-                                f"cluster {self.opts.cluster_id}")
-        if conn.slot.peer is None:
-            self.admission.promote(conn.slot, conn.node_id)
-        messages = wire.batch_from_wire(batch)
-        for m in messages:
-            if m.to != self.node_id:
-                raise ProtocolError(f"message for node {m.to} reached node {self.node_id}")
-        if messages:
-            try:
-                self._handler.handle_peer_messages(messages, conn.node_id)
-            except Exception:  # the node's bug, not the peer's: keep the link
-                log.exception("node %d: handle_peer_messages failed", self.node_id)
-
     def _answer(self, conn: _ServerConn, request_id: int, request) -> None:
         try:
-            response = self._handler.handle_request(request)
+            response = self.handler.handle_request(request)
             payload = wire.encode(wire.response_to_wire(response))
         except Exception:  # the handler promises not to raise; keep the connection anyway
             log.exception("%s: request %r failed", conn.peer, getattr(request, "op", None))

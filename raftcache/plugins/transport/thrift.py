@@ -40,35 +40,36 @@ import gevent.event
 import gevent.pool
 from gevent import socket as gsocket
 from gevent import ssl as gssl
-from gevent.server import StreamServer
 from thriftpy2.protocol import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType, TProcessor
 from thriftpy2.transport import TCyBufferedTransport, TCyMemoryBuffer
 
 from raftcache import wire
 from raftcache.core import api
+from raftcache.core.config import parse_options
 from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
 from raftcache.core.messages import MAX_NODE_ID
 from raftcache.core.operations import OPERATIONS, Operation
-from raftcache.core.throttle import Throttle, problem_key
+from raftcache.core.throttle import problem_key
 from raftcache.plugins.transport.common import (
     HEAD_BYTES,
     NONCE_BYTES,
     TOO_LARGE,
     TOO_MANY_ITEMS,
-    Admission,
     Idle,
     Oversized,
-    PeerLinks,
     ProtocolError,
+    ServerBase,
     SocketBuffer,
     TransportOptions,
     close_quietly,
+    deliver_batch,
+    encode_to_fit,
     new_nonce,
-    options_from_dict,
     parse_address,
     peer_node_id,
     peer_proof,
+    tls_accept,
     tls_context,
 )
 
@@ -103,7 +104,7 @@ class Options(TransportOptions):
 
     @classmethod
     def from_dict(cls, options: dict | None) -> Options:
-        return options_from_dict(cls, "thrift", options)
+        return parse_options(cls, options, "transport.options")
 
 
 # ---- sockets and TLS ----------------------------------------------------------------------------
@@ -320,7 +321,7 @@ class _ServerConn:
         self.processor = TProcessor(_SERVICE, _Service(self))
         self.greenlet = gevent.getcurrent()
         self._challenge = None  # (claimed node, dialer nonce, listener nonce) after peer_hello
-        self._warned: set = set()
+        self._warned = False
 
     @property
     def busy(self) -> bool:
@@ -391,7 +392,7 @@ class _ServerConn:
             return _encode(api, TMessageType.EXCEPTION, seqid, result)
         try:
             result.success = call()
-        except _Refuse:
+        except (_Refuse, ProtocolError):
             raise
         except TApplicationException as exc:
             return _encode(api, TMessageType.EXCEPTION, seqid, exc)
@@ -417,27 +418,8 @@ class _ServerConn:
         return reply
 
     def on_raft(self, batch) -> None:
-        t = self.transport
-        if (batch.cluster_id or 0) != t.opts.cluster_id:
-            raise _Refuse(f"Raft batch for cluster {batch.cluster_id}, this node is in "
-                          f"cluster {t.opts.cluster_id}")
-        sender = self.peer_id  # None only without peer authentication (dispatch checked)
-        if sender is not None and self.slot.peer is None:
-            t.admission.promote(self.slot, sender)
-        messages = []
-        for w in batch.messages or ():
-            try:
-                m = wire.message_from_wire(w)
-            except wire.WireError as exc:
-                self._warn("bad", "dropped a Raft message: %s", exc)
-                continue
-            if m.to != t.node_id:
-                self._warn("to", "dropped a Raft message for node %s (this is node %d)",
-                           m.to, t.node_id)
-                continue
-            messages.append(m)
-        if messages:
-            t.handler.handle_peer_messages(messages, sender)
+        # self.peer_id is None only without peer authentication (dispatch checked)
+        deliver_batch(self.transport, batch, self.peer_id, self.slot, self._warn)
 
     def on_peer_hello(self, hello):
         t = self.transport
@@ -475,11 +457,11 @@ class _ServerConn:
         t.admission.promote(self.slot, node)
         return True
 
-    def _warn(self, kind: str, fmt: str, *args) -> None:
-        # Once per connection and kind: a misconfigured peer repeats itself 50 times a second.
-        level = logging.DEBUG if kind in self._warned else logging.WARNING
-        self._warned.add(kind)
-        log.log(level, "%s: " + fmt, self.peer, *args)
+    def _warn(self, text: str) -> None:
+        # Once per connection: a misconfigured peer repeats itself 50 times a second.
+        level = logging.DEBUG if self._warned else logging.WARNING
+        self._warned = True
+        log.log(level, "%s: %s", self.peer, text)
 
 
 # ---- peer links ---------------------------------------------------------------------------------
@@ -512,54 +494,22 @@ class _PeerSocket:
 
 
 # ---- the transport ------------------------------------------------------------------------------
-class ThriftTransport:
+class ThriftTransport(ServerBase):
     """One node's listener and its links to peers (see the module docstring)."""
+
+    Options = Options
+    logger = log
 
     def __init__(self, node_id: int, address: str, peers: dict, tls: TLSConfig | None,
                  options: dict | None = None):
-        self.node_id = node_id
-        self.address = address
-        self.peers = {int(k): v for k, v in (peers or {}).items()}
-        self.tls = tls
-        self.opts = Options.from_dict(options)
-        self.max_frame = self.opts.max_frame
+        super().__init__(node_id, address, peers, tls, options)
         # Peers prove themselves by certificate or secret; without either, nobody can, and
         # the node decides (it accepts such traffic only with cluster.insecure).
         self.authenticates_peers = tls is not None or self.opts.peer_secret is not None
         self._server_ctx = _context(tls, server_side=True) if tls is not None else None
         if tls is not None:
             _context(tls, server_side=False)  # bad files fail now, not at the first connect
-        self.handler = None
-        self._server: StreamServer | None = None
         self._conns: set[_ServerConn] = set()
-        self.admission = Admission(self.opts.max_connections,
-                                   self.opts.max_connections_per_source, log)
-        self._closings = Throttle(log)
-        self._links = PeerLinks(node_id, self.peers, self.opts, dial=self._dial_peer,
-                                encode=self._encode_batch)
-        self._closed = False
-
-    @property
-    def bound_address(self) -> str:
-        """host:port actually listened on (useful with port 0)."""
-        host, port = self._server.address[:2]
-        return f"{host}:{port}"
-
-    def dropped(self) -> dict[int, int]:
-        """Raft messages dropped so far because a peer's queue was full, by peer id."""
-        return self._links.dropped()
-
-    # -- Transport ------------------------------------------------------------------------------
-    def serve(self, handler) -> None:
-        self.handler = handler
-        # An unbounded pool: admission limits happen in _serve_conn, which refuses at once;
-        # a bounded pool would stop the accept loop and keep peers out with everyone else.
-        self._server = StreamServer(parse_address(self.address), self._serve_conn,
-                                    spawn=gevent.pool.Pool())
-        self._server.start()
-
-    def send(self, messages) -> None:
-        self._links.send(messages)
 
     def close(self) -> None:
         if self._closed:
@@ -573,7 +523,7 @@ class ThriftTransport:
             self._server.stop(timeout=1)  # calls in progress get a second to answer
 
     # -- internals ------------------------------------------------------------------------------
-    def _dial_peer(self, peer_id: int, address: str) -> _PeerSocket:
+    def _dial(self, peer_id: int, address: str) -> _PeerSocket:
         opts = self.opts
         sock = _open(address, self.tls, opts.connect_timeout)
         try:
@@ -607,19 +557,13 @@ class ThriftTransport:
             raise PeerRefused(f"peer {peer_id} refused our proof")
 
     def _encode_batch(self, batch: list) -> list[bytes]:
-        """Framed raft() calls carrying `batch`, split to fit max_frame (a message that cannot
-        fit alone is dropped)."""
-        args = _SERVICE.raft_args(batch=wire.batch_to_wire(batch, self.opts.cluster_id))
-        frame = _encode("raft", TMessageType.ONEWAY, 0, args)  # one-way: no seqid to match
-        if len(frame) - _LENGTH.size <= self.opts.max_frame:
-            return [frame]
-        if len(batch) == 1:
-            log.warning("node %d: dropping a %s message of %d bytes to peer %d (over "
-                        "max_frame %d)", self.node_id, batch[0].type.name, len(frame),
-                        batch[0].to, self.opts.max_frame)
-            return []
-        mid = len(batch) // 2
-        return self._encode_batch(batch[:mid]) + self._encode_batch(batch[mid:])
+        """Framed one-way raft() calls carrying `batch`, split to fit max_frame."""
+        def frame(messages) -> bytes:
+            args = _SERVICE.raft_args(batch=wire.batch_to_wire(messages, self.opts.cluster_id))
+            return _encode("raft", TMessageType.ONEWAY, 0, args)  # one-way: no seqid to match
+
+        return encode_to_fit(batch, frame, lambda f: len(f) - _LENGTH.size <= self.max_frame,
+                             self.node_id)
 
     def _serve_conn(self, raw, addr) -> None:
         peer = f"{addr[0]}:{addr[1]}"
@@ -631,7 +575,8 @@ class ThriftTransport:
         try:
             raw.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
             if self._server_ctx is not None:
-                sock = self._handshake(raw, peer)
+                sock = tls_accept(self._server_ctx, raw, self.opts.handshake_timeout, peer,
+                                  self._closings)
                 if sock is None:
                     return
                 slot.close = lambda: close_quietly(sock)
@@ -655,29 +600,6 @@ class ThriftTransport:
         finally:
             self.admission.release(slot)
             close_quietly(sock)
-
-    def _handshake(self, raw, peer: str):
-        """The TLS socket, or None (logged) when the handshake fails or takes too long."""
-        # Wrapping takes over (detaches) raw's descriptor; only the wrapper can close it.
-        sock = self._server_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-        timer = gevent.Timeout.start_new(self.opts.handshake_timeout)
-        done = False
-        try:
-            sock.do_handshake()
-            done = True
-            return sock
-        except gevent.Timeout as t:
-            if t is not timer:
-                raise
-            log.warning("%s: no TLS handshake within %gs; closed", peer,
-                        self.opts.handshake_timeout)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            log.warning("%s: TLS handshake failed: %s", peer, exc)
-        finally:
-            timer.close()
-            if not done:
-                close_quietly(sock)
-        return None
 
 
 def server(node_id: int, address: str, peers: dict, tls: TLSConfig | None,
