@@ -414,20 +414,173 @@ def _search(
     weaker history instead, where info ops without a deadline may take effect any number of
     times: faster, and a failure still proves the real history is not linearizable.
     """
-    n = len(ops)
     required = [op.status is not Status.INFO for op in ops]
-    remaining = sum(required)
-    if remaining == 0:
+    if not any(required):
         return _Outcome(ok=True)
-    returns = [
-        op.complete_time if required[i] else deadlines.get(op.id, math.inf)
-        for i, op in enumerate(ops)
-    ]
-    # Optional ops without a deadline "float": once invoked they stay available for good.
-    floating = [returns[i] == math.inf for i in range(n)]
+    return _Search(model, ops, required, deadlines, reusable).run(initial, budget)
 
+
+class _Search:
+    """One search: tables built once, by op or by entry position, and the depth-first walk.
+
+    Entries (each op's call and return, sorted by time) sit at positions 1.., between sentinels
+    0 (head) and ``len(nxt) - 1`` (tail); ``nxt`` and ``prv`` link those still in play.
+
+    A configuration is the model ``state``, the linearized ops (determinate ones as ``base``
+    and ``rest``, optional ones as ``opt``: see :func:`_number_ops`), the count of determinate
+    ops ``remaining``, and the ``frontier``, the last call position among the linearized ops: a
+    bounded op returning before it can no longer be linearized (it would have to precede an op
+    invoked after it returned). Its expansion tries floating ops from queue ``q`` (while ``e``
+    is -1; queues come first), then the ops called at entry ``e`` and after, all before
+    ``block``, the earliest remaining return of a determinate op: ops invoked after it cannot
+    come next.
+
+    Frames on ``stack``: ``[q, e, state, base, rest, opt, frontier, block, remaining,
+    unlinked]``, the configuration a step was taken from and where its expansion was, then
+    the entries unlinked below it: the call taken, if any, and relaxed ops found dead.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        ops: list[Operation],
+        required: list[bool],
+        deadlines: Mapping[int, float],
+        reusable: bool,
+    ) -> None:
+        self.step = model.step
+        self.ops = ops
+        self.required = required  # per op: determinate, so it must be linearized
+        self.reusable = reusable
+        returns = [
+            op.complete_time if required[i] else deadlines.get(op.id, math.inf)
+            for i, op in enumerate(ops)
+        ]
+        # Optional ops without a deadline "float": once invoked they stay available for good.
+        self.floating = floating = [r == math.inf for r in returns]
+        self.entry_op, self.is_call, self.match, self.call_at = _entries(ops, returns, floating)
+        self.nxt, self.prv = _linked_list(self.entry_op, floating)
+        self.bit, bounded, self.queues = _number_ops(ops, required, floating, returns, self.call_at)
+        self.bounded_returns = [self.match[self.call_at[i]] for i in bounded]
+        self.twins = _twins(ops, bounded, returns, self.call_at, self.match, self.bit)
+        self.used = [0] * len(self.queues)  # how much of each queue is used (reusable: stays 0)
+        self.tried: dict[tuple[int, int, State], list[tuple[int, int]]] = {}  # see _is_new
+        self.stack: list[list[Any]] = []
+
+    def run(self, initial: State, budget: int) -> _Outcome:
+        """Take the first fresh step again and again; at a dead end, backtrack to the next."""
+        step, ops, queues, used, stack = self.step, self.ops, self.queues, self.used, self.stack
+        required, entry_op, is_call, tried = self.required, self.entry_op, self.is_call, self.tried
+        bounded_returns, call_at, nxt, bit = self.bounded_returns, self.call_at, self.nxt, self.bit
+        total = remaining = sum(required)
+        deepest = _Outcome(ok=False)
+        state, base, rest, opt, frontier, q, e = initial, 0, 0, 0, 0, 0, -1
+        block = _earliest_return(nxt, is_call, required, entry_op)
+        while True:
+            if e < 0:
+                if q == len(queues):
+                    e = nxt[0]
+                    continue
+                queue = queues[q]
+                if used[q] == len(queue) or call_at[queue[used[q]]] > block:
+                    q += 1
+                    continue
+                i = queue[used[q]]
+            else:
+                i = entry_op[e]
+                if not is_call[e]:
+                    if not required[i]:
+                        e = nxt[e]  # a bounded op need not happen before its return
+                        continue
+                    # The earliest remaining return: its op should have been linearized by now.
+                    deepest = _deeper(deepest, total - remaining, ops[i], state)
+                    if not stack:
+                        return deepest
+                    q, e, state, base, rest, opt, frontier, block, remaining, _ = self._backtrack()
+                    continue
+                if not required[i] and (after := self._skip(e, i, opt, frontier)) != e:
+                    e = after
+                    continue
+            new_state = step(state, ops[i])  # try op i next
+            if new_state is not None:
+                if required[i]:
+                    new_opt, memo = opt, _with_determinate(base, rest, bit[i], new_state)
+                else:
+                    new_opt = opt if self.reusable and self.floating[i] else opt | (1 << bit[i])
+                    memo = (base, rest, new_state)
+                new_frontier = max(frontier, call_at[i])
+                if _is_new(tried, memo, bisect.bisect_left(bounded_returns, new_frontier), new_opt):
+                    budget -= 1
+                    if budget < 0:
+                        return _Outcome(ok=None)
+                    stack.append([q, e, state, base, rest, opt, frontier, block, remaining, []])
+                    if e >= 0:
+                        self._unlink(e)
+                    elif not self.reusable:
+                        used[q] += 1
+                    (base, rest, state), opt, frontier = memo, new_opt, new_frontier
+                    if required[i]:
+                        remaining -= 1
+                        if remaining == 0:
+                            return _Outcome(ok=True)
+                    q, e, block = 0, -1, _earliest_return(nxt, is_call, required, entry_op)
+                    continue
+            if e < 0:
+                q += 1
+            else:
+                e = nxt[e]
+
+    def _skip(self, e: int, i: int, opt: int, frontier: int) -> int:
+        """Where to look next instead of at call ``e`` of bounded op ``i``: ``e`` if it is
+        worth trying, else an entry after it."""
+        if self.match[e] < frontier:
+            # Dead for good below this frame: unlink it there, so scans skip it.
+            return self._unlink(e)
+        if any(not opt & m and r > frontier for m, r in self.twins[i]):
+            return self.nxt[e]  # a better twin is usable (see _twins)
+        return e
+
+    def _unlink(self, c: int) -> int:
+        """Take call entry ``c`` and its return out of the list below the top frame, which
+        relinks them when it is popped; returns the entry that followed ``c``."""
+        nxt, prv, r = self.nxt, self.prv, self.match[c]
+        self.stack[-1][9].append(c)
+        after = nxt[r] if nxt[c] == r else nxt[c]
+        nxt[prv[c]] = nxt[c]
+        prv[nxt[c]] = prv[c]
+        nxt[prv[r]] = nxt[r]
+        prv[nxt[r]] = prv[r]
+        return after
+
+    def _backtrack(self) -> list[Any]:
+        """Undo the last step: pop its frame, relink what it unlinked, and return it moved on
+        to the step's next sibling."""
+        frame = self.stack.pop()
+        nxt, prv, match = self.nxt, self.prv, self.match
+        for c in reversed(frame[9]):  # relink, in the reverse order of unlinking
+            r = match[c]
+            nxt[prv[r]] = r
+            prv[nxt[r]] = r
+            nxt[prv[c]] = c
+            prv[nxt[c]] = c
+        q, e = frame[0], frame[1]
+        if e >= 0:
+            frame[1] = nxt[e]
+        else:
+            frame[0] = q + 1
+            if not self.reusable:
+                self.used[q] -= 1
+        return frame
+
+
+def _entries(
+    ops: list[Operation], returns: list[float], floating: list[bool]
+) -> tuple[list[int], list[bool], list[int], list[int]]:
+    """The call and return entries: (op of each position, whether it is a call, the return
+    position of each call position, the call position of each op)."""
+    n = len(ops)
     # Entries sorted by time; at equal times calls come first, i.e. such ops count as concurrent.
-    # Floating ops have no return entry, and stay out of the linked list (see below).
+    # Floating ops have no return entry, and stay out of the linked list (see _linked_list).
     entries = [(op.invoke_time, 0, i) for i, op in enumerate(ops)]
     entries += [(returns[i], 1, i) for i in range(n) if not floating[i]]
     entries.sort()
@@ -443,7 +596,12 @@ def _search(
         else:
             call_at[i] = pos
             is_call[pos] = True
-    # A doubly linked list of the other entries.
+    return entry_op, is_call, match, call_at
+
+
+def _linked_list(entry_op: list[int], floating: list[bool]) -> tuple[list[int], list[int]]:
+    """(nxt, prv): a doubly linked list of the entries of the ops that do not float."""
+    size = len(entry_op)
     nxt = [0] * size
     prv = [0] * size
     last = 0
@@ -452,11 +610,23 @@ def _search(
             nxt[last] = pos
             prv[pos] = last
             last = pos
+    return nxt, prv
 
-    # Bits of the linearized set. Determinate ops are numbered by return time, so the set is
-    # mostly a solid run of low bits: it is kept as (length of that run, the bits above it),
-    # which keeps memo keys small on long histories. Optional ops get a separate, small bitset,
-    # also numbered by return, so the ones dead at any moment are its low bits.
+
+def _number_ops(
+    ops: list[Operation],
+    required: list[bool],
+    floating: list[bool],
+    returns: list[float],
+    call_at: list[int],
+) -> tuple[list[int], list[int], list[list[int]]]:
+    """Bits of the linearized set: (bit of each op, bounded optional ops in bit order, queues
+    of floating ops with one effect, each in invocation order)."""
+    n = len(ops)
+    # Determinate ops are numbered by return time, so the set is mostly a solid run of low bits:
+    # it is kept as (length of that run, the bits above it), which keeps memo keys small on long
+    # histories. Optional ops get a separate, small bitset, also numbered by return, so the ones
+    # dead at any moment are its low bits.
     bit = [0] * n
     order = sorted((i for i in range(n) if required[i]), key=lambda i: (returns[i], i))
     for b, i in enumerate(order):
@@ -466,168 +636,95 @@ def _search(
     )
     for b, i in enumerate(bounded):
         bit[i] = b
-    bounded_returns = [match[call_at[i]] for i in bounded]
     # Optional ops with the same effect are interchangeable, except for how long each stays
     # available: of those invoked, using the one with the earliest return first is never
     # worse. Without this, k twins multiply the search by up to k! orderings. So floating ops
-    # wait in one queue per kind, used in invocation order...
-    queues: dict[tuple[Any, ...], list[int]] = {}
+    # wait in one queue per kind, used in invocation order (bounded ones: see _twins).
+    by_effect: dict[tuple[Any, ...], list[int]] = {}
     for i in sorted((i for i in range(n) if floating[i]), key=call_at.__getitem__):
-        queues.setdefault((ops[i].kind, ops[i].value, ops[i].expected), []).append(i)
-    queue_list = sorted(queues.values(), key=lambda queue: call_at[queue[0]])
-    used = [0] * len(queue_list)  # how much of each queue is used (reusable: stays 0)
-    for b, i in enumerate((i for queue in queue_list for i in queue), len(bounded)):
+        by_effect.setdefault((ops[i].kind, ops[i].value, ops[i].expected), []).append(i)
+    queues = sorted(by_effect.values(), key=lambda queue: call_at[queue[0]])
+    for b, i in enumerate((i for queue in queues for i in queue), len(bounded)):
         bit[i] = b
-    # ...and a bounded op is skipped while a twin invoked earlier, expiring no later, is usable.
-    twins: list[tuple[tuple[int, int], ...]] = [()] * n  # (bit, return position) of those twins
+    return bit, bounded, queues
+
+
+def _twins(
+    ops: list[Operation],
+    bounded: list[int],
+    returns: list[float],
+    call_at: list[int],
+    match: list[int],
+    bit: list[int],
+) -> list[tuple[tuple[int, int], ...]]:
+    """For each bounded optional op, the (bit mask, return position) of its better twins: it
+    is skipped while a twin invoked earlier, expiring no later, is usable (see _number_ops)."""
+    twins: list[tuple[tuple[int, int], ...]] = [()] * len(ops)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i in sorted(bounded, key=call_at.__getitem__):
         group = groups.setdefault((ops[i].kind, ops[i].value, ops[i].expected), [])
         better = [j for j in group if returns[j] <= returns[i]][-_MAX_TWINS:]
         twins[i] = tuple((1 << bit[j], match[call_at[j]]) for j in better)
         group.append(i)
+    return twins
 
-    step = model.step
-    # Memo: (determinate set, state) -> (dead, optional set) pairs tried with it. Having more
-    # optional ops still usable can only help, so a configuration is pruned when one tried
-    # before (and failed, or being tried by an ancestor) had no more dead ops and used no
-    # more of the live ones; not only when it is identical.
-    tried: dict[tuple[int, int, State], list[tuple[int, int]]] = {}
-    # Frames: [queue or call entry taken, state, base, rest, opt, frontier, blocking return,
-    # relaxed ops unlinked as dead].
-    stack: list[list[Any]] = []
-    state, base, rest, opt = initial, 0, 0, 0
-    # The last call position among linearized ops: a bounded op returning before it can no
-    # longer be linearized (it would have to precede an op invoked after it returned).
-    frontier = 0
-    total = remaining
-    deepest = _Outcome(ok=False)
-    # Where the expansion of the current configuration is: queue q (while e is -1; queues
-    # come first), else entry e of the list. `block` is the earliest remaining return of a
-    # determinate op (-1: not found yet): ops invoked after it cannot come next.
-    q, e, block = 0, -1, -1
-    while True:
-        if e < 0:
-            if block < 0:
-                block = nxt[0]
-                while is_call[block] or not required[entry_op[block]]:
-                    block = nxt[block]
-            if q == len(queue_list):
-                e = nxt[0]
-                continue
-            queue = queue_list[q]
-            if used[q] == len(queue) or call_at[queue[used[q]]] > block:
-                q += 1
-                continue
-            i = queue[used[q]]
-        else:
-            i = entry_op[e]
-            if not is_call[e]:
-                if not required[i]:
-                    e = nxt[e]  # a bounded op need not happen before its return
-                    continue
-                # The earliest remaining return: its op should have been linearized by now.
-                placed = total - remaining
-                if placed > deepest.placed:
-                    deepest = _Outcome(False, placed, ops[i], (state,))
-                elif (
-                    placed == deepest.placed
-                    and ops[i] is deepest.stuck
-                    and len(deepest.states) < _MAX_STATES
-                    and state not in deepest.states
-                ):
-                    deepest = attrs.evolve(deepest, states=(*deepest.states, state))
-                # Backtrack: undo the last step, and go on to its next sibling.
-                if not stack:
-                    return deepest
-                taken, state, base, rest, opt, frontier, block, unlinked = stack.pop()
-                for c in reversed(unlinked):  # relink, in the reverse order of unlinking
-                    r = match[c]
-                    nxt[prv[r]] = r
-                    prv[nxt[r]] = r
-                    nxt[prv[c]] = c
-                    prv[nxt[c]] = c
-                if taken < 0:
-                    q, e = ~taken + 1, -1
-                    if not reusable:
-                        used[~taken] -= 1
-                else:
-                    if required[entry_op[taken]]:
-                        remaining += 1
-                    e = nxt[taken]
-                continue
-            if not required[i] and match[e] < frontier:
-                # Dead for good below this frame: unlink it there, so scans skip it.
-                r = match[e]
-                after = nxt[r] if nxt[e] == r else nxt[e]
-                nxt[prv[e]] = nxt[e]
-                prv[nxt[e]] = prv[e]
-                nxt[prv[r]] = nxt[r]
-                prv[nxt[r]] = prv[r]
-                stack[-1][7].append(e)
-                e = after
-                continue
-            if not required[i] and any(not opt & m and r > frontier for m, r in twins[i]):
-                e = nxt[e]
-                continue
 
-        # Try op i next.
-        new_state = step(state, ops[i])
-        if new_state is not None:
-            if required[i]:
-                new_opt = opt
-                new_rest = rest | (1 << (bit[i] - base))
-                new_base = base
-                if new_rest & 1:
-                    run = (~new_rest & (new_rest + 1)).bit_length() - 1
-                    new_rest >>= run
-                    new_base += run
-            else:
-                new_base, new_rest = base, rest
-                new_opt = opt if reusable and floating[i] else opt | (1 << bit[i])
-            new_frontier = max(frontier, call_at[i])
-            dead = bisect.bisect_left(bounded_returns, new_frontier)
-            memo = (new_base, new_rest, new_state)
-            others = tried.get(memo)
-            if others is None:
-                tried[memo] = [(dead, new_opt)]
-                fresh = True
-            else:
-                for other_dead, other_opt in others:
-                    if other_dead <= dead and not (other_opt & ~new_opt) >> dead:
-                        fresh = False
-                        break
-                else:
-                    fresh = True
-                    others.append((dead, new_opt))
-            if fresh:
-                budget -= 1
-                if budget < 0:
-                    return _Outcome(ok=None)
-                if e < 0:
-                    stack.append([~q, state, base, rest, opt, frontier, block, []])
-                    if not reusable:
-                        used[q] += 1
-                else:
-                    stack.append([e, state, base, rest, opt, frontier, block, []])
-                    r = match[e]
-                    nxt[prv[e]] = nxt[e]
-                    prv[nxt[e]] = prv[e]
-                    nxt[prv[r]] = nxt[r]
-                    prv[nxt[r]] = prv[r]
-                    stack[-1][7].append(e)
-                state, base, rest, opt = new_state, new_base, new_rest, new_opt
-                frontier = new_frontier
-                if required[i]:
-                    remaining -= 1
-                    if remaining == 0:
-                        return _Outcome(ok=True)
-                q, e, block = 0, -1, -1
-                continue
-        if e < 0:
-            q += 1
-        else:
-            e = nxt[e]
+def _earliest_return(
+    nxt: list[int], is_call: list[bool], required: list[bool], entry_op: list[int]
+) -> int:
+    """The position of the earliest return of a determinate op still in the list."""
+    block = nxt[0]
+    while is_call[block] or not required[entry_op[block]]:
+        block = nxt[block]
+    return block
+
+
+def _with_determinate(base: int, rest: int, b: int, state: State) -> tuple[int, int, State]:
+    """The memo key (base, rest, state) of the determinate set (base, rest) plus bit ``b``."""
+    rest |= 1 << (b - base)
+    if rest & 1:
+        run = (~rest & (rest + 1)).bit_length() - 1
+        return base + run, rest >> run, state
+    return base, rest, state
+
+
+def _is_new(
+    tried: dict[tuple[int, int, State], list[tuple[int, int]]],
+    memo: tuple[int, int, State],
+    dead: int,
+    opt: int,
+) -> bool:
+    """Whether configuration ``memo``, with its first ``dead`` bounded ops dead and optional
+    set ``opt``, is worth exploring; if it is, it is recorded in ``tried``.
+
+    ``tried`` maps (determinate set, state) to the (dead, optional set) pairs tried with it.
+    Having more optional ops still usable can only help, so a configuration is pruned when
+    one tried before (and failed, or being tried by an ancestor) had no more dead ops and used
+    no more of the live ones; not only when it is identical.
+    """
+    others = tried.get(memo)
+    if others is None:
+        tried[memo] = [(dead, opt)]
+        return True
+    for other_dead, other_opt in others:
+        if other_dead <= dead and not (other_opt & ~opt) >> dead:
+            return False
+    others.append((dead, opt))
+    return True
+
+
+def _deeper(deepest: _Outcome, placed: int, stuck: Operation, state: State) -> _Outcome:
+    """``deepest`` updated with a dead end: ``placed`` ops placed, no place for ``stuck``."""
+    if placed > deepest.placed:
+        return _Outcome(False, placed, stuck, (state,))
+    if (
+        placed == deepest.placed
+        and stuck is deepest.stuck
+        and len(deepest.states) < _MAX_STATES
+        and state not in deepest.states
+    ):
+        return attrs.evolve(deepest, states=(*deepest.states, state))
+    return deepest
 
 
 def _relax(op: Operation) -> Operation:
