@@ -25,7 +25,13 @@ def main(argv=None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raftcache", description="A strongly consistent cache.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    _add_server_commands(sub)
+    _add_client_commands(sub)
+    _add_certs_commands(sub)
+    return p
 
+
+def _add_server_commands(sub) -> None:
     up = sub.add_parser("up", help="run a local cluster in the foreground")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--host", default="127.0.0.1")
@@ -45,59 +51,47 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True)
     serve.set_defaults(func=_cmd_serve)
 
-    def client_opts(sp):
-        sp.add_argument("--endpoints", default=None,
-                        help="host:port,... (default: $RAFTCACHE_ENDPOINTS or "
-                             "127.0.0.1:7400-7402)")
-        sp.add_argument("--token", default=None)
-        sp.add_argument("--transport", default="thrift")
-        sp.add_argument("--ca", help="CA certificate (PEM) for TLS")
-        sp.add_argument("--cert", help="client certificate (PEM) for TLS")
-        sp.add_argument("--key", dest="tls_key", help="client key (PEM) for TLS")
-        sp.add_argument("--timeout", type=float, default=5.0)
 
-    s = sub.add_parser("set", help=OPERATIONS["put"].doc)
-    s.add_argument("key")
-    s.add_argument("value")
+def _client_command(sub, name: str, help: str, func, *positional: str):
+    """A subcommand that talks to a cluster: its positional arguments and the client options."""
+    sp = sub.add_parser(name, help=help)
+    for arg in positional:
+        sp.add_argument(arg)
+    sp.add_argument("--endpoints", default=None,
+                    help="host:port,... (default: $RAFTCACHE_ENDPOINTS or 127.0.0.1:7400-7402)")
+    sp.add_argument("--token", default=None)
+    sp.add_argument("--transport", default="thrift")
+    sp.add_argument("--ca", help="CA certificate (PEM) for TLS")
+    sp.add_argument("--cert", help="client certificate (PEM) for TLS")
+    sp.add_argument("--key", dest="tls_key", help="client key (PEM) for TLS")
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.set_defaults(func=func)
+    return sp
+
+
+def _add_client_commands(sub) -> None:
+    s = _client_command(sub, "set", OPERATIONS["put"].doc, _cmd_set, "key", "value")
     s.add_argument("--ttl", type=float, default=None, help="seconds")
-    client_opts(s)
-    s.set_defaults(func=_cmd_set)
-
-    g = sub.add_parser("get", help=OPERATIONS["get"].doc + " (exit 1 when missing)")
-    g.add_argument("key")
+    g = _client_command(sub, "get", OPERATIONS["get"].doc + " (exit 1 when missing)",
+                        _cmd_get, "key")
     g.add_argument("--consistency", default="linearizable",
                    choices=["linearizable", "lease", "stale"])
-    client_opts(g)
-    g.set_defaults(func=_cmd_get)
-
-    d = sub.add_parser("delete", help=OPERATIONS["remove"].doc)
-    d.add_argument("key")
-    client_opts(d)
-    d.set_defaults(func=_cmd_delete)
-
-    a = sub.add_parser("append", help=OPERATIONS["append"].doc)
-    a.add_argument("key")
-    a.add_argument("value")
-    client_opts(a)
-    a.set_defaults(func=_cmd_append)
-
-    st = sub.add_parser("status", help="a table of the nodes: " + OPERATIONS["status"].doc)
-    client_opts(st)
-    st.set_defaults(func=_cmd_status)
-
-    m = sub.add_parser("member", help="change membership (nodes listed in cluster.peers)")
+    _client_command(sub, "delete", OPERATIONS["remove"].doc, _cmd_delete, "key")
+    _client_command(sub, "append", OPERATIONS["append"].doc, _cmd_append, "key", "value")
+    _client_command(sub, "status", "a table of the nodes: " + OPERATIONS["status"].doc,
+                    _cmd_status)
+    m = _client_command(sub, "member", "change membership (nodes listed in cluster.peers)",
+                        _cmd_member)
     m.add_argument("action", choices=["add", "remove", "promote"],
                    help="add a voter (--learner: a learner), remove a node, promote a learner")
     m.add_argument("node", type=int)
     m.add_argument("--learner", action="store_true")
-    client_opts(m)
-    m.set_defaults(func=_cmd_member)
-
-    t = sub.add_parser("transfer-leader", help=OPERATIONS["transfer_leader"].doc)
+    t = _client_command(sub, "transfer-leader", OPERATIONS["transfer_leader"].doc,
+                        _cmd_transfer_leader)
     t.add_argument("node", type=int)
-    client_opts(t)
-    t.set_defaults(func=_cmd_transfer_leader)
 
+
+def _add_certs_commands(sub) -> None:
     certs = sub.add_parser("certs", help="certificates for mutual TLS")
     certs_sub = certs.add_subparsers(required=True, metavar="ACTION")
     ci = certs_sub.add_parser("init", help="create a CA, node and client certificates")
@@ -106,7 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     ci.add_argument("--force", action="store_true",
                     help="replace an existing CA (every certificate it signed stops working)")
     ci.set_defaults(func=_cmd_certs_init)
-    return p
 
 
 # -- client commands ----------------------------------------------------------------------------
