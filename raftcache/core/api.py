@@ -74,7 +74,7 @@ class Response:
     leader_hint: str | None = None
     result: GetResult | None = None  # get
     results: list | None = None  # mget: GetResults
-    number: int | None = None  # put/cas/mset: version; incr: value; invalidate: count
+    number: int | None = None  # put/cas: version; incr: value; invalidate: count; append: length
     ok: bool | None = None  # remove/cas
     status: NodeStatus | None = None
     versions: list | None = None  # mset
