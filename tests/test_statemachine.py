@@ -26,6 +26,7 @@ from raftcache.core.commands import (
     Sweep,
     encode_envelope,
 )
+from raftcache.core.config import ConfigError
 from raftcache.core.plugins import PluginSet
 from raftcache.core.statemachine import (
     _R_INT,
@@ -33,6 +34,7 @@ from raftcache.core.statemachine import (
     SESSION_RESULTS,
     SNAPSHOT_MAGIC,
     ApplyError,
+    Change,
     SnapshotError,
     StateMachine,
 )
@@ -624,18 +626,21 @@ def test_snapshot_and_restore_round_trip_into_a_fresh_state_machine():
     assert b.get(b"n", 1_004) == (b"7", 3)
 
 
-def test_snapshots_do_not_depend_on_the_order_keys_were_inserted():
+def test_snapshots_keep_the_write_order_that_a_bounded_backend_evicts_in():
     a, b = Replica(), Replica()
     a.write(MSet(((b"x", b"1"), (b"a", b"2"), (b"m", b"3"))))
-    b.write(MSet(((b"m", b"3"), (b"x", b"1"), (b"a", b"2"))))
-    assert a.sm.snapshot() == b.sm.snapshot()
+    a.write(Set(b"x", b"4"))  # rewritten: now the newest
+    b.sm.restore(a.sm.snapshot())
+    assert list(b.sm._catalog) == list(a.sm._catalog) == [b"a", b"m", b"x"]
+    assert list(b.backend._values) == [b"a", b"m", b"x"]
+    assert b.sm.snapshot() == a.sm.snapshot()
 
 
 def test_restore_replaces_everything_including_the_backend():
     a = _populated()
     b = Replica()
     b.write(Set(b"leftover", b"v"))
-    b.backend.set(b"stray", b"not in the catalog")
+    b.backend.apply(1, [Change(b"stray", b"not in the catalog")])
     b.sm.restore(a.sm.snapshot())
     assert b.get(b"leftover") is None
     assert b"stray" not in b.backend._values and b"leftover" not in b.backend._values
@@ -732,18 +737,13 @@ def test_the_memory_backend_plugin_provides_memory():
     pm.register(memory_plugin, name="memory-backend")
     provider = PluginSet(pm).get("backend", "memory")
     backend = provider.factory(1, {})
-    backend.set(b"k", b"v")
-    assert backend.get(b"k") == b"v"
-    backend.delete(b"k")
-    backend.delete(b"k")  # deleting a missing key is fine
+    assert backend.apply(1, [Change(b"k", b"v"), Change(b"a", b"1")]) == []
+    assert backend.get_many([b"k", b"a", b"zz"]) == [b"v", b"1", None]
+    backend.apply(2, [Change(b"k", None), Change(b"k", None)])  # deleting a missing key is fine
     assert backend.get(b"k") is None
-    backend.set(b"a", b"1")
-    backend.clear()
-    assert backend.get(b"a") is None
     backend.close()
-    with pytest.raises(ValueError, match="no options"):
+    with pytest.raises(ConfigError, match="backend.options.size: unknown key"):
         make_memory_backend(1, {"size": 10})
-
 
 CORE = Path(__file__).resolve().parent.parent / "raftcache" / "core"
 ALLOWED = {"__future__", "attrs", "hashlib", "heapq", "collections", "collections.abc", "typing"}

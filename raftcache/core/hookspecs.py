@@ -36,7 +36,7 @@ There are four kinds of hooks:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -44,6 +44,9 @@ import pluggy
 
 from . import api
 from .messages import Entry, HardState, Message, Snapshot
+
+# What Backend.apply gets (made by the state machine, which cannot import this module).
+from .statemachine import Change as Change
 
 if TYPE_CHECKING:
     from .node import Node
@@ -130,15 +133,52 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
+class BackendUnavailable(OSError):
+    """The backend's server cannot be reached or answered too slowly. The node answers reads
+    Unavailable (the client tries another node), keeps retrying the apply with backoff and
+    serves again once it went through: nothing is skipped and nothing older is ever served."""
+
+
+class BackendLost(Exception):
+    """The backend no longer holds what it was told to hold (its server restarted empty, or
+    another writer replaced its bookkeeping). The node rebuilds it from its snapshot and log
+    (`load`, then the entries since), answering reads Unavailable meanwhile."""
+
+
 class Backend(Protocol):
-    """Where committed values live. The state machine keeps the catalog (key, version, expiry)
-    and calls the backend only with values that are committed, in log order."""
+    """Where committed values live (docs/backends.md). The state machine keeps the catalog
+    (key, version, expiry) and hands the backend only committed changes, in log order, one
+    batch per Ready. Reads may run between batches, never during one.
+
+    A backend with only ``get``, ``set``, ``delete`` and ``clear`` (the first version of this
+    protocol) still works: the node wraps it (`raftcache.plugins.backend.simple`).
+    """
+
+    def open(self, owner: str) -> int | None:
+        """Called once, first. `owner` names this node of this cluster; a backend that keeps
+        data across restarts refuses (config.ConfigError) data recorded for another owner.
+        Returns the log index its data reflects (what the last `apply` or `load` recorded), or
+        None when it cannot tell (empty, or it keeps nothing across restarts): the node then
+        reloads it from its snapshot. A backend that returns an index must make each `apply`
+        atomic with it (the node skips the entries up to it when it restarts)."""
 
     def get(self, key: bytes) -> bytes | None: ...
-    def set(self, key: bytes, value: bytes) -> None: ...
-    def delete(self, key: bytes) -> None: ...
-    def clear(self) -> None:
-        """Drop everything (before a snapshot is installed)."""
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The values of `keys`, in order, None for each one missing."""
+
+    def apply(self, index: int, changes: Sequence[Change]) -> Sequence[bytes]:
+        """Make the changes (entries up to log `index`) and record `index`, at once if the
+        backend can. Returns the keys it evicted to stay within its own limits: the state
+        machine forgets them (they read as missing). Evictions must be a deterministic
+        function of the changes, identical on every replica; a backend whose server evicts
+        on its own (Memcached) returns nothing and its reads miss instead.
+        Raises BackendUnavailable or BackendLost; the node retries the same call."""
+
+    def load(self, index: int, items: Iterable[Change], stale: Iterable[bytes]) -> Sequence[bytes]:
+        """Replace the contents with a snapshot's at log `index`: set every item (in the
+        order given: it is the order they were written) and delete the `stale` keys (held
+        before, absent from the snapshot). Returns the keys it evicted, like `apply`."""
 
     def close(self) -> None: ...
 
@@ -181,7 +221,15 @@ class TransportConnect(Protocol):
 
 class BackendFactory(Protocol):
     def __call__(self, node_id: int, options: dict) -> Backend:
-        """`options` is ``[backend.options]`` of the node's config."""
+        """`options` is ``[backend.options]`` of the node's config (or one instance's table of
+        a composite backend's options); refuse unknown keys like a storage does."""
+
+
+class CompositeBackendFactory(Protocol):
+    def __call__(self, node_id: int, options: dict,
+                 make_backend: Callable[[str, dict], Backend]) -> Backend:
+        """A backend made of others (`hybrid`): `make_backend(plugin name, options)` builds one
+        by provider name (an unknown name raises ConfigError listing the known ones)."""
 
 
 # ---- the records providers yield ------------------------------------------------------------------
@@ -231,8 +279,9 @@ class BackendProvider:
     """
 
     name: str
-    factory: BackendFactory
+    factory: BackendFactory | CompositeBackendFactory
     description: str = ""
+    composite: bool = False  # factory is a CompositeBackendFactory
 
 
 @attrs.frozen

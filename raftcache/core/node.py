@@ -14,6 +14,7 @@ whose fate is unknown is reported as OutcomeUnknown, never as a failure.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -26,8 +27,9 @@ import gevent.event
 from gevent.hub import get_hub
 
 from raftcache.core import api, commands
+from raftcache.core.backend import make_backend
 from raftcache.core.config import Config, read_secret
-from raftcache.core.hookspecs import TLSConfig
+from raftcache.core.hookspecs import BackendLost, BackendUnavailable, TLSConfig
 from raftcache.core.messages import (
     NONE,
     ConfChange,
@@ -87,7 +89,6 @@ class Node:
         self.log = _NodeLog(log, self)
         storage_p = self._provider(plugins, "storage", config.storage.plugin)
         transport_p = self._provider(plugins, "transport", config.transport.plugin)
-        backend_p = self._provider(plugins, "backend", config.backend.plugin)
         data_dir = os.path.join(config.node.data_dir)
         self.storage = storage_p.factory(self.id, data_dir, dict(config.storage.options))
         self.tls = _tls(config.transport.tls)
@@ -103,15 +104,24 @@ class Node:
                                             transport_options)
         self._check_request_limit(getattr(self.transport, "max_frame", None))
         self._connect = transport_p.connect
-        backend = backend_p.factory(self.id, dict(config.backend.options))
+        backend = make_backend(plugins, config.backend.plugin, self.id,
+                               dict(config.backend.options))
         # Value codecs (encryption, compression) in plugin registration order: pluggy calls
         # the last registered plugin first.
         self.codecs = tuple(c for codecs in reversed(self.pm.hook.raftcache_value_codecs())
                             for c in (codecs or ()))
         self.sm = StateMachine(backend, check_command=self._check_command, codecs=self.codecs)
-        self.raw = self._start_raft(core, rng or random.Random())
+        # Reads look at the state machine only between apply batches (a backend call yields
+        # to other greenlets): `_settled` is clear while a batch is half applied, and
+        # `_applies` counts batches so that a read that overlapped one is read again.
+        self._settled = gevent.event.Event()
+        self._settled.set()
+        self._applies = 0
+        self.backend_down = False
+        self._backend_log = Throttle(self.log)
         self._wakeup = gevent.event.Event()
         self._stopped = gevent.event.Event()
+        self.raw = self._start_raft(core, rng or random.Random(), self._open_backend(backend))
         self._writes: dict[int, _Pending] = {}  # log index -> waiting write
         self._reads: dict[bytes, _Pending] = {}  # read context -> waiting read
         self._read_ids = itertools.count(1)
@@ -155,13 +165,34 @@ class Node:
             check_snapshot=check_snapshot,
         )
 
-    def _start_raft(self, core: type[RawNode], rng: random.Random) -> RawNode:
+    def _open_backend(self, backend, timeout: float = 30.0) -> int | None:
+        """What the backend says it holds (`Backend.open`), waiting for its server a while."""
+        owner = f"cluster {self.config.cluster.id} node {self.id}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return backend.open(owner)
+            except BackendUnavailable as exc:
+                if time.monotonic() >= deadline:
+                    raise self.config.fail("backend", f"unreachable for {timeout:.0f} s: "
+                                           f"{exc}") from None
+                self._backend_log.warning("open", "backend unreachable (%s); retrying", exc)
+                gevent.sleep(0.5)
+
+    def _start_raft(self, core: type[RawNode], rng: random.Random,
+                    backend_index: int | None) -> RawNode:
         hard_state, snapshot, entries = self.storage.load()
+        last = entries[-1].index if entries else snapshot.meta.index if snapshot else 0
+        if backend_index is not None and backend_index > last:
+            # It holds entries this node never persisted: not ours to trust.
+            self.log.warning("the backend says it holds entries up to %d, beyond this node's "
+                             "log (%d): reloading it", backend_index, last)
+            backend_index = None
+        self._retry_backend(lambda: self.sm.restore(snapshot.data if snapshot else b"",
+                                                    backend_index))
         if hard_state == HardState() and snapshot is None and not entries:
             self.log.info("new node: bootstrapping cluster of %s", sorted(self.peers))
             return core.bootstrap(self._raft_config(), rng, sorted(self.peers))
-        if snapshot is not None:
-            self.sm.restore(snapshot.data)
         self.log.info("restarting at term %d, commit %d, %d entries", hard_state.term,
                       hard_state.commit, len(entries))
         return core(self._raft_config(), rng, PersistedState(hard_state, snapshot,
@@ -269,11 +300,13 @@ class Node:
                 if rd.messages:
                     self.transport.send(rd.messages)
                 if rd.snapshot is not None:
-                    self.sm.restore(rd.snapshot.data)
+                    self._settled.clear()
+                    self._retry_backend(functools.partial(self.sm.restore, rd.snapshot.data))
+                    self._settle()
                     notify(self.pm.hook.raftcache_snapshot_installed, self.log, node=self,
                            index=rd.snapshot.meta.index)
-                for entry in rd.committed_entries:
-                    self._apply(entry)
+                if rd.committed_entries:
+                    self._apply(rd.committed_entries)
                 self.raw.advance(rd)
                 if rd.soft_state is not None:
                     self._role_changed()
@@ -285,19 +318,81 @@ class Node:
                 self._serve_confirmed_reads()
                 self._maybe_snapshot(threadpool)
 
-    def _apply(self, entry) -> None:
-        result = None
-        if entry.type == EntryType.NORMAL and entry.data:
-            result = self.sm.apply(entry.index, entry.data)
-        pending = self._writes.pop(entry.index, None)
-        if pending is None:
-            return
-        if pending.term != entry.term:
-            # Another leader's entry took our index: ours was never committed, never will be.
-            pending.result.set(api.error(
-                "Unavailable", "leadership changed before the write committed; not applied"))
-        else:
+    def _apply(self, entries) -> None:
+        """Apply a batch of committed entries, then hand their changes to the backend at once;
+        the writers learn their results only once the backend holds them."""
+        self._settled.clear()
+        answers = []
+        for entry in entries:
+            result = None
+            if entry.type == EntryType.NORMAL and entry.data:
+                result = self.sm.stage(entry.index, entry.data)
+            pending = self._writes.pop(entry.index, None)
+            if pending is None:
+                continue
+            if pending.term != entry.term:
+                # Another leader's entry took our index: ours was never committed, never will.
+                result = api.error("Unavailable",
+                                   "leadership changed before the write committed; not applied")
+            answers.append((pending, result))
+        self._retry_backend(self.sm.flush)
+        self._settle()
+        for pending, result in answers:
             pending.result.set(result)
+
+    def _settle(self) -> None:
+        self._applies += 1
+        self._settled.set()
+
+    def _retry_backend(self, step) -> None:
+        """Run `step` (a state machine call that reaches the backend) until it goes through:
+        while the backend's server is down the node serves no reads and applies nothing more
+        (it keeps its log; the others carry on), and when it comes back empty or changed
+        (BackendLost) the node reloads it from its snapshot and log."""
+        delay = 0.05
+        while True:
+            try:
+                step()
+            except BackendUnavailable as exc:
+                if self._stopped.is_set():
+                    raise gevent.GreenletExit from None
+                if not self.backend_down:
+                    self.log.error("backend unavailable (%s): not serving reads, retrying", exc)
+                self.backend_down = True
+                gevent.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                continue
+            except BackendLost as exc:
+                self.log.warning("the backend lost its data (%s): rebuilding it from the "
+                                 "snapshot and the log", exc)
+                self.backend_down = True
+                step = self._rebuild_backend
+                continue
+            if self.backend_down:
+                self.log.info("backend available again at applied index %d",
+                              self.sm.applied_index)
+                self.backend_down = False
+            return
+
+    def _rebuild_backend(self) -> None:
+        """Load the newest snapshot into the backend and apply the log since, up to where the
+        state machine was (raises what the backend raises; the caller retries from scratch)."""
+        applied = self.sm.applied_index
+        staged = self.sm.has_staged
+        snapshot = self.raw.snapshot
+        start = snapshot.meta.index if snapshot is not None else 0
+        self.sm.restore(snapshot.data if snapshot is not None else b"")
+        entries = (self.raw.log.slice(start + 1, applied + 1, 1 << 62, 1 << 62)
+                   if applied > start else [])
+        for n, entry in enumerate(entries, 1):
+            if entry.type == EntryType.NORMAL and entry.data:
+                self.sm.stage(entry.index, entry.data)
+            if n % 512 == 0:
+                self.sm.flush()
+        self.sm.flush()
+        self.log.info("backend rebuilt up to index %d (%d entries after the snapshot at %d%s)",
+                      applied, len(entries), start,
+                      ", with the batch it had not taken" if staged else "")
 
     def _fail_reads(self, reason: str) -> None:
         # Read requests issued under another leader may never be answered by the core; reads
@@ -572,11 +667,34 @@ class Node:
                                  "time (no quorum?)")
             if isinstance(outcome, api.Response):
                 return outcome
-        now = self._stamp()
-        results = [_get_result(self._decode(k, self.sm.read(k, now))) for k in keys]
+        found = self._read_local(keys)
+        if isinstance(found, api.Response):
+            return found
+        results = [_get_result(self._decode(k, f)) for k, f in zip(keys, found, strict=True)]
         if request.op == "get":
             return api.Response(result=results[0])
         return api.Response(results=results)
+
+    def _read_local(self, keys):
+        """The state machine's answer for `keys`, taken between apply batches, or an
+        Unavailable Response while the backend is down."""
+        for _ in range(100):
+            if self.backend_down:
+                break
+            if not self._settled.wait(timeout=self.config.node.request_timeout_ms / 1000.0):
+                break
+            applies = self._applies
+            try:
+                found = self.sm.read_many(keys, self._stamp())
+            except BackendUnavailable as exc:
+                return api.error("Unavailable", f"this node's backend is unavailable: {exc}")
+            except BackendLost as exc:
+                self._wakeup.set()
+                return api.error("Unavailable", f"this node's backend lost its data: {exc}")
+            if applies == self._applies and self._settled.is_set():
+                return found
+        return api.error("Unavailable", "this node's backend is unavailable or catching up; "
+                         "try another node")
 
     def metrics(self) -> dict:
         """Counters and gauges, offered to `raftcache_metrics` plugins to read or extend."""

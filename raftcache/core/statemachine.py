@@ -20,7 +20,10 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   dropped.
 - **Errors** that are the client's fault are *results* (`ApplyError`), never exceptions.
 
-The catalog (key -> version, expiry) lives here; values live in the backend. Values are stored
+The catalog (key -> version, expiry) lives here, in write order (the order a bounded backend
+evicts in); values live in the backend. Changes to the backend are staged while a batch of
+entries applies and reach it in one `Backend.apply` call per batch (`flush`); an incr or append
+later in the batch reads the staged value. Values are stored
 exactly as the entry holds them - already encoded by the proposer's value codecs (encryption) -
 and `read()` returns them as stored: decoding them for the client is the node's job. The only
 exception is `Incr`, which must look inside a value: it decodes the stored value with `codecs`
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import attrs
@@ -63,6 +66,7 @@ SNAPSHOT_MAGIC = b"RCSM"
 SNAPSHOT_VERSION = 2  # 2: sessions hold several results with fingerprints; 1 is still read
 
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
+_SNAPSHOT_CHUNK = 1000  # keys per backend read while taking a snapshot
 SESSION_RESULTS = 8  # results kept per client session (a well-behaved client needs one)
 MAX_APPENDED_BYTES = 4 << 20  # what append may grow a value to (node.max_request_bytes' default)
 
@@ -83,6 +87,18 @@ class ApplyError:
 
     kind: str
     reason: str
+
+
+class Change(NamedTuple):
+    """One key's change in a `Backend.apply` batch (raftcache.core.hookspecs)."""
+
+    key: bytes
+    value: bytes | None  # None: delete the key
+    # How long the value must live from now, in ms (None: no expiry). The state machine
+    # reclaims expired keys itself (deterministically, through the log); a backend that can
+    # expire keys natively (Redis, Memcached) should set a little more than this, so that it
+    # frees the memory but never drops a key before every replica considers it expired.
+    ttl_ms: int | None = None
 
 
 class KeyMeta(NamedTuple):
@@ -124,7 +140,15 @@ class StateMachine:
 
     applied_index: int = attrs.field(init=False, default=0)
     last_stamp_ms: int = attrs.field(init=False, default=0)  # the state machine's "now"
-    _catalog: dict = attrs.field(init=False, factory=dict)  # key -> KeyMeta
+    _catalog: dict = attrs.field(init=False, factory=dict)  # key -> KeyMeta, in write order
+    # key -> (value or None for a delete, expiry): changes not yet handed to the backend
+    _staged: dict = attrs.field(init=False, factory=dict)
+    # After a restart over a backend that already holds entries up to `_overlay_until`, the
+    # entries up to there are replayed into this dict (seeded with the snapshot's values)
+    # instead of the backend, so the backend never goes back to an older state.
+    _overlay: dict | None = attrs.field(init=False, default=None)
+    _overlay_until: int = attrs.field(init=False, default=0)
+    backend_index: int = attrs.field(init=False, default=0)  # what the backend last recorded
     _expiries: list = attrs.field(init=False, factory=list)  # heap of (expiry, key), lazy
     _ttl_keys: int = attrs.field(init=False, default=0)  # catalog keys with an expiry
     # (client_id, identity) -> _Session, least recently used first
@@ -134,7 +158,14 @@ class StateMachine:
     # Apply
     # ==========================================================================================
     def apply(self, index: int, data: bytes) -> Result:
-        """Apply the committed NORMAL entry at `index` and return its result.
+        """`stage` then `flush`: one entry, applied through to the backend."""
+        result = self.stage(index, data)
+        self.flush()
+        return result
+
+    def stage(self, index: int, data: bytes) -> Result:
+        """Apply the committed NORMAL entry at `index` and return its result; its backend
+        changes wait for `flush`.
 
         Empty data (a leader's no-op) returns None. Undecodable data returns an ApplyError
         rather than raising: it is committed, so every replica must get past it the same way.
@@ -142,6 +173,8 @@ class StateMachine:
         if index <= self.applied_index:
             raise ValueError(f"entry {index} is not after the applied index {self.applied_index}")
         self.applied_index = index
+        if self._overlay is not None and index > self._overlay_until:
+            self._overlay = None  # the backend holds everything up to here: back to it
         if not data:
             return None
         try:
@@ -262,7 +295,8 @@ class StateMachine:
         meta = self._live(key, now)
         if meta is None:
             return None, None
-        blob = self.backend.get(key)
+        staged = self._staged.get(key)
+        blob = staged[0] if staged is not None else self._get_many([key])[0]
         if blob is None:
             # The backend evicted it (Memcached). Other replicas may still hold it, so bump
             # the version like they do and keep the value unknown here: a miss.
@@ -279,21 +313,62 @@ class StateMachine:
         return meta if meta is not None and meta.live_at(now) else None
 
     def _write(self, key: bytes, value: bytes, version: int, expiry: int | None) -> None:
-        old = self._catalog.get(key)
+        old = self._catalog.pop(key, None)  # re-inserted last: the catalog is in write order
         if old is not None and old.expiry is not None:
             self._ttl_keys -= 1
         self._catalog[key] = KeyMeta(version, expiry)
-        self.backend.set(key, value)
+        self._change(key, value, expiry)
         if expiry is not None:
             self._ttl_keys += 1
             heapq.heappush(self._expiries, (expiry, key))
             self._maybe_rebuild_expiries()
 
     def _remove(self, key: bytes) -> None:
-        version, expiry = self._catalog.pop(key)
-        if expiry is not None:
+        self._forget(key)
+        self._change(key, None, None)
+
+    def _forget(self, key: bytes) -> None:
+        if self._catalog.pop(key).expiry is not None:
             self._ttl_keys -= 1
-        self.backend.delete(key)
+
+    def _change(self, key: bytes, value: bytes | None, expiry: int | None) -> None:
+        if self._overlay is not None:
+            if value is None:
+                self._overlay.pop(key, None)
+            else:
+                self._overlay[key] = value
+            return
+        self._staged.pop(key, None)  # re-inserted last: changes go out in write order
+        self._staged[key] = (value, expiry)
+
+    # -- the backend ---------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Hand the staged changes to the backend in one call. On BackendUnavailable or
+        BackendLost nothing is lost: the changes stay staged and `flush` may be called again."""
+        if not self._staged:
+            return
+        now = self.last_stamp_ms
+        changes = [Change(key, value, None if expiry is None else max(0, expiry - now))
+                   for key, (value, expiry) in self._staged.items()]
+        evicted = self.backend.apply(self.applied_index, changes)
+        self._staged.clear()
+        self.backend_index = self.applied_index
+        self._drop_evicted(evicted)
+
+    @property
+    def has_staged(self) -> bool:
+        return bool(self._staged)
+
+    def _drop_evicted(self, keys) -> None:
+        # The backend evicted them to stay within its limits, the same way on every replica.
+        for key in keys:
+            if key in self._catalog:
+                self._forget(key)
+
+    def _get_many(self, keys: Sequence[bytes]) -> list:
+        if self._overlay is not None:
+            return [self._overlay.get(k) for k in keys]
+        return self.backend.get_many(keys)
 
     def _sweep(self, up_to: int) -> int:
         heap, catalog = self._expiries, self._catalog
@@ -339,17 +414,19 @@ class StateMachine:
     # ==========================================================================================
     def read(self, key: bytes, now_stamp_ms: int) -> tuple[bytes, int] | None:
         """(value as stored, version), or None when missing, expired at `now_stamp_ms`, or
-        evicted by the backend."""
-        meta = self._live(key, now_stamp_ms)
-        if meta is None:
-            return None
-        value = self.backend.get(key)
-        if value is None:
-            return None
-        return value, meta.version
+        evicted by the backend. Raises what the backend raises (BackendUnavailable)."""
+        return self.read_many([key], now_stamp_ms)[0]
 
-    def read_many(self, keys: Iterable[bytes], now_stamp_ms: int) -> list:
-        return [self.read(key, now_stamp_ms) for key in keys]
+    def read_many(self, keys: Sequence[bytes], now_stamp_ms: int) -> list:
+        """`read` of each key, asking the backend once."""
+        metas = [self._live(key, now_stamp_ms) for key in keys]
+        wanted = [key for key, meta in zip(keys, metas, strict=True) if meta is not None]
+        values = iter(self._get_many(wanted) if wanted else ())
+        out = []
+        for meta in metas:
+            value = None if meta is None else next(values)
+            out.append(None if value is None else (value, meta.version))
+        return out
 
     def version(self, key: bytes, now_stamp_ms: int) -> int | None:
         """The key's version from the catalog alone (no backend call)."""
@@ -383,23 +460,18 @@ class StateMachine:
 
         A cataloged key whose value the backend no longer has is recorded as missing.
         """
+        if self._staged:
+            raise RuntimeError("snapshot() with staged changes: flush() first")
         out = bytearray(SNAPSHOT_MAGIC)
         out.append(SNAPSHOT_VERSION)
         put_uvarint(out, self.applied_index)
         put_uvarint(out, self.last_stamp_ms)
         put_uvarint(out, len(self._catalog))
-        get = self.backend.get
-        for key in sorted(self._catalog):
-            version, expiry = self._catalog[key]
-            put_blob(out, key)
-            put_uvarint(out, version)
-            put_uvarint(out, 0 if expiry is None else expiry)  # expiries are always > 0
-            value = get(key)
-            if value is None:
-                out.append(0)
-            else:
-                out.append(1)
-                put_blob(out, value)
+        keys = list(self._catalog)  # write order: a restored bounded backend evicts the same
+        for start in range(0, len(keys), _SNAPSHOT_CHUNK):
+            chunk = keys[start:start + _SNAPSHOT_CHUNK]
+            for key, value in zip(chunk, self._get_many(chunk), strict=True):
+                self._put_key(out, key, value)
         put_uvarint(out, len(self._sessions))
         for (client_id, identity), session in self._sessions.items():  # LRU order matters
             put_blob(out, client_id.encode())
@@ -417,21 +489,49 @@ class StateMachine:
                 _encode_result(out, result)
         return bytes(out)
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with a snapshot's: the backend is cleared and reloaded.
+    def _put_key(self, out: bytearray, key: bytes, value: bytes | None) -> None:
+        version, expiry = self._catalog[key]
+        put_blob(out, key)
+        put_uvarint(out, version)
+        put_uvarint(out, 0 if expiry is None else expiry)  # expiries are always > 0
+        if value is None:
+            out.append(0)
+        else:
+            out.append(1)
+            put_blob(out, value)
+
+    def restore(self, data: bytes, backend_index: int | None = None) -> None:
+        """Replace the whole state with a snapshot's and load its values into the backend
+        (keys the old state held and the snapshot does not are deleted from it).
+
+        `backend_index`: the index the backend says its data reflects (`Backend.open`), when
+        the node trusts it (at most its last log index). When it is at or after the
+        snapshot's, the backend is left alone: the entries up to it replay into an overlay
+        seeded with the snapshot's values, and the backend takes over after them.
 
         The snapshot is parsed completely before anything changes, so garbage raises
         SnapshotError and leaves the state machine as it was. Empty data is the empty state.
         """
         applied, stamp, catalog, values, sessions = _parse_snapshot(data)
-        self.backend.clear()
-        for key, value in values:
-            self.backend.set(key, value)
+        if backend_index is not None and backend_index >= applied:
+            overlay, evicted = dict(values), ()
+        else:
+            # Into the backend first: if it fails, the state machine is as it was.
+            overlay = None
+            items = [Change(key, value, None if catalog[key].expiry is None
+                            else max(0, catalog[key].expiry - stamp)) for key, value in values]
+            stale = [key for key in self._catalog if key not in catalog]
+            evicted = self.backend.load(applied, items, stale)
+            backend_index = applied
+        self._staged.clear()
+        self._overlay, self._overlay_until = overlay, backend_index
+        self.backend_index = backend_index
+        self._catalog = catalog
         self.applied_index = applied
         self.last_stamp_ms = stamp
-        self._catalog = catalog
         self._sessions = sessions
         self._rebuild_expiries()
+        self._drop_evicted(evicted)
 
 
 def check_snapshot(snapshot) -> str | None:
