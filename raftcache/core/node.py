@@ -82,6 +82,7 @@ class Node:
         `core`: the Raft core class (tests hand a deliberately broken one here)."""
         self.config = config
         self.id = config.node.id
+        self.clock = time.time  # wall-clock seconds: what stamps writes (tests skew it)
         self.peers = config.peer_addresses()  # where this node reaches each peer
         self.client_addresses = config.client_addresses()  # what clients are told
         self.pm = pm or make_manager(block=config.plugins.block)
@@ -526,7 +527,7 @@ class Node:
 
     def _stamp(self) -> int:
         # The leader's clock, never going backwards: every replica judges expiry by it.
-        self._last_stamp = max(int(time.time() * 1000), self._last_stamp, self.sm.last_stamp_ms)
+        self._last_stamp = max(int(self.clock() * 1000), self._last_stamp, self.sm.last_stamp_ms)
         return self._last_stamp
 
     def _encode(self, key: bytes, value: bytes) -> bytes:
