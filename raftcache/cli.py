@@ -49,8 +49,12 @@ def _add_server_commands(sub) -> None:
     up.add_argument("--storage", default="file-wal",
                     help="file-wal (default), redis-aof, or memory (not durable)")
     up.add_argument("--transport", default="thrift")
-    up.add_argument("--backend", default="memory")
+    up.add_argument("--backend", default="memory",
+                    help="memory (default), redis, memcached, or hybrid (with --config); "
+                         "redis-server or memcached per node when the config names none")
     up.add_argument("--config", help="a TOML file whose settings every node shares")
+    up.add_argument("--leader-timeout", type=float, default=30.0,
+                    help="seconds to wait for a leader before giving up (exit 1)")
     up.add_argument("--insecure", action="store_true",
                     help="let peers talk without proving they are nodes of this cluster (no "
                          "cluster secret on plaintext transports); logs a warning")

@@ -208,6 +208,28 @@ def test_up_set_get_status_and_clean_stop(tmp_path):
             f"/proc/{pid}/status").read().lower(), f"node process {pid} outlived `up`"
 
 
+def test_up_fails_fast_when_a_node_cannot_start(tmp_path):
+    port = free_port_block(3)
+    started = time.monotonic()
+    result = raftcache("up", "--storage", "nope", "--port", str(port), "--data-dir",
+                       str(tmp_path / "data"), timeout=20)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    for i in (1, 2, 3):  # which node, and why: its own last error line
+        assert (f"raftcache: node {i} exited with code 2: {tmp_path}/data/node{i}.toml: "
+                "storage.plugin: unknown storage 'nope'") in result.stderr, result.stderr
+
+
+def test_up_without_a_leader_in_time_exits_non_zero(tmp_path):
+    config = tmp_path / "slow.toml"
+    config.write_text("[raft]\ntick_ms = 60000\n")  # no election for minutes
+    result = raftcache("up", "--config", str(config), "--leader-timeout", "2", "--port",
+                       str(free_port_block(3)), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1
+    assert f"raftcache: no leader after 2 s; see the node logs in {tmp_path}/data" in (
+        result.stderr)
+
+
 def test_serve_with_bad_config_says_one_line(tmp_path):
     path = tmp_path / "node.toml"
     path.write_text('[node]\nid = 1\naddress = "127.0.0.1:1"\n[cluster]\npeers = { 1 = '
