@@ -1,5 +1,10 @@
-"""The `raftcache` command: up, serve, set, get, delete, status, member, transfer-leader,
-certs init."""
+"""The `raftcache` command: up and serve run nodes; a command for every client operation (set,
+get, mget, mset, delete, cas, incr, append, invalidate, status, member, transfer-leader); certs
+init.
+
+Exit codes of the client commands: 0 done; 1 a key is missing (get, mget); 2 an error, printed
+as one line `raftcache: <Kind>: <reason>` (or a usage error); 3 cas found another version.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ import argparse
 import sys
 
 from raftcache.core.operations import OPERATIONS
+
+EXIT_MISSING = 1  # get, mget: a key is missing
+EXIT_ERROR = 2  # the call failed (or a usage error: argparse exits 2 too)
+EXIT_CAS_FAILED = 3  # cas: the key is not at the expected version; nothing was written
 
 
 def main(argv=None) -> int:
@@ -40,8 +49,12 @@ def _add_server_commands(sub) -> None:
     up.add_argument("--storage", default="file-wal",
                     help="file-wal (default), redis-aof, or memory (not durable)")
     up.add_argument("--transport", default="thrift")
-    up.add_argument("--backend", default="memory")
+    up.add_argument("--backend", default="memory",
+                    help="memory (default), redis, memcached, or hybrid (with --config); "
+                         "redis-server or memcached per node when the config names none")
     up.add_argument("--config", help="a TOML file whose settings every node shares")
+    up.add_argument("--leader-timeout", type=float, default=30.0,
+                    help="seconds to wait for a leader before giving up (exit 1)")
     up.add_argument("--insecure", action="store_true",
                     help="let peers talk without proving they are nodes of this cluster (no "
                          "cluster secret on plaintext transports); logs a warning")
@@ -52,9 +65,11 @@ def _add_server_commands(sub) -> None:
     serve.set_defaults(func=_cmd_serve)
 
 
-def _client_command(sub, name: str, help: str, func, *positional: str):
-    """A subcommand that talks to a cluster: its positional arguments and the client options."""
-    sp = sub.add_parser(name, help=help)
+def _client_command(sub, name: str, op: str, func, *positional: str, help: str = ""):
+    """A subcommand that calls operation `op`: its positional arguments and the client
+    options. Its help is the operation's doc unless `help` says more."""
+    text = help or OPERATIONS[op].doc
+    sp = sub.add_parser(name, help=text, description=text)
     for arg in positional:
         sp.add_argument(arg)
     sp.add_argument("--endpoints", default=None,
@@ -65,29 +80,73 @@ def _client_command(sub, name: str, help: str, func, *positional: str):
     sp.add_argument("--cert", help="client certificate (PEM) for TLS")
     sp.add_argument("--key", dest="tls_key", help="client key (PEM) for TLS")
     sp.add_argument("--timeout", type=float, default=5.0)
-    sp.set_defaults(func=func)
+    sp.set_defaults(func=func, operation=op, usage_error=sp.error)
     return sp
 
 
+class _Pairs(argparse.Action):
+    """KEY VALUE [KEY VALUE ...]: an odd count is a usage error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) % 2:
+            parser.error(f"expected KEY VALUE pairs, got an odd number of arguments "
+                         f"({len(values)})")
+        setattr(namespace, self.dest, dict(zip(values[::2], values[1::2], strict=True)))
+
+
 def _add_client_commands(sub) -> None:
-    s = _client_command(sub, "set", OPERATIONS["put"].doc, _cmd_set, "key", "value")
+    s = _client_command(sub, "set", "put", _cmd_set, "key", "value",
+                        help="store a value; prints its version")
     s.add_argument("--ttl", type=float, default=None, help="seconds")
-    g = _client_command(sub, "get", OPERATIONS["get"].doc + " (exit 1 when missing)",
-                        _cmd_get, "key")
+    g = _client_command(sub, "get", "get", _cmd_get, "key",
+                        help=f"print a value (exit {EXIT_MISSING} when missing)")
+    g.add_argument("--with-version", action="store_true", help="print VERSION VALUE")
     g.add_argument("--consistency", default="linearizable",
                    choices=["linearizable", "lease", "stale"])
-    _client_command(sub, "delete", OPERATIONS["remove"].doc, _cmd_delete, "key")
-    _client_command(sub, "append", OPERATIONS["append"].doc, _cmd_append, "key", "value")
-    _client_command(sub, "status", "a table of the nodes: " + OPERATIONS["status"].doc,
-                    _cmd_status)
-    m = _client_command(sub, "member", "change membership (nodes listed in cluster.peers)",
-                        _cmd_member)
+    mg = _client_command(sub, "mget", "mget", _cmd_mget,
+                         help="print several values read at one point, one line per key (a "
+                              f"missing key: an empty line; exit {EXIT_MISSING} if any is)")
+    mg.add_argument("keys", nargs="+", metavar="KEY")
+    mg.add_argument("--with-version", action="store_true",
+                    help="print VERSION VALUE lines (a missing key: version 0)")
+    mg.add_argument("--consistency", default="linearizable",
+                    choices=["linearizable", "lease", "stale"])
+    ms = _client_command(sub, "mset", "mset", _cmd_mset,
+                         help="store several values in one write; prints their version")
+    ms.add_argument("items", nargs="+", action=_Pairs, metavar="KEY VALUE")
+    ms.add_argument("--ttl", type=float, default=None, help="seconds")
+    _client_command(sub, "delete", "remove", _cmd_delete, "key",
+                    help="delete a key; prints deleted or not found")
+    c = _client_command(sub, "cas", "cas", _cmd_cas, "key",
+                        help="store VALUE only if KEY is at VERSION (0: missing); prints the new "
+                             "version (\"swapped\" when the transport does not carry it); exit "
+                             f"{EXIT_CAS_FAILED} when the version check fails")
+    c.add_argument("version", type=int)
+    c.add_argument("value")
+    c.add_argument("--ttl", type=float, default=None, help="seconds")
+    i = _client_command(sub, "incr", "incr", _cmd_incr, "key",
+                        help="add DELTA (default 1) to a decimal integer (missing: 0); prints "
+                             "the new value")
+    i.add_argument("delta", type=int, nargs="?", default=1)
+    _client_command(sub, "append", "append", _cmd_append, "key", "value",
+                    help="append to a value (missing: empty); prints the new length")
+    inv = _client_command(sub, "invalidate", "invalidate", _cmd_invalidate,
+                          help="delete every key that starts with PREFIX; prints how many")
+    inv.add_argument("prefix", nargs="?", default="")
+    inv.add_argument("--all", action="store_true", help="every key (an empty prefix)")
+    st = _client_command(sub, "status", "status", _cmd_status,
+                         help="a table of the nodes: " + OPERATIONS["status"].doc)
+    st.add_argument("--json", action="store_true",
+                    help="one JSON object per node and line: id, address, role, term, commit, "
+                         "applied, leader, leader_address, voters, learners (or address and "
+                         "error)")
+    m = _client_command(sub, "member", "change_member", _cmd_member,
+                        help="change membership (nodes listed in cluster.peers)")
     m.add_argument("action", choices=["add", "remove", "promote"],
                    help="add a voter (--learner: a learner), remove a node, promote a learner")
     m.add_argument("node", type=int)
     m.add_argument("--learner", action="store_true")
-    t = _client_command(sub, "transfer-leader", OPERATIONS["transfer_leader"].doc,
-                        _cmd_transfer_leader)
+    t = _client_command(sub, "transfer-leader", "transfer_leader", _cmd_transfer_leader)
     t.add_argument("node", type=int)
 
 
@@ -122,8 +181,21 @@ def _run_client(fn):
     try:
         return fn()
     except errors.RaftCacheError as exc:
-        print(f"raftcache: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return _fail(type(exc).__name__, str(exc))
+    except ValueError as exc:  # refused before sending, e.g. a ttl out of range
+        return _fail("InvalidRequest", str(exc))
+
+
+def _fail(kind: str, reason: str, code: int = EXIT_ERROR) -> int:
+    print(f"raftcache: {kind}: {reason}", file=sys.stderr)
+    return code
+
+
+def _write_found(found, with_version: bool) -> None:
+    """One line: the value (VERSION VALUE with --with-version); a missing key: empty (0)."""
+    value, version = found or (b"", 0)
+    prefix = b"%d " % version if with_version else b""
+    sys.stdout.buffer.write(prefix + value + b"\n")
 
 
 def _cmd_set(args):
@@ -136,11 +208,49 @@ def _cmd_set(args):
 def _cmd_get(args):
     def go():
         with _client(args) as c:
-            value = c.get(args.key, consistency=args.consistency)
-        if value is None:
-            return 1
-        sys.stdout.buffer.write(value + b"\n")
+            found = c.get_with_version(args.key, consistency=args.consistency)
+        if found is None:
+            return EXIT_MISSING
+        _write_found(found, args.with_version)
         return 0
+    return _run_client(go)
+
+
+def _cmd_mget(args):
+    def go():
+        with _client(args) as c:
+            found = c.mget_with_versions(args.keys, consistency=args.consistency)
+        for f in found:
+            _write_found(f, args.with_version)
+        return EXIT_MISSING if None in found else 0
+    return _run_client(go)
+
+
+def _cmd_mset(args):
+    def go():
+        with _client(args) as c:
+            versions = c.mset(args.items, ttl=args.ttl)
+        print(max(versions))  # one log entry writes them all: one version
+    return _run_client(go)
+
+
+def _cmd_cas(args):
+    def go():
+        with _client(args) as c:
+            swapped, version = c.cas_with_version(args.key, args.version, args.value,
+                                                  ttl=args.ttl)
+        if not swapped:
+            return _fail("VersionMismatch", f"{args.key!r} is not at version {args.version}; "
+                                            "nothing was written", EXIT_CAS_FAILED)
+        print("swapped" if version is None else version)
+        return 0
+    return _run_client(go)
+
+
+def _cmd_incr(args):
+    def go():
+        with _client(args) as c:
+            print(c.incr(args.key, args.delta))
     return _run_client(go)
 
 
@@ -148,6 +258,16 @@ def _cmd_append(args):
     def go():
         with _client(args) as c:
             print(c.append(args.key, args.value))
+    return _run_client(go)
+
+
+def _cmd_invalidate(args):
+    if bool(args.prefix) == args.all:  # an empty prefix is every key: only when asked for
+        args.usage_error("give a PREFIX, or --all for every key (not both)")
+
+    def go():
+        with _client(args) as c:
+            print(c.invalidate(args.prefix))
     return _run_client(go)
 
 
@@ -183,23 +303,35 @@ def _cmd_transfer_leader(args):
 
 
 def _cmd_status(args):
+    import json
+
+    import attrs
+
     from raftcache import errors
 
+    answers = {}  # endpoint -> its NodeStatus, or why it did not answer
     with _client(args) as c:
-        rows = []
         for endpoint in c.endpoints:
             try:
-                s = c.status(endpoint)
-                rows.append((str(s.id), endpoint, s.role, str(s.term), str(s.commit),
-                             str(s.applied), str(s.leader or "-")))
+                answers[endpoint] = c.status(endpoint)
             except (errors.RaftCacheError, OSError, TimeoutError) as exc:
-                rows.append(("?", endpoint, f"unreachable ({type(exc).__name__})", "", "", "",
-                             ""))
-    header = ("NODE", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0 if any(r[0] != "?" for r in rows) else 2
+                answers[endpoint] = exc
+    if args.json:
+        for endpoint, s in answers.items():
+            row = (attrs.asdict(s) if not isinstance(s, Exception)
+                   else {"address": endpoint, "error": f"{type(s).__name__}: {s}"})
+            print(json.dumps(row))
+    else:
+        rows = [(str(s.id), endpoint, s.role, str(s.term), str(s.commit), str(s.applied),
+                 str(s.leader or "-")) if not isinstance(s, Exception)
+                else ("?", endpoint, f"unreachable ({type(s).__name__})", "", "", "", "")
+                for endpoint, s in answers.items()]
+        header = ("NODE", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    answered = any(not isinstance(s, Exception) for s in answers.values())
+    return 0 if answered else EXIT_ERROR
 
 
 def _cmd_certs_init(args):

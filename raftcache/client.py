@@ -99,8 +99,12 @@ class Client:
         return self._call("invalidate", key=_bytes(prefix)).number
 
     def mget(self, keys, consistency: str = "linearizable") -> list[bytes | None]:
+        return [None if f is None else f[0] for f in self.mget_with_versions(keys, consistency)]
+
+    def mget_with_versions(self, keys, consistency: str = "linearizable"):
+        """[(value, version), or None for a missing key, ...], read at one point."""
         r = self._call("mget", keys=[_bytes(k) for k in keys], consistency=consistency)
-        return [g.value if g.found else None for g in r.results]
+        return [(g.value, g.version) if g.found else None for g in r.results]
 
     def mset(self, items: dict, ttl: float | None = None) -> list[int]:
         r = self._call("mset", items={_bytes(k): _bytes(v) for k, v in items.items()},

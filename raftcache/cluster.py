@@ -3,7 +3,9 @@ suite start, kill, pause and restart."""
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import time
 import attrs
 
 from raftcache.core.config import write_secret
-from raftcache.servers import RedisServer, die_with_parent, free_port, free_ports
+from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_port, free_ports
 
 
 def free_port_block(n: int, host: str = "127.0.0.1") -> int:
@@ -22,7 +24,13 @@ def free_port_block(n: int, host: str = "127.0.0.1") -> int:
     return free_ports(n, host)
 
 
+def _toml_key(k) -> str:
+    k = str(k)
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
 def _toml_value(v) -> str:
+    """`v` written inline: arrays and tables inside arrays stay on one line."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -32,22 +40,93 @@ def _toml_value(v) -> str:
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
 def to_toml(data: dict) -> str:
-    """A minimal TOML writer for our config (tables of scalars, arrays and inline tables)."""
+    """A minimal TOML writer for our configs: a table inside a table becomes its own section
+    ([backend.options.instances.sessions]); arrays, of tables too, are written inline."""
     lines = []
+
+    def table(name: str, body: dict) -> None:
+        pairs = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items()
+                 if not isinstance(v, dict)]
+        if pairs or not body:  # a table of tables only needs no header of its own
+            lines.extend([f"[{name}]", *pairs, ""])
+        for k, v in body.items():
+            if isinstance(v, dict):
+                table(f"{name}.{_toml_key(k)}", v)
+
     for section, body in data.items():
-        scalars = {k: v for k, v in body.items() if not (isinstance(v, dict) and k == "tls")}
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
-        if "tls" in body and isinstance(body["tls"], dict):
-            lines.append(f"[{section}.tls]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in body["tls"].items()]
-        lines.append("")
+        table(_toml_key(section), body)
     return "\n".join(lines)
+
+
+# The option that tells a plugin where its server is, by the kind of server `up` starts.
+_ADDRESS_OPTION = {"redis-aof": "url", "redis": "url", "memcached": "address"}
+
+
+@attrs.frozen
+class ServerNeed:
+    """A server a node's config needs and does not name: `up` starts one per node."""
+
+    name: str  # "storage", "backend", or "backend.<hybrid instance>"
+    kind: str  # "redis-aof" (durable), "redis" (a cache: no persistence), "memcached"
+    options: dict  # the plugin options that get its address (`_ADDRESS_OPTION[kind]`)
+
+
+def server_needs(config: dict) -> list[ServerNeed]:
+    """The servers a node's config (as written to its file) lacks: the redis-aof storage
+    without a url, a redis or memcached backend without its url or address, and each hybrid
+    backend instance of those plugins without one."""
+    def options(section: dict) -> dict:
+        return section.setdefault("options", {})
+
+    def unnamed(name: str, kind: str, opts: dict) -> list[ServerNeed]:
+        return [] if opts.get(_ADDRESS_OPTION[kind]) else [ServerNeed(name, kind, opts)]
+
+    needs = []
+    storage = config.get("storage", {})
+    # `slow-disk` (fault suite) wraps another storage: options.inner
+    if "redis-aof" in (storage.get("plugin"), storage.get("options", {}).get("inner")):
+        needs += unnamed("storage", "redis-aof", options(storage))
+    backend = config.get("backend", {})
+    plugin = backend.get("plugin")
+    if plugin in ("redis", "memcached"):
+        needs += unnamed("backend", plugin, options(backend))
+    if plugin == "hybrid":
+        for instance, opts in options(backend).get("instances", {}).items():
+            if opts.get("plugin") in ("redis", "memcached"):
+                needs += unnamed(f"backend.{instance}", opts["plugin"], opts)
+    return needs
+
+
+def _make_server(kind: str, directory: str, host: str):
+    # Its port is fixed now, written into the node's config, and kept across restarts.
+    port = free_port(host)
+    if kind == "memcached":
+        return MemcachedServer(directory, port=port, host=host)
+    if kind == "redis":  # a backend's cache: nothing on disk, and full means refusing writes
+        return RedisServer(directory, port=port, host=host, appendonly=False,
+                           extra_args=["--maxmemory-policy", "noeviction"])
+    return RedisServer(directory, port=port, host=host)  # redis-aof: the durable defaults
+
+
+def last_error_line(log_path: str) -> str:
+    """What a process said last about going wrong: its last `raftcache: ...`, ERROR or
+    CRITICAL line, else its last line (a traceback ends with the exception)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - (64 << 10)))
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()]
+    except OSError as exc:
+        return f"(no log: {exc.strerror})"
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        if line.startswith("raftcache: ") or " ERROR " in line or " CRITICAL " in line:
+            return line.removeprefix("raftcache: ")
+    return lines[-1] if lines else "(its log is empty)"
 
 
 @attrs.define
@@ -72,13 +151,19 @@ class LocalCluster:
     # still reach every node at its own address.
     routes: dict = attrs.Factory(dict)
     processes: dict = attrs.Factory(dict)
-    # redis-aof storage without a configured url: one redis-server per node, started and
-    # stopped with it (node id -> raftcache.servers.RedisServer).
-    redis: dict = attrs.Factory(dict)
+    # The servers the configs need and do not name (`server_needs`), one of each per node,
+    # started before it and stopped after it: node id -> {ServerNeed.name: server}.
+    servers: dict = attrs.Factory(dict)
+
+    def host_of(self, node_id: int) -> str:
+        return self.hosts[node_id - 1] if self.hosts else self.host
 
     def address(self, node_id: int) -> str:
-        host = self.hosts[node_id - 1] if self.hosts else self.host
-        return f"{host}:{self.port + node_id - 1}"
+        return f"{self.host_of(node_id)}:{self.port + node_id - 1}"
+
+    def plugin(self, kind: str) -> str:
+        """The storage, transport or backend plugin the nodes run (`extra` may name it)."""
+        return self.extra.get(kind, {}).get("plugin", getattr(self, kind))
 
     def endpoints(self) -> list[str]:
         return [self.address(i) for i in range(1, self.nodes + 1)]
@@ -109,55 +194,52 @@ class LocalCluster:
         write_secret(path)
         return path
 
-    def owns_redis(self) -> bool:
-        options = self.extra.get("storage", {}).get("options", {})
-        # `slow-disk` (fault suite) wraps another storage: options.inner
-        return "redis-aof" in (self.storage, options.get("inner")) and not options.get("url")
+    def _server(self, node_id: int, need: ServerNeed):
+        servers = self.servers.setdefault(node_id, {})
+        if need.name not in servers:
+            directory = os.path.join(self.data_dir, f"node{node_id}", f"{need.name}-{need.kind}")
+            servers[need.name] = _make_server(need.kind, directory, self.host_of(node_id))
+        return servers[need.name]
 
-    def _redis_for(self, node_id: int):
-        if node_id not in self.redis:
-            # Its port is fixed now, written into the node's config, and kept across restarts.
-            self.redis[node_id] = RedisServer(
-                os.path.join(self.data_dir, f"node{node_id}", "redis"), port=free_port(self.host),
-                host=self.host)
-        return self.redis[node_id]
+    def node_config(self, node_id: int) -> dict:
+        """What node `node_id`'s config file holds, with the addresses of its servers."""
+        i = node_id
+        peers = {str(j): self.routes.get((i, j), self.address(j)) for j in range(1, self.nodes + 1)}
+        cluster = {"peers": peers}
+        secret = self.secret_path()
+        if secret:
+            cluster["secret_file"] = secret
+        elif self.insecure:
+            cluster["insecure"] = True
+        if self.routes:
+            cluster["client_addresses"] = {str(j): self.address(j)
+                                           for j in range(1, self.nodes + 1)}
+        transport = {"plugin": self.transport}
+        tls = self.tls_files()
+        if tls:
+            certs = os.path.dirname(tls["ca"])
+            transport["tls"] = {"ca": tls["ca"], "cert": os.path.join(certs, f"node{i}.pem"),
+                                "key": os.path.join(certs, f"node{i}-key.pem")}
+        data = {
+            "node": {"id": i, "address": self.address(i),
+                     "data_dir": os.path.join(self.data_dir, f"node{i}")},
+            "cluster": cluster,
+            "storage": {"plugin": self.storage},
+            "transport": transport,
+            "backend": {"plugin": self.backend},
+        }
+        for section, body in copy.deepcopy(self.extra).items():
+            data.setdefault(section, {}).update(body)
+        for need in server_needs(data):
+            need.options[_ADDRESS_OPTION[need.kind]] = getattr(
+                self._server(i, need), _ADDRESS_OPTION[need.kind])
+        return data
 
     def write_configs(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
-        tls = self.tls_files()
-        secret = self.secret_path()
         for i in range(1, self.nodes + 1):
-            peers = {str(j): self.routes.get((i, j), self.address(j))
-                     for j in range(1, self.nodes + 1)}
-            cluster = {"peers": peers}
-            if secret:
-                cluster["secret_file"] = secret
-            elif self.insecure:
-                cluster["insecure"] = True
-            if self.routes:
-                cluster["client_addresses"] = {str(j): self.address(j)
-                                               for j in range(1, self.nodes + 1)}
-            transport = {"plugin": self.transport}
-            if tls:
-                certs = os.path.dirname(tls["ca"])
-                transport["tls"] = {"ca": tls["ca"], "cert": os.path.join(certs, f"node{i}.pem"),
-                                    "key": os.path.join(certs, f"node{i}-key.pem")}
-            data = {
-                "node": {"id": i, "address": self.address(i),
-                         "data_dir": os.path.join(self.data_dir, f"node{i}")},
-                "cluster": cluster,
-                "storage": {"plugin": self.storage},
-                "transport": transport,
-                "backend": {"plugin": self.backend},
-            }
-            for section, body in self.extra.items():
-                data.setdefault(section, {}).update(body)
-            if self.owns_redis():
-                options = dict(data["storage"].get("options", {}))
-                options["url"] = self._redis_for(i).url
-                data["storage"]["options"] = options
             with open(self.config_path(i), "w") as f:
-                f.write(to_toml(data))
+                f.write(to_toml(self.node_config(i)))
 
     def start(self, node_id: int | None = None) -> None:
         """Start one node, or every node (writing their configs first)."""
@@ -166,8 +248,8 @@ class LocalCluster:
             for i in range(1, self.nodes + 1):
                 self.start(i)
             return
-        if node_id in self.redis:
-            self.redis[node_id].start()  # no-op when it runs; the node needs it to load
+        for server in self.servers.get(node_id, {}).values():
+            server.start()  # no-op when it runs; the node needs it to load
         log = open(self.log_path(node_id), "ab")
         self.processes[node_id] = subprocess.Popen(
             [sys.executable, *self.launcher, "--config", self.config_path(node_id)],
@@ -191,13 +273,34 @@ class LocalCluster:
         if p is not None:
             p.wait(10)
 
-    def kill_redis(self, node_id: int) -> None:
-        """kill -9 the node's redis-server (its AOF stays for restart_redis)."""
-        self.redis[node_id].kill()
+    def kill_server(self, node_id: int, name: str) -> None:
+        """kill -9 one of the node's servers (`servers[node_id]`: "storage", "backend",
+        "backend.<instance>"); a redis-aof storage's AOF stays for restart_server."""
+        self.servers[node_id][name].kill()
 
-    def restart_redis(self, node_id: int) -> None:
-        """Start the node's redis-server again on the same port and data (loads its AOF)."""
-        self.redis[node_id].restart()
+    def restart_server(self, node_id: int, name: str) -> None:
+        """Start it again on the same port and dir: a redis-aof storage loads its AOF, a
+        backend's memcached or redis comes back empty."""
+        self.servers[node_id][name].restart()
+
+    def backend_servers(self, node_id: int, instance: str | None = None) -> list[str]:
+        """The names of the node's backend servers: every one, or the hybrid `instance`'s."""
+        names = [n for n in self.servers.get(node_id, {}) if n.split(".")[0] == "backend"]
+        if instance is not None:
+            names = [n for n in names if n == f"backend.{instance}"]
+            if not names:
+                raise KeyError(f"node {node_id} runs no server for backend instance {instance!r}")
+        return names
+
+    def kill_backend(self, node_id: int, name: str | None = None) -> None:
+        """kill -9 the node's backend servers: every one, or hybrid instance `name`'s."""
+        for server in self.backend_servers(node_id, name):
+            self.kill_server(node_id, server)
+
+    def restart_backend(self, node_id: int, name: str | None = None) -> None:
+        """Start them again, empty, on the same ports."""
+        for server in self.backend_servers(node_id, name):
+            self.restart_server(node_id, server)
 
     def pause(self, node_id: int) -> None:
         self.signal(node_id, signal.SIGSTOP)
@@ -219,8 +322,24 @@ class LocalCluster:
                     p.wait(5)
         finally:
             # After the nodes: a stopping node may still write its last hard state.
-            for server in self.redis.values():
-                server.stop()
+            for servers in self.servers.values():
+                for server in servers.values():
+                    server.stop()
+
+    def failures(self) -> list[str]:
+        """One line for each node process and each server that has exited, saying why: its
+        exit code and the last error line of its log."""
+        out = []
+        for i, p in sorted(self.processes.items()):
+            if p.poll() is not None:
+                out.append(f"node {i} exited with code {p.returncode}: "
+                           f"{last_error_line(self.log_path(i))}")
+        for i, servers in sorted(self.servers.items()):
+            for name, server in servers.items():
+                if server.process is not None and not server.running():
+                    out.append(f"node {i}'s {name} server ({server.executable} on "
+                               f"{server.address}) exited: {last_error_line(server.log_path)}")
+        return out
 
     def client(self, **kwargs):
         from raftcache.client import Client
@@ -257,7 +376,9 @@ class LocalCluster:
 
 
 def run_local_cluster(args) -> int:
-    """`raftcache up`: start the cluster, show it, keep it in the foreground until a signal."""
+    """`raftcache up`: start the cluster, show it, keep it in the foreground until a signal.
+    Exits 1 at once when a node or a server it needs exits during start-up, saying which and
+    why, and when no leader is elected within `args.leader_timeout` seconds."""
     import tomllib
 
     extra = {}
@@ -280,11 +401,38 @@ def run_local_cluster(args) -> int:
         cluster.stop()
         print(f"raftcache: {exc}", file=sys.stderr)
         return 1
-    print(f"raftcache: {args.nodes} nodes ({args.storage} storage, {args.transport} transport, "
-          f"{args.backend} backend), data and logs in {cluster.data_dir}")
+    _describe_cluster(cluster, args)
+    try:
+        leader = _wait_for_leader_or_failure(cluster, args.leader_timeout, stopping)
+    except RuntimeError as exc:
+        for problem in exc.args:
+            print(f"raftcache: {problem}", file=sys.stderr, flush=True)
+        cluster.stop()
+        return 1
+    if leader is not None:
+        print(f"leader: node {leader} at {cluster.address(leader)}")
+        print("export RAFTCACHE_ENDPOINTS=" + ",".join(cluster.endpoints()))
+        print("Ctrl-C stops the cluster.", flush=True)
+    reported = set()
+    while not stopping:
+        for failure in cluster.failures():
+            if failure not in reported:
+                reported.add(failure)
+                print(f"raftcache: {failure} (not restarted)", flush=True)
+        time.sleep(0.2)
+    print("raftcache: stopping the cluster", flush=True)
+    cluster.stop()
+    return 0
+
+
+def _describe_cluster(cluster: LocalCluster, args) -> None:
+    print(f"raftcache: {args.nodes} nodes ({cluster.plugin('storage')} storage, "
+          f"{cluster.plugin('transport')} transport, {cluster.plugin('backend')} backend), "
+          f"data and logs in {cluster.data_dir}")
     for i in range(1, args.nodes + 1):
-        where = f", redis: {cluster.redis[i].url}" if i in cluster.redis else ""
-        print(f"  node {i}: {cluster.address(i)}  (log: {cluster.log_path(i)}{where})")
+        servers = "".join(f", {name}: {getattr(server, 'url', server.address)}"
+                          for name, server in cluster.servers.get(i, {}).items())
+        print(f"  node {i}: {cluster.address(i)}  (log: {cluster.log_path(i)}{servers})")
     if args.insecure:
         print("WARNING: --insecure: the nodes accept Raft messages from anyone who can reach "
               "their ports", file=sys.stderr)
@@ -292,22 +440,22 @@ def run_local_cluster(args) -> int:
         print(f"peers prove themselves with node certificates ({cluster.data_dir}/certs)")
     else:
         print(f"peers prove themselves with the cluster secret {cluster.secret_path()}")
-    try:
-        leader = cluster.wait_for_leader(timeout=30)
-        print(f"leader: node {leader} at {cluster.address(leader)}")
-        print("export RAFTCACHE_ENDPOINTS=" + ",".join(cluster.endpoints()))
-        print("Ctrl-C stops the cluster.", flush=True)
-    except TimeoutError:
-        print("raftcache: no leader after 30 s; see the node logs", file=sys.stderr)
-        stopping.append(signal.SIGTERM)
-    reported = set()
+
+
+def _wait_for_leader_or_failure(cluster: LocalCluster, timeout: float, stopping: list):
+    """The leader's id; None when a signal asked us to stop first. RuntimeError (a line per
+    problem) when a node or one of its servers exits meanwhile, or after `timeout`."""
+    deadline = time.monotonic() + timeout
     while not stopping:
-        for i, p in cluster.processes.items():
-            if i not in reported and p.poll() is not None:
-                reported.add(i)
-                print(f"raftcache: node {i} exited with code {p.returncode} (not restarted)",
-                      flush=True)
-        time.sleep(0.2)
-    print("raftcache: stopping the cluster", flush=True)
-    cluster.stop()
-    return 0
+        failures = cluster.failures()
+        if failures:
+            raise RuntimeError(*failures)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"no leader after {timeout:g} s; see the node logs in "
+                               f"{cluster.data_dir}")
+        try:
+            return cluster.wait_for_leader(timeout=min(0.5, remaining))
+        except TimeoutError:
+            continue
+    return None

@@ -1,8 +1,9 @@
-"""Real servers started on demand: what the storage tests, the crash tests and `raftcache up`
-run their redis-server on.
+"""Real servers started on demand: the redis-server and memcached that the storage tests, the
+crash tests and `raftcache up` run.
 
-A `RedisServer` keeps its directory and port across kill -9 and restart, so a restart loads the
-AOF the killed process left behind, exactly like a crashed production server coming back.
+A server keeps its directory and port across kill -9 and restart, so a `RedisServer` with its
+AOF loads what the killed process left behind, exactly like a crashed production server coming
+back; a cache (memcached, redis without persistence) comes back empty.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from typing import ClassVar
 
 import attrs
 
@@ -69,30 +71,26 @@ def die_with_parent() -> None:
 
 
 @attrs.define
-class RedisServer:
-    """One redis-server process with its data in `dir` (AOF under dir/appendonlydir).
+class _LocalServer:
+    """One server process on host:port with its files in `dir` (its output in dir/<name>.log),
+    killed with us (die_with_parent). A subclass names its command line and how to ask it
+    whether it is ready. Use it as a context manager, or call start() and stop()."""
 
-    Defaults are the durable ones raftcache needs: appendonly yes, appendfsync always, no RDB
-    snapshots. Use it as a context manager, or call start() and stop().
-    """
+    PROBE: ClassVar[tuple[bytes, bytes]]  # (what to send, how a ready server's answer starts)
 
     dir: str
     port: int = 0  # 0: a free port, chosen at the first start and kept across restarts
     host: str = "127.0.0.1"
-    appendonly: bool = True
-    appendfsync: str = "always"
-    extra_args: list = attrs.Factory(list)  # e.g. ["--auto-aof-rewrite-min-size", "1mb"]
-    executable: str = "redis-server"
     start_timeout: float = 20.0
     process: subprocess.Popen | None = None
 
     @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     @property
     def log_path(self) -> str:
-        return os.path.join(self.dir, "redis.log")
+        return os.path.join(self.dir, f"{os.path.basename(self.executable)}.log")
 
     @property
     def pid(self) -> int | None:
@@ -102,22 +100,16 @@ class RedisServer:
         return self.process is not None and self.process.poll() is None
 
     def command(self) -> list[str]:
-        return [
-            self.executable, "--port", str(self.port), "--bind", self.host,
-            "--dir", os.path.abspath(self.dir), "--logfile", os.path.abspath(self.log_path),
-            "--daemonize", "no", "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", self.appendfsync, *map(str, self.extra_args),
-        ]
+        raise NotImplementedError
 
-    def start(self) -> RedisServer:
-        """Start the server and wait until it has loaded its AOF and answers PING."""
+    def start(self):
+        """Start the server and wait until it answers its probe."""
         if self.running():
             return self
         exe = shutil.which(self.executable)
         if exe is None:
-            raise ServerError(f"{self.executable} not found on PATH: install it "
-                              "(apt-get install -y redis-server; scripts/test does this)")
+            raise ServerError(f"{self.executable} not found on PATH: install it (apt-get "
+                              f"install -y {self.executable}; scripts/test does this)")
         os.makedirs(self.dir, exist_ok=True)
         chosen = self.port == 0
         for _ in range(5 if chosen else 1):
@@ -125,22 +117,23 @@ class RedisServer:
                 self.port = free_port(self.host)
             # The death signal follows the thread that forked: only safe from the main thread.
             main = threading.current_thread() is threading.main_thread()
-            self.process = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=die_with_parent if main else None,
-            )
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=die_with_parent if main else None,
+                )
             try:
                 self._wait_ready()
                 return self
             except ServerError:
                 self.kill()
-                if not (chosen and "Address already in use" in self._log_tail()):
+                if not (chosen and "Address already in use" in self.log_tail()):
                     raise
                 self.port = 0
-        raise ServerError(f"redis-server found no free port; see {self.log_path}")
+        raise ServerError(f"{self.executable} found no free port; see {self.log_path}")
 
-    def _log_tail(self, lines: int = 5) -> str:
+    def log_tail(self, lines: int = 5) -> str:
         try:
             with open(self.log_path, errors="replace") as f:
                 return "".join(f.readlines()[-lines:])
@@ -148,26 +141,25 @@ class RedisServer:
             return ""
 
     def _wait_ready(self) -> None:
-        # PING answers +PONG only once the AOF is loaded (-LOADING before), so a client that
-        # gets through sees all the data the killed process had acknowledged.
+        probe, ready = self.PROBE
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"redis-server on port {self.port} exited with code "
-                                  f"{self.process.returncode}: {self._log_tail().strip()}")
+                raise ServerError(f"{self.executable} on port {self.port} exited with code "
+                                  f"{self.process.returncode}: {self.log_tail().strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=1.0) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    s.sendall(probe)
+                    if s.recv(64).startswith(ready):
                         return
             except OSError:
                 pass
             time.sleep(0.02)
-        raise ServerError(f"redis-server on port {self.port} not ready within "
-                          f"{self.start_timeout} s: {self._log_tail().strip()}")
+        raise ServerError(f"{self.executable} on port {self.port} not ready within "
+                          f"{self.start_timeout} s: {self.log_tail().strip()}")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM: redis fsyncs its AOF and exits. Falls back to kill -9 after `timeout`."""
+        """SIGTERM, and kill -9 after `timeout`."""
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -179,18 +171,66 @@ class RedisServer:
                 self.process.wait(10)
 
     def kill(self) -> None:
-        """kill -9: no goodbye; what the AOF holds is what the kernel got."""
+        """kill -9: no goodbye."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
 
-    def restart(self) -> RedisServer:
-        """Same dir, same port: loads the AOF the previous process left."""
+    def restart(self):
+        """Same dir, same port."""
         self.stop()
         return self.start()
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@attrs.define
+class RedisServer(_LocalServer):
+    """redis-server, its data in `dir` (AOF under dir/appendonlydir).
+
+    Defaults are the durable ones the redis-aof storage needs: appendonly yes, appendfsync
+    always, no RDB snapshots; SIGTERM fsyncs the AOF, a kill -9 leaves what the kernel got, and
+    a restart loads it. With appendonly off (a backend's cache) a restart comes back empty.
+    """
+
+    # PING answers +PONG only once the AOF is loaded (-LOADING before), so a client that
+    # gets through sees all the data the killed process had acknowledged.
+    PROBE = (b"PING\r\n", b"+PONG")
+
+    appendonly: bool = True
+    appendfsync: str = "always"
+    extra_args: list = attrs.Factory(list)  # e.g. ["--maxmemory-policy", "noeviction"]
+    executable: str = "redis-server"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            self.executable, "--port", str(self.port), "--bind", self.host,
+            "--dir", os.path.abspath(self.dir), "--logfile", os.path.abspath(self.log_path),
+            "--daemonize", "no", "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync, *map(str, self.extra_args),
+        ]
+
+
+@attrs.define
+class MemcachedServer(_LocalServer):
+    """memcached on TCP only (no UDP), holding at most `memory_mb` MiB; it keeps nothing on
+    disk (`dir` holds its log), so a restart comes back empty on the same port."""
+
+    PROBE = (b"version\r\n", b"VERSION ")
+
+    memory_mb: int = 64
+    executable: str = "memcached"
+
+    def command(self) -> list[str]:
+        user = ["-u", "root"] if os.geteuid() == 0 else []  # it refuses root without -u
+        return [self.executable, "-U", "0", "-l", self.host, "-p", str(self.port),
+                "-m", str(self.memory_mb), *user]

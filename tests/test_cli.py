@@ -1,17 +1,145 @@
 """The `raftcache` command as a user runs it."""
 
+import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from raftcache.cluster import free_port_block
+import pytest
+
+from raftcache import cli
+from raftcache.client import Client
+from raftcache.cluster import LocalCluster, free_port_block
+from raftcache.core.operations import OPERATIONS
 
 
 def raftcache(*args, env=None, timeout=30):
     return subprocess.run([sys.executable, "-m", "raftcache", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three nodes with small limits, so that the error paths are cheap to reach."""
+    c = LocalCluster(str(tmp_path_factory.mktemp("cli")), port=free_port_block(3),
+                     extra={"node": {"max_key_bytes": 32, "max_value_bytes": 64,
+                                     "max_batch_keys": 4}})
+    c.start()
+    try:
+        c.wait_for_leader()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def rc(cluster):
+    """`raftcache ARGS...` against the cluster."""
+    endpoints = ",".join(cluster.endpoints())
+    return lambda *args: raftcache(*args, "--endpoints", endpoints)
+
+
+def test_every_operation_has_a_cli_command_and_a_client_method():
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    covered = {p.get_default("operation") for p in sub.choices.values()} - {None}
+    assert covered == set(OPERATIONS)
+    # The Client's name for each operation where it differs from the Thrift method's.
+    methods = {"put": ["set"], "remove": ["delete"],
+               "change_member": ["add_member", "remove_member"]}
+    for op in OPERATIONS:
+        for name in methods.get(op, [op]):
+            assert callable(getattr(Client, name, None)), f"Client lacks {name} ({op})"
+
+
+def test_get_with_version_and_cas(rc):
+    version = int(rc("set", "k", "hello world").stdout)
+    got = rc("get", "k", "--with-version")
+    assert (got.returncode, got.stdout) == (0, f"{version} hello world\n")
+    swapped = rc("cas", "k", str(version), "bye")
+    assert (swapped.returncode, swapped.stdout) == (0, "swapped\n"), swapped  # thrift: a bool
+    stale = rc("cas", "k", str(version), "again")
+    assert stale.returncode == cli.EXIT_CAS_FAILED == 3
+    assert stale.stderr == (f"raftcache: VersionMismatch: 'k' is not at version {version}; "
+                            "nothing was written\n")
+    assert rc("get", "k").stdout == "bye\n"
+    assert rc("cas", "fresh", "0", "new").returncode == 0  # version 0: the key is missing
+    assert "exit 3" in rc("cas", "--help").stdout
+
+
+def test_incr(rc):
+    assert rc("incr", "n").stdout == "1\n"
+    assert rc("incr", "n", "41").stdout == "42\n"
+    assert rc("incr", "n", "-50").stdout == "-8\n"
+    rc("set", "word", "abc")
+    bad = rc("incr", "word")
+    assert bad.returncode == 2
+    assert bad.stderr == "raftcache: InvalidRequest: the value of b'word' is not an integer\n"
+
+
+def test_mset_and_mget(rc):
+    version = int(rc("mset", "a", "1", "b", "two words").stdout)
+    got = rc("mget", "a", "b")
+    assert (got.returncode, got.stdout) == (0, "1\ntwo words\n")
+    partial = rc("mget", "b", "zz", "a", "--with-version")
+    assert partial.returncode == 1  # a key is missing: as get
+    assert partial.stdout == f"{version} two words\n0 \n{version} 1\n"
+    odd = rc("mset", "a", "1", "b")
+    assert odd.returncode == 2 and "expected KEY VALUE pairs" in odd.stderr
+    assert rc("get", "b").stdout == "two words\n"  # nothing written
+    too_many = rc("mget", "a", "b", "c", "d", "e")
+    assert too_many.returncode == 2
+    assert too_many.stderr == ("raftcache: InvalidRequest: mget of 5 keys; "
+                               "node.max_batch_keys is 4\n")
+
+
+def test_invalidate(rc):
+    rc("mset", "p:1", "x", "p:2", "y", "q:1", "z")
+    assert rc("invalidate", "p:").stdout == "2\n"
+    assert rc("mget", "p:1", "p:2", "q:1").stdout == "\n\nz\n"
+    everything = rc("invalidate")  # an empty prefix only with --all
+    assert everything.returncode == 2 and "--all" in everything.stderr
+    assert rc("get", "q:1").stdout == "z\n"
+    assert int(rc("invalidate", "--all").stdout) >= 1
+    assert rc("get", "q:1").returncode == 1
+
+
+def test_keys_and_values_beyond_the_configured_limits(rc):
+    long_key = rc("set", "k" * 33, "v")
+    assert long_key.returncode == 2
+    assert long_key.stderr == ("raftcache: InvalidRequest: a key of 33 bytes; "
+                               "node.max_key_bytes is 32\n")
+    big = rc("append", "big", "v" * 65)
+    assert big.stderr == ("raftcache: InvalidRequest: a value of 65 bytes; "
+                          "node.max_value_bytes is 64\n")
+    prefix = rc("invalidate", "p" * 33)
+    assert prefix.stderr == ("raftcache: InvalidRequest: a prefix of 33 bytes; "
+                             "node.max_key_bytes is 32\n")
+    assert rc("get", "big").returncode == 1  # nothing applied
+
+
+def test_status_json(rc, cluster):
+    status = rc("status", "--json")
+    assert status.returncode == 0, status.stderr
+    rows = [json.loads(line) for line in status.stdout.splitlines()]
+    assert [r["address"] for r in rows] == cluster.endpoints()
+    assert sorted(r["id"] for r in rows) == [1, 2, 3]
+    assert sorted(r["role"] for r in rows) == ["follower", "follower", "leader"]
+    leader = next(r["id"] for r in rows if r["role"] == "leader")
+    for r in rows:
+        assert r["leader"] == leader and r["voters"] == [1, 2, 3] and r["learners"] == []
+        assert r["applied"] <= r["commit"] and r["term"] >= 1
+    gone = f"127.0.0.1:{free_port_block(1)}"
+    mixed = raftcache("status", "--json", "--timeout", "0.5", "--endpoints",
+                      f"{cluster.address(1)},{gone}")
+    assert mixed.returncode == 0
+    answered, unreachable = (json.loads(line) for line in mixed.stdout.splitlines())
+    assert answered["id"] == 1
+    assert unreachable["address"] == gone and "error" in unreachable and "id" not in unreachable
+    nobody = raftcache("status", "--json", "--timeout", "0.5", "--endpoints", gone)
+    assert nobody.returncode == 2 and json.loads(nobody.stdout)["address"] == gone
 
 
 def children_of(pid: int) -> list[int]:
@@ -78,6 +206,28 @@ def test_up_set_get_status_and_clean_stop(tmp_path):
     for pid in nodes:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(
             f"/proc/{pid}/status").read().lower(), f"node process {pid} outlived `up`"
+
+
+def test_up_fails_fast_when_a_node_cannot_start(tmp_path):
+    port = free_port_block(3)
+    started = time.monotonic()
+    result = raftcache("up", "--storage", "nope", "--port", str(port), "--data-dir",
+                       str(tmp_path / "data"), timeout=20)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    for i in (1, 2, 3):  # which node, and why: its own last error line
+        assert (f"raftcache: node {i} exited with code 2: {tmp_path}/data/node{i}.toml: "
+                "storage.plugin: unknown storage 'nope'") in result.stderr, result.stderr
+
+
+def test_up_without_a_leader_in_time_exits_non_zero(tmp_path):
+    config = tmp_path / "slow.toml"
+    config.write_text("[raft]\ntick_ms = 60000\n")  # no election for minutes
+    result = raftcache("up", "--config", str(config), "--leader-timeout", "2", "--port",
+                       str(free_port_block(3)), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1
+    assert f"raftcache: no leader after 2 s; see the node logs in {tmp_path}/data" in (
+        result.stderr)
 
 
 def test_serve_with_bad_config_says_one_line(tmp_path):

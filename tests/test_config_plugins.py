@@ -41,6 +41,7 @@ def test_good_config_loads(tmp_path):
     assert c.raft.election_tick == 12 and c.raft.heartbeat_tick == 2
     assert c.transport.plugin == "tcp-tls" and c.transport.tls.cert == "node2.pem"
     assert c.backend.plugin == "memory"
+    assert (c.node.max_key_bytes, c.node.max_value_bytes) == (64 << 10, 1 << 20)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,15 @@ def test_good_config_loads(tmp_path):
         (("[raft]", "[raft\n"), "not valid TOML"),
         (("[raft]", 'client_addresses = { 7 = "127.0.0.1:1" }\n[raft]'),
          "cluster.client_addresses.7: not a node id in cluster.peers"),
+        (("[raft]", "[raft]\nmax_key_bytes = 1"), "raft.max_key_bytes: unknown key"),
+        (('address = "127.0.0.1:7401"', 'address = "127.0.0.1:7401"\nmax_key_bytes = 0'),
+         "node.max_key_bytes: must be between 1 and 1048576, got 0"),
+        (('address = "127.0.0.1:7401"', 'address = "127.0.0.1:7401"\nmax_value_bytes = 0'),
+         "node.max_value_bytes: must be between 1 and 1073741824, got 0"),
+        # a set within both limits must fit a write's log entry
+        (('address = "127.0.0.1:7401"', 'address = "127.0.0.1:7401"\nmax_value_bytes = 4194304'),
+         "node.max_value_bytes: node.max_key_bytes (65536) + node.max_value_bytes (4194304) "
+         "must leave 4096 bytes of node.max_request_bytes (4194304)"),
         (("[raft]", '[testing]\nmutant = "oops"\n[raft]'),  # test code is not config
          "testing: unknown key (accepted: backend, cluster, log, node, plugins, raft"),
     ],

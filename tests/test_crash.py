@@ -75,8 +75,8 @@ def crash_and_verify(tmp_path, storage: str, seed: int = 4242) -> tuple[dict, li
                 cluster.kill(v)
             if storage == "redis-aof" and kind in ("all", "majority"):
                 for v in victims:  # the storage server dies too
-                    cluster.kill_redis(v)
-                    cluster.restart_redis(v)
+                    cluster.kill_server(v, "storage")
+                    cluster.restart_server(v, "storage")
             time.sleep(rng.uniform(0.05, 0.5))
             for v in victims:
                 cluster.start(v)

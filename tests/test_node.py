@@ -58,11 +58,11 @@ class Reverser:
         return blob[2:][::-1]
 
 
-def single_node_config(tmp_path, **raft):
+def single_node_config(tmp_path, node=None, **raft):
     port = free_port_block(1)
     address = f"127.0.0.1:{port}"
     return config.parse({
-        "node": {"id": 1, "address": address, "data_dir": str(tmp_path / "n1")},
+        "node": {"id": 1, "address": address, "data_dir": str(tmp_path / "n1"), **(node or {})},
         "cluster": {"peers": {"1": address}},
         "raft": {"tick_ms": 5, **raft},
     }, "test.toml")
@@ -127,6 +127,40 @@ def test_bad_requests_get_clear_errors(node_and_plugin):
     assert call(node, op="put", key=b"k", value=b"v", ttl_ms=-1).error == "InvalidRequest"
     # and the node still serves
     assert call(node, op="put", key=b"k", value=b"v").error is None
+
+
+def test_keys_and_values_over_the_configured_limits_are_refused_and_change_nothing(tmp_path):
+    node = Node(single_node_config(tmp_path, node={"max_key_bytes": 8, "max_value_bytes": 16}))
+    node.start()
+    try:
+        with gevent.Timeout(5):
+            while node.raw.role.name != "LEADER":
+                gevent.sleep(0.01)
+        k8, v16 = b"k" * 8, b"v" * 16
+        assert call(node, op="put", key=k8, value=v16).error is None  # at the limits: fine
+        commit = node.status().commit
+        key_over = "a key of 9 bytes; node.max_key_bytes is 8"
+        value_over = "a value of 17 bytes; node.max_value_bytes is 16"
+        for fields, reason in [
+            ({"op": "put", "key": b"k" * 9, "value": b"v"}, key_over),
+            ({"op": "put", "key": k8, "value": v16 + b"v"}, value_over),
+            ({"op": "cas", "key": k8, "expected_version": 0, "value": v16 + b"v"}, value_over),
+            ({"op": "append", "key": k8, "value": v16 + b"v"}, value_over),
+            ({"op": "incr", "key": b"k" * 9, "delta": 1}, key_over),
+            ({"op": "remove", "key": b"k" * 9}, key_over),
+            ({"op": "mset", "items": {b"a": b"1", b"k" * 9: b"2"}}, key_over),
+            ({"op": "mset", "items": {b"a": b"1", b"b": v16 + b"v"}}, value_over),
+            ({"op": "invalidate", "key": b"k" * 9},
+             "a prefix of 9 bytes; node.max_key_bytes is 8"),
+            ({"op": "get", "key": b"k" * 9}, key_over),
+            ({"op": "mget", "keys": [k8, b"k" * 9]}, key_over),
+        ]:
+            r = call(node, **fields)
+            assert (r.error, r.reason) == ("InvalidRequest", reason), fields
+        assert node.status().commit == commit  # nothing was proposed
+        assert call(node, op="get", key=k8).result.value == v16
+    finally:
+        node.stop()
 
 
 def test_ttl_expires_by_leader_stamp(node_and_plugin):

@@ -303,20 +303,21 @@ def test_local_cluster_runs_its_own_redis_servers(tmp_path):
     pids = []
     try:
         cluster.start()
-        pids = [cluster.redis[i].pid for i in (1, 2, 3)]
+        pids = [cluster.servers[i]["storage"].pid for i in (1, 2, 3)]
         for i in (1, 2, 3):
-            assert cluster.redis[i].dir.startswith(os.path.join(cluster.data_dir, f"node{i}"))
+            assert cluster.servers[i]["storage"].dir.startswith(
+                os.path.join(cluster.data_dir, f"node{i}"))
         leader = cluster.wait_for_leader()
         with cluster.client(timeout=5.0) as c:
             for n in range(300):
                 c.set(f"k{n}", f"v{n}")
         victim = next(i for i in (1, 2, 3) if i != leader)
         cluster.kill(victim)
-        cluster.kill_redis(victim)
+        cluster.kill_server(victim, "storage")
         with cluster.client(timeout=5.0) as c:
             for n in range(300, 400):
                 c.set(f"k{n}", f"v{n}")
-        cluster.restart_redis(victim)
+        cluster.restart_server(victim, "storage")
         cluster.start(victim)
         cluster.kill(leader)  # the restarted node must now be part of any majority
         cluster.start(leader)
@@ -330,4 +331,4 @@ def test_local_cluster_runs_its_own_redis_servers(tmp_path):
     finally:
         cluster.stop()
     assert len(pids) == 3 and not any(_alive(p) for p in pids)
-    assert not any(s.running() for s in cluster.redis.values())
+    assert not any(s.running() for i in (1, 2, 3) for s in cluster.servers[i].values())

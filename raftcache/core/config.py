@@ -42,6 +42,10 @@ class NodeSection:
     # proposed: it must fit one peer frame (transport.options.max_frame) with room to spare.
     max_request_bytes: int = 4 << 20
     max_batch_keys: int = 1000  # keys in one mget or mset
+    # Keys (and invalidate prefixes) and values in one request; beyond them InvalidRequest,
+    # before anything is read or proposed. 1 MiB values: memcached's default item size.
+    max_key_bytes: int = 64 << 10
+    max_value_bytes: int = 1 << 20
 
 
 @attrs.frozen
@@ -204,6 +208,9 @@ def load(path: str) -> Config:
 
 
 _I64_MAX = (1 << 63) - 1
+# What a write's log entry holds besides its key and value: the command's fields, the client
+# id (up to 128 characters), sequence number and stamp, and what a value codec adds.
+ENTRY_HEADROOM = 4 << 10
 
 
 def _ranges(c: Config) -> list:
@@ -214,6 +221,8 @@ def _ranges(c: Config) -> list:
         ("node.request_timeout_ms", n.request_timeout_ms, 1, 3_600_000),
         ("node.max_request_bytes", n.max_request_bytes, 1024, 1 << 30),
         ("node.max_batch_keys", n.max_batch_keys, 1, 1 << 20),
+        ("node.max_key_bytes", n.max_key_bytes, 1, 1 << 20),
+        ("node.max_value_bytes", n.max_value_bytes, 1, 1 << 30),
         ("cluster.id", c.cluster.id, 0, _I64_MAX),
         ("raft.tick_ms", r.tick_ms, 1, 60_000),
         ("raft.election_tick", r.election_tick, 2, 100_000),
@@ -236,6 +245,13 @@ def _validate(c: Config) -> None:
     for key, value, lo, hi in _ranges(c):
         if not lo <= value <= hi:
             raise c.fail(key, f"must be between {lo} and {hi}, got {value}")
+    n = c.node
+    if n.max_key_bytes + n.max_value_bytes + ENTRY_HEADROOM > n.max_request_bytes:
+        # Else a set within both limits could still be refused for its log entry's size.
+        raise c.fail("node.max_value_bytes",
+                     f"node.max_key_bytes ({n.max_key_bytes}) + node.max_value_bytes "
+                     f"({n.max_value_bytes}) must leave {ENTRY_HEADROOM} bytes of "
+                     f"node.max_request_bytes ({n.max_request_bytes}) for the rest of the entry")
     peers = {}
     for k, v in c.cluster.peers.items():
         if not str(k).isdigit() or not 1 <= int(k) <= MAX_NODE_ID:

@@ -14,13 +14,12 @@ it proposes, the answer its result becomes), the command's encoding and apply
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 
 from . import commands
 from .api import Request
-
-MAX_KEY_BYTES = 64 << 10
 
 
 class BadRequest(Exception):
@@ -28,6 +27,13 @@ class BadRequest(Exception):
 
 
 Encode = Callable[[bytes, bytes], bytes]  # a value as the value codecs store it
+
+
+class SizeLimits(Protocol):
+    """What `Operation.check_sizes` reads: the node's config section (`config.NodeSection`)."""
+
+    max_key_bytes: int
+    max_value_bytes: int
 
 
 @attrs.frozen
@@ -43,14 +49,34 @@ class Operation:
     answer: Callable[[object], dict] | None = None
     doc: str = ""
 
+    def check_sizes(self, request: Request, limits: SizeLimits) -> None:
+        """Refuse (BadRequest) a request with a key or value over the node's limits, before
+        anything is read or proposed: node.max_key_bytes bounds keys and invalidate's prefix,
+        node.max_value_bytes the values of put, cas, append and mset."""
+        keys = [request.key or b""] if "key" in self.fields else []
+        values = [request.value or b""] if "value" in self.fields else []
+        if "keys" in self.fields:
+            keys += request.keys or ()
+        if "items" in self.fields:
+            items = request.items or {}
+            keys += items.keys()
+            values += items.values()
+        what = "prefix" if self.name == "invalidate" else "key"
+        _within(keys, limits.max_key_bytes, what, "node.max_key_bytes")
+        _within(values, limits.max_value_bytes, "value", "node.max_value_bytes")
+
 
 # ---- checks shared by the operations ------------------------------------------------------------
 def key(value) -> bytes:
     if not value:
         raise BadRequest("a key is required")
-    if len(value) > MAX_KEY_BYTES:
-        raise BadRequest("keys are limited to 64 KiB")
-    return value
+    return value  # its size: Operation.check_sizes
+
+
+def _within(blobs, limit: int, what: str, setting: str) -> None:
+    longest = max(map(len, blobs), default=0)
+    if longest > limit:
+        raise BadRequest(f"a {what} of {longest} bytes; {setting} is {limit}")
 
 
 def batch(items, limit: int, op: str):
@@ -91,13 +117,6 @@ def _cas(r: Request, encode: Encode, _limit: int):
     return commands.Cas(k, r.expected_version, encode(k, _value(r, "cas")), ttl(r))
 
 
-def _invalidate(r: Request, _encode: Encode, _limit: int):
-    prefix = r.key or b""
-    if len(prefix) > MAX_KEY_BYTES:
-        raise BadRequest("prefixes are limited to 64 KiB")
-    return commands.Invalidate(prefix)
-
-
 def _mset(r: Request, encode: Encode, limit: int):
     items = batch(r.items, limit, "mset")
     return commands.MSet(tuple((key(k), encode(k, v)) for k, v in sorted(items.items())),
@@ -126,7 +145,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               lambda value: {"number": value},
               doc="add delta to a decimal integer (missing: 0); answers the new value"),
     Operation("invalidate", ("key", "header"), "number", "write", True,  # IDL: `prefix`
-              _invalidate, lambda count: {"number": count},
+              lambda r, _e, _l: commands.Invalidate(r.key or b""),
+              lambda count: {"number": count},
               doc="delete every key with a prefix; answers how many"),
     Operation("mset", ("items", "ttl_ms", "header"), "versions", "write", True,
               _mset, lambda versions: {"versions": list(versions)},

@@ -225,14 +225,14 @@ def _kill(run, nodes: list[int], label: str) -> Fault:
     redis_too = []
     for n in nodes:
         run.kill(n)
-        if n in run.cluster.redis and run.rng.random() < 0.3:
-            run.cluster.kill_redis(n)  # the AOF must hold everything acknowledged
+        if "storage" in run.cluster.servers.get(n, {}) and run.rng.random() < 0.3:
+            run.cluster.kill_server(n, "storage")  # the AOF must hold everything acknowledged
             redis_too.append(n)
 
     def heal():
         for n in nodes:
             if n in redis_too:
-                run.cluster.restart_redis(n)
+                run.cluster.restart_server(n, "storage")
             run.restart(n)
 
     extra = f" (and its redis-server: {redis_too})" if redis_too else ""
@@ -740,9 +740,9 @@ class Run:
         for n in list(self.down):
             self.restart(n)
         for n in self.node_ids():
-            server = self.cluster.redis.get(n)
-            if server is not None and not server.running():
-                self.cluster.restart_redis(n)
+            for name, server in self.cluster.servers.get(n, {}).items():
+                if not server.running():
+                    self.cluster.restart_server(n, name)
 
     def _until(self, seconds: float, what: str, attempt) -> object:
         """Retry `attempt` until it returns non-None; an anomaly when `seconds` pass."""
