@@ -227,6 +227,7 @@ class Node:
             pending.result.set(api.error("Unavailable", "node is shutting down"))
         self.transport.close()
         self.storage.close()
+        self.sm.backend.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -421,7 +422,12 @@ class Node:
         st = self.raw.status()
         if st.applied - (st.first_index - 1) < r.snapshot_entries:
             return
-        snap = self.raw.compact(self.sm.snapshot(), keep_entries=r.snapshot_keep_entries)
+        try:
+            image = self.sm.snapshot()  # the values come from the backend
+        except (BackendUnavailable, BackendLost) as exc:
+            self._backend_log.warning("snapshot", "no snapshot for now: %s", exc)
+            return  # the next Ready tries again
+        snap = self.raw.compact(image, keep_entries=r.snapshot_keep_entries)
         threadpool.apply(self.storage.compact, (snap,))
         notify(self.pm.hook.raftcache_snapshot_taken, self.log, node=self,
                index=snap.meta.index, size=len(snap.data))
@@ -485,6 +491,7 @@ class Node:
         try:
             if op is None:
                 raise BadRequest(f"unknown operation {request.op!r}")
+            op.check_sizes(request, self.config.node)
             if op.kind == "write":
                 return self._write(op, request)
             if op.kind == "read":
