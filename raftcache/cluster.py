@@ -146,6 +146,7 @@ class LocalCluster:
     # How a node process starts, before `--config PATH` (the fault suite runs its test-only
     # plugins and mutants through raftcache.testing.node instead).
     launcher: list = attrs.Factory(lambda: ["-m", "raftcache", "serve"])
+    node_args: dict = attrs.Factory(dict)  # node id -> arguments after its --config
     hosts: list | None = None  # per-node host (distinct 127.0.0.x "hosts"); overrides host
     # (from node, to node) -> the address `from` dials to reach `to` (a fault relay); clients
     # still reach every node at its own address.
@@ -252,7 +253,8 @@ class LocalCluster:
             server.start()  # no-op when it runs; the node needs it to load
         log = open(self.log_path(node_id), "ab")
         self.processes[node_id] = subprocess.Popen(
-            [sys.executable, *self.launcher, "--config", self.config_path(node_id)],
+            [sys.executable, *self.launcher, "--config", self.config_path(node_id),
+             *self.node_args.get(node_id, ())],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # Nodes die with `up` even when it is killed with -9 (PDEATHSIG follows the
             # forking thread, so only from the main thread).

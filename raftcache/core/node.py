@@ -119,6 +119,7 @@ class Node:
         self._settled.set()
         self._applies = 0
         self.backend_down = False
+        self._backend_lost = False  # a read found the backend lost its data
         self._backend_log = Throttle(self.log)
         self._wakeup = gevent.event.Event()
         self._stopped = gevent.event.Event()
@@ -289,6 +290,11 @@ class Node:
         while not self._stopped.is_set():
             self._wakeup.wait()
             self._wakeup.clear()
+            if self._backend_lost:  # a read found it: rebuild now, not at the next write
+                self._backend_lost = False
+                self._settled.clear()
+                self._retry_backend(self._rebuild_backend)
+                self._settle()
             while self.raw.has_ready() and not self._stopped.is_set():
                 rd = self.raw.ready()
                 if rd.early_messages:  # the core says these need not wait for the disk
@@ -305,6 +311,8 @@ class Node:
                     self._settled.clear()
                     self._retry_backend(functools.partial(self.sm.restore, rd.snapshot.data))
                     self._settle()
+                    self.log.info("installed the leader's snapshot at index %d",
+                                  rd.snapshot.meta.index)
                     notify(self.pm.hook.raftcache_snapshot_installed, self.log, node=self,
                            index=rd.snapshot.meta.index)
                 if rd.committed_entries:
@@ -697,6 +705,7 @@ class Node:
             except BackendUnavailable as exc:
                 return api.error("Unavailable", f"this node's backend is unavailable: {exc}")
             except BackendLost as exc:
+                self._backend_lost = True
                 self._wakeup.set()
                 return api.error("Unavailable", f"this node's backend lost its data: {exc}")
             if applies == self._applies and self._settled.is_set():
