@@ -6,6 +6,8 @@ while a reader checks that no wrong value is ever served."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import tomllib
@@ -292,3 +294,24 @@ def test_backend_servers_killed_and_restarted_empty_never_serve_a_wrong_value(
             assert direct_get(cluster, node, key.encode(), route) == b"final"
     for node in (1, 2, 3):
         assert cluster.processes[node].poll() is None, f"node {node} exited"
+
+
+def test_a_node_whose_redis_hangs_answers_unavailable_then_catches_up(tmp_path, running):
+    cluster = running(make_cluster(tmp_path, "redis",
+                                   extra={"backend": {"options": {"socket_timeout": 0.5}}}))
+    node = next(n for n in (1, 2, 3) if n != cluster.wait_for_leader())
+    with cluster.client() as c:
+        before = c.set("h", "before")
+    eventually(lambda: stale(cluster, node, "h") == (b"before", before))
+    server = cluster.servers[node]["backend"]
+    os.kill(server.pid, signal.SIGSTOP)  # hangs: no answer, no error
+    try:
+        with cluster.client() as c:
+            during = c.set("h", "during")  # the other two commit it
+        with on(cluster, node) as c, pytest.raises(errors.Unavailable):
+            c.get("h", consistency="stale")  # never the older value
+        with cluster.client() as c:
+            assert c.get("h") == b"during"  # the client goes to another node
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    eventually(lambda: stale(cluster, node, "h") == (b"during", during), what="catch up")
