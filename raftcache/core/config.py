@@ -11,6 +11,7 @@ import secrets
 import tomllib
 import types
 import typing
+import urllib.parse
 
 import attrs
 
@@ -29,6 +30,22 @@ class OptionError(ValueError):
         super().__init__(f"{option}: {problem}")
         self.option = option
         self.problem = problem
+
+
+# -- helpers for plugins' options classes ----------------------------------------------------------
+def positive(_instance, attribute, value) -> None:
+    """An attrs validator: the option must be a number > 0 (seconds, sizes, counts)."""
+    if not value > 0:
+        raise OptionError(attribute.name, f"expected a number > 0, got {value!r}")
+
+
+def redact_url(url: str) -> str:
+    """A server URL without its password, for messages and logs."""
+    p = urllib.parse.urlsplit(url)
+    if p.password is None:
+        return url
+    netloc = f"{p.username or ''}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
+    return urllib.parse.urlunsplit(p._replace(netloc=netloc))
 
 
 @attrs.frozen

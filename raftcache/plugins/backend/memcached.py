@@ -38,7 +38,7 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
-from raftcache.core.config import OptionError, parse_options
+from raftcache.core.config import OptionError, parse_options, positive
 from raftcache.core.hookspecs import BackendProvider, BackendUnavailable, Change, hookimpl
 
 RESERVED = b"__raftcache__:"
@@ -48,19 +48,14 @@ _REFUSALS = (MemcacheServerError, MemcacheClientError)  # SERVER_ERROR object to
 _VALID_KEY = re.compile(rb"[\x21-\x7e\x80-\xff]{1,250}\Z")  # no spaces or control bytes
 
 
-def _positive(_inst, attribute, value):
-    if not value > 0:
-        raise OptionError(attribute.name, f"expected a number > 0, got {value!r}")
-
-
 @attrs.frozen
 class Options:
     address: str = ""
     prefix: str = ""
     ttl_slack_ms: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
-    timeout: float = attrs.field(default=5.0, validator=_positive)
-    connect_timeout: float = attrs.field(default=2.0, validator=_positive)
-    max_pool_size: int = attrs.field(default=64, validator=_positive)
+    timeout: float = attrs.field(default=5.0, validator=positive)
+    connect_timeout: float = attrs.field(default=2.0, validator=positive)
+    max_pool_size: int = attrs.field(default=64, validator=positive)
 
     def __attrs_post_init__(self):
         if not self.address:

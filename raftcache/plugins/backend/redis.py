@@ -36,7 +36,13 @@ from collections.abc import Iterable, Sequence
 import attrs
 import redis
 
-from raftcache.core.config import ConfigError, OptionError, parse_options
+from raftcache.core.config import (
+    ConfigError,
+    OptionError,
+    parse_options,
+    positive,
+    redact_url,
+)
 from raftcache.core.hookspecs import (
     BackendLost,
     BackendProvider,
@@ -76,19 +82,14 @@ return 1
 """
 
 
-def _positive(_inst, attribute, value):
-    if not value > 0:
-        raise OptionError(attribute.name, f"expected a number > 0, got {value!r}")
-
-
 @attrs.frozen
 class Options:
     url: str = ""
     prefix: str = ""
     ttl_slack_ms: int = attrs.field(default=10_000, validator=attrs.validators.ge(0))
-    socket_timeout: float = attrs.field(default=5.0, validator=_positive)
-    socket_connect_timeout: float = attrs.field(default=2.0, validator=_positive)
-    max_connections: int = attrs.field(default=64, validator=_positive)
+    socket_timeout: float = attrs.field(default=5.0, validator=positive)
+    socket_connect_timeout: float = attrs.field(default=2.0, validator=positive)
+    max_connections: int = attrs.field(default=64, validator=positive)
 
     def __attrs_post_init__(self):
         if not self.url:
@@ -97,21 +98,12 @@ class Options:
                               "redis-server per node and sets it)")
         if urllib.parse.urlsplit(self.url).scheme not in ("redis", "unix"):
             raise OptionError("url", f"expected redis://host:port/db or unix:///path, got "
-                                     f"{safe_url(self.url)!r}")
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    p = urllib.parse.urlsplit(url)
-    if p.password is None:
-        return url
-    netloc = f"{p.username or ''}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
-    return urllib.parse.urlunsplit(p._replace(netloc=netloc))
+                                     f"{redact_url(self.url)!r}")
 
 
 class RedisBackend:
     def __init__(self, options: Options):
-        self.where = safe_url(options.url)
+        self.where = redact_url(options.url)
         self.prefix = options.prefix.encode()
         self.slack_ms = options.ttl_slack_ms
         self.marker = RESERVED + self.prefix + b"applied"

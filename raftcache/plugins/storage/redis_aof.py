@@ -42,7 +42,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from raftcache.core.config import ConfigError, OptionError, parse_options
+from raftcache.core.config import ConfigError, OptionError, parse_options, positive, redact_url
 from raftcache.core.hookspecs import StorageProvider, hookimpl
 from raftcache.core.messages import (
     Entry,
@@ -180,15 +180,6 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def safe_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    p = urllib.parse.urlsplit(url)
-    if p.password is None:
-        return url
-    netloc = f"{p.username or ''}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
-    return urllib.parse.urlunsplit(p._replace(netloc=netloc))
-
-
 # ================================================================================================
 # The atomic write
 # ================================================================================================
@@ -229,11 +220,6 @@ return 1
 """
 
 
-def _seconds(_inst, attribute, value):
-    if not value > 0:
-        raise OptionError(attribute.name, f"expected seconds > 0, got {value!r}")
-
-
 @attrs.frozen
 class Options:
     """``[storage] options`` of redis-aof (see the module docstring)."""
@@ -241,9 +227,9 @@ class Options:
     url: str = ""
     cluster: str = "raftcache"
     accept_weak_durability: bool = False
-    socket_timeout: float = attrs.field(default=10.0, validator=_seconds)
-    socket_connect_timeout: float = attrs.field(default=2.0, validator=_seconds)
-    retry_timeout: float = attrs.field(default=30.0, validator=_seconds)
+    socket_timeout: float = attrs.field(default=10.0, validator=positive)
+    socket_connect_timeout: float = attrs.field(default=2.0, validator=positive)
+    retry_timeout: float = attrs.field(default=30.0, validator=positive)
 
     def __attrs_post_init__(self):
         if not self.url:
@@ -252,7 +238,7 @@ class Options:
                               "starts a redis-server per node and sets it)")
         if urllib.parse.urlsplit(self.url).scheme not in ("redis", "unix"):
             raise OptionError("url", f"expected redis://host:port/db or unix:///path, got "
-                                     f"{safe_url(self.url)!r}")
+                                     f"{redact_url(self.url)!r}")
         if not self.cluster or any(c in self.cluster for c in "{}"):
             raise OptionError("cluster", "expected a non-empty name without braces")
 
@@ -265,7 +251,7 @@ class RedisAofStorage:
         opts = parse_options(Options, options, "storage.options")
         self.node_id = node_id
         self.url = opts.url
-        self.where = safe_url(self.url)
+        self.where = redact_url(self.url)
         self.accept_weak = opts.accept_weak_durability
         self.retry_timeout = opts.retry_timeout
         self.prefix = f"{{{opts.cluster}:{node_id}}}"
