@@ -202,11 +202,10 @@ class LocalCluster:
             servers[need.name] = _make_server(need.kind, directory, self.host_of(node_id))
         return servers[need.name]
 
-    def node_config(self, node_id: int) -> dict:
-        """What node `node_id`'s config file holds, with the addresses of its servers."""
-        i = node_id
-        peers = {str(j): self.routes.get((i, j), self.address(j)) for j in range(1, self.nodes + 1)}
-        cluster = {"peers": peers}
+    def node_config(self, i: int) -> dict:
+        """What node i's config file holds, with the addresses of its servers."""
+        cluster = {"peers": {str(j): self.routes.get((i, j), self.address(j))
+                             for j in range(1, self.nodes + 1)}}
         secret = self.secret_path()
         if secret:
             cluster["secret_file"] = secret
