@@ -1,9 +1,8 @@
 """`raftcache up` with redis, memcached and hybrid backends: one server per node and backend
 (instance) that the config names none for, its address in the node's config, stopped on exit.
 
-The backend plugins themselves live elsewhere; until they are installed the nodes refuse to
-start, so most of these tests drive LocalCluster's servers and configs directly. The ones
-marked `needs_backends` run the whole thing through `raftcache up`.
+Most drive LocalCluster's servers and configs directly; the last runs the whole thing through
+`raftcache up`, as a user would.
 """
 
 import os
@@ -179,8 +178,7 @@ def test_hybrid_instances_without_addresses_get_servers_and_the_others_keep_thei
         assert listening(own.address)  # not ours to stop
 
 
-# ---- end to end through `raftcache up`: once the redis, memcached and hybrid backends are
-# installed (run with `-m needs_backends`).
+# ---- end to end through `raftcache up` ----------------------------------------------------------
 def up(tmp_path, *args):
     port = free_port_block(3)
     proc = subprocess.Popen(
@@ -197,7 +195,6 @@ def up(tmp_path, *args):
     return proc, port, "".join(lines)
 
 
-@pytest.mark.needs_backends
 @pytest.mark.parametrize("args,servers", [
     (["--backend", "redis"], ["backend: redis://"]),
     (["--backend", "memcached"], ["backend: 127.0.0.1:"]),
