@@ -376,7 +376,8 @@ def raftcache_metrics(node: Node, metrics: dict) -> None:
     :param node: the node.
     :param metrics: name -> value (numbers and short strings); add your own keys. Built in:
         node, term, role, leader, commit, applied, log_first_index, log_last_index,
-        pending_writes, pending_reads, keys, dropped_peer_messages, refused_snapshots.
+        pending_writes, pending_reads, keys, dropped_peer_messages, refused_snapshots,
+        backend_down (1 while the backend is unavailable or being rebuilt).
     """
 
 

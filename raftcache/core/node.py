@@ -721,7 +721,7 @@ class Node:
              "log_first_index": st.first_index, "log_last_index": st.last_index,
              "pending_writes": len(self._writes), "pending_reads": len(self._reads),
              "keys": len(self.sm), "dropped_peer_messages": self.dropped_peer_messages,
-             "refused_snapshots": st.refused_snapshots}
+             "refused_snapshots": st.refused_snapshots, "backend_down": int(self.backend_down)}
         notify(self.pm.hook.raftcache_metrics, self.log, node=self, metrics=m)
         return m
 
