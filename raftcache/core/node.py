@@ -368,7 +368,8 @@ class Node:
                     raise gevent.GreenletExit from None
                 if not self.backend_down:
                     self.log.error("backend unavailable (%s): not serving reads, retrying", exc)
-                self.backend_down = True
+                    self.backend_down = True
+                    self._fail_all_reads("this node's backend is unavailable; try another node")
                 gevent.sleep(delay)
                 delay = min(2 * delay, 1.0)
                 continue
@@ -403,6 +404,15 @@ class Node:
         self.log.info("backend rebuilt up to index %d (%d entries after the snapshot at %d%s)",
                       applied, len(entries), start,
                       ", with the batch it had not taken" if staged else "")
+
+    def _fail_all_reads(self, reason: str) -> None:
+        """Answer every waiting read Unavailable now: this node cannot serve them for a while,
+        and the client has time left to ask another."""
+        waiting = list(self._reads.values()) + [p for _, p in self._confirmed_reads]
+        self._reads.clear()
+        self._confirmed_reads = []
+        for pending in waiting:
+            pending.result.set(api.error("Unavailable", reason))
 
     def _fail_reads(self, reason: str) -> None:
         # Read requests issued under another leader may never be answered by the core; reads
@@ -665,6 +675,8 @@ class Node:
             keys = [key(request.key)]
         else:
             keys = [key(k) for k in batch(request.keys, self.config.node.max_batch_keys, "mget")]
+        if self.backend_down:
+            return api.error("Unavailable", "this node's backend is unavailable; try another node")
         if consistency != "stale":
             self._advance_clock()  # after a stall, leases must see the time that passed
             ctx = b"%d:%d" % (self.id, next(self._read_ids))
@@ -694,11 +706,10 @@ class Node:
     def _read_local(self, keys):
         """The state machine's answer for `keys`, taken between apply batches, or an
         Unavailable Response while the backend is down."""
-        for _ in range(100):
-            if self.backend_down:
-                break
-            if not self._settled.wait(timeout=self.config.node.request_timeout_ms / 1000.0):
-                break
+        deadline = time.monotonic() + self.config.node.request_timeout_ms / 1000.0
+        while not self.backend_down and time.monotonic() < deadline:
+            if not self._settled.wait(timeout=0.05):
+                continue  # a batch is being applied (or the backend retried: checked above)
             applies = self._applies
             try:
                 found = self.sm.read_many(keys, self._stamp())

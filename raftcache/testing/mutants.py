@@ -61,22 +61,22 @@ def report_writes_failed(node) -> None:
 
     apply = node._apply
 
-    def _apply(entry) -> None:
+    def chosen(entry) -> bool:
         pending = node._writes.get(entry.index)
-        chosen = False
-        if pending is not None and pending.term == entry.term and entry.data:
-            try:
-                env = commands.decode_envelope(entry.data)
-                chosen = env.client_id is not None and zlib.crc32(
-                    b"%s:%d" % (env.client_id.encode(), env.seq)) % 10 == 0
-            except commands.CommandError:
-                pass
-        if not chosen:
-            apply(entry)
-            return
-        del node._writes[entry.index]
-        apply(entry)
-        pending.result.set(api.error("Unavailable", "not applied (mutant: it was)"))
+        if pending is None or pending.term != entry.term or not entry.data:
+            return False
+        try:
+            env = commands.decode_envelope(entry.data)
+        except commands.CommandError:
+            return False
+        return env.client_id is not None and zlib.crc32(
+            b"%s:%d" % (env.client_id.encode(), env.seq)) % 10 == 0
+
+    def _apply(entries) -> None:
+        lied_to = [node._writes.pop(e.index) for e in entries if chosen(e)]
+        apply(entries)  # applies them all; the chosen writers just are not told
+        for pending in lied_to:
+            pending.result.set(api.error("Unavailable", "not applied (mutant: it was)"))
 
     node._apply = _apply
 
