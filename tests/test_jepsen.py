@@ -315,6 +315,36 @@ def test_the_suite_catches_lost_writes_of_a_storage_that_forgets(tmp_path):
     assert "lost-write" in {a["kind"] for a in s["anomalies"]}
 
 
+# Cache backends: registers (cas too) and counters, lease reads, backend servers kill -9ed and
+# restarted empty (about 15 s each).
+BACKEND_RUNS = {"redis": 1, "hybrid": 2}  # backend: seed
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_RUNS))
+def test_backend_finds_no_anomaly_when_its_servers_restart_empty(tmp_path, backend):
+    proc, s = run_jepsen(tmp_path, "--backend", backend, "--nemesis", "kill-backend",
+                         "--read", "lease", "--time", 12, "--nodes", 3, "--clients", 8,
+                         "--seed", BACKEND_RUNS[backend], timeout=90)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert s["anomalies"] == [] and "anomalies: 0" in proc.stdout
+    assert (s["backend"], s["read"]) == (backend, "lease")
+    assert s["faults"].get("kill-backend", 0) >= 2, s["faults"]
+    for kind in ("read", "write", "cas", "incr"):
+        assert s["by_kind"][kind].get("ok", 0) > 50, s["by_kind"]
+    assert s["checked"] + s["misses"] >= s["ops"]["ok"]  # every ok op checked, or a miss
+    if backend == "redis":
+        assert s["misses"] == 0  # a redis backend never loses a value
+
+
+def test_the_suite_catches_a_node_that_ignores_its_redis_losing_its_data(tmp_path):
+    """Teeth for backends: a node that carries on over its Redis restarted empty, instead of
+    rebuilding it (test-only mutant), reads the values it lost as not found."""
+    proc, s = run_jepsen(tmp_path, "--backend", "redis", "--mutant", "ignore-backend-loss",
+                         "--nemesis", "kill-backend", "--time", 8, "--nodes", 3, timeout=90)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {a["kind"] for a in s["anomalies"]} & {"not-linearizable", "counter", "lost-write"}
+
+
 def test_list_and_bad_arguments():
     out = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--list"],
                          capture_output=True, text=True, timeout=60)
@@ -322,3 +352,6 @@ def test_list_and_bad_arguments():
     bad = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--nemesis", "x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown nemesis 'x'" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--nemesis",
+                          "kill-backend"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "needs a backend with servers" in bad.stderr

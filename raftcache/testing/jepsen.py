@@ -151,6 +151,7 @@ def counter_anomalies(ops: Iterable[Operation]) -> list[Anomaly]:
         acked_sums = list(itertools.accumulate((d for _, d in acked), initial=0))
         invoked_times = [t for t, _ in invoked]
         invoked_sums = list(itertools.accumulate((d for _, d in invoked), initial=0))
+        wrong = []
         for op in key_ops:
             if op.status is not Status.OK or op.kind not in (Kind.READ, Kind.INCR):
                 continue
@@ -162,8 +163,11 @@ def counter_anomalies(ops: Iterable[Operation]) -> list[Anomaly]:
             lower = acked_sums[bisect.bisect_left(acked_times, op.invoke_time)] + own
             upper = invoked_sums[bisect.bisect_right(invoked_times, op.complete_time)]
             if not isinstance(value, int) or not lower <= value <= upper:
-                out.append(Anomaly("counter", key, f"{op.describe()}: expected a value in "
-                                                   f"[{lower}, {upper}]"))
+                wrong.append(f"{op.describe()}: expected a value in [{lower}, {upper}]")
+        if wrong:
+            more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+            out.append(Anomaly("counter", key, f"{len(wrong)} value(s) out of bounds: "
+                                               + "; ".join(wrong[:3]) + more))
         out += [Anomaly(a.kind, key, a.message) for a in version_conflicts(key, key_ops)]
     return out
 
