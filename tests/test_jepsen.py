@@ -345,6 +345,16 @@ def test_the_suite_catches_a_node_that_ignores_its_redis_losing_its_data(tmp_pat
     assert {a["kind"] for a in s["anomalies"]} & {"not-linearizable", "counter", "lost-write"}
 
 
+def test_the_suite_catches_an_older_value_on_a_memcached_route(tmp_path):
+    """Misses are allowed there, older values are not: a node whose Memcached keeps the old
+    value of some sets (test-only mutant) is caught on the register keys."""
+    proc, s = run_jepsen(tmp_path, "--backend", "memcached", "--mutant", "memcached-skips-sets",
+                         "--nemesis", "none", "--time", 5, "--nodes", 3, timeout=90)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    registers = {a["kind"] for a in s["anomalies"] if a["key"].startswith("'k")}
+    assert registers & {"not-linearizable", "version-conflict"}
+
+
 def test_list_and_bad_arguments():
     out = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--list"],
                          capture_output=True, text=True, timeout=60)

@@ -104,8 +104,27 @@ def ignore_backend_loss(node) -> None:
             b.get_many, b.apply = adopting(b, b.get_many), adopting(b, b.apply)
 
 
+def memcached_skips_sets(node) -> None:
+    """A node whose Memcached keeps the old value for one set in ten (a write error ignored):
+    a read then serves an older value, which no "linearizable or miss" route may."""
+    from raftcache.plugins.backend.memcached import MemcachedBackend
+
+    def skipping(apply):
+        def wrapped(index, changes):
+            return apply(index, [c for c in changes if c.value is None
+                                 or zlib.crc32(b"%s:%d" % (c.key, index)) % 10])
+
+        return wrapped
+
+    backend = node.sm.backend
+    for b in [backend, *getattr(backend, "instances", {}).values()]:
+        if isinstance(b, MemcachedBackend):
+            b.apply = skipping(b.apply)
+
+
 # Node mutants patch a running raftcache.core.node.Node.
 NODE_MUTANTS = {
     "report-writes-failed": report_writes_failed,
     "ignore-backend-loss": ignore_backend_loss,
+    "memcached-skips-sets": memcached_skips_sets,
 }
