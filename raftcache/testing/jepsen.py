@@ -1080,9 +1080,9 @@ class Run:
                     for s in ("ok", "fail", "info")},
             "by_kind": {str(k): Counter(str(op.status) for op in ops if op.kind is k)
                         for k in Kind},
-            "latency_ms": {str(k): _percentiles([op.complete_time - op.invoke_time for op in ops
-                                                 if op.kind is k and op.status is Status.OK
-                                                 and op.process != "final"])
+            "latency_ms": {str(k): percentiles([op.complete_time - op.invoke_time for op in ops
+                                                if op.kind is k and op.status is Status.OK
+                                                and op.process != "final"])
                            for k in Kind},
             "faults": dict(self.faults), "nemesis_errors": self.nemesis_errors,
             "elections": len(self.terms_with_leader),
@@ -1095,7 +1095,8 @@ class Run:
         return summary
 
 
-def _percentiles(seconds: list[float]) -> dict:
+def percentiles(seconds: list[float]) -> dict:
+    """{"p50": ms, "p99": ms} of latencies in seconds (sorts them in place)."""
     if not seconds:
         return {"p50": 0.0, "p99": 0.0}
     seconds.sort()
