@@ -1,4 +1,5 @@
-.PHONY: test lint sim sim-long jepsen jepsen-long fuzz demo bench bench-failover bench-storage bench-latency
+.PHONY: test lint sim sim-long jepsen jepsen-long jepsen-backends fuzz demo bench bench-failover \
+	bench-storage bench-latency bench-backends
 
 test:
 	scripts/test
@@ -20,6 +21,14 @@ jepsen:
 jepsen-long:
 	scripts/bootstrap && .venv/bin/python -m raftcache.testing.jepsen --time 1800 --nemesis all --rate 150
 
+# The fault suite on each cache backend, 5 minutes each: all nemeses (kill-backend too where the
+# backend runs servers); every backend runs even when one fails.
+JEPSEN_BACKENDS = memory redis memcached hybrid
+jepsen-backends:
+	scripts/bootstrap && status=0; for b in $(JEPSEN_BACKENDS); do \
+	  .venv/bin/python -m raftcache.testing.jepsen --time 300 --nemesis all --backend $$b \
+	    || status=1; done; exit $$status
+
 # Every parser's fuzz target for a minute (atheris where it installs).
 fuzz:
 	scripts/bootstrap && for t in $$(.venv/bin/python -m raftcache.testing.fuzz --list); do \
@@ -40,4 +49,8 @@ bench-storage:
 bench-latency:
 	scripts/bootstrap && .venv/bin/python examples/bench_latency.py
 
-bench: bench-storage bench-latency bench-failover
+# set/get throughput and p50/p99 per backend, 3 nodes, beside direct Redis and Memcached
+bench-backends:
+	scripts/bootstrap && .venv/bin/python examples/bench_backends.py
+
+bench: bench-storage bench-latency bench-failover bench-backends

@@ -86,6 +86,115 @@ def test_key_never_acknowledged_may_be_absent():
     assert jepsen.lost_writes(ops, {"k": None}) == []
 
 
+# ---- the counter check -------------------------------------------------------------------------------
+
+
+def _counter(*steps):
+    """steps: (process, kind, value or delta, status, result, t0, t1) on the key "c"."""
+    return _ops(*((p, kind, "c", delta, None, status, result, t0, t1)
+                  for p, kind, delta, status, result, t0, t1 in steps))
+
+
+def test_counter_reads_between_acknowledged_and_attempted_increments_pass():
+    ops = _counter((1, "incr", 2, "ok", 2, 0, 1),
+                   (2, "incr", 3, "info", None, 2, 3),  # may apply, at any time after 2
+                   (3, "incr", 5, "fail", None, 2, 3),  # never applied
+                   (4, "read", None, "ok", (2, 1), 4, 5),
+                   (4, "read", None, "ok", (5, 6), 6, 7),
+                   (1, "incr", 1, "ok", 6, 5, 8),  # on top of 2 + 3
+                   (5, "read", None, "ok", None, -2, -1))  # before any increment: 0
+    assert jepsen.counter_anomalies(ops) == []
+
+
+def test_counter_read_below_the_acknowledged_increments_is_reported():
+    ops = _counter((1, "incr", 2, "ok", 2, 0, 1),
+                   (1, "incr", 2, "ok", 4, 2, 3),
+                   (2, "read", None, "ok", (2, 1), 4, 5))  # lost one increment
+    [a] = jepsen.counter_anomalies(ops)
+    assert a.kind == "counter" and "expected a value in [4, 4]" in a.message
+
+
+def test_counter_above_every_attempted_increment_is_reported():
+    # Applied twice (a retry not recognised), or a failed increment that did apply.
+    twice = _counter((1, "incr", 2, "ok", 2, 0, 1),
+                     (2, "read", None, "ok", (4, 1), 2, 3))
+    failed = _counter((1, "incr", 2, "ok", 2, 0, 1),
+                      (1, "incr", 3, "fail", None, 1.5, 1.8),
+                      (2, "read", None, "ok", (5, 1), 2, 3))
+    assert [a.kind for a in jepsen.counter_anomalies(twice)] == ["counter"]
+    assert [a.kind for a in jepsen.counter_anomalies(failed)] == ["counter"]
+
+
+def test_counter_incr_results_are_bounded_too():
+    ops = _counter((1, "incr", 2, "ok", 2, 0, 1),
+                   (2, "incr", 1, "ok", 1, 2, 3))  # restarted from 0: must be 3
+    [a] = jepsen.counter_anomalies(ops)
+    assert "incr(+1)" in a.message and "[3, 3]" in a.message
+
+
+def test_counter_value_that_is_no_number_or_has_two_values_per_version_is_reported():
+    ops = _counter((1, "incr", 1, "ok", 1, 0, 1),
+                   (2, "read", None, "ok", ("x", 2), 2, 3))
+    assert [a.kind for a in jepsen.counter_anomalies(ops)] == ["counter"]
+    ops = _counter((1, "incr", 1, "info", None, 0, 9),
+                   (2, "incr", 1, "info", None, 0, 9),
+                   (3, "read", None, "ok", (1, 7), 1, 2),
+                   (3, "read", None, "ok", (2, 7), 3, 4))
+    assert [a.kind for a in jepsen.counter_anomalies(ops)] == ["version-conflict"]
+
+
+def test_history_records_increments_and_the_register_check_refuses_them(tmp_path):
+    from raftcache.testing.linearizability import check
+
+    h = History()
+    op = h.invoke(1, "incr", "c", 3, time=0)
+    h.ok(op, 3, time=1)
+    h.dump(tmp_path / "h.jsonl")
+    [back] = History.load(tmp_path / "h.jsonl").operations()
+    assert (back.kind, back.value, back.result) == ("incr", 3, 3)
+    with pytest.raises(ValueError, match="incr needs an int delta"):
+        h.invoke(2, "incr", "c", "3")
+    with pytest.raises(ValueError, match="a counter, not a register"):
+        check(h)
+
+
+# ---- misses on "linearizable or miss" routes ------------------------------------------------------
+
+
+def test_key_routes_of_each_backend():
+    assert jepsen.may_miss("memcached", "k1") and not jepsen.may_miss("redis", "k1")
+    assert [jepsen.may_miss("hybrid", k) for k in ("session:k0", "config:k1", "k2")] == [
+        True, False, False]
+    # the hybrid prefixes are the routes the cluster runs
+    routes = {r["match"]: r["to"] for r in jepsen.HYBRID["options"]["routes"]}
+    instances = jepsen.HYBRID["options"]["instances"]
+    assert instances[routes["session:*"]]["plugin"] == "memcached"
+    assert instances[routes["config:*"]]["plugin"] == "redis"
+    assert instances[jepsen.HYBRID["options"]["default"]]["plugin"] == "memory"
+
+
+def test_misses_are_dropped_only_where_the_route_may_miss():
+    from raftcache.testing.linearizability import check
+
+    ops = _ops((1, "write", "m", "a", None, "ok", 3, 0, 1),
+               (2, "read", "m", None, None, "ok", None, 2, 3),  # lost by memcached: allowed
+               (1, "write", "r", "a", None, "ok", 4, 0, 1),
+               (2, "read", "r", None, None, "ok", None, 4, 5))  # redis: an anomaly
+    kept, dropped = jepsen.drop_misses(ops, lambda key: key == "m")
+    assert dropped == 1 and [a.key for a in check(kept).anomalies] == ["r"]
+
+
+def test_an_older_value_on_a_miss_route_is_still_an_anomaly():
+    from raftcache.testing.linearizability import check
+
+    ops = _ops((1, "write", "m", "a", None, "ok", 3, 0, 1),
+               (1, "write", "m", "b", None, "ok", 5, 2, 3),
+               (2, "read", "m", None, None, "ok", None, 4, 5),
+               (2, "read", "m", None, None, "ok", ("a", 3), 6, 7))
+    kept, dropped = jepsen.drop_misses(ops, lambda key: True)
+    assert dropped == 1 and [a.kind for a in check(kept).anomalies] == ["not-linearizable"]
+
+
 # ---- nemeses and scenarios ---------------------------------------------------------------------------
 
 # The anomalies Jepsen found in Raft-backed stores (RedisRaft, etcd, Consul), each of which must have
@@ -115,12 +224,17 @@ def test_every_anomaly_jepsen_found_has_a_scenario(anomaly):
 
 
 def test_nemesis_names_and_families():
-    everything = jepsen.expand_nemeses(["all"])
+    everything = jepsen.expand_nemeses(["all"], backend="redis")
     assert set(everything) == set(jepsen.NEMESES)
+    # kill-backend only where the backend has servers to kill
+    assert set(jepsen.expand_nemeses(["all"])) == set(jepsen.NEMESES) - {"kill-backend"}
+    assert jepsen.expand_nemeses(["backend"], backend="hybrid") == ["kill-backend"]
+    with pytest.raises(ValueError, match="'kill-backend' needs a backend with servers"):
+        jepsen.expand_nemeses(["kill-backend"], backend="memory")
     assert jepsen.expand_nemeses(["kill-one,partition-one", "link", "kill"]) == [
         "kill-one", "partition-one", "slow", "lossy", "reset", "kill-leader", "kill-majority",
         "kill-all"]
-    with pytest.raises(ValueError, match="unknown nemesis 'chaos' \\(known: all, disk, kill"):
+    with pytest.raises(ValueError, match="unknown nemesis 'chaos' \\(known: all, backend, disk, kill"):
         jepsen.expand_nemeses(["chaos"])
 
 
@@ -201,6 +315,46 @@ def test_the_suite_catches_lost_writes_of_a_storage_that_forgets(tmp_path):
     assert "lost-write" in {a["kind"] for a in s["anomalies"]}
 
 
+# Cache backends: registers (cas too) and counters, lease reads, backend servers kill -9ed and
+# restarted empty (about 15 s each).
+BACKEND_RUNS = {"redis": 1, "hybrid": 2}  # backend: seed
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_RUNS))
+def test_backend_finds_no_anomaly_when_its_servers_restart_empty(tmp_path, backend):
+    proc, s = run_jepsen(tmp_path, "--backend", backend, "--nemesis", "kill-backend",
+                         "--read", "lease", "--time", 12, "--nodes", 3, "--clients", 8,
+                         "--seed", BACKEND_RUNS[backend], timeout=90)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert s["anomalies"] == [] and "anomalies: 0" in proc.stdout
+    assert (s["backend"], s["read"]) == (backend, "lease")
+    assert s["faults"].get("kill-backend", 0) >= 2, s["faults"]
+    for kind in ("read", "write", "cas", "incr"):
+        assert s["by_kind"][kind].get("ok", 0) > 50, s["by_kind"]
+    assert s["checked"] + s["misses"] >= s["ops"]["ok"]  # every ok op checked, or a miss
+    if backend == "redis":
+        assert s["misses"] == 0  # a redis backend never loses a value
+
+
+def test_the_suite_catches_a_node_that_ignores_its_redis_losing_its_data(tmp_path):
+    """Teeth for backends: a node that carries on over its Redis restarted empty, instead of
+    rebuilding it (test-only mutant), reads the values it lost as not found."""
+    proc, s = run_jepsen(tmp_path, "--backend", "redis", "--mutant", "ignore-backend-loss",
+                         "--nemesis", "kill-backend", "--time", 8, "--nodes", 3, timeout=90)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {a["kind"] for a in s["anomalies"]} & {"not-linearizable", "counter", "lost-write"}
+
+
+def test_the_suite_catches_an_older_value_on_a_memcached_route(tmp_path):
+    """Misses are allowed there, older values are not: a node whose Memcached keeps the old
+    value of some sets (test-only mutant) is caught on the register keys."""
+    proc, s = run_jepsen(tmp_path, "--backend", "memcached", "--mutant", "memcached-skips-sets",
+                         "--nemesis", "none", "--time", 5, "--nodes", 3, timeout=90)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    registers = {a["kind"] for a in s["anomalies"] if a["key"].startswith("'k")}
+    assert registers & {"not-linearizable", "version-conflict"}
+
+
 def test_list_and_bad_arguments():
     out = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--list"],
                          capture_output=True, text=True, timeout=60)
@@ -208,3 +362,6 @@ def test_list_and_bad_arguments():
     bad = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--nemesis", "x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown nemesis 'x'" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--nemesis",
+                          "kill-backend"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "needs a backend with servers" in bad.stderr

@@ -10,7 +10,8 @@ carries one of three statuses:
 
 An operation still pending when the history ends counts as ``info``.
 
-Operations act on one register per key:
+Operations act on one register per key, or, for ``incr``, on one counter per key (a key is
+one or the other):
 
 ============  =====================  ====================================================
 kind          arguments              result on ``ok``
@@ -19,7 +20,10 @@ kind          arguments              result on ``ok``
 ``write``     ``value``              the new version (int), or ``None`` if unknown
 ``delete``    --                     whether the key existed (bool), or ``None`` if unknown
 ``cas``       ``expected``, value    ``(True, new_version)`` or ``(False, None)``
+``incr``      ``value``: the delta   the new value (int)
 ============  =====================  ====================================================
+
+A read of a counter returns ``(value, version)`` too, with the value as an int.
 
 Values are ``bytes`` or ``str`` and are treated opaquely. Versions are assigned by the system (the
 Raft log index of the write). Times come from a single monotonic clock, the runner's or the
@@ -49,6 +53,7 @@ class Kind(enum.StrEnum):
     WRITE = "write"
     DELETE = "delete"
     CAS = "cas"
+    INCR = "incr"
 
 
 class Status(enum.StrEnum):
@@ -85,6 +90,8 @@ class Operation:
             call = f"write({self.value!r})"
         elif self.kind is Kind.CAS:
             call = f"cas({self.expected} -> {self.value!r})"
+        elif self.kind is Kind.INCR:
+            call = f"incr({self.value:+d})"
         else:
             call = str(self.kind)
         outcome = f"ok {self.result!r}" if self.status is Status.OK else str(self.status)
@@ -118,6 +125,10 @@ def _normalize_result(kind: Kind, result: Any) -> Any:
     if kind is Kind.WRITE:
         if result is not None and (isinstance(result, bool) or not isinstance(result, int)):
             raise ValueError(f"write result must be the new version (int) or None, got {result!r}")
+        return result
+    if kind is Kind.INCR:
+        if isinstance(result, bool) or not isinstance(result, int):
+            raise ValueError(f"incr result must be the new value (int), got {result!r}")
         return result
     if kind is Kind.DELETE:
         if result is not None and not isinstance(result, bool):
@@ -167,6 +178,8 @@ class History:
         value = _opaque(value)
         if kind in (Kind.WRITE, Kind.CAS) and value is None:
             raise ValueError(f"{kind} needs a value")
+        if kind is Kind.INCR and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"incr needs an int delta, got {value!r}")
         if kind in (Kind.READ, Kind.DELETE) and value is not None:
             raise ValueError(f"{kind} takes no value")
         if (kind is Kind.CAS) != (expected is not None):

@@ -81,7 +81,50 @@ def report_writes_failed(node) -> None:
     node._apply = _apply
 
 
+def ignore_backend_loss(node) -> None:
+    """A node that does not notice its Redis restarted empty (the bookkeeping check gone): it
+    carries on over the empty server instead of rebuilding it, so every value it held and
+    nobody rewrote since reads as not found there. On a hybrid backend, its Redis routes."""
+    from raftcache.core.hookspecs import BackendLost
+    from raftcache.plugins.backend.redis import RedisBackend
+
+    def adopting(backend: RedisBackend, call):
+        def wrapped(*args):
+            try:
+                return call(*args)
+            except BackendLost:
+                backend.recorded = backend.redis.get(backend.marker) or b""  # "it is ours"
+                return call(*args)
+
+        return wrapped
+
+    backend = node.sm.backend
+    for b in [backend, *getattr(backend, "instances", {}).values()]:
+        if isinstance(b, RedisBackend):
+            b.get_many, b.apply = adopting(b, b.get_many), adopting(b, b.apply)
+
+
+def memcached_skips_sets(node) -> None:
+    """A node whose Memcached keeps the old value for one set in ten (a write error ignored):
+    a read then serves an older value, which no "linearizable or miss" route may."""
+    from raftcache.plugins.backend.memcached import MemcachedBackend
+
+    def skipping(apply):
+        def wrapped(index, changes):
+            return apply(index, [c for c in changes if c.value is None
+                                 or zlib.crc32(b"%s:%d" % (c.key, index)) % 10])
+
+        return wrapped
+
+    backend = node.sm.backend
+    for b in [backend, *getattr(backend, "instances", {}).values()]:
+        if isinstance(b, MemcachedBackend):
+            b.apply = skipping(b.apply)
+
+
 # Node mutants patch a running raftcache.core.node.Node.
 NODE_MUTANTS = {
     "report-writes-failed": report_writes_failed,
+    "ignore-backend-loss": ignore_backend_loss,
+    "memcached-skips-sets": memcached_skips_sets,
 }
