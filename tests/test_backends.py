@@ -348,3 +348,26 @@ def test_restart_over_redis_replays_into_an_overlay_and_never_regresses_it(
     third, _ = sm_over_redis()
     third.restore(snapshot)
     assert fresh_redis.get(b"k") == b"1"
+
+
+def test_an_entry_whose_backend_read_fails_changes_nothing_and_can_be_staged_again():
+    class Flaky(MemoryBackend):
+        down = False
+
+        def get_many(self, keys):
+            if self.down:
+                raise BackendUnavailable("server down")
+            return super().get_many(keys)
+
+    sm = StateMachine(Flaky())
+    _write(sm, 1, Set(b"n", b"41"), stamp=5)
+    before = (sm.applied_index, sm.last_stamp_ms, sm.snapshot())
+    sm.backend.down = True
+    incr = encode_envelope(Envelope(Incr(b"n", 1), "c", 1, None, 9))
+    with pytest.raises(BackendUnavailable):
+        sm.stage(2, incr)
+    sm.backend.down = False
+    assert (sm.applied_index, sm.last_stamp_ms, sm.snapshot()) == before
+    assert sm.stage(2, incr) == 42
+    sm.flush()
+    assert sm.read(b"n", 9) == (b"42", 2)

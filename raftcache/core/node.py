@@ -336,7 +336,8 @@ class Node:
         for entry in entries:
             result = None
             if entry.type == EntryType.NORMAL and entry.data:
-                result = self.sm.stage(entry.index, entry.data)
+                result = self._retry_backend(functools.partial(self.sm.stage, entry.index,
+                                                               entry.data))
             pending = self._writes.pop(entry.index, None)
             if pending is None:
                 continue
@@ -354,15 +355,18 @@ class Node:
         self._applies += 1
         self._settled.set()
 
-    def _retry_backend(self, step) -> None:
-        """Run `step` (a state machine call that reaches the backend) until it goes through:
-        while the backend's server is down the node serves no reads and applies nothing more
-        (it keeps its log; the others carry on), and when it comes back empty or changed
-        (BackendLost) the node reloads it from its snapshot and log."""
-        delay = 0.05
+    def _retry_backend(self, step):
+        """`step()` (a state machine call that reaches the backend), retried until it goes
+        through, and its result. While the backend's server is down the node serves no reads
+        and applies nothing more (it keeps its log; the others carry on); when the backend
+        lost its data (BackendLost) the node rebuilds it from its snapshot and log first."""
+        delay, rebuild = 0.05, False
         while True:
             try:
-                step()
+                if rebuild:
+                    self._rebuild_backend()
+                    rebuild = False
+                result = step()
             except BackendUnavailable as exc:
                 if self._stopped.is_set():
                     raise gevent.GreenletExit from None
@@ -376,14 +380,13 @@ class Node:
             except BackendLost as exc:
                 self.log.warning("the backend lost its data (%s): rebuilding it from the "
                                  "snapshot and the log", exc)
-                self.backend_down = True
-                step = self._rebuild_backend
+                self.backend_down = rebuild = True
                 continue
             if self.backend_down:
                 self.log.info("backend available again at applied index %d",
                               self.sm.applied_index)
                 self.backend_down = False
-            return
+            return result
 
     def _rebuild_backend(self) -> None:
         """Load the newest snapshot into the backend and apply the log since, up to where the

@@ -172,16 +172,22 @@ class StateMachine:
         """
         if index <= self.applied_index:
             raise ValueError(f"entry {index} is not after the applied index {self.applied_index}")
-        self.applied_index = index
         if self._overlay is not None and index > self._overlay_until:
             self._overlay = None  # the backend holds everything up to here: back to it
-        if not data:
+        if not data:  # a leader's no-op
+            self.applied_index = index
             return None
         try:
             env = decode_envelope(data)
         except CommandError as exc:
+            self.applied_index = index
             return ApplyError("InvalidRequest", f"undecodable command: {exc}")
-        now = self.last_stamp_ms = max(self.last_stamp_ms, env.stamp_ms)
+        now = max(self.last_stamp_ms, env.stamp_ms)
+        # The one backend read a write may need comes before anything changes: if the backend
+        # fails (raises), the entry can simply be staged again.
+        stored = self._read_before_write(env.command, now)
+        self.applied_index = index
+        self.last_stamp_ms = now
         self._expire_sessions(now)
 
         cmd = env.command
@@ -213,7 +219,7 @@ class StateMachine:
                 # A veto leaves no trace, not even in the session: it surely did not apply.
                 return ApplyError("Unauthorized", str(reason))
 
-        result = self._execute(cmd, index, now)
+        result = self._execute(cmd, index, now, stored)
         if env.client_id is not None and env.seq is not None:
             if session is None:
                 session = self._sessions[session_key] = _Session(now)
@@ -222,7 +228,16 @@ class StateMachine:
             self._sessions.move_to_end(session_key)
         return result
 
-    def _execute(self, cmd, index: int, now: int) -> Result:
+    def _read_before_write(self, cmd, now: int) -> bytes | None:
+        """The stored value an incr or append reads (None for other commands, and when the key
+        is missing, expired, or staged by this batch)."""
+        if type(cmd) not in (Incr, Append) or cmd.key in self._staged:
+            return None
+        if self._live(cmd.key, now) is None:
+            return None
+        return self._get_many([cmd.key])[0]
+
+    def _execute(self, cmd, index: int, now: int, stored: bytes | None) -> Result:
         t = type(cmd)
         if t is Set:
             self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
@@ -240,9 +255,9 @@ class StateMachine:
             self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
             return (True, index)
         if t is Incr:
-            return self._incr(cmd, index, now)
+            return self._incr(cmd, index, now, stored)
         if t is Append:
-            return self._append(cmd, index, now)
+            return self._append(cmd, index, now, stored)
         if t is Invalidate:
             prefix = cmd.prefix
             doomed = [k for k in self._catalog if k.startswith(prefix)]
@@ -262,8 +277,8 @@ class StateMachine:
             return self._sweep(min(cmd.up_to_stamp_ms, now))
         raise AssertionError(f"unhandled command {cmd!r}")  # decode_envelope only yields these
 
-    def _incr(self, cmd: Incr, index: int, now: int) -> Result:
-        current = self._current(cmd.key, index, now, "increment")
+    def _incr(self, cmd: Incr, index: int, now: int, stored: bytes | None) -> Result:
+        current = self._current(cmd.key, index, now, "increment", stored)
         if isinstance(current, ApplyError):
             return current
         blob, expiry = current
@@ -276,8 +291,8 @@ class StateMachine:
         self._write(cmd.key, encode_value(self.codecs, cmd.key, b"%d" % new), index, expiry)
         return new
 
-    def _append(self, cmd: Append, index: int, now: int) -> Result:
-        current = self._current(cmd.key, index, now, "append")
+    def _append(self, cmd: Append, index: int, now: int, stored: bytes | None) -> Result:
+        current = self._current(cmd.key, index, now, "append", stored)
         if isinstance(current, ApplyError):
             return current
         blob, expiry = current
@@ -288,15 +303,15 @@ class StateMachine:
         self._write(cmd.key, encode_value(self.codecs, cmd.key, new), index, expiry)
         return len(new)
 
-    def _current(self, key: bytes, index: int, now: int, what: str):
+    def _current(self, key: bytes, index: int, now: int, what: str, stored: bytes | None):
         """(decoded value, expiry) of `key` for a write that reads it first ((None, None) when
         missing or expired), or an ApplyError when this replica's backend lost the value. Such
-        writes keep the key's ttl, like Redis."""
+        writes keep the key's ttl, like Redis. `stored`: what `_read_before_write` found."""
         meta = self._live(key, now)
         if meta is None:
             return None, None
         staged = self._staged.get(key)
-        blob = staged[0] if staged is not None else self._get_many([key])[0]
+        blob = staged[0] if staged is not None else stored
         if blob is None:
             # The backend evicted it (Memcached). Other replicas may still hold it, so bump
             # the version like they do and keep the value unknown here: a miss.
