@@ -517,7 +517,8 @@ class StateMachine:
 
     def restore(self, data: bytes, backend_index: int | None = None) -> None:
         """Replace the whole state with a snapshot's and load its values into the backend
-        (keys the old state held and the snapshot does not are deleted from it).
+        (keys the old state held and the snapshot does not, or holds without a value, are
+        deleted from it).
 
         `backend_index`: the index the backend says its data reflects (`Backend.open`), when
         the node trusts it (at most its last log index). When it is at or after the
@@ -535,7 +536,12 @@ class StateMachine:
             overlay = None
             items = [Change(key, value, None if catalog[key].expiry is None
                             else max(0, catalog[key].expiry - stamp)) for key, value in values]
+            # Deleted: keys the old state held and the snapshot does not, and keys the snapshot
+            # holds without a value (its backend had dropped it): an older value of ours
+            # must not stand in for it.
+            present = {key for key, _ in values}
             stale = [key for key in self._catalog if key not in catalog]
+            stale += [key for key in catalog if key not in present]
             evicted = self.backend.load(applied, items, stale)
             backend_index = applied
         self._staged.clear()
