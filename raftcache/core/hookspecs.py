@@ -168,8 +168,9 @@ class Backend(Protocol):
         """The values of `keys`, in order, None for each one missing."""
 
     def apply(self, index: int, changes: Sequence[Change]) -> Sequence[bytes]:
-        """Make the changes (entries up to log `index`) and record `index`, at once if the
-        backend can. Returns the keys it evicted to stay within its own limits: the state
+        """Make the changes (entries up to log `index`: each key's net change over the batch,
+        so a key set then deleted in one batch comes as one delete) and record `index`, at
+        once if the backend can. Returns the keys it evicted to stay within its own limits: the state
         machine forgets them (they read as missing). Evictions must be a deterministic
         function of the changes, identical on every replica; a backend whose server evicts
         on its own (Memcached) returns nothing and its reads miss instead.
