@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from local_up import up as start_up
 
 from raftcache import cli
 from raftcache.client import Client
@@ -150,21 +151,8 @@ def children_of(pid: int) -> list[int]:
 
 
 def test_up_set_get_status_and_clean_stop(tmp_path):
-    port = free_port_block(3)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "raftcache", "up", "--port", str(port), "--data-dir",
-         str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    up, port, out = start_up(tmp_path)
     try:
-        lines = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            lines.append(line)
-            if line.startswith("leader:") or not line:
-                break
-        out = "".join(lines)
         assert "leader: node" in out, out
         for i in range(3):
             assert f"127.0.0.1:{port + i}" in out

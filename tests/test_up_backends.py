@@ -10,11 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 
 import pytest
 import redis
+from local_up import up
 
 from raftcache.cluster import LocalCluster, free_port_block, to_toml
 from raftcache.servers import MemcachedServer, ServerError
@@ -179,22 +179,6 @@ def test_hybrid_instances_without_addresses_get_servers_and_the_others_keep_thei
 
 
 # ---- end to end through `raftcache up` ----------------------------------------------------------
-def up(tmp_path, *args):
-    port = free_port_block(3)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raftcache", "up", "--port", str(port), "--data-dir",
-         str(tmp_path / "data"), "--leader-timeout", "20", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("leader:") or not line:
-            break
-    return proc, port, "".join(lines)
-
-
 @pytest.mark.parametrize("args,servers", [
     (["--backend", "redis"], ["backend: redis://"]),
     (["--backend", "memcached"], ["backend: 127.0.0.1:"]),
