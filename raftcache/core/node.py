@@ -293,7 +293,7 @@ class Node:
             if self._backend_lost:  # a read found it: rebuild now, not at the next write
                 self._backend_lost = False
                 self._settled.clear()
-                self._retry_backend(self._rebuild_backend)
+                self._retry_backend(lambda: None, rebuild=True)
                 self._settle()
             while self.raw.has_ready() and not self._stopped.is_set():
                 rd = self.raw.ready()
@@ -355,16 +355,18 @@ class Node:
         self._applies += 1
         self._settled.set()
 
-    def _retry_backend(self, step):
+    def _retry_backend(self, step, rebuild: bool = False):
         """`step()` (a state machine call that reaches the backend), retried until it goes
         through, and its result. While the backend's server is down the node serves no reads
         and applies nothing more (it keeps its log; the others carry on); when the backend
         lost its data (BackendLost) the node rebuilds it from its snapshot and log first."""
-        delay, rebuild = 0.05, False
+        delay = 0.05
+        # Fixed once: a rebuild cut short has moved the state machine back part of the way.
+        target = self.sm.applied_index
         while True:
             try:
                 if rebuild:
-                    self._rebuild_backend()
+                    self._rebuild_backend(target)
                     rebuild = False
                 result = step()
             except BackendUnavailable as exc:
@@ -381,6 +383,7 @@ class Node:
                 self.log.warning("the backend lost its data (%s): rebuilding it from the "
                                  "snapshot and the log", exc)
                 self.backend_down = rebuild = True
+                target = max(target, self.sm.applied_index)
                 continue
             if self.backend_down:
                 self.log.info("backend available again at applied index %d",
@@ -388,10 +391,9 @@ class Node:
                 self.backend_down = False
             return result
 
-    def _rebuild_backend(self) -> None:
-        """Load the newest snapshot into the backend and apply the log since, up to where the
-        state machine was (raises what the backend raises; the caller retries from scratch)."""
-        applied = self.sm.applied_index
+    def _rebuild_backend(self, applied: int) -> None:
+        """Load the newest snapshot into the backend and apply the log since, up to `applied`
+        (raises what the backend raises; the caller retries from scratch)."""
         staged = self.sm.has_staged
         snapshot = self.raw.snapshot
         start = snapshot.meta.index if snapshot is not None else 0
