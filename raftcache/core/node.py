@@ -394,7 +394,6 @@ class Node:
     def _rebuild_backend(self, applied: int) -> None:
         """Load the newest snapshot into the backend and apply the log since, up to `applied`
         (raises what the backend raises; the caller retries from scratch)."""
-        staged = self.sm.has_staged
         snapshot = self.raw.snapshot
         start = snapshot.meta.index if snapshot is not None else 0
         self.sm.restore(snapshot.data if snapshot is not None else b"")
@@ -406,9 +405,8 @@ class Node:
             if n % 512 == 0:
                 self.sm.flush()
         self.sm.flush()
-        self.log.info("backend rebuilt up to index %d (%d entries after the snapshot at %d%s)",
-                      applied, len(entries), start,
-                      ", with the batch it had not taken" if staged else "")
+        self.log.info("backend rebuilt up to index %d (%d entries after the snapshot at %d)",
+                      applied, len(entries), start)
 
     def _fail_all_reads(self, reason: str) -> None:
         """Answer every waiting read Unavailable now: this node cannot serve them for a while,

@@ -370,10 +370,6 @@ class StateMachine:
         self.backend_index = self.applied_index
         self._drop_evicted(evicted)
 
-    @property
-    def has_staged(self) -> bool:
-        return bool(self._staged)
-
     def _drop_evicted(self, keys) -> None:
         # The backend evicted them to stay within its limits, the same way on every replica.
         for key in keys:
