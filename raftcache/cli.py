@@ -2,20 +2,23 @@
 get, mget, mset, delete, cas, incr, append, invalidate, status, member, transfer-leader); certs
 init.
 
-Exit codes of the client commands: 0 done; 1 a key is missing (get, mget); 2 an error, printed
-as one line `raftcache: <Kind>: <reason>` (or a usage error); 3 cas found another version.
+Exit codes of the client commands: 0 done; 1 not done: a key is missing (get, mget) or cas
+found another version; 2 an error, printed as one line `raftcache: <Kind>: <reason>` (or a
+usage error); 3 refused: Unauthorized (printed the same way).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from raftcache.core.operations import OPERATIONS
 
 EXIT_MISSING = 1  # get, mget: a key is missing
+EXIT_CAS_FAILED = 1  # cas: the key is not at the expected version; nothing was written
 EXIT_ERROR = 2  # the call failed (or a usage error: argparse exits 2 too)
-EXIT_CAS_FAILED = 3  # cas: the key is not at the expected version; nothing was written
+EXIT_UNAUTHORIZED = 3  # the cluster refused the caller's token (or its lack of one)
 
 
 def main(argv=None) -> int:
@@ -74,7 +77,8 @@ def _client_command(sub, name: str, op: str, func, *positional: str, help: str =
         sp.add_argument(arg)
     sp.add_argument("--endpoints", default=None,
                     help="host:port,... (default: $RAFTCACHE_ENDPOINTS or 127.0.0.1:7400-7402)")
-    sp.add_argument("--token", default=None)
+    sp.add_argument("--token", default=os.environ.get("RAFTCACHE_TOKEN"),
+                    help="a signed token (default: $RAFTCACHE_TOKEN)")
     sp.add_argument("--transport", default="thrift")
     sp.add_argument("--ca", help="CA certificate (PEM) for TLS")
     sp.add_argument("--cert", help="client certificate (PEM) for TLS")
@@ -148,6 +152,10 @@ def _add_client_commands(sub) -> None:
     m.add_argument("--learner", action="store_true")
     t = _client_command(sub, "transfer-leader", "transfer_leader", _cmd_transfer_leader)
     t.add_argument("node", type=int)
+    a = _client_command(sub, "admin", "admin", _cmd_admin, "action",
+                        help="run an admin action of a security plugin (revoke, role-set, "
+                             "keys-rotate, ...) and print its JSON answer")
+    a.add_argument("arguments", nargs="*", metavar="ARG")
 
 
 def _add_certs_commands(sub) -> None:
@@ -180,6 +188,8 @@ def _run_client(fn):
 
     try:
         return fn()
+    except errors.Unauthorized as exc:
+        return _fail("Unauthorized", str(exc), EXIT_UNAUTHORIZED)
     except errors.RaftCacheError as exc:
         return _fail(type(exc).__name__, str(exc))
     except ValueError as exc:  # refused before sending, e.g. a ttl out of range
@@ -299,6 +309,15 @@ def _cmd_transfer_leader(args):
     def go():
         with _client(args) as c:
             print(_describe(c.transfer_leader(args.node)))
+    return _run_client(go)
+
+
+def _cmd_admin(args):
+    import json
+
+    def go():
+        with _client(args) as c:
+            print(json.dumps(c.admin(args.action, *args.arguments), sort_keys=True))
     return _run_client(go)
 
 

@@ -133,6 +133,14 @@ class Client:
         """Remove `node_id` from the cluster; returns the status once the change is applied."""
         return self._call("change_member", change="remove", node_id=node_id).status
 
+    def admin(self, action: str, *args) -> dict:
+        """Run an admin action of a security plugin (e.g. ``admin("revoke", "alice")``); its
+        answer as a dict: ``{"index": N}`` once a change applied, or a report."""
+        import json
+
+        r = self._call("admin", action=action, arguments=[_bytes(a) for a in args])
+        return json.loads(r.text)
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, {}

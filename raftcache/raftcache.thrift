@@ -70,6 +70,8 @@ struct Request {
   10: optional RequestHeader header,
   11: optional i64 node_id,       // transfer_leader, change_member
   12: optional string change,     // change_member: add-voter, add-learner, remove
+  13: optional string action,     // admin: e.g. "revoke", "keys-rotate"
+  14: optional list<binary> arguments, // admin: the action's arguments
 }
 
 struct Response {
@@ -82,6 +84,7 @@ struct Response {
   7: optional bool ok,            // remove/cas
   8: optional NodeStatus status,
   9: optional list<i64> versions, // mset
+  10: optional string text,       // admin: a JSON object
 }
 
 // ---- peer messages (raftcache.core.messages) --------------------------------------------------
@@ -183,6 +186,13 @@ service RaftCache {
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
   NodeStatus change_member(1: string change, 2: i64 node_id, 3: RequestHeader header)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+
+  // Admin actions (security plugins: revoke a subject's tokens, set roles, rotate the data
+  // key); needs an admin grant when authentication is on. Answers a JSON object: {"index": N}
+  // once a change applied, or a report.
+  string admin(1: string action, 2: list<binary> arguments, 3: RequestHeader header)
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
 

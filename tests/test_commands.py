@@ -8,8 +8,10 @@ import pytest
 
 from raftcache.core.commands import (
     FORMAT_VERSION,
+    Caller,
     Cas,
     CommandError,
+    Configure,
     Delete,
     Envelope,
     Incr,
@@ -49,7 +51,11 @@ COMMANDS = [
     MSet(((b"a", b"1"), (b"b", b"2"), (b"a", b"3")), 10),
     Sweep(0),
     Sweep(1_700_000_000_000),
+    Configure(()),
+    Configure((("auth.revoked.alice", b""), ("keys.2", b"\x00wrapped"), ("gone", None))),
 ]
+
+ALICE = Caller("alice", "k1", 1_000, 2_000, 3_000, ((b"user:", "rw"), (b"", "r")), ("ops",))
 
 ENVELOPE_SHAPES = [
     {},
@@ -59,6 +65,8 @@ ENVELOPE_SHAPES = [
     {"client_id": "", "seq": -3, "identity": "", "stamp_ms": U63_MAX},
     {"seq": I64_MIN},
     {"client_id": "only-client"},
+    {"client_id": "c", "seq": 1, "identity": "alice", "caller": ALICE},
+    {"identity": "bob", "caller": Caller("bob")},
 ]
 
 
@@ -93,7 +101,7 @@ def test_commands_are_immutable_and_hashable():
         cmd.key = b"other"
     assert hash(Envelope(cmd)) == hash(Envelope(Set(b"k", b"v")))
     assert {c.kind for c in COMMANDS} == {
-        "set", "delete", "cas", "incr", "invalidate", "mset", "sweep"
+        "set", "delete", "cas", "incr", "invalidate", "mset", "sweep", "configure"
     }  # fmt: skip
 
 
@@ -237,3 +245,22 @@ if st is not None:
         except CommandError:
             return
         assert encode_envelope(env) == data
+
+
+@pytest.mark.parametrize("bad", [
+    Envelope(Set(b"k", b"v"), identity="alice", caller=Caller("bob")),  # subject != identity
+    Envelope(Set(b"k", b"v"), caller=Caller("alice")),  # a caller needs its identity
+    Envelope(Set(b"k", b"v"), identity="a", caller=Caller("a", grants=((b"", "rwx"),))),
+    Envelope(Configure((("name", "not bytes"),))),
+])
+def test_callers_and_settings_refuse_bad_fields(bad):
+    with pytest.raises(CommandError):
+        encode_envelope(bad)
+
+
+def test_a_caller_flag_without_an_identity_is_refused():
+    data = bytearray(encode_envelope(Envelope(Set(b"k", b"v"), identity="a",
+                                              caller=Caller("a"))))
+    data[1] &= ~4  # drop the identity flag, keep the caller's
+    with pytest.raises(CommandError):
+        decode_envelope(bytes(data))

@@ -564,7 +564,7 @@ def test_a_session_kept_alive_by_activity_is_not_expired():
 def test_a_vetoed_write_is_unauthorized_and_changes_nothing():
     calls = []
 
-    def check(command, identity, stamp_ms):
+    def check(command, identity, stamp_ms, **_):
         calls.append((command, identity, stamp_ms))
         return "read-only role" if identity == "mallory" else None
 
@@ -584,10 +584,10 @@ def test_a_vetoed_write_is_unauthorized_and_changes_nothing():
 
 
 def test_the_leaders_sweep_is_not_subject_to_the_veto():
-    r = Replica(check_command=lambda command, identity, stamp_ms: "nobody may write")
+    r = Replica(check_command=lambda command, identity, stamp_ms, **_: "nobody may write")
     r.sm.check_command = None
     r.write(Set(b"k", b"v", ttl_ms=10), stamp=0)
-    r.sm.check_command = lambda command, identity, stamp_ms: "nobody may write"
+    r.sm.check_command = lambda command, identity, stamp_ms, **_: "nobody may write"
     assert r.write(Sweep(100), stamp=100) == 1
 
 
@@ -761,3 +761,20 @@ def test_state_machine_modules_are_pure(name):
                 assert node.module in ("commands",), node.module
             else:
                 assert node.module in ALLOWED, node.module
+
+
+def test_settings_are_replicated_state_with_their_stamp_and_snapshotted(r):
+    from raftcache.core.commands import Configure
+    from raftcache.core.statemachine import Setting
+
+    index = r.write(Configure((("auth.revoked.alice", b""), ("keys.1", b"w"))), stamp=50)
+    r.write(Configure((("keys.1", None), ("keys.2", b"x"))), stamp=60)
+    assert r.sm.settings == {"auth.revoked.alice": Setting(b"", 50, index),
+                             "keys.2": Setting(b"x", 60, index + 1)}
+    seen = []
+    r.sm.check_command = lambda **kw: seen.append(dict(kw["settings"])) or None
+    r.write(Set(b"k", b"v"), stamp=70)
+    assert seen == [r.sm.settings]  # the check sees the settings in force
+    copy = Replica()
+    copy.sm.restore(r.sm.snapshot())
+    assert copy.sm.settings == r.sm.settings

@@ -41,6 +41,8 @@ class Request:
     header: RequestHeader | None = None
     node_id: int | None = None
     change: str | None = None
+    action: str | None = None
+    arguments: list | None = None
 
 
 @attrs.frozen
@@ -78,6 +80,7 @@ class Response:
     ok: bool | None = None  # remove/cas
     status: NodeStatus | None = None
     versions: list | None = None  # mset
+    text: str | None = None  # admin: a JSON object
 
 
 def error(kind: str, reason: str = "", leader_hint: str = "") -> Response:

@@ -12,8 +12,11 @@ Both directions raise only `CommandError`.
 Layout (version 1)::
 
     envelope := 0x01 flags:u8 stamp_ms:uvarint [client_id:str] [seq:svarint] [identity:str]
-                command
-    flags    := bit 0 client_id present, bit 1 seq present, bit 2 identity present
+                [caller] command
+    flags    := bit 0 client_id present, bit 1 seq present, bit 2 identity present,
+                bit 3 caller present (needs bit 2: the identity is the caller's subject)
+    caller   := key_id:str issued_ms:uvarint not_before_ms:uvarint expires_ms:uvarint
+                n:uvarint (prefix:bytes perms:str){n} m:uvarint role:str{m}
     command  := tag:u8 fields (see _TAG_* below)
     bytes    := len:uvarint data        str := bytes, UTF-8
     ttl      := uvarint, 0 = no expiry
@@ -119,7 +122,36 @@ class Sweep:
     up_to_stamp_ms: int
 
 
-Command = Set | Delete | Cas | Incr | Invalidate | MSet | Sweep | Append
+@attrs.frozen(slots=True)
+class Configure:
+    """Change cluster settings (`StateMachine.settings`): each (name, value) pair sets `name`,
+    a value of None removes it. Security plugins keep their replicated state there (revoked
+    subjects, roles, wrapped data keys); the state machine records each setting's entry stamp
+    and index beside its value."""
+
+    kind: ClassVar[str] = "configure"
+    items: tuple[tuple[str, bytes | None], ...]
+
+
+Command = Set | Delete | Cas | Incr | Invalidate | MSet | Sweep | Append | Configure
+
+PERMS = ("r", "w", "rw", "admin")
+
+
+@attrs.frozen(slots=True)
+class Caller:
+    """Who sent a write, as the node that took it verified (a signed token): recorded in the
+    entry so that every replica's access check sees the same caller. Times are ms since the
+    epoch (0: unset); `grants` are (key prefix, one of PERMS) pairs, `roles` role names
+    resolved against the replicated settings when the entry applies."""
+
+    subject: str
+    key_id: str = ""
+    issued_ms: int = 0
+    not_before_ms: int = 0
+    expires_ms: int = 0
+    grants: tuple[tuple[bytes, str], ...] = ()
+    roles: tuple[str, ...] = ()
 
 
 @attrs.frozen(slots=True)
@@ -128,7 +160,8 @@ class Envelope:
 
     `stamp_ms` is the leader's clock at proposal time and never goes backwards; `client_id` and
     `seq` (both or neither) make the write exactly-once; `identity` is the caller's verified
-    identity, recorded so every replica's access check sees the same caller.
+    identity, recorded so every replica's access check sees the same caller, and `caller` what
+    was verified of it (its subject is `identity`).
     """
 
     command: Command
@@ -136,6 +169,7 @@ class Envelope:
     seq: int | None = None
     identity: str | None = None
     stamp_ms: int = 0
+    caller: Caller | None = None
 
 
 # ================================================================================================
@@ -149,10 +183,13 @@ _TAG_INVALIDATE = 5
 _TAG_MSET = 6
 _TAG_SWEEP = 7
 _TAG_APPEND = 8
+_TAG_CONFIGURE = 9
 
 _F_CLIENT = 1
 _F_SEQ = 2
 _F_IDENTITY = 4
+_F_CALLER = 8
+_MAX_NAMES = 4096  # settings in one Configure, grants and roles of one caller
 
 
 def put_uvarint(out: bytearray, n: int) -> None:
@@ -258,8 +295,45 @@ def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
     elif t is Sweep:
         out.append(_TAG_SWEEP)
         _uint(out, cmd.up_to_stamp_ms, "up_to_stamp_ms")
+    elif t is Configure:
+        out.append(_TAG_CONFIGURE)
+        items = _tuple(cmd.items, "Configure items")
+        put_uvarint(out, len(items))
+        for item in items:
+            if type(item) is not tuple or len(item) != 2:
+                raise CommandError(f"Configure items must be (name, value) pairs, got {item!r}")
+            _str(out, item[0], "setting name")
+            if item[1] is None:
+                out.append(0)
+            else:
+                out.append(1)
+                _bytes(out, item[1], "setting value")
     else:
         raise CommandError(f"not a command: {cmd!r}")
+
+
+def _tuple(items, what: str) -> tuple:
+    if type(items) is not tuple or len(items) > _MAX_NAMES:
+        raise CommandError(f"{what} must be a tuple of at most {_MAX_NAMES}, got {items!r}")
+    return items
+
+
+def _caller(out: bytearray, c: Caller) -> None:
+    _str(out, c.key_id, "key_id")
+    _uint(out, c.issued_ms, "issued_ms")
+    _uint(out, c.not_before_ms, "not_before_ms")
+    _uint(out, c.expires_ms, "expires_ms")
+    grants = _tuple(c.grants, "grants")
+    put_uvarint(out, len(grants))
+    for grant in grants:
+        if type(grant) is not tuple or len(grant) != 2 or grant[1] not in PERMS:
+            raise CommandError(f"a grant must be (prefix, one of {PERMS}), got {grant!r}")
+        _bytes(out, grant[0], "grant prefix")
+        _str(out, grant[1], "grant perms")
+    roles = _tuple(c.roles, "roles")
+    put_uvarint(out, len(roles))
+    for role in roles:
+        _str(out, role, "role")
 
 
 def fingerprint(cmd: Command) -> bytes:
@@ -282,6 +356,11 @@ def encode_envelope(env: Envelope) -> bytes:
         flags |= _F_SEQ
     if env.identity is not None:
         flags |= _F_IDENTITY
+    if env.caller is not None:
+        if type(env.caller) is not Caller or env.caller.subject != env.identity:
+            raise CommandError("an envelope's caller must be a Caller whose subject is its "
+                               "identity")
+        flags |= _F_CALLER
     out = bytearray((FORMAT_VERSION, flags))
     _uint(out, env.stamp_ms, "stamp_ms")
     if env.client_id is not None:
@@ -290,6 +369,8 @@ def encode_envelope(env: Envelope) -> bytes:
         _sint(out, env.seq, "seq")
     if env.identity is not None:
         _str(out, env.identity, "identity")
+    if env.caller is not None:
+        _caller(out, env.caller)
     encode_command(out, env.command)
     return bytes(out)
 
@@ -397,7 +478,36 @@ def decode_command(r: Reader) -> Command:
         return Sweep(r.uvarint())
     if tag == _TAG_APPEND:
         return Append(r.bytes_(), r.bytes_())
+    if tag == _TAG_CONFIGURE:
+        items = tuple((r.str_(), _optional_bytes(r)) for _ in range(_count(r, "settings")))
+        return Configure(items)
     raise CommandError(f"unknown command tag {tag}")
+
+
+def _count(r: Reader, what: str) -> int:
+    count = r.uvarint()
+    if count > min(_MAX_NAMES, len(r.data) - r.pos):  # each takes at least a byte
+        raise CommandError(f"{count} {what} announced, too many")
+    return count
+
+
+def _optional_bytes(r: Reader) -> bytes | None:
+    present = r.u8()
+    if present not in (0, 1):
+        raise CommandError("bad value marker")
+    return r.bytes_() if present else None
+
+
+def _decode_caller(r: Reader, subject: str) -> Caller:
+    key_id, issued, not_before, expires = r.str_(), r.uvarint(), r.uvarint(), r.uvarint()
+    grants = []
+    for _ in range(_count(r, "grants")):
+        prefix, perms = r.bytes_(), r.str_()
+        if perms not in PERMS:
+            raise CommandError(f"unknown grant perms {perms!r}")
+        grants.append((prefix, perms))
+    roles = tuple(r.str_() for _ in range(_count(r, "roles")))
+    return Caller(subject, key_id, issued, not_before, expires, tuple(grants), roles)
 
 
 def decode_envelope(data: bytes) -> Envelope:
@@ -415,16 +525,18 @@ def decode_envelope(data: bytes) -> Envelope:
     r.pos = 1
     try:
         flags = r.u8()
-        if flags & ~(_F_CLIENT | _F_SEQ | _F_IDENTITY):
+        if flags & ~(_F_CLIENT | _F_SEQ | _F_IDENTITY | _F_CALLER) or (
+                flags & _F_CALLER and not flags & _F_IDENTITY):
             raise CommandError(f"unknown envelope flags {flags:#x}")
         stamp = r.uvarint()
         client_id = r.str_() if flags & _F_CLIENT else None
         seq = r.svarint() if flags & _F_SEQ else None
         identity = r.str_() if flags & _F_IDENTITY else None
+        caller = _decode_caller(r, identity) if flags & _F_CALLER else None
         command = decode_command(r)
         r.end()
     except CommandError:
         raise
     except Exception as exc:  # belt and braces: garbage must never escape as anything else
         raise CommandError(f"malformed command: {exc!r}") from None
-    return Envelope(command, client_id, seq, identity, stamp)
+    return Envelope(command, client_id, seq, identity, stamp, caller)

@@ -116,6 +116,25 @@ class PluginsSection:
 
 
 @attrs.frozen
+class AuthSection:
+    """Client authentication (docs/security.md). Every node of a cluster needs the same."""
+
+    required: bool = False  # every call but `status` needs a valid token
+    # PEM files of the Ed25519 public keys that may sign tokens (`raftcache up --auth`
+    # writes DATA_DIR/auth/signing.pub); tokens name theirs by key id.
+    public_keys: list = attrs.Factory(list)
+
+
+@attrs.frozen
+class EncryptionSection:
+    """Values sealed at rest (docs/security.md). `raftcache serve` needs a keyring or an
+    explicit ``enabled = false``."""
+
+    enabled: bool | None = None  # None: not said (serve refuses to guess)
+    keyring: str = ""  # the keyring file (mode 0600), the same on every node
+
+
+@attrs.frozen
 class LogSection:
     level: str = "info"
 
@@ -129,6 +148,8 @@ class Config:
     transport: PluginChoice = PluginChoice("thrift")
     backend: PluginChoice = PluginChoice("memory")
     plugins: PluginsSection = PluginsSection()
+    auth: AuthSection = AuthSection()
+    encryption: EncryptionSection = EncryptionSection()
     log: LogSection = LogSection()
     path: str = "<config>"
 
@@ -291,6 +312,13 @@ def _validate(c: Config) -> None:
         raise c.fail("raft.read_only", "\"lease\" needs raft.check_quorum = true")
     if c.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise c.fail("log.level", "expected debug, info, warning or error")
+    if c.auth.required and not c.auth.public_keys:
+        raise c.fail("auth.public_keys", "auth.required = true needs the public keys tokens "
+                     "are signed with (`raftcache up --auth` writes DATA_DIR/auth/signing.pub)")
+    if c.encryption.enabled and not c.encryption.keyring:
+        raise c.fail("encryption.keyring", "encryption.enabled = true needs a keyring file "
+                     "(`raftcache keys init FILE` makes one; `raftcache up` makes "
+                     "DATA_DIR/keyring)")
     if len(peers) > 1 and not (c.cluster.secret_file or c.transport.tls or c.cluster.insecure):
         raise c.fail("cluster.secret_file",
                      "peers must prove they are nodes of this cluster: name a secret file "

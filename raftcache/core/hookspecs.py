@@ -15,7 +15,7 @@ embedding applications) come after them. ``[plugins] block = ["name"]`` in a nod
 an entry-point plugin from loading. `examples/raftcache-audit-log` is a complete third-party
 plugin package.
 
-There are four kinds of hooks:
+There are five kinds of hooks:
 
 - **Providers** (``raftcache_storages``, ``raftcache_transports``, ``raftcache_backends``)
   yield records naming implementations, in conda's style. A node's config picks one of each by
@@ -30,23 +30,32 @@ There are four kinds of hooks:
   every replica stores. It must be deterministic: the same entry must give the same outcome on
   every replica, so decide only from the arguments, never from clocks, files or randomness. An
   exception raised here stops the node (it cannot know what the other replicas did).
+- **Access control** (``raftcache_authenticate``, ``raftcache_check_request``,
+  ``raftcache_admin``) runs on the node a client called: who is calling (a verified token),
+  whether a read or a node operation is allowed, and what an admin action commits. The
+  decision for writes is ``raftcache_check_command``'s, in the apply pipeline.
+  `raftcache.plugins.security.rbac` implements them (docs/security.md).
 - Hooks are called with keyword arguments; ``node`` is the `raftcache.core.node.Node` they run
   in (read its ``id``, ``config`` and ``status()``; do not call into it from a hook).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import pluggy
 
 from . import api
+from .commands import Caller as Caller
+from .commands import Configure as Configure
 from .messages import Entry, HardState, Message, Snapshot
 
-# What Backend.apply gets (made by the state machine, which cannot import this module).
+# What Backend.apply gets (made by the state machine, which cannot import this module), and
+# the replicated settings access checks and codecs read.
 from .statemachine import Change as Change
+from .statemachine import Setting as Setting
 
 if TYPE_CHECKING:
     from .node import Node
@@ -182,6 +191,10 @@ class Backend(Protocol):
         before, absent from the snapshot). Returns the keys it evicted, like `apply`."""
 
     def close(self) -> None: ...
+
+
+class Unauthorized(Exception):
+    """Raised by an access-control hook: the call is refused with ``Unauthorized(reason)``."""
 
 
 class ValueCodec(Protocol):
@@ -386,7 +399,8 @@ def raftcache_metrics(node: Node, metrics: dict) -> None:
 # The apply pipeline: every replica, deterministic
 # ================================================================================================
 @hookspec(firstresult=True)
-def raftcache_check_command(command, identity: str | None, stamp_ms: int) -> str | None:
+def raftcache_check_command(command, identity: str | None, stamp_ms: int,
+                            caller: Caller | None, settings: Mapping[str, Setting]) -> str | None:
     """Veto a committed write before it is applied: return the reason, or None to let it be.
 
     Called on every replica, for every write command (not for the leader's expiry sweeps), in
@@ -400,15 +414,72 @@ def raftcache_check_command(command, identity: str | None, stamp_ms: int) -> str
     :param identity: the caller's identity recorded in the entry by the node that took the
         write, or None (no authentication).
     :param stamp_ms: the entry's time: the proposing leader's clock, never going backwards.
+    :param caller: what the node that took the write verified of its caller
+        (`raftcache_authenticate`), recorded in the entry; None for an anonymous write.
+    :param settings: the replicated cluster settings as of this entry (`commands.Configure`
+        writes them): name -> `Setting(value, stamp_ms, index)`. Read only.
     """
 
 
 @hookspec
-def raftcache_value_codecs() -> Iterable[ValueCodec]:
+def raftcache_value_codecs(node: Node) -> Iterable[ValueCodec]:
     """Yield value codecs (`ValueCodec`): encryption, compression.
 
-    Called once when a node starts. A value is encoded by every codec in plugin registration
+    Called once when a node starts, before its state machine exists; a codec that needs the
+    replicated settings (data keys) reads ``node.sm.settings`` when it runs. A value is encoded by every codec in plugin registration
     order (entry-point plugins by name, then extra plugins; within a plugin, in the order it
     yields them), before it reaches the log, snapshots and backends, and decoded in the reverse
     order when read. Codecs must be the same on every node of a cluster.
+    """
+
+
+# ================================================================================================
+# Access control: on the node a client called
+# ================================================================================================
+@hookspec(firstresult=True)
+def raftcache_authenticate(node: Node, token: str | None) -> Caller | None:
+    """Who is calling: verify the request's `token` and return the `Caller` it proves, which
+    the node records in the entries it proposes for the call. Raise `Unauthorized(reason)` for
+    a token that is forged, malformed, expired or unknown, or for a missing token when
+    authentication is required. Return None when the plugin does not authenticate (the call
+    runs anonymously); the first implementation that returns a Caller decides.
+
+    Runs on every client call but ``status``, so it must be quick (cache verified tokens).
+
+    :param node: the node that received the call.
+    :param token: ``RequestHeader.token``, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def raftcache_check_request(node: Node, op: str, keys: Sequence[bytes], caller: Caller | None,
+                            stamp_ms: int, settings: Mapping[str, Setting]) -> str | None:
+    """Veto a read or a node operation on the node that serves it: return the reason (the
+    client gets ``Unauthorized(reason)``), or None. Reads are checked once their read index
+    is applied, so a revocation committed before the read is in `settings`.
+
+    :param node: the node.
+    :param op: the operation (`raftcache.core.operations.OPERATIONS`): "get", "mget",
+        "transfer_leader", "change_member" or "admin".
+    :param keys: the keys a read asks for (empty for node operations).
+    :param caller: what `raftcache_authenticate` returned, or None (anonymous).
+    :param stamp_ms: the node's time: the later of its clock and the newest applied stamp.
+    :param settings: the replicated settings this node has applied.
+    """
+
+
+@hookspec(firstresult=True)
+def raftcache_admin(node: Node, action: str, args: Sequence[bytes],
+                    caller: Caller | None) -> Configure | dict | None:
+    """Carry out an admin action (``raftcache token revoke``, ``raftcache keys rotate``): return
+    a `Configure` command for the node to commit (the client gets ``{"index": N}`` once it
+    applies; ``raftcache_check_command`` decides it like any write), or a dict to answer at
+    once (a report, as JSON), or None when the action is not this plugin's. Raise
+    ValueError for bad arguments (InvalidRequest). The caller was already allowed the
+    ``admin`` operation by ``raftcache_check_request``. Runs on the leader.
+
+    :param node: the node (the leader).
+    :param action: the action's name, e.g. "revoke", "keys-rotate".
+    :param args: its arguments.
+    :param caller: the verified caller, or None.
     """

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import os
 import random
@@ -29,7 +30,7 @@ from gevent.hub import get_hub
 from raftcache.core import api, commands
 from raftcache.core.backend import make_backend
 from raftcache.core.config import Config, read_secret
-from raftcache.core.hookspecs import BackendLost, BackendUnavailable, TLSConfig
+from raftcache.core.hookspecs import BackendLost, BackendUnavailable, TLSConfig, Unauthorized
 from raftcache.core.messages import (
     NONE,
     ConfChange,
@@ -109,9 +110,11 @@ class Node:
                                dict(config.backend.options))
         # Value codecs (encryption, compression) in plugin registration order: pluggy calls
         # the last registered plugin first.
-        self.codecs = tuple(c for codecs in reversed(self.pm.hook.raftcache_value_codecs())
+        self.codecs = tuple(c for codecs in reversed(self.pm.hook.raftcache_value_codecs(node=self))
                             for c in (codecs or ()))
-        self.sm = StateMachine(backend, check_command=self._check_command, codecs=self.codecs)
+        # Every replica decides each write from the entry and the replicated settings alone.
+        self.sm = StateMachine(backend, check_command=self.pm.hook.raftcache_check_command,
+                               codecs=self.codecs)
         # Reads look at the state machine only between apply batches (a backend call yields
         # to other greenlets): `_settled` is clear while a batch is half applied, and
         # `_applies` counts batches so that a read that overlapped one is read again.
@@ -469,11 +472,6 @@ class Node:
         notify(self.pm.hook.raftcache_role_changed, self.log, node=self,
                role=st.role.name.lower(), term=st.term, leader=st.lead)
 
-    def _check_command(self, command, identity, stamp_ms):
-        # firstresult: the first plugin with a reason decides.
-        return self.pm.hook.raftcache_check_command(command=command, identity=identity,
-                                                    stamp_ms=stamp_ms)
-
     # -- the transport's callbacks -------------------------------------------------------------------
     def handle_peer_messages(self, messages, sender: int | None = None) -> None:
         if sender is None and not self.config.cluster.insecure:
@@ -513,13 +511,19 @@ class Node:
             if op is None:
                 raise BadRequest(f"unknown operation {request.op!r}")
             op.check_sizes(request, self.config.node)
+            if op.name == "status":  # open to all: it is the health check
+                return self._status(request)
+            caller = self._authenticate(request)
             if op.kind == "write":
-                return self._write(op, request)
+                return self._write(op, request, caller)
             if op.kind == "read":
-                return self._read(request)
-            return getattr(self, "_" + op.name)(request)  # the node's own: status, admin
+                return self._read(request, caller)
+            self._authorize(op.name, (), caller)
+            return getattr(self, "_" + op.name)(request, caller)  # transfer, members, admin
         except (BadRequest, commands.CommandError) as exc:
             return api.error("InvalidRequest", str(exc))
+        except Unauthorized as exc:
+            return api.error("Unauthorized", str(exc))
         except Exception:
             self.log.exception("request %r failed", request.op)
             return api.error("Unavailable", "internal error; see the node's log")
@@ -553,6 +557,19 @@ class Node:
         self._proxy_conns[address] = conn
         return response
 
+    def _authenticate(self, request: api.Request):
+        """The verified caller of `request` (None: anonymous); raises Unauthorized."""
+        token = request.header.token if request.header is not None else None
+        return self.pm.hook.raftcache_authenticate(node=self, token=token)
+
+    def _authorize(self, op: str, keys, caller) -> None:
+        """Raise Unauthorized unless the access plugins allow `op` on `keys` here and now."""
+        reason = self.pm.hook.raftcache_check_request(
+            node=self, op=op, keys=keys, caller=caller, stamp_ms=self._stamp(),
+            settings=self.sm.settings)
+        if reason:
+            raise Unauthorized(reason)
+
     def _stamp(self) -> int:
         # The leader's clock, never going backwards: every replica judges expiry by it.
         self._last_stamp = max(int(self.clock() * 1000), self._last_stamp, self.sm.last_stamp_ms)
@@ -567,7 +584,7 @@ class Node:
         value, version = found
         return decode_value(self.codecs, key, value), version
 
-    def _write(self, op, request: api.Request) -> api.Response:
+    def _write(self, op, request: api.Request, caller) -> api.Response:
         command = op.command(request, self._encode, self.config.node.max_batch_keys)
         header = request.header
         client_id, seq = (header.client_id, header.seq) if header else (None, None)
@@ -575,8 +592,17 @@ class Node:
             raise BadRequest(f"client_id is limited to {MAX_CLIENT_ID} characters")
         if seq is not None and seq < 0:
             raise BadRequest("seq must not be negative")
+        result = self._propose(command, request, caller, client_id, seq)
+        if isinstance(result, api.Response):
+            return result
+        return api.Response(**op.answer(result))
+
+    def _propose(self, command, request: api.Request, caller, client_id=None, seq=None):
+        """Commit `command` on behalf of `caller` and return its applied result, or an error
+        Response (NotLeader, a refusal, a timeout)."""
         envelope = commands.Envelope(command=command, client_id=client_id, seq=seq,
-                                     identity=None, stamp_ms=self._stamp())
+                                     identity=caller.subject if caller else None,
+                                     stamp_ms=self._stamp(), caller=caller)
         data = commands.encode_envelope(envelope)
         if len(data) > self.config.node.max_request_bytes:
             raise BadRequest(f"the write takes {len(data)} bytes in the log, more than "
@@ -588,11 +614,9 @@ class Node:
         except ProposalRefused as exc:
             return api.error("Unavailable", exc.reason)
         result = self._await_write(index, term, request)
-        if isinstance(result, api.Response):
-            return result
         if isinstance(result, ApplyError):
             return api.error(result.kind, result.reason)
-        return api.Response(**op.answer(result))
+        return result
 
     def _await_write(self, index: int, term: int, request):
         """The applied result of our entry (index, term), or an error Response."""
@@ -609,7 +633,7 @@ class Node:
     def _status(self, request: api.Request) -> api.Response:
         return api.Response(status=self.status())
 
-    def _transfer_leader(self, request: api.Request) -> api.Response:
+    def _transfer_leader(self, request: api.Request, _caller) -> api.Response:
         target = request.node_id
         if not target:
             raise BadRequest("transfer_leader needs node_id")
@@ -628,7 +652,7 @@ class Node:
             gevent.sleep(self.config.raft.tick_ms / 1000.0)
         return api.Response(status=self.status())
 
-    def _change_member(self, request: api.Request) -> api.Response:
+    def _change_member(self, request: api.Request, _caller) -> api.Response:
         change, target = request.change, request.node_id
         if change not in _CHANGES or not target or target < 1:
             raise BadRequest(f"change_member needs node_id and a change out of "
@@ -669,7 +693,27 @@ class Node:
                 return result
             # Applied; loop once more to report the settled (non-joint) configuration.
 
-    def _read(self, request: api.Request) -> api.Response:
+    def _admin(self, request: api.Request, caller) -> api.Response:
+        st = self.raw.status()
+        if st.role != StateRole.LEADER:  # actions read and change the newest settings
+            return self._not_leader(st.lead, request)
+        if not request.action:
+            raise BadRequest("admin needs an action")
+        try:
+            outcome = self.pm.hook.raftcache_admin(node=self, action=request.action,
+                                                   args=list(request.arguments or ()), caller=caller)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        if outcome is None:
+            raise BadRequest(f"unknown admin action {request.action!r} (no plugin offers it)")
+        if isinstance(outcome, dict):
+            return api.Response(text=json.dumps(outcome, sort_keys=True))
+        result = self._propose(outcome, request, caller)
+        if isinstance(result, api.Response):
+            return result
+        return api.Response(text=json.dumps({"index": result}))
+
+    def _read(self, request: api.Request, caller) -> api.Response:
         consistency = request.consistency or "linearizable"
         if consistency not in ("linearizable", "lease", "stale"):
             raise BadRequest(f"unknown consistency {consistency!r} "
@@ -698,6 +742,8 @@ class Node:
                                  "time (no quorum?)")
             if isinstance(outcome, api.Response):
                 return outcome
+        # After the read index applied: a revocation committed before the read is known here.
+        self._authorize(request.op, keys, caller)
         found = self._read_local(keys)
         if isinstance(found, api.Response):
             return found

@@ -164,6 +164,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               doc="hand leadership to node_id; answers the leader's status"),
     Operation("change_member", ("change", "node_id", "header"), "status", "node", True,
               doc="add-voter, add-learner or remove node_id; answers the leader's status"),
+    Operation("admin", ("action", "arguments", "header"), "text", "node", True,
+              doc="an admin action of a security plugin (revoke, keys-rotate, ...); "
+                  "answers a JSON object"),
 )}
 
 

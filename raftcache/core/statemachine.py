@@ -19,6 +19,10 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   make that client's next write fail. Sessions idle for `session_idle_ms` (by stamps) are
   dropped.
 - **Errors** that are the client's fault are *results* (`ApplyError`), never exceptions.
+- **Settings** (`Configure`): a small replicated map of cluster settings (name -> value, with
+  the stamp and index of the entry that set it) where security plugins keep revocations,
+  roles and wrapped data keys. `check_command` sees it, so access decisions come from
+  replicated state only.
 
 The catalog (key -> version, expiry) lives here, in write order (the order a bounded backend
 evicts in); values live in the backend. Changes to the backend are staged while a batch of
@@ -44,6 +48,7 @@ from .commands import (
     Append,
     Cas,
     CommandError,
+    Configure,
     Delete,
     Incr,
     Invalidate,
@@ -63,7 +68,8 @@ _I64_MAX = (1 << 63) - 1
 _MAX_INT_DIGITS = 20  # "-9223372036854775808"
 
 SNAPSHOT_MAGIC = b"RCSM"
-SNAPSHOT_VERSION = 2  # 2: sessions hold several results with fingerprints; 1 is still read
+# 2: sessions hold several results with fingerprints; 3: settings. Older ones are still read.
+SNAPSHOT_VERSION = 3
 
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
 _SNAPSHOT_CHUNK = 1000  # keys per backend read while taking a snapshot
@@ -101,6 +107,14 @@ class Change(NamedTuple):
     ttl_ms: int | None = None
 
 
+class Setting(NamedTuple):
+    """A cluster setting (`commands.Configure`) and the entry that set it."""
+
+    value: bytes
+    stamp_ms: int  # the entry's stamp (e.g. when a subject was revoked)
+    index: int
+
+
 class KeyMeta(NamedTuple):
     """What the catalog keeps of a key (a tuple: a million keys cost no more than tuples)."""
 
@@ -132,9 +146,9 @@ Result = object  # int | bool | tuple[bool, int | None] | list[int] | ApplyError
 @attrs.define
 class StateMachine:
     backend: object
-    # check_command(command, identity, stamp_ms) -> veto reason or None; the node wires it to
-    # the raftcache_check_command hook. Exceptions it raises propagate.
-    check_command: Callable[[object, str | None, int], str | None] | None = None
+    # check_command(command=, identity=, stamp_ms=, caller=, settings=) -> veto reason or
+    # None; the node wires it to the raftcache_check_command hook. Exceptions propagate.
+    check_command: Callable[..., str | None] | None = None
     codecs: Sequence = attrs.field(default=(), converter=tuple)
     session_idle_ms: int = DEFAULT_SESSION_IDLE_MS
 
@@ -153,6 +167,7 @@ class StateMachine:
     _ttl_keys: int = attrs.field(init=False, default=0)  # catalog keys with an expiry
     # (client_id, identity) -> _Session, least recently used first
     _sessions: OrderedDict = attrs.field(init=False, factory=OrderedDict)
+    settings: dict = attrs.field(init=False, factory=dict)  # name -> Setting; read, never write
 
     # ==========================================================================================
     # Apply
@@ -214,7 +229,8 @@ class StateMachine:
                         "whose result is still kept; it may have applied before")
 
         if self.check_command is not None and type(cmd) is not Sweep:
-            reason = self.check_command(cmd, env.identity, now)
+            reason = self.check_command(command=cmd, identity=env.identity, stamp_ms=now,
+                                        caller=env.caller, settings=self.settings)
             if reason:
                 # A veto leaves no trace, not even in the session: it surely did not apply.
                 return ApplyError("Unauthorized", str(reason))
@@ -272,6 +288,13 @@ class StateMachine:
             for key, value in cmd.items:
                 self._write(key, value, index, expiry)
             return [index] * len(cmd.items)
+        if t is Configure:
+            for name, value in cmd.items:
+                if value is None:
+                    self.settings.pop(name, None)
+                else:
+                    self.settings[name] = Setting(value, now, index)
+            return index
         if t is Sweep:
             # Never reclaim a key the entry's own clock does not consider expired yet.
             return self._sweep(min(cmd.up_to_stamp_ms, now))
@@ -498,6 +521,13 @@ class StateMachine:
                 put_svarint(out, seq)
                 put_blob(out, fp)
                 _encode_result(out, result)
+        put_uvarint(out, len(self.settings))
+        for name in sorted(self.settings):
+            setting = self.settings[name]
+            put_blob(out, name.encode())
+            put_blob(out, setting.value)
+            put_uvarint(out, setting.stamp_ms)
+            put_uvarint(out, setting.index)
         return bytes(out)
 
     def _put_key(self, out: bytearray, key: bytes, value: bytes | None) -> None:
@@ -524,7 +554,7 @@ class StateMachine:
         The snapshot is parsed completely before anything changes, so garbage raises
         SnapshotError and leaves the state machine as it was. Empty data is the empty state.
         """
-        applied, stamp, catalog, values, sessions = _parse_snapshot(data)
+        applied, stamp, catalog, values, sessions, settings = _parse_snapshot(data)
         if backend_index is not None and backend_index >= applied:
             overlay, evicted = dict(values), ()
         else:
@@ -547,6 +577,7 @@ class StateMachine:
         self.applied_index = applied
         self.last_stamp_ms = stamp
         self._sessions = sessions
+        self.settings = settings
         self._rebuild_expiries()
         self._drop_evicted(evicted)
 
@@ -566,22 +597,23 @@ def check_snapshot(snapshot) -> str | None:
 
 
 def _parse_snapshot(data: bytes):
-    """(applied index, stamp, catalog, values, sessions) of a snapshot; SnapshotError (only)
-    when `data` is not one."""
+    """(applied index, stamp, catalog, values, sessions, settings) of a snapshot; SnapshotError
+    (only) when `data` is not one."""
     catalog: dict = {}
+    settings: dict = {}
     values: list = []
     sessions: OrderedDict = OrderedDict()
     applied = stamp = 0
     if not data:
-        return applied, stamp, catalog, values, sessions
+        return applied, stamp, catalog, values, sessions, settings
     r = Reader(bytes(data))
     try:
         if bytes(data[:4]) != SNAPSHOT_MAGIC:
             raise CommandError("not a raftcache state machine snapshot")
         r.pos = 4
         version = r.u8()
-        if version not in (1, SNAPSHOT_VERSION):
-            raise CommandError(f"unknown snapshot version {version} (this build reads 1 and "
+        if not 1 <= version <= SNAPSHOT_VERSION:
+            raise CommandError(f"unknown snapshot version {version} (this build reads 1 to "
                                f"{SNAPSHOT_VERSION})")
         applied = r.uvarint()
         stamp = r.uvarint()
@@ -614,10 +646,14 @@ def _parse_snapshot(data: bytes):
                     seq = r.svarint()
                     session.results[seq] = (r.bytes_(), _decode_result(r))
             sessions[(client_id, identity)] = session
+        if version >= 3:
+            for _ in range(r.uvarint()):
+                name = r.str_()
+                settings[name] = Setting(r.bytes_(), r.uvarint(), r.uvarint())
         r.end()
     except CommandError as exc:
         raise SnapshotError(f"corrupt state machine snapshot: {exc}") from None
-    return applied, stamp, catalog, values, sessions
+    return applied, stamp, catalog, values, sessions, settings
 
 
 # ================================================================================================
