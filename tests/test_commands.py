@@ -17,6 +17,7 @@ from raftcache.core.commands import (
     Incr,
     Invalidate,
     MSet,
+    Reseal,
     Set,
     Sweep,
     decode_envelope,
@@ -53,6 +54,8 @@ COMMANDS = [
     Sweep(1_700_000_000_000),
     Configure(()),
     Configure((("auth.revoked.alice", b""), ("keys.2", b"\x00wrapped"), ("gone", None))),
+    Reseal(()),
+    Reseal(((b"k", 7, b"sealed"), (b"", 0, b""))),
 ]
 
 ALICE = Caller("alice", "k1", 1_000, 2_000, 3_000, ((b"user:", "rw"), (b"", "r")), ("ops",))
@@ -101,7 +104,7 @@ def test_commands_are_immutable_and_hashable():
         cmd.key = b"other"
     assert hash(Envelope(cmd)) == hash(Envelope(Set(b"k", b"v")))
     assert {c.kind for c in COMMANDS} == {
-        "set", "delete", "cas", "incr", "invalidate", "mset", "sweep", "configure"
+        "set", "delete", "cas", "incr", "invalidate", "mset", "sweep", "configure", "reseal"
     }  # fmt: skip
 
 

@@ -746,7 +746,7 @@ def test_the_memory_backend_plugin_provides_memory():
         make_memory_backend(1, {"size": 10})
 
 CORE = Path(__file__).resolve().parent.parent / "raftcache" / "core"
-ALLOWED = {"__future__", "attrs", "hashlib", "heapq", "collections", "collections.abc", "typing"}
+ALLOWED = {"__future__", "attrs", "hashlib", "heapq", "itertools", "collections", "collections.abc", "typing"}
 
 
 @pytest.mark.parametrize("name", ["commands", "statemachine"])
@@ -778,3 +778,17 @@ def test_settings_are_replicated_state_with_their_stamp_and_snapshotted(r):
     copy = Replica()
     copy.sm.restore(r.sm.snapshot())
     assert copy.sm.settings == r.sm.settings
+
+
+def test_reseal_replaces_stored_values_only_at_their_version_and_keeps_the_rest(r):
+    from raftcache.core.commands import Reseal
+
+    v1 = r.write(Set(b"a", b"old-a", 10_000), stamp=100)
+    v2 = r.write(Set(b"b", b"old-b"), stamp=100)
+    r.write(Set(b"b", b"newer-b"), stamp=100)  # b moved on: its reseal must not apply
+    assert r.write(Reseal(((b"a", v1, b"sealed-a"), (b"b", v2, b"sealed-b"),
+                           (b"gone", 1, b"x"))), stamp=200) == 1
+    assert r.sm.read(b"a", 200) == (b"sealed-a", v1)  # same version
+    assert r.sm.read(b"b", 200)[0] == b"newer-b"
+    assert r.sm.read(b"a", 100 + 10_000) is None  # same expiry
+    assert list(r.sm._catalog) == [b"a", b"b"]  # same place in write order

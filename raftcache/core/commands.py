@@ -133,7 +133,18 @@ class Configure:
     items: tuple[tuple[str, bytes | None], ...]
 
 
-Command = Set | Delete | Cas | Incr | Invalidate | MSet | Sweep | Append | Configure
+@attrs.frozen(slots=True)
+class Reseal:
+    """Replace stored values without changing them for the client: each (key, version, blob)
+    stores `blob` under `key` if the key is live at `version`, keeping its version, expiry and
+    place in write order. What a re-encryption sweep commits after a key rotation: `blob` is
+    the same value sealed with the new data key."""
+
+    kind: ClassVar[str] = "reseal"
+    items: tuple[tuple[bytes, int, bytes], ...]
+
+
+Command = Set | Delete | Cas | Incr | Invalidate | MSet | Sweep | Append | Configure | Reseal
 
 PERMS = ("r", "w", "rw", "admin")
 
@@ -184,6 +195,7 @@ _TAG_MSET = 6
 _TAG_SWEEP = 7
 _TAG_APPEND = 8
 _TAG_CONFIGURE = 9
+_TAG_RESEAL = 10
 
 _F_CLIENT = 1
 _F_SEQ = 2
@@ -308,6 +320,17 @@ def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
             else:
                 out.append(1)
                 _bytes(out, item[1], "setting value")
+    elif t is Reseal:
+        out.append(_TAG_RESEAL)
+        items = _tuple(cmd.items, "Reseal items")
+        put_uvarint(out, len(items))
+        for item in items:
+            if type(item) is not tuple or len(item) != 3:
+                raise CommandError(f"Reseal items must be (key, version, blob), got {item!r}")
+            _bytes(out, item[0], "key")
+            _uint(out, item[1], "version")
+            if values:
+                _bytes(out, item[2], "value")
     else:
         raise CommandError(f"not a command: {cmd!r}")
 
@@ -481,6 +504,9 @@ def decode_command(r: Reader) -> Command:
     if tag == _TAG_CONFIGURE:
         items = tuple((r.str_(), _optional_bytes(r)) for _ in range(_count(r, "settings")))
         return Configure(items)
+    if tag == _TAG_RESEAL:
+        return Reseal(tuple((r.bytes_(), r.uvarint(), r.bytes_())
+                            for _ in range(_count(r, "values"))))
     raise CommandError(f"unknown command tag {tag}")
 
 

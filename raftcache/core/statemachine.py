@@ -37,6 +37,7 @@ exception is `Incr`, which must look inside a value: it decodes the stored value
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -54,6 +55,7 @@ from .commands import (
     Invalidate,
     MSet,
     Reader,
+    Reseal,
     Set,
     Sweep,
     decode_envelope,
@@ -295,6 +297,14 @@ class StateMachine:
                 else:
                     self.settings[name] = Setting(value, now, index)
             return index
+        if t is Reseal:
+            count = 0
+            for key, version, blob in cmd.items:
+                meta = self._live(key, now)
+                if meta is not None and meta.version == version:
+                    self._change(key, blob, meta.expiry)  # the catalog stays as it is
+                    count += 1
+            return count
         if t is Sweep:
             # Never reclaim a key the entry's own clock does not consider expired yet.
             return self._sweep(min(cmd.up_to_stamp_ms, now))
@@ -476,6 +486,10 @@ class StateMachine:
         """The earliest expiry stamp of any key, or None."""
         self._drop_stale_expiries()
         return self._expiries[0][0] if self._expiries else None
+
+    def keys_at(self, start: int, limit: int) -> list[bytes]:
+        """Up to `limit` catalog keys from position `start` in write order (a sweep's page)."""
+        return list(itertools.islice(self._catalog, start, start + limit))
 
     def __len__(self) -> int:
         """Keys in the catalog, including expired ones not yet swept."""
