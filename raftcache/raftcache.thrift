@@ -190,8 +190,8 @@ service RaftCache {
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
 
   // Admin actions (security plugins: revoke a subject's tokens, set roles, rotate the data
-  // key); needs an admin grant when authentication is on. Answers a JSON object: {"index": N}
-  // once a change applied, or a report.
+  // key); needs an admin grant when authentication is on. Answers a JSON object: {"result":
+  // ...} once a change applied, or a report.
   string admin(1: string action, 2: list<binary> arguments, 3: RequestHeader header)
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),

@@ -470,12 +470,19 @@ def raftcache_check_request(node: Node, op: str, keys: Sequence[bytes], caller: 
 
 @hookspec(firstresult=True)
 def raftcache_admin(node: Node, action: str, args: Sequence[bytes],
-                    caller: Caller | None) -> Configure | dict | None:
-    """Carry out an admin action (``raftcache token revoke``, ``raftcache keys rotate``): return
-    a `Configure` command for the node to commit (the client gets ``{"index": N}`` once it
-    applies; ``raftcache_check_command`` decides it like any write), or a dict to answer at
-    once (a report, as JSON), or None when the action is not this plugin's. Raise
-    ValueError for bad arguments (InvalidRequest). The caller was already allowed the
+                    caller: Caller | None):
+    """Carry out an admin action (``raftcache token revoke``, ``raftcache keys rotate``).
+    Return one of:
+
+    - a command (`Configure`, `Reseal`) for the node to commit on the caller's behalf
+      (``raftcache_check_command`` decides it like any write); the client gets
+      ``{"result": the command's result}`` once it applied (a Configure's is its log
+      index, a Reseal's the number of values it replaced);
+    - ``(command, report)``: the same, with the dict `report`'s items added to the answer;
+    - a dict: answered at once, as JSON (a report; nothing is committed);
+    - None: the action is not this plugin's.
+
+    Raise ValueError for bad arguments (InvalidRequest). The caller was already allowed the
     ``admin`` operation by ``raftcache_check_request``. Runs on the leader.
 
     :param node: the node (the leader).

@@ -708,10 +708,11 @@ class Node:
             raise BadRequest(f"unknown admin action {request.action!r} (no plugin offers it)")
         if isinstance(outcome, dict):
             return api.Response(text=json.dumps(outcome, sort_keys=True))
-        result = self._propose(outcome, request, caller)
+        command, report = outcome if isinstance(outcome, tuple) else (outcome, {})
+        result = self._propose(command, request, caller)
         if isinstance(result, api.Response):
             return result
-        return api.Response(text=json.dumps({"index": result}))
+        return api.Response(text=json.dumps({**report, "result": result}, sort_keys=True))
 
     def _read(self, request: api.Request, caller) -> api.Response:
         consistency = request.consistency or "linearizable"
