@@ -135,7 +135,7 @@ class Client:
 
     def admin(self, action: str, *args) -> dict:
         """Run an admin action of a security plugin (e.g. ``admin("revoke", "alice")``); its
-        answer as a dict: ``{"index": N}`` once a change applied, or a report."""
+        answer as a dict: ``{"result": ...}`` once a change applied, or a report."""
         import json
 
         r = self._call("admin", action=action, arguments=[_bytes(a) for a in args])
