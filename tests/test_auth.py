@@ -185,6 +185,28 @@ def test_signing_key_files(tmp_path):
         tokens.load_private_key(paths["signing.key"])
 
 
+def test_a_node_verifies_each_token_once_in_a_bounded_cache(key, keys, monkeypatch):
+    verifier = rbac._Verifier([])
+    verifier.keys = keys
+    calls = []
+    real = tokens.verify
+    monkeypatch.setattr(tokens, "verify", lambda t, k: calls.append(t) or real(t, k))
+    good = tokens.issue(key, "a", {"": "r"})
+    assert verifier.verify(good) == verifier.verify(good) == real(good, keys)
+    forged = jwt.encode({"sub": "a", "iat": 1, "grants": {"": "admin"}}, tokens.generate_key(),
+                        algorithm="EdDSA", headers={"kid": next(iter(keys))})
+    for _ in range(3):
+        with pytest.raises(hookspecs.Unauthorized):
+            verifier.verify(forged)
+    assert calls == [good, forged]  # one verification each
+    with pytest.raises(hookspecs.Unauthorized):
+        verifier.verify("x" * (tokens.MAX_TOKEN_BYTES + 1))
+    monkeypatch.setattr(rbac, "CACHE_SIZE", 8)
+    for i in range(20):
+        verifier.verify(tokens.issue(key, f"s{i}", {"": "r"}))
+    assert len(verifier.cache) == 8
+
+
 # ================================================================================================
 # The decision
 # ================================================================================================

@@ -18,6 +18,7 @@ prefix -> perms).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import weakref
 from collections import OrderedDict
@@ -130,26 +131,28 @@ def decide(caller: Caller | None, stamp_ms: int, settings: Mapping,
 # The node's side: tokens in, verified callers out
 # ================================================================================================
 class _Verifier:
-    """One node's public keys and the tokens it verified (LRU): token -> Caller, or the
-    reason it was refused (a forged token costs one verify, not one per request)."""
+    """One node's public keys and the tokens it verified (LRU): the token's SHA-256 -> Caller,
+    or the reason it was refused (a forged token costs one verify, not one per request)."""
 
     def __init__(self, paths: Sequence[str]):
         self.keys = tokens.load_public_keys(paths)
-        self.cache: OrderedDict[str, Caller | str] = OrderedDict()
+        self.cache: OrderedDict[bytes, Caller | str] = OrderedDict()
 
     def verify(self, token: str) -> Caller:
-        found = self.cache.get(token)
+        if not isinstance(token, str) or len(token) > tokens.MAX_TOKEN_BYTES:
+            raise Unauthorized(f"a token is a string of at most {tokens.MAX_TOKEN_BYTES} bytes")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        found = self.cache.get(digest)
         if found is None:
             try:
                 found = tokens.verify(token, self.keys)
             except tokens.TokenError as exc:
                 found = str(exc)
-            if len(token) <= tokens.MAX_TOKEN_BYTES:
-                self.cache[token] = found
-                if len(self.cache) > CACHE_SIZE:
-                    self.cache.popitem(last=False)
+            self.cache[digest] = found
+            if len(self.cache) > CACHE_SIZE:
+                self.cache.popitem(last=False)
         else:
-            self.cache.move_to_end(token)
+            self.cache.move_to_end(digest)
         if isinstance(found, str):
             raise Unauthorized(found)
         return found
