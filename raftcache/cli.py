@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_server_commands(sub)
     _add_client_commands(sub)
     _add_certs_commands(sub)
+    _add_auth_commands(sub)
     return p
 
 
@@ -61,6 +62,9 @@ def _add_server_commands(sub) -> None:
     up.add_argument("--insecure", action="store_true",
                     help="let peers talk without proving they are nodes of this cluster (no "
                          "cluster secret on plaintext transports); logs a warning")
+    up.add_argument("--auth", action="store_true",
+                    help="require signed tokens from clients: writes DATA_DIR/auth/admin.token "
+                         "(0600) beside the signing key (docs/security.md)")
     up.set_defaults(func=_cmd_up)
 
     serve = sub.add_parser("serve", help="run one node in the foreground")
@@ -365,6 +369,109 @@ def _cmd_certs_init(args):
     for name in sorted(paths):
         print(f"  {name}: {paths[name]}")
     return 0
+
+
+# -- tokens, roles, revocation (the rbac plugin) ---------------------------------------------------
+def _add_auth_commands(sub) -> None:
+    token = sub.add_parser("token", help="issue, inspect and revoke signed client tokens")
+    token_sub = token.add_subparsers(required=True, metavar="ACTION")
+    ti = token_sub.add_parser("issue", help="print a new token signed with the cluster's key")
+    key = ti.add_mutually_exclusive_group(required=True)
+    key.add_argument("--data-dir", help="the data dir of `raftcache up --auth` (its "
+                                        "auth/signing.key)")
+    key.add_argument("--signing-key", help="an Ed25519 private key (PEM, mode 0600)")
+    ti.add_argument("--subject", required=True, help="who the token is for")
+    ti.add_argument("--grant", action="append", default=[], metavar="PREFIX=PERMS",
+                    help="PERMS (r, w, rw or admin) on every key starting with PREFIX (may be "
+                         "empty: every key); repeatable")
+    ti.add_argument("--role", action="append", default=[], metavar="NAME",
+                    help="a role whose grants the cluster holds (`raftcache role set`)")
+    ti.add_argument("--ttl", type=float, default=None, help="seconds until it expires "
+                                                           "(default: never)")
+    ti.set_defaults(func=_cmd_token_issue)
+    tin = token_sub.add_parser("inspect", help="print a token's header and claims as JSON, "
+                                               "and whether its signature verifies")
+    tin.add_argument("token", help="the token (- reads it from stdin)")
+    pub = tin.add_mutually_exclusive_group()
+    pub.add_argument("--data-dir", help="verify with DATA_DIR/auth/signing.pub")
+    pub.add_argument("--public-key", help="verify with this Ed25519 public key (PEM)")
+    tin.set_defaults(func=_cmd_token_inspect)
+    _client_command(token_sub, "revoke", "admin", _cmd_auth_admin, "subject",
+                    help="revoke every token of SUBJECT issued until now (through the log; "
+                         "needs an admin token)").set_defaults(action="revoke")
+    _client_command(token_sub, "unrevoke", "admin", _cmd_auth_admin, "subject",
+                    help="lift SUBJECT's revocation (its older tokens work again)"
+                    ).set_defaults(action="unrevoke")
+    role = sub.add_parser("role", help="named sets of grants that tokens refer to")
+    role_sub = role.add_subparsers(required=True, metavar="ACTION")
+    rs = _client_command(role_sub, "set", "admin", _cmd_auth_admin, "name",
+                         help="create or replace a role (through the log)")
+    rs.add_argument("--grant", action="append", required=True, metavar="PREFIX=PERMS")
+    rs.set_defaults(action="role-set")
+    _client_command(role_sub, "delete", "admin", _cmd_auth_admin, "name",
+                    help="delete a role").set_defaults(action="role-delete")
+    auth = sub.add_parser("auth", help="the cluster's access control")
+    auth_sub = auth.add_subparsers(required=True, metavar="ACTION")
+    _client_command(auth_sub, "status", "admin", _cmd_auth_admin,
+                    help="print revoked subjects (with when) and roles as JSON"
+                    ).set_defaults(action="auth-status")
+
+
+def _cmd_token_issue(args):
+    from raftcache.plugins.security import tokens
+
+    path = args.signing_key or os.path.join(args.data_dir, "auth", "signing.key")
+    try:
+        grants = dict(tokens.parse_grant(g) for g in args.grant)
+        if not grants and not args.role:
+            raise ValueError("give at least one --grant PREFIX=PERMS or --role NAME")
+        key = tokens.load_private_key(path)
+        print(tokens.issue(key, args.subject, grants, roles=args.role, ttl=args.ttl))
+    except (tokens.TokenError, ValueError) as exc:
+        return _fail("InvalidRequest", str(exc))
+    return 0
+
+
+def _cmd_token_inspect(args):
+    """Exit 0: printed (verified, or no key given); 1: the signature does not verify with
+    the key given; 2: not a token."""
+    import json
+
+    from raftcache.plugins.security import tokens
+
+    text = (sys.stdin.read() if args.token == "-" else args.token).strip()
+    try:
+        header, claims = tokens.unverified(text)
+    except tokens.TokenError as exc:
+        return _fail("InvalidRequest", str(exc))
+    out = {"header": header, "claims": claims, "verified": False}
+    path = args.public_key or (os.path.join(args.data_dir, "auth", "signing.pub")
+                               if args.data_dir else None)
+    code = 0
+    if path is None:
+        out["note"] = "signature not checked (give --data-dir or --public-key)"
+    else:
+        try:
+            caller = tokens.verify(text, tokens.load_public_keys([path]))
+            out["verified"] = True
+            out["key_id"] = caller.key_id
+        except tokens.TokenError as exc:
+            out["error"] = str(exc)
+            code = 1
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return code
+
+
+def _cmd_auth_admin(args):
+    import json
+
+    positional = [getattr(args, name) for name in ("subject", "name") if hasattr(args, name)]
+    positional += list(getattr(args, "grant", None) or ())
+
+    def go():
+        with _client(args) as c:
+            print(json.dumps(c.admin(args.action, *positional), sort_keys=True))
+    return _run_client(go)
 
 
 # -- servers ------------------------------------------------------------------------------------

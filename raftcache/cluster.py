@@ -143,6 +143,9 @@ class LocalCluster:
     extra: dict = attrs.Factory(dict)  # extra config sections shared by every node
     # Peers without proof of membership (no secret, no node certificates): must be asked for.
     insecure: bool = False
+    # Clients need signed tokens (`raftcache up --auth`): a signing key and an admin token
+    # under data_dir/auth, every node with [auth] required and the public key.
+    auth: bool = False
     # How a node process starts, before `--config PATH` (the fault suite runs its test-only
     # plugins and mutants through raftcache.testing.node instead).
     launcher: list = attrs.Factory(lambda: ["-m", "raftcache", "serve"])
@@ -195,6 +198,20 @@ class LocalCluster:
         write_secret(path)
         return path
 
+    def auth_files(self) -> dict | None:
+        """signing.key, signing.pub and admin.token under data_dir/auth (made at the first
+        start, kept after: tokens stay valid across restarts); None without `auth`."""
+        if not self.auth:
+            return None
+        from raftcache.plugins.security.tokens import init_auth_dir
+
+        return init_auth_dir(os.path.join(self.data_dir, "auth"))
+
+    def admin_token(self) -> str:
+        """The token `up --auth` writes: subject "admin", admin on every key."""
+        with open(self.auth_files()["admin.token"]) as f:
+            return f.read().strip()
+
     def _server(self, node_id: int, need: ServerNeed):
         servers = self.servers.setdefault(node_id, {})
         if need.name not in servers:
@@ -228,6 +245,9 @@ class LocalCluster:
             "transport": transport,
             "backend": {"plugin": self.backend},
         }
+        auth = self.auth_files()
+        if auth:
+            data["auth"] = {"required": True, "public_keys": [auth["signing.pub"]]}
         for section, body in copy.deepcopy(self.extra).items():
             data.setdefault(section, {}).update(body)
         for need in server_needs(data):
@@ -388,7 +408,8 @@ def run_local_cluster(args) -> int:
             extra = {k: v for k, v in tomllib.load(f).items() if k not in ("node", "cluster")}
     cluster = LocalCluster(os.path.abspath(args.data_dir), nodes=args.nodes, host=args.host,
                            port=args.port, storage=args.storage, transport=args.transport,
-                           backend=args.backend, extra=extra, insecure=args.insecure)
+                           backend=args.backend, extra=extra, insecure=args.insecure,
+                           auth=getattr(args, "auth", False))
     stopping = []
 
     def on_signal(signum, frame):
@@ -441,6 +462,13 @@ def _describe_cluster(cluster: LocalCluster, args) -> None:
         print(f"peers prove themselves with node certificates ({cluster.data_dir}/certs)")
     else:
         print(f"peers prove themselves with the cluster secret {cluster.secret_path()}")
+    auth = cluster.auth_files()
+    if auth:
+        print(f"clients need a signed token; the admin token is in {auth['admin.token']} "
+              f"(signing key: {auth['signing.key']}). Use it with")
+        print(f"  export RAFTCACHE_TOKEN=$(cat {auth['admin.token']})")
+        print(f"and issue others with: raftcache token issue --data-dir {cluster.data_dir} "
+              "--subject NAME --grant PREFIX=r|w|rw|admin")
 
 
 def _wait_for_leader_or_failure(cluster: LocalCluster, timeout: float, stopping: list):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 
 from raftcache.core.raft import RawNode
+from raftcache.testing.auth_mutants import AUTH_MUTANTS
 
 
 class VoteWithoutLogCheck(RawNode):
@@ -128,3 +129,5 @@ NODE_MUTANTS = {
     "ignore-backend-loss": ignore_backend_loss,
     "memcached-skips-sets": memcached_skips_sets,
 }
+# Access control broken one way each (the rbac plugin swapped for a mutant of it).
+NODE_MUTANTS.update(AUTH_MUTANTS)

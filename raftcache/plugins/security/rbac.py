@@ -1,0 +1,266 @@
+"""`rbac`: who may do what, from signed tokens (docs/security.md).
+
+- ``raftcache_authenticate`` verifies a request's token against ``[auth] public_keys`` (the
+  node keeps what it verified in a bounded LRU, so a request costs a dict lookup, not an
+  Ed25519 verify) and returns the `Caller` the node records in the entries it proposes.
+- ``raftcache_check_command`` (every replica, at apply) and ``raftcache_check_request`` (reads
+  once their read index applied; node operations) decide with one function, `decide`, from
+  the caller, the entry's stamp and the replicated settings only: never from a clock.
+- ``raftcache_admin`` turns ``revoke``, ``unrevoke``, ``role-set`` and ``role-delete`` into
+  `Configure` commands (committed through the log like any write) and answers
+  ``auth-status``.
+
+Replicated state (settings): ``auth.revoked.<subject>`` (value b""; tokens of that subject
+issued at or before the setting's stamp are refused) and ``auth.role.<name>`` (JSON object
+prefix -> perms).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+from raftcache.core import commands
+from raftcache.core.commands import PERMS, Caller, Configure
+from raftcache.core.hookspecs import Unauthorized, hookimpl
+
+from . import tokens
+
+REVOKED = "auth.revoked."
+ROLE = "auth.role."
+CACHE_SIZE = 4096  # verified tokens kept per node
+CLUSTER_OPS = frozenset({"transfer_leader", "change_member", "admin"})
+_READS = frozenset({"r", "rw", "admin"})
+_WRITES = frozenset({"w", "rw", "admin"})
+_WRITE_COMMANDS = (commands.Set, commands.Delete, commands.Cas, commands.Incr, commands.Append)
+
+
+# ================================================================================================
+# The decision: one place, pure
+# ================================================================================================
+def command_needs(command) -> list[tuple[str, bytes]]:
+    """What a write command needs: (need, key) pairs, need one of "r", "w", "invalidate"
+    (w on a grant whose prefix starts the invalidated prefix) and "cluster" (admin on "")."""
+    t = type(command)
+    if t in _WRITE_COMMANDS:
+        return [("w", command.key)]
+    if t is commands.MSet:
+        return [("w", key) for key, _ in command.items]
+    if t is commands.Invalidate:
+        return [("invalidate", command.prefix)]
+    return [("cluster", b"")]  # Configure, Reseal, and anything newer: cluster admins only
+
+
+def request_needs(op: str, keys: Sequence[bytes]) -> list[tuple[str, bytes]]:
+    """What a read or a node operation needs (see `command_needs`)."""
+    if op in ("get", "mget"):
+        return [("r", key) for key in keys]
+    return [("cluster", b"")]  # transfer_leader, change_member, admin, anything unknown
+
+
+@functools.lru_cache(maxsize=1024)
+def role_grants(value: bytes) -> tuple[tuple[bytes, str], ...]:
+    """A role's grants from its setting's value; nothing when it is malformed (only a direct
+    Configure can write one: `role-set` checks them), the same on every replica."""
+    try:
+        grants = json.loads(value)
+        return tuple(sorted((prefix.encode("utf-8"), perms) for prefix, perms in grants.items()
+                            if isinstance(prefix, str) and perms in PERMS))
+    except (ValueError, AttributeError, UnicodeEncodeError):
+        return ()
+
+
+def effective_grants(caller: Caller, settings: Mapping) -> tuple[tuple[bytes, str], ...]:
+    """The token's grants and those of its roles as they stand in `settings`."""
+    grants = caller.grants
+    for role in caller.roles:
+        setting = settings.get(ROLE + role)
+        if setting is not None:
+            grants = grants + role_grants(setting.value)
+    return grants
+
+
+def validity(caller: Caller, stamp_ms: int, settings: Mapping | None) -> str | None:
+    """Why the caller's token is not good at `stamp_ms` (not yet valid, expired, revoked),
+    or None."""
+    if stamp_ms < caller.not_before_ms:
+        return f"the token of {caller.subject!r} is not valid yet"
+    if caller.expires_ms and stamp_ms >= caller.expires_ms:
+        return f"the token of {caller.subject!r} expired"
+    if settings is not None:
+        revoked = settings.get(REVOKED + caller.subject)
+        if revoked is not None and caller.issued_ms <= revoked.stamp_ms:
+            return f"the tokens of {caller.subject!r} were revoked"
+    return None
+
+
+def _short(key: bytes) -> str:
+    return repr(key[:64]) + ("..." if len(key) > 64 else "")
+
+
+def decide(caller: Caller | None, stamp_ms: int, settings: Mapping,
+           needs: Sequence[tuple[str, bytes]]) -> str | None:
+    """The verdict on `caller` doing what `needs` says at `stamp_ms`: the reason it is
+    refused, or None. A pure function of its arguments (it runs in the apply pipeline)."""
+    if caller is None:
+        return None
+    reason = validity(caller, stamp_ms, settings)
+    if reason:
+        return reason
+    grants = effective_grants(caller, settings)
+    for need, key in needs:
+        if need == "r":
+            ok = any(p in _READS and key.startswith(g) for g, p in grants)
+        elif need in ("w", "invalidate"):
+            ok = any(p in _WRITES and key.startswith(g) for g, p in grants)
+        else:  # "cluster"
+            ok = any(p == "admin" and g == b"" for g, p in grants)
+        if not ok:
+            what = {"r": "read", "w": "write", "invalidate": "invalidate the prefix"}.get(need)
+            if what is None:
+                return f"{caller.subject!r} may not run cluster operations (needs admin on \"\")"
+            return f"{caller.subject!r} may not {what} {_short(key)}"
+    return None
+
+
+# ================================================================================================
+# The node's side: tokens in, verified callers out
+# ================================================================================================
+class _Verifier:
+    """One node's public keys and the tokens it verified (LRU): the token's SHA-256 -> Caller,
+    or the reason it was refused (a forged token costs one verify, not one per request)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.keys = tokens.load_public_keys(paths)
+        self.cache: OrderedDict[bytes, Caller | str] = OrderedDict()
+
+    def verify(self, token: str) -> Caller:
+        if not isinstance(token, str) or len(token) > tokens.MAX_TOKEN_BYTES:
+            raise Unauthorized(f"a token is a string of at most {tokens.MAX_TOKEN_BYTES} bytes")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        found = self.cache.get(digest)
+        if found is None:
+            try:
+                found = tokens.verify(token, self.keys)
+            except tokens.TokenError as exc:
+                found = str(exc)
+            self.cache[digest] = found
+            if len(self.cache) > CACHE_SIZE:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(digest)
+        if isinstance(found, str):
+            raise Unauthorized(found)
+        return found
+
+
+_verifiers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _verifier(node) -> _Verifier:
+    verifier = _verifiers.get(node)
+    if verifier is None:
+        try:
+            verifier = _verifiers[node] = _Verifier(node.config.auth.public_keys)
+        except tokens.TokenError as exc:  # fail closed, and say why
+            node.log.error("auth.public_keys: %s", exc)
+            raise Unauthorized(f"this node cannot load its auth.public_keys: {exc}") from None
+    return verifier
+
+
+@hookimpl
+def raftcache_node_started(node) -> None:
+    if node.config.auth.public_keys:  # load now: a bad key file shows in the log at start
+        try:
+            _verifier(node)
+        except Unauthorized:
+            return
+        node.log.info("client authentication %s; token keys: %s",
+                      "required" if node.config.auth.required else "optional",
+                      ", ".join(sorted(_verifier(node).keys)))
+
+
+@hookimpl
+def raftcache_authenticate(node, token):
+    auth = node.config.auth
+    if not auth.public_keys:
+        return None  # authentication is off: tokens are ignored
+    if not token:
+        if auth.required:
+            raise Unauthorized("this cluster requires a token (--token or $RAFTCACHE_TOKEN)")
+        return None
+    caller = _verifier(node).verify(token)
+    # A cheap early refusal by this node's time; the verdict on writes is taken at apply.
+    reason = validity(caller, node._stamp(), None)
+    if reason:
+        raise Unauthorized(reason)
+    return caller
+
+
+@hookimpl
+def raftcache_check_request(node, op, keys, caller, stamp_ms, settings):
+    if caller is None:
+        return "this cluster requires a token" if node.config.auth.required else None
+    return decide(caller, stamp_ms, settings, request_needs(op, keys))
+
+
+@hookimpl
+def raftcache_check_command(command, stamp_ms, caller, settings):
+    if caller is None:  # only nodes without authentication propose anonymous entries
+        return None
+    return decide(caller, stamp_ms, settings, command_needs(command))
+
+
+# ================================================================================================
+# Admin actions
+# ================================================================================================
+def _name(args: Sequence[bytes], what: str, limit: int) -> str:
+    if not args:
+        raise ValueError(f"needs a {what}")
+    name = bytes(args[0]).decode("utf-8")
+    if not 0 < len(name) <= limit or any(c.isspace() or not c.isprintable() for c in name):
+        raise ValueError(f"a {what} is 1 to {limit} printable characters without spaces, "
+                         f"got {name!r}")
+    return name
+
+
+def _only(args: Sequence[bytes], n: int, action: str) -> None:
+    if len(args) != n:
+        raise ValueError(f"{action} takes {n} argument{'s' if n != 1 else ''}, got {len(args)}")
+
+
+@hookimpl
+def raftcache_admin(node, action, args, caller):
+    if action in ("revoke", "unrevoke"):
+        _only(args, 1, action)
+        subject = _name(args, "subject", tokens.MAX_SUBJECT_CHARS)
+        value = b"" if action == "revoke" else None
+        return Configure(((REVOKED + subject, value),)), {action + "d": subject}
+    if action == "role-set":
+        name = _name(args, "role name", tokens.MAX_NAME_CHARS)
+        if not 1 < len(args) <= 1 + tokens.MAX_GRANTS:
+            raise ValueError(f"role-set NAME PREFIX=PERMS...: 1 to {tokens.MAX_GRANTS} grants")
+        grants = dict(tokens.parse_grant(bytes(a).decode("utf-8")) for a in args[1:])
+        value = json.dumps(grants, sort_keys=True).encode()
+        return Configure(((ROLE + name, value),)), {"role": name, "grants": grants}
+    if action == "role-delete":
+        _only(args, 1, action)
+        name = _name(args, "role name", tokens.MAX_NAME_CHARS)
+        return Configure(((ROLE + name, None),)), {"role": name, "deleted": True}
+    if action == "auth-status":
+        _only(args, 0, action)
+        settings = node.sm.settings
+        revoked = {name[len(REVOKED):]: s.stamp_ms for name, s in settings.items()
+                   if name.startswith(REVOKED)}
+        roles = {name[len(ROLE):]: {p.decode(): perms for p, perms in role_grants(s.value)}
+                 for name, s in settings.items() if name.startswith(ROLE)}
+        auth = node.config.auth
+        return {"required": auth.required, "enabled": bool(auth.public_keys),
+                "key_ids": sorted(_verifier(node).keys) if auth.public_keys else [],
+                "revoked": revoked, "roles": roles,
+                "caller": caller.subject if caller is not None else None}
+    return None

@@ -1,0 +1,807 @@
+"""Signed-token access control (the `rbac` plugin): tokens, the one decision function, the
+state machine's verdict by stamps, and real node processes with `[auth] required`.
+
+Every cluster here runs on 127.0.0.1 on free ports, with bounded timeouts; the teeth tests run a
+deliberately broken rbac (raftcache.testing.auth_mutants) on one node and assert the same
+scenario that passes on the real plugin catches it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import jwt
+import pluggy
+import pytest
+from local_up import up as start_up
+
+from raftcache import errors
+from raftcache.client import Client, _Session
+from raftcache.cluster import LocalCluster, free_port_block
+from raftcache.core import api, hookspecs
+from raftcache.core.commands import (
+    Caller,
+    Cas,
+    Configure,
+    Envelope,
+    Incr,
+    Invalidate,
+    MSet,
+    Reseal,
+    Set,
+    Sweep,
+    encode_envelope,
+)
+from raftcache.core.plugins import entry_point_names, make_manager
+from raftcache.core.statemachine import ApplyError, Setting, StateMachine
+from raftcache.plugins.backend.memory import MemoryBackend
+from raftcache.plugins.security import rbac, tokens
+
+WAIT = 5.0
+HOUR_MS = 3_600_000
+
+
+# ================================================================================================
+# Tokens
+# ================================================================================================
+@pytest.fixture(scope="module")
+def key():
+    return tokens.generate_key()
+
+
+@pytest.fixture(scope="module")
+def keys(key):
+    return {tokens.key_id(key.public_key()): key.public_key()}
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_entry_point_registers_rbac():
+    assert "rbac" in entry_point_names(), ("the rbac entry point is missing: reinstall "
+                                           "(pip install -e .) or run setup.py egg_info")
+    assert make_manager().get_plugin("rbac") is rbac
+
+
+def test_a_token_round_trips_with_its_claims(key, keys):
+    token = tokens.issue(key, "alice", {"user:": "rw", "": "r"}, roles=["ops"], ttl=60,
+                         now=1_700_000_000.123)
+    header, claims = tokens.unverified(token)
+    assert header == {"alg": "EdDSA", "typ": "JWT", "kid": tokens.key_id(key.public_key())}
+    assert len(header["kid"]) == 16
+    caller = tokens.verify(token, keys)
+    assert caller == Caller("alice", header["kid"], issued_ms=1_700_000_000_123,
+                            not_before_ms=1_700_000_000_123, expires_ms=1_700_000_060_123,
+                            grants=((b"", "r"), (b"user:", "rw")), roles=("ops",))
+    assert claims["jti"] and claims["iat"] == 1_700_000_000.123
+    # No expiry: 0. Times are not judged by verify (a token from 1970 still verifies).
+    old = tokens.verify(tokens.issue(key, "bob", {"": "admin"}, now=1.0), keys)
+    assert old.expires_ms == 0 and old.issued_ms == 1000
+
+
+def _forgeries(key, keys):
+    """name -> a token that must be refused."""
+    kid = next(iter(keys))
+    good = tokens.issue(key, "alice", {"user:": "r"})
+    h, p, s = good.split(".")
+    claims = dict(tokens.unverified(good)[1], grants={"": "admin"})
+    other = tokens.generate_key()
+    pem = tokens.public_pem(key.public_key())
+    none_header = b64(json.dumps({"alg": "none", "kid": kid}).encode())
+
+    def hs256(secret: bytes) -> str:
+        head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+        body = b64(json.dumps(claims).encode())
+        sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+        return f"{head}.{body}.{b64(sig)}"
+
+    return {
+        "other key, same kid": jwt.encode(claims, other, algorithm="EdDSA",
+                                          headers={"kid": kid}),
+        "payload edited": f"{h}.{b64(json.dumps(claims).encode())}.{s}",
+        "alg none": jwt.encode(claims, None, algorithm="none", headers={"kid": kid}),
+        "alg none, empty signature": f"{none_header}.{p}.",
+        "HS256 keyed with the public key PEM": hs256(pem),
+        "HS256 keyed with the raw public key": hs256(key.public_key().public_bytes_raw()),
+        "unknown kid": jwt.encode(claims, other, algorithm="EdDSA",
+                                  headers={"kid": tokens.key_id(other.public_key())}),
+        "no kid": jwt.encode(claims, key, algorithm="EdDSA"),
+        "extra header field": jwt.encode(claims, key, algorithm="EdDSA",
+                                         headers={"kid": kid, "jku": "http://x"}),
+        "signature cut": f"{h}.{p}.{s[:-4]}",
+        "garbage": "not a token at all",
+        "garbage with dots": "a.b.c",
+        "empty parts": "..",
+        "non-ascii": good[:-1] + "é",
+        "oversized": f"{h}.{b64(b'x' * 9000)}.{s}",
+        "bad perms": jwt.encode({**claims, "grants": {"": "root"}}, key, algorithm="EdDSA",
+                                headers={"kid": kid}),
+        "grants not an object": jwt.encode({**claims, "grants": [""]}, key,
+                                           algorithm="EdDSA", headers={"kid": kid}),
+        "too many grants": jwt.encode({**claims, "grants": {str(i): "r" for i in range(65)}},
+                                      key, algorithm="EdDSA", headers={"kid": kid}),
+        "no subject": jwt.encode({k: v for k, v in claims.items() if k != "sub"}, key,
+                                 algorithm="EdDSA", headers={"kid": kid}),
+        "no iat": jwt.encode({k: v for k, v in claims.items() if k != "iat"}, key,
+                             algorithm="EdDSA", headers={"kid": kid}),
+        "iat a string": jwt.encode({**claims, "iat": "now"}, key, algorithm="EdDSA",
+                                   headers={"kid": kid}),
+        "exp beyond range": jwt.encode({**claims, "exp": 1e300}, key, algorithm="EdDSA",
+                                       headers={"kid": kid}),
+        "roles not names": jwt.encode({**claims, "roles": [1]}, key, algorithm="EdDSA",
+                                      headers={"kid": kid}),
+    }
+
+
+def test_forged_and_malformed_tokens_are_refused(key, keys):
+    for name, token in _forgeries(key, keys).items():
+        with pytest.raises(tokens.TokenError):
+            tokens.verify(token, keys)
+            pytest.fail(f"{name}: accepted")
+    with pytest.raises(tokens.TokenError):
+        tokens.verify(None, keys)
+    with pytest.raises(tokens.TokenError):
+        tokens.verify(b"bytes", keys)
+
+
+def test_grants_parse_and_issue_refuses_what_nodes_would(key):
+    assert tokens.parse_grant("user:=rw") == ("user:", "rw")
+    assert tokens.parse_grant("=admin") == ("", "admin")
+    assert tokens.parse_grant("a=b=r") == ("a=b", "r")
+    for bad in ("user:", "user:=x", "user:=RW", ""):
+        with pytest.raises(ValueError):
+            tokens.parse_grant(bad)
+    with pytest.raises(ValueError):
+        tokens.issue(key, "", {"": "r"})
+    with pytest.raises(ValueError):
+        tokens.issue(key, "a", {"": "r"}, ttl=0)
+
+
+def test_signing_key_files(tmp_path):
+    paths = tokens.init_auth_dir(str(tmp_path / "auth"))
+    assert stat.S_IMODE(os.stat(tmp_path / "auth").st_mode) == 0o700
+    for name in ("signing.key", "admin.token"):
+        assert stat.S_IMODE(os.stat(paths[name]).st_mode) == 0o600, name
+    key = tokens.load_private_key(paths["signing.key"])
+    admin = tokens.verify(open(paths["admin.token"]).read().strip(),
+                          tokens.load_public_keys([paths["signing.pub"]]))
+    assert (admin.subject, admin.grants, admin.expires_ms) == ("admin", ((b"", "admin"),), 0)
+    # Kept across restarts: the same key, the same admin token.
+    before = {n: open(p, "rb").read() for n, p in paths.items()}
+    tokens.init_auth_dir(str(tmp_path / "auth"))
+    assert {n: open(p, "rb").read() for n, p in paths.items()} == before
+    assert tokens.key_id(key.public_key()) == admin.key_id
+    os.chmod(paths["signing.key"], 0o644)
+    with pytest.raises(tokens.TokenError, match="chmod 600"):
+        tokens.load_private_key(paths["signing.key"])
+
+
+def test_a_node_verifies_each_token_once_in_a_bounded_cache(key, keys, monkeypatch):
+    verifier = rbac._Verifier([])
+    verifier.keys = keys
+    calls = []
+    real = tokens.verify
+    monkeypatch.setattr(tokens, "verify", lambda t, k: calls.append(t) or real(t, k))
+    good = tokens.issue(key, "a", {"": "r"})
+    assert verifier.verify(good) == verifier.verify(good) == real(good, keys)
+    forged = jwt.encode({"sub": "a", "iat": 1, "grants": {"": "admin"}}, tokens.generate_key(),
+                        algorithm="EdDSA", headers={"kid": next(iter(keys))})
+    for _ in range(3):
+        with pytest.raises(hookspecs.Unauthorized):
+            verifier.verify(forged)
+    assert calls == [good, forged]  # one verification each
+    with pytest.raises(hookspecs.Unauthorized):
+        verifier.verify("x" * (tokens.MAX_TOKEN_BYTES + 1))
+    monkeypatch.setattr(rbac, "CACHE_SIZE", 8)
+    for i in range(20):
+        verifier.verify(tokens.issue(key, f"s{i}", {"": "r"}))
+    assert len(verifier.cache) == 8
+
+
+# ================================================================================================
+# The decision
+# ================================================================================================
+def caller(subject="u", grants=(), roles=(), issued=1000, nbf=1000, exp=0):
+    return Caller(subject, "k", issued_ms=issued, not_before_ms=nbf, expires_ms=exp,
+                  grants=tuple(sorted((p.encode(), perms) for p, perms in grants)),
+                  roles=tuple(roles))
+
+
+def allowed(c, command=None, op=None, keys=(), stamp=2000, settings=None):
+    needs = rbac.command_needs(command) if command is not None else rbac.request_needs(op, keys)
+    return rbac.decide(c, stamp, settings or {}, needs) is None
+
+
+def test_permission_table():
+    user = caller(grants=[("user:", "rw")])
+    reader = caller(grants=[("user:", "r")])
+    writer = caller(grants=[("user:", "w")])
+    admin_user = caller(grants=[("user:", "admin")])
+    root = caller(grants=[("", "admin")])
+    everything_rw = caller(grants=[("", "rw")])
+    assert allowed(user, Set(b"user:1", b"v")) and allowed(user, op="get", keys=[b"user:1"])
+    assert not allowed(user, Set(b"admin:1", b"v"))
+    assert not allowed(user, op="get", keys=[b"admin:1"])
+    assert not allowed(user, op="mget", keys=[b"user:1", b"admin:1"])
+    assert not allowed(user, MSet(((b"user:1", b"v"), (b"admin:1", b"v"))))
+    assert allowed(user, MSet(((b"user:1", b"v"), (b"user:2", b"v"))))
+    assert allowed(reader, op="get", keys=[b"user:1"])
+    assert not allowed(reader, Set(b"user:1", b"v")) and not allowed(reader, Incr(b"user:1"))
+    assert allowed(writer, Cas(b"user:1", 0, b"v"))
+    assert not allowed(writer, op="get", keys=[b"user:1"])
+    # invalidate(P) needs w from one grant G that P starts with.
+    assert allowed(user, Invalidate(b"user:")) and allowed(writer, Invalidate(b"user:x"))
+    assert not allowed(user, Invalidate(b"")) and not allowed(user, Invalidate(b"use"))
+    assert not allowed(reader, Invalidate(b"user:"))
+    assert allowed(admin_user, Invalidate(b"user:")) and allowed(admin_user, Set(b"user:", b""))
+    # Cluster operations and settings: admin on "" only.
+    for c in (user, admin_user, everything_rw):
+        for op in ("transfer_leader", "change_member", "admin"):
+            assert not allowed(c, op=op), (c, op)
+        assert not allowed(c, Configure((("auth.revoked.x", b""),)))
+        assert not allowed(c, Reseal(((b"user:1", 1, b"v"),)))
+    for op in ("transfer_leader", "change_member", "admin"):
+        assert allowed(root, op=op)
+    assert allowed(root, Configure((("auth.revoked.x", b""),)))
+    assert allowed(everything_rw, Invalidate(b"")) and not allowed(everything_rw, op="admin")
+    assert not allowed(caller(), op="get", keys=[b"x"])  # no grants: nothing
+    assert rbac.decide(None, 0, {}, [("cluster", b"")]) is None  # anonymous: auth off
+
+
+def test_times_revocation_and_roles_come_from_stamps_and_settings():
+    c = caller(grants=[("k", "rw")], issued=1000, nbf=1500, exp=3000)
+    get = {"op": "get", "keys": [b"k"]}
+    assert not allowed(c, stamp=1499, **get) and allowed(c, stamp=1500, **get)
+    assert allowed(c, stamp=2999, **get) and not allowed(c, stamp=3000, **get)
+    revoked = {"auth.revoked.u": Setting(b"", 1000, 7)}
+    assert not allowed(c, stamp=2000, settings=revoked, **get)  # issued at the stamp: revoked
+    later = caller(grants=[("k", "rw")], issued=1001, nbf=1001)
+    assert allowed(later, stamp=2000, settings=revoked, **get)
+    assert allowed(c, stamp=2000, settings={"auth.revoked.other": Setting(b"", 5000, 7)}, **get)
+    role = caller(roles=["ops"])
+    ops = {"auth.role.ops": Setting(json.dumps({"k": "r"}).encode(), 1, 1)}
+    assert allowed(role, settings=ops, **get) and not allowed(role, Set(b"k", b""), settings=ops)
+    assert not allowed(role, **get)  # the role is not (or no longer) defined
+    assert not allowed(role, settings={"auth.role.ops": Setting(b"{garbage", 1, 1)}, **get)
+
+
+# ---- the state machine: the verdict on a write comes from the entry's stamp ---------------------
+def rbac_hook():
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(rbac, name="rbac")
+    return pm.hook.raftcache_check_command
+
+
+class Replica:
+    def __init__(self):
+        self.sm = StateMachine(MemoryBackend(), check_command=rbac_hook())
+        self.index = 0
+
+    def apply(self, command, stamp, who=None, client_id=None, seq=None):
+        self.index += 1
+        env = Envelope(command, client_id=client_id, seq=seq, stamp_ms=stamp, caller=who,
+                       identity=who.subject if who else None)
+        return self.sm.apply(self.index, encode_envelope(env))
+
+    def value(self, key):
+        found = self.sm.read_many([key], self.sm.last_stamp_ms)[0]
+        return found and found[0]
+
+
+def test_state_machine_judges_expiry_and_revocation_by_the_entry_stamp():
+    root = caller("root", grants=[("", "admin")], issued=0, nbf=0)
+    alice = caller("alice", grants=[("a:", "rw")], issued=1000, nbf=1000, exp=5000)
+    replicas = [Replica(), Replica()]
+    for r in replicas:
+        assert not isinstance(r.apply(Set(b"a:1", b"x"), 4999, alice), ApplyError)
+        refused = r.apply(Set(b"a:1", b"y"), 5000, alice)  # the stamp reached exp
+        assert refused == ApplyError("Unauthorized", "the token of 'alice' expired")
+        assert r.value(b"a:1") == b"x"
+        # A later entry stamped before exp cannot happen: stamps never go back.
+        assert isinstance(r.apply(Set(b"a:1", b"z"), 4000, alice), ApplyError)
+    bob = caller("bob", grants=[("b:", "rw")], issued=1000, nbf=1000)
+    for r in replicas:
+        assert not isinstance(r.apply(Set(b"b:1", b"1"), 6000, bob), ApplyError)
+        r.apply(Configure((("auth.revoked.bob", b""),)), 6001, root)
+        assert r.apply(Set(b"b:1", b"2"), 6002, bob) == ApplyError(
+            "Unauthorized", "the tokens of 'bob' were revoked")
+        bob2 = caller("bob", grants=[("b:", "rw")], issued=6002, nbf=6002)
+        assert not isinstance(r.apply(Set(b"b:1", b"3"), 6003, bob2), ApplyError)
+        assert isinstance(r.apply(Configure((("auth.revoked.alice", b""),)), 6004, bob2),
+                          ApplyError)  # settings: admin on "" only
+        assert r.apply(Set(b"free", b"1"), 6005) == r.index  # anonymous: auth is off
+        assert r.apply(Sweep(7000), 7000, bob) is not None  # never checked
+    assert replicas[0].sm.settings == replicas[1].sm.settings
+    assert [r.value(b"b:1") for r in replicas] == [b"3", b"3"]
+
+
+def test_a_vetoed_write_leaves_no_trace_in_its_session():
+    r = Replica()
+    mallory = caller("mallory", grants=[("m:", "rw")])
+    assert isinstance(r.apply(Set(b"x", b"1"), 2000, mallory, "c1", 1), ApplyError)
+    assert not isinstance(r.apply(Set(b"m:x", b"1"), 2001, mallory, "c1", 1), ApplyError)
+
+
+# ---- teeth for the decision: each broken variant fails the table above --------------------------
+def _decision_failures() -> list[str]:
+    """The checks of the two tests above, as a list of what failed (empty: all hold)."""
+    failures = []
+    for test in (test_permission_table, test_times_revocation_and_roles_come_from_stamps_and_settings,
+                 test_state_machine_judges_expiry_and_revocation_by_the_entry_stamp):
+        try:
+            test()
+        except AssertionError as exc:
+            failures.append(f"{test.__name__}: {exc}")
+    return failures
+
+
+def _ignore_revocation(validity):
+    return lambda c, stamp, settings: validity(c, stamp, None)
+
+
+def _ignore_expiry(validity):
+    return lambda c, stamp, settings: validity(
+        Caller(c.subject, c.key_id, c.issued_ms, c.not_before_ms, 0, c.grants, c.roles),
+        stamp, settings)
+
+
+def _ignore_not_before(validity):
+    return lambda c, stamp, settings: validity(
+        Caller(c.subject, c.key_id, c.issued_ms, 0, c.expires_ms, c.grants, c.roles),
+        stamp, settings)
+
+
+def _revoked_strictly_before(validity):
+    def broken(c, stamp, settings):
+        if settings is not None:
+            s = settings.get(rbac.REVOKED + c.subject)
+            if s is not None and c.issued_ms >= s.stamp_ms:  # off by one: the same ms passes
+                settings = {k: v for k, v in settings.items() if k != rbac.REVOKED + c.subject}
+        return validity(c, stamp, settings)
+    return broken
+
+
+def _invalidate_by_key(needs):
+    # invalidate checked like a write of the prefix's key: a grant on "" is not required
+    return lambda cmd: ([("w", b"\xff" + cmd.prefix)] if type(cmd) is Invalidate else needs(cmd))
+
+
+MUTANT_DECISIONS = {
+    "ignores revocation": ("validity", _ignore_revocation),
+    "ignores expiry": ("validity", _ignore_expiry),
+    "ignores not-before": ("validity", _ignore_not_before),
+    "revokes only tokens issued strictly before": ("validity", _revoked_strictly_before),
+    "cluster ops allowed to any admin": ("request_needs",
+                                         lambda needs: lambda op, keys: (
+                                             [("w", b"")] if op != "get" and op != "mget"
+                                             else needs(op, keys))),
+    "invalidate checked as a key": ("command_needs", _invalidate_by_key),
+}
+
+
+def test_decision_passes_its_checks():
+    assert _decision_failures() == []
+
+
+@pytest.mark.parametrize("name", sorted(MUTANT_DECISIONS))
+def test_decision_checks_catch_a_broken_variant(name, monkeypatch):
+    attr, breaker = MUTANT_DECISIONS[name]
+    monkeypatch.setattr(rbac, attr, breaker(getattr(rbac, attr)))
+    assert _decision_failures(), f"the broken variant {name!r} passed every check"
+
+
+# ================================================================================================
+# Real nodes
+# ================================================================================================
+def make_cluster(tmp_path, **kwargs) -> LocalCluster:
+    return LocalCluster(str(tmp_path), port=free_port_block(3), auth=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = make_cluster(tmp_path_factory.mktemp("auth"))
+    c.start()
+    try:
+        c.wait_for_leader()
+        yield c
+    finally:
+        c.stop()
+
+
+def signing_key(cluster):
+    return tokens.load_private_key(cluster.auth_files()["signing.key"])
+
+
+def issue(cluster, subject, grants, **kwargs) -> str:
+    return tokens.issue(signing_key(cluster), subject, grants, **kwargs)
+
+
+def node_client(cluster, node_id, token, **kwargs) -> Client:
+    """A client that talks to one node only (its reads are served there)."""
+    kwargs.setdefault("timeout", WAIT)
+    return Client([cluster.address(node_id)], token=token, **kwargs)
+
+
+def refused(fn) -> bool:
+    try:
+        fn()
+    except errors.Unauthorized:
+        return True
+    return False
+
+
+def eventually(check, timeout=WAIT, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def replicas_agree(cluster, keys, token=None) -> dict:
+    """Wait until every node applied the same index, then their stale reads of `keys`: node ->
+    values. (Stale reads by `token`, default the admin token, which reads every key.)"""
+    nodes = range(1, cluster.nodes + 1)
+    admin = token or cluster.admin_token()
+    with cluster.client(timeout=WAIT) as c:
+        def settled():
+            applied = {c.status(cluster.address(i)).applied for i in nodes}
+            return len(applied) == 1
+        eventually(settled, what="replicas apply the same index")
+    out = {}
+    for i in nodes:
+        with node_client(cluster, i, admin) as c:
+            out[i] = c.mget(keys, consistency="stale")
+    return out
+
+
+def test_a_user_token_is_confined_to_its_prefix(cluster):
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        admin.set("admin:secret", "s")
+        leader = admin.status(cluster.address(1)).leader
+    user = issue(cluster, "alice", {"user:": "rw"})
+    with cluster.client(token=user, timeout=WAIT) as c:
+        assert c.set("user:1", "a") > 0 and c.get("user:1") == b"a"
+        assert c.incr("user:n") == 1 and c.append("user:1", "b") == 2
+        assert c.invalidate("user:gone") == 0
+        assert refused(lambda: c.set("admin:secret", "mine"))
+        assert refused(lambda: c.get("admin:secret"))
+        assert refused(lambda: c.get("admin:secret", consistency="stale"))
+        assert refused(lambda: c.mget(["user:1", "admin:secret"]))
+        assert refused(lambda: c.mset({"user:2": "x", "admin:2": "x"}))
+        assert refused(lambda: c.delete("admin:secret"))
+        assert refused(lambda: c.cas("admin:secret", 0, "x"))
+        assert refused(lambda: c.invalidate(""))
+        assert refused(lambda: c.invalidate("admin:"))
+        assert refused(lambda: c.remove_member(2))
+        assert refused(lambda: c.transfer_leader(1 if leader != 1 else 2))
+        assert refused(lambda: c.admin("revoke", "admin"))
+        assert c.get("user:2") is None  # the refused mset wrote nothing
+    final = replicas_agree(cluster, ["admin:secret", "user:1"])
+    assert all(v == [b"s", b"ab"] for v in final.values()), final
+    with cluster.client(timeout=WAIT) as c:
+        st = c.status(cluster.address(leader))
+        assert st.leader == leader and st.voters == [1, 2, 3]
+
+
+def test_anonymous_clients_may_only_ask_status(cluster):
+    """The issue's report: an anonymous Thrift client shrank a cluster to one voter."""
+    from raftcache.plugins.transport import thrift
+
+    with cluster.client(timeout=WAIT) as anon:
+        calls = {
+            "set": lambda: anon.set("k", "v"), "get": lambda: anon.get("k"),
+            "stale get": lambda: anon.get("k", consistency="stale"),
+            "mget": lambda: anon.mget(["k"]), "mset": lambda: anon.mset({"k": "v"}),
+            "delete": lambda: anon.delete("k"), "cas": lambda: anon.cas("k", 0, "v"),
+            "incr": lambda: anon.incr("k"), "append": lambda: anon.append("k", "v"),
+            "invalidate": lambda: anon.invalidate(""),
+            "remove voter 2": lambda: anon.remove_member(2),
+            "remove voter 3": lambda: anon.remove_member(3),
+            "transfer": lambda: anon.transfer_leader(2), "admin": lambda: anon.admin("revoke", "x"),
+        }
+        for name, call in calls.items():
+            assert refused(call), f"anonymous {name} was not refused"
+        # A raw Thrift call without any request header at all.
+        for i in range(1, 4):
+            conn = thrift.connect(cluster.address(i), None, WAIT)
+            try:
+                r = conn.call(api.Request(op="change_member", change="remove", node_id=2), WAIT)
+            finally:
+                conn.close()
+            assert r.error == "Unauthorized", r
+        for i in range(1, 4):  # status stays open: it is the health check
+            st = anon.status(cluster.address(i))
+            assert st.voters == [1, 2, 3] and st.learners == []
+    with pytest.raises(errors.Unauthorized):
+        with cluster.client(token="", timeout=WAIT) as c:
+            c.get("k")
+
+
+def test_forged_tokens_are_refused_by_every_node(cluster):
+    key = signing_key(cluster)
+    keys = tokens.load_public_keys([cluster.auth_files()["signing.pub"]])
+    forged = _forgeries(key, keys)
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        admin.set("user:forge", "before")
+    for name, token in forged.items():
+        for i in range(1, 4):
+            with node_client(cluster, i, token, timeout=2.0) as c:
+                assert refused(lambda: c.get("user:forge")), (name, i)
+                assert refused(lambda: c.set("user:forge", "forged")), (name, i)
+                assert refused(lambda: c.remove_member(2)), (name, i)
+    assert set(map(tuple, replicas_agree(cluster, ["user:forge"]).values())) == {(b"before",)}
+
+
+def revocation_problems(cluster, subject: str) -> list[str]:
+    """Revoke `subject` and report every replica that still serves its old token, writes that
+    got through, replicas that disagree, and a later token that does not work."""
+    problems = []
+    old = issue(cluster, subject, {f"{subject}:": "rw"})
+    key = f"{subject}:k"
+    with cluster.client(token=old, timeout=WAIT) as c:
+        c.set(key, "before")
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        answer = admin.admin("revoke", subject)
+        assert answer["revoked"] == subject and answer["result"] > 0
+    # Right after the revocation committed: linearizable reads on each node, then writes.
+    for i in range(1, cluster.nodes + 1):
+        with node_client(cluster, i, old) as c:
+            if not refused(lambda: c.get(key)):
+                problems.append(f"node {i} served a linearizable read with a revoked token")
+            if not refused(lambda: c.mget([key], consistency="lease")):
+                problems.append(f"node {i} served a lease read with a revoked token")
+    with cluster.client(token=old, timeout=WAIT) as c:
+        if not refused(lambda: c.set(key, "after")):
+            problems.append("a write with a revoked token applied")
+    states = replicas_agree(cluster, [key])
+    if len({tuple(v) for v in states.values()}) != 1:
+        problems.append(f"replicas disagree after a revoked write: {states}")
+    if any(v != [b"before"] for v in states.values()):
+        problems.append(f"a revoked write changed a replica: {states}")
+    time.sleep(0.01)  # a token issued after the revocation's stamp (same clock here)
+    new = issue(cluster, subject, {f"{subject}:": "rw"})
+    with cluster.client(token=new, timeout=WAIT) as c:
+        c.set(key, "later")
+    for i in range(1, cluster.nodes + 1):
+        with node_client(cluster, i, new) as c:
+            if c.get(key) != b"later":
+                problems.append(f"node {i} did not serve a token issued after the revocation")
+    return problems
+
+
+def test_a_revoked_token_is_refused_on_every_replica_at_once(cluster):
+    assert revocation_problems(cluster, "bob") == []
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        status = admin.admin("auth-status")
+        assert "bob" in status["revoked"] and status["required"] is True
+        assert admin.admin("unrevoke", "bob")["unrevoked"] == "bob"
+        assert "bob" not in admin.admin("auth-status")["revoked"]
+
+
+def test_roles_resolve_against_the_replicated_settings(cluster):
+    token = issue(cluster, "carol", {}, roles=["reader"])
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        admin.set("shared:1", "v")
+        assert admin.admin("role-set", "reader", "shared:=r")["grants"] == {"shared:": "r"}
+        with pytest.raises(errors.InvalidRequest):
+            admin.admin("role-set", "reader", "shared:=sudo")
+        with pytest.raises(errors.InvalidRequest):
+            admin.admin("no-such-action")
+    for i in range(1, 4):
+        with node_client(cluster, i, token) as c:
+            assert c.get("shared:1") == b"v"
+            assert refused(lambda: c.set("shared:1", "w"))
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        assert admin.admin("auth-status")["roles"]["reader"] == {"shared:": "r"}
+        admin.admin("role-delete", "reader")
+    for i in range(1, 4):
+        with node_client(cluster, i, token) as c:
+            assert refused(lambda: c.get("shared:1"))
+
+
+def test_one_caller_can_neither_consume_nor_fail_another_callers_sequence(cluster):
+    alice = issue(cluster, "s-alice", {"s:": "rw"})
+    mallory = issue(cluster, "s-mallory", {"s:": "rw"})
+    session = "shared-client-id"
+
+    def write(token, seq, request):
+        header = api.RequestHeader(token=token, client_id=session, seq=seq)
+        with cluster.client(token=token, timeout=WAIT) as c:
+            return c._call_until_deadline(api.Request(header=header, **request))
+
+    first = write(alice, 1, {"op": "put", "key": b"s:a", "value": b"1"}).number
+    # Mallory under alice's client id: the same seq on another write is her own new write...
+    assert write(mallory, 1, {"op": "incr", "key": b"s:m", "delta": 1}).number == 1
+    # ...and a huge seq does not push alice's older numbers out of reach.
+    assert write(mallory, 10**9, {"op": "put", "key": b"s:m2", "value": b"x"}).number > 0
+    for seq in range(2, 12):
+        write(mallory, 10**9 + seq, {"op": "put", "key": b"s:m2", "value": b"x"})
+    # Alice's retry of seq 1 gets her first result; her seq 2 is a new write.
+    assert write(alice, 1, {"op": "put", "key": b"s:a", "value": b"1"}).number == first
+    assert write(alice, 2, {"op": "put", "key": b"s:a", "value": b"2"}).number > first
+    with cluster.client(token=alice, timeout=WAIT) as c:
+        c._sessions.append(_Session(session, 2))
+        assert c.set("s:a", "3") > first and c.get("s:a") == b"3"
+    assert set(map(tuple, replicas_agree(cluster, ["s:a", "s:m"]).values())) == {(b"3", b"1")}
+
+
+# ---- expiry judged by stamps, on a replica whose clock is an hour behind ------------------------
+def expiry_problems(cluster) -> list[str]:
+    """A token that expired by the leader's (correct) clock must be refused by node 3, whose
+    clock is an hour behind: its verdict comes from the stamps it applied."""
+    problems = []
+    # Node 3 may lead at first, and judges tokens by its stamps: an hour behind, a token
+    # issued now is not valid yet there. This one is valid from two hours ago.
+    admin_token = issue(cluster, "root", {"": "admin"}, not_before=time.time() - 7200)
+    with cluster.client(token=admin_token, timeout=WAIT) as admin:
+        admin.transfer_leader(1)
+        admin.set("admin:tick", "0")
+    # Valid from two hours ago (node 3's clock is no obstacle) for 1.5 s from now.
+    token = issue(cluster, "dave", {"d:": "rw"}, ttl=1.5, not_before=time.time() - 7200)
+    with cluster.client(token=token, timeout=WAIT) as c:
+        c.set("d:k", "v")
+    with node_client(cluster, 3, token) as c:
+        try:
+            if c.get("d:k") != b"v":
+                problems.append("node 3 served a wrong value")
+        except errors.Unauthorized as exc:
+            problems.append(f"node 3 refused the token before it expired: {exc}")
+    time.sleep(2.0)
+    with cluster.client(token=admin_token, timeout=WAIT) as admin:
+        admin.set("admin:tick", "1")  # the leader's stamp passes the expiry
+    with node_client(cluster, 3, token) as c:
+        if not refused(lambda: c.get("d:k")):
+            problems.append("node 3 (clock 1 h behind) served a linearizable read with an "
+                            "expired token")
+    with cluster.client(token=token, timeout=WAIT) as c:
+        if not refused(lambda: c.set("d:k", "late")):
+            problems.append("a write with an expired token applied")
+    states = replicas_agree(cluster, ["d:k"], admin_token)
+    if any(v != [b"v"] for v in states.values()):
+        problems.append(f"replicas: {states}")
+    return problems
+
+
+def skewed_cluster(tmp_path, mutant: str | None = None) -> LocalCluster:
+    node3 = ["--clock-offset-ms", str(-HOUR_MS)] + (["--mutant", mutant] if mutant else [])
+    return make_cluster(tmp_path, launcher=["-m", "raftcache.testing.node"],
+                        node_args={3: node3})
+
+
+@pytest.fixture
+def running():
+    started = []
+
+    def run(cluster):
+        started.append(cluster)
+        cluster.start()
+        cluster.wait_for_leader()
+        return cluster
+
+    yield run
+    for c in started:
+        c.stop()
+
+
+def test_an_expired_token_is_refused_by_a_replica_whose_clock_is_behind(tmp_path, running):
+    cluster = running(skewed_cluster(tmp_path))
+    assert expiry_problems(cluster) == []
+
+
+# ---- teeth: the same scenarios catch a broken rbac on one node ----------------------------------
+def test_teeth_a_replica_that_judges_expiry_by_its_own_clock_is_caught(tmp_path, running):
+    cluster = running(skewed_cluster(tmp_path, mutant="rbac-local-clock"))
+    problems = expiry_problems(cluster)
+    print("caught:", problems)
+    assert any(p.startswith("node 3 (clock 1 h behind) served") for p in problems), problems
+    assert not any("write" in p for p in problems), problems  # the leader judged those right
+
+
+def test_teeth_a_replica_that_ignores_revocations_is_caught(tmp_path, running):
+    cluster = running(make_cluster(tmp_path, launcher=["-m", "raftcache.testing.node"],
+                                   node_args={3: ["--mutant", "rbac-ignores-revocation"]}))
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        admin.transfer_leader(1)  # node 3 a follower: the leader's answers stay right
+    problems = revocation_problems(cluster, "eve")
+    print("caught:", problems)
+    assert any(p.startswith("node 3 served") for p in problems), problems
+    assert any("disagree" in p for p in problems), problems  # it applied the vetoed write
+    assert not any(p.startswith(("node 1", "node 2")) for p in problems), problems
+
+
+# ================================================================================================
+# The CLI and `raftcache up --auth`
+# ================================================================================================
+def raftcache(*args, env=None, timeout=30):
+    return subprocess.run([sys.executable, "-m", "raftcache", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_token_issue_and_inspect_offline(tmp_path):
+    paths = tokens.init_auth_dir(str(tmp_path / "auth"))
+    out = raftcache("token", "issue", "--data-dir", str(tmp_path), "--subject", "alice",
+                    "--grant", "user:=rw", "--grant", "=r", "--role", "ops", "--ttl", "60")
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    caller = tokens.verify(token, tokens.load_public_keys([paths["signing.pub"]]))
+    assert caller.grants == ((b"", "r"), (b"user:", "rw")) and caller.roles == ("ops",)
+    assert 59_000 <= caller.expires_ms - caller.issued_ms <= 60_001
+    shown = raftcache("token", "inspect", token, "--data-dir", str(tmp_path))
+    doc = json.loads(shown.stdout)
+    assert shown.returncode == 0 and doc["verified"] is True
+    assert doc["claims"]["sub"] == "alice" and doc["header"]["alg"] == "EdDSA"
+    unchecked = json.loads(raftcache("token", "inspect", token).stdout)
+    assert unchecked["verified"] is False and "not checked" in unchecked["note"]
+    other = tmp_path / "other"
+    tokens.init_auth_dir(str(other / "auth"))
+    wrong = raftcache("token", "inspect", token, "--public-key", str(other / "auth/signing.pub"))
+    assert wrong.returncode == 1 and json.loads(wrong.stdout)["verified"] is False
+    garbage = raftcache("token", "inspect", "garbage")
+    assert garbage.returncode == 2 and garbage.stderr.startswith("raftcache: InvalidRequest")
+    bad = raftcache("token", "issue", "--data-dir", str(tmp_path), "--subject", "a",
+                    "--grant", "user:=root")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    none = raftcache("token", "issue", "--data-dir", str(tmp_path), "--subject", "a")
+    assert none.returncode == 2 and "--grant" in none.stderr
+
+
+def test_up_auth_writes_an_admin_token_that_works(tmp_path):
+    up, port, out = start_up(tmp_path, "--storage", "memory", "--auth")
+    data = tmp_path / "data"
+    try:
+        assert "leader: node" in out, out
+        token_path = data / "auth" / "admin.token"
+        assert f"export RAFTCACHE_TOKEN=$(cat {token_path})" in out, out
+        assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(data / "auth" / "signing.key").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(data / "auth").st_mode) == 0o700
+        endpoints = ",".join(f"127.0.0.1:{port + i}" for i in range(3))
+        anon = dict(os.environ, RAFTCACHE_ENDPOINTS=endpoints)
+        anon.pop("RAFTCACHE_TOKEN", None)
+        admin = dict(anon, RAFTCACHE_TOKEN=token_path.read_text().strip())
+        # Anonymous: one line, exit 3; status stays open.
+        refused_set = raftcache("set", "k", "v", env=anon)
+        assert refused_set.returncode == 3, refused_set
+        assert refused_set.stderr.startswith("raftcache: Unauthorized: ")
+        assert len(refused_set.stderr.strip().splitlines()) == 1
+        assert raftcache("member", "remove", "2", env=anon).returncode == 3
+        assert raftcache("status", env=anon).returncode == 0
+        # The admin token works for everything.
+        assert raftcache("set", "admin:k", "v", env=admin).returncode == 0
+        assert raftcache("get", "admin:k", env=admin).stdout == "v\n"
+        issued = raftcache("token", "issue", "--data-dir", str(data), "--subject", "alice",
+                           "--grant", "user:=rw")
+        alice = dict(anon, RAFTCACHE_TOKEN=issued.stdout.strip())
+        assert raftcache("set", "user:1", "a", env=alice).returncode == 0
+        assert raftcache("get", "admin:k", env=alice).returncode == 3
+        assert raftcache("get", "admin:k", "--token", issued.stdout.strip(),
+                         env=anon).returncode == 3
+        assert raftcache("get", "user:1", "--token", issued.stdout.strip(),
+                         env=anon).stdout == "a\n"
+        assert raftcache("token", "revoke", "alice", env=alice).returncode == 3
+        revoked = raftcache("token", "revoke", "alice", env=admin)
+        assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked"] == "alice"
+        gone = raftcache("get", "user:1", env=alice)
+        assert gone.returncode == 3 and "revoked" in gone.stderr
+        role = raftcache("role", "set", "ops", "--grant", "ops:=rw", "--grant", "=r", env=admin)
+        assert json.loads(role.stdout)["grants"] == {"ops:": "rw", "": "r"}, role
+        status = json.loads(raftcache("auth", "status", env=admin).stdout)
+        assert "alice" in status["revoked"] and status["roles"]["ops"] == {"": "r", "ops:": "rw"}
+        assert raftcache("role", "delete", "ops", env=admin).returncode == 0
+        assert raftcache("token", "unrevoke", "alice", env=admin).returncode == 0
+        assert raftcache("get", "user:1", env=alice).stdout == "a\n"
+    finally:
+        up.terminate()
+        up.wait(20)
