@@ -1,0 +1,1 @@
+"""Security plugins: access control (rbac) and encryption at rest (encryption)."""
