@@ -14,7 +14,7 @@ import time
 
 import attrs
 
-from raftcache.core.config import write_secret
+from raftcache.core.config import private_dir, write_secret
 from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_port, free_ports
 
 
@@ -143,6 +143,9 @@ class LocalCluster:
     extra: dict = attrs.Factory(dict)  # extra config sections shared by every node
     # Peers without proof of membership (no secret, no node certificates): must be asked for.
     insecure: bool = False
+    # Values encrypted at rest with the keyring DATA_DIR/keyring (made at the first start);
+    # False writes `[encryption] enabled = false` (`raftcache up --no-encryption`).
+    encryption: bool = True
     # How a node process starts, before `--config PATH` (the fault suite runs its test-only
     # plugins and mutants through raftcache.testing.node instead).
     launcher: list = attrs.Factory(lambda: ["-m", "raftcache", "serve"])
@@ -195,6 +198,20 @@ class LocalCluster:
         write_secret(path)
         return path
 
+    def keyring_path(self) -> str | None:
+        """The keyring every node seals values with (made at the first start, mode 0600,
+        kept after); None when encryption is off."""
+        if not self.encryption:
+            return None
+        from raftcache.plugins.security.encryption import make_keyring
+
+        path = os.path.join(private_dir(self.data_dir), "keyring")
+        try:
+            make_keyring(path)
+        except FileExistsError:
+            pass
+        return path
+
     def _server(self, node_id: int, need: ServerNeed):
         servers = self.servers.setdefault(node_id, {})
         if need.name not in servers:
@@ -227,6 +244,8 @@ class LocalCluster:
             "storage": {"plugin": self.storage},
             "transport": transport,
             "backend": {"plugin": self.backend},
+            "encryption": ({"keyring": self.keyring_path()} if self.encryption
+                           else {"enabled": False}),
         }
         for section, body in copy.deepcopy(self.extra).items():
             data.setdefault(section, {}).update(body)
@@ -236,10 +255,12 @@ class LocalCluster:
         return data
 
     def write_configs(self) -> None:
-        os.makedirs(self.data_dir, exist_ok=True)
+        private_dir(self.data_dir)
         for i in range(1, self.nodes + 1):
-            with open(self.config_path(i), "w") as f:
+            path = self.config_path(i)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
                 f.write(to_toml(self.node_config(i)))
+            os.chmod(path, 0o600)
 
     def start(self, node_id: int | None = None) -> None:
         """Start one node, or every node (writing their configs first)."""
@@ -250,11 +271,12 @@ class LocalCluster:
             return
         for server in self.servers.get(node_id, {}).values():
             server.start()  # no-op when it runs; the node needs it to load
-        log = open(self.log_path(node_id), "ab")
+        log = open(os.open(self.log_path(node_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                           0o600), "ab")
         self.processes[node_id] = subprocess.Popen(
             [sys.executable, *self.launcher, "--config", self.config_path(node_id),
              *self.node_args.get(node_id, ())],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=0o077,
             # Nodes die with `up` even when it is killed with -9 (PDEATHSIG follows the
             # forking thread, so only from the main thread).
             preexec_fn=die_with_parent
@@ -388,7 +410,8 @@ def run_local_cluster(args) -> int:
             extra = {k: v for k, v in tomllib.load(f).items() if k not in ("node", "cluster")}
     cluster = LocalCluster(os.path.abspath(args.data_dir), nodes=args.nodes, host=args.host,
                            port=args.port, storage=args.storage, transport=args.transport,
-                           backend=args.backend, extra=extra, insecure=args.insecure)
+                           backend=args.backend, extra=extra, insecure=args.insecure,
+                           encryption=not args.no_encryption)
     stopping = []
 
     def on_signal(signum, frame):
@@ -441,6 +464,10 @@ def _describe_cluster(cluster: LocalCluster, args) -> None:
         print(f"peers prove themselves with node certificates ({cluster.data_dir}/certs)")
     else:
         print(f"peers prove themselves with the cluster secret {cluster.secret_path()}")
+    if cluster.encryption and cluster.extra.get("encryption", {}).get("enabled") is not False:
+        print(f"values are encrypted at rest with the keyring {cluster.keyring_path()}")
+    else:
+        print("WARNING: --no-encryption: values are stored in plaintext", file=sys.stderr)
 
 
 def _wait_for_leader_or_failure(cluster: LocalCluster, timeout: float, stopping: list):
