@@ -587,3 +587,30 @@ def test_everything_a_cluster_creates_is_owner_only(tmp_path, storage, backend):
     assert stat.S_IMODE(os.stat(cluster.data_dir).st_mode) == 0o700
     assert not loose, loose
     assert os.path.exists(os.path.join(cluster.data_dir, "keyring"))
+
+
+def test_file_wal_dirs_are_0700_and_files_0600_whatever_the_umask(tmp_path):
+    from raftcache.core.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
+    from raftcache.plugins.storage.file_wal import FileWALStorage
+
+    old = os.umask(0o022)
+    try:
+        store = FileWALStorage(1, str(tmp_path / "data" / "node1"), {})
+        store.load()
+        store.save(HardState(1, 1, 3), [Entry(1, i, data=b"x") for i in (1, 2, 3)], None, True)
+        store.compact(Snapshot(SnapshotMeta(index=3, term=1,
+                                            conf_state=ConfState(voters=frozenset({1}))),
+                               b"image"))
+        store.save(HardState(1, 1, 4), [Entry(1, 4, data=b"y")], None, True)
+        store.close()
+    finally:
+        os.umask(old)
+    modes = {}
+    for root, dirs, files in os.walk(tmp_path / "data"):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            modes[os.path.relpath(path, tmp_path)] = stat.S_IMODE(os.stat(path).st_mode)
+    assert {"data/node1/snapshot", "data/node1/hardstate"} <= set(modes), modes
+    assert any(p.startswith("data/node1/wal/") for p in modes), modes
+    assert {p: m for p, m in modes.items()
+            if m != (0o700 if os.path.isdir(tmp_path / p) else 0o600)} == {}
