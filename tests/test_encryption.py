@@ -500,6 +500,9 @@ def test_rotation_while_writing_loses_nothing_and_the_sweep_reseals_every_old_va
             status = c.admin("keys-status")
         assert status["active"] == 1 and status["known"] == [0, 1]
         assert set(status["values"]) == {"1"}, status
+        printed = raftcache("keys", "status", "--endpoints", endpoints)
+        assert printed.returncode == 0, printed.stderr
+        assert json.loads(printed.stdout)["values"] == status["values"]
         # Each replica's Redis: nothing under key 0 any more, new writes under key 1.
         def resealed():
             ids = raw_key_ids(cluster, [*old_keys, "after", "counter", *written])
@@ -614,3 +617,33 @@ def test_file_wal_dirs_are_0700_and_files_0600_whatever_the_umask(tmp_path):
     assert any(p.startswith("data/node1/wal/") for p in modes), modes
     assert {p: m for p, m in modes.items()
             if m != (0o700 if os.path.isdir(tmp_path / p) else 0o600)} == {}
+
+
+def test_local_cluster_gives_every_node_the_same_keyring_or_says_enabled_false(tmp_path):
+    on = LocalCluster(str(tmp_path / "on"), port=free_port_block(3))
+    on.write_configs()
+    configs = [on.node_config(i)["encryption"] for i in (1, 2, 3)]
+    assert configs == [{"keyring": os.path.join(on.data_dir, "keyring")}] * 3
+    assert stat.S_IMODE(os.stat(configs[0]["keyring"]).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(on.data_dir).st_mode) == 0o700
+    first = open(configs[0]["keyring"]).read()
+    assert LocalCluster(on.data_dir).keyring_path() and open(configs[0]["keyring"]).read() == first
+    off = LocalCluster(str(tmp_path / "off"), port=free_port_block(3), encryption=False)
+    off.write_configs()
+    assert stat.S_IMODE(os.stat(off.config_path(1)).st_mode) == 0o600
+    assert off.node_config(1)["encryption"] == {"enabled": False}
+    assert not os.path.exists(os.path.join(off.data_dir, "keyring"))
+
+
+def test_keys_commands_against_a_cluster_without_encryption_say_so(tmp_path):
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=1, port=free_port_block(1),
+                           encryption=False)
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        result = raftcache("keys", "rotate", "--endpoints", cluster.endpoints()[0])
+        assert result.returncode == 2
+        assert result.stderr.strip() == ("raftcache: InvalidRequest: encryption at rest is off "
+                                         "on this node (no [encryption] keyring)")
+    finally:
+        cluster.stop()
