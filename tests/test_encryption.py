@@ -546,6 +546,8 @@ def test_a_value_altered_in_one_nodes_redis_is_unavailable_there_and_read_elsewh
         assert not cluster.failures()
     finally:
         cluster.stop()
+    assert "a stored value cannot be opened: the stored value of b'k'" in (
+        open(cluster.log_path(1)).read())
 
 
 # ================================================================================================

@@ -755,6 +755,7 @@ class Node:
         try:
             results = [_get_result(self._decode(k, f)) for k, f in zip(keys, found, strict=True)]
         except ValueCodecError as exc:  # altered here, perhaps intact on another node
+            self._backend_log.warning("codec", "a stored value cannot be opened: %s", exc)
             return api.error("Unavailable", f"this node cannot open a stored value: {exc}; "
                              "try another node")
         if request.op == "get":
