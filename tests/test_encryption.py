@@ -124,6 +124,18 @@ def test_rotation_seals_new_values_with_the_new_key_and_old_ones_still_open():
     assert codec.unwrap(2, wrapped) not in wrapped
 
 
+def test_a_data_key_is_written_once():
+    from raftcache.core.commands import Configure
+    from raftcache.plugins.security.encryption import raftcache_check_command
+
+    settings = {"keys.1": Setting(b"wrapped", 0, 5), "revoked.bob": Setting(b"", 0, 6)}
+    assert raftcache_check_command(Configure((("keys.2", b"w"),)), settings) is None
+    assert raftcache_check_command(Configure((("revoked.bob", None),)), settings) is None
+    for value in (b"another", None):  # replaced or removed: refused
+        reason = raftcache_check_command(Configure((("keys.1", value),)), settings)
+        assert reason.startswith("data key 1 exists; data keys are never replaced")
+
+
 def test_a_route_that_opted_out_stores_plaintext():
     codec = codec_with(plaintext=lambda key: key.startswith(b"pub:"))
     assert codec.encode(b"pub:x", b"open") == b"open" == codec.decode(b"pub:x", b"open")

@@ -440,6 +440,7 @@ def raftcache_value_codecs(node: Node) -> Iterable[ValueCodec]:
     order (entry-point plugins by name, then extra plugins; within a plugin, in the order it
     yields them), before it reaches the log, snapshots and backends, and decoded in the reverse
     order when read. Codecs must be the same on every node of a cluster.
+    `raftcache.plugins.security.encryption` is the built-in one (encryption at rest).
     """
 
 

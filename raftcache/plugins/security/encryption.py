@@ -307,6 +307,19 @@ def raftcache_node_started(node):
                          "are stored in plaintext")
 
 
+@hookimpl
+def raftcache_check_command(command, settings):
+    """Data keys are written once: a Configure that would replace or remove one is refused
+    (two rotations racing for the same id must not leave values sealed under a key that was
+    then replaced). Deterministic: it reads only the entry and the replicated settings."""
+    if type(command) is Configure:
+        for name, _value in command.items:
+            if name.startswith(SETTING_PREFIX) and name in settings:
+                return (f"data key {name[len(SETTING_PREFIX):]} exists; data keys are never "
+                        "replaced or removed (retry the rotation)")
+    return None
+
+
 def _codec(node) -> EncryptionCodec:
     codec = _CODECS.get(node)
     if codec is None:
