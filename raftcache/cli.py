@@ -1,6 +1,6 @@
 """The `raftcache` command: up and serve run nodes; a command for every client operation (set,
 get, mget, mset, delete, cas, incr, append, invalidate, status, member, transfer-leader); certs
-init.
+init; keys init, rotate and status (encryption at rest).
 
 Exit codes of the client commands: 0 done; 1 not done: a key is missing (get, mget) or cas
 found another version; 2 an error, printed as one line `raftcache: <Kind>: <reason>` (or a
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_client_commands(sub)
     _add_certs_commands(sub)
     _add_auth_commands(sub)
+    _add_keys_commands(sub)
     return p
 
 
@@ -65,6 +66,9 @@ def _add_server_commands(sub) -> None:
     up.add_argument("--auth", action="store_true",
                     help="require signed tokens from clients: writes DATA_DIR/auth/admin.token "
                          "(0600) beside the signing key (docs/security.md)")
+    up.add_argument("--no-encryption", action="store_true",
+                    help="store values in plaintext (by default they are encrypted at rest "
+                         "with the keyring DATA_DIR/keyring, made at the first start)")
     up.set_defaults(func=_cmd_up)
 
     serve = sub.add_parser("serve", help="run one node in the foreground")
@@ -171,6 +175,21 @@ def _add_certs_commands(sub) -> None:
     ci.add_argument("--force", action="store_true",
                     help="replace an existing CA (every certificate it signed stops working)")
     ci.set_defaults(func=_cmd_certs_init)
+
+
+def _add_keys_commands(sub) -> None:
+    keys = sub.add_parser("keys", help="encryption at rest: the keyring and data keys")
+    keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
+    ki = keys_sub.add_parser("init", help="make a keyring file (mode 0600): a random master "
+                                          "key; every node of a cluster needs the same file")
+    ki.add_argument("file")
+    ki.set_defaults(func=_cmd_keys_init)
+    _client_command(keys_sub, "rotate", "admin", _cmd_keys_rotate,
+                    help="add a data key through the log (new values are sealed with it), "
+                         "then seal every older value anew with it, printing progress")
+    _client_command(keys_sub, "status", "admin", _cmd_keys_status,
+                    help="print the data keys (active, known) and how many values each seals, "
+                         "as JSON")
 
 
 # -- client commands ----------------------------------------------------------------------------
@@ -474,6 +493,125 @@ def _cmd_auth_admin(args):
     return _run_client(go)
 
 
+def _cmd_keys_init(args):
+    from raftcache.plugins.security.encryption import make_keyring
+
+    try:
+        keyring = make_keyring(args.file)
+    except FileExistsError:
+        return _fail("InvalidRequest", f"{args.file} exists; a keyring is never replaced (the "
+                     "values it sealed could no longer be read)")
+    except OSError as exc:
+        return _fail("InvalidRequest", f"{args.file}: {exc.strerror}")
+    print(f"wrote keyring {args.file} (master key {keyring.master_id}, mode 0600); give every "
+          "node of the cluster this same file: [encryption] keyring = \"...\"")
+    return 0
+
+
+def _cmd_keys_status(args):
+    import json
+
+    def go():
+        with _client(args) as c:
+            print(json.dumps(c.admin("keys-status"), sort_keys=True))
+    return _run_client(go)
+
+
+def _cmd_keys_rotate(args):
+    def go():
+        with _client(args) as c:
+            rotated = c.admin("keys-rotate")
+            print(f"data key {rotated['key_id']} is active (was {rotated['previous']}); "
+                  "sealing older values anew", flush=True)
+            return _reseal_all(c)
+    return _run_client(go)
+
+
+def _reseal_all(client, passes: int = 3) -> int:
+    """keys-reseal page after page until a pass finds nothing left under an older key (a
+    pass can miss values that deletes moved behind it: up to `passes` passes)."""
+    import time
+
+    from raftcache import errors
+
+    progress = _Progress()
+    failing_since = None
+    try:
+        for _ in range(passes):
+            position, resealed = 0, 0
+            while True:
+                try:
+                    answer = client.admin("keys-reseal", str(position))
+                    failing_since = None
+                except errors.Unavailable:  # a leader change, a backend catching up
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > 30:
+                        raise
+                    time.sleep(0.2)
+                    continue
+                resealed += answer.get("result") or 0
+                position = answer["next"]
+                progress.update(position, answer["keys"], resealed)
+                if answer["done"]:
+                    break
+            status = client.admin("keys-status")
+            older = {k: n for k, n in (status.get("values") or {}).items()
+                     if k.isdigit() and int(k) != status["active"]}
+            if not older:
+                progress.close(f"done: no value is sealed under an older data key than "
+                               f"{status['active']}")
+                return 0
+            progress.note(f"{sum(older.values())} values still under older keys "
+                          f"({older}): another pass")
+    finally:
+        progress.close()
+    return _fail("Unavailable", "values under older data keys remain after "
+                                f"{passes} passes; run `raftcache keys rotate` again later")
+
+
+class _Progress:
+    """A progress bar (rich) on a terminal, plain lines otherwise."""
+
+    def __init__(self):
+        self.bar = None
+        self.task = None
+        self.last = 0.0
+        if sys.stdout.isatty():
+            try:
+                from rich.progress import Progress
+
+                self.bar = Progress(transient=False)
+                self.bar.start()
+                self.task = self.bar.add_task("resealing", total=None)
+            except ImportError:
+                self.bar = None
+
+    def update(self, position: int, total: int, resealed: int) -> None:
+        import time
+
+        if self.bar is not None:
+            self.bar.update(self.task, completed=position, total=total,
+                            description=f"resealed {resealed}")
+            return
+        now = time.monotonic()
+        if now - self.last >= 1.0 or position >= total:
+            self.last = now
+            print(f"resealed {resealed} values; at key {position} of {total}", flush=True)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self, text: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        if text:
+            print(text, flush=True)
+
+
 # -- servers ------------------------------------------------------------------------------------
 def _cmd_serve(args):
     return serve(args.config)
@@ -500,6 +638,12 @@ def serve(config_path: str, plugins=(), core=None, prepare=None) -> int:
         config = config_mod.load(config_path)
     except config_mod.ConfigError as exc:
         print(f"raftcache: {exc}", file=sys.stderr)
+        return 2
+    if config.encryption.enabled is None and not config.encryption.keyring:
+        # Encryption at rest is on by default: a node never stores plaintext by omission.
+        print(f"raftcache: {config.path}: encryption.keyring: missing: values are encrypted "
+              "at rest by default; name a keyring file (`raftcache keys init FILE` makes one) "
+              "or set enabled = false in [encryption]", file=sys.stderr)
         return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(

@@ -14,7 +14,7 @@ import time
 
 import attrs
 
-from raftcache.core.config import write_secret
+from raftcache.core.config import private_dir, write_secret
 from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_port, free_ports
 
 
@@ -146,6 +146,9 @@ class LocalCluster:
     # Clients need signed tokens (`raftcache up --auth`): a signing key and an admin token
     # under data_dir/auth, every node with [auth] required and the public key.
     auth: bool = False
+    # Values encrypted at rest with the keyring DATA_DIR/keyring (made at the first start);
+    # False writes `[encryption] enabled = false` (`raftcache up --no-encryption`).
+    encryption: bool = True
     # How a node process starts, before `--config PATH` (the fault suite runs its test-only
     # plugins and mutants through raftcache.testing.node instead).
     launcher: list = attrs.Factory(lambda: ["-m", "raftcache", "serve"])
@@ -211,6 +214,19 @@ class LocalCluster:
         """The token `up --auth` writes: subject "admin", admin on every key."""
         with open(self.auth_files()["admin.token"]) as f:
             return f.read().strip()
+    def keyring_path(self) -> str | None:
+        """The keyring every node seals values with (made at the first start, mode 0600,
+        kept after); None when encryption is off."""
+        if not self.encryption:
+            return None
+        from raftcache.plugins.security.encryption import make_keyring
+
+        path = os.path.join(private_dir(self.data_dir), "keyring")
+        try:
+            make_keyring(path)
+        except FileExistsError:
+            pass
+        return path
 
     def _server(self, node_id: int, need: ServerNeed):
         servers = self.servers.setdefault(node_id, {})
@@ -244,6 +260,8 @@ class LocalCluster:
             "storage": {"plugin": self.storage},
             "transport": transport,
             "backend": {"plugin": self.backend},
+            "encryption": ({"keyring": self.keyring_path()} if self.encryption
+                           else {"enabled": False}),
         }
         auth = self.auth_files()
         if auth:
@@ -256,10 +274,12 @@ class LocalCluster:
         return data
 
     def write_configs(self) -> None:
-        os.makedirs(self.data_dir, exist_ok=True)
+        private_dir(self.data_dir)
         for i in range(1, self.nodes + 1):
-            with open(self.config_path(i), "w") as f:
+            path = self.config_path(i)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
                 f.write(to_toml(self.node_config(i)))
+            os.chmod(path, 0o600)
 
     def start(self, node_id: int | None = None) -> None:
         """Start one node, or every node (writing their configs first)."""
@@ -270,11 +290,12 @@ class LocalCluster:
             return
         for server in self.servers.get(node_id, {}).values():
             server.start()  # no-op when it runs; the node needs it to load
-        log = open(self.log_path(node_id), "ab")
+        log = open(os.open(self.log_path(node_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                           0o600), "ab")
         self.processes[node_id] = subprocess.Popen(
             [sys.executable, *self.launcher, "--config", self.config_path(node_id),
              *self.node_args.get(node_id, ())],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=0o077,
             # Nodes die with `up` even when it is killed with -9 (PDEATHSIG follows the
             # forking thread, so only from the main thread).
             preexec_fn=die_with_parent
@@ -409,7 +430,8 @@ def run_local_cluster(args) -> int:
     cluster = LocalCluster(os.path.abspath(args.data_dir), nodes=args.nodes, host=args.host,
                            port=args.port, storage=args.storage, transport=args.transport,
                            backend=args.backend, extra=extra, insecure=args.insecure,
-                           auth=getattr(args, "auth", False))
+                           auth=getattr(args, "auth", False),
+                           encryption=not getattr(args, "no_encryption", False))
     stopping = []
 
     def on_signal(signum, frame):
@@ -469,6 +491,10 @@ def _describe_cluster(cluster: LocalCluster, args) -> None:
         print(f"  export RAFTCACHE_TOKEN=$(cat {auth['admin.token']})")
         print(f"and issue others with: raftcache token issue --data-dir {cluster.data_dir} "
               "--subject NAME --grant PREFIX=r|w|rw|admin")
+    if cluster.encryption and cluster.extra.get("encryption", {}).get("enabled") is not False:
+        print(f"values are encrypted at rest with the keyring {cluster.keyring_path()}")
+    else:
+        print("WARNING: --no-encryption: values are stored in plaintext", file=sys.stderr)
 
 
 def _wait_for_leader_or_failure(cluster: LocalCluster, timeout: float, stopping: list):

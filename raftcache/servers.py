@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import attrs
 
+from raftcache.core.config import private_dir
+
 
 class ServerError(RuntimeError):
     """A server would not start (missing binary, port taken, bad config): says which and why."""
@@ -59,6 +61,12 @@ def free_ports(n: int = 1, host: str = "127.0.0.1") -> int:
 
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)
+
+
+def _private_file(path: str) -> str:
+    """`path`, created empty with mode 0600 if it is not there yet."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    return path
 
 
 def die_with_parent() -> None:
@@ -110,17 +118,17 @@ class _LocalServer:
         if exe is None:
             raise ServerError(f"{self.executable} not found on PATH: install it (apt-get "
                               f"install -y {self.executable}; scripts/test does this)")
-        os.makedirs(self.dir, exist_ok=True)
+        private_dir(self.dir)  # owner-only: the server's files hold values
         chosen = self.port == 0
         for _ in range(5 if chosen else 1):
             if chosen:
                 self.port = free_port(self.host)
             # The death signal follows the thread that forked: only safe from the main thread.
             main = threading.current_thread() is threading.main_thread()
-            with open(self.log_path, "ab") as log:
+            with open(_private_file(self.log_path), "ab") as log:
                 self.process = subprocess.Popen(
                     self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True,
+                    stderr=subprocess.STDOUT, start_new_session=True, umask=0o077,
                     preexec_fn=die_with_parent if main else None,
                 )
             try:

@@ -19,6 +19,7 @@ import redis
 from raftcache import errors
 from raftcache.client import Client
 from raftcache.cluster import LocalCluster, free_port_block
+from raftcache.plugins.security.encryption import EncryptionCodec, read_keyring
 
 # Routes for the tests: a memcached route, a redis route, memory for the rest; keys of all three
 # share the prefix "inv/" so that one invalidate spans them.
@@ -86,17 +87,23 @@ def backend_options(cluster: LocalCluster, node: int, route: str | None = None) 
 
 
 def direct_get(cluster: LocalCluster, node: int, key: bytes, route: str | None = None):
-    """What an application reading the node's own server directly sees."""
+    """What an application reading the node's own server directly sees, opened with the
+    cluster's keyring when it is sealed (encryption at rest is on by default)."""
     options = backend_options(cluster, node, route)
     if "url" in options:
         with redis.Redis.from_url(options["url"]) as r:
-            return r.get(key)
-    host, port = options["address"].rsplit(":", 1)
-    c = pymemcache.Client((host, int(port)))
-    try:
-        return c.get(key)
-    finally:
-        c.close()
+            raw = r.get(key)
+    else:
+        host, port = options["address"].rsplit(":", 1)
+        c = pymemcache.Client((host, int(port)))
+        try:
+            raw = c.get(key)
+        finally:
+            c.close()
+    if raw is None or not cluster.encryption:
+        return raw
+    keyring = read_keyring(cluster.keyring_path())
+    return EncryptionCodec(keyring, dict).open(key, raw)  # data key 0: nothing rotated here
 
 
 def replicas_agree(cluster: LocalCluster, keys) -> dict:

@@ -226,7 +226,8 @@ def test_up_without_a_leader_in_time_exits_non_zero(tmp_path):
 def test_serve_with_bad_config_says_one_line(tmp_path):
     path = tmp_path / "node.toml"
     path.write_text('[node]\nid = 1\naddress = "127.0.0.1:1"\n[cluster]\npeers = { 1 = '
-                    '"127.0.0.1:1" }\n[transport]\nplugin = "carrier-pigeon"\n')
+                    '"127.0.0.1:1" }\n[transport]\nplugin = "carrier-pigeon"\n'
+                    '[encryption]\nenabled = false\n')
     result = raftcache("serve", "--config", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

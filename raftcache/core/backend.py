@@ -11,13 +11,31 @@ from .plugins import PluginError, PluginSet
 
 
 def make_backend(plugins: PluginSet, name: str, node_id: int, options: dict,
-                 where: str = "") -> Backend:
+                 where: str = "", plaintext: list | None = None) -> Backend:
     """The backend provider `name` made with `options`; ConfigError when the name is unknown or
     the options are refused, naming where they sit: `where` is the table holding ``plugin``
     and the options ("" for the ``[backend]`` section, whose options are ``backend.options``;
-    "backend.options.instances.x" for an instance of a composite)."""
+    "backend.options.instances.x" for an instance of a composite).
+
+    ``encrypt_values = false`` among the options (any backend, any instance of a composite)
+    is taken here, not by the plugin: the backend is wrapped so that its ``stores_plaintext``
+    answers True, and the options' place is appended to `plaintext`."""
     plugin_key, options_key = (f"{where}.plugin", where) if where else ("backend.plugin",
                                                                           "backend.options")
+    options = dict(options)
+    encrypt = options.pop("encrypt_values", True)
+    if type(encrypt) is not bool:
+        raise ConfigError(f"{options_key}.encrypt_values: expected true or false, got "
+                          f"{encrypt!r}")
+    backend = _make(plugins, name, node_id, options, where, plugin_key, options_key, plaintext)
+    if not encrypt:
+        if plaintext is not None:
+            plaintext.append(options_key)
+        return PlaintextBackend(backend)
+    return backend
+
+
+def _make(plugins, name, node_id, options, where, plugin_key, options_key, plaintext):
     try:
         provider = plugins.backend(name)
     except PluginError as exc:
@@ -25,11 +43,12 @@ def make_backend(plugins: PluginSet, name: str, node_id: int, options: dict,
     try:
         if provider.composite:
             def make(child: str, child_options: dict, child_where: str) -> Backend:
-                return make_backend(plugins, child, node_id, child_options, child_where)
+                return make_backend(plugins, child, node_id, child_options, child_where,
+                                    plaintext)
 
-            backend = provider.factory(node_id, dict(options), make)
+            backend = provider.factory(node_id, options, make)
         else:
-            backend = provider.factory(node_id, dict(options))
+            backend = provider.factory(node_id, options)
     except ConfigError as exc:
         # Plugins name their options "backend.options.x": say where these ones really are.
         message = str(exc)
@@ -73,3 +92,18 @@ class SimpleBackend:
 
     def close(self) -> None:
         self.inner.close()
+
+
+class PlaintextBackend:
+    """A backend whose options say ``encrypt_values = false``: values routed to it are stored
+    as the client wrote them (``stores_plaintext`` is True for every key); everything else is
+    the wrapped backend's."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def stores_plaintext(self, key: bytes) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

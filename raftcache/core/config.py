@@ -356,3 +356,23 @@ def write_secret(path: str) -> None:
         return
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
+
+
+def private_dir(path: str) -> str:
+    """Make directory `path` and any missing parents owner-only (0700, whatever the umask);
+    directories already there are left as they are. Returns `path`."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)
+    return missing[0] if missing else path

@@ -56,6 +56,7 @@ from .messages import Entry, HardState, Message, Snapshot
 # the replicated settings access checks and codecs read.
 from .statemachine import Change as Change
 from .statemachine import Setting as Setting
+from .statemachine import ValueCodecError as ValueCodecError
 
 if TYPE_CHECKING:
     from .node import Node
@@ -161,6 +162,14 @@ class Backend(Protocol):
 
     A backend with only ``get``, ``set``, ``delete`` and ``clear`` (the first version of this
     protocol) still works: the node wraps it (`raftcache.plugins.backend.simple`).
+
+    Optional: ``stores_plaintext(key) -> bool``, whether values under `key` must be stored as
+    the client wrote them (a farm applications read directly): the encryption codec asks it
+    for every value it seals or opens, so it must be a pure function of the key and the
+    config, the same on every node. Any backend's options may say ``encrypt_values = false``:
+    the node takes that option itself and wraps the backend so that it answers True
+    (`raftcache.core.backend.PlaintextBackend`); a composite backend (``hybrid``) answers for
+    the instance the key is routed to.
     """
 
     def open(self, owner: str) -> int | None:
@@ -204,7 +213,8 @@ class ValueCodec(Protocol):
     on the node that serves a read, and inside the state machine for ``incr`` (which must read
     a number). Both must be pure functions of their arguments and the codec's keys: `decode`
     runs on every replica for ``incr``. `encode` may be randomized (a nonce) - exactly-once
-    retries compare writes without their values.
+    retries compare writes without their values. `decode` raises `ValueCodecError` for a blob
+    it cannot open (the node answers that read Unavailable, naming the problem).
     """
 
     def encode(self, key: bytes, value: bytes) -> bytes: ...
@@ -430,6 +440,7 @@ def raftcache_value_codecs(node: Node) -> Iterable[ValueCodec]:
     order (entry-point plugins by name, then extra plugins; within a plugin, in the order it
     yields them), before it reaches the log, snapshots and backends, and decoded in the reverse
     order when read. Codecs must be the same on every node of a cluster.
+    `raftcache.plugins.security.encryption` is the built-in one (encryption at rest).
     """
 
 

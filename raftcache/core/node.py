@@ -48,6 +48,7 @@ from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOpt
 from raftcache.core.statemachine import (
     ApplyError,
     StateMachine,
+    ValueCodecError,
     check_snapshot,
     decode_value,
     encode_value,
@@ -106,8 +107,11 @@ class Node:
                                             transport_options)
         self._check_request_limit(getattr(self.transport, "max_frame", None))
         self._connect = transport_p.connect
+        # Where values are stored as they were written, without sealing (`encrypt_values =
+        # false`: farms that applications read directly); value codecs ask the backend per key.
+        self.plaintext_routes: list[str] = []
         backend = make_backend(plugins, config.backend.plugin, self.id,
-                               dict(config.backend.options))
+                               dict(config.backend.options), plaintext=self.plaintext_routes)
         # Value codecs (encryption, compression) in plugin registration order: pluggy calls
         # the last registered plugin first.
         self.codecs = tuple(c for codecs in reversed(self.pm.hook.raftcache_value_codecs(node=self))
@@ -748,7 +752,12 @@ class Node:
         found = self._read_local(keys)
         if isinstance(found, api.Response):
             return found
-        results = [_get_result(self._decode(k, f)) for k, f in zip(keys, found, strict=True)]
+        try:
+            results = [_get_result(self._decode(k, f)) for k, f in zip(keys, found, strict=True)]
+        except ValueCodecError as exc:  # altered here, perhaps intact on another node
+            self._backend_log.warning("codec", "a stored value cannot be opened: %s", exc)
+            return api.error("Unavailable", f"this node cannot open a stored value: {exc}; "
+                             "try another node")
         if request.op == "get":
             return api.Response(result=results[0])
         return api.Response(results=results)

@@ -83,6 +83,13 @@ class SnapshotError(ValueError):
     """`restore()` was given bytes that are not a state machine snapshot."""
 
 
+class ValueCodecError(Exception):
+    """A value codec cannot turn a stored value back into the client's (a sealed value that
+    fails to open: altered, moved to another key, or sealed with a key this node lacks). The
+    node answers such a read Unavailable with the codec's message; an incr or append that meets
+    one treats the value as lost on this replica, like an evicted one."""
+
+
 @attrs.frozen(slots=True)
 class ApplyError:
     """A write that applied as a refusal, the same way on every replica.
@@ -345,14 +352,21 @@ class StateMachine:
             return None, None
         staged = self._staged.get(key)
         blob = staged[0] if staged is not None else stored
-        if blob is None:
-            # The backend evicted it (Memcached). Other replicas may still hold it, so bump
-            # the version like they do and keep the value unknown here: a miss.
-            self._catalog[key] = KeyMeta(index, meta.expiry)
-            return ApplyError("OutcomeUnknown", f"the value of {key!r} was evicted from this "
-                                                f"node's backend; the {what} applied but its "
-                                                "result is unknown")
-        return decode_value(self.codecs, key, blob), meta.expiry
+        if blob is not None:
+            try:
+                return decode_value(self.codecs, key, blob), meta.expiry
+            except ValueCodecError as exc:
+                # Altered in this node's backend (the others may hold it intact): drop it
+                # here, so that it reads as missing, and carry on as after an eviction.
+                problem = f"cannot be opened on this node ({exc})"
+                self._change(key, None, None)
+        else:
+            problem = "was evicted from this node's backend"
+        # Other replicas may still hold it, so bump the version like they do and keep the
+        # value unknown here: a miss.
+        self._catalog[key] = KeyMeta(index, meta.expiry)
+        return ApplyError("OutcomeUnknown", f"the value of {key!r} {problem}; the {what} "
+                                            "applied but its result is unknown")
 
     # -- the catalog --------------------------------------------------------------------------
     def _live(self, key: bytes, now: int) -> KeyMeta | None:

@@ -22,6 +22,8 @@ in memory (examples/hybrid/hybrid.toml)::
 - ``routes``: tried in order, the first that matches a key wins. ``match`` is a glob when it
   holds ``*``, ``?`` or ``[`` (matched against the whole key, bytewise), else a key prefix.
 - ``default``: the instance for keys no route matches.
+- ``encrypt_values = false`` in an instance's table: values routed there are stored unsealed
+  even when encryption at rest is on (a farm applications read directly; docs/backends.md).
 
 Routing is a pure function of the key, so every replica routes alike. Each apply batch goes to
 every instance it touches (an instance down stalls the node's applies until it is back, so
@@ -63,6 +65,12 @@ class HybridBackend:
             if matches(key):
                 return name
         return self.default
+
+    def stores_plaintext(self, key: bytes) -> bool:
+        """Whether `key`'s route opted out of encryption at rest (``encrypt_values = false`` in
+        its instance's table): a pure function of the key and the config, like routing."""
+        asks = getattr(self.instances[self.route(key)], "stores_plaintext", None)
+        return bool(asks is not None and asks(key))
 
     def _split(self, changes: Iterable[Change]) -> dict[str, list[Change]]:
         parts: dict[str, list[Change]] = {}

@@ -1,4 +1,2 @@
-"""Security plugins: signed client tokens and role-based access control (`rbac`).
-
-See docs/security.md, "Client authentication and access control".
-"""
+"""Security plugins: signed client tokens and access control (`rbac`), values encrypted at
+rest (`encryption`). See docs/security.md."""

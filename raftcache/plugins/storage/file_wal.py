@@ -50,7 +50,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from raftcache.core.config import OptionError, parse_options
+from raftcache.core.config import OptionError, parse_options, private_dir
 from raftcache.core.hookspecs import StorageProvider, hookimpl
 from raftcache.core.messages import Entry, EntryType, HardState, Snapshot
 from raftcache.plugins.storage.records import decode_meta, encode_meta
@@ -208,7 +208,7 @@ class FileWALStorage:
         self._failed: BaseException | None = None
         for d in (self.dir, self.wal_dir):
             if not os.path.isdir(d):
-                os.makedirs(d, exist_ok=True)
+                private_dir(d)  # owner-only: it holds every value written
                 self._fsync_dir(os.path.dirname(d))
 
     # -- the Storage protocol --------------------------------------------------------------------
@@ -401,7 +401,7 @@ class FileWALStorage:
     def _new_segment(self) -> _Segment:
         self._seq = seq = self._seq + 1  # names are never reused while we run
         seg = _Segment(seq, os.path.join(self.wal_dir, f"{seq:020d}.seg"))
-        self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         self._segs.append(seg)
         self._dir_dirty = True
         self._fresh = True
@@ -463,7 +463,7 @@ class FileWALStorage:
         """Replace `name` as a whole: readers see the old file or the new, never a mix."""
         path = os.path.join(self.dir, name)
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(blob)
             while view:

@@ -42,7 +42,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from raftcache.core.config import ConfigError, OptionError, parse_options, positive, redact_url
+from raftcache.core.config import (
+    ConfigError,
+    OptionError,
+    parse_options,
+    positive,
+    private_dir,
+    redact_url,
+)
 from raftcache.core.hookspecs import StorageProvider, hookimpl
 from raftcache.core.messages import (
     Entry,
@@ -389,11 +396,11 @@ class RedisAofStorage:
     def _write_marker(self, confirmed: bool) -> None:
         # temp file, fsync, rename, fsync of the directory: the marker is whole or absent.
         directory = os.path.dirname(self.marker)
-        os.makedirs(directory, exist_ok=True)
+        private_dir(directory)
         tmp = self.marker + ".tmp"
         body = {"token": self.token, "url": self.where, "keys": f"{self.prefix}:*",
                 "confirmed": confirmed}
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(body, f)
             f.flush()
             os.fsync(f.fileno())

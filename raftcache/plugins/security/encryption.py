@@ -1,0 +1,448 @@
+"""Values encrypted at rest: the ``encryption`` value codec, its keyring and the ``keys-*``
+admin actions (docs/security.md, "Encryption at rest").
+
+Keyring file (JSON, mode 0600, the same on every node of a cluster; `raftcache keys init`)::
+
+    {"format": "raftcache-keyring", "version": 1,
+     "master": {"id": 1, "key": "<32 random bytes, base64>"}}
+
+Data keys seal the values. Key 0 is derived from the master key (HKDF-SHA256), so a new
+cluster needs nothing in its log. ``raftcache keys rotate`` draws key n+1 at the leader and
+commits it wrapped with the master key as the replicated setting ``keys.<n>``::
+
+    wrapped := 0x01 | master id u32 BE | nonce 12 | AES-256-GCM(master, nonce, data key,
+               aad = "raftcache-data-key-1" | master id | n)
+
+The active data key is the highest id among them; older ones stay, so older values still
+open. A sealed value::
+
+    blob := 0xE1 | key id u32 BE | nonce 12 | AES-256-GCM(data key, nonce, value,
+            aad = "raftcache-value-1" | 0xE1 | key id | cache key)
+
+The cache key in the associated data makes a value copied under another key fail to open; the
+nonce is random for every seal.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import struct
+import weakref
+from collections.abc import Callable, Mapping
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from raftcache.core.config import Config, ConfigError
+from raftcache.core.hookspecs import Configure, ValueCodecError, hookimpl
+from raftcache.core.statemachine import decode_value, encode_value
+
+KEYRING_FORMAT = "raftcache-keyring"
+KEYRING_VERSION = 1
+MAGIC = 0xE1
+_HEADER = struct.Struct(">BI")  # magic, data key id
+NONCE_BYTES = 12
+TAG_BYTES = 16
+OVERHEAD = _HEADER.size + NONCE_BYTES + TAG_BYTES  # 33 bytes a sealed value adds
+_VALUE_AAD = b"raftcache-value-1"
+_WRAP_AAD = b"raftcache-data-key-1"
+_WRAP_VERSION = 1
+_WRAPPED = struct.Struct(">BI")  # wrap version, master key id
+SETTING_PREFIX = "keys."
+MAX_KEY_ID = (1 << 32) - 1
+RESEAL_PAGE = 256  # keys a keys-reseal call reads at a time
+RESEAL_SCAN = 4096  # keys one keys-reseal call looks at, at most, before it answers
+STATUS_LIMIT = 100_000  # keys-status counts values by key id up to this many keys
+
+
+class KeyringError(ConfigError):
+    """A keyring file that cannot be used (missing, readable by others, malformed)."""
+
+
+# ================================================================================================
+# The keyring file
+# ================================================================================================
+class Keyring:
+    """The master key (`id`, 32 bytes) of a keyring file."""
+
+    def __init__(self, master_id: int, master_key: bytes, path: str = ""):
+        if not 0 <= master_id <= MAX_KEY_ID or len(master_key) != 32:
+            raise ValueError("a master key is 32 bytes with an id in [0, 2**32)")
+        self.master_id = master_id
+        self.master_key = master_key
+        self.path = path
+
+
+def make_keyring(path: str, master_id: int = 1) -> Keyring:
+    """A new keyring file at `path` (mode 0600, 32 random bytes); FileExistsError when one is
+    there: a keyring is never replaced (what it sealed could no longer be read)."""
+    key = os.urandom(32)
+    body = {"format": KEYRING_FORMAT, "version": KEYRING_VERSION,
+            "master": {"id": master_id, "key": base64.b64encode(key).decode()}}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(body, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return Keyring(master_id, key, path)
+
+
+def read_keyring(path: str, config: Config | None = None) -> Keyring:
+    """The keyring in `path`; KeyringError (a ConfigError naming ``encryption.keyring`` when
+    `config` is given) when it is missing, readable by group or others, or malformed."""
+    def fail(problem: str) -> KeyringError:
+        message = f"{path}: {problem}"
+        if config is not None:
+            message = f"{config.path}: encryption.keyring: {message}"
+        return KeyringError(message)
+
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(1 << 16)
+    except FileNotFoundError:
+        raise fail(f"no such keyring file (`raftcache keys init {path}` makes one; "
+                   "`raftcache up` makes DATA_DIR/keyring)") from None
+    except OSError as exc:
+        raise fail(f"cannot read the keyring: {exc.strerror}") from None
+    if mode & 0o077:
+        raise fail(f"the keyring is readable by others (mode {mode & 0o777:04o}); "
+                   f"chmod 600 {path}")
+    try:
+        body = json.loads(raw)
+        if body.get("format") != KEYRING_FORMAT:
+            raise ValueError(f"not a raftcache keyring (format {body.get('format')!r})")
+        if body.get("version") != KEYRING_VERSION:
+            raise ValueError(f"keyring version {body.get('version')!r} (this build reads "
+                             f"{KEYRING_VERSION})")
+        master = body["master"]
+        master_id = master["id"]
+        if type(master_id) is not int:
+            raise ValueError("master.id must be an integer")
+        key = base64.b64decode(master["key"], validate=True)
+        return Keyring(master_id, key, path)
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        raise fail(f"malformed keyring: {exc}") from None
+
+
+# ================================================================================================
+# The codec
+# ================================================================================================
+def key_id_of(blob: bytes) -> int | None:
+    """The data key id a sealed blob names, or None when it is not a sealed blob."""
+    if len(blob) < OVERHEAD or blob[0] != MAGIC:
+        return None
+    return _HEADER.unpack_from(blob)[1]
+
+
+def setting_name(key_id: int) -> str:
+    return f"{SETTING_PREFIX}{key_id}"
+
+
+def data_key_ids(settings: Mapping) -> list[int]:
+    """The ids of the data keys in the replicated settings, and 0 (derived)."""
+    ids = {0}
+    for name in settings:
+        if name.startswith(SETTING_PREFIX) and name[len(SETTING_PREFIX):].isdigit():
+            ids.add(int(name[len(SETTING_PREFIX):]))
+    return sorted(ids)
+
+
+class EncryptionCodec:
+    """Seals values with the active data key; opens them with the key their blob names.
+
+    `settings()` returns the replicated settings (``node.sm.settings``) where wrapped data keys
+    live; `plaintext(key)`, when given, says whether `key`'s backend route opted out.
+    """
+
+    def __init__(self, keyring: Keyring, settings: Callable[[], Mapping],
+                 plaintext: Callable[[bytes], bool] | None = None):
+        self.keyring = keyring
+        self._settings = settings
+        self._plaintext = plaintext
+        self._master = AESGCM(keyring.master_key)
+        derived = HKDF(hashes.SHA256(), 32, salt=None,
+                       info=b"raftcache data key 0|master %d" % keyring.master_id)
+        self._keys: dict[int, tuple[bytes | None, AESGCM]] = {
+            0: (None, AESGCM(derived.derive(keyring.master_key)))}
+        self._active = 0
+
+    # -- data keys ---------------------------------------------------------------------------
+    def active_id(self) -> int:
+        """The highest data key id in the settings (0: the derived key). Rotation adds ids one
+        at a time, so this checks the one it knows and looks one further."""
+        settings = self._settings()
+        active = self._active
+        if active and setting_name(active) not in settings:  # settings went back (a rebuild)
+            active = data_key_ids(settings)[-1]
+        while setting_name(active + 1) in settings:
+            active += 1
+        self._active = active
+        return active
+
+    def _aead(self, key_id: int) -> AESGCM:
+        if key_id == 0:
+            return self._keys[0][1]
+        setting = self._settings().get(setting_name(key_id))
+        cached = self._keys.get(key_id)
+        if setting is None:
+            known = ", ".join(map(str, data_key_ids(self._settings())))
+            raise ValueCodecError(f"sealed with data key {key_id}, which this node does not "
+                                  f"know (known: {known})")
+        if cached is not None and cached[0] == setting.value:
+            return cached[1]
+        aead = AESGCM(self.unwrap(key_id, setting.value))
+        self._keys[key_id] = (setting.value, aead)
+        return aead
+
+    def wrap(self, key_id: int, data_key: bytes) -> bytes:
+        header = _WRAPPED.pack(_WRAP_VERSION, self.keyring.master_id)
+        nonce = os.urandom(NONCE_BYTES)
+        return header + nonce + self._master.encrypt(nonce, data_key,
+                                                     self._wrap_aad(key_id))
+
+    def _wrap_aad(self, key_id: int) -> bytes:
+        return b"%s|%d|%d" % (_WRAP_AAD, self.keyring.master_id, key_id)
+
+    def unwrap(self, key_id: int, wrapped: bytes) -> bytes:
+        if len(wrapped) < _WRAPPED.size + NONCE_BYTES + TAG_BYTES + 32:
+            raise ValueCodecError(f"data key {key_id} in the settings is malformed")
+        version, master_id = _WRAPPED.unpack_from(wrapped)
+        if version != _WRAP_VERSION or master_id != self.keyring.master_id:
+            raise ValueCodecError(
+                f"data key {key_id} is wrapped with master key {master_id}, this node's "
+                f"keyring ({self.keyring.path}) holds master key {self.keyring.master_id}")
+        nonce = wrapped[_WRAPPED.size:_WRAPPED.size + NONCE_BYTES]
+        try:
+            return self._master.decrypt(nonce, wrapped[_WRAPPED.size + NONCE_BYTES:],
+                                        self._wrap_aad(key_id))
+        except InvalidTag:
+            raise ValueCodecError(
+                f"data key {key_id} does not unwrap with this node's master key "
+                f"{self.keyring.master_id} ({self.keyring.path}): is its keyring the same "
+                "file as the other nodes'?") from None
+
+    # -- ValueCodec ----------------------------------------------------------------------------
+    def encode(self, key: bytes, value: bytes) -> bytes:
+        if self._plaintext is not None and self._plaintext(key):
+            return value
+        return self.seal(key, value, self.active_id())
+
+    def decode(self, key: bytes, blob: bytes) -> bytes:
+        if self._plaintext is not None and self._plaintext(key):
+            return blob
+        return self.open(key, blob)
+
+    def seal(self, key: bytes, value: bytes, key_id: int) -> bytes:
+        header = _HEADER.pack(MAGIC, key_id)
+        nonce = os.urandom(NONCE_BYTES)
+        return header + nonce + self._aead(key_id).encrypt(nonce, value,
+                                                           _VALUE_AAD + header + key)
+
+    def open(self, key: bytes, blob: bytes) -> bytes:
+        key_id = key_id_of(blob)
+        if key_id is None:
+            raise ValueCodecError(f"the stored value of {key!r} is not a sealed value "
+                                  f"({len(blob)} bytes)")
+        aead = self._aead(key_id)
+        nonce = blob[_HEADER.size:_HEADER.size + NONCE_BYTES]
+        try:
+            return aead.decrypt(nonce, blob[_HEADER.size + NONCE_BYTES:],
+                                _VALUE_AAD + blob[:_HEADER.size] + key)
+        except InvalidTag:
+            raise ValueCodecError(f"the stored value of {key!r} fails to open with data key "
+                                  f"{key_id}: it was altered, or sealed for another key") from None
+
+
+# ================================================================================================
+# Hooks
+# ================================================================================================
+# node -> its codec (several nodes may share a process in tests)
+_CODECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def enabled(config: Config) -> bool:
+    """Whether `config` turns encryption at rest on: a keyring, and not ``enabled = false``."""
+    return config.encryption.enabled is not False and bool(config.encryption.keyring)
+
+
+def _plaintext_lookup(node) -> Callable[[bytes], bool] | None:
+    if not node.plaintext_routes:
+        return None
+
+    def plaintext(key: bytes) -> bool:
+        asks = getattr(node.sm.backend, "stores_plaintext", None)
+        return bool(asks is not None and asks(key))
+    return plaintext
+
+
+@hookimpl
+def raftcache_value_codecs(node):
+    if not enabled(node.config):
+        return ()
+    keyring = read_keyring(node.config.encryption.keyring, node.config)
+    codec = EncryptionCodec(keyring, lambda: node.sm.settings, _plaintext_lookup(node))
+    _CODECS[node] = codec
+    if node.plaintext_routes:
+        node.log.warning("encryption at rest: values routed to %s are stored in plaintext "
+                         "(encrypt_values = false), in the log and snapshots too",
+                         ", ".join(node.plaintext_routes))
+    return (codec,)
+
+
+@hookimpl
+def raftcache_node_started(node):
+    codec = _CODECS.get(node)
+    if codec is not None:
+        node.log.info("encryption at rest: AES-256-GCM, master key %d (%s), data key %d active",
+                      codec.keyring.master_id, codec.keyring.path, codec.active_id())
+    elif node.config.encryption.enabled is False:
+        node.log.warning("encryption at rest is off ([encryption] enabled = false): values "
+                         "are stored in plaintext")
+
+
+@hookimpl
+def raftcache_check_command(command, settings):
+    """Data keys are written once: a Configure that would replace or remove one is refused
+    (two rotations racing for the same id must not leave values sealed under a key that was
+    then replaced). Deterministic: it reads only the entry and the replicated settings."""
+    if type(command) is Configure:
+        for name, _value in command.items:
+            if name.startswith(SETTING_PREFIX) and name in settings:
+                return (f"data key {name[len(SETTING_PREFIX):]} exists; data keys are never "
+                        "replaced or removed (retry the rotation)")
+    return None
+
+
+def _codec(node) -> EncryptionCodec:
+    codec = _CODECS.get(node)
+    if codec is None:
+        raise ValueError("encryption at rest is off on this node (no [encryption] keyring)")
+    return codec
+
+
+def _position(args) -> int:
+    if not args:
+        return 0
+    try:
+        start = int(bytes(args[0]).decode())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"keys-reseal takes a position (an integer), got {args[0]!r}") from None
+    if start < 0:
+        raise ValueError("keys-reseal's position must not be negative")
+    return start
+
+
+@hookimpl
+def raftcache_admin(node, action, args):
+    if action == "keys-rotate":
+        codec = _codec(node)
+        if args:
+            raise ValueError("keys-rotate takes no arguments")
+        active = codec.active_id()
+        new_id = data_key_ids(node.sm.settings)[-1] + 1
+        if new_id > MAX_KEY_ID:
+            raise ValueError("no data key id left")
+        wrapped = codec.wrap(new_id, os.urandom(32))
+        return Configure(((setting_name(new_id), wrapped),)), {"key_id": new_id,
+                                                               "previous": active}
+    if action == "keys-reseal":
+        return _reseal(node, _codec(node), _position(args))
+    if action == "keys-status":
+        if args:
+            raise ValueError("keys-status takes no arguments")
+        return _status(node, _codec(node))
+    return None
+
+
+def _read(node, keys) -> list:
+    """(stored blob, version) or None for each key, read between apply batches like a client
+    read (a blob read while a batch is half applied could pair a new version with an old
+    value, and a Reseal of that would bring the old value back)."""
+    found = node._read_local(keys)
+    if not isinstance(found, list):  # an error Response: the backend is down or catching up
+        raise RuntimeError(f"cannot read the stored values: {found.error}: {found.reason}")
+    return found
+
+
+def _layers(node, codec: EncryptionCodec):
+    """The codecs outside this one (registered after it): a stored blob is theirs first."""
+    codecs = tuple(node.codecs)
+    return codecs[codecs.index(codec) + 1:]
+
+
+def _reseal(node, codec: EncryptionCodec, start: int):
+    """The next values after position `start` (write order) sealed under an older data key,
+    sealed anew under the active one: a Reseal of them and where to go on."""
+    from raftcache.core.commands import Reseal
+
+    active = codec.active_id()
+    outer = _layers(node, codec)
+    budget = node.config.node.max_request_bytes // 2  # one Reseal entry must fit the log
+    items, size, scanned, unreadable = [], 0, 0, 0
+    position = start
+    total = len(node.sm)
+    while position < total and scanned < RESEAL_SCAN and not items:
+        keys = node.sm.keys_at(position, RESEAL_PAGE)
+        if not keys:
+            break
+        for key, got in zip(keys, _read(node, keys), strict=True):
+            if size >= budget:
+                break
+            position += 1
+            scanned += 1
+            if got is None or (codec._plaintext is not None and codec._plaintext(key)):
+                continue
+            blob, version = got
+            try:
+                inner = decode_value(outer, key, blob)
+                key_id = key_id_of(inner)
+                if key_id is None or key_id == active:
+                    continue
+                new = encode_value(outer, key, codec.seal(key, codec.open(key, inner), active))
+            except ValueCodecError:
+                unreadable += 1
+                continue
+            items.append((key, version, new))
+            size += len(key) + len(new) + 16
+        if size >= budget:
+            break
+    report = {"active": active, "next": position, "done": position >= total,
+              "scanned": scanned, "keys": total, "unreadable": unreadable}
+    if items:
+        return Reseal(tuple(items)), report
+    return {**report, "result": 0}
+
+
+def _status(node, codec: EncryptionCodec) -> dict:
+    settings = node.sm.settings
+    report = {"active": codec.active_id(), "known": data_key_ids(settings),
+              "master": codec.keyring.master_id, "keys": len(node.sm),
+              "plaintext_routes": list(node.plaintext_routes)}
+    if len(node.sm) > STATUS_LIMIT:
+        report["values"] = None  # too many to count on the leader's loop
+        return report
+    outer = _layers(node, codec)
+    counts: dict[str, int] = {}
+    for position in range(0, len(node.sm), 1000):
+        keys = node.sm.keys_at(position, 1000)
+        for key, got in zip(keys, _read(node, keys), strict=True):
+            if got is None:
+                continue
+            if codec._plaintext is not None and codec._plaintext(key):
+                name = "plaintext"
+            else:
+                try:
+                    key_id = key_id_of(decode_value(outer, key, got[0]))
+                except ValueCodecError:
+                    key_id = None
+                name = "unreadable" if key_id is None else str(key_id)
+            counts[name] = counts.get(name, 0) + 1
+    report["values"] = counts
+    return report
