@@ -1,5 +1,5 @@
 .PHONY: test lint sim sim-long jepsen jepsen-long jepsen-backends fuzz demo bench bench-failover \
-	bench-storage bench-latency bench-backends
+	bench-storage bench-latency bench-backends bench-security
 
 test:
 	scripts/test
@@ -53,4 +53,8 @@ bench-latency:
 bench-backends:
 	scripts/bootstrap && .venv/bin/python examples/bench_backends.py
 
-bench: bench-storage bench-latency bench-failover bench-backends
+bench: bench-storage bench-latency bench-failover bench-backends bench-security
+
+# the throughput cost of auth (signed tokens) plus encryption at rest: off vs on, 3 nodes
+bench-security:
+	scripts/bootstrap && .venv/bin/python examples/bench_security.py

@@ -54,13 +54,13 @@ def key_names() -> list[str]:
 
 
 def connect(target: dict, clients: int) -> tuple[Callable, Callable]:
-    """(set(key), get(key)) for a target: {"kind": raftcache|redis|memcached, "address": ...};
-    safe to share between greenlets."""
+    """(set(key), get(key)) for a target: {"kind": raftcache|redis|memcached, "address": ...,
+    and for raftcache perhaps "token"}; safe to share between greenlets."""
     kind, address = target["kind"], target["address"]
     if kind == "raftcache":
         from raftcache.client import Client
 
-        c = Client(address, timeout=10.0, transport="thrift")
+        c = Client(address, token=target.get("token"), timeout=10.0, transport="thrift")
         return (lambda key: c.set(key, VALUE)), c.get
     host, port = address.rsplit(":", 1)
     if kind == "redis":

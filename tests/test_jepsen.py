@@ -355,6 +355,19 @@ def test_the_suite_catches_an_older_value_on_a_memcached_route(tmp_path):
     assert registers & {"not-linearizable", "version-conflict"}
 
 
+def test_auth_required_and_values_encrypted_under_every_fault(tmp_path):
+    """The fault suite with tokens required (the workload's grant rw on every key, the
+    nemesis' admin: membership changes and transfers) and values sealed at rest."""
+    proc, s = run_jepsen(tmp_path, "--auth", "--nemesis", "all", "--time", 15, "--nodes", 5,
+                         "--clients", 8, "--seed", 3, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert s["anomalies"] == [] and "auth required, values encrypted" in proc.stdout
+    assert (s["auth"], s["encryption"]) == (True, True)
+    assert sum(s["faults"].values()) >= 3 and s["nemesis_errors"] == 0, s
+    for kind in ("read", "write", "cas", "incr"):
+        assert s["by_kind"][kind].get("ok", 0) > 50, s["by_kind"]
+
+
 def test_list_and_bad_arguments():
     out = subprocess.run([sys.executable, "-m", "raftcache.testing.jepsen", "--list"],
                          capture_output=True, text=True, timeout=60)

@@ -592,6 +592,8 @@ class Options:
     compose: float = 0.3  # chance that a second fault joins the first
     settings: tuple = ()  # "section.key=value" config overrides
     mutant: str = ""
+    auth: bool = False  # tokens required: the workload's grants rw, the nemesis' admin
+    encryption: bool = True  # values sealed at rest (a keyring in the cluster's dir)
     dir: str | None = None  # keep everything here (default: a temp dir, kept on anomalies)
     history: str | None = None  # where to write the history (default: dir/history.jsonl)
 
@@ -632,6 +634,7 @@ class Run:
         self.stopping = False
         self._next_op = 0.0
         self._status_client = None
+        self.tokens: dict = {}  # with --auth: "workload" (rw on every key) and "admin"
         self.verbose = False
         self.t0 = time.monotonic()
         self.cluster = None
@@ -670,11 +673,18 @@ class Run:
             launcher += ["--mutant", o.mutant]
         self.cluster = LocalCluster(self.dir, nodes=self.nodes, port=port, storage=storage,
                                     transport=o.transport, backend=o.backend, hosts=hosts,
-                                    extra=extra, launcher=launcher)
+                                    extra=extra, launcher=launcher, auth=o.auth,
+                                    encryption=o.encryption)
         self.net = relay.RelayNet({i: self.cluster.address(i) for i in self.node_ids()}, self.rng)
         self.cluster.routes = self.net.routes()
         self.cluster.start()
         self.cluster.wait_for_leader(timeout=30)
+        if o.auth:
+            from raftcache.plugins.security import tokens
+
+            key = tokens.load_private_key(self.cluster.auth_files()["signing.key"])
+            self.tokens = {"workload": tokens.issue(key, "jepsen", {"": "rw"}),
+                           "admin": self.cluster.admin_token()}
 
     def key_name(self, stem: str, n: int) -> str:
         """Key n of the register ("k") or counter ("c") keys, on its route's prefix."""
@@ -690,13 +700,16 @@ class Run:
     def live(self) -> list[int]:
         return [n for n in self.node_ids() if n not in self.down] or self.node_ids()
 
-    def client(self, endpoints=None, timeout: float | None = None):
+    def client(self, endpoints=None, timeout: float | None = None, admin: bool = False):
+        """A client of the cluster; with --auth it carries the workload's token (reads and
+        writes on every key), or the admin token (the nemesis' membership changes)."""
         from raftcache.client import Client
         from raftcache.core.hookspecs import TLSConfig
 
         tls = self.cluster.tls_files()
         return Client(endpoints or self.cluster.endpoints(), timeout=timeout or self.opts.op_timeout,
-                      transport=self.opts.transport, tls=TLSConfig(**tls) if tls else None)
+                      transport=self.opts.transport, tls=TLSConfig(**tls) if tls else None,
+                      token=self.tokens.get("admin" if admin else "workload"))
 
     # -- process control (the nemeses' hands) -------------------------------------------------------
     def kill(self, n: int) -> None:
@@ -748,7 +761,7 @@ class Run:
 
     def admin(self, action) -> str:
         try:
-            with self.client(timeout=3.0) as c:
+            with self.client(timeout=3.0, admin=True) as c:
                 action(c)
             return "done"
         except Exception as exc:
@@ -1075,7 +1088,8 @@ class Run:
         summary = {
             "seed": o.seed, "seconds": round(time.monotonic() - started, 1), "nodes": o.nodes,
             "transport": o.transport, "storage": o.storage, "backend": o.backend,
-            "read": o.read, "nemesis": names, "mutant": o.mutant,
+            "read": o.read, "nemesis": names, "mutant": o.mutant, "auth": o.auth,
+            "encryption": o.encryption,
             "ops": {s: sum(1 for op in ops if op.status is Status(s))
                     for s in ("ok", "fail", "info")},
             "by_kind": {str(k): Counter(str(op.status) for op in ops if op.kind is k)
@@ -1107,6 +1121,8 @@ def percentiles(seconds: list[float]) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"raftcache jepsen: seed {s['seed']}, {s['seconds']} s, {s['nodes']} nodes, "
              f"{s['transport']}, {s['storage']}, {s['backend']} backend, reads {s['read']}"
+             + (", auth required" if s.get("auth") else "")
+             + (", values encrypted" if s.get("encryption") else "")
              + (f", MUTANT {s['mutant']}" if s["mutant"] else "")]
     lines.append("")
     lines.append(f"  {'operation':<10}{'ok':>8}{'fail':>8}{'info':>8}"
@@ -1160,6 +1176,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="settings", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a node setting, e.g. "
                                                      "raft.check_quorum=false")
+    p.add_argument("--auth", action="store_true",
+                   help="require signed tokens (the workload's grant rw on every key; the "
+                        "nemesis uses the admin token)")
+    p.add_argument("--no-encryption", dest="encryption", action="store_false",
+                   help="store values as written (default: sealed with the cluster's keyring)")
     p.add_argument("--mutant", default="", help="TEST-ONLY: run a deliberately broken core")
     p.add_argument("--dir", help="keep the cluster's files and the history here")
     p.add_argument("--json", help="also write the summary as JSON to this file")
@@ -1192,7 +1213,7 @@ def main(argv: list[str] | None = None) -> int:
                    transport=a.transport, storage=a.storage, backend=a.backend, read=read,
                    clients=a.clients, keys=a.keys, ops_per_key=a.ops_per_key,
                    counters=a.counters, rate=a.rate, settings=tuple(settings),
-                   mutant=a.mutant, dir=a.dir)
+                   mutant=a.mutant, auth=a.auth, encryption=a.encryption, dir=a.dir)
     summary = Run(opts).run(verbose=a.verbose)
     print(format_summary(summary), flush=True)
     if a.json:
