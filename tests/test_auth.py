@@ -680,21 +680,6 @@ def skewed_cluster(tmp_path, mutant: str | None = None) -> LocalCluster:
                         node_args={3: node3})
 
 
-@pytest.fixture
-def running():
-    started = []
-
-    def run(cluster):
-        started.append(cluster)
-        cluster.start()
-        cluster.wait_for_leader()
-        return cluster
-
-    yield run
-    for c in started:
-        c.stop()
-
-
 def test_an_expired_token_is_refused_by_a_replica_whose_clock_is_behind(tmp_path, running):
     cluster = running(skewed_cluster(tmp_path))
     assert expiry_problems(cluster) == []

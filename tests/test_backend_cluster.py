@@ -42,21 +42,6 @@ def make_cluster(tmp_path, backend: str, **kwargs) -> LocalCluster:
                         backend=backend, extra=extra, **kwargs)
 
 
-@pytest.fixture
-def running():
-    started = []
-
-    def start(cluster: LocalCluster) -> LocalCluster:
-        started.append(cluster)
-        cluster.start()
-        cluster.wait_for_leader()
-        return cluster
-
-    yield start
-    for cluster in started:
-        cluster.stop()
-
-
 def on(cluster: LocalCluster, node: int, **kwargs) -> Client:
     return Client([cluster.address(node)], timeout=kwargs.pop("timeout", 3.0), **kwargs)
 

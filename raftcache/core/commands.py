@@ -288,13 +288,9 @@ def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
         _bytes(out, cmd.prefix, "prefix")
     elif t is MSet:
         out.append(_TAG_MSET)
-        items = cmd.items
-        if type(items) is not tuple:
-            raise CommandError(f"MSet items must be a tuple of (key, value), got {items!r}")
+        items = _items(cmd.items, "MSet items", "(key, value)")
         put_uvarint(out, len(items))
         for item in items:
-            if type(item) is not tuple or len(item) != 2:
-                raise CommandError(f"MSet items must be (key, value) pairs, got {item!r}")
             _bytes(out, item[0], "key")
             if values:
                 _bytes(out, item[1], "value")
@@ -309,11 +305,9 @@ def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
         _uint(out, cmd.up_to_stamp_ms, "up_to_stamp_ms")
     elif t is Configure:
         out.append(_TAG_CONFIGURE)
-        items = _tuple(cmd.items, "Configure items")
+        items = _items(cmd.items, "Configure items", "(name, value)", _MAX_NAMES)
         put_uvarint(out, len(items))
         for item in items:
-            if type(item) is not tuple or len(item) != 2:
-                raise CommandError(f"Configure items must be (name, value) pairs, got {item!r}")
             _str(out, item[0], "setting name")
             if item[1] is None:
                 out.append(0)
@@ -322,17 +316,27 @@ def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
                 _bytes(out, item[1], "setting value")
     elif t is Reseal:
         out.append(_TAG_RESEAL)
-        items = _tuple(cmd.items, "Reseal items")
+        items = _items(cmd.items, "Reseal items", "(key, version, blob)", _MAX_NAMES)
         put_uvarint(out, len(items))
         for item in items:
-            if type(item) is not tuple or len(item) != 3:
-                raise CommandError(f"Reseal items must be (key, version, blob), got {item!r}")
             _bytes(out, item[0], "key")
             _uint(out, item[1], "version")
             if values:
                 _bytes(out, item[2], "value")
     else:
         raise CommandError(f"not a command: {cmd!r}")
+
+
+def _items(items, what: str, shape: str, limit: int | None = None) -> tuple:
+    """`items` checked: a tuple (of at most `limit`) of tuples shaped like `shape`."""
+    if type(items) is not tuple or (limit is not None and len(items) > limit):
+        raise CommandError(f"{what} must be a tuple of {shape}"
+                           + (f", at most {limit}" if limit else "") + f", got {items!r}")
+    arity = shape.count(",") + 1
+    for item in items:
+        if type(item) is not tuple or len(item) != arity:
+            raise CommandError(f"{what} must be {shape} tuples, got {item!r}")
+    return items
 
 
 def _tuple(items, what: str) -> tuple:
