@@ -33,6 +33,8 @@ struct RequestHeader {
   3: optional i64 seq,
   4: optional i32 timeout_ms,
   5: optional bool forwarded,     // proxied by a follower: the receiver must not forward again
+  6: optional string certificate, // set by a node that forwards a call: the CN of the caller's
+                                  // client certificate (from anyone but a node: ignored)
 }
 
 struct GetResult {

@@ -59,14 +59,16 @@ def tls(pki, name, ca_dir=None):
 class EchoHandler:
     def __init__(self):
         self.ops = []
+        self.certificates = []
         self.senders = []
         self.peer_calls = []
         self.peer_messages = []
         self.got = gevent.event.Event()
         self.want = 0
 
-    def handle_request(self, request):
+    def handle_request(self, request, certificate=None):
         self.ops.append(request.op)
+        self.certificates.append(certificate)
         if request.op == "sleep":
             gevent.sleep(request.ttl_ms / 1000.0)
         return api.Response(reason=request.op, number=len(request.key or b""))
@@ -147,6 +149,19 @@ def assert_refused(address, client_tls):
 
 
 # ---- calls ----------------------------------------------------------------------------------------
+def test_a_call_names_its_client_certificate_and_only_a_node_may_name_another(node, pki):
+    t, handler = node
+    claims = api.Request(op="get", key=b"k", header=api.RequestHeader(certificate="admin"))
+    for name, expected in (("client", "client"), ("node2", "admin")):
+        conn = tcp_tls.connect(t.bound_address, tls(pki, name), 2)
+        assert conn.call(claims, 2).error is None
+        conn.close()
+        assert handler.certificates[-1] == expected  # a client's claim is ignored
+    conn = tcp_tls.connect(t.bound_address, tls(pki, "node2"), 2)
+    conn.call(get(), 2)  # a node's own call (not forwarded): no client certificate
+    assert handler.certificates[-1] is None
+
+
 def test_a_call_round_trips(node, pki):
     t, _ = node
     conn = tcp_tls.connect(t.bound_address, tls(pki, "client"), 2)

@@ -123,6 +123,9 @@ class AuthSection:
     # PEM files of the Ed25519 public keys that may sign tokens (`raftcache up --auth`
     # writes DATA_DIR/auth/signing.pub); tokens name theirs by key id.
     public_keys: list = attrs.Factory(list)
+    # TLS client certificate CN -> role: a call without a token, over a verified client
+    # certificate named here, runs as subject "cert:<CN>" with that role's grants.
+    certificates: dict = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -315,6 +318,9 @@ def _validate(c: Config) -> None:
     if c.auth.required and not c.auth.public_keys:
         raise c.fail("auth.public_keys", "auth.required = true needs the public keys tokens "
                      "are signed with (`raftcache up --auth` writes DATA_DIR/auth/signing.pub)")
+    for cn, role in c.auth.certificates.items():
+        if not isinstance(role, str) or not role:
+            raise c.fail(f"auth.certificates.{cn}", f"expected a role name, got {role!r}")
     if c.encryption.enabled and not c.encryption.keyring:
         raise c.fail("encryption.keyring", "encryption.enabled = true needs a keyring file "
                      "(`raftcache keys init FILE` makes one; `raftcache up` makes "

@@ -97,9 +97,12 @@ class Storage(Protocol):
 class PeerHandler(Protocol):
     """What a transport's server calls into. Implemented by the node."""
 
-    def handle_request(self, request: api.Request) -> api.Response:
+    def handle_request(self, request: api.Request,
+                       certificate: str | None = None) -> api.Response:
         """A client's call, answered. Blocks the calling greenlet until the answer is known;
-        never raises. The transport turns its wire format into `api.Request` and the answer
+        never raises. `certificate`: the CN of the verified TLS client certificate the call
+        came with (`transport.common.caller_certificate`), which access control may map to
+        a principal. The transport turns its wire format into `api.Request` and the answer
         back (`raftcache.wire` does it for the Thrift IDL); `raftcache.core.operations` says
         which fields each operation takes and which field of the answer holds its result."""
 
@@ -448,8 +451,10 @@ def raftcache_value_codecs(node: Node) -> Iterable[ValueCodec]:
 # Access control: on the node a client called
 # ================================================================================================
 @hookspec(firstresult=True)
-def raftcache_authenticate(node: Node, token: str | None) -> Caller | None:
-    """Who is calling: verify the request's `token` and return the `Caller` it proves, which
+def raftcache_authenticate(node: Node, token: str | None,
+                           certificate: str | None) -> Caller | None:
+    """Who is calling: verify the request's `token` (or map its client certificate) and
+    return the `Caller` it proves, which
     the node records in the entries it proposes for the call. Raise `Unauthorized(reason)` for
     a token that is forged, malformed, expired or unknown, or for a missing token when
     authentication is required. Return None when the plugin does not authenticate (the call
@@ -459,6 +464,7 @@ def raftcache_authenticate(node: Node, token: str | None) -> Caller | None:
 
     :param node: the node that received the call.
     :param token: ``RequestHeader.token``, or None.
+    :param certificate: the CN of the TLS client certificate the call came with, or None.
     """
 
 

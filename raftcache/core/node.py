@@ -509,7 +509,8 @@ class Node:
         self.dropped_peer_messages += count
         self._drop_log.warning(sender, "dropped a Raft message (peer %s): %s", sender, what)
 
-    def handle_request(self, request: api.Request) -> api.Response:
+    def handle_request(self, request: api.Request,
+                       certificate: str | None = None) -> api.Response:
         op = OPERATIONS.get(request.op)
         try:
             if op is None:
@@ -517,7 +518,8 @@ class Node:
             op.check_sizes(request, self.config.node)
             if op.name == "status":  # open to all: it is the health check
                 return self._status(request)
-            caller = self._authenticate(request)
+            caller = self._authenticate(request, certificate)
+            request = _with_certificate(request, certificate)  # what a forward carries
             if op.kind == "write":
                 return self._write(op, request, caller)
             if op.kind == "read":
@@ -561,10 +563,11 @@ class Node:
         self._proxy_conns[address] = conn
         return response
 
-    def _authenticate(self, request: api.Request):
+    def _authenticate(self, request: api.Request, certificate: str | None):
         """The verified caller of `request` (None: anonymous); raises Unauthorized."""
         token = request.header.token if request.header is not None else None
-        return self.pm.hook.raftcache_authenticate(node=self, token=token)
+        return self.pm.hook.raftcache_authenticate(node=self, token=token,
+                                                   certificate=certificate)
 
     def _authorize(self, op: str, keys, caller) -> None:
         """Raise Unauthorized unless the access plugins allow `op` on `keys` here and now."""
@@ -821,6 +824,15 @@ class _NodeLog(logging.LoggerAdapter):
             where = f"term {st.term} {st.role.name.lower()}"
         kwargs.setdefault("extra", {})["node"] = self.node.id
         return f"[{where}] {msg}", kwargs
+
+
+def _with_certificate(request: api.Request, certificate: str | None) -> api.Request:
+    # The header names the caller's certificate only as the transport vouched for it.
+    header = request.header
+    if (header.certificate if header is not None else None) == certificate:
+        return request
+    return attrs.evolve(request, header=attrs.evolve(header or api.RequestHeader(),
+                                                     certificate=certificate))
 
 
 def _tls(section) -> TLSConfig | None:

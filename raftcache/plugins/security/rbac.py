@@ -32,6 +32,7 @@ from . import tokens
 
 REVOKED = "auth.revoked."
 ROLE = "auth.role."
+CERTIFICATE = "cert:"  # the subject of a caller known by its TLS client certificate
 CACHE_SIZE = 4096  # verified tokens kept per node
 CLUSTER_OPS = frozenset({"transfer_leader", "change_member", "admin"})
 _READS = frozenset({"r", "rw", "admin"})
@@ -185,8 +186,12 @@ def raftcache_node_started(node) -> None:
 
 
 @hookimpl
-def raftcache_authenticate(node, token):
+def raftcache_authenticate(node, token, certificate):
     auth = node.config.auth
+    if not token and certificate is not None and certificate in auth.certificates:
+        # A certificate the CA signed stands for its principal; its grants are its role's.
+        return Caller(f"{CERTIFICATE}{certificate}", "certificate",
+                      roles=(auth.certificates[certificate],))
     if not auth.public_keys:
         return None  # authentication is off: tokens are ignored
     if not token:

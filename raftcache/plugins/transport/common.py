@@ -167,13 +167,32 @@ def close_quietly(sock) -> None:
             pass
 
 
-def peer_node_id(sock) -> int | None:
-    """<id> of a peer certificate whose CN is "node<id>", else None (a client certificate)."""
+def _common_name(sock) -> str | None:
     for rdn in (sock.getpeercert() or {}).get("subject", ()):
         for k, v in rdn:
-            if k == "commonName" and v.startswith("node") and v[4:].isdigit():
-                return int(v[4:])
+            if k == "commonName":
+                return v
     return None
+
+
+def peer_node_id(sock) -> int | None:
+    """<id> of a peer certificate whose CN is "node<id>", else None (a client certificate)."""
+    cn = _common_name(sock) or ""
+    return int(cn[4:]) if cn.startswith("node") and cn[4:].isdigit() else None
+
+
+def client_certificate(sock) -> str | None:
+    """The CN of a verified client certificate that is not a node's, else None."""
+    return None if peer_node_id(sock) is not None else _common_name(sock)
+
+
+def caller_certificate(node_id: int | None, certificate: str | None, request) -> str | None:
+    """The client certificate a call comes with (`PeerHandler.handle_request`): the
+    connection's own, or, on a node's connection (a call it forwards), the one the node
+    names in the request header."""
+    if node_id is None:
+        return certificate
+    return request.header.certificate if request.header is not None else None
 
 
 # ---- proving a peer holds the cluster secret -----------------------------------------------------

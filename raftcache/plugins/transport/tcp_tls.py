@@ -50,6 +50,8 @@ from raftcache.plugins.transport.common import (
     ServerBase,
     SocketBuffer,
     TransportOptions,
+    caller_certificate,
+    client_certificate,
     close_quietly,
     deliver_batch,
     encode_to_fit,
@@ -267,12 +269,13 @@ def connect(address: str, tls: TLSConfig | None, timeout: float,
 
 # ---- server side --------------------------------------------------------------------------------
 class _ServerConn:
-    __slots__ = ("sock", "peer", "node_id", "wlock", "slot")
+    __slots__ = ("sock", "peer", "node_id", "certificate", "wlock", "slot")
 
     def __init__(self, sock, peer: str, node_id: int | None, slot):
         self.sock = sock
         self.peer = peer
         self.node_id = node_id  # from a certificate whose CN is "node<id>"
+        self.certificate = client_certificate(sock)  # a client certificate's CN
         self.wlock = gevent.lock.Semaphore()
         self.slot = slot
 
@@ -407,7 +410,8 @@ class TcpTlsTransport(ServerBase):
 
     def _answer(self, conn: _ServerConn, request_id: int, request) -> None:
         try:
-            response = self.handler.handle_request(request)
+            response = self.handler.handle_request(request, caller_certificate(
+                conn.node_id, conn.certificate, request))
             payload = wire.encode(wire.response_to_wire(response))
         except Exception:  # the handler promises not to raise; keep the connection anyway
             log.exception("%s: request %r failed", conn.peer, getattr(request, "op", None))

@@ -62,6 +62,8 @@ from raftcache.plugins.transport.common import (
     ServerBase,
     SocketBuffer,
     TransportOptions,
+    caller_certificate,
+    client_certificate,
     close_quietly,
     deliver_batch,
     encode_to_fit,
@@ -292,7 +294,10 @@ def _method(op: Operation):
         given = dict(zip(op.fields, args, strict=True))
         if "header" in given:
             given["header"] = wire.header_from_wire(given["header"])
-        response = self._conn.transport.handler.handle_request(api.Request(op=op.name, **given))
+        request = api.Request(op=op.name, **given)
+        conn = self._conn
+        response = conn.transport.handler.handle_request(
+            request, caller_certificate(conn.cert_node, conn.certificate, request))
         if response.error:
             raise _exception_for(response)
         return wire.value_to_wire(op.result, getattr(response, op.result))
@@ -315,6 +320,8 @@ class _ServerConn:
         self.peer = peer
         self.slot = slot
         self.cert_node = cert_node  # from a TLS certificate's CN "node<id>"
+        # A TLS client certificate's CN (not a node's): what `[auth] certificates` maps.
+        self.certificate = client_certificate(sock) if transport._server_ctx else None
         # The node this connection proved to be: by its certificate, unless the cluster
         # secret is required too (then only once peer_auth succeeds).
         self.peer_id = cert_node if transport.opts.peer_secret is None else None
