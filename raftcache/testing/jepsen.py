@@ -625,6 +625,7 @@ class Run:
         self.faults = Counter()
         self.fault_log: list[str] = []
         self.nemesis_errors = 0
+        self.refused_admin = 0  # nemesis calls the cluster refused as Unauthorized
         self.down: set[int] = set()
         self.paused: set[int] = set()
         self.exits_seen: set[tuple[int, int]] = set()
@@ -764,8 +765,11 @@ class Run:
             with self.client(timeout=3.0, admin=True) as c:
                 action(c)
             return "done"
-        except Exception as exc:
+        except Exception as exc:  # under faults a membership change may time out: counted
+            from raftcache import errors
+
             self.nemesis_errors += 1
+            self.refused_admin += isinstance(exc, errors.Unauthorized)
             return f"{type(exc).__name__}: {exc}"
 
     # -- workload -----------------------------------------------------------------------------------
@@ -1099,6 +1103,7 @@ class Run:
                                                 and op.process != "final"])
                            for k in Kind},
             "faults": dict(self.faults), "nemesis_errors": self.nemesis_errors,
+            "refused_admin": self.refused_admin,
             "elections": len(self.terms_with_leader),
             "anomalies": [attrs.asdict(a) | {"key": repr(a.key)} for a in self.anomalies],
             "history": history_path, "dir": self.dir, **checked,
