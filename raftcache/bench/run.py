@@ -120,8 +120,8 @@ SCENARIOS = {s.name: s for s in [
                            "--consistency (linearizable)", _throughput_steps),
     Scenario("read-heavy", "50 greenlets, 90% gets at --consistency and 10% sets",
              _read_heavy_steps),
-    Scenario("custom", "--clients, --processes and --read-ratio as given (the default "
-                       "scenario when --read-ratio is given)", _custom_steps),
+    Scenario("custom", "--read-ratio 0: a set phase then a get phase; above 0: a mix "
+                       "(the default scenario with --read-ratio)", _custom_steps),
     # Hooks for the rest of issue 13: each needs its own target set-up or a fault, not only a
     # load shape.
     Scenario("nodes", "3, 5 and 7 nodes (not written yet)", None),
