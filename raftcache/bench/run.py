@@ -116,9 +116,10 @@ def _custom_steps(o) -> list[Step]:
 
 SCENARIOS = {s.name: s for s in [
     Scenario("latency", "one sequential client: set, then get at each read level", _latency_steps),
-    Scenario("throughput", "50 greenlets over the client processes: set, then get at "
+    Scenario("throughput", "50 greenlets in all (by default): set, then get at "
                            "--consistency (linearizable)", _throughput_steps),
-    Scenario("read-heavy", "50 greenlets, 90% gets at --consistency and 10% sets",
+    Scenario("read-heavy", "50 greenlets in all (by default), 90% gets at --consistency, "
+                           "10% sets",
              _read_heavy_steps),
     Scenario("custom", "--read-ratio 0: a set phase then a get phase; above 0: a mix "
                        "(the default scenario with --read-ratio)", _custom_steps),
@@ -487,18 +488,19 @@ def print_tables(outcomes: list[Outcome], options: Options, rich_console=None) -
                             f"{'s' if c > 1 else ''}" for p, c in shapes)
         title = (f"{scenario}: {SCENARIOS[scenario].doc} ({clients}); medians [min-max] of "
                  f"{options.reps} repetitions of {options.seconds:g} s")
-        if rich_console is not None:
+        widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+        if rich_console is not None and rich_console.width >= sum(widths) + 3 * len(widths) + 1:
+            from rich.markup import escape
             from rich.table import Table
 
-            t = Table(title=title, title_justify="left")
+            t = Table(title=escape(title), title_justify="left")
             for i, h in enumerate(HEADER):
-                t.add_column(h, justify="right" if i >= 3 else "left")
+                t.add_column(escape(h), justify="right" if i >= 3 else "left", no_wrap=True)
             for row in rows:
-                t.add_row(*row)
+                t.add_row(*map(escape, row))
             rich_console.print(t)
             continue
-        print(f"\n{title}")
-        widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+        print(f"\n{title}")  # plain on a narrow terminal and in files
         for row in [HEADER, *rows]:
             print("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                             for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
@@ -514,11 +516,10 @@ class Display:
         self.console = console
         self.progress = None
         if console is not None:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                                     console=console)
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=12),
+                                     TextColumn("{task.fields[rate]}"), console=console)
             self.progress.start()
 
     def step(self, label: str, seconds: float):
@@ -526,7 +527,9 @@ class Display:
         started = time.monotonic() + START_DELAY
         if self.progress is None:
             return None, (lambda line: print(f"  {label}: {line}", flush=True))
-        task = self.progress.add_task(label, total=seconds, rate="")
+        from rich.markup import escape
+
+        task = self.progress.add_task(escape(label), total=seconds, rate="")
 
         def update(done: int) -> None:
             elapsed = time.monotonic() - started
@@ -535,7 +538,7 @@ class Display:
                                      rate=f"{done / elapsed:,.0f} ops/s")
 
         def finish(line: str) -> None:
-            self.progress.update(task, completed=seconds, rate=line)
+            self.progress.update(task, completed=seconds, rate=escape(line))
 
         return update, finish
 
@@ -573,7 +576,7 @@ def run(targets: list[Target], scenarios: list[str], options: Options,
             for rep in range(options.reps):
                 for o in current:
                     target = next(t for t in targets if t.name == o.target)
-                    label = f"{scenario} · {o.step.name} · {o.target} · rep {rep + 1}"
+                    label = f"{scenario} {o.step.name} · {o.target} · {rep + 1}/{options.reps}"
                     update, finish = display.step(label, options.seconds)
                     results = target.run(o.step, seed=rep, on_progress=update)
                     r = merge_rep(results, o.step, options.seconds)
@@ -610,14 +613,15 @@ def plot(outcomes: list[Outcome], path: str) -> None:
         for t in targets:
             lat = [us / 1000 for o in mine if o.target == t for r in o.reps
                    for x in r["_raw"].values() for us in x]
-            if lat:
+            if lat:  # each target's share of its own requests: shapes compare across rates
                 row[0].hist(lat, bins=[b / 1000 for b in bins] if everything and
-                            not isinstance(bins, int) else 10, histtype="step", label=t)
+                            not isinstance(bins, int) else 10, histtype="step", label=t,
+                            weights=[1 / len(lat)] * len(lat))
             series = [n for o in mine if o.target == t for r in o.reps for n in r["per_second"]]
             row[1].plot(range(len(series)), series, label=t, marker=".")
         row[0].set_xscale("log")
         row[0].set_xlabel("latency, ms (log)")
-        row[0].set_ylabel("requests")
+        row[0].set_ylabel("share of the target's requests")
         row[0].set_title(f"{scenario}: latency")
         row[1].set_xlabel("measured second (steps and repetitions in turn)")
         row[1].set_ylabel("completions / s")
