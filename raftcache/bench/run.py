@@ -734,6 +734,18 @@ def main(args) -> int:
         console = Console()
     display = Display(console)
     meta: dict = {"scenarios": scenarios, "skipped": {}, "notes": []}
+    try:
+        return _main(args, options, extra, scenarios, display, console, meta)
+    except Unreachable as exc:
+        display.close()
+        return _fail(f"cannot reach the cluster: {exc}")
+    except (RuntimeError, TimeoutError) as exc:  # a server or node that would not start, ...
+        display.close()
+        return _fail(f"bench: {type(exc).__name__}: {exc}")
+
+
+def _main(args, options: Options, extra: dict, scenarios: list, display: Display, console,
+          meta: dict) -> int:
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(tempfile.TemporaryDirectory(prefix="raftcache-bench-",
                                                                dir=args.dir))
@@ -770,6 +782,23 @@ def main(args) -> int:
     return 0
 
 
+class Unreachable(Exception):
+    """The cluster --endpoints names does not answer (or refuses the token)."""
+
+
+def _probe(spec: dict) -> None:
+    """One read, before any client process starts: an unreachable cluster or a refused token
+    is a one-line error rather than minutes of timeouts."""
+    from raftcache.client import Client
+
+    try:
+        with Client(spec["address"], token=spec.get("token"), timeout=5.0,
+                    transport=spec["transport"]) as c:
+            c.get(key_names(1)[0])
+    except Exception as exc:
+        raise Unreachable(f"{spec['address']}: {type(exc).__name__}: {exc}") from exc
+
+
 def _raftcache_target(stack, args, options: Options, base: str, extra: dict,
                       meta: dict) -> Target:
     if args.endpoints:
@@ -778,6 +807,7 @@ def _raftcache_target(stack, args, options: Options, base: str, extra: dict,
         if args.token:
             spec["token"] = args.token
         meta["raftcache"] = f"raftcache at {args.endpoints} (running)"
+        _probe(spec)
         return Target(spec, options)
     from raftcache.cluster import LocalCluster, free_port_block
 
