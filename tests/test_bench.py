@@ -165,6 +165,15 @@ def test_plot_without_matplotlib_exits_2_naming_the_extra(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_help_names_every_scenario():
+    p = raftcache("bench", "--help", timeout=30)
+    assert p.returncode == 0, p.stderr
+    text = " ".join(p.stdout.split())
+    for name in bench.SCENARIOS:
+        assert f"{name} (" in text
+    assert "90% gets" in text and "--compare" in text
+
+
 def test_unwritten_scenarios_say_so():
     p = raftcache("bench", "--scenario", "overload", timeout=30)
     assert p.returncode == 2 and "not written yet" in p.stderr

@@ -645,7 +645,8 @@ def plotting_available() -> bool:
 
 def add_arguments(p) -> None:
     """`raftcache bench`'s options (the CLI builds the parser)."""
-    names = ", ".join(f"{n} ({s.doc})" for n, s in SCENARIOS.items())
+    # argparse formats help with %: a scenario's "90%" must reach it as "90%%"
+    names = ", ".join(f"{n} ({s.doc})" for n, s in SCENARIOS.items()).replace("%", "%%")
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS), metavar="NAME",
                    help=f"repeatable; default: {', '.join(DEFAULT_SCENARIOS)} (or custom "
                         f"with --read-ratio). Scenarios: {names}")
