@@ -1,5 +1,5 @@
-.PHONY: test lint sim sim-long jepsen jepsen-long jepsen-backends fuzz demo bench bench-failover \
-	bench-storage bench-latency bench-backends bench-security
+.PHONY: test lint sim sim-long jepsen jepsen-long jepsen-backends fuzz demo bench bench-all \
+	bench-failover bench-storage bench-latency bench-backends bench-security
 
 test:
 	scripts/test
@@ -53,7 +53,17 @@ bench-latency:
 bench-backends:
 	scripts/bootstrap && .venv/bin/python examples/bench_backends.py
 
-bench: bench-storage bench-latency bench-failover bench-backends bench-security
+# raftcache bench --compare: latency, throughput and read-heavy scenarios, 3 nodes (file-wal
+# with fsync, thrift), beside Redis (appendfsync always), Memcached and PySyncObj; a few minutes
+BENCH_ARGS ?=
+bench:
+	scripts/bootstrap
+	.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]' \
+	  || echo "could not install the bench extra: PySyncObj will be skipped"
+	.venv/bin/raftcache bench --compare $(BENCH_ARGS)
+
+# every older benchmark, one after another
+bench-all: bench-storage bench-latency bench-failover bench-backends bench-security
 
 # the throughput cost of auth (signed tokens) plus encryption at rest: off vs on, 3 nodes
 bench-security:

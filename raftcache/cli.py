@@ -1,6 +1,7 @@
 """The `raftcache` command: up and serve run nodes; a command for every client operation (set,
 get, mget, mset, delete, cas, incr, append, invalidate, status, member, transfer-leader); certs
-init; keys init, rotate and status (encryption at rest).
+init; keys init, rotate and status (encryption at rest); bench (load, latency and throughput,
+with --compare beside Redis, Memcached and PySyncObj).
 
 Exit codes of the client commands: 0 done; 1 not done: a key is missing (get, mget) or cas
 found another version; 2 an error, printed as one line `raftcache: <Kind>: <reason>` (or a
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_certs_commands(sub)
     _add_auth_commands(sub)
     _add_keys_commands(sub)
+    _add_bench_command(sub)
     return p
 
 
@@ -610,6 +612,24 @@ class _Progress:
             self.bar = None
         if text:
             print(text, flush=True)
+
+
+# -- bench --------------------------------------------------------------------------------------
+def _add_bench_command(sub) -> None:
+    from raftcache.bench.run import add_arguments
+
+    text = ("drive a local 3-node cluster (or --endpoints) from client processes and report "
+            "throughput and p50/p99/p99.9 per operation; --compare: the same load beside "
+            "Redis (appendfsync always), Memcached and PySyncObj, with ratios")
+    b = sub.add_parser("bench", help=text, description=text)
+    add_arguments(b)
+    b.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args):
+    from raftcache.bench.run import main as bench
+
+    return bench(args)
 
 
 # -- servers ------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""A client process of `raftcache bench`: `clients` greenlets, each in a closed loop (the next
+request once the answer is in), against one target on 127.0.0.1.
+
+    python -m raftcache.bench.worker
+
+JSON lines on stdin: first the setup {"target": {...}, "clients": n, "keys": [...],
+"value_size": n}, then commands:
+
+    {"cmd": "fill", "part": i, "of": n}    write keys[i::n] once (so that gets find them)
+    {"cmd": "run", "read_ratio": r, "consistency": c, "start_at": t, "seconds": s, "seed": n}
+
+Answers on stdout: {"ready": true} after connecting; {"done": count} about every 0.25 s while a
+run lasts; then {"result": {...}} (latencies in µs per operation, per-second completions,
+errors, misses, and whether the run started late).
+"""
+
+if __name__ == "__main__":  # before anything imports socket, ssl or threading (see cli.main)
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import json  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+TICK = 0.25  # s between progress lines
+
+
+def connect(target: dict, clients: int, value: bytes) -> tuple[Callable, Callable]:
+    """(set(key), get(key, consistency)) for a target {"kind": raftcache|redis|memcached,
+    "address", and for raftcache perhaps "token", "transport", "tls"}; safe to share between
+    greenlets."""
+    kind, address = target["kind"], target["address"]
+    if kind == "raftcache":
+        from raftcache.client import Client
+        from raftcache.core.hookspecs import TLSConfig
+
+        tls = TLSConfig(**target["tls"]) if target.get("tls") else None
+        c = Client(address, token=target.get("token"), tls=tls, timeout=10.0,
+                   transport=target.get("transport", "thrift"))
+        return (lambda key: c.set(key, value)), (lambda key, level: c.get(key, level))
+    host, port = address.rsplit(":", 1)
+    if kind == "redis":
+        import redis
+
+        r = redis.Redis(connection_pool=redis.BlockingConnectionPool(
+            host=host, port=int(port), max_connections=max(1, clients)))
+        return (lambda key: r.set(key, value)), (lambda key, level: r.get(key))
+    if kind == "memcached":
+        from pymemcache.client.base import PooledClient
+
+        m = PooledClient((host, int(port)), max_pool_size=max(1, clients), no_delay=True)
+        return (lambda key: m.set(key, value, noreply=False)), (lambda key, level: m.get(key))
+    raise ValueError(f"unknown target kind {kind!r}")
+
+
+class Worker:
+    def __init__(self, setup: dict, out=sys.stdout):
+        self.clients = setup["clients"]
+        # Filling: a raftcache client takes any number of greenlets (a sequential fill of
+        # 1,000 durable writes would take seconds); Redis' and Memcached's pools are sized.
+        self.fillers = max(self.clients, 32 if setup["target"]["kind"] == "raftcache" else 1)
+        self.keys = setup["keys"]
+        self.set, self.get = connect(setup["target"], self.clients,
+                                     b"v" * setup["value_size"])
+        self.out = out
+
+    def say(self, message: dict) -> None:
+        self.out.write(json.dumps(message) + "\n")
+        self.out.flush()
+
+    def fill(self, part: int, of: int) -> dict:
+        import gevent
+
+        mine = self.keys[part::of]
+        errors = []
+
+        def writer(g: int) -> None:
+            for key in mine[g::self.fillers]:
+                try:
+                    self.set(key)
+                except Exception as exc:  # noted, not fatal: gets will count the misses
+                    errors.append(repr(exc))
+
+        gevent.joinall([gevent.spawn(writer, g) for g in range(self.fillers)])
+        return {"written": len(mine) - len(errors), "errors": len(errors),
+                "last_error": errors[-1] if errors else ""}
+
+    def run(self, cmd: dict) -> dict:
+        """Closed loops from `start_at` (wall clock) for `seconds`; each request a get with
+        probability `read_ratio`, else a set, on a key drawn uniformly."""
+        import gevent
+
+        start_at, seconds = cmd["start_at"], cmd["seconds"]
+        end = start_at + seconds
+        ratio, level = cmd["read_ratio"], cmd.get("consistency") or "linearizable"
+        latencies: dict[str, list[int]] = {"set": [], "get": []}
+        per_second = [0] * max(1, int(seconds + 0.999))
+        state = {"errors": 0, "misses": 0, "last_error": "", "done": 0}
+        keys = self.keys
+
+        def loop(seed: int) -> None:
+            rng = random.Random(seed)
+            try:  # a warm call (its own connection) before the clock starts; not counted
+                self.get(keys[seed % len(keys)], level)
+            except Exception:
+                pass
+            gevent.sleep(max(0.0, start_at - time.time()))
+            while True:
+                key = rng.choice(keys)
+                is_get = rng.random() < ratio
+                t0 = time.perf_counter()
+                try:
+                    found = self.get(key, level) if is_get else self.set(key)
+                except Exception as exc:
+                    state["errors"] += 1
+                    state["last_error"] = repr(exc)[:300]
+                    if time.time() >= end:
+                        break
+                    gevent.sleep(0.01)  # a failing target: no busy loop
+                    continue
+                elapsed = time.perf_counter() - t0
+                now = time.time()
+                if now >= end:  # answered after the window: not counted
+                    break
+                latencies["get" if is_get else "set"].append(round(elapsed * 1e6))
+                per_second[min(len(per_second) - 1, max(0, int(now - start_at)))] += 1
+                state["done"] += 1
+                if is_get and found is None:
+                    state["misses"] += 1
+
+        def ticker() -> None:
+            while True:
+                gevent.sleep(TICK)
+                self.say({"done": state["done"]})
+
+        late = time.time() > start_at
+        tick = gevent.spawn(ticker)
+        gevent.joinall([gevent.spawn(loop, cmd["seed"] * 1000 + i) for i in range(self.clients)])
+        tick.kill()
+        return {"latencies_us": latencies, "per_second": per_second, "late": late,
+                "errors": state["errors"], "misses": state["misses"],
+                "last_error": state["last_error"]}
+
+
+def main() -> int:
+    setup = json.loads(sys.stdin.readline())
+    worker = Worker(setup)
+    worker.say({"ready": True})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "fill":
+            worker.say({"result": worker.fill(cmd["part"], cmd["of"])})
+        elif cmd["cmd"] == "run":
+            worker.say({"result": worker.run(cmd)})
+        else:
+            raise ValueError(f"unknown command {cmd!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
