@@ -180,7 +180,6 @@ def test_unwritten_scenarios_say_so():
 
 
 def test_plot_draws_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     step = bench.Step(0.0, None, 1, 1)
     outcomes = [bench.Outcome("latency", step, t, k, [bench.merge_rep([_rep(us, [])], step, 1)])
                 for t, k, us in (("raftcache", "raftcache", [2000, 3000, 2500]),
