@@ -812,6 +812,9 @@ def _raftcache_target(stack, args, options: Options, base: str, extra: dict,
         return Target(spec, options)
     from raftcache.cluster import LocalCluster, free_port_block
 
+    # Reads at the `lease` level use the leader's lease only with raft.read_only = "lease"
+    # (linearizable ones keep their ReadIndex round): the bench measures each level as such.
+    extra = {**extra, "raft": {"read_only": "lease", **extra.get("raft", {})}}
     cluster = LocalCluster(os.path.join(base, "raftcache"), nodes=args.nodes,
                            port=free_port_block(args.nodes), storage=args.storage,
                            transport=args.transport, backend=args.backend, extra=extra,
