@@ -170,6 +170,19 @@ class Options:
     key_prefixes: tuple = ("",)
 
 
+def _stop(procs) -> None:
+    """End processes that run until their stdin closes (killed after 10 s)."""
+    for p in procs:
+        with contextlib.suppress(OSError):
+            p.stdin.close()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
 class Pool:
     """`processes` worker processes with `clients` greenlets each, connected to one target."""
 
@@ -222,15 +235,7 @@ class Pool:
         return results
 
     def close(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(OSError):
-                p.stdin.close()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        _stop(self.procs)
 
 
 class PySyncObjCluster:
@@ -279,15 +284,7 @@ class PySyncObjCluster:
         return count
 
     def close(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(OSError):
-                p.stdin.close()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        _stop(self.procs)
 
 
 @attrs.define
