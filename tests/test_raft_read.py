@@ -48,6 +48,20 @@ def test_reads_queued_before_a_confirmed_heartbeat_are_answered_in_order():
     assert net.read_states[1] == [ReadState(2, b"a"), ReadState(3, b"b")]
 
 
+def test_reads_asked_between_two_readies_share_one_heartbeat_round():
+    net = Network.bootstrap([1, 2, 3])
+    leader = net.elect(1)
+    for n in range(10):
+        leader.read_index(b"r%d" % n)
+    net.process(1)
+    beats = [m for m in net.queue if m.type == MsgType.HEARTBEAT]
+    # One heartbeat per follower, carrying the newest read; not one per read.
+    assert sorted((m.to, m.context) for m in beats) == [(2, b"r9"), (3, b"r9")]
+    net.deliver(lambda m: m.type == MsgType.HEARTBEAT and m.to == 2)
+    net.deliver(lambda m: m.type == MsgType.HEARTBEAT_RESP and m.frm == 2)
+    assert net.read_states[1] == [ReadState(2, b"r%d" % n) for n in range(10)]
+
+
 def test_new_leader_defers_reads_until_an_entry_of_its_term_commits():
     net = Network.bootstrap([1, 2, 3])
     net.campaign(1)

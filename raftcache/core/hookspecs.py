@@ -72,10 +72,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 class Storage(Protocol):
     """Durable home of one node's Raft log, hard state and newest snapshot.
 
-    The node calls these from the gevent threadpool (never on the hub), one call at a time, so
-    an implementation may block (fsync) and need not be thread-safe beyond that. A storage
-    whose calls never block may say so with a class attribute ``blocking = False``; the node
-    then calls it inline, saving a thread hop per Ready.
+    The node calls durable saves and compactions from the gevent threadpool (never on the
+    hub), one call at a time, so an implementation may block (fsync) and need not be
+    thread-safe beyond that. A storage may say ``blocking = False`` (a class or instance
+    attribute); the node then calls its saves inline on the hub, saving a thread hop per
+    Ready: right for a storage that never blocks, or whose fsync is shorter than the hop
+    (file-wal on a local disk: see its "Where the fsync runs").
     """
 
     def load(self) -> tuple[HardState, Snapshot | None, Sequence[Entry]]:

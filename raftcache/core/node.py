@@ -308,9 +308,13 @@ class Node:
                     self.transport.send(rd.early_messages)
                 if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                     args = (rd.hard_state, rd.entries, rd.snapshot, rd.must_sync)
-                    if rd.must_sync and getattr(self.storage, "blocking", True):
+                    if not rd.must_sync:
+                        self.storage.save(*args)
+                    elif getattr(self.storage, "blocking", True):
                         threadpool.apply(self.storage.save, args)  # fsync: off the hub
                     else:
+                        if rd.early_messages:
+                            gevent.sleep(0)  # the peer links send them before the hub stops
                         self.storage.save(*args)
                 if rd.messages:
                     self.transport.send(rd.messages)

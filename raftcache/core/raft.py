@@ -128,6 +128,7 @@ class RawNode:
         self.pending_conf_index = 0
         self._booting = True  # until one election timeout passes, act as if a leader was seen
         self._needs_broadcast = False
+        self._needs_read_heartbeat = False  # reads wait for one heartbeat round, sent at ready()
         self._pending_snapshot: Snapshot | None = None  # received from the leader, not yet saved
         self._snapshot_rx: tuple[SnapshotMeta, bytearray] | None = None
         self._prev_hard_state = hs
@@ -299,6 +300,7 @@ class RawNode:
         return bool(
             self.msgs
             or self._needs_broadcast
+            or self._needs_read_heartbeat
             or self.read_states
             or self._pending_snapshot is not None
             or self.log.stable < self.log.last_index()
@@ -669,6 +671,10 @@ class RawNode:
         return index
 
     def _flush_broadcast(self) -> None:
+        if self._needs_read_heartbeat:
+            self._needs_read_heartbeat = False
+            if self._role == StateRole.LEADER and self.read_only.newest_context() is not None:
+                self._broadcast_heartbeat()
         if not self._needs_broadcast:
             return
         self._needs_broadcast = False
@@ -878,7 +884,9 @@ class RawNode:
             self._answer_read(context, requester, index)
             return
         self.read_only.add(context, index, requester, self.id)
-        self._broadcast_heartbeat(context)
+        # One round per Ready confirms every read queued by then: its heartbeats carry the
+        # newest read's context, and an ack of a read confirms those queued before it.
+        self._needs_read_heartbeat = True
 
     def _ack_read(self, context: bytes, frm: NodeId) -> None:
         # A quorum answering this heartbeat confirms every read queued before it too.

@@ -9,9 +9,11 @@ etcd once revoked every lease while its leader was stuck in a slow fdatasync; th
 
 stores through `inner` as usual. When the file ``<data_dir>/slow-disk`` holds a number of
 seconds, every save that must be durable (an fsync) first waits that long, as a disk stuck in
-fsync would; removing the file (or writing 0) ends the stall. The node already runs those saves
-in its threadpool, so the stall holds up the Ready loop, not the hub: ticks, incoming messages
-and client calls go on, exactly as with a real slow disk.
+fsync would; removing the file (or writing 0) ends the stall. The node runs those saves in its
+threadpool (``blocking = True``), so the stall holds up the Ready loop, not the hub: ticks,
+incoming messages and client calls go on, as with file-wal's ``sync_thread = true`` on a real
+slow disk. (By default file-wal fsyncs on the hub, where a stall stops the whole node like a
+SIGSTOP: its peers elect another leader, and it catches up on the missed ticks when it wakes.)
 """
 
 from __future__ import annotations

@@ -152,6 +152,14 @@ def tls_accept(ctx, raw, timeout: float, peer: str, closings: Throttle):
     return None
 
 
+def send_all(sock, data: bytes) -> None:
+    """`sock.sendall(data)`, but a frame that fits the socket buffer costs one send(): gevent's
+    sendall asks the kernel for the buffer size (a getsockopt) on every call."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():

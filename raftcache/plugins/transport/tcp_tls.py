@@ -58,6 +58,7 @@ from raftcache.plugins.transport.common import (
     parse_address,
     peer_node_id,
     positive,
+    send_all,
     tls_accept,
     tls_context,
     tls_handshake,
@@ -169,7 +170,7 @@ class TcpTlsConnection:
         timer = gevent.Timeout.start_new(timeout)
         try:
             with self._wlock:
-                self._sock.sendall(frame)
+                send_all(self._sock, frame)
             data = result.get()
         except gevent.Timeout as t:
             if t is not timer:  # someone else's deadline: not ours to convert
@@ -199,7 +200,7 @@ class TcpTlsConnection:
         data = b"".join(pack_frame(PEER, 0, p) for p in payloads)
         try:
             with self._wlock:
-                self._sock.sendall(data)  # bounded by the socket's io_timeout
+                send_all(self._sock, data)  # bounded by the socket's io_timeout
         except OSError as exc:
             self._break(exc)
             raise
@@ -282,7 +283,7 @@ class _ServerConn:
     def write(self, frame: bytes) -> None:
         try:
             with self.wlock:
-                self.sock.sendall(frame)
+                send_all(self.sock, frame)
         except OSError:
             self.close()  # a partial frame may be out: the stream is unusable; reader notices
 
