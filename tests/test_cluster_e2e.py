@@ -100,6 +100,27 @@ def test_kill_leader_new_leader_serves_writes(make_cluster, transport):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_followers_notice_a_killed_leader_by_its_closed_connections(tmp_path, transport):
+    # An election timeout of 2-4 s: without the closed connections telling them, the
+    # survivors could not elect anyone for 2 s after the kill.
+    cluster = LocalCluster(str(tmp_path / "c"), port=free_port_block(3), transport=transport,
+                           extra={"raft": {"tick_ms": 10, "election_tick": 200}})
+    cluster.start()
+    try:
+        old = cluster.wait_for_leader()
+        with cluster.client() as c:
+            c.set("before", "1")
+        cluster.kill(old)
+        new = cluster.wait_for_leader(timeout=1.5, exclude=(old,))
+        with cluster.client(timeout=5) as c:
+            c.set("after", "2")
+            assert c.get("before") == b"1"
+        assert new != old
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_paused_old_leader_serves_no_stale_read(make_cluster, transport):
     cluster = make_cluster(transport=transport)
     old = cluster.wait_for_leader()

@@ -8,7 +8,8 @@ import pytest
 from raft_harness import Network
 
 from raftcache.core.messages import NONE, EntryType, Message, MsgType, StateRole
-from raftcache.core.raft import RaftConfig, RawNode
+from raftcache.core.raft import RaftConfig, RawNode, ReadOnlyOption
+from raftcache.testing import mutants
 
 ET = 10  # the default election_tick
 
@@ -300,3 +301,76 @@ def test_elections_are_deterministic_per_seed(pre_vote):
 
     assert history(7) == history(7)
     assert len({history(s)[0] for s in range(8)}) > 1  # different seeds, different winners
+
+
+# -- a connection from the leader that ends (the process died) ------------------------------------
+def test_followers_that_lose_the_leaders_connection_elect_another_within_a_few_ticks():
+    net = Network.bootstrap([1, 2, 3])
+    net.elect(1)
+    term = net.nodes[2].term
+    net.crash(1)
+    for nid in (2, 3):  # each saw its connection from node 1 close
+        net.nodes[nid].peer_lost(1)
+    net.run(5)  # half the shortest election timeout
+    (leader,) = [n for n in (2, 3) if net.nodes[n].role == StateRole.LEADER]
+    assert net.nodes[leader].term == term + 1
+
+
+def test_a_lost_connection_to_a_live_leader_disrupts_nothing():
+    net = Network.bootstrap([1, 2, 3])
+    net.elect(1)
+    term = net.nodes[2].term
+    net.nodes[2].peer_lost(1)  # a flapping link: node 3 still hears from node 1
+    assert net.nodes[2].lead == NONE
+    net.run(3 * ET)
+    assert net.leader() == 1 and net.nodes[1].term == term
+    assert all(net.nodes[n].lead == 1 for n in (2, 3))
+
+
+@pytest.mark.parametrize("config", [{"read_only": ReadOnlyOption.LEASE}, {"pre_vote": False}],
+                         ids=["lease-reads", "no-pre-vote"])
+def test_a_lost_connection_waits_out_the_timeout_where_campaigning_early_is_unsafe(config):
+    # Lease reads rely on followers not voting for an election timeout after a heartbeat;
+    # without pre-vote an early campaign would bump the term of a healthy cluster.
+    net = Network.bootstrap([1, 2, 3], **config)
+    net.elect(1)
+    net.crash(1)
+    for nid in (2, 3):
+        net.nodes[nid].peer_lost(1)
+        assert net.nodes[nid].lead == 1
+    net.run(ET - 1)
+    assert not [n for n in (2, 3) if net.nodes[n].role == StateRole.LEADER]
+
+
+def test_losing_a_peer_that_is_not_the_leader_changes_nothing():
+    net = Network.bootstrap([1, 2, 3])
+    net.elect(1)
+    for nid, peer in ((2, 3), (1, 2)):
+        net.nodes[nid].peer_lost(peer)
+    assert net.nodes[2].lead == 1 and net.nodes[1].role == StateRole.LEADER
+
+
+def _new_leader_while_the_old_lease_holds(core: type) -> bool:
+    """Cut the leader off with its connections reset, as a switch port flap would: do the
+    others elect a new leader while the old one still trusts its lease?"""
+    net = Network.bootstrap([1, 2, 3], read_only=ReadOnlyOption.LEASE)
+    net.elect(1)
+    net.run(1)
+    for nid in (2, 3):
+        net.nodes[nid].__class__ = core
+    net.isolate(1)
+    for nid in (2, 3):
+        net.nodes[nid].peer_lost(1)
+    for _ in range(ET):
+        net.run(1)
+        if net.nodes[1].lease_valid() and any(
+                net.nodes[n].role == StateRole.LEADER for n in (2, 3)):
+            return True
+    return False
+
+
+def test_with_lease_reads_a_lost_connection_never_shortens_the_lease():
+    assert not _new_leader_while_the_old_lease_holds(RawNode)
+    # Teeth: a core that fails over early under leases elects a second leader while the
+    # first still serves lease reads (stale ones, once the new leader commits a write).
+    assert _new_leader_while_the_old_lease_holds(mutants.FastFailoverUnderLease)

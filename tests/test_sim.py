@@ -27,7 +27,7 @@ def test_runs_exercise_every_fault():
             faults[name] = faults.get(name, 0) + n
     for expected in ["crash", "partition isolate_leader", "partition halves", "partition ring",
                      "partition bridge", "partition asymmetric", "transfer", "membership",
-                     "clock skew", "lossy links", "leader churn"]:
+                     "clock skew", "lossy links", "leader churn", "connection reset"]:
         assert faults.get(expected, 0) > 0, (expected, faults)
 
 

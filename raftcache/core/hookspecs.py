@@ -116,6 +116,12 @@ class PeerHandler(Protocol):
         drops (and counts) messages not from `sender`, from non-members, or out of range
         (`raftcache.core.validate`). Returns at once; never raises."""
 
+    def peer_lost(self, peer: int) -> None:
+        """A connection that carried Raft messages from node `peer` (proven, as for
+        `handle_peer_messages`) closed or reset. A transport should say so as soon as it
+        sees it: the node then notices a leader that died without waiting out an election
+        timeout. Returns at once."""
+
 
 class Transport(Protocol):
     """One node's listener (client and peer traffic on one port) and its links to peers.

@@ -501,6 +501,13 @@ class Node:
         if stepped:
             self._wakeup.set()
 
+    def peer_lost(self, peer: int) -> None:
+        """A connection that carried Raft messages from `peer` ended: if it was our leader,
+        the core campaigns within a few ticks instead of an election timeout."""
+        if not self._stopped.is_set():
+            self.raw.peer_lost(peer)
+            self._wakeup.set()
+
     def _peer_members(self) -> frozenset:
         """The nodes that may send us Raft messages: configured peers and every node of the
         current configuration (made again only when the configuration changes)."""

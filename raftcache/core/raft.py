@@ -257,6 +257,33 @@ class RawNode:
         else:
             raise NotLeader(NONE)
 
+    def peer_lost(self, peer: NodeId) -> None:
+        """The driver saw the connection from `peer` end (closed or reset: the kernel does
+        that for a process that died). If `peer` is our leader, stop waiting out the election
+        timeout for it: forget it and campaign within a few ticks, with a pre-vote.
+
+        Safe in any case (any node may campaign at any time) and harmless when the leader is
+        in fact alive: the pre-vote fails while the other followers still hear from it, and
+        its next heartbeat brings us back. Not with lease reads: a follower that acknowledged
+        a heartbeat promised not to vote for anyone else for an election timeout, and the
+        leader serves reads on that promise, so there only the timeout counts.
+        """
+        if (peer == NONE or peer != self._lead or self._role != StateRole.FOLLOWER
+                or not self._may_campaign_early()):
+            return
+        self._lead = NONE  # out of lease: we grant the others' pre-votes and votes now
+        self._booting = False
+        # Staggered by node id (the lowest campaigns after one tick, the next after two...),
+        # so that the followers that all saw the leader die do not split the vote; one that
+        # cannot win (its log is behind) only delays the next by a tick.
+        others = sorted(v for v in self.conf.voters if v != peer)
+        wait = 1 + (others.index(self.id) if self.id in others else len(others))
+        self.election_elapsed = max(self.election_elapsed,
+                                    self.randomized_election_timeout - wait)
+
+    def _may_campaign_early(self) -> bool:
+        return self.config.pre_vote and self.config.read_only != ReadOnlyOption.LEASE
+
     def transfer_leadership(self, target: NodeId) -> None:
         """Hand leadership to `target`: catch it up, then tell it to campaign at once."""
         if self._role != StateRole.LEADER:

@@ -46,11 +46,20 @@ class ReadIndexBeforeOwnCommit(RawNode):
         return True
 
 
+class FastFailoverUnderLease(RawNode):
+    """Forgets a leader whose connection ended even with lease reads, breaking the promise
+    the leader's lease rests on (not to vote for another for an election timeout)."""
+
+    def _may_campaign_early(self) -> bool:
+        return self.config.pre_vote
+
+
 MUTANTS = {
     "vote-without-log-check": VoteWithoutLogCheck,
     "commit-old-terms": CommitByCountingOldTerms,
     "read-without-heartbeat": ReadIndexWithoutHeartbeat,
     "read-before-own-commit": ReadIndexBeforeOwnCommit,
+    "fast-failover-under-lease": FastFailoverUnderLease,
 }
 
 

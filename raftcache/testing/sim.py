@@ -46,7 +46,7 @@ UNIT = 10  # time units per tick: message delays and disk latencies are finer th
 
 # Event kinds (ints: the heap compares tuples and this loop is the hot path).
 (_TICK, _DELIVER, _PERSISTED, _CLIENT, _CLIENT_TIMEOUT, _NEMESIS, _RESTART, _CRASH,
- _ISOLATE) = range(9)
+ _ISOLATE, _PEER_LOST) = range(10)
 
 
 class SafetyViolation(Exception):
@@ -236,6 +236,8 @@ class Simulation:
                            a, None)
             elif kind == _ISOLATE and not self.healing:
                 self._partition("isolate_leader", a)
+            elif kind == _PEER_LOST:
+                self._peer_lost(a, b)
             if stop is not None and stop():
                 return
 
@@ -254,6 +256,14 @@ class Simulation:
         self.delivered += 1
         node.raw.step(m)
         self._after_input(node)
+
+    def _peer_lost(self, node_id: int, peer: int) -> None:
+        """`node_id` sees its connection from `peer` end, as the real transport reports a
+        closed or reset connection (a crash closes them all; a flapping link, one)."""
+        node = self.nodes[node_id]
+        if node.alive:
+            node.raw.peer_lost(peer)
+            self._after_input(node)
 
     def _after_input(self, node: SimNode) -> None:
         raw = node.raw  # after every event: the cheap read-only properties, not status()
@@ -455,7 +465,7 @@ class Simulation:
         leader = self._current_leader()
         action = rng.choice(
             ["crash", "crash", "restart", "partition", "partition", "heal", "transfer",
-             "membership", "clock", "lossy"]
+             "membership", "clock", "lossy", "reset"]
         )
         if action == "crash" and len(alive) > 1:
             victim = leader if (leader and rng.random() < 0.5) else rng.choice(alive)
@@ -483,6 +493,20 @@ class Simulation:
             self._change_membership(leader)
         elif action == "clock":
             self._skew_clock(leader if (leader and rng.random() < 0.6) else rng.choice(ids))
+        elif action == "reset" and len(alive) > 1:
+            # Connections between live nodes reset (a flapping link, a middlebox): one, or
+            # every connection from a live leader at once, which must not let its followers
+            # elect another while its lease holds.
+            self._fault("connection reset")
+            if leader and rng.random() < 0.5:
+                for a in alive:
+                    if a != leader:
+                        self._note("reset", a, leader)
+                        self._peer_lost(a, leader)
+            else:
+                a, b = rng.sample(alive, 2)
+                self._note("reset", a, b)
+                self._peer_lost(a, b)
         elif action == "lossy":
             self._fault("lossy links")
             self.cfg = attrs.evolve(self.cfg, drop_rate=rng.choice([0.0, 0.05, 0.2, 0.4]))
@@ -532,6 +556,9 @@ class Simulation:
         node.alive = False
         node.incarnation += 1
         node.busy = False
+        for other in self.nodes.values():  # the kernel closes a dead process's connections
+            if other.id != node_id and other.alive and self.rng.random() < 0.8:
+                self._push(self.rng.randrange(1, UNIT), _PEER_LOST, other.id, node_id)
         for _index, (_term, client, op) in node.pending_writes.items():
             self._complete(client, op, "info")
         for _ctx, (client, op, _key) in node.pending_reads.items():
@@ -578,6 +605,10 @@ class Simulation:
                 # believing in itself long after the others moved on: ReadIndex must cope.
                 self.nodes[leader].tick_interval = 4 * UNIT
                 self._note("clock", leader, "tick every 4.0")
+            if rng.random() < 0.5:  # the cut also resets its connections (a switch port flap)
+                for i in ids:
+                    if i != leader:
+                        self._push(rng.randrange(1, UNIT), _PEER_LOST, i, leader)
         elif kind == "halves":
             cut(ids[: n // 2], ids[n // 2 :])
         elif kind == "asymmetric":  # one node can send but not receive

@@ -271,6 +271,7 @@ class Admission:
         self.max_per_source = max_per_source
         self._clients: dict[Slot, None] = {}
         self._per_source: Counter = Counter()
+        self._peer_conns: Counter = Counter()  # node id -> its open connections here
         self._log = Throttle(logger)
 
     def admit(self, source: str, close) -> Slot | None:
@@ -288,11 +289,25 @@ class Admission:
 
     def promote(self, slot: Slot, node_id: int) -> None:
         """The connection proved it is node `node_id`: no longer a client."""
+        if slot.peer == node_id:
+            return
+        if slot.peer is not None:  # proved itself again, as another node
+            self._drop_peer_conn(slot.peer)
         slot.peer = node_id
+        self._peer_conns[node_id] += 1
         self._forget(slot)
 
-    def release(self, slot: Slot) -> None:
+    def release(self, slot: Slot) -> bool:
+        """Forget a closed connection; True when it was the last one of a peer."""
         self._forget(slot)
+        return slot.peer is not None and self._drop_peer_conn(slot.peer)
+
+    def _drop_peer_conn(self, node_id: int) -> bool:
+        self._peer_conns[node_id] -= 1
+        if self._peer_conns[node_id] > 0:
+            return False
+        del self._peer_conns[node_id]
+        return True
 
     def _forget(self, slot: Slot) -> None:
         if self._clients.pop(slot, False) is None:
@@ -470,6 +485,20 @@ class ServerBase:
 
     def send(self, messages) -> None:
         self._links.send(messages)
+
+    def _release(self, slot: Slot) -> None:
+        """`slot`'s connection is closed. If it was the last one that carried Raft messages
+        from a peer, tell the node: the kernel closes a dead process's connections at once,
+        so a leader that died is noticed now rather than an election timeout later. (Only
+        the last: another connection of the peer's that ends, a forwarded call's or a
+        stranger's holding the peer's credentials, says nothing about the peer itself.)"""
+        last = self.admission.release(slot)
+        lost = getattr(self.handler, "peer_lost", None)
+        if last and lost is not None and not self._closed:
+            try:
+                lost(slot.peer)
+            except Exception:  # the node's bug, not the peer's
+                log.exception("node %d: peer_lost failed", self.node_id)
 
     def dropped(self) -> dict[int, int]:
         """Raft messages dropped so far because a peer's queue was full, by peer id."""

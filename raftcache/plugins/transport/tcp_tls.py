@@ -350,7 +350,7 @@ class TcpTlsTransport(ServerBase):
                 self._conns.pop(conn, None)
                 conn.close()  # in-flight requests finish; their answers have nowhere to go
         finally:
-            self.admission.release(slot)
+            self._release(slot)
 
     def _frame_limit(self, conn: _ServerConn, kind: int) -> int:
         # Only a node's certificate may send Raft traffic, and only Raft traffic may be

@@ -611,7 +611,7 @@ class ThriftTransport(ServerBase):
             self._closings.log(logging.INFO, problem_key(addr[0], exc), "%s: connection lost: "
                                "%s", peer, exc)
         finally:
-            self.admission.release(slot)
+            self._release(slot)
             close_quietly(sock)
 
 
