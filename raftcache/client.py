@@ -219,6 +219,8 @@ class Client:
             if error in ("Unavailable", "OutcomeUnknown"):
                 sent = sent or error == "OutcomeUnknown"
                 last_error = f"{address}: {response.reason}"
+                # A hint says "here, after a backoff" (an overloaded leader); none, "elsewhere".
+                target = response.leader_hint or None
                 continue  # exactly-once sessions make a write's retry safe
             raise errors.BY_NAME.get(error, errors.RaftCacheError)(response.reason or error)
 

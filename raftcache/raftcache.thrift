@@ -21,6 +21,7 @@ exception InvalidRequest {
 }
 exception Unavailable {     // nothing was sent, or it surely did not apply: safe to retry
   1: string reason
+  2: optional string leader_hint  // set: retry at this node after a backoff (it is overloaded)
 }
 exception OutcomeUnknown {  // a write that may or may not have applied
   1: string reason

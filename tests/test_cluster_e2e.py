@@ -225,3 +225,41 @@ def test_membership_change_is_decided_by_the_leader_not_a_removed_node(make_clus
         assert victim in status.voters and status.leader in {1, 2, 3} - {victim}
         assert time.monotonic() - started < 5.0  # redirected, not held until the deadline
         assert victim in c.status(cluster.address(status.leader)).voters
+
+
+def test_an_overloaded_leader_refuses_at_once_and_the_client_backs_off(tmp_path):
+    import gevent
+
+    from raftcache.core import api
+    from raftcache.plugins.transport import thrift
+
+    # Followers paused: nothing commits, so writes pile up on the leader, which keeps its
+    # leadership for the 2-4 s election timeout.
+    cluster = LocalCluster(str(tmp_path / "c"), port=free_port_block(3),
+                           extra={"raft": {"tick_ms": 10, "election_tick": 200},
+                                  "node": {"max_pending": 2}})
+    cluster.start()
+    try:
+        leader = cluster.wait_for_leader()
+        followers = [i for i in (1, 2, 3) if i != leader]
+        for i in followers:
+            cluster.pause(i)
+        conns = [thrift.connect(cluster.address(leader), None, 5.0) for _ in range(3)]
+
+        def put(n):
+            return conns[n].call(api.Request(op="put", key=b"k%d" % n, value=b"v"), 5.0)
+
+        waiting = [gevent.spawn(put, n) for n in range(2)]
+        gevent.sleep(0.2)
+        refused = put(2)  # the third: answered at once, not after a deadline
+        assert refused.error == "Unavailable" and "overloaded" in refused.reason
+        assert refused.leader_hint == cluster.address(leader)  # "here, after a backoff"
+        assert not any(g.ready() for g in waiting)
+        for i in followers:
+            cluster.resume(i)
+        assert [g.get(timeout=5).error for g in waiting] == [None, None]
+        with cluster.client(timeout=5) as c:  # a client retries through it
+            c.set("k2", "v2")
+            assert c.get("k2") == b"v2"
+    finally:
+        cluster.stop()

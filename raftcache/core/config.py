@@ -63,6 +63,11 @@ class NodeSection:
     # before anything is read or proposed. 1 MiB values: memcached's default item size.
     max_key_bytes: int = 64 << 10
     max_value_bytes: int = 1 << 20
+    # Writes and reads waiting on this node (proposed and not yet applied, or waiting for a
+    # read index): beyond it a request is refused at once, Unavailable "overloaded", which
+    # clients retry after a backoff. Back-pressure, instead of queues and deadlines that grow
+    # until every request times out.
+    max_pending: int = 4096
 
 
 @attrs.frozen
@@ -262,6 +267,7 @@ def _ranges(c: Config) -> list:
         ("node.request_timeout_ms", n.request_timeout_ms, 1, 3_600_000),
         ("node.max_request_bytes", n.max_request_bytes, 1024, 1 << 30),
         ("node.max_batch_keys", n.max_batch_keys, 1, 1 << 20),
+        ("node.max_pending", n.max_pending, 1, 1 << 24),
         ("node.max_key_bytes", n.max_key_bytes, 1, 1 << 20),
         ("node.max_value_bytes", n.max_value_bytes, 1, 1 << 30),
         ("cluster.id", c.cluster.id, 0, _I64_MAX),

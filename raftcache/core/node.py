@@ -625,6 +625,8 @@ class Node:
         if len(data) > self.config.node.max_request_bytes:
             raise BadRequest(f"the write takes {len(data)} bytes in the log, more than "
                              f"node.max_request_bytes ({self.config.node.max_request_bytes})")
+        if len(self._writes) >= self.config.node.max_pending:
+            return self._overloaded(len(self._writes), "writes")
         try:
             term, index = self.raw.propose(data)
         except NotLeader as exc:
@@ -635,6 +637,12 @@ class Node:
         if isinstance(result, ApplyError):
             return api.error(result.kind, result.reason)
         return result
+
+    def _overloaded(self, waiting: int, what: str) -> api.Response:
+        # The hint names this node: "come back here after a backoff", not "try another".
+        return api.error("Unavailable", f"overloaded: {waiting} {what} are waiting here "
+                         f"(node.max_pending); retry after a backoff",
+                         self.client_addresses.get(self.id, ""))
 
     def _await_write(self, index: int, term: int, request):
         """The applied result of our entry (index, term), or an error Response."""
@@ -744,6 +752,8 @@ class Node:
         if self.backend_down:
             return api.error("Unavailable", "this node's backend is unavailable; try another node")
         if consistency != "stale":
+            if len(self._reads) + len(self._confirmed_reads) >= self.config.node.max_pending:
+                return self._overloaded(len(self._reads) + len(self._confirmed_reads), "reads")
             self._advance_clock()  # after a stall, leases must see the time that passed
             ctx = b"%d:%d" % (self.id, next(self._read_ids))
             try:

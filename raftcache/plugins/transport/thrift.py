@@ -267,6 +267,8 @@ def _exception_for(response: api.Response):
                                      f"{response.error}: {response.reason or ''}")
     if cls is wire.idl.NotLeader:
         return cls(leader_hint=response.leader_hint or "")
+    if cls is wire.idl.Unavailable:
+        return cls(reason=response.reason or "", leader_hint=response.leader_hint)
     return cls(reason=response.reason or "")
 
 
@@ -275,7 +277,7 @@ def _response_for(exc) -> api.Response:
     name = type(exc).__name__
     if name == "NotLeader":
         return api.error(name, "not the leader", exc.leader_hint or "")
-    return api.error(name, exc.reason or "")
+    return api.error(name, exc.reason or "", getattr(exc, "leader_hint", None) or "")
 
 
 # ---- server side --------------------------------------------------------------------------------
