@@ -55,7 +55,7 @@ def test_registered_by_entry_point():
 
 def test_unknown_option_lists_accepted_ones(d):
     with pytest.raises(ValueError, match=r"storage.options.segment_size: unknown key "
-                                         r"\(accepted: fsync, repair, segment_bytes\)"):
+                                         r"\(accepted: fsync, repair, segment_bytes, sync_thread\)"):
         FileWALStorage(1, str(d), {"segment_size": 10})
     with pytest.raises(ValueError, match="storage.options.segment_bytes: expected an integer"):
         FileWALStorage(1, str(d), {"segment_bytes": "big"})

@@ -273,11 +273,14 @@ class RawNode:
             return
         self._lead = NONE  # out of lease: we grant the others' pre-votes and votes now
         self._booting = False
-        # Staggered by node id (the lowest campaigns after one tick, the next after two...),
-        # so that the followers that all saw the leader die do not split the vote; one that
-        # cannot win (its log is behind) only delays the next by a tick.
+        # Staggered by node id: the lowest campaigns after one tick, the next a quarter of an
+        # election timeout later (at least 3 ticks), and so on. A vote split between
+        # followers that all saw the leader die would cost a whole election timeout, and a
+        # pre-vote and vote round takes about a tick itself; one that cannot win (its log is
+        # behind) only delays the next by the gap.
         others = sorted(v for v in self.conf.voters if v != peer)
-        wait = 1 + (others.index(self.id) if self.id in others else len(others))
+        rank = others.index(self.id) if self.id in others else len(others)
+        wait = 1 + rank * max(3, self.config.election_tick // 4)
         self.election_elapsed = max(self.election_elapsed,
                                     self.randomized_election_timeout - wait)
 
