@@ -41,13 +41,20 @@ def _endpoints(endpoints) -> list[str]:
 
 class Client:
     def __init__(self, endpoints=None, token: str | None = None, tls: TLSConfig | None = None,
-                 timeout: float = 5.0, transport: str = "thrift"):
+                 timeout: float = 5.0, transport: str = "thrift",
+                 attempt_timeout: float | None = None):
+        """`timeout`: seconds a call may take in all, retries included. `attempt_timeout`:
+        the longest one node may take to answer before the call tries another (a frozen
+        leader holds its connections open, and would otherwise take the whole timeout); a
+        write whose node gave up is retried under its session, so it applies once. None:
+        one attempt may take the whole timeout."""
         from raftcache.core.plugins import PluginSet, make_manager
 
         self.endpoints = _endpoints(endpoints)
         self.token = token
         self.tls = tls
         self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
         self._connect = PluginSet(make_manager()).transport(transport).connect
         self._lock = threading.Lock()
         self._idle: dict[str, list] = {}
@@ -192,6 +199,8 @@ class Client:
             attempt += 1
             address = target or self.endpoints[next(self._rotation)]
             target = None
+            if self.attempt_timeout is not None:
+                remaining = min(remaining, self.attempt_timeout)
             request = attrs.evolve(request, header=attrs.evolve(
                 request.header or api.RequestHeader(), timeout_ms=max(1, int(remaining * 1000))))
             try:

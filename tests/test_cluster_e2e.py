@@ -143,6 +143,28 @@ def test_paused_old_leader_serves_no_stale_read(make_cluster, transport):
         assert status.role != "leader" and status.leader == new
 
 
+def test_attempt_timeout_moves_a_write_off_a_frozen_leader(make_cluster):
+    import gevent
+
+    cluster = make_cluster()
+    old = cluster.wait_for_leader()
+    with cluster.client() as c:
+        c.set("x", "1")
+    # The client knows the leader: its first attempt goes to the frozen one, whose
+    # connection stays open. With one attempt allowed the whole 60 s, the write would wait
+    # there; with 0.2 s per attempt it goes to the new leader once there is one.
+    c = cluster.client(timeout=60, attempt_timeout=0.2)
+    c.set("x", "2")
+    cluster.pause(old)
+    try:
+        with gevent.Timeout(20):
+            c.set("x", "3")
+        assert c.get("x") == b"3"
+    finally:
+        cluster.resume(old)
+        c.close()
+
+
 def test_status_and_errors(make_cluster):
     cluster = make_cluster()
     cluster.wait_for_leader()
