@@ -94,6 +94,43 @@ def test_latency_scenario_covers_every_read_level():
     assert (mix.read_ratio, mix.processes * mix.clients) == (0.9, 50)
 
 
+def test_value_sizes_scenario_names_each_size_and_bounds_big_key_spaces():
+    steps = bench.SCENARIOS["value-sizes"].steps(bench.Options(processes=2))
+    assert [s.name for s in steps[:3]] == ["set 100 B", "set 100 B", "get 100 B linearizable"]
+    assert [s.name for s in steps[-3:]] == ["set 1 MB", "set 1 MB", "get 1 MB linearizable"]
+    assert [(s.processes, s.clients) for s in steps[:3]] == [(1, 1), (2, 25), (2, 25)]
+    assert steps[0].for_target("redis").value_size == 100  # the size goes to every target
+    o = bench.Options(keys=1000)
+    assert [bench.key_count(o, n) for n in (100, 10_000, 1_000_000)] == [1000, 1000, 67]
+
+
+def test_nodes_scenario_runs_raftcache_at_each_size_and_the_others_once():
+    steps = bench.SCENARIOS["nodes"].steps(bench.Options(processes=2))
+    assert [s.nodes for s in steps] == [3] * 3 + [5] * 3 + [7] * 3
+    assert steps[4].name == "set 5 nodes"
+    assert steps[4].for_target("redis") == steps[1].for_target("redis")  # one Redis run
+    assert steps[4].for_target("redis").name == "set"
+
+
+def test_nodes_scenario_refuses_endpoints():
+    p = raftcache("bench", "--scenario", "nodes", "--endpoints", "127.0.0.1:1", timeout=30)
+    assert p.returncode == 2 and "starts clusters of its own" in p.stderr
+
+
+def test_value_sizes_end_to_end(tmp_path):
+    path = tmp_path / "sizes.json"
+    p = raftcache("bench", "--scenario", "value-sizes", "--seconds", "0.5", "--reps", "1",
+                  "--processes", "1", "--clients", "2", "--json", str(path), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    results = json.loads(path.read_text())["results"]
+    assert sorted({r["value_size"] for r in results}) == [100, 10_000, 1_000_000]
+    for r in results:
+        rep = r["reps"][0]
+        assert rep["ops_per_s"] > 0 and rep["errors"] == 0, r
+        assert rep["misses"] == 0, r  # every get found its key, filled at this size
+    assert "get 1 MB linearizable" in p.stdout
+
+
 # -- the command --------------------------------------------------------------------------------
 
 
@@ -186,3 +223,18 @@ def test_plot_draws_a_png(tmp_path):
                                  ("redis", "redis", [300, 400, 350]))]
     bench.plot(outcomes, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_nodes_end_to_end(tmp_path):
+    path = tmp_path / "nodes.json"
+    p = raftcache("bench", "--scenario", "nodes", "--compare", "--seconds", "0.5", "--reps", "1",
+                  "--processes", "1", "--clients", "2", "--json", str(path), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    results = json.loads(path.read_text())["results"]
+    ours = [r for r in results if r["kind"] == "raftcache"]
+    assert [r["nodes"] for r in ours] == [3] * 3 + [5] * 3 + [7] * 3
+    for r in ours:
+        assert r["reps"][0]["ops_per_s"] > 0 and r["reps"][0]["errors"] == 0, r
+    redis = [r["step"] for r in results if r["kind"] == "redis"]
+    assert sorted(redis) == ["get", "set", "set"]  # sequential and 50-greenlet shapes, once
+    assert "set 7 nodes" in p.stdout

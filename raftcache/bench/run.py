@@ -29,6 +29,7 @@ import attrs
 
 from raftcache.bench.stats import latency_summary, spread
 
+KEY_SPACE_BYTES = 64 << 20  # keys x value size at most (at least 16 keys)
 START_DELAY = 1.0  # s: every process of a step gets its command and warms up before the clock
 CONSISTENCY = ("linearizable", "lease", "stale")
 SCHEMA = "raftcache-bench/1"
@@ -47,15 +48,21 @@ class Step:
     consistency: str | None
     processes: int
     clients: int
+    value_size: int | None = None  # bytes; None: the run's --value-size
+    nodes: int | None = None  # raftcache's cluster size; None: the run's --nodes
 
     @property
     def kind(self) -> str:
         """The shape without the read level: what targets without levels run once."""
         if self.read_ratio <= 0:
-            return "set"
-        if self.read_ratio >= 1:
-            return "get"
-        return f"mix {round(self.read_ratio * 100)}/{round((1 - self.read_ratio) * 100)}"
+            shape = "set"
+        elif self.read_ratio >= 1:
+            shape = "get"
+        else:
+            shape = f"mix {round(self.read_ratio * 100)}/{round((1 - self.read_ratio) * 100)}"
+        if self.value_size is not None:
+            shape = f"{shape} {_size(self.value_size)}"
+        return shape if self.nodes is None else f"{shape} {self.nodes} nodes"
 
     @property
     def name(self) -> str:
@@ -75,7 +82,7 @@ class Step:
             return self
         if kind == "pysyncobj" and self.read_ratio > 0:
             return None
-        return attrs.evolve(self, consistency=None)
+        return attrs.evolve(self, consistency=None, nodes=None)
 
 
 @attrs.frozen
@@ -83,6 +90,13 @@ class Scenario:
     name: str
     doc: str
     steps: Callable | None  # (options) -> [Step]; None: not written yet (a hook)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("MB", 1_000_000), ("KB", 1000)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
 
 
 def _spread_clients(total: int, processes: int) -> int:
@@ -104,6 +118,30 @@ def _read_heavy_steps(o) -> list[Step]:
     return [Step(0.9, o.consistency, o.processes, clients)]
 
 
+VALUE_SIZES = (100, 10_000, 1_000_000)
+CLUSTER_SIZES = (3, 5, 7)
+
+
+def _nodes_steps(o) -> list[Step]:
+    """Per cluster size: one sequential client's sets, then 50 greenlets' sets and gets."""
+    clients = o.clients or _spread_clients(50, o.processes)
+    steps = []
+    for n in CLUSTER_SIZES:
+        steps += [Step(0.0, None, 1, 1, nodes=n), Step(0.0, None, o.processes, clients, nodes=n),
+                  Step(1.0, o.consistency, o.processes, clients, nodes=n)]
+    return steps
+
+
+def _value_size_steps(o) -> list[Step]:
+    """Per size: one sequential client's sets (latency), then 50 greenlets' sets and gets."""
+    clients = o.clients or _spread_clients(50, o.processes)
+    steps = []
+    for size in VALUE_SIZES:
+        steps += [Step(0.0, None, 1, 1, size), Step(0.0, None, o.processes, clients, size),
+                  Step(1.0, o.consistency, o.processes, clients, size)]
+    return steps
+
+
 def _custom_steps(o) -> list[Step]:
     """--read-ratio R: 0 runs a set phase then a get phase; otherwise one mixed phase."""
     clients = o.clients or _spread_clients(50, o.processes)
@@ -123,10 +161,11 @@ SCENARIOS = {s.name: s for s in [
              _read_heavy_steps),
     Scenario("custom", "--read-ratio 0: a set phase then a get phase; above 0: a mix "
                        "(the default scenario with --read-ratio)", _custom_steps),
-    # Hooks for the rest of issue 13: each needs its own target set-up or a fault, not only a
-    # load shape.
-    Scenario("nodes", "3, 5 and 7 nodes (not written yet)", None),
-    Scenario("value-sizes", "values of 100 B, 10 KB and 1 MB (not written yet)", None),
+    # Hooks for the rest of issue 13: each needs a fault or other targets, not a load shape.
+    Scenario("nodes", "clusters of 3, 5 and 7 nodes: sequential sets, then 50 greenlets' sets "
+                      "and gets", _nodes_steps),
+    Scenario("value-sizes", "values of 100 B, 10 KB and 1 MB: sequential sets, then 50 "
+                            "greenlets' sets and gets", _value_size_steps),
     Scenario("overload", "an open loop at twice the peak rate (not written yet)", None),
     Scenario("leader-kill", "kill -9 of the leader mid-run: dip and recovery (not written yet)",
              None),
@@ -144,6 +183,11 @@ def key_names(count: int, prefixes: tuple[str, ...] = ("",)) -> list[str]:
     """The key space: `count` keys spread over `prefixes` (key n takes prefix n mod len, so a
     hybrid backend's routes each get their share)."""
     return [f"{prefixes[i % len(prefixes)]}bench{i}" for i in range(count)]
+
+
+def key_count(options: Options, value_size: int) -> int:
+    """--keys, but fewer for big values: 1,000 keys of 1 MB would be a gigabyte per node."""
+    return min(options.keys, max(16, KEY_SPACE_BYTES // value_size))
 
 
 def route_prefixes(extra: dict) -> tuple[str, ...]:
@@ -186,11 +230,13 @@ def _stop(procs) -> None:
 class Pool:
     """`processes` worker processes with `clients` greenlets each, connected to one target."""
 
-    def __init__(self, target: dict, processes: int, clients: int, options: Options):
+    def __init__(self, target: dict, processes: int, clients: int, options: Options,
+                 value_size: int | None = None):
         self.target = target
         self.procs = []
-        setup = {"target": target, "clients": clients, "value_size": options.value_size,
-                 "keys": key_names(options.keys, options.key_prefixes)}
+        self.value_size = value_size or options.value_size
+        setup = {"target": target, "clients": clients, "value_size": self.value_size,
+                 "keys": key_names(key_count(options, self.value_size), options.key_prefixes)}
         for _ in range(processes):
             p = subprocess.Popen([sys.executable, "-m", "raftcache.bench.worker"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -294,9 +340,15 @@ class Target:
 
     spec: dict
     options: Options
-    pools: dict = attrs.Factory(dict)  # (processes, clients) -> Pool
+    pools: dict = attrs.Factory(dict)  # (processes, clients, value size) -> Pool
     pysyncobj: PySyncObjCluster | None = None
-    filled: bool = False
+    filled: int | None = None  # the value size every key was last written with
+    nodes: int | None = None  # a local raftcache cluster's size
+    # (nodes) -> (spec, stop) of another local cluster of that size, like this one
+    # (raftcache targets that the bench started; the nodes scenario runs on them)
+    start_cluster: Callable | None = None
+    sized: dict = attrs.Factory(dict)  # nodes -> Target (one at a time)
+    stop: Callable | None = None  # stops this target's cluster, when it is a sized one
 
     @property
     def name(self) -> str:
@@ -307,30 +359,40 @@ class Target:
         return self.spec["kind"]
 
     def pool(self, step: Step) -> Pool:
-        shape = (step.processes, step.clients)
+        shape = (step.processes, step.clients, step.value_size or self.options.value_size)
         if shape not in self.pools:
-            self.pools[shape] = Pool(self.spec, *shape, self.options)
+            self.pools[shape] = Pool(self.spec, *shape[:2], self.options, shape[2])
         return self.pools[shape]
 
     def fill(self, step: Step) -> None:
-        """Write every key once, so that gets find them (once per target)."""
-        if self.filled or self.kind == "pysyncobj":
-            return
+        """Write every key once, so that gets find them (again when the value size changes:
+        a get must read values of the size it is timed for)."""
         pool = self.pool(step)
+        if self.filled == pool.value_size or self.kind == "pysyncobj":
+            return
         n = len(pool.procs)
         results = pool.command([{"cmd": "fill", "part": i, "of": n} for i in range(n)])
         errors = sum(r["errors"] for r in results)
         if errors:
             print(f"  ({self.name}: {errors} keys not written beforehand, e.g. "
                   f"{results[0]['last_error'] or results[-1]['last_error']})", flush=True)
-        self.filled = True
+        self.filled = pool.value_size
 
     def run(self, step: Step, seed: int, on_progress: Callable | None = None) -> list[dict]:
+        if step.nodes is not None and step.nodes != self.nodes:
+            if step.nodes not in self.sized:
+                for other in self.sized.values():  # an idle cluster would share the CPUs
+                    other.close()
+                spec, stop = self.start_cluster(step.nodes)
+                self.sized = {step.nodes: Target(spec, self.options, nodes=step.nodes,
+                                                 stop=stop)}
+            return self.sized[step.nodes].run(step, seed, on_progress)
         o = self.options
         if self.kind == "pysyncobj":
+            size = step.value_size or o.value_size
             return [self.pysyncobj.run({"cmd": "run", "clients": step.processes * step.clients,
-                                        "seconds": o.seconds, "value_size": o.value_size,
-                                        "keys": o.keys, "seed": seed})]
+                                        "seconds": o.seconds, "value_size": size,
+                                        "keys": key_count(o, size), "seed": seed})]
         pool = self.pool(step)
         self.fill(step)
         start_at = time.time() + START_DELAY
@@ -342,8 +404,12 @@ class Target:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+        for target in self.sized.values():
+            target.close()
         if self.pysyncobj is not None:
             self.pysyncobj.close()
+        if self.stop is not None:
+            self.stop()
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -426,6 +492,8 @@ def to_json(outcomes: list[Outcome], options: Options, meta: dict) -> dict:
         "results": [{"scenario": o.scenario, "step": o.step.name, "target": o.target,
                      "kind": o.kind, "processes": o.step.processes, "clients": o.step.clients,
                      "read_ratio": o.step.read_ratio, "consistency": o.step.consistency,
+                     "value_size": o.step.value_size or options.value_size,
+                     "nodes": o.step.nodes,
                      "summary": o.summary(),
                      "reps": [{k: v for k, v in r.items() if not k.startswith("_")}
                               for r in o.reps]}
@@ -703,6 +771,8 @@ def _check(args) -> str | None:
     for name in args.scenario or ():
         if SCENARIOS[name].steps is None:
             return f"scenario {name} is not written yet (issue 13): {SCENARIOS[name].doc}"
+    if args.endpoints and "nodes" in (args.scenario or ()):
+        return "the nodes scenario starts clusters of its own; it cannot run with --endpoints"
     if args.read_ratio is not None and not 0 <= args.read_ratio <= 1:
         return "--read-ratio is between 0 and 1"
     if min(args.processes, args.clients or 1, args.reps, args.keys, args.value_size) < 1:
@@ -812,24 +882,33 @@ def _raftcache_target(stack, args, options: Options, base: str, extra: dict,
     # Reads at the `lease` level use the leader's lease only with raft.read_only = "lease"
     # (linearizable ones keep their ReadIndex round): the bench measures each level as such.
     extra = {**extra, "raft": {"read_only": "lease", **extra.get("raft", {})}}
-    cluster = LocalCluster(os.path.join(base, "raftcache"), nodes=args.nodes,
-                           port=free_port_block(args.nodes), storage=args.storage,
-                           transport=args.transport, backend=args.backend, extra=extra,
-                           auth=args.auth, encryption=not args.no_encryption)
-    stack.callback(cluster.stop)
-    cluster.start()
-    cluster.wait_for_leader(timeout=30)
-    spec = {"name": "raftcache", "kind": "raftcache", "address": ",".join(cluster.endpoints()),
-            "transport": args.transport}
-    if cluster.tls_files():
-        spec["tls"] = cluster.tls_files()
-    if args.auth:
-        spec["token"] = cluster.admin_token()
-    meta["raftcache"] = (f"raftcache: {args.nodes} nodes, {cluster.plugin('storage')} storage, "
-                         f"{cluster.plugin('transport')}, {cluster.plugin('backend')} backend, "
+    plugins = {}
+
+    def start_cluster(nodes: int) -> dict:
+        name = "raftcache" if nodes == args.nodes else f"raftcache-{nodes}"
+        cluster = LocalCluster(os.path.join(base, name), nodes=nodes,
+                               port=free_port_block(nodes), storage=args.storage,
+                               transport=args.transport, backend=args.backend, extra=extra,
+                               auth=args.auth, encryption=not args.no_encryption)
+        stack.callback(cluster.stop)
+        cluster.start()
+        cluster.wait_for_leader(timeout=30)
+        plugins.update({kind: cluster.plugin(kind) for kind in ("storage", "transport",
+                                                                "backend")})
+        spec = {"name": "raftcache", "kind": "raftcache",
+                "address": ",".join(cluster.endpoints()), "transport": args.transport}
+        if cluster.tls_files():
+            spec["tls"] = cluster.tls_files()
+        if args.auth:
+            spec["token"] = cluster.admin_token()
+        return spec, cluster.stop
+
+    spec, _ = start_cluster(args.nodes)  # stopped by the stack
+    meta["raftcache"] = (f"raftcache: {args.nodes} nodes, {plugins['storage']} storage, "
+                         f"{plugins['transport']}, {plugins['backend']} backend, "
                          f"auth {'on' if args.auth else 'off'}, encryption "
                          f"{'off' if args.no_encryption else 'on'}")
-    return Target(spec, options)
+    return Target(spec, options, nodes=args.nodes, start_cluster=start_cluster)
 
 
 def _compare_targets(stack, options: Options, base: str, meta: dict,
