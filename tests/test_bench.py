@@ -238,3 +238,17 @@ def test_nodes_end_to_end(tmp_path):
     redis = [r["step"] for r in results if r["kind"] == "redis"]
     assert sorted(redis) == ["get", "set", "set"]  # sequential and 50-greenlet shapes, once
     assert "set 7 nodes" in p.stdout
+
+
+def test_leader_kill_end_to_end(tmp_path):
+    path = tmp_path / "kill.json"
+    p = raftcache("bench", "--scenario", "leader-kill", "--compare", "--seconds", "2", "--reps",
+                  "1", "--processes", "1", "--clients", "4", "--json", str(path), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (result,) = json.loads(path.read_text())["results"]  # raftcache only: no failover to time
+    assert result["kind"] == "raftcache" and result["step"] == "set, leader-kill"
+    rep = result["reps"][0]
+    assert rep["fault"].startswith("killed the leader, node ")
+    # Every write that was in flight at the kill was retried to the new leader: none failed.
+    assert rep["errors"] == 0 and rep["ops_per_s"] > 0, rep
+    assert "killed the leader" in p.stdout

@@ -50,6 +50,7 @@ class Step:
     clients: int
     value_size: int | None = None  # bytes; None: the run's --value-size
     nodes: int | None = None  # raftcache's cluster size; None: the run's --nodes
+    fault: str | None = None  # "leader-kill": kill -9 of the leader halfway (raftcache only)
 
     @property
     def kind(self) -> str:
@@ -62,7 +63,9 @@ class Step:
             shape = f"mix {round(self.read_ratio * 100)}/{round((1 - self.read_ratio) * 100)}"
         if self.value_size is not None:
             shape = f"{shape} {_size(self.value_size)}"
-        return shape if self.nodes is None else f"{shape} {self.nodes} nodes"
+        if self.nodes is not None:
+            shape = f"{shape} {self.nodes} nodes"
+        return shape if self.fault is None else f"{shape}, {self.fault}"
 
     @property
     def name(self) -> str:
@@ -80,7 +83,7 @@ class Step:
         comparison has sets only (its reads are local dict lookups in the leader's process)."""
         if kind == "raftcache":
             return self
-        if kind == "pysyncobj" and self.read_ratio > 0:
+        if (kind == "pysyncobj" and self.read_ratio > 0) or self.fault is not None:
             return None
         return attrs.evolve(self, consistency=None, nodes=None)
 
@@ -142,6 +145,11 @@ def _value_size_steps(o) -> list[Step]:
     return steps
 
 
+def _leader_kill_steps(o) -> list[Step]:
+    clients = o.clients or _spread_clients(50, o.processes)
+    return [Step(0.0, None, o.processes, clients, fault="leader-kill")]
+
+
 def _custom_steps(o) -> list[Step]:
     """--read-ratio R: 0 runs a set phase then a get phase; otherwise one mixed phase."""
     clients = o.clients or _spread_clients(50, o.processes)
@@ -167,8 +175,9 @@ SCENARIOS = {s.name: s for s in [
     Scenario("value-sizes", "values of 100 B, 10 KB and 1 MB: sequential sets, then 50 "
                             "greenlets' sets and gets", _value_size_steps),
     Scenario("overload", "an open loop at twice the peak rate (not written yet)", None),
-    Scenario("leader-kill", "kill -9 of the leader mid-run: dip and recovery (not written yet)",
-             None),
+    Scenario("leader-kill", "50 greenlets' sets with a kill -9 of the leader halfway (raftcache "
+                            "only): errors, the slowest requests, the dip; the node restarts "
+                            "after the step", _leader_kill_steps),
     Scenario("backends", "every backend (examples/bench_backends.py does it meanwhile)", None),
     Scenario("security", "auth and encryption off vs on (examples/bench_security.py does it "
                          "meanwhile)", None),
@@ -344,11 +353,12 @@ class Target:
     pysyncobj: PySyncObjCluster | None = None
     filled: int | None = None  # the value size every key was last written with
     nodes: int | None = None  # a local raftcache cluster's size
-    # (nodes) -> (spec, stop) of another local cluster of that size, like this one
+    # (nodes) -> (spec, LocalCluster) of another local cluster of that size, like this one
     # (raftcache targets that the bench started; the nodes scenario runs on them)
     start_cluster: Callable | None = None
     sized: dict = attrs.Factory(dict)  # nodes -> Target (one at a time)
-    stop: Callable | None = None  # stops this target's cluster, when it is a sized one
+    cluster: object = None  # the LocalCluster the bench started for this target, if any
+    owns_cluster: bool = False  # stop it at close (sized targets; the first is the stack's)
 
     @property
     def name(self) -> str:
@@ -383,9 +393,9 @@ class Target:
             if step.nodes not in self.sized:
                 for other in self.sized.values():  # an idle cluster would share the CPUs
                     other.close()
-                spec, stop = self.start_cluster(step.nodes)
+                spec, cluster = self.start_cluster(step.nodes)
                 self.sized = {step.nodes: Target(spec, self.options, nodes=step.nodes,
-                                                 stop=stop)}
+                                                 cluster=cluster, owns_cluster=True)}
             return self.sized[step.nodes].run(step, seed, on_progress)
         o = self.options
         if self.kind == "pysyncobj":
@@ -396,10 +406,32 @@ class Target:
         pool = self.pool(step)
         self.fill(step)
         start_at = time.time() + START_DELAY
-        return pool.command([{"cmd": "run", "read_ratio": step.read_ratio,
-                              "consistency": step.consistency, "start_at": start_at,
-                              "seconds": o.seconds, "seed": seed * 100 + i}
-                             for i in range(len(pool.procs))], on_progress)
+        cmds = [{"cmd": "run", "read_ratio": step.read_ratio, "consistency": step.consistency,
+                 "start_at": start_at, "seconds": o.seconds, "seed": seed * 100 + i}
+                for i in range(len(pool.procs))]
+        if step.fault == "leader-kill":
+            return self._killing_the_leader(pool, cmds, on_progress, start_at + o.seconds / 2)
+        return pool.command(cmds, on_progress)
+
+    def _killing_the_leader(self, pool: Pool, cmds: list, on_progress, kill_at: float):
+        """The step's results, with the leader killed (-9) at `kill_at` and, unless its log
+        was in memory only, restarted once the step is over."""
+        import gevent
+
+        if self.cluster is None:
+            raise RuntimeError("leader-kill needs a cluster that the bench started")
+        job = gevent.spawn(pool.command, cmds, on_progress)
+        gevent.sleep(max(0.0, kill_at - time.time()))
+        victim = self.cluster.wait_for_leader(timeout=5)
+        killed_at = time.time()
+        self.cluster.kill(victim)
+        results = job.get()
+        results[0]["fault"] = (f"killed the leader, node {victim}, "
+                               f"{killed_at - cmds[0]['start_at']:.1f} s into the step")
+        if self.cluster.plugin("storage") != "memory":  # memory: it would come back empty
+            self.cluster.start(victim)
+            self.cluster.wait_for_leader(timeout=30)
+        return results
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -408,8 +440,8 @@ class Target:
             target.close()
         if self.pysyncobj is not None:
             self.pysyncobj.close()
-        if self.stop is not None:
-            self.stop()
+        if self.owns_cluster:
+            self.cluster.stop()
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -433,6 +465,9 @@ def merge_rep(results: list[dict], step: Step, seconds: float) -> dict:
     rep["misses"] = sum(r["misses"] for r in results)
     rep["late"] = any(r["late"] for r in results)
     rep["last_error"] = next((r["last_error"] for r in results if r["last_error"]), "")
+    faults = [r["fault"] for r in results if r.get("fault")]
+    if faults:
+        rep["fault"] = faults[0]
     return rep | {"_raw": raw}
 
 
@@ -652,6 +687,8 @@ def run(targets: list[Target], scenarios: list[str], options: Options,
                         line += f", {r['errors']} errors (e.g. {r['last_error']})"
                     if r["late"]:
                         line += " (a client process started late)"
+                    if r.get("fault"):
+                        line += f" ({r['fault']})"
                     finish(line)
     return outcomes
 
@@ -773,6 +810,9 @@ def _check(args) -> str | None:
             return f"scenario {name} is not written yet (issue 13): {SCENARIOS[name].doc}"
     if args.endpoints and "nodes" in (args.scenario or ()):
         return "the nodes scenario starts clusters of its own; it cannot run with --endpoints"
+    if args.endpoints and "leader-kill" in (args.scenario or ()):
+        return "the leader-kill scenario kills a node of a cluster the bench started; it " \
+               "cannot run with --endpoints"
     if args.read_ratio is not None and not 0 <= args.read_ratio <= 1:
         return "--read-ratio is between 0 and 1"
     if min(args.processes, args.clients or 1, args.reps, args.keys, args.value_size) < 1:
@@ -901,14 +941,15 @@ def _raftcache_target(stack, args, options: Options, base: str, extra: dict,
             spec["tls"] = cluster.tls_files()
         if args.auth:
             spec["token"] = cluster.admin_token()
-        return spec, cluster.stop
+        return spec, cluster
 
-    spec, _ = start_cluster(args.nodes)  # stopped by the stack
+    spec, cluster = start_cluster(args.nodes)  # stopped by the stack
     meta["raftcache"] = (f"raftcache: {args.nodes} nodes, {plugins['storage']} storage, "
                          f"{plugins['transport']}, {plugins['backend']} backend, "
                          f"auth {'on' if args.auth else 'off'}, encryption "
                          f"{'off' if args.no_encryption else 'on'}")
-    return Target(spec, options, nodes=args.nodes, start_cluster=start_cluster)
+    return Target(spec, options, nodes=args.nodes, start_cluster=start_cluster,
+                  cluster=cluster)
 
 
 def _compare_targets(stack, options: Options, base: str, meta: dict,
