@@ -40,6 +40,7 @@ demo:
 # kill -9 the leader 20 times; time to the first acknowledged write
 bench-failover:
 	scripts/bootstrap && .venv/bin/python examples/failover_bench.py --rounds 20
+	.venv/bin/python examples/failover_bench.py --rounds 20 --stop
 
 # durable appends/s: group commit vs one fsync per entry (file-wal, redis-aof)
 bench-storage:
