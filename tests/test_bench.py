@@ -212,7 +212,7 @@ def test_help_names_every_scenario():
 
 
 def test_unwritten_scenarios_say_so():
-    p = raftcache("bench", "--scenario", "overload", timeout=30)
+    p = raftcache("bench", "--scenario", "backends", timeout=30)
     assert p.returncode == 2 and "not written yet" in p.stderr
 
 
@@ -252,3 +252,20 @@ def test_leader_kill_end_to_end(tmp_path):
     # Every write that was in flight at the kill was retried to the new leader: none failed.
     assert rep["errors"] == 0 and rep["ops_per_s"] > 0, rep
     assert "killed the leader" in p.stdout
+
+
+def test_overload_end_to_end(tmp_path):
+    path = tmp_path / "overload.json"
+    p = raftcache("bench", "--scenario", "overload", "--seconds", "1", "--reps", "1",
+                  "--processes", "1", "--clients", "4", "--json", str(path), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    closed, open_loop = json.loads(path.read_text())["results"]
+    assert (closed["step"], open_loop["step"]) == ("set", "set at 2x peak")
+    assert open_loop["clients"] == bench.OVERLOAD_INFLIGHT
+    rep, peak = open_loop["reps"][0], closed["reps"][0]["ops_per_s"]
+    # It offered twice what the closed loop reached (the clock's own jitter aside).
+    assert rep["peak_ops_per_s"] == pytest.approx(peak, rel=0.01)
+    assert rep["offered_per_s"] == pytest.approx(2 * peak, rel=0.2)
+    assert rep["shed"] >= 0 and isinstance(rep["error_kinds"], dict)
+    assert rep["elections"] >= 0  # the cluster's terms, read before and after
+    assert "of peak" in p.stdout

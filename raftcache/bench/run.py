@@ -51,6 +51,9 @@ class Step:
     value_size: int | None = None  # bytes; None: the run's --value-size
     nodes: int | None = None  # raftcache's cluster size; None: the run's --nodes
     fault: str | None = None  # "leader-kill": kill -9 of the leader halfway (raftcache only)
+    # An open loop offering `load` times the rate the target's last closed-loop step of sets
+    # reached (its peak), at most `clients` requests in flight per process; None: closed.
+    load: float | None = None
 
     @property
     def kind(self) -> str:
@@ -65,6 +68,8 @@ class Step:
             shape = f"{shape} {_size(self.value_size)}"
         if self.nodes is not None:
             shape = f"{shape} {self.nodes} nodes"
+        if self.load is not None:
+            shape = f"{shape} at {self.load:g}x peak"
         return shape if self.fault is None else f"{shape}, {self.fault}"
 
     @property
@@ -83,7 +88,9 @@ class Step:
         comparison has sets only (its reads are local dict lookups in the leader's process)."""
         if kind == "raftcache":
             return self
-        if (kind == "pysyncobj" and self.read_ratio > 0) or self.fault is not None:
+        if kind == "pysyncobj" and (self.read_ratio > 0 or self.load is not None):
+            return None  # its runner has closed loops only
+        if self.fault is not None:
             return None
         return attrs.evolve(self, consistency=None, nodes=None)
 
@@ -145,6 +152,16 @@ def _value_size_steps(o) -> list[Step]:
     return steps
 
 
+OVERLOAD_INFLIGHT = 100  # requests in flight per client process (2 x 100 stays under the
+# nodes' 256 connections per source address: the raftcache client holds one per call)
+
+
+def _overload_steps(o) -> list[Step]:
+    clients = o.clients or _spread_clients(50, o.processes)
+    return [Step(0.0, None, o.processes, clients),
+            Step(0.0, None, o.processes, OVERLOAD_INFLIGHT, load=2.0)]
+
+
 def _leader_kill_steps(o) -> list[Step]:
     clients = o.clients or _spread_clients(50, o.processes)
     return [Step(0.0, None, o.processes, clients, fault="leader-kill")]
@@ -174,7 +191,10 @@ SCENARIOS = {s.name: s for s in [
                       "and gets", _nodes_steps),
     Scenario("value-sizes", "values of 100 B, 10 KB and 1 MB: sequential sets, then 50 "
                             "greenlets' sets and gets", _value_size_steps),
-    Scenario("overload", "an open loop at twice the peak rate (not written yet)", None),
+    Scenario("overload", "50 greenlets' sets find the peak; then an open loop offers twice "
+                         "that rate (at most 100 in flight per process, the rest shed): "
+                         "completions against the peak, errors by kind, leader changes",
+             _overload_steps),
     Scenario("leader-kill", "50 greenlets' sets with a kill -9 of the leader halfway (raftcache "
                             "only): errors, the slowest requests, the dip; the node restarts "
                             "after the step", _leader_kill_steps),
@@ -358,6 +378,7 @@ class Target:
     start_cluster: Callable | None = None
     sized: dict = attrs.Factory(dict)  # nodes -> Target (one at a time)
     cluster: object = None  # the LocalCluster the bench started for this target, if any
+    peak: float | None = None  # sets/s of its last closed-loop step of sets
     owns_cluster: bool = False  # stop it at close (sized targets; the first is the stack's)
 
     @property
@@ -411,7 +432,35 @@ class Target:
                 for i in range(len(pool.procs))]
         if step.fault == "leader-kill":
             return self._killing_the_leader(pool, cmds, on_progress, start_at + o.seconds / 2)
-        return pool.command(cmds, on_progress)
+        if step.load is not None:
+            if not self.peak:
+                raise RuntimeError(f"{step.name} needs a closed-loop step of sets before it")
+            for c in cmds:
+                c["rate"] = step.load * self.peak / len(cmds)
+            terms = self._terms()
+            results = pool.command(cmds, on_progress)
+            results[0]["peak_ops_per_s"] = self.peak
+            if terms is not None:
+                results[0]["elections"] = max(0, self._terms() - terms)
+            return results
+        results = pool.command(cmds, on_progress)
+        if step.read_ratio <= 0:
+            self.peak = sum(len(r["latencies_us"]["set"]) for r in results) / o.seconds
+        return results
+
+    def _terms(self) -> int | None:
+        """The highest term any node of this raftcache cluster reports (None: not one)."""
+        if self.kind != "raftcache":
+            return None
+        from raftcache.client import Client
+        from raftcache.core.hookspecs import TLSConfig
+
+        spec = self.spec
+        tls = TLSConfig(**spec["tls"]) if spec.get("tls") else None
+        addresses = spec["address"].split(",")
+        with Client(addresses, token=spec.get("token"), tls=tls, timeout=5.0,
+                    transport=spec.get("transport", "thrift")) as c:
+            return max(c.status(a).term for a in addresses)
 
     def _killing_the_leader(self, pool: Pool, cmds: list, on_progress, kill_at: float):
         """The step's results, with the leader killed (-9) at `kill_at` and, unless its log
@@ -468,6 +517,17 @@ def merge_rep(results: list[dict], step: Step, seconds: float) -> dict:
     faults = [r["fault"] for r in results if r.get("fault")]
     if faults:
         rep["fault"] = faults[0]
+    if any("offered" in r for r in results):  # an open loop
+        rep["offered_per_s"] = sum(r["offered"] for r in results) / seconds
+        rep["shed"] = sum(r["shed"] for r in results)
+        kinds: dict[str, int] = {}
+        for r in results:
+            for kind, n in r["error_kinds"].items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        rep["error_kinds"] = kinds
+        for key in ("peak_ops_per_s", "elections"):
+            if key in results[0]:
+                rep[key] = results[0][key]
     return rep | {"_raw": raw}
 
 
@@ -567,13 +627,26 @@ def table_rows(outcomes: list[Outcome]) -> dict:
                          f"{r['p50_ms']:.2f}x" if r and r["p50_ms"] else ""]
                 problems = sum(p["errors"] for p in x.reps), sum(p["misses"] for p in x.reps)
                 if x is o or op == x.step.ops[0]:
-                    cells.append(", ".join(f"{n} {what}" for n, what in
-                                           zip(problems, ("errors", "misses"), strict=True)
-                                           if n))
+                    notes = [f"{n} {what}" for n, what in
+                             zip(problems, ("errors", "misses"), strict=True) if n]
+                    notes += _open_loop_notes(x.reps)
+                    cells.append(", ".join(notes))
                 else:
                     cells.append("")
                 rows.append(cells)
     return scenarios
+
+
+def _open_loop_notes(reps: list[dict]) -> list[str]:
+    """An open loop's completions against the peak, what it shed, and elections."""
+    if not reps or "offered_per_s" not in reps[0]:
+        return []
+    share = [r["ops_per_s"] / r["peak_ops_per_s"] for r in reps if r.get("peak_ops_per_s")]
+    notes = [f"{spread(share)['median']:.0%} of peak"] if share else []
+    notes.append(f"{sum(r['shed'] for r in reps):,} shed")
+    if all("elections" in r for r in reps):
+        notes.append(f"terms moved {sum(r['elections'] for r in reps)}")
+    return notes
 
 
 HEADER = ("step", "op", "target", "ops/s median [min-max]", "p50 ms", "p99 ms", "p99.9 ms",
@@ -689,6 +762,12 @@ def run(targets: list[Target], scenarios: list[str], options: Options,
                         line += " (a client process started late)"
                     if r.get("fault"):
                         line += f" ({r['fault']})"
+                    if "offered_per_s" in r:
+                        line += (f"; offered {r['offered_per_s']:,.0f}/s, peak "
+                                 f"{r['peak_ops_per_s']:,.0f}/s, shed {r['shed']:,}, errors "
+                                 f"{r['error_kinds'] or 0}")
+                        if "elections" in r:
+                            line += f", terms moved {r['elections']}"
                     finish(line)
     return outcomes
 

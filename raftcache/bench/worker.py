@@ -90,8 +90,12 @@ class Worker:
 
     def run(self, cmd: dict) -> dict:
         """Closed loops from `start_at` (wall clock) for `seconds`; each request a get with
-        probability `read_ratio`, else a set, on a key drawn uniformly."""
+        probability `read_ratio`, else a set, on a key drawn uniformly. With `rate`, an open
+        loop instead (`open_loop`)."""
         import gevent
+
+        if cmd.get("rate"):
+            return self.open_loop(cmd)
 
         start_at, seconds = cmd["start_at"], cmd["seconds"]
         end = start_at + seconds
@@ -143,6 +147,70 @@ class Worker:
         return {"latencies_us": latencies, "per_second": per_second, "late": late,
                 "errors": state["errors"], "misses": state["misses"],
                 "last_error": state["last_error"]}
+
+
+    def open_loop(self, cmd: dict) -> dict:
+        """Requests started at `rate` per second from `start_at` for `seconds`, whatever the
+        answers (an open loop: users do not wait for each other), each in its own greenlet,
+        at most `clients` at once: a request due while all are busy is shed (counted, never
+        sent). Requests still out at the end get `drain` seconds to finish; only answers
+        within the window count as completions. Errors are counted by kind."""
+        import gevent
+        import gevent.pool
+
+        start_at, seconds, rate = cmd["start_at"], cmd["seconds"], cmd["rate"]
+        end = start_at + seconds
+        ratio, level = cmd["read_ratio"], cmd.get("consistency") or "linearizable"
+        latencies: dict[str, list[int]] = {"set": [], "get": []}
+        per_second = [0] * max(1, int(seconds + 0.999))
+        state = {"errors": 0, "misses": 0, "last_error": "", "done": 0, "shed": 0,
+                 "offered": 0}
+        kinds: dict[str, int] = {}
+        rng = random.Random(cmd["seed"])
+        pool = gevent.pool.Pool(self.clients)
+
+        def one(key: str, is_get: bool) -> None:
+            t0 = time.perf_counter()
+            try:
+                found = self.get(key, level) if is_get else self.set(key)
+            except Exception as exc:
+                state["errors"] += 1
+                state["last_error"] = repr(exc)[:300]
+                kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
+                return
+            now = time.time()
+            if now >= end:
+                return
+            latencies["get" if is_get else "set"].append(
+                round((time.perf_counter() - t0) * 1e6))
+            per_second[min(len(per_second) - 1, max(0, int(now - start_at)))] += 1
+            state["done"] += 1
+            if is_get and found is None:
+                state["misses"] += 1
+
+        def ticker() -> None:
+            while True:
+                gevent.sleep(TICK)
+                self.say({"done": state["done"]})
+
+        late = time.time() > start_at
+        tick = gevent.spawn(ticker)
+        gevent.sleep(max(0.0, start_at - time.time()))
+        while (now := time.time()) < end:
+            for _ in range(int((now - start_at) * rate) - state["offered"]):
+                state["offered"] += 1
+                if pool.full():
+                    state["shed"] += 1
+                else:
+                    pool.spawn(one, rng.choice(self.keys), rng.random() < ratio)
+            gevent.sleep(0.002)
+        pool.join(timeout=cmd.get("drain", 15.0))
+        pool.kill()
+        tick.kill()
+        return {"latencies_us": latencies, "per_second": per_second, "late": late,
+                "errors": state["errors"], "misses": state["misses"],
+                "last_error": state["last_error"], "offered": state["offered"],
+                "shed": state["shed"], "error_kinds": kinds}
 
 
 def main() -> int:
