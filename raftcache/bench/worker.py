@@ -56,6 +56,42 @@ def connect(target: dict, clients: int, value: bytes) -> tuple[Callable, Callabl
     raise ValueError(f"unknown target kind {kind!r}")
 
 
+class Tally:
+    """What one run counts: latencies per operation (µs) and completions per second of the
+    window [start_at, start_at + seconds), errors (by kind too) and gets that found nothing."""
+
+    def __init__(self, start_at: float, seconds: float):
+        self.start_at, self.end = start_at, start_at + seconds
+        self.latencies: dict[str, list[int]] = {"set": [], "get": []}
+        self.per_second = [0] * max(1, int(seconds + 0.999))
+        self.done = self.errors = self.misses = 0
+        self.last_error = ""
+        self.error_kinds: dict[str, int] = {}
+
+    def failed(self, exc: Exception) -> None:
+        self.errors += 1
+        self.last_error = repr(exc)[:300]
+        kind = type(exc).__name__
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+
+    def answered(self, op: str, t0: float, found) -> bool:
+        """Count an answer to a request sent at perf_counter `t0`; False (not counted) when
+        it came after the window."""
+        now = time.time()
+        if now >= self.end:
+            return False
+        self.latencies[op].append(round((time.perf_counter() - t0) * 1e6))
+        self.per_second[min(len(self.per_second) - 1, max(0, int(now - self.start_at)))] += 1
+        self.done += 1
+        if op == "get" and found is None:
+            self.misses += 1
+        return True
+
+    def result(self, late: bool) -> dict:
+        return {"latencies_us": self.latencies, "per_second": self.per_second, "late": late,
+                "errors": self.errors, "misses": self.misses, "last_error": self.last_error}
+
+
 class Worker:
     def __init__(self, setup: dict, out=sys.stdout):
         self.clients = setup["clients"]
@@ -96,13 +132,8 @@ class Worker:
 
         if cmd.get("rate"):
             return self.open_loop(cmd)
-
-        start_at, seconds = cmd["start_at"], cmd["seconds"]
-        end = start_at + seconds
+        tally = Tally(cmd["start_at"], cmd["seconds"])
         ratio, level = cmd["read_ratio"], cmd.get("consistency") or "linearizable"
-        latencies: dict[str, list[int]] = {"set": [], "get": []}
-        per_second = [0] * max(1, int(seconds + 0.999))
-        state = {"errors": 0, "misses": 0, "last_error": "", "done": 0}
         keys = self.keys
 
         def loop(seed: int) -> None:
@@ -111,7 +142,7 @@ class Worker:
                 self.get(keys[seed % len(keys)], level)
             except Exception:
                 pass
-            gevent.sleep(max(0.0, start_at - time.time()))
+            gevent.sleep(max(0.0, tally.start_at - time.time()))
             while True:
                 key = rng.choice(keys)
                 is_get = rng.random() < ratio
@@ -119,35 +150,19 @@ class Worker:
                 try:
                     found = self.get(key, level) if is_get else self.set(key)
                 except Exception as exc:
-                    state["errors"] += 1
-                    state["last_error"] = repr(exc)[:300]
-                    if time.time() >= end:
+                    tally.failed(exc)
+                    if time.time() >= tally.end:
                         break
                     gevent.sleep(0.01)  # a failing target: no busy loop
                     continue
-                elapsed = time.perf_counter() - t0
-                now = time.time()
-                if now >= end:  # answered after the window: not counted
-                    break
-                latencies["get" if is_get else "set"].append(round(elapsed * 1e6))
-                per_second[min(len(per_second) - 1, max(0, int(now - start_at)))] += 1
-                state["done"] += 1
-                if is_get and found is None:
-                    state["misses"] += 1
+                if not tally.answered("get" if is_get else "set", t0, found):
+                    break  # answered after the window: not counted
 
-        def ticker() -> None:
-            while True:
-                gevent.sleep(TICK)
-                self.say({"done": state["done"]})
-
-        late = time.time() > start_at
-        tick = gevent.spawn(ticker)
+        late = time.time() > tally.start_at
+        progress = gevent.spawn(self.report_progress, tally)
         gevent.joinall([gevent.spawn(loop, cmd["seed"] * 1000 + i) for i in range(self.clients)])
-        tick.kill()
-        return {"latencies_us": latencies, "per_second": per_second, "late": late,
-                "errors": state["errors"], "misses": state["misses"],
-                "last_error": state["last_error"]}
-
+        progress.kill()
+        return tally.result(late)
 
     def open_loop(self, cmd: dict) -> dict:
         """Requests started at `rate` per second from `start_at` for `seconds`, whatever the
@@ -158,59 +173,45 @@ class Worker:
         import gevent
         import gevent.pool
 
-        start_at, seconds, rate = cmd["start_at"], cmd["seconds"], cmd["rate"]
-        end = start_at + seconds
-        ratio, level = cmd["read_ratio"], cmd.get("consistency") or "linearizable"
-        latencies: dict[str, list[int]] = {"set": [], "get": []}
-        per_second = [0] * max(1, int(seconds + 0.999))
-        state = {"errors": 0, "misses": 0, "last_error": "", "done": 0, "shed": 0,
-                 "offered": 0}
-        kinds: dict[str, int] = {}
+        tally = Tally(cmd["start_at"], cmd["seconds"])
+        rate, ratio = cmd["rate"], cmd["read_ratio"]
+        level = cmd.get("consistency") or "linearizable"
         rng = random.Random(cmd["seed"])
         pool = gevent.pool.Pool(self.clients)
+        offered = shed = 0
 
         def one(key: str, is_get: bool) -> None:
             t0 = time.perf_counter()
             try:
                 found = self.get(key, level) if is_get else self.set(key)
             except Exception as exc:
-                state["errors"] += 1
-                state["last_error"] = repr(exc)[:300]
-                kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
+                tally.failed(exc)
                 return
-            now = time.time()
-            if now >= end:
-                return
-            latencies["get" if is_get else "set"].append(
-                round((time.perf_counter() - t0) * 1e6))
-            per_second[min(len(per_second) - 1, max(0, int(now - start_at)))] += 1
-            state["done"] += 1
-            if is_get and found is None:
-                state["misses"] += 1
+            tally.answered("get" if is_get else "set", t0, found)
 
-        def ticker() -> None:
-            while True:
-                gevent.sleep(TICK)
-                self.say({"done": state["done"]})
-
-        late = time.time() > start_at
-        tick = gevent.spawn(ticker)
-        gevent.sleep(max(0.0, start_at - time.time()))
-        while (now := time.time()) < end:
-            for _ in range(int((now - start_at) * rate) - state["offered"]):
-                state["offered"] += 1
+        late = time.time() > tally.start_at
+        progress = gevent.spawn(self.report_progress, tally)
+        gevent.sleep(max(0.0, tally.start_at - time.time()))
+        while (now := time.time()) < tally.end:
+            for _ in range(int((now - tally.start_at) * rate) - offered):
+                offered += 1
                 if pool.full():
-                    state["shed"] += 1
+                    shed += 1
                 else:
                     pool.spawn(one, rng.choice(self.keys), rng.random() < ratio)
             gevent.sleep(0.002)
         pool.join(timeout=cmd.get("drain", 15.0))
         pool.kill()
-        tick.kill()
-        return {"latencies_us": latencies, "per_second": per_second, "late": late,
-                "errors": state["errors"], "misses": state["misses"],
-                "last_error": state["last_error"], "offered": state["offered"],
-                "shed": state["shed"], "error_kinds": kinds}
+        progress.kill()
+        return tally.result(late) | {"offered": offered, "shed": shed,
+                                     "error_kinds": tally.error_kinds}
+
+    def report_progress(self, tally: Tally) -> None:
+        import gevent
+
+        while True:
+            gevent.sleep(TICK)
+            self.say({"done": tally.done})
 
 
 def main() -> int:
