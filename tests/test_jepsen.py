@@ -342,7 +342,11 @@ def test_the_suite_catches_a_node_that_ignores_its_redis_losing_its_data(tmp_pat
     proc, s = run_jepsen(tmp_path, "--backend", "redis", "--mutant", "ignore-backend-loss",
                          "--nemesis", "kill-backend", "--time", 8, "--nodes", 3, timeout=90)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {a["kind"] for a in s["anomalies"]} & {"not-linearizable", "counter", "lost-write"}
+    # A client sees the lost values only if it reads them on that node before they are
+    # rewritten; the final read of every node's values sees them in any case (a run caught
+    # it there alone).
+    assert {a["kind"] for a in s["anomalies"]} & {"not-linearizable", "counter", "lost-write",
+                                                  "replicas-diverge"}
 
 
 def test_the_suite_catches_an_older_value_on_a_memcached_route(tmp_path):
