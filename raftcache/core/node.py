@@ -752,8 +752,9 @@ class Node:
         if self.backend_down:
             return api.error("Unavailable", "this node's backend is unavailable; try another node")
         if consistency != "stale":
-            if len(self._reads) + len(self._confirmed_reads) >= self.config.node.max_pending:
-                return self._overloaded(len(self._reads) + len(self._confirmed_reads), "reads")
+            waiting = len(self._reads) + len(self._confirmed_reads)
+            if waiting >= self.config.node.max_pending:
+                return self._overloaded(waiting, "reads")
             self._advance_clock()  # after a stall, leases must see the time that passed
             ctx = b"%d:%d" % (self.id, next(self._read_ids))
             try:
