@@ -52,7 +52,7 @@ bench-latency:
 
 # set/get throughput and p50/p99 per backend, 3 nodes, beside direct Redis and Memcached
 bench-backends:
-	scripts/bootstrap && .venv/bin/python examples/bench_backends.py
+	scripts/bootstrap && .venv/bin/raftcache bench --scenario backends --compare $(BENCH_ARGS)
 
 # raftcache bench --compare: latency, throughput and read-heavy scenarios, 3 nodes (file-wal
 # with fsync, thrift), beside Redis (appendfsync always), Memcached and PySyncObj; a few minutes
@@ -68,4 +68,4 @@ bench-all: bench-storage bench-latency bench-failover bench-backends bench-secur
 
 # the throughput cost of auth (signed tokens) plus encryption at rest: off vs on, 3 nodes
 bench-security:
-	scripts/bootstrap && .venv/bin/python examples/bench_security.py
+	scripts/bootstrap && .venv/bin/raftcache bench --scenario security $(BENCH_ARGS)

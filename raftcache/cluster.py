@@ -17,6 +17,20 @@ import attrs
 from raftcache.core.config import private_dir, write_secret
 from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_port, free_ports
 
+# The hybrid backend as examples/hybrid/hybrid.toml configures it (sessions in memcached,
+# configuration in redis, the rest in memory); LocalCluster starts a memcached and a
+# redis-server per node for the instances. The fault suite and `raftcache bench` run it.
+HYBRID_EXAMPLE = {
+    "plugin": "hybrid",
+    "options": {
+        "default": "local",
+        "routes": [{"match": "session:*", "to": "sessions"},
+                   {"match": "config:*", "to": "config"}],
+        "instances": {"sessions": {"plugin": "memcached"}, "config": {"plugin": "redis"},
+                      "local": {"plugin": "memory"}},
+    },
+}
+
 
 def free_port_block(n: int, host: str = "127.0.0.1") -> int:
     """A base port with n consecutive free ports after it (below the ephemeral range, so no

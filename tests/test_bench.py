@@ -112,11 +112,6 @@ def test_nodes_scenario_runs_raftcache_at_each_size_and_the_others_once():
     assert steps[4].for_target("redis").name == "set"
 
 
-def test_nodes_scenario_refuses_endpoints():
-    p = raftcache("bench", "--scenario", "nodes", "--endpoints", "127.0.0.1:1", timeout=30)
-    assert p.returncode == 2 and "starts clusters of its own" in p.stderr
-
-
 def test_value_sizes_end_to_end(tmp_path):
     path = tmp_path / "sizes.json"
     p = raftcache("bench", "--scenario", "value-sizes", "--seconds", "0.5", "--reps", "1",
@@ -211,9 +206,28 @@ def test_help_names_every_scenario():
     assert "90% gets" in text and "--compare" in text
 
 
-def test_unwritten_scenarios_say_so():
-    p = raftcache("bench", "--scenario", "backends", timeout=30)
-    assert p.returncode == 2 and "not written yet" in p.stderr
+@pytest.mark.parametrize("scenario", ["nodes", "backends", "security"])
+def test_scenarios_that_start_clusters_refuse_endpoints(scenario):
+    p = raftcache("bench", "--scenario", scenario, "--endpoints", "127.0.0.1:1", timeout=30)
+    assert p.returncode == 2 and "starts clusters of its own" in p.stderr
+
+
+def test_cluster_shapes_keep_the_runs_settings_where_a_step_has_none():
+    run = bench.Shape(3, "memory", None)
+    assert bench.Shape(backend="redis").over(run) == bench.Shape(3, "redis", None)
+    assert bench.Shape(secure=False).over(run) == bench.Shape(3, "memory", False)
+    assert bench.Shape().over(run) == run
+    steps = bench.SCENARIOS["backends"].steps(bench.Options(processes=2))
+    assert [s.name for s in steps[2:4]] == ["set redis backend",
+                                            "get redis backend linearizable"]
+    assert [s.backend for s in steps] == [b for b in bench.BACKENDS for _ in (0, 1)]
+    # Redis and Memcached direct run each shape once, and every backend's row compares to it
+    assert {s.for_target("redis") for s in steps} == {bench.Step(0.0, None, 2, 25),
+                                                      bench.Step(1.0, None, 2, 25)}
+    steps = bench.SCENARIOS["security"].steps(bench.Options(processes=2))
+    assert [s.name for s in steps] == [
+        "set auth+encryption off", "get auth+encryption off linearizable",
+        "set auth+encryption on", "get auth+encryption on linearizable"]
 
 
 def test_plot_draws_a_png(tmp_path):
@@ -269,3 +283,41 @@ def test_overload_end_to_end(tmp_path):
     assert rep["shed"] >= 0 and isinstance(rep["error_kinds"], dict)
     assert rep["elections"] >= 0  # the cluster's terms, read before and after
     assert "of peak" in p.stdout
+
+
+def test_backends_end_to_end(tmp_path):
+    path = tmp_path / "backends.json"
+    p = raftcache("bench", "--scenario", "backends", "--compare", "--seconds", "0.5", "--reps",
+                  "1", "--processes", "1", "--clients", "2", "--json", str(path),
+                  "--dir", str(tmp_path / "not" / "yet"), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(path.read_text())
+    ours = [r for r in data["results"] if r["kind"] == "raftcache"]
+    assert [r["backend"] for r in ours] == [b for b in bench.BACKENDS for _ in (0, 1)]
+    for r in ours:
+        rep = r["reps"][0]
+        assert rep["ops_per_s"] > 0 and rep["errors"] == 0 and rep["misses"] == 0, r
+        if r["backend"] != "memory":  # the run's own cluster has the memory backend
+            assert f"{r['backend']} backend" in rep["cluster"], rep["cluster"]
+    against = {(x["step"], x["against"]) for x in data["ratios"]}
+    assert ("set hybrid backend", "redis (AOF always)") in against
+    assert ("get memcached backend linearizable", "memcached") in against
+    assert "get hybrid backend linearizable" in p.stdout
+
+
+def test_security_end_to_end(tmp_path):
+    path = tmp_path / "security.json"
+    p = raftcache("bench", "--scenario", "security", "--seconds", "0.5", "--reps", "1",
+                  "--processes", "1", "--clients", "2", "--json", str(path), timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    results = json.loads(path.read_text())["results"]
+    assert [r["secure"] for r in results] == [False, False, True, True]
+    for r in results:
+        rep = r["reps"][0]
+        # no errors with auth on: the clients carried the cluster's admin token
+        assert rep["ops_per_s"] > 0 and rep["errors"] == 0 and rep["misses"] == 0, r
+        word = "on" if r["secure"] else "off"
+        assert f"auth {word}, encryption {word}" in rep["cluster"], rep["cluster"]
+    cost = json.loads(path.read_text())["security_on_vs_off"]
+    assert set(cost) == {"set", "get"} and all(r > 0 for r in cost.values())
+    assert "auth and encryption on, throughput as a share of off: set " in p.stdout

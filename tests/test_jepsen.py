@@ -5,8 +5,10 @@ them with `python -m raftcache.testing.jepsen`, as a user would.
 """
 
 import json
+import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -166,11 +168,17 @@ def test_key_routes_of_each_backend():
     assert [jepsen.may_miss("hybrid", k) for k in ("session:k0", "config:k1", "k2")] == [
         True, False, False]
     # the hybrid prefixes are the routes the cluster runs
-    routes = {r["match"]: r["to"] for r in jepsen.HYBRID["options"]["routes"]}
-    instances = jepsen.HYBRID["options"]["instances"]
+    from raftcache.cluster import HYBRID_EXAMPLE
+
+    routes = {r["match"]: r["to"] for r in HYBRID_EXAMPLE["options"]["routes"]}
+    instances = HYBRID_EXAMPLE["options"]["instances"]
     assert instances[routes["session:*"]]["plugin"] == "memcached"
     assert instances[routes["config:*"]]["plugin"] == "redis"
-    assert instances[jepsen.HYBRID["options"]["default"]]["plugin"] == "memory"
+    assert instances[HYBRID_EXAMPLE["options"]["default"]]["plugin"] == "memory"
+    # ... and the layout examples/hybrid/hybrid.toml documents
+    with open(os.path.join(os.path.dirname(__file__), "..", "examples", "hybrid",
+                           "hybrid.toml"), "rb") as f:
+        assert tomllib.load(f)["backend"] == HYBRID_EXAMPLE
 
 
 def test_misses_are_dropped_only_where_the_route_may_miss():

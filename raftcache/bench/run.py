@@ -49,7 +49,11 @@ class Step:
     processes: int
     clients: int
     value_size: int | None = None  # bytes; None: the run's --value-size
-    nodes: int | None = None  # raftcache's cluster size; None: the run's --nodes
+    # The raftcache cluster it runs on (None: the run's): its size, its backend, and auth
+    # with encryption at rest both on (True) or both off (False).
+    nodes: int | None = None
+    backend: str | None = None
+    secure: bool | None = None
     fault: str | None = None  # "leader-kill": kill -9 of the leader halfway (raftcache only)
     # An open loop offering `load` times the rate the target's last closed-loop step of sets
     # reached (its peak), at most `clients` requests in flight per process; None: closed.
@@ -68,6 +72,10 @@ class Step:
             shape = f"{shape} {_size(self.value_size)}"
         if self.nodes is not None:
             shape = f"{shape} {self.nodes} nodes"
+        if self.backend is not None:
+            shape = f"{shape} {self.backend} backend"
+        if self.secure is not None:
+            shape = f"{shape} auth+encryption {'on' if self.secure else 'off'}"
         if self.load is not None:
             shape = f"{shape} at {self.load:g}x peak"
         return shape if self.fault is None else f"{shape}, {self.fault}"
@@ -77,6 +85,10 @@ class Step:
         if self.read_ratio <= 0 or not self.consistency:
             return self.kind
         return f"{self.kind} {self.consistency}"
+
+    @property
+    def cluster(self) -> Shape:
+        return Shape(self.nodes, self.backend, self.secure)
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -92,14 +104,31 @@ class Step:
             return None  # its runner has closed loops only
         if self.fault is not None:
             return None
-        return attrs.evolve(self, consistency=None, nodes=None)
+        return attrs.evolve(self, consistency=None, nodes=None, backend=None, secure=None)
+
+
+@attrs.frozen
+class Shape:
+    """A raftcache cluster: nodes, backend, and auth with encryption both on (True), both off
+    (False) or as the run's flags say (None). A step's shape has None where it keeps the
+    run's."""
+
+    nodes: int | None = None
+    backend: str | None = None
+    secure: bool | None = None
+
+    def over(self, base: Shape) -> Shape:
+        """This shape, with `base`'s settings where it has none."""
+        return Shape(*(mine if mine is not None else theirs
+                       for mine, theirs in zip(attrs.astuple(self), attrs.astuple(base),
+                                               strict=True)))
 
 
 @attrs.frozen
 class Scenario:
     name: str
     doc: str
-    steps: Callable | None  # (options) -> [Step]; None: not written yet (a hook)
+    steps: Callable  # (options) -> [Step]
 
 
 def _size(n: int) -> str:
@@ -162,6 +191,23 @@ def _overload_steps(o) -> list[Step]:
             Step(0.0, None, o.processes, OVERLOAD_INFLIGHT, load=2.0)]
 
 
+BACKENDS = ("memory", "redis", "memcached", "hybrid")
+
+
+def _backends_steps(o) -> list[Step]:
+    """Per backend: 50 greenlets' sets, then gets."""
+    clients = o.clients or _spread_clients(50, o.processes)
+    return [Step(ratio, o.consistency if ratio else None, o.processes, clients, backend=b)
+            for b in BACKENDS for ratio in (0.0, 1.0)]
+
+
+def _security_steps(o) -> list[Step]:
+    """Auth and encryption both off, then both on: 50 greenlets' sets, then gets."""
+    clients = o.clients or _spread_clients(50, o.processes)
+    return [Step(ratio, o.consistency if ratio else None, o.processes, clients, secure=secure)
+            for secure in (False, True) for ratio in (0.0, 1.0)]
+
+
 def _leader_kill_steps(o) -> list[Step]:
     clients = o.clients or _spread_clients(50, o.processes)
     return [Step(0.0, None, o.processes, clients, fault="leader-kill")]
@@ -186,7 +232,6 @@ SCENARIOS = {s.name: s for s in [
              _read_heavy_steps),
     Scenario("custom", "--read-ratio 0: a set phase then a get phase; above 0: a mix "
                        "(the default scenario with --read-ratio)", _custom_steps),
-    # Hooks for the rest of issue 13: each needs a fault or other targets, not a load shape.
     Scenario("nodes", "clusters of 3, 5 and 7 nodes: sequential sets, then 50 greenlets' sets "
                       "and gets", _nodes_steps),
     Scenario("value-sizes", "values of 100 B, 10 KB and 1 MB: sequential sets, then 50 "
@@ -198,9 +243,11 @@ SCENARIOS = {s.name: s for s in [
     Scenario("leader-kill", "50 greenlets' sets with a kill -9 of the leader halfway (raftcache "
                             "only): errors, the slowest requests, the dip; the node restarts "
                             "after the step", _leader_kill_steps),
-    Scenario("backends", "every backend (examples/bench_backends.py does it meanwhile)", None),
-    Scenario("security", "auth and encryption off vs on (examples/bench_security.py does it "
-                         "meanwhile)", None),
+    Scenario("backends", "each backend (memory, redis, memcached, hybrid; 3 nodes, the "
+                         "redis and memcached servers started per node): 50 greenlets' sets "
+                         "and gets", _backends_steps),
+    Scenario("security", "auth (signed tokens) and encryption at rest both off, then both on: "
+                         "50 greenlets' sets and gets", _security_steps),
 ]}
 DEFAULT_SCENARIOS = ("latency", "throughput", "read-heavy")
 
@@ -372,14 +419,14 @@ class Target:
     pools: dict = attrs.Factory(dict)  # (processes, clients, value size) -> Pool
     pysyncobj: PySyncObjCluster | None = None
     filled: int | None = None  # the value size every key was last written with
-    nodes: int | None = None  # a local raftcache cluster's size
-    # (nodes) -> (spec, LocalCluster) of another local cluster of that size, like this one
-    # (raftcache targets that the bench started; the nodes scenario runs on them)
+    shape: Shape | None = None  # a raftcache cluster that the bench started: its shape
+    # (Shape) -> a Target on another cluster of that shape, started here (raftcache targets
+    # that the bench started; steps that want another size, backend or security run on them)
     start_cluster: Callable | None = None
-    sized: dict = attrs.Factory(dict)  # nodes -> Target (one at a time)
+    others: dict = attrs.Factory(dict)  # Shape -> Target (one at a time)
     cluster: object = None  # the LocalCluster the bench started for this target, if any
     peak: float | None = None  # sets/s of its last closed-loop step of sets
-    owns_cluster: bool = False  # stop it at close (sized targets; the first is the stack's)
+    owns_cluster: bool = False  # stop it at close (other shapes; the first is the stack's)
 
     @property
     def name(self) -> str:
@@ -409,15 +456,24 @@ class Target:
                   f"{results[0]['last_error'] or results[-1]['last_error']})", flush=True)
         self.filled = pool.value_size
 
+    def on(self, shape: Shape) -> Target:
+        """The target that runs steps of this cluster shape: this one, or another cluster
+        started for it (closing the previous other: an idle cluster would share the CPUs)."""
+        wanted = shape.over(self.shape or Shape())
+        if self.shape is None or wanted == self.shape:
+            return self
+        if wanted not in self.others:
+            for other in self.others.values():
+                other.close()
+            self.others = {wanted: self.start_cluster(wanted)}
+        return self.others[wanted]
+
     def run(self, step: Step, seed: int, on_progress: Callable | None = None) -> list[dict]:
-        if step.nodes is not None and step.nodes != self.nodes:
-            if step.nodes not in self.sized:
-                for other in self.sized.values():  # an idle cluster would share the CPUs
-                    other.close()
-                spec, cluster = self.start_cluster(step.nodes)
-                self.sized = {step.nodes: Target(spec, self.options, nodes=step.nodes,
-                                                 cluster=cluster, owns_cluster=True)}
-            return self.sized[step.nodes].run(step, seed, on_progress)
+        target = self.on(step.cluster)
+        if target is not self:
+            results = target.run(step, seed, on_progress)
+            results[0]["cluster"] = describe(target.cluster)
+            return results
         o = self.options
         if self.kind == "pysyncobj":
             size = step.value_size or o.value_size
@@ -485,7 +541,7 @@ class Target:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
-        for target in self.sized.values():
+        for target in self.others.values():
             target.close()
         if self.pysyncobj is not None:
             self.pysyncobj.close()
@@ -517,6 +573,8 @@ def merge_rep(results: list[dict], step: Step, seconds: float) -> dict:
     faults = [r["fault"] for r in results if r.get("fault")]
     if faults:
         rep["fault"] = faults[0]
+    if "cluster" in results[0]:
+        rep["cluster"] = results[0]["cluster"]
     if any("offered" in r for r in results):  # an open loop
         rep["offered_per_s"] = sum(r["offered"] for r in results) / seconds
         rep["shed"] = sum(r["shed"] for r in results)
@@ -554,14 +612,20 @@ class Outcome:
         return summarize(self.reps, self.step)
 
 
+def _compared(ours: Outcome, other: Outcome) -> bool:
+    """Whether `other` ran `ours`'s step as its target runs it (Redis: one get for every read
+    level, one set for every cluster size), in the same scenario."""
+    return (other.kind != "raftcache" and other.scenario == ours.scenario
+            and ours.step.for_target(other.kind) == other.step)
+
+
 def ratios(outcomes: list[Outcome]) -> list[dict]:
     """raftcache / each other target, per scenario, raftcache step and op: ops/s (above 1:
     raftcache does more) and p50 latency (above 1: raftcache is slower), from the medians."""
     out = []
     for ours in (o for o in outcomes if o.kind == "raftcache"):
         for other in outcomes:
-            if (other.kind == "raftcache" or other.scenario != ours.scenario
-                    or other.step.kind != ours.step.kind):
+            if not _compared(ours, other):
                 continue
             a, b = ours.summary()["ops"], other.summary()["ops"]
             for op in ours.step.ops:
@@ -588,7 +652,8 @@ def to_json(outcomes: list[Outcome], options: Options, meta: dict) -> dict:
                      "kind": o.kind, "processes": o.step.processes, "clients": o.step.clients,
                      "read_ratio": o.step.read_ratio, "consistency": o.step.consistency,
                      "value_size": o.step.value_size or options.value_size,
-                     "nodes": o.step.nodes,
+                     "nodes": o.step.nodes, "backend": o.step.backend,
+                     "secure": o.step.secure,
                      "summary": o.summary(),
                      "reps": [{k: v for k, v in r.items() if not k.startswith("_")}
                               for r in o.reps]}
@@ -611,8 +676,7 @@ def table_rows(outcomes: list[Outcome]) -> dict:
     ours = [o for o in outcomes if o.kind == "raftcache"]
     for o in ours:
         rows = scenarios.setdefault(o.scenario, [])
-        others = [x for x in outcomes if x.kind != "raftcache" and x.scenario == o.scenario
-                  and x.step.kind == o.step.kind]
+        others = [x for x in outcomes if _compared(o, x)]
         for op in o.step.ops:
             for x in [o, *others]:
                 s = x.summary()["ops"].get(op)
@@ -635,6 +699,14 @@ def table_rows(outcomes: list[Outcome]) -> dict:
                     cells.append("")
                 rows.append(cells)
     return scenarios
+
+
+def security_cost(outcomes: list[Outcome]) -> dict[str, float]:
+    """The security scenario's throughput with auth and encryption on / off, per op."""
+    by = {(o.step.secure, o.step.kind.split()[0]): o.summary()["ops_per_s"]["median"]
+          for o in outcomes if o.scenario == "security" and o.kind == "raftcache"}
+    return {op: by[(True, op)] / by[(False, op)] for op in ("set", "get")
+            if by.get((False, op)) and (True, op) in by}
 
 
 def _open_loop_notes(reps: list[dict]) -> list[str]:
@@ -884,11 +956,10 @@ def _options(args, key_prefixes: tuple) -> Options:
 def _check(args) -> str | None:
     if args.plot and not plotting_available():
         return f"--plot needs matplotlib, which is not installed: {PLOT_HINT}"
-    for name in args.scenario or ():
-        if SCENARIOS[name].steps is None:
-            return f"scenario {name} is not written yet (issue 13): {SCENARIOS[name].doc}"
-    if args.endpoints and "nodes" in (args.scenario or ()):
-        return "the nodes scenario starts clusters of its own; it cannot run with --endpoints"
+    for name in ("nodes", "backends", "security"):
+        if args.endpoints and name in (args.scenario or ()):
+            return (f"the {name} scenario starts clusters of its own; it cannot run with "
+                    "--endpoints")
     if args.endpoints and "leader-kill" in (args.scenario or ()):
         return "the leader-kill scenario kills a node of a cluster the bench started; it " \
                "cannot run with --endpoints"
@@ -933,6 +1004,8 @@ def main(args) -> int:
 
 def _main(args, options: Options, extra: dict, scenarios: list, display: Display, console,
           meta: dict) -> int:
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(tempfile.TemporaryDirectory(prefix="raftcache-bench-",
                                                                dir=args.dir))
@@ -953,6 +1026,11 @@ def _main(args, options: Options, extra: dict, scenarios: list, display: Display
                         "have diverged' warnings")
         finally:
             display.close()
+    security = security_cost(outcomes)
+    if security:
+        meta["security_on_vs_off"] = security
+        meta["notes"].append("auth and encryption on, throughput as a share of off: " + ", ".join(
+            f"{op} {r:.2f}x" for op, r in security.items()))
     print_tables(outcomes, options, console)
     for name, why in meta["skipped"].items():
         print(f"{name}: skipped ({why})")
@@ -996,39 +1074,53 @@ def _raftcache_target(stack, args, options: Options, base: str, extra: dict,
         meta["raftcache"] = f"raftcache at {args.endpoints} (running)"
         _probe(spec)
         return Target(spec, options)
-    from raftcache.cluster import LocalCluster, free_port_block
+    from raftcache.cluster import HYBRID_EXAMPLE, LocalCluster, free_port_block
 
     # Reads at the `lease` level use the leader's lease only with raft.read_only = "lease"
     # (linearizable ones keep their ReadIndex round): the bench measures each level as such.
     extra = {**extra, "raft": {"read_only": "lease", **extra.get("raft", {})}}
-    plugins = {}
+    started: list = []  # the clusters, in order (each its own data dir)
 
-    def start_cluster(nodes: int) -> dict:
-        name = "raftcache" if nodes == args.nodes else f"raftcache-{nodes}"
-        cluster = LocalCluster(os.path.join(base, name), nodes=nodes,
-                               port=free_port_block(nodes), storage=args.storage,
-                               transport=args.transport, backend=args.backend, extra=extra,
-                               auth=args.auth, encryption=not args.no_encryption)
+    def start_cluster(shape: Shape) -> Target:
+        mine = dict(extra)
+        if shape.backend != args.backend:  # a scenario's backend: not the one --config sets up
+            mine.pop("backend", None)
+        if shape.backend == "hybrid" and "options" not in mine.get("backend", {}):
+            mine["backend"] = HYBRID_EXAMPLE  # no routes of the user's: the example's
+        auth = args.auth if shape.secure is None else shape.secure
+        encryption = (not args.no_encryption) if shape.secure is None else shape.secure
+        cluster = LocalCluster(os.path.join(base, f"raftcache-{len(started)}"),
+                               nodes=shape.nodes, port=free_port_block(shape.nodes),
+                               storage=args.storage, transport=args.transport,
+                               backend=shape.backend, extra=mine, auth=auth,
+                               encryption=encryption)
+        started.append(cluster)
         stack.callback(cluster.stop)
         cluster.start()
         cluster.wait_for_leader(timeout=30)
-        plugins.update({kind: cluster.plugin(kind) for kind in ("storage", "transport",
-                                                                "backend")})
         spec = {"name": "raftcache", "kind": "raftcache",
                 "address": ",".join(cluster.endpoints()), "transport": args.transport}
         if cluster.tls_files():
             spec["tls"] = cluster.tls_files()
-        if args.auth:
+        if auth:
             spec["token"] = cluster.admin_token()
-        return spec, cluster
+        return Target(spec, attrs.evolve(options, key_prefixes=route_prefixes(mine)),
+                      shape=shape, cluster=cluster, owns_cluster=True)
 
-    spec, cluster = start_cluster(args.nodes)  # stopped by the stack
-    meta["raftcache"] = (f"raftcache: {args.nodes} nodes, {plugins['storage']} storage, "
-                         f"{plugins['transport']}, {plugins['backend']} backend, "
-                         f"auth {'on' if args.auth else 'off'}, encryption "
-                         f"{'off' if args.no_encryption else 'on'}")
-    return Target(spec, options, nodes=args.nodes, start_cluster=start_cluster,
-                  cluster=cluster)
+    both = args.auth == (not args.no_encryption)  # the run's own flags as one shape, if alike
+    shape = Shape(args.nodes, args.backend, args.auth if both else None)
+    target = start_cluster(shape)
+    target.start_cluster, target.owns_cluster = start_cluster, False  # the stack stops it
+    meta["raftcache"] = f"raftcache: {describe(target.cluster)}"
+    return target
+
+
+def describe(cluster) -> str:
+    """A LocalCluster's settings in a few words."""
+    return (f"{cluster.nodes} nodes, {cluster.plugin('storage')} storage, "
+            f"{cluster.plugin('transport')}, {cluster.plugin('backend')} backend, "
+            f"auth {'on' if cluster.auth else 'off'}, encryption "
+            f"{'on' if cluster.encryption else 'off'}")
 
 
 def _compare_targets(stack, options: Options, base: str, meta: dict,

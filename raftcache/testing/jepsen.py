@@ -538,19 +538,6 @@ def _perform(c, kind: Kind, key: str, value, expected, read: str):
     return c.delete(key)
 
 
-# The hybrid backend as examples/hybrid/hybrid.toml configures it; LocalCluster starts a
-# memcached and a redis-server per node for the instances.
-HYBRID = {
-    "plugin": "hybrid",
-    "options": {
-        "default": "local",
-        "routes": [{"match": "session:*", "to": "sessions"},
-                   {"match": "config:*", "to": "config"}],
-        "instances": {"sessions": {"plugin": "memcached"}, "config": {"plugin": "redis"},
-                      "local": {"plugin": "memory"}},
-    },
-}
-
 # Per backend, the key prefixes the workload spreads its keys over (key n takes prefix
 # n mod len), each with whether its route is "linearizable or miss" (Memcached); the
 # prefix "" comes last, as it matches every key.
@@ -643,7 +630,7 @@ class Run:
 
     # -- set-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        from raftcache.cluster import LocalCluster, free_port_block
+        from raftcache.cluster import HYBRID_EXAMPLE, LocalCluster, free_port_block
 
         o = self.opts
         self.tmp = o.dir is None
@@ -657,7 +644,7 @@ class Run:
         if o.read == "lease":
             extra["raft"]["read_only"] = "lease"
         if o.backend == "hybrid":
-            extra["backend"] = copy.deepcopy(HYBRID)  # settings may change it
+            extra["backend"] = copy.deepcopy(HYBRID_EXAMPLE)  # settings may change it
         for text in o.settings:
             section, key, value = _parse_setting(text)
             extra.setdefault(section, {})[key] = value
