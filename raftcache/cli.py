@@ -75,6 +75,10 @@ def _add_server_commands(sub) -> None:
 
     serve = sub.add_parser("serve", help="run one node in the foreground")
     serve.add_argument("--config", required=True)
+    serve.add_argument("--id", type=int, help="this node's id (overrides node.id: one "
+                                              "join.toml serves every node that joins)")
+    serve.add_argument("--address", help="host:port it listens on (overrides node.address)")
+    serve.add_argument("--data-dir", help="its data directory (overrides node.data_dir)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -155,11 +159,19 @@ def _add_client_commands(sub) -> None:
                          "applied, leader, leader_address, voters, learners (or address and "
                          "error)")
     m = _client_command(sub, "member", "change_member", _cmd_member,
-                        help="change membership (nodes listed in cluster.peers)")
-    m.add_argument("action", choices=["add", "remove", "promote"],
-                   help="add a voter (--learner: a learner), remove a node, promote a learner")
+                        help="change membership: add a node at its address, remove, promote a "
+                             "learner, or update a member's address")
+    m.add_argument("action", choices=["add", "remove", "promote", "update"],
+                   help="add a voter (--learner: a learner), remove a node, promote a learner, "
+                        "update a member's address")
     m.add_argument("node", type=int)
+    m.add_argument("address", nargs="?", metavar="HOST:PORT",
+                   help="add, update: where the node listens (the log carries it to every "
+                        "node; add may leave it out for a node listed in cluster.peers)")
     m.add_argument("--learner", action="store_true")
+    m.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
+                   help="add --learner: show its catching up until it holds what was committed "
+                        "when it was added, for at most this long (0: do not wait)")
     t = _client_command(sub, "transfer-leader", "transfer_leader", _cmd_transfer_leader)
     t.add_argument("node", type=int)
     a = _client_command(sub, "admin", "admin", _cmd_admin, "action",
@@ -324,10 +336,60 @@ def _cmd_member(args):
         with _client(args) as c:
             if args.action == "remove":
                 status = c.remove_member(args.node)
+            elif args.action == "update":
+                if not args.address:
+                    raise ValueError("member update needs the node's new HOST:PORT")
+                status = c.update_member_address(args.node, args.address)
             else:
-                status = c.add_member(args.node, learner=args.learner and args.action == "add")
+                learner = args.learner and args.action == "add"
+                status = c.add_member(args.node, args.address, learner=learner)
+                if learner and args.wait > 0:
+                    print(_describe(status), flush=True)
+                    status = _wait_caught_up(c, args.node, status, args.wait)
             print(_describe(status))
     return _run_client(go)
+
+
+def _wait_caught_up(c, node_id: int, status, seconds: float):
+    """Poll a new learner until it applied what the leader had committed when it was added:
+    a progress bar on a terminal, a line a second otherwise. The leader's status after."""
+    import time
+
+    from raftcache import errors
+
+    target = status.commit
+    address = status.peer_addresses.get(node_id)
+    if not address:
+        return status
+    deadline = time.monotonic() + seconds
+    bar = None
+    if sys.stdout.isatty():
+        from rich.progress import Progress
+
+        bar = Progress()
+        bar.start()
+        task = bar.add_task(f"node {node_id} catching up", total=target)
+    applied, said = 0, 0.0
+    try:
+        while applied < target:
+            if time.monotonic() >= deadline:
+                raise errors.Unavailable(f"node {node_id} at {address} applied {applied} of "
+                                         f"{target} after {seconds:g} s; it is a learner: "
+                                         "promote it once it has caught up")
+            try:
+                applied = c.status(address).applied
+            except (OSError, errors.RaftCacheError):
+                pass  # it may still be starting
+            if bar is not None:
+                bar.update(task, completed=min(applied, target))
+            elif time.monotonic() - said >= 1.0 or applied >= target:
+                said = time.monotonic()
+                print(f"node {node_id}: applied {min(applied, target)} of {target}", flush=True)
+            time.sleep(0.1)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return c.status(status.leader_address or None)
 
 
 def _cmd_transfer_leader(args):
@@ -634,12 +696,15 @@ def _cmd_bench(args):
 
 # -- servers ------------------------------------------------------------------------------------
 def _cmd_serve(args):
-    return serve(args.config)
+    node = {k: v for k, v in (("id", args.id), ("address", args.address),
+                              ("data_dir", args.data_dir)) if v is not None}
+    return serve(args.config, node=node)
 
 
-def serve(config_path: str, plugins=(), core=None, prepare=None) -> int:
+def serve(config_path: str, plugins=(), core=None, prepare=None, node: dict | None = None) -> int:
     """Run the node `config_path` describes until SIGTERM/SIGINT; the exit code.
 
+    `node` overrides keys of the config's [node] table (serve's --id, --address, --data-dir).
     `plugins` are registered beside the entry-point plugins, `core` replaces the Raft core
     class and `prepare(node)` runs before the node starts: what `raftcache.testing.node` hands
     in to run test-only plugins and deliberately broken nodes. `raftcache serve` passes none.
@@ -655,7 +720,7 @@ def serve(config_path: str, plugins=(), core=None, prepare=None) -> int:
     from raftcache.core.raft import RawNode
 
     try:
-        config = config_mod.load(config_path)
+        config = config_mod.load(config_path, node)
     except config_mod.ConfigError as exc:
         print(f"raftcache: {exc}", file=sys.stderr)
         return 2
@@ -676,6 +741,7 @@ def serve(config_path: str, plugins=(), core=None, prepare=None) -> int:
                     core=core or RawNode)
         if prepare is not None:
             prepare(node)
+        node.start()
     except config_mod.ConfigError as exc:
         print(f"raftcache: {exc}", file=sys.stderr)
         return 2
@@ -683,7 +749,6 @@ def serve(config_path: str, plugins=(), core=None, prepare=None) -> int:
         print(f"raftcache: cannot start node {config.node.id}: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 2
-    node.start()
     gevent.signal_handler(signal.SIGTERM, node.stop)
     gevent.signal_handler(signal.SIGINT, node.stop)
     node.wait()

@@ -129,12 +129,21 @@ class Client:
         """Hand leadership to `node_id`; returns the leader's status once it leads."""
         return self._call("transfer_leader", node_id=node_id).status
 
-    def add_member(self, node_id: int, learner: bool = False):
-        """Add `node_id` (listed in every node's cluster.peers) as a voter, or as a learner that
-        receives the log but does not vote; add_member(n) also promotes learner n. Returns the
-        leader's status once the change is applied."""
+    def add_member(self, node_id: int, address: str | None = None, learner: bool = False):
+        """Add `node_id` as a voter, or as a learner that receives the log but does not vote;
+        add_member(n) also promotes learner n. `address` ("host:port") is where peers reach
+        it: the log carries it to every node, so it need not be in any config file (without
+        it, the node must be listed in cluster.peers). Returns the leader's status once the
+        change is applied."""
         change = "add-learner" if learner else "add-voter"
-        return self._call("change_member", change=change, node_id=node_id).status
+        return self._call("change_member", change=change, node_id=node_id,
+                          address=address).status
+
+    def update_member_address(self, node_id: int, address: str):
+        """Tell every node that member `node_id` now listens at `address` (a machine that
+        was replaced, a pod rescheduled): its identity and its data stay."""
+        return self._call("change_member", change="update-address", node_id=node_id,
+                          address=address).status
 
     def remove_member(self, node_id: int):
         """Remove `node_id` from the cluster; returns the status once the change is applied."""

@@ -32,6 +32,25 @@ HYBRID_EXAMPLE = {
 }
 
 
+JOIN_HEADER = """\
+# A new node of this cluster (written by `raftcache up`):
+#
+#   raftcache serve --config join.toml --id ID --address HOST:PORT --data-dir DIR
+#   raftcache member add ID HOST:PORT [--learner]
+#
+# The node asks the members under cluster.join where everyone is, then waits to be added;
+# the log carries its address to every node. A backend that needs a server of its own
+# (redis, memcached) needs its address in [backend.options] first.
+
+"""
+
+
+def _write_private(path: str, text: str) -> None:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
 def free_port_block(n: int, host: str = "127.0.0.1") -> int:
     """A base port with n consecutive free ports after it (below the ephemeral range, so no
     outgoing connection can take one before the nodes bind them)."""
@@ -250,26 +269,48 @@ class LocalCluster:
         return servers[need.name]
 
     def node_config(self, i: int) -> dict:
-        """What node i's config file holds, with the addresses of its servers."""
-        cluster = {"peers": {str(j): self.routes.get((i, j), self.address(j))
-                             for j in range(1, self.nodes + 1)}}
+        """What node i's config file holds, with the addresses of its servers. Nodes beyond
+        `nodes` join the running cluster (cluster.join) instead of founding it."""
+        founder = i <= self.nodes
+        data = self.join_config(node_id=i)
+        cluster = data["cluster"]
+        if founder:
+            del cluster["join"]
+            cluster["peers"] = {str(j): self.address(j) for j in range(1, self.nodes + 1)}
+        routes = {str(j): a for (frm, j), a in self.routes.items() if frm == i}
+        if routes:
+            cluster["dial"] = routes
+        if self.tls_files():
+            certs = os.path.dirname(self.tls_files()["ca"])
+            data["transport"]["tls"].update(cert=os.path.join(certs, f"node{i}.pem"),
+                                            key=os.path.join(certs, f"node{i}-key.pem"))
+        data["node"] = {"id": i, "address": self.address(i),  # first: extra may add limits
+                        "data_dir": os.path.join(self.data_dir, f"node{i}"),
+                        **data.get("node", {})}
+        for need in server_needs(data):
+            need.options[_ADDRESS_OPTION[need.kind]] = getattr(
+                self._server(i, need), _ADDRESS_OPTION[need.kind])
+        return data
+
+    def join_config(self, node_id: int | None = None) -> dict:
+        """What a node that joins this cluster needs (`raftcache up` writes it as
+        DATA_DIR/join.toml; `serve --id --address --data-dir` adds the node's own part): the
+        members to ask, the cluster secret or TLS files, the keyring, auth, storage and
+        backend. Its node certificate, under TLS, is node<ID>.pem beside the CA."""
+        cluster: dict = {"join": self.endpoints()}
         secret = self.secret_path()
         if secret:
             cluster["secret_file"] = secret
         elif self.insecure:
             cluster["insecure"] = True
-        if self.routes:
-            cluster["client_addresses"] = {str(j): self.address(j)
-                                           for j in range(1, self.nodes + 1)}
-        transport = {"plugin": self.transport}
+        transport: dict = {"plugin": self.transport}
         tls = self.tls_files()
         if tls:
             certs = os.path.dirname(tls["ca"])
-            transport["tls"] = {"ca": tls["ca"], "cert": os.path.join(certs, f"node{i}.pem"),
-                                "key": os.path.join(certs, f"node{i}-key.pem")}
+            name = f"node{node_id}" if node_id is not None else "node<ID>"
+            transport["tls"] = {"ca": tls["ca"], "cert": os.path.join(certs, f"{name}.pem"),
+                                "key": os.path.join(certs, f"{name}-key.pem")}
         data = {
-            "node": {"id": i, "address": self.address(i),
-                     "data_dir": os.path.join(self.data_dir, f"node{i}")},
             "cluster": cluster,
             "storage": {"plugin": self.storage},
             "transport": transport,
@@ -282,26 +323,29 @@ class LocalCluster:
             data["auth"] = {"required": True, "public_keys": [auth["signing.pub"]]}
         for section, body in copy.deepcopy(self.extra).items():
             data.setdefault(section, {}).update(body)
-        for need in server_needs(data):
-            need.options[_ADDRESS_OPTION[need.kind]] = getattr(
-                self._server(i, need), _ADDRESS_OPTION[need.kind])
         return data
 
-    def write_configs(self) -> None:
+    def write_configs(self, nodes=None) -> None:
+        """The config of each of `nodes` (default: the founders, and then join.toml)."""
         private_dir(self.data_dir)
-        for i in range(1, self.nodes + 1):
-            path = self.config_path(i)
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                f.write(to_toml(self.node_config(i)))
-            os.chmod(path, 0o600)
+        for i in nodes or range(1, self.nodes + 1):
+            _write_private(self.config_path(i), to_toml(self.node_config(i)))
+        if nodes is None:
+            _write_private(self.join_config_path(), JOIN_HEADER + to_toml(self.join_config()))
+
+    def join_config_path(self) -> str:
+        return os.path.join(self.data_dir, "join.toml")
 
     def start(self, node_id: int | None = None) -> None:
-        """Start one node, or every node (writing their configs first)."""
+        """Start one node, or every node (writing their configs first). A node beyond
+        `nodes` gets a config that joins the cluster, written at its first start."""
         if node_id is None:
             self.write_configs()
             for i in range(1, self.nodes + 1):
                 self.start(i)
             return
+        if not os.path.exists(self.config_path(node_id)):
+            self.write_configs([node_id])
         for server in self.servers.get(node_id, {}).values():
             server.start()  # no-op when it runs; the node needs it to load
         log = open(os.open(self.log_path(node_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
@@ -505,6 +549,9 @@ def _describe_cluster(cluster: LocalCluster, args) -> None:
         print(f"  export RAFTCACHE_TOKEN=$(cat {auth['admin.token']})")
         print(f"and issue others with: raftcache token issue --data-dir {cluster.data_dir} "
               "--subject NAME --grant PREFIX=r|w|rw|admin")
+    print(f"a new node joins with its config {cluster.join_config_path()}: raftcache serve "
+          "--config it --id ID --address HOST:PORT --data-dir DIR, then raftcache member add "
+          "ID HOST:PORT")
     if cluster.encryption and cluster.extra.get("encryption", {}).get("enabled") is not False:
         print(f"values are encrypted at rest with the keyring {cluster.keyring_path()}")
     else:

@@ -55,6 +55,8 @@ struct NodeStatus {
   8: string leader_address,
   9: list<i64> voters,
   10: list<i64> learners,
+  11: optional map<i64, string> peer_addresses, // member id -> where peers reach it
+  12: optional list<i64> joined,  // members that ran and hold the log
 }
 
 // A request or response as one value: what the tcp-tls transport carries in its frames, and
@@ -72,9 +74,11 @@ struct Request {
   9: optional map<binary, binary> items,
   10: optional RequestHeader header,
   11: optional i64 node_id,       // transfer_leader, change_member
-  12: optional string change,     // change_member: add-voter, add-learner, remove
+  12: optional string change,     // change_member: add-voter, add-learner, remove,
+                                  // update-address
   13: optional string action,     // admin: e.g. "revoke", "keys-rotate"
   14: optional list<binary> arguments, // admin: the action's arguments
+  15: optional string address,    // change_member: where peers reach node_id (host:port)
 }
 
 struct Response {
@@ -188,7 +192,8 @@ service RaftCache {
   NodeStatus transfer_leader(1: i64 node_id, 2: RequestHeader header)
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
-  NodeStatus change_member(1: string change, 2: i64 node_id, 3: RequestHeader header)
+  NodeStatus change_member(1: string change, 2: i64 node_id, 3: RequestHeader header,
+                           4: string address)
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
 

@@ -15,6 +15,7 @@ from raftcache.core.messages import (
     ProposalRefused,
     StateRole,
 )
+from raftcache.core.raft import RawNode
 
 ET = 10
 ADD, REMOVE, LEARNER = (
@@ -28,8 +29,9 @@ def conf(voters, outgoing=(), learners=()) -> ConfState:
     return ConfState(frozenset(voters), frozenset(outgoing), frozenset(learners))
 
 
-def change(net: Network, leader: int, *changes: tuple[ConfChangeType, int]) -> int:
-    _, index = net.nodes[leader].propose_conf_change([ConfChangeSingle(t, n) for t, n in changes])
+def change(net: Network, leader: int, *changes: tuple) -> int:
+    """Propose (type, node[, address]) changes on `leader`; their index."""
+    _, index = net.nodes[leader].propose_conf_change([ConfChangeSingle(*c) for c in changes])
     net.process(leader)
     return index
 
@@ -260,3 +262,45 @@ def test_invalid_changes_are_refused():
     assert leader.log.last_index() == 2
     with pytest.raises(ProposalRefused):
         net.nodes[2].propose_conf_change([ConfChangeSingle(ADD, 4)])
+
+
+# -- addresses and joins: what the log carries besides the membership itself -------------------
+
+
+def test_conf_changes_carry_addresses_and_old_entries_still_decode():
+    cc = ConfChange((ConfChangeSingle(ADD, 4, "10.0.0.4:7400"),
+                     ConfChangeSingle(ConfChangeType.UPDATE_ADDRESS, 2, "node-2.raftcache:7400"),
+                     ConfChangeSingle(REMOVE, 3)))
+    assert ConfChange.decode(cc.encode()) == cc
+    assert ConfChange.decode(b"[[0, 4], [1, 3]]") == ConfChange(
+        (ConfChangeSingle(ADD, 4), ConfChangeSingle(REMOVE, 3)))  # before addresses
+    for data, problem in [(b'[[0, 4, "nowhere"]]', 'expected "host:port"'),
+                          (b'[[0, 4, "a b:1"]]', 'expected "host:port"'),
+                          (b'[[0, 4, "h:70000"]]', 'expected "host:port"'),
+                          (b'[[0, 4, 7400]]', "is not a string"),
+                          (b'[[0, 4, "' + b"h" * 300 + b':1"]]', "longer than 255"),
+                          (b'[[3, 4]]', "an address update of node 4 without an address"),
+                          (b'[[0, 4, "h:1", "x"]]', "not a configuration change")]:
+        with pytest.raises(ValueError, match=problem):
+            ConfChange.decode(data)
+
+
+def test_bootstrap_puts_the_founders_addresses_in_the_first_entry():
+    (entry,) = RawNode.bootstrap_entries({2: "b:2", 1: "a:1"})
+    assert ConfChange.decode(entry.data).changes == (ConfChangeSingle(ADD, 1, "a:1"),
+                                                     ConfChangeSingle(ADD, 2, "b:2"))
+    assert RawNode.bootstrap_entries([1, 2])[0].data == b"[[0, 1], [0, 2]]"
+
+
+def test_address_updates_and_join_marks_keep_the_membership():
+    net = Network.bootstrap([1, 2, 3])
+    leader = net.elect(1)
+    index = change(net, 1, (ConfChangeType.UPDATE_ADDRESS, 2, "b:2"), (ConfChangeType.JOINED, 3))
+    _until(net, lambda: all(n.status().applied >= index for n in net.nodes.values()))
+    assert leader.conf == conf([1, 2, 3])  # no joint configuration, nobody added or removed
+    with pytest.raises(ProposalRefused, match="invalid change"):
+        change(net, 1, (ConfChangeType.JOINED, 9))  # not a member
+    with pytest.raises(ProposalRefused, match="invalid change"):
+        change(net, 1, (ConfChangeType.UPDATE_ADDRESS, 9, "i:9"))
+    with pytest.raises(ProposalRefused, match="without an address"):  # followers would drop it
+        change(net, 1, (ConfChangeType.UPDATE_ADDRESS, 2))

@@ -46,6 +46,7 @@ class Request:
     change: str | None = None
     action: str | None = None
     arguments: list | None = None
+    address: str | None = None  # change_member: where peers reach node_id ("host:port")
 
 
 @attrs.frozen
@@ -67,6 +68,11 @@ class NodeStatus:
     leader_address: str
     voters: list = attrs.Factory(list)
     learners: list = attrs.Factory(list)
+    # node id -> the address peers reach it at, for this node's view of the members
+    peer_addresses: dict = attrs.Factory(dict)
+    # members that have joined (ran and hold the log): one of them with no Raft state, a
+    # lost disk, is refused at start instead of voting twice
+    joined: list = attrs.Factory(list)
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ import urllib.parse
 
 import attrs
 
-from raftcache.core.messages import MAX_NODE_ID
+from raftcache.core.messages import MAX_NODE_ID, address_problem
 
 
 class ConfigError(ValueError):
@@ -72,12 +72,21 @@ class NodeSection:
 
 @attrs.frozen
 class ClusterSection:
-    peers: dict  # node id (string key in TOML) -> "host:port"; must include this node
+    # node id (string key in TOML) -> "host:port": the members a new cluster starts with
+    # (must include this node), or, for a joining node, any it should know beforehand.
+    # Members added later travel with their address through the log.
+    peers: dict = attrs.Factory(dict)
+    # A node that joins a running cluster: "host:port" of some of its members. It does not
+    # start a cluster of its own; it waits until `raftcache member add ID ADDRESS` adds it.
+    join: list = attrs.Factory(list)
     id: int = 1  # cluster id: nodes of another cluster are ignored
     # node id -> "host:port" that clients use, when it differs from the peer address (peers
-    # reached through proxies or relays, as in the fault suite). NotLeader hints and status
-    # name these; defaults to `peers`.
+    # reached through proxies or relays). NotLeader hints and status name these; defaults to
+    # where the log and `peers` say each member is.
     client_addresses: dict = attrs.Factory(dict)
+    # node id -> "host:port" this node dials to reach that peer instead of its address (a
+    # relay or proxy on the way, as in the fault suite): local routing, never replicated.
+    dial: dict = attrs.Factory(dict)
     # Peers prove they are nodes of this cluster: with a TLS node certificate, or on a
     # plaintext transport with this shared secret (`raftcache up` generates one). Without
     # either, Raft traffic is accepted from anyone only when `insecure` is true.
@@ -162,7 +171,12 @@ class Config:
     path: str = "<config>"
 
     def peer_addresses(self) -> dict[int, str]:
-        return {int(k): v for k, v in self.cluster.peers.items()}
+        """cluster.peers and this node: where the members a new cluster starts with are."""
+        return {**{int(k): v for k, v in self.cluster.peers.items()},
+                self.node.id: self.node.address}
+
+    def dial_addresses(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.cluster.dial.items()}
 
     def client_addresses(self) -> dict[int, str]:
         out = self.peer_addresses()
@@ -242,7 +256,9 @@ def parse(data: dict, path: str = "<config>") -> Config:
     return config
 
 
-def load(path: str) -> Config:
+def load(path: str, node: dict | None = None) -> Config:
+    """The config in `path`; `node` overrides keys of its [node] table (`raftcache serve
+    --id/--address/--data-dir`: one join.toml serves every node that joins)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -250,6 +266,11 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if node:
+        section = data.setdefault("node", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: node: expected a table")
+        section.update(node)
     return parse(data, path)
 
 
@@ -282,9 +303,9 @@ def _ranges(c: Config) -> list:
 
 
 def _address(c: Config, key: str, value) -> str:
-    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-        raise c.fail(key, f"expected \"host:port\", got {value!r}")
+    problem = address_problem(value) if value else f"expected \"host:port\", got {value!r}"
+    if problem:
+        raise c.fail(key, problem)
     return value
 
 
@@ -304,13 +325,17 @@ def _validate(c: Config) -> None:
         if not str(k).isdigit() or not 1 <= int(k) <= MAX_NODE_ID:
             raise c.fail(f"cluster.peers.{k}", "node ids must be integers >= 1")
         peers[int(k)] = _address(c, f"cluster.peers.{k}", v)
-    for k, v in c.cluster.client_addresses.items():
-        if not str(k).isdigit() or int(k) not in peers:
-            raise c.fail(f"cluster.client_addresses.{k}", "not a node id in cluster.peers")
-        _address(c, f"cluster.client_addresses.{k}", v)
-    if c.node.id not in peers:
-        raise c.fail("cluster.peers", f"must include this node (id {c.node.id})")
-    if peers[c.node.id] != c.node.address:
+    for table in ("client_addresses", "dial"):
+        for k, v in getattr(c.cluster, table).items():
+            if not str(k).isdigit() or not 1 <= int(k) <= MAX_NODE_ID:
+                raise c.fail(f"cluster.{table}.{k}", "node ids must be integers >= 1")
+            _address(c, f"cluster.{table}.{k}", v)
+    for i, endpoint in enumerate(c.cluster.join):
+        _address(c, f"cluster.join[{i}]", endpoint)
+    if c.node.id not in peers and not c.cluster.join:
+        raise c.fail("cluster.peers", f"must include this node (id {c.node.id}), or name "
+                     "the members of a running cluster to join in cluster.join")
+    if c.node.id in peers and peers[c.node.id] != c.node.address:
         raise c.fail("node.address",
                      f"{c.node.address!r} differs from cluster.peers.{c.node.id} "
                      f"({peers[c.node.id]!r})")
@@ -331,7 +356,8 @@ def _validate(c: Config) -> None:
         raise c.fail("encryption.keyring", "encryption.enabled = true needs a keyring file "
                      "(`raftcache keys init FILE` makes one; `raftcache up` makes "
                      "DATA_DIR/keyring)")
-    if len(peers) > 1 and not (c.cluster.secret_file or c.transport.tls or c.cluster.insecure):
+    if ((len(peers) > 1 or c.cluster.join)
+            and not (c.cluster.secret_file or c.transport.tls or c.cluster.insecure)):
         raise c.fail("cluster.secret_file",
                      "peers must prove they are nodes of this cluster: name a secret file "
                      "(`raftcache up` generates one; any 32 random bytes, mode 0600), or use "

@@ -141,6 +141,12 @@ class Transport(Protocol):
         """Queue Raft messages for their peers (`message.to`). Never blocks; drops when a peer
         is unreachable or its queue is full (Raft retries)."""
 
+    def set_peer(self, peer: int, address: str | None) -> None:
+        """Reach node `peer` at `address` ("host:port") from now on; None: it left the
+        cluster. The node calls it when the log moves a member (a node added at a new
+        address, an address update) and at start for the addresses its snapshot holds. A
+        transport without it reaches only the peers it was built with."""
+
     def close(self) -> None: ...
 
 

@@ -105,12 +105,23 @@ class ConfChangeType(enum.IntEnum):
     ADD_VOTER = 0  # also promotes a learner
     REMOVE_NODE = 1
     ADD_LEARNER = 2  # also demotes a voter
+    UPDATE_ADDRESS = 3  # a member's address only: the membership stays as it is
+    # The member has run and holds the log (the leader saw it acknowledge entries): from now
+    # on it may not come back without its Raft state (it may have voted). Membership stays.
+    JOINED = 4
+
+
+MAX_ADDRESS = 255  # characters of a peer address carried by a configuration change
 
 
 @attrs.frozen(slots=True)
 class ConfChangeSingle:
     type: ConfChangeType
     node_id: NodeId
+    # Where peers reach `node_id` ("host:port"), for adds and UPDATE_ADDRESS: the log carries
+    # it to every node, and snapshots keep it. The core only passes it along (the state
+    # machine records it); "" keeps whatever address the nodes know already.
+    address: str = ""
 
 
 @attrs.frozen(slots=True)
@@ -120,20 +131,45 @@ class ConfChange:
     changes: tuple[ConfChangeSingle, ...] = ()
 
     def encode(self) -> bytes:
-        return json.dumps([[int(c.type), c.node_id] for c in self.changes]).encode()
+        return json.dumps([[int(c.type), c.node_id, *([c.address] if c.address else [])]
+                           for c in self.changes]).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> ConfChange:
         """The change `data` encodes; ValueError (only) when it encodes none."""
         try:
-            pairs = json.loads(data)
-            changes = tuple(ConfChangeSingle(ConfChangeType(t), n) for t, n in pairs)
+            items = json.loads(data)
+            changes = tuple(ConfChangeSingle(ConfChangeType(t), n, *address)
+                            for t, n, *address in items)
         except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise ValueError(f"not a configuration change: {exc}") from None
         for c in changes:
             if type(c.node_id) is not int or not NONE < c.node_id <= MAX_NODE_ID:
                 raise ValueError(f"node id out of range in a configuration change: {c.node_id!r}")
+            problem = address_problem(c.address)
+            if problem:
+                raise ValueError(f"node {c.node_id}'s address in a configuration change: "
+                                 f"{problem}")
+            if c.type == ConfChangeType.UPDATE_ADDRESS and not c.address:
+                raise ValueError(f"an address update of node {c.node_id} without an address")
         return cls(changes)
+
+
+def address_problem(address) -> str | None:
+    """Why `address` is not "host:port" (a DNS name, an IPv4 address or a [bracketed] IPv6
+    one, and a port from 1 to 65535) that a configuration change may carry; "" (no address)
+    is fine."""
+    if type(address) is not str:
+        return f"{address!r} is not a string"
+    if not address:
+        return None
+    if len(address) > MAX_ADDRESS:
+        return f"longer than {MAX_ADDRESS} characters"
+    host, sep, port = address.rpartition(":")
+    if not (sep and host and address.isascii() and address.isprintable() and " " not in address
+            and port.isdigit() and 0 < int(port) < 65536):
+        return f"expected \"host:port\", got {address!r}"
+    return None
 
 
 @attrs.frozen(slots=True)

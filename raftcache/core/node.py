@@ -41,6 +41,7 @@ from raftcache.core.messages import (
     NotLeader,
     ProposalRefused,
     StateRole,
+    address_problem,
 )
 from raftcache.core.operations import OPERATIONS, BadRequest, batch, key
 from raftcache.core.plugins import PluginSet, make_manager, notify
@@ -59,7 +60,7 @@ from raftcache.core.validate import peer_message_problem
 log = logging.getLogger("raftcache.node")
 
 _CHANGES = {"add-voter": ConfChangeType.ADD_VOTER, "add-learner": ConfChangeType.ADD_LEARNER,
-            "remove": ConfChangeType.REMOVE_NODE}
+            "remove": ConfChangeType.REMOVE_NODE, "update-address": ConfChangeType.UPDATE_ADDRESS}
 # Room a peer frame needs besides the one entry an append may carry (message fields, framing).
 FRAME_HEADROOM = 64 << 10
 MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
@@ -85,8 +86,12 @@ class Node:
         self.config = config
         self.id = config.node.id
         self.clock = time.time  # wall-clock seconds: what stamps writes (tests skew it)
-        self.peers = config.peer_addresses()  # where this node reaches each peer
-        self.client_addresses = config.client_addresses()  # what clients are told
+        # Where this node reaches each peer, and what clients are told of each node: made
+        # from cluster.peers, the members' addresses the log carries, and the local overrides
+        # (`_sync_peers`).
+        self.peers = {**config.peer_addresses(), **config.dial_addresses()}
+        self.client_addresses = config.client_addresses()
+        self._discovered: dict[int, str] = {}  # a joining node: what its join endpoints said
         self.pm = pm or make_manager(block=config.plugins.block)
         plugins = PluginSet(self.pm)
         self.log = _NodeLog(log, self)
@@ -131,6 +136,7 @@ class Node:
         self._wakeup = gevent.event.Event()
         self._stopped = gevent.event.Event()
         self.raw = self._start_raft(core, rng or random.Random(), self._open_backend(backend))
+        self._sync_peers()  # the members' addresses its snapshot recorded
         self._writes: dict[int, _Pending] = {}  # log index -> waiting write
         self._reads: dict[bytes, _Pending] = {}  # read context -> waiting read
         self._read_ids = itertools.count(1)
@@ -141,7 +147,8 @@ class Node:
         self._sweep_index = 0  # the pending sweep's log index: one at a time
         self._role = (NONE, StateRole.FOLLOWER)
         self._proxy_conns: dict[str, object] = {}
-        self._members = (None, frozenset())  # (the configuration it was made from, members)
+        # (the configuration and peers it was made from, members)
+        self._members = (None, None, frozenset())
         self.dropped_peer_messages = 0
         self._drop_log = Throttle(self.log)
 
@@ -200,8 +207,14 @@ class Node:
         self._retry_backend(lambda: self.sm.restore(snapshot.data if snapshot else b"",
                                                     backend_index))
         if hard_state == HardState() and snapshot is None and not entries:
-            self.log.info("new node: bootstrapping cluster of %s", sorted(self.peers))
-            return core.bootstrap(self._raft_config(), rng, sorted(self.peers))
+            if self.config.cluster.join:
+                self.log.info("new node: waiting to be added to the cluster at %s "
+                              "(raftcache member add %d %s)", ",".join(self.config.cluster.join),
+                              self.id, self.config.node.address)
+                return core(self._raft_config(), rng)
+            peers = self.config.peer_addresses()
+            self.log.info("new node: bootstrapping cluster of %s", sorted(peers))
+            return core.bootstrap(self._raft_config(), rng, peers)
         self.log.info("restarting at term %d, commit %d, %d entries", hard_state.term,
                       hard_state.commit, len(entries))
         return core(self._raft_config(), rng, PersistedState(hard_state, snapshot,
@@ -212,12 +225,53 @@ class Node:
             self.log.warning("cluster.insecure = true: Raft messages are accepted from anyone "
                              "who can reach %s, without proof that they come from a node of "
                              "this cluster", self.config.node.address)
+        if self.config.cluster.join and not self._ask_join_endpoints():
+            self._greenlets.append(gevent.spawn(self._keep_asking_join_endpoints))
         self.transport.serve(self)
-        self._greenlets = [gevent.spawn(self._drive), gevent.spawn(self._ticker)]
+        self._greenlets += [gevent.spawn(self._drive), gevent.spawn(self._ticker)]
         self.log.info("serving on %s (storage %s, transport %s, backend %s)",
                       self.config.node.address, self.config.storage.plugin,
                       self.config.transport.plugin, self.config.backend.plugin)
         notify(self.pm.hook.raftcache_node_started, self.log, node=self)
+
+    def _ask_join_endpoints(self) -> bool:
+        """Learn where the members are from the first join endpoint that answers, so that
+        the leader's first messages can be answered; whether one did. A node with no Raft
+        state that the cluster already counts as a member is refused (ConfigError): it lost
+        its data, and could vote twice in a term it voted in before."""
+        st = self.raw.status()
+        fresh = st.term == 0 and st.last_index == 0
+        for endpoint in self.config.cluster.join:
+            try:
+                conn = self._connect(endpoint, self.tls, 2.0)
+                try:
+                    status = conn.call(api.Request(op="status"), 2.0).status
+                finally:
+                    conn.close()
+            except (OSError, TimeoutError) as exc:
+                self.log.info("join endpoint %s: %s", endpoint, exc)
+                continue
+            if status is None:
+                continue
+            if fresh and self.id in (status.joined or ()):
+                raise self.config.fail(
+                    "cluster.join",
+                    f"node {self.id} is already a member of the cluster at {endpoint}, but its "
+                    f"data directory {self.config.node.data_dir} holds no Raft state: it may "
+                    "have voted before its data was lost, and could vote twice. Remove it "
+                    f"first (raftcache member remove {self.id}), then start it again and add "
+                    f"it (raftcache member add {self.id} {self.config.node.address})")
+            self._discovered = {int(k): v for k, v in (status.peer_addresses or {}).items()
+                                if int(k) != self.id}
+            self._sync_peers()
+            return True
+        return False
+
+    def _keep_asking_join_endpoints(self) -> None:
+        while not self._ask_join_endpoints():
+            self.log.warning("no join endpoint answered (%s); retrying",
+                             ",".join(self.config.cluster.join))
+            gevent.sleep(1.0)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -243,16 +297,37 @@ class Node:
     # -- time ----------------------------------------------------------------------------------------
     def _ticker(self) -> None:
         tick_s = self.config.raft.tick_ms / 1000.0
-        next_sweep = next_metrics = time.monotonic()
+        next_sweep = next_metrics = next_joined = time.monotonic()
         while not self._stopped.is_set():
             gevent.sleep(tick_s)
             self._advance_clock()
+            if time.monotonic() >= next_joined:
+                next_joined = time.monotonic() + 0.1
+                self._mark_joined()
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + 1.0
                 self._maybe_sweep()
                 if time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + 10.0
                     self.metrics()
+
+    def _mark_joined(self) -> None:
+        """The leader records through the log which members have joined: they acknowledged
+        entries, so they hold the log and may have voted. One of them that comes back with
+        no Raft state (a lost disk) is refused at start instead of voting twice."""
+        st = self.raw.status()
+        if st.role != StateRole.LEADER or st.conf.joint:
+            return
+        new = sorted(n for n, match in self.raw.matched().items()
+                     if match > 0 and n not in self.sm.joined and n in st.conf.all_nodes())
+        if not new:
+            return
+        try:
+            self.raw.propose_conf_change([ConfChangeSingle(ConfChangeType.JOINED, n)
+                                          for n in new])
+        except (ProposalRefused, NotLeader):
+            return  # another change is under way: the next check tries again
+        self._wakeup.set()
 
     def _maybe_sweep(self) -> None:
         """The leader reclaims expired keys through the log, so every replica agrees."""
@@ -322,6 +397,7 @@ class Node:
                     self._settled.clear()
                     self._retry_backend(functools.partial(self.sm.restore, rd.snapshot.data))
                     self._settle()
+                    self._sync_peers()
                     self.log.info("installed the leader's snapshot at index %d",
                                   rd.snapshot.meta.index)
                     notify(self.pm.hook.raftcache_snapshot_installed, self.log, node=self,
@@ -344,11 +420,14 @@ class Node:
         the writers learn their results only once the backend holds them."""
         self._settled.clear()
         answers = []
+        members = self.sm.members.copy()
         for entry in entries:
             result = None
             if entry.type == EntryType.NORMAL and entry.data:
                 result = self._retry_backend(functools.partial(self.sm.stage, entry.index,
                                                                entry.data))
+            elif entry.type == EntryType.CONF_CHANGE:
+                self._record_members(entry)
             pending = self._writes.pop(entry.index, None)
             if pending is None:
                 continue
@@ -359,8 +438,36 @@ class Node:
             answers.append((pending, result))
         self._retry_backend(self.sm.flush)
         self._settle()
+        if self.sm.members != members:
+            self._sync_peers()
         for pending, result in answers:
             pending.result.set(result)
+
+    def _record_members(self, entry) -> None:
+        """The addresses a committed membership change carries, into the state machine
+        (undecodable: skipped, as the core skips it, the same on every replica)."""
+        try:
+            self.sm.record_members(ConfChange.decode(entry.data))
+        except ValueError:
+            pass
+
+    def _sync_peers(self) -> None:
+        """Reach each member where the newest membership change that carried its address
+        put it (else where cluster.peers or the join endpoints said), unless cluster.dial
+        routes it elsewhere; tell the transport what moved."""
+        where = {**self._discovered, **self.config.peer_addresses(), **self.sm.members}
+        peers = {**where, **self.config.dial_addresses(), self.id: self.config.node.address}
+        set_peer = getattr(self.transport, "set_peer", None)
+        for node_id in sorted(set(peers) | set(self.peers)):
+            address = peers.get(node_id)
+            if address == self.peers.get(node_id):
+                continue
+            self.log.info("peer %d is at %s", node_id, address or "(no address: removed)")
+            if set_peer is not None and node_id != self.id:
+                set_peer(node_id, address)
+        self.peers = peers
+        overrides = {int(k): v for k, v in self.config.cluster.client_addresses.items()}
+        self.client_addresses = {**where, **overrides, self.id: self.config.node.address}
 
     def _settle(self) -> None:
         self._applies += 1
@@ -413,6 +520,8 @@ class Node:
         for n, entry in enumerate(entries, 1):
             if entry.type == EntryType.NORMAL and entry.data:
                 self.sm.stage(entry.index, entry.data)
+            elif entry.type == EntryType.CONF_CHANGE:
+                self._record_members(entry)
             if n % 512 == 0:
                 self.sm.flush()
         self.sm.flush()
@@ -509,12 +618,12 @@ class Node:
             self._wakeup.set()
 
     def _peer_members(self) -> frozenset:
-        """The nodes that may send us Raft messages: configured peers and every node of the
-        current configuration (made again only when the configuration changes)."""
+        """The nodes that may send us Raft messages: known peers and every node of the
+        current configuration (made again only when either changes)."""
         conf = self.raw.status().conf
-        if self._members[0] is not conf:
-            self._members = (conf, frozenset(self.peers) | conf.all_nodes())
-        return self._members[1]
+        if self._members[0] is not conf or self._members[1] is not self.peers:
+            self._members = (conf, self.peers, frozenset(self.peers) | conf.all_nodes())
+        return self._members[2]
 
     def _drop(self, count: int, sender, what: str) -> None:
         self.dropped_peer_messages += count
@@ -683,8 +792,15 @@ class Node:
         if change not in _CHANGES or not target or target < 1:
             raise BadRequest(f"change_member needs node_id and a change out of "
                              f"{', '.join(_CHANGES)}")
-        if target not in self.peers:
-            raise BadRequest(f"node {target} is not in cluster.peers (known: "
+        address = request.address or ""
+        problem = address_problem(address)
+        if problem:
+            raise BadRequest(f"the node's address: {problem}")
+        if change == "update-address" and not address:
+            raise BadRequest("update-address needs the node's new address")
+        if change != "remove" and not address and target not in self.peers:
+            raise BadRequest(f"node {target} has no known address: give the address it "
+                             f"listens on (known nodes: "
                              f"{', '.join(map(str, sorted(self.peers)))})")
         # Answer before the client's own deadline, so that it can still try elsewhere.
         deadline = time.monotonic() + 0.8 * self._timeout(request)
@@ -695,12 +811,18 @@ class Node:
                 # removal still believes it is a voter (and may sit in a joint configuration).
                 return self._not_leader(st.lead, request)
             conf = st.conf
-            done = {"add-voter": target in conf.voters and not conf.joint,
-                    "add-learner": target in conf.learners,
+            placed = not address or self.peers.get(target) == address
+            done = {"add-voter": target in conf.voters and not conf.joint and placed,
+                    "add-learner": target in conf.learners and placed,
+                    "update-address": placed,
                     "remove": target not in conf.all_nodes()}[change]
             if done:  # the leader's applied configuration, hence committed
                 return api.Response(status=self.status())
-            cc = ConfChange((ConfChangeSingle(_CHANGES[change], target),))
+            kind = _CHANGES[change]
+            if change != "remove" and target in (conf.learners if change == "add-learner"
+                                                 else conf.voters):
+                kind = ConfChangeType.UPDATE_ADDRESS  # a member already: only its address
+            cc = ConfChange((ConfChangeSingle(kind, target, address),))
             try:
                 if conf.joint:
                     raise ProposalRefused("a configuration change is still being applied")
@@ -827,6 +949,9 @@ class Node:
             term=st.term, commit=st.commit, applied=st.applied, leader=st.lead,
             leader_address=self.client_addresses.get(st.lead, ""),
             voters=sorted(st.conf.voters), learners=sorted(st.conf.learners),
+            peer_addresses={n: self.peers[n] for n in sorted(st.conf.all_nodes())
+                            if n in self.peers},
+            joined=sorted(self.sm.joined),
         )
 
 

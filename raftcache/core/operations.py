@@ -162,8 +162,10 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("status", (), "status", "node", False, doc="this node's view of the cluster"),
     Operation("transfer_leader", ("node_id", "header"), "status", "node", False,
               doc="hand leadership to node_id; answers the leader's status"),
-    Operation("change_member", ("change", "node_id", "header"), "status", "node", True,
-              doc="add-voter, add-learner or remove node_id; answers the leader's status"),
+    Operation("change_member", ("change", "node_id", "header", "address"), "status", "node",
+              True, doc="add-voter, add-learner, remove or update-address of node_id (at "
+                        "address: the log carries it to every node); answers the leader's "
+                        "status"),
     Operation("admin", ("action", "arguments", "header"), "text", "node", True,
               doc="an admin action of a security plugin (revoke, keys-rotate, ...); "
                   "answers a JSON object"),

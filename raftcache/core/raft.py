@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
@@ -140,12 +140,13 @@ class RawNode:
 
     @classmethod
     def bootstrap(cls, config: RaftConfig, rng: random.Random,
-                  voters: list[NodeId] | tuple[NodeId, ...]) -> RawNode:
+                  voters: Mapping[NodeId, str] | Iterable[NodeId]) -> RawNode:
         """A brand-new member of a brand-new cluster.
 
         Like etcd's Bootstrap, the initial membership is the first log entry (term 1, index 1,
         committed), so nodes that join later learn it by replication like any other change. Every
-        founding node must be bootstrapped with the same voters.
+        founding node must be bootstrapped with the same voters (and addresses: a mapping of
+        voter -> address puts them in that entry, for the nodes that join later to find them).
         """
         node = cls(config, rng)
         node.log.append(list(cls.bootstrap_entries(voters)))
@@ -157,8 +158,11 @@ class RawNode:
 
     @staticmethod
     def bootstrap_entries(voters) -> tuple[Entry, ...]:
-        """The log a brand-new cluster of `voters` starts with: its membership, at index 1."""
-        cc = ConfChange(tuple(ConfChangeSingle(ConfChangeType.ADD_VOTER, v) for v in voters))
+        """The log a brand-new cluster of `voters` (ids, or id -> address) starts with: its
+        membership, at index 1."""
+        addresses = voters if isinstance(voters, Mapping) else dict.fromkeys(voters, "")
+        cc = ConfChange(tuple(ConfChangeSingle(ConfChangeType.ADD_VOTER, v, addresses[v])
+                              for v in sorted(addresses)))
         return (Entry(term=1, index=1, type=EntryType.CONF_CHANGE, data=cc.encode()),)
 
     # ==========================================================================================
@@ -226,6 +230,10 @@ class RawNode:
         """
         cc = changes if isinstance(changes, ConfChange) else ConfChange(tuple(changes))
         self._check_can_propose()
+        try:
+            ConfChange.decode(cc.encode())  # what followers will accept (validate.py)
+        except ValueError as exc:
+            raise ProposalRefused(str(exc), self._lead) from None
         if self.pending_conf_index > self.log.applied:
             raise ProposalRefused("a configuration change is still being applied", self._lead)
         if self.conf.joint and cc.changes:
@@ -450,6 +458,13 @@ class RawNode:
     @property
     def applied(self) -> int:
         return self.log.applied
+
+    def matched(self) -> dict[NodeId, int]:
+        """The leader's view of how far each member's log matches its own (empty when not
+        the leader)."""
+        if self._role != StateRole.LEADER:
+            return {}
+        return {node: pr.match for node, pr in self.tracker.progress.items()}
 
     def is_promotable(self) -> bool:
         return self.conf.is_voter(self.id)
@@ -979,6 +994,9 @@ def _next_conf(conf: ConfState, cc: ConfChange) -> ConfState | None:
             if c.node_id in voters:
                 return None
             learners.add(c.node_id)
+        elif c.type in (ConfChangeType.UPDATE_ADDRESS, ConfChangeType.JOINED):
+            if c.node_id not in voters and c.node_id not in learners:
+                return None  # not a member: nothing to update
     if not voters:
         return None
     voters = frozenset(voters)

@@ -23,6 +23,10 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   the stamp and index of the entry that set it) where security plugins keep revocations,
   roles and wrapped data keys. `check_command` sees it, so access decisions come from
   replicated state only.
+- **Members**: the peer address each membership change carried (`record_members`), so that
+  every node, and one restored from a snapshot, reaches the members where the log says,
+  whatever its config file lists; and which members have joined (ran and hold the log), so
+  that one that lost its data is refused instead of voting twice.
 
 The catalog (key -> version, expiry) lives here, in write order (the order a bounded backend
 evicts in); values live in the backend. Changes to the backend are staged while a batch of
@@ -64,14 +68,16 @@ from .commands import (
     put_svarint,
     put_uvarint,
 )
+from .messages import MAX_NODE_ID, ConfChange, ConfChangeType, address_problem
 
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
 _MAX_INT_DIGITS = 20  # "-9223372036854775808"
 
 SNAPSHOT_MAGIC = b"RCSM"
-# 2: sessions hold several results with fingerprints; 3: settings. Older ones are still read.
-SNAPSHOT_VERSION = 3
+# 2: sessions hold several results with fingerprints; 3: settings; 4: members' addresses.
+# Older ones are still read; a newer one is refused with a message naming both.
+SNAPSHOT_VERSION = 4
 
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
 _SNAPSHOT_CHUNK = 1000  # keys per backend read while taking a snapshot
@@ -177,6 +183,8 @@ class StateMachine:
     # (client_id, identity) -> _Session, least recently used first
     _sessions: OrderedDict = attrs.field(init=False, factory=OrderedDict)
     settings: dict = attrs.field(init=False, factory=dict)  # name -> Setting; read, never write
+    members: dict = attrs.field(init=False, factory=dict)  # node id -> peer address (the log's)
+    joined: set = attrs.field(init=False, factory=set)  # members that ran and hold the log
 
     # ==========================================================================================
     # Apply
@@ -186,6 +194,20 @@ class StateMachine:
         result = self.stage(index, data)
         self.flush()
         return result
+
+    def record_members(self, changes: ConfChange) -> None:
+        """Record the addresses a committed membership change carries: an add or an address
+        update with an address sets it, a removal forgets the node. The core decides the
+        membership itself; this only keeps where the members are."""
+        for c in changes.changes:
+            if c.type == ConfChangeType.REMOVE_NODE:
+                self.members.pop(c.node_id, None)
+                self.joined.discard(c.node_id)
+                continue
+            if c.type == ConfChangeType.JOINED:
+                self.joined.add(c.node_id)
+            if c.address:
+                self.members[c.node_id] = c.address
 
     def stage(self, index: int, data: bytes) -> Result:
         """Apply the committed NORMAL entry at `index` and return its result; its backend
@@ -556,6 +578,12 @@ class StateMachine:
             put_blob(out, setting.value)
             put_uvarint(out, setting.stamp_ms)
             put_uvarint(out, setting.index)
+        nodes = sorted(set(self.members) | self.joined)
+        put_uvarint(out, len(nodes))
+        for node_id in nodes:
+            put_uvarint(out, node_id)
+            put_blob(out, self.members.get(node_id, "").encode())
+            out.append(1 if node_id in self.joined else 0)
         return bytes(out)
 
     def _put_key(self, out: bytearray, key: bytes, value: bytes | None) -> None:
@@ -582,7 +610,8 @@ class StateMachine:
         The snapshot is parsed completely before anything changes, so garbage raises
         SnapshotError and leaves the state machine as it was. Empty data is the empty state.
         """
-        applied, stamp, catalog, values, sessions, settings = _parse_snapshot(data)
+        applied, stamp, catalog, values, sessions, settings, (members, joined) = \
+            _parse_snapshot(data)
         if backend_index is not None and backend_index >= applied:
             overlay, evicted = dict(values), ()
         else:
@@ -606,6 +635,7 @@ class StateMachine:
         self.last_stamp_ms = stamp
         self._sessions = sessions
         self.settings = settings
+        self.members, self.joined = members, joined
         self._rebuild_expiries()
         self._drop_evicted(evicted)
 
@@ -625,15 +655,17 @@ def check_snapshot(snapshot) -> str | None:
 
 
 def _parse_snapshot(data: bytes):
-    """(applied index, stamp, catalog, values, sessions, settings) of a snapshot; SnapshotError
-    (only) when `data` is not one."""
+    """(applied index, stamp, catalog, values, sessions, settings, (members, joined)) of a
+    snapshot; SnapshotError (only) when `data` is not one."""
     catalog: dict = {}
     settings: dict = {}
+    members: dict = {}
+    joined: set = set()
     values: list = []
     sessions: OrderedDict = OrderedDict()
     applied = stamp = 0
     if not data:
-        return applied, stamp, catalog, values, sessions, settings
+        return applied, stamp, catalog, values, sessions, settings, (members, joined)
     r = Reader(bytes(data))
     try:
         if bytes(data[:4]) != SNAPSHOT_MAGIC:
@@ -678,10 +710,20 @@ def _parse_snapshot(data: bytes):
             for _ in range(r.uvarint()):
                 name = r.str_()
                 settings[name] = Setting(r.bytes_(), r.uvarint(), r.uvarint())
+        if version >= 4:
+            for _ in range(r.uvarint()):
+                node_id, address, flag = r.uvarint(), r.str_(), r.u8()
+                problem = address_problem(address)
+                if not 0 < node_id <= MAX_NODE_ID or problem or flag not in (0, 1):
+                    raise CommandError(f"member {node_id}: {problem or 'bad record'}")
+                if address:
+                    members[node_id] = address
+                if flag:
+                    joined.add(node_id)
         r.end()
     except CommandError as exc:
         raise SnapshotError(f"corrupt state machine snapshot: {exc}") from None
-    return applied, stamp, catalog, values, sessions, settings
+    return applied, stamp, catalog, values, sessions, settings, (members, joined)
 
 
 # ================================================================================================

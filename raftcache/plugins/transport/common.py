@@ -486,6 +486,9 @@ class ServerBase:
     def send(self, messages) -> None:
         self._links.send(messages)
 
+    def set_peer(self, peer: int, address: str | None) -> None:
+        self._links.set_peer(peer, address)
+
     def _release(self, slot: Slot) -> None:
         """`slot`'s connection is closed. If it was the last one that carried Raft messages
         from a peer, tell the node: the kernel closes a dead process's connections at once,
@@ -680,6 +683,18 @@ class PeerLinks:
                     self.node_id, m.to, address, self.opts,
                     lambda peer=m.to, address=address: self._dial(peer, address), self._encode)
             link.put(m)
+
+    def set_peer(self, peer: int, address: str | None) -> None:
+        """Reach `peer` at `address` from now on (None: not at all); a link to its old
+        address closes."""
+        if address is None:
+            self.peers.pop(peer, None)
+        else:
+            self.peers[peer] = address
+        link = self._links.get(peer)
+        if link is not None and link.address != address:
+            del self._links[peer]
+            link.close()
 
     def dropped(self) -> dict[int, int]:
         """Raft messages dropped so far because a peer's queue was full, by peer id."""
