@@ -60,6 +60,9 @@ def _add_server_commands(sub) -> None:
                     help="memory (default), redis, memcached, or hybrid (with --config); "
                          "redis-server or memcached per node when the config names none")
     up.add_argument("--config", help="a TOML file whose settings every node shares")
+    up.add_argument("--metrics-port", type=int, default=9400,
+                    help="node i serves Prometheus /metrics, /healthz and /readyz on "
+                         "PORT+i-1 (default 9400; 0: none)")
     up.add_argument("--leader-timeout", type=float, default=30.0,
                     help="seconds to wait for a leader before giving up (exit 1)")
     up.add_argument("--insecure", action="store_true",
@@ -79,6 +82,8 @@ def _add_server_commands(sub) -> None:
                                               "join.toml serves every node that joins)")
     serve.add_argument("--address", help="host:port it listens on (overrides node.address)")
     serve.add_argument("--data-dir", help="its data directory (overrides node.data_dir)")
+    serve.add_argument("--metrics-address", help="host:port for /metrics, /healthz and /readyz "
+                                                 "(overrides node.metrics_address)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -153,11 +158,12 @@ def _add_client_commands(sub) -> None:
     inv.add_argument("prefix", nargs="?", default="")
     inv.add_argument("--all", action="store_true", help="every key (an empty prefix)")
     st = _client_command(sub, "status", "status", _cmd_status,
-                         help="a table of the nodes: " + OPERATIONS["status"].doc)
+                         help="a table of the nodes: " + OPERATIONS["status"].doc + "; exits 2 "
+                              "when a node is unreachable or none knows a leader (a health check)")
     st.add_argument("--json", action="store_true",
                     help="one JSON object per node and line: id, address, role, term, commit, "
-                         "applied, leader, leader_address, voters, learners (or address and "
-                         "error)")
+                         "applied, leader, leader_address, voters, learners, peer_addresses, "
+                         "joined, metrics_url (or address and error)")
     m = _client_command(sub, "member", "change_member", _cmd_member,
                         help="change membership: add a node at its address, remove, promote a "
                              "learner, or update a member's address")
@@ -436,8 +442,15 @@ def _cmd_status(args):
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    answered = any(not isinstance(s, Exception) for s in answers.values())
-    return 0 if answered else EXIT_ERROR
+    # A health check: every node answers and they know a leader.
+    problems = [f"{endpoint} unreachable" for endpoint, s in answers.items()
+                if isinstance(s, Exception)]
+    if not any(s.leader for s in answers.values() if not isinstance(s, Exception)):
+        problems.append("no leader")
+    if problems:
+        print(f"raftcache: unhealthy: {'; '.join(problems)}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
 
 
 def _cmd_certs_init(args):
@@ -697,7 +710,8 @@ def _cmd_bench(args):
 # -- servers ------------------------------------------------------------------------------------
 def _cmd_serve(args):
     node = {k: v for k, v in (("id", args.id), ("address", args.address),
-                              ("data_dir", args.data_dir)) if v is not None}
+                              ("data_dir", args.data_dir),
+                              ("metrics_address", args.metrics_address)) if v is not None}
     return serve(args.config, node=node)
 
 

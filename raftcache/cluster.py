@@ -190,6 +190,8 @@ class LocalCluster:
     # (from node, to node) -> the address `from` dials to reach `to` (a fault relay); clients
     # still reach every node at its own address.
     routes: dict = attrs.Factory(dict)
+    # Node i serves /metrics, /healthz and /readyz on host:metrics_port+i-1 (None: no endpoint).
+    metrics_port: int | None = None
     processes: dict = attrs.Factory(dict)
     # The servers the configs need and do not name (`server_needs`), one of each per node,
     # started before it and stopped after it: node id -> {ServerNeed.name: server}.
@@ -204,6 +206,9 @@ class LocalCluster:
     def plugin(self, kind: str) -> str:
         """The storage, transport or backend plugin the nodes run (`extra` may name it)."""
         return self.extra.get(kind, {}).get("plugin", getattr(self, kind))
+
+    def metrics_address(self, node_id: int) -> str:
+        return f"{self.host_of(node_id)}:{self.metrics_port + node_id - 1}"
 
     def endpoints(self) -> list[str]:
         return [self.address(i) for i in range(1, self.nodes + 1)]
@@ -287,6 +292,8 @@ class LocalCluster:
         data["node"] = {"id": i, "address": self.address(i),  # first: extra may add limits
                         "data_dir": os.path.join(self.data_dir, f"node{i}"),
                         **data.get("node", {})}
+        if self.metrics_port:
+            data["node"]["metrics_address"] = self.metrics_address(i)
         for need in server_needs(data):
             need.options[_ADDRESS_OPTION[need.kind]] = getattr(
                 self._server(i, need), _ADDRESS_OPTION[need.kind])
@@ -489,7 +496,8 @@ def run_local_cluster(args) -> int:
                            port=args.port, storage=args.storage, transport=args.transport,
                            backend=args.backend, extra=extra, insecure=args.insecure,
                            auth=getattr(args, "auth", False),
-                           encryption=not getattr(args, "no_encryption", False))
+                           encryption=not getattr(args, "no_encryption", False),
+                           metrics_port=getattr(args, "metrics_port", None) or None)
     stopping = []
 
     def on_signal(signum, frame):
@@ -534,7 +542,9 @@ def _describe_cluster(cluster: LocalCluster, args) -> None:
     for i in range(1, args.nodes + 1):
         servers = "".join(f", {name}: {getattr(server, 'url', server.address)}"
                           for name, server in cluster.servers.get(i, {}).items())
-        print(f"  node {i}: {cluster.address(i)}  (log: {cluster.log_path(i)}{servers})")
+        metrics = (f", metrics: http://{cluster.metrics_address(i)}/metrics"
+                   if cluster.metrics_port else "")
+        print(f"  node {i}: {cluster.address(i)}  (log: {cluster.log_path(i)}{servers}{metrics})")
     if args.insecure:
         print("WARNING: --insecure: the nodes accept Raft messages from anyone who can reach "
               "their ports", file=sys.stderr)

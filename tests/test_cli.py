@@ -136,12 +136,15 @@ def test_status_json(rc, cluster):
     gone = f"127.0.0.1:{free_port_block(1)}"
     mixed = raftcache("status", "--json", "--timeout", "0.5", "--endpoints",
                       f"{cluster.address(1)},{gone}")
-    assert mixed.returncode == 0
+    # a health check: a node that does not answer makes it fail, saying which
+    assert mixed.returncode == 2
+    assert mixed.stderr == f"raftcache: unhealthy: {gone} unreachable\n"
     answered, unreachable = (json.loads(line) for line in mixed.stdout.splitlines())
     assert answered["id"] == 1
     assert unreachable["address"] == gone and "error" in unreachable and "id" not in unreachable
     nobody = raftcache("status", "--json", "--timeout", "0.5", "--endpoints", gone)
     assert nobody.returncode == 2 and json.loads(nobody.stdout)["address"] == gone
+    assert nobody.stderr == f"raftcache: unhealthy: {gone} unreachable; no leader\n"
 
 
 def children_of(pid: int) -> list[int]:

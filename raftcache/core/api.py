@@ -73,6 +73,7 @@ class NodeStatus:
     # members that have joined (ran and hold the log): one of them with no Raft state, a
     # lost disk, is refused at start instead of voting twice
     joined: list = attrs.Factory(list)
+    metrics_url: str | None = None  # its Prometheus endpoint, when node.metrics_address is set
 
 
 @attrs.frozen

@@ -68,6 +68,9 @@ class NodeSection:
     # clients retry after a backoff. Back-pressure, instead of queues and deadlines that grow
     # until every request times out.
     max_pending: int = 4096
+    # "host:port" of this node's HTTP endpoint: Prometheus /metrics, and /healthz and /readyz
+    # probes (raftcache.core.metrics). Empty: none.
+    metrics_address: str = ""
 
 
 @attrs.frozen
@@ -330,6 +333,8 @@ def _validate(c: Config) -> None:
             if not str(k).isdigit() or not 1 <= int(k) <= MAX_NODE_ID:
                 raise c.fail(f"cluster.{table}.{k}", "node ids must be integers >= 1")
             _address(c, f"cluster.{table}.{k}", v)
+    if c.node.metrics_address:
+        _address(c, "node.metrics_address", c.node.metrics_address)
     for i, endpoint in enumerate(c.cluster.join):
         _address(c, f"cluster.join[{i}]", endpoint)
     if c.node.id not in peers and not c.cluster.join:

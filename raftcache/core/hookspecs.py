@@ -147,6 +147,10 @@ class Transport(Protocol):
         address, an address update) and at start for the addresses its snapshot holds. A
         transport without it reaches only the peers it was built with."""
 
+    def peer_links(self) -> dict[int, tuple[bool, int]]:
+        """Optional, for metrics: per peer it links to, (connected, Raft messages dropped
+        because the link's queue was full)."""
+
     def close(self) -> None: ...
 
 
@@ -411,8 +415,9 @@ def raftcache_snapshot_installed(node: Node, index: int) -> None:
 
 @hookspec
 def raftcache_metrics(node: Node, metrics: dict) -> None:
-    """Read or add to the node's metrics. Called every ten seconds by the node's ticker and
-    whenever `Node.metrics()` is asked (not by the ``status`` call, which carries no metrics).
+    """Read or add to the node's metrics. Called every ten seconds by the node's ticker, at
+    each scrape of its /metrics (number values you add show as ``raftcache_plugin_<key>``)
+    and whenever `Node.metrics()` is asked (not by the ``status`` call).
 
     :param node: the node.
     :param metrics: name -> value (numbers and short strings); add your own keys. Built in:

@@ -43,6 +43,7 @@ from raftcache.core.messages import (
     StateRole,
     address_problem,
 )
+from raftcache.core.metrics import NodeMetrics
 from raftcache.core.operations import OPERATIONS, BadRequest, batch, key
 from raftcache.core.plugins import PluginSet, make_manager, notify
 from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
@@ -63,6 +64,7 @@ _CHANGES = {"add-voter": ConfChangeType.ADD_VOTER, "add-learner": ConfChangeType
             "remove": ConfChangeType.REMOVE_NODE, "update-address": ConfChangeType.UPDATE_ADDRESS}
 # Room a peer frame needs besides the one entry an append may carry (message fields, framing).
 FRAME_HEADROOM = 64 << 10
+READY_LAG = 1000  # committed entries a ready node may still have to apply
 MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
 
 
@@ -151,6 +153,8 @@ class Node:
         self._members = (None, None, frozenset())
         self.dropped_peer_messages = 0
         self._drop_log = Throttle(self.log)
+        self.stats = NodeMetrics(self)  # Prometheus: node.metrics_address serves them
+        self._metrics_server = None
 
     # -- start-up ----------------------------------------------------------------------------------
     def _provider(self, plugins: PluginSet, kind: str, name: str):
@@ -228,6 +232,8 @@ class Node:
         if self.config.cluster.join and not self._ask_join_endpoints():
             self._greenlets.append(gevent.spawn(self._keep_asking_join_endpoints))
         self.transport.serve(self)
+        if self.config.node.metrics_address:
+            self._metrics_server = self.stats.serve(self.config.node.metrics_address)
         self._greenlets += [gevent.spawn(self._drive), gevent.spawn(self._ticker)]
         self.log.info("serving on %s (storage %s, transport %s, backend %s)",
                       self.config.node.address, self.config.storage.plugin,
@@ -280,6 +286,8 @@ class Node:
         notify(self.pm.hook.raftcache_node_stopping, self.log, node=self)
         self._stopped.set()
         self._wakeup.set()
+        if self._metrics_server is not None:
+            self._metrics_server.stop(timeout=1)
         gevent.killall(self._greenlets, timeout=2)
         # A proposed write may still commit through the other nodes: its fate is unknown.
         for pending in self._writes.values():
@@ -385,12 +393,15 @@ class Node:
                     args = (rd.hard_state, rd.entries, rd.snapshot, rd.must_sync)
                     if not rd.must_sync:
                         self.storage.save(*args)
-                    elif getattr(self.storage, "blocking", True):
-                        threadpool.apply(self.storage.save, args)  # fsync: off the hub
                     else:
-                        if rd.early_messages:
-                            gevent.sleep(0)  # the peer links send them before the hub stops
-                        self.storage.save(*args)
+                        started = time.monotonic()
+                        if getattr(self.storage, "blocking", True):
+                            threadpool.apply(self.storage.save, args)  # fsync: off the hub
+                        else:
+                            if rd.early_messages:
+                                gevent.sleep(0)  # the peer links send them before the hub stops
+                            self.storage.save(*args)
+                        self.stats.sync_seconds.observe(time.monotonic() - started)
                 if rd.messages:
                     self.transport.send(rd.messages)
                 if rd.snapshot is not None:
@@ -400,6 +411,8 @@ class Node:
                     self._sync_peers()
                     self.log.info("installed the leader's snapshot at index %d",
                                   rd.snapshot.meta.index)
+                    self.stats.snapshots_installed.inc()
+                    self.stats.snapshot_bytes = len(rd.snapshot.data)
                     notify(self.pm.hook.raftcache_snapshot_installed, self.log, node=self,
                            index=rd.snapshot.meta.index)
                 if rd.committed_entries:
@@ -563,6 +576,7 @@ class Node:
         st = self.raw.status()
         if st.applied - (st.first_index - 1) < r.snapshot_entries:
             return
+        started = time.monotonic()
         try:
             image = self.sm.snapshot()  # the values come from the backend
         except (BackendUnavailable, BackendLost) as exc:
@@ -570,6 +584,8 @@ class Node:
             return  # the next Ready tries again
         snap = self.raw.compact(image, keep_entries=r.snapshot_keep_entries)
         threadpool.apply(self.storage.compact, (snap,))
+        self.stats.snapshot_seconds.observe(time.monotonic() - started)
+        self.stats.snapshot_bytes = len(image)
         notify(self.pm.hook.raftcache_snapshot_taken, self.log, node=self,
                index=snap.meta.index, size=len(snap.data))
 
@@ -579,6 +595,10 @@ class Node:
         if role == self._role:
             return
         previous, self._role = self._role, role
+        if st.role == StateRole.CANDIDATE and previous[1] != StateRole.CANDIDATE:
+            self.stats.elections.inc()
+        if st.lead not in (NONE, previous[0]) and previous[0] != NONE:
+            self.stats.leader_changes.inc()
         # A node that cannot reach a quorum flips between pre-candidate and leaderless
         # follower every election timeout: that is worth a line only when a leader is
         # gained or lost, or someone campaigns for real.
@@ -631,6 +651,12 @@ class Node:
 
     def handle_request(self, request: api.Request,
                        certificate: str | None = None) -> api.Response:
+        started = time.monotonic()
+        response = self._handle(request, certificate)
+        self.stats.request(request.op, response.error, time.monotonic() - started)
+        return response
+
+    def _handle(self, request: api.Request, certificate: str | None) -> api.Response:
         op = OPERATIONS.get(request.op)
         try:
             if op is None:
@@ -930,6 +956,24 @@ class Node:
         return api.error("Unavailable", "this node's backend is unavailable or catching up; "
                          "try another node")
 
+    def peer_links(self) -> dict[int, tuple[bool, int]]:
+        """Per peer the transport has a link to: (connected, messages its full queue dropped)."""
+        links = getattr(self.transport, "peer_links", None)
+        return links() if links is not None else {}
+
+    def not_ready(self) -> str | None:
+        """Why this node should not get client traffic now (a readiness probe), or None."""
+        st = self.raw.status()
+        if self._stopped.is_set():
+            return "stopping"
+        if st.lead == NONE:
+            return "no leader known"
+        if self.backend_down:
+            return "the backend is unavailable or being rebuilt"
+        if st.commit - st.applied > READY_LAG:
+            return f"applying: {st.commit - st.applied} committed entries not yet applied"
+        return None
+
     def metrics(self) -> dict:
         """Counters and gauges, offered to `raftcache_metrics` plugins to read or extend."""
         st = self.raw.status()
@@ -952,6 +996,8 @@ class Node:
             peer_addresses={n: self.peers[n] for n in sorted(st.conf.all_nodes())
                             if n in self.peers},
             joined=sorted(self.sm.joined),
+            metrics_url=(f"http://{self.config.node.metrics_address}/metrics"
+                         if self.config.node.metrics_address else None),
         )
 
 

@@ -489,6 +489,9 @@ class ServerBase:
     def set_peer(self, peer: int, address: str | None) -> None:
         self._links.set_peer(peer, address)
 
+    def peer_links(self) -> dict[int, tuple[bool, int]]:
+        return self._links.states()
+
     def _release(self, slot: Slot) -> None:
         """`slot`'s connection is closed. If it was the last one that carried Raft messages
         from a peer, tell the node: the kernel closes a dead process's connections at once,
@@ -695,6 +698,11 @@ class PeerLinks:
         if link is not None and link.address != address:
             del self._links[peer]
             link.close()
+
+    def states(self) -> dict[int, tuple[bool, int]]:
+        """Per peer: (connected, Raft messages dropped so far because its queue was full)."""
+        return {peer: (link.conn is not None and not link.down, link.dropped)
+                for peer, link in self._links.items()}
 
     def dropped(self) -> dict[int, int]:
         """Raft messages dropped so far because a peer's queue was full, by peer id."""
