@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_certs_commands(sub)
     _add_auth_commands(sub)
     _add_keys_commands(sub)
+    _add_snapshot_commands(sub)
     _add_bench_command(sub)
     return p
 
@@ -184,6 +185,85 @@ def _add_client_commands(sub) -> None:
                         help="run an admin action of a security plugin (revoke, role-set, "
                              "keys-rotate, ...) and print its JSON answer")
     a.add_argument("arguments", nargs="*", metavar="ARG")
+
+
+def _add_snapshot_commands(sub) -> None:
+    snap = sub.add_parser("snapshot", help="backups: save the cluster's state to a file, "
+                                           "restore one into a new cluster")
+    snap_sub = snap.add_subparsers(required=True, metavar="ACTION")
+    _client_command(snap_sub, "save", "snapshot", _cmd_snapshot_save, "file",
+                    help="write a consistent snapshot of the whole cache, taken by the leader "
+                         "at a committed index (everything acknowledged before it), with a "
+                         "checksum, to FILE (needs an admin token when auth is on)")
+    r = snap_sub.add_parser("restore", help="seed the data directories of a new cluster with "
+                                            "a backup; then raftcache up --data-dir DIR "
+                                            "--nodes N serves it")
+    r.add_argument("file")
+    r.add_argument("--data-dir", required=True)
+    r.add_argument("--nodes", type=int, default=3)
+    r.add_argument("--keyring", help="the old cluster's keyring (values stay encrypted with "
+                                     "its keys): copied to DATA_DIR/keyring")
+    r.add_argument("--storage", default="file-wal", help="the storage the new nodes run")
+    r.set_defaults(func=_cmd_snapshot_restore)
+
+
+def _progress(label: str):
+    """A callback (done, total) that shows progress: a bar on a terminal, else a line for
+    every tenth of the way; and a function that ends it."""
+    if sys.stdout.isatty():
+        from rich.progress import Progress
+
+        bar = Progress()
+        bar.start()
+        task = bar.add_task(label, total=None)
+        return (lambda done, total: bar.update(task, completed=done, total=total)), bar.stop
+    said = [-1]
+
+    def line(done: int, total: int) -> None:
+        tenth = done * 10 // max(total, 1)
+        if tenth != said[0]:
+            said[0] = tenth
+            print(f"{label}: {done:,} of {total:,}", flush=True)
+
+    return line, (lambda: None)
+
+
+def _cmd_snapshot_save(args):
+    from raftcache import backup
+
+    def go():
+        show, end = _progress(f"saving {args.file}")
+        try:
+            with _client(args) as c:
+                header = backup.save(c, args.file, show)
+        except backup.BackupError as exc:
+            return _fail("BackupError", str(exc))
+        finally:
+            end()
+        print(f"saved {args.file}: index {header['index']}, term {header['term']}, "
+              f"{header['size']:,} bytes, sha256 {header['sha256']}")
+        return 0
+    return _run_client(go)
+
+
+def _cmd_snapshot_restore(args):
+    from raftcache import backup
+
+    show, end = _progress("nodes seeded")
+    try:
+        header = backup.restore(args.file, args.data_dir, args.nodes, keyring=args.keyring,
+                                storage=args.storage, on_progress=show)
+    except (backup.BackupError, OSError) as exc:
+        return _fail("BackupError", str(exc))
+    finally:
+        end()
+    print(f"restored index {header['index']} (term {header['term']}, taken {header['taken']}) "
+          f"into {args.nodes} nodes under {args.data_dir}; start them with: raftcache up "
+          f"--data-dir {args.data_dir} --nodes {args.nodes}")
+    if not args.keyring:
+        print("values encrypted at rest need the old cluster's keyring: copy it to "
+              f"{os.path.join(args.data_dir, 'keyring')} (or pass --keyring) before `up`")
+    return 0
 
 
 def _add_certs_commands(sub) -> None:

@@ -149,6 +149,11 @@ class Client:
         """Remove `node_id` from the cluster; returns the status once the change is applied."""
         return self._call("change_member", change="remove", node_id=node_id).status
 
+    def snapshot_part(self, index: int = 0, offset: int = 0):
+        """Part of a backup from the leader (`api.SnapshotPart`): index 0 takes a new image;
+        then ask with its index from the next offset. `raftcache.backup.save` does the rest."""
+        return self._call("snapshot", index=index, offset=offset).part
+
     def admin(self, action: str, *args) -> dict:
         """Run an admin action of a security plugin (e.g. ``admin("revoke", "alice")``); its
         answer as a dict: ``{"result": ...}`` once a change applied, or a report."""

@@ -44,6 +44,16 @@ struct GetResult {
   3: i64 version,                 // log index of the entry that last wrote the key
 }
 
+// Part of a backup: an image of the whole state machine at a committed log index.
+struct SnapshotPart {
+  1: i64 index,
+  2: i64 term,
+  3: i64 size,                    // bytes of the whole image
+  4: string sha256,               // of the whole image, hex
+  5: i64 offset,                  // where data starts in it
+  6: binary data,
+}
+
 struct NodeStatus {
   1: i64 id,
   2: string address,
@@ -80,6 +90,8 @@ struct Request {
   13: optional string action,     // admin: e.g. "revoke", "keys-rotate"
   14: optional list<binary> arguments, // admin: the action's arguments
   15: optional string address,    // change_member: where peers reach node_id (host:port)
+  16: optional i64 offset,        // snapshot: the byte to read from
+  17: optional i64 index,         // snapshot: the image being read (0: take a new one)
 }
 
 struct Response {
@@ -93,6 +105,7 @@ struct Response {
   8: optional NodeStatus status,
   9: optional list<i64> versions, // mset
   10: optional string text,       // admin: a JSON object
+  11: optional SnapshotPart part, // snapshot
 }
 
 // ---- peer messages (raftcache.core.messages) --------------------------------------------------
@@ -195,6 +208,13 @@ service RaftCache {
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
   NodeStatus change_member(1: string change, 2: i64 node_id, 3: RequestHeader header,
                            4: string address)
+      throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
+              3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
+
+  // A backup from the leader, a part (up to 1 MiB) at a time: index 0 takes a new image once
+  // everything committed before the call is applied; then ask with its index and the next
+  // offset until offset + len(data) = size. Needs an admin grant when authentication is on.
+  SnapshotPart snapshot(1: i64 offset, 2: i64 index, 3: RequestHeader header)
       throws (1: NotLeader not_leader, 2: Unauthorized unauthorized,
               3: InvalidRequest invalid, 4: Unavailable unavailable, 5: OutcomeUnknown unknown),
 

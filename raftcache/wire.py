@@ -34,6 +34,7 @@ Request = idl.Request
 Response = idl.Response
 GetResult = idl.GetResult
 NodeStatus = idl.NodeStatus
+SnapshotPart = idl.SnapshotPart
 RequestHeader = idl.RequestHeader
 RaftBatch = idl.RaftBatch
 RaftCacheService = idl.RaftCache
@@ -141,6 +142,7 @@ def _fields(cls) -> tuple[str, ...]:
 
 _HEADER, _REQUEST = _fields(api.RequestHeader), _fields(api.Request)
 _GET, _STATUS, _RESPONSE = _fields(api.GetResult), _fields(api.NodeStatus), _fields(api.Response)
+_PART = _fields(api.SnapshotPart)
 
 
 def header_from_wire(w) -> api.RequestHeader | None:
@@ -177,6 +179,8 @@ def value_from_wire(name: str, w):
         return [_get_from_wire(g) for g in w]
     if name == "status":
         return api.NodeStatus(*(getattr(w, f) for f in _STATUS))
+    if name == "part":
+        return api.SnapshotPart(*(getattr(w, f) for f in _PART))
     return w
 
 
@@ -190,6 +194,8 @@ def value_to_wire(name: str, v):
         return [GetResult(*(getattr(g, f) for f in _GET)) for g in v]
     if name == "status":
         return NodeStatus(*(getattr(v, f) for f in _STATUS))
+    if name == "part":
+        return SnapshotPart(*(getattr(v, f) for f in _PART))
     return v
 
 

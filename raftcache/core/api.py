@@ -47,6 +47,8 @@ class Request:
     action: str | None = None
     arguments: list | None = None
     address: str | None = None  # change_member: where peers reach node_id ("host:port")
+    offset: int | None = None  # snapshot: the byte to read from
+    index: int | None = None  # snapshot: the image being read (0: take a new one)
 
 
 @attrs.frozen
@@ -54,6 +56,19 @@ class GetResult:
     found: bool
     value: bytes = b""
     version: int = 0  # the log index of the entry that last wrote the key
+
+
+@attrs.frozen
+class SnapshotPart:
+    """Part of a backup: an image of the whole state machine at log `index` (committed, and
+    at least everything acknowledged before it was asked for)."""
+
+    index: int
+    term: int  # of the entry at `index`
+    size: int  # bytes of the whole image
+    sha256: str  # of the whole image, hex
+    offset: int = 0  # where `data` starts in it
+    data: bytes = b""
 
 
 @attrs.frozen
@@ -91,6 +106,7 @@ class Response:
     status: NodeStatus | None = None
     versions: list | None = None  # mset
     text: str | None = None  # admin: a JSON object
+    part: SnapshotPart | None = None  # snapshot
 
 
 def error(kind: str, reason: str = "", leader_hint: str = "") -> Response:

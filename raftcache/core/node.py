@@ -15,6 +15,7 @@ whose fate is unknown is reported as OutcomeUnknown, never as a failure.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -64,6 +65,7 @@ _CHANGES = {"add-voter": ConfChangeType.ADD_VOTER, "add-learner": ConfChangeType
             "remove": ConfChangeType.REMOVE_NODE, "update-address": ConfChangeType.UPDATE_ADDRESS}
 # Room a peer frame needs besides the one entry an append may carry (message fields, framing).
 FRAME_HEADROOM = 64 << 10
+BACKUP_PART = 1 << 20  # bytes of a backup per call: well within a frame
 READY_LAG = 1000  # committed entries a ready node may still have to apply
 MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
 
@@ -154,6 +156,8 @@ class Node:
         self.dropped_peer_messages = 0
         self._drop_log = Throttle(self.log)
         self.stats = NodeMetrics(self)  # Prometheus: node.metrics_address serves them
+        self._backups_wanted: list = []  # AsyncResults waiting for a backup image
+        self._backup: api.SnapshotPart | None = None  # the newest, with the whole image
         self._metrics_server = None
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -427,6 +431,8 @@ class Node:
                         self._confirmed_reads.append((rs.index, pending))
                 self._serve_confirmed_reads()
                 self._maybe_snapshot(threadpool)
+            if self._backups_wanted:
+                self._take_backups()
 
     def _apply(self, entries) -> None:
         """Apply a batch of committed entries, then hand their changes to the backend at once;
@@ -900,26 +906,9 @@ class Node:
         if self.backend_down:
             return api.error("Unavailable", "this node's backend is unavailable; try another node")
         if consistency != "stale":
-            waiting = len(self._reads) + len(self._confirmed_reads)
-            if waiting >= self.config.node.max_pending:
-                return self._overloaded(waiting, "reads")
-            self._advance_clock()  # after a stall, leases must see the time that passed
-            ctx = b"%d:%d" % (self.id, next(self._read_ids))
-            try:
-                self.raw.read_index(ctx, lease=consistency == "lease")
-            except NotLeader as exc:
-                return self._not_leader(exc.leader, request)
-            st = self.raw.status()
-            pending = self._reads[ctx] = _Pending(st.term, st.lead)
-            self._wakeup.set()
-            try:
-                outcome = pending.result.get(timeout=self._timeout(request))
-            except gevent.Timeout:
-                self._reads.pop(ctx, None)
-                return api.error("Unavailable", "could not confirm a read index in "
-                                 "time (no quorum?)")
-            if isinstance(outcome, api.Response):
-                return outcome
+            refused = self._read_index(request, lease=consistency == "lease")
+            if refused is not None:
+                return refused
         # After the read index applied: a revocation committed before the read is known here.
         self._authorize(request.op, keys, caller)
         found = self._read_local(keys)
@@ -934,6 +923,76 @@ class Node:
         if request.op == "get":
             return api.Response(result=results[0])
         return api.Response(results=results)
+
+    def _read_index(self, request: api.Request, lease: bool = False) -> api.Response | None:
+        """Wait until this node, confirmed as the leader, has applied everything committed
+        before now (ReadIndex; with `lease`, the leader's lease may stand in for the heartbeat
+        round). None once it has; else the answer to give (a redirect, Unavailable)."""
+        waiting = len(self._reads) + len(self._confirmed_reads)
+        if waiting >= self.config.node.max_pending:
+            return self._overloaded(waiting, "reads")
+        self._advance_clock()  # after a stall, leases must see the time that passed
+        ctx = b"%d:%d" % (self.id, next(self._read_ids))
+        try:
+            self.raw.read_index(ctx, lease=lease)
+        except NotLeader as exc:
+            return self._not_leader(exc.leader, request)
+        st = self.raw.status()
+        pending = self._reads[ctx] = _Pending(st.term, st.lead)
+        self._wakeup.set()
+        try:
+            outcome = pending.result.get(timeout=self._timeout(request))
+        except gevent.Timeout:
+            self._reads.pop(ctx, None)
+            return api.error("Unavailable", "could not confirm a read index in time "
+                             "(no quorum?)")
+        return outcome if isinstance(outcome, api.Response) else None
+
+    def _snapshot(self, request: api.Request, _caller) -> api.Response:
+        """A backup, a part at a time: offset 0 (and no index) takes a new image of the whole
+        state on the leader once it has applied everything committed before the call; the
+        next calls name its index and read on from an offset."""
+        index, offset = request.index or 0, request.offset or 0
+        if offset < 0:
+            raise BadRequest("offset must not be negative")
+        if not index:
+            if offset:
+                raise BadRequest("a snapshot read from an offset names its index")
+            refused = self._read_index(request)
+            if refused is not None:
+                return refused
+            wanted = gevent.event.AsyncResult()
+            self._backups_wanted.append(wanted)
+            self._wakeup.set()
+            try:
+                self._backup = wanted.get(timeout=self._timeout(request))
+            except gevent.Timeout:
+                return api.error("Unavailable", "the snapshot took too long; retry")
+            except (BackendUnavailable, BackendLost) as exc:
+                return api.error("Unavailable", f"no snapshot now: {exc}")
+            index = self._backup.index
+        backup = self._backup
+        if backup is None or backup.index != index:
+            raise BadRequest(f"this node no longer holds the snapshot at index {index}; "
+                             "start again from offset 0")
+        return api.Response(part=attrs.evolve(backup, offset=offset,
+                                               data=backup.data[offset:offset + BACKUP_PART]))
+
+    def _take_backups(self) -> None:
+        """Between apply batches, in the driver: the image the waiting backups asked for."""
+        wanted, self._backups_wanted = self._backups_wanted, []
+        try:
+            image = self.sm.snapshot()
+        except (BackendUnavailable, BackendLost) as exc:
+            for w in wanted:
+                w.set_exception(exc)
+            return
+        st = self.raw.status()
+        part = api.SnapshotPart(index=st.applied, term=self.raw.term_at(st.applied) or st.term,
+                                size=len(image), sha256=hashlib.sha256(image).hexdigest(),
+                                data=image)
+        for w in wanted:
+            w.set(part)
 
     def _read_local(self, keys):
         """The state machine's answer for `keys`, taken between apply batches, or an

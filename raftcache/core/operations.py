@@ -166,6 +166,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               True, doc="add-voter, add-learner, remove or update-address of node_id (at "
                         "address: the log carries it to every node); answers the leader's "
                         "status"),
+    Operation("snapshot", ("offset", "index", "header"), "part", "node", False,
+              doc="a backup of the whole cache from the leader, a part at a time"),
     Operation("admin", ("action", "arguments", "header"), "text", "node", True,
               doc="an admin action of a security plugin (revoke, keys-rotate, ...); "
                   "answers a JSON object"),
