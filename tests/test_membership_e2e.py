@@ -2,11 +2,11 @@
 learn where everyone is from the log, and a node that lost its data refused until re-added."""
 
 import os
-import threading
 import time
 import tomllib
 
 import pytest
+from writer import Writer
 
 from raftcache import errors
 from raftcache.client import Client
@@ -43,37 +43,6 @@ def wait_applied(cluster, node_id, index, timeout=20.0) -> None:
                 pass
             assert time.monotonic() < deadline, f"node {node_id} did not reach {index}"
             time.sleep(0.05)
-
-
-class Writer:
-    """Sets key w<n> = n in a thread until stopped; remembers what was acknowledged."""
-
-    def __init__(self, endpoints):
-        self.endpoints = endpoints
-        self.acked: dict[str, bytes] = {}
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        n = 0
-        with Client(self.endpoints, timeout=10.0) as c:
-            while not self._stop.is_set():
-                n += 1
-                try:
-                    c.set(f"w{n}", str(n))
-                    self.acked[f"w{n}"] = str(n).encode()
-                except errors.RaftCacheError as exc:  # a change of leader: the next one goes on
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                time.sleep(0.002)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(30)
 
 
 def test_grow_to_five_and_shrink_to_three_at_addresses_no_config_lists(cluster):

@@ -627,3 +627,19 @@ def test_a_node_on_file_wal_keeps_its_data_across_a_restart(tmp_path):
     finally:
         node.stop()
     assert len(segments(tmp_path / "n1")) <= 3
+
+
+def test_a_data_dir_from_a_newer_format_is_refused_and_an_unmarked_one_is_adopted(tmp_path):
+    from raftcache.plugins.storage.file_wal import FORMAT_VERSION, FileWALStorage, WALCorruption
+
+    fresh = tmp_path / "fresh"
+    FileWALStorage(1, str(fresh))
+    assert (fresh / "FORMAT").read_text() == f"raftcache-file-wal {FORMAT_VERSION}\n"
+    (fresh / "FORMAT").unlink()  # as the releases before the mark left it
+    FileWALStorage(1, str(fresh)).load()
+    assert (fresh / "FORMAT").read_text() == f"raftcache-file-wal {FORMAT_VERSION}\n"
+    (fresh / "FORMAT").write_text(f"raftcache-file-wal {FORMAT_VERSION + 1}\n")
+    with pytest.raises(WALCorruption, match=f"written by a newer raftcache .file-wal format "
+                                            f"{FORMAT_VERSION + 1}; this build reads up to "
+                                            f"{FORMAT_VERSION}"):
+        FileWALStorage(1, str(fresh))

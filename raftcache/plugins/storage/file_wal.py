@@ -3,6 +3,9 @@ and snapshot in files replaced atomically. `save(..., sync=True)` returns once a
 
 A node's data dir::
 
+    FORMAT        "raftcache-file-wal <version>": what wrote the files. A build refuses, with
+                  a clear message, a version newer than `FORMAT_VERSION` (a rolled-back
+                  upgrade must not misread them); a data dir without it is version 1.
     hardstate     term, vote, commit; rewritten (temp file, fsync, rename, fsync dir) when the
                   term or vote changes. The commit index rides in the WAL (see below).
     snapshot      the newest snapshot: meta (index, term, conf state) and data, with a CRC32.
@@ -64,6 +67,8 @@ from raftcache.plugins.storage.records import decode_meta, encode_meta
 
 log = logging.getLogger("raftcache.storage.file_wal")
 
+FORMAT_VERSION = 1  # the data dir's layout and record formats, below
+FORMAT_NAME = "raftcache-file-wal"
 MAGIC = b"RCW1"
 HEADER = struct.Struct("<4sII")  # magic, payload length, crc32(payload)
 ENTRY = struct.Struct("<BIQQB")  # kind, write id, term, index, entry type; data follows
@@ -217,6 +222,24 @@ class FileWALStorage:
             if not os.path.isdir(d):
                 private_dir(d)  # owner-only: it holds every value written
                 self._fsync_dir(os.path.dirname(d))
+        self._check_format()
+
+    def _check_format(self) -> None:
+        """Refuse a data dir written by a newer format; mark an unmarked one as ours."""
+        path = os.path.join(self.dir, "FORMAT")
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            self._write_atomic("FORMAT", f"{FORMAT_NAME} {FORMAT_VERSION}\n".encode())
+            return
+        name, _, version = text.partition(" ")
+        if name != FORMAT_NAME or not version.isdigit():
+            raise WALCorruption(f"{path}: {text[:80]!r} is not a file-wal format mark")
+        if int(version) > FORMAT_VERSION:
+            raise WALCorruption(f"{self.dir} was written by a newer raftcache (file-wal format "
+                                f"{version}; this build reads up to {FORMAT_VERSION}): run "
+                                "that version or a newer one")
 
     # -- the Storage protocol --------------------------------------------------------------------
     def load(self) -> tuple[HardState, Snapshot | None, list[Entry]]:
