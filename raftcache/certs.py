@@ -74,6 +74,25 @@ def init_certs(directory, nodes: int = 3, hosts: Iterable[str] = DEFAULT_HOSTS,
     return paths
 
 
+def add_node_cert(directory, node_id: int, extra_hosts: Iterable[str] = (),
+                  days: int = 365) -> tuple[str, str]:
+    """A certificate for node `node_id` (one that joins later), signed by the CA that
+    `init_certs` made in `directory`, naming what init's node certificates name plus
+    `extra_hosts`. Refuses (FileExistsError) to replace one that exists."""
+    if node_id < 1:
+        raise ValueError(f"node ids start at 1, got {node_id}")
+    d = os.fspath(directory)
+    name = node_name(node_id)
+    if os.path.exists(os.path.join(d, f"{name}.pem")):
+        raise FileExistsError(f"{os.path.join(d, name)}.pem exists")
+    for stem in ("ca.pem", "ca-key.pem"):
+        if not os.path.exists(os.path.join(d, stem)):
+            raise FileNotFoundError(f"{os.path.join(d, stem)}: no CA here (raftcache certs init)")
+    hosts = [*DEFAULT_HOSTS, *extra_hosts, *(f"127.0.0.{i}" for i in range(1, LOOPBACK_IPS + 1))]
+    return make_cert(os.path.join(d, "ca.pem"), os.path.join(d, "ca-key.pem"), d, name,
+                     hosts=hosts, days=days)
+
+
 def make_ca(directory, name: str = "ca", common_name: str = "raftcache cluster CA",
             days: int = 3650) -> tuple[str, str]:
     """A self-signed CA: returns (cert path, key path) = <name>.pem, <name>-key.pem."""

@@ -274,7 +274,17 @@ def _add_certs_commands(sub) -> None:
     ci.add_argument("--nodes", type=int, default=3)
     ci.add_argument("--force", action="store_true",
                     help="replace an existing CA (every certificate it signed stops working)")
+    ci.add_argument("--host", action="append", default=[], metavar="NAME",
+                    help="a DNS name or IP the node certificates name, besides localhost and "
+                         "127.0.0.1-16 (repeatable; e.g. *.raftcache-peers.NS.svc.cluster.local)")
     ci.set_defaults(func=_cmd_certs_init)
+    ca = certs_sub.add_parser("add-node", help="a certificate for one more node (one that "
+                                               "joins), signed by the CA in DIR")
+    ca.add_argument("--dir", required=True)
+    ca.add_argument("--node", type=int, required=True)
+    ca.add_argument("--host", action="append", default=[], metavar="NAME",
+                    help="as for init")
+    ca.set_defaults(func=_cmd_certs_add_node)
 
 
 def _add_keys_commands(sub) -> None:
@@ -537,13 +547,26 @@ def _cmd_certs_init(args):
     from raftcache.certs import init_certs
 
     try:
-        paths = init_certs(args.dir, nodes=args.nodes, overwrite=args.force)
+        paths = init_certs(args.dir, nodes=args.nodes, overwrite=args.force,
+                           extra_ips=args.host)
     except FileExistsError as exc:
         print(f"raftcache: {exc} (pass --force to replace the CA)", file=sys.stderr)
         return 2
     print(f"wrote certificates to {args.dir}:")
     for name in sorted(paths):
         print(f"  {name}: {paths[name]}")
+    return 0
+
+
+def _cmd_certs_add_node(args):
+    from raftcache.certs import add_node_cert
+
+    try:
+        cert, key = add_node_cert(args.dir, args.node, extra_hosts=args.host)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"raftcache: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {cert} and {key}")
     return 0
 
 

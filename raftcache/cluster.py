@@ -287,6 +287,10 @@ class LocalCluster:
             cluster["dial"] = routes
         if self.tls_files():
             certs = os.path.dirname(self.tls_files()["ca"])
+            if not os.path.exists(os.path.join(certs, f"node{i}.pem")):  # a joiner
+                from raftcache.certs import add_node_cert
+
+                add_node_cert(certs, i)
             data["transport"]["tls"].update(cert=os.path.join(certs, f"node{i}.pem"),
                                             key=os.path.join(certs, f"node{i}-key.pem"))
         data["node"] = {"id": i, "address": self.address(i),  # first: extra may add limits

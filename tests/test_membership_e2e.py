@@ -34,7 +34,8 @@ def config_of(cluster, node_id) -> dict:
 def wait_applied(cluster, node_id, index, timeout=20.0) -> None:
     """Until node `node_id` applied `index` (it may still be starting)."""
     deadline = time.monotonic() + timeout
-    with Client([cluster.address(node_id)], timeout=2.0) as c:
+    with Client([cluster.address(node_id)], timeout=2.0, tls=cluster.client().tls,
+                transport=cluster.transport) as c:
         while True:
             try:
                 if c.status(cluster.address(node_id)).applied >= index:
@@ -177,3 +178,32 @@ def test_a_node_joins_with_join_toml_and_the_cli(cluster, tmp_path):
         node.terminate()
         node.wait(10)
         log.close()
+
+
+def test_a_node_joins_over_mutual_tls_with_a_certificate_issued_for_it(tmp_path):
+    import subprocess
+    import sys
+
+    c = LocalCluster(str(tmp_path / "tls"), nodes=3, port=free_port_block(4),
+                     transport="tcp-tls", storage="file-wal")
+    c.start()
+    try:
+        c.wait_for_leader()
+        certs = os.path.dirname(c.tls_files()["ca"])
+        issued = subprocess.run([sys.executable, "-m", "raftcache", "certs", "add-node", "--dir",
+                                 certs, "--node", "9", "--host", "node-9.example"],
+                                capture_output=True, text=True, timeout=60)
+        assert issued.returncode == 0 and "node9.pem" in issued.stdout, issued.stderr
+        again = subprocess.run([sys.executable, "-m", "raftcache", "certs", "add-node", "--dir",
+                                certs, "--node", "9"], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 2 and "exists" in again.stderr
+        c.start(4)  # LocalCluster issues node4.pem the same way
+        with c.client(timeout=20.0) as client:
+            assert 4 in client.add_member(4, c.address(4)).voters
+            wait_version = client.set("over-tls", "yes")
+        wait_applied(c, 4, wait_version)
+        with Client([c.address(4)], timeout=5.0, tls=c.client().tls,
+                    transport="tcp-tls") as client:
+            assert client.get("over-tls", consistency="stale") == b"yes"
+    finally:
+        c.stop()
