@@ -367,6 +367,20 @@ def test_the_suite_catches_an_older_value_on_a_memcached_route(tmp_path):
     assert registers & {"not-linearizable", "version-conflict"}
 
 
+def test_nodes_join_at_new_addresses_during_partitions(tmp_path):
+    """member-join: a node that no config lists joins (its address through the log) while
+    partitions cut the cluster, and leaves again; nothing acknowledged is lost."""
+    proc, s = run_jepsen(tmp_path, "--nemesis", "member-join", "--nemesis", "partition-halves",
+                         "--nemesis", "partition-leader", "--time", 15, "--nodes", 3,
+                         "--clients", 8, "--seed", 5, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert s["anomalies"] == []
+    assert s["faults"].get("member-join", 0) >= 1, s["faults"]
+    with open(tmp_path / "run" / "node4.log") as f:  # the spare: it joined and followed
+        log = f.read()
+    assert "waiting to be added" in log and ", leader " in log, log[-2000:]
+
+
 def test_auth_required_and_values_encrypted_under_every_fault(tmp_path):
     """The fault suite with tokens required (the workload's grant rw on every key, the
     nemesis' admin: membership changes and transfers) and values sealed at rest."""

@@ -304,3 +304,16 @@ def test_address_updates_and_join_marks_keep_the_membership():
         change(net, 1, (ConfChangeType.UPDATE_ADDRESS, 9, "i:9"))
     with pytest.raises(ProposalRefused, match="without an address"):  # followers would drop it
         change(net, 1, (ConfChangeType.UPDATE_ADDRESS, 2))
+
+
+def test_an_address_update_keeps_the_leaders_view_of_its_followers():
+    net = Network.bootstrap([1, 2, 3])
+    leader = net.elect(1)
+    _, index = leader.propose(b"x")
+    net.process(1)
+    _until(net, lambda: leader.tracker.progress[2].match >= index)
+    before = {n: leader.tracker.progress[n].match for n in (2, 3)}
+    done = change(net, 1, (ConfChangeType.UPDATE_ADDRESS, 2, "b:2"), (ConfChangeType.JOINED, 3))
+    _until(net, lambda: leader.status().applied >= done)
+    # Progress was not rebuilt (which would send the leader back to probing every follower).
+    assert all(leader.tracker.progress[n].match >= before[n] for n in (2, 3))

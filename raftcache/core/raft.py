@@ -955,6 +955,8 @@ class RawNode:
         new = _next_conf(self.conf, cc)
         if new is None:
             return  # invalid here (the same on every replica): ignored deterministically
+        if new == self.conf:
+            return  # an address or a join mark: the membership, and the progress, stand
         self.conf = new
         self._rebuild_progress()
         if self._role != StateRole.LEADER:

@@ -212,7 +212,7 @@ SCENARIOS: dict[str, Scenario] = {
         "linearizability: fail means never applied, so reading a failed write's value breaks it"),
     "membership-split-brain": Scenario(
         "RedisRaft: split brain with lost updates during a partition plus a membership change",
-        ("partition-halves", "partition-leader", "member-readd"),
+        ("partition-halves", "partition-leader", "member-readd", "member-join"),
         "linearizability, final reads, replicas agree"),
     "crash-partition-loss": Scenario(
         "RedisRaft: committed writes lost under crashes plus partitions",
@@ -281,7 +281,7 @@ FAMILIES = {
     "link": ("slow", "lossy", "reset"),
     "disk": ("slow-disk",),
     "transfer": ("transfer",),
-    "member": ("member-readd", "member-learner"),
+    "member": ("member-readd", "member-learner", "member-join"),
     "backend": ("kill-backend",),
 }
 # Backends whose values live in servers of their own (LocalCluster starts one per node).
@@ -383,37 +383,37 @@ def _partition(run, links: set, label: str, detail: str) -> Fault:
 @nemesis("partition-one")
 def _nemesis_partition_one(run) -> Fault:
     n = run.rng.choice(run.node_ids())
-    return _partition(run, relay.isolate(n, run.node_ids()), "partition-one", f"isolate {n}")
+    return _partition(run, relay.isolate(n, run.members()), "partition-one", f"isolate {n}")
 
 
 @nemesis("partition-leader")
 def _nemesis_partition_leader(run) -> Fault:
     n = run.leader_or_any()
-    return _partition(run, relay.isolate(n, run.node_ids()), "partition-leader",
+    return _partition(run, relay.isolate(n, run.members()), "partition-leader",
                       f"isolate leader {n}")
 
 
 @nemesis("partition-halves")
 def _nemesis_partition_halves(run) -> Fault:
-    return _partition(run, relay.halves(run.node_ids(), run.rng), "partition-halves",
+    return _partition(run, relay.halves(run.members(), run.rng), "partition-halves",
                       "majority | minority")
 
 
 @nemesis("partition-ring")
 def _nemesis_partition_ring(run) -> Fault:
-    return _partition(run, relay.majorities_ring(run.node_ids(), run.rng), "partition-ring",
+    return _partition(run, relay.majorities_ring(run.members(), run.rng), "partition-ring",
                       "majorities ring")
 
 
 @nemesis("partition-bridge")
 def _nemesis_partition_bridge(run) -> Fault:
-    return _partition(run, relay.bridge(run.node_ids(), run.rng), "partition-bridge", "bridge")
+    return _partition(run, relay.bridge(run.members(), run.rng), "partition-bridge", "bridge")
 
 
 @nemesis("partition-oneway")
 def _nemesis_partition_oneway(run) -> Fault:
-    n = run.leader_or_any() if run.rng.random() < 0.5 else run.rng.choice(run.node_ids())
-    return _partition(run, relay.one_way(n, run.node_ids()), "partition-oneway",
+    n = run.leader_or_any() if run.rng.random() < 0.5 else run.rng.choice(run.members())
+    return _partition(run, relay.one_way(n, run.members()), "partition-oneway",
                       f"node {n} hears nobody")
 
 
@@ -526,6 +526,39 @@ def _nemesis_member_learner(run) -> Fault:
                  heal)
 
 
+@nemesis("member-join")
+def _nemesis_member_join(run) -> Fault:
+    """A node that no config lists joins at a new address (a join config; its address goes
+    through the log), as a voter or a learner, half the time while a random member is cut
+    off; the heal removes it, stops it and wipes its disk, as an operator replacing it."""
+    spare = run.spare
+    if spare is None or spare in run.joined:
+        raise ValueError("no spare node to join (or it is still a member)")
+    cut: set = set()
+    if run.rng.random() < 0.5:
+        cut = relay.isolate(run.rng.choice(run.node_ids()), run.members() + [spare])
+        run.net.block(cut)
+    run.joined.add(spare)
+    run.cluster.start(spare)
+    learner = run.rng.random() < 0.5
+    outcome = run.admin(lambda c: c.add_member(spare, run.cluster.address(spare),
+                                               learner=learner))
+
+    def heal():
+        for link in cut:
+            run.net.faults[link].blocked = False
+        for _ in range(10):  # under faults the removal may time out: it must happen
+            if run.admin(lambda c: c.remove_member(spare)) == "done":
+                run.retire(spare)
+                return
+        raise RuntimeError(f"could not remove node {spare}; it stays a member")
+
+    kind = "learner" if learner else "voter"
+    where = f", {len(cut)} links of a member cut" if cut else ""
+    return Fault("member-join", f"join node {spare} at {run.cluster.address(spare)} as a "
+                                f"{kind}{where}: {outcome}", heal)
+
+
 def _perform(c, kind: Kind, key: str, value, expected, read: str):
     if kind is Kind.READ:
         return c.get_with_version(key, read)
@@ -627,6 +660,9 @@ class Run:
         self.t0 = time.monotonic()
         self.cluster = None
         self.net = None
+        # member-join: one more node id, at an address no config lists, joining and leaving
+        self.spare = self.nodes + 1 if "member-join" in self.names else None
+        self.joined: set[int] = set()  # the spare while it is a member
 
     # -- set-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -636,7 +672,8 @@ class Run:
         self.tmp = o.dir is None
         self.dir = o.dir or tempfile.mkdtemp(prefix="raftcache-jepsen-")
         os.makedirs(self.dir, exist_ok=True)
-        hosts = [f"127.0.0.{i + 1}" for i in range(1, self.nodes + 1)]
+        every = self.nodes + (1 if self.spare else 0)
+        hosts = [f"127.0.0.{i + 1}" for i in range(1, every + 1)]
         extra: dict = {
             "raft": {"snapshot_entries": 2000, "snapshot_keep_entries": 200},
             "node": {"proxy": True, "request_timeout_ms": int(o.op_timeout * 1000)},
@@ -653,7 +690,7 @@ class Run:
             # The same storage, behind the wrapper that lets the nemesis stall its fsyncs.
             options = extra.setdefault("storage", {}).setdefault("options", {})
             options["inner"], storage = o.storage, "slow-disk"
-        port = free_port_block(self.nodes)
+        port = free_port_block(every)
         # Nodes run through the test-side launcher: the slow-disk storage and mutants are test
         # code that no production node can load.
         launcher = ["-m", "raftcache.testing.node", "--plugin", "raftcache.testing.slow_disk"]
@@ -663,7 +700,8 @@ class Run:
                                     transport=o.transport, backend=o.backend, hosts=hosts,
                                     extra=extra, launcher=launcher, auth=o.auth,
                                     encryption=o.encryption)
-        self.net = relay.RelayNet({i: self.cluster.address(i) for i in self.node_ids()}, self.rng)
+        self.net = relay.RelayNet({i: self.cluster.address(i) for i in range(1, every + 1)},
+                                  self.rng)
         self.cluster.routes = self.net.routes()
         self.cluster.start()
         self.cluster.wait_for_leader(timeout=30)
@@ -683,7 +721,21 @@ class Run:
         return may_miss(self.opts.backend, key)
 
     def node_ids(self) -> list[int]:
+        """The founders: the nodes every check expects to be voters in the end."""
         return list(range(1, self.nodes + 1))
+
+    def members(self) -> list[int]:
+        """The founders and the spare while it has joined: what partitions cut."""
+        return self.node_ids() + sorted(self.joined)
+
+    def retire(self, n: int) -> None:
+        """Stop node `n` for good and wipe its data (it was removed: a new start is new)."""
+        p = self.cluster.processes.get(n)
+        if p is not None:
+            self.exits_seen.add((n, p.pid))  # killed on purpose, not a crash
+        self.cluster.kill(n)
+        shutil.rmtree(os.path.join(self.dir, f"node{n}"), ignore_errors=True)
+        self.joined.discard(n)
 
     def live(self) -> list[int]:
         return [n for n in self.node_ids() if n not in self.down] or self.node_ids()
@@ -952,11 +1004,15 @@ class Run:
         if found is None:
             return None
         missing = [n for n in self.node_ids() if n not in found[1].voters]
-        if not missing:
+        extra = [n for n in (*found[1].voters, *found[1].learners) if n not in self.node_ids()]
+        if not missing and not extra:
             return True
-        with self.client(timeout=3.0) as c:
+        with self.client(timeout=3.0, admin=True) as c:
             for n in missing:
                 c.add_member(n)
+            for n in extra:  # a spare whose removal did not go through under the faults
+                c.remove_member(n)
+                self.retire(n)
         return None
 
     def final_checks(self) -> dict:
