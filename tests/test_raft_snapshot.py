@@ -238,3 +238,20 @@ def test_follower_within_the_kept_tail_is_caught_up_by_appends_not_a_snapshot():
     net.run(1)
     assert not net.messages(MsgType.SNAP)
     assert net.log(3)[1:] == net.log(1) and net.sm[3].data == net.sm[1].data
+
+
+def test_a_transfer_interrupted_halfway_resumes_where_the_follower_got_to():
+    """The leader loses track of a transfer (its view of the follower starts over, as after
+    a lost connection); the follower still holds the chunks it got and says how far it is,
+    so the leader goes on from there instead of sending them all again."""
+    net, snap = _far_behind()
+    net.drop(lambda m: m.type == MsgType.SNAP and m.offset == 2 * CHUNK, times=1)
+    net.run(1)
+    assert [off for off, _, _ in _snaps_to_3(net)] == [0, CHUNK, 2 * CHUNK]  # cut off there
+    net.nodes[1].tracker.progress[3].become_probe()  # the leader starts over...
+    net.run(2 * ET)
+    offsets = [off for off, _, _ in _snaps_to_3(net)][3:]
+    assert offsets[0] == 0  # ... from its first chunk
+    assert CHUNK not in offsets  # but the follower's answer skipped what it already held
+    assert offsets[1] == 2 * CHUNK, offsets
+    assert net.nodes[3].log.offset == 32 and net.sm[3].data == net.sm[1].data
