@@ -272,6 +272,12 @@ def _add_certs_commands(sub) -> None:
     ci = certs_sub.add_parser("init", help="create a CA, node and client certificates")
     ci.add_argument("--dir", required=True)
     ci.add_argument("--nodes", type=int, default=3)
+    ci.add_argument("--host", action="append", default=[], metavar="NAME",
+                    help="a DNS name (a leftmost '*' covers one label) or IP address that "
+                         "node certificates also name, beside localhost and 127.0.0.1-16; "
+                         "repeatable. Peers check it against the address they dial, e.g. "
+                         "'*.raftcache-peers.NAMESPACE.svc.cluster.local' for "
+                         "examples/kubernetes")
     ci.add_argument("--force", action="store_true",
                     help="replace an existing CA (every certificate it signed stops working)")
     ci.set_defaults(func=_cmd_certs_init)
@@ -534,10 +540,11 @@ def _cmd_status(args):
 
 
 def _cmd_certs_init(args):
-    from raftcache.certs import init_certs
+    from raftcache.certs import DEFAULT_HOSTS, init_certs
 
     try:
-        paths = init_certs(args.dir, nodes=args.nodes, overwrite=args.force)
+        paths = init_certs(args.dir, nodes=args.nodes, overwrite=args.force,
+                           hosts=DEFAULT_HOSTS + tuple(args.host))
     except FileExistsError as exc:
         print(f"raftcache: {exc} (pass --force to replace the CA)", file=sys.stderr)
         return 2
