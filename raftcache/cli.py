@@ -272,11 +272,14 @@ def _add_certs_commands(sub) -> None:
     ci = certs_sub.add_parser("init", help="create a CA, node and client certificates")
     ci.add_argument("--dir", required=True)
     ci.add_argument("--nodes", type=int, default=3)
+    ci.add_argument("--host", action="append", default=[], metavar="NAME",
+                    help="a DNS name (a leftmost '*' covers one label) or IP address that "
+                         "node certificates also name, beside localhost and 127.0.0.1-16; "
+                         "repeatable. Peers check it against the address they dial, e.g. "
+                         "'*.raftcache-peers.NAMESPACE.svc.cluster.local' for "
+                         "examples/kubernetes")
     ci.add_argument("--force", action="store_true",
                     help="replace an existing CA (every certificate it signed stops working)")
-    ci.add_argument("--host", action="append", default=[], metavar="NAME",
-                    help="a DNS name or IP the node certificates name, besides localhost and "
-                         "127.0.0.1-16 (repeatable; e.g. *.raftcache-peers.NS.svc.cluster.local)")
     ci.set_defaults(func=_cmd_certs_init)
     ca = certs_sub.add_parser("add-node", help="a certificate for one more node (one that "
                                                "joins), signed by the CA in DIR")
