@@ -45,12 +45,18 @@ def rc(cluster):
 
 
 def test_every_operation_has_a_cli_command_and_a_client_method():
-    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
-    covered = {p.get_default("operation") for p in sub.choices.values()} - {None}
+    def commands(parser):  # every (sub)command, nested ones too (snapshot save)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for p in action.choices.values():
+                    yield p
+                    yield from commands(p)
+
+    covered = {p.get_default("operation") for p in commands(cli._parser())} - {None}
     assert covered == set(OPERATIONS)
     # The Client's name for each operation where it differs from the Thrift method's.
-    methods = {"put": ["set"], "remove": ["delete"],
-               "change_member": ["add_member", "remove_member"]}
+    methods = {"put": ["set"], "remove": ["delete"], "snapshot": ["snapshot_part"],
+               "change_member": ["add_member", "remove_member", "update_member_address"]}
     for op in OPERATIONS:
         for name in methods.get(op, [op]):
             assert callable(getattr(Client, name, None)), f"Client lacks {name} ({op})"
