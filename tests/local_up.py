@@ -13,7 +13,8 @@ def up(tmp_path, *args, timeout: float = 40.0):
     port = free_port_block(3)
     proc = subprocess.Popen(
         [sys.executable, "-m", "raftcache", "up", "--port", str(port), "--data-dir",
-         str(tmp_path / "data"), "--leader-timeout", "20", *args],
+         str(tmp_path / "data"), "--leader-timeout", "20",
+         "--metrics-port", str(free_port_block(3)), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + timeout

@@ -209,8 +209,8 @@ def test_up_set_get_status_and_clean_stop(tmp_path):
 def test_up_fails_fast_when_a_node_cannot_start(tmp_path):
     port = free_port_block(3)
     started = time.monotonic()
-    result = raftcache("up", "--storage", "nope", "--port", str(port), "--data-dir",
-                       str(tmp_path / "data"), timeout=20)
+    result = raftcache("up", "--storage", "nope", "--port", str(port), "--metrics-port", "0",
+                       "--data-dir", str(tmp_path / "data"), timeout=20)
     assert time.monotonic() - started < 10
     assert result.returncode == 1
     # Which node (the first to go, or several), and why: its own last error line.
@@ -225,8 +225,9 @@ def test_up_fails_fast_when_a_node_cannot_start(tmp_path):
 def test_up_without_a_leader_in_time_exits_non_zero(tmp_path):
     config = tmp_path / "slow.toml"
     config.write_text("[raft]\ntick_ms = 60000\n")  # no election for minutes
-    result = raftcache("up", "--config", str(config), "--leader-timeout", "2", "--port",
-                       str(free_port_block(3)), "--data-dir", str(tmp_path / "data"))
+    result = raftcache("up", "--config", str(config), "--leader-timeout", "2", "--metrics-port",
+                       "0", "--port", str(free_port_block(3)), "--data-dir",
+                       str(tmp_path / "data"))
     assert result.returncode == 1
     assert f"raftcache: no leader after 2 s; see the node logs in {tmp_path}/data" in (
         result.stderr)

@@ -207,3 +207,24 @@ def test_a_node_joins_over_mutual_tls_with_a_certificate_issued_for_it(tmp_path)
             assert client.get("over-tls", consistency="stale") == b"yes"
     finally:
         c.stop()
+
+
+def test_a_founder_that_lost_its_data_is_refused_too(cluster):
+    with cluster.client(timeout=10.0) as c:
+        c.set("k", "v")
+    deadline = time.monotonic() + 10
+    with cluster.client(timeout=5.0) as c:
+        while set(c.status().joined) != {1, 2, 3}:  # marked by the leader
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    victim = next(n for n in (1, 2, 3) if n != cluster.wait_for_leader())
+    cluster.kill(victim)
+    import shutil
+
+    shutil.rmtree(config_of(cluster, victim)["node"]["data_dir"])
+    cluster.start(victim)  # the same static config: it would found the cluster again
+    assert cluster.processes[victim].wait(30) == 2
+    with open(cluster.log_path(victim)) as f:
+        log = f.read()
+    assert f"cluster.peers: node {victim} is already a member" in log
+    assert "join.toml" in log

@@ -139,6 +139,7 @@ class Node:
         self._backend_log = Throttle(self.log)
         self._wakeup = gevent.event.Event()
         self._stopped = gevent.event.Event()
+        self._bootstrapped = False  # it founds a cluster now: no Raft state before
         self.raw = self._start_raft(core, rng or random.Random(), self._open_backend(backend))
         self._sync_peers()  # the members' addresses its snapshot recorded
         self._writes: dict[int, _Pending] = {}  # log index -> waiting write
@@ -221,6 +222,7 @@ class Node:
                               self.id, self.config.node.address)
                 return core(self._raft_config(), rng)
             peers = self.config.peer_addresses()
+            self._bootstrapped = True
             self.log.info("new node: bootstrapping cluster of %s", sorted(peers))
             return core.bootstrap(self._raft_config(), rng, peers)
         self.log.info("restarting at term %d, commit %d, %d entries", hard_state.term,
@@ -235,6 +237,8 @@ class Node:
                              "this cluster", self.config.node.address)
         if self.config.cluster.join and not self._ask_join_endpoints():
             self._greenlets.append(gevent.spawn(self._keep_asking_join_endpoints))
+        elif self._bootstrapped:
+            self._check_fellow_founders()
         self.transport.serve(self)
         if self.config.node.metrics_address:
             self._metrics_server = self.stats.serve(self.config.node.metrics_address)
@@ -244,38 +248,59 @@ class Node:
                       self.config.transport.plugin, self.config.backend.plugin)
         notify(self.pm.hook.raftcache_node_started, self.log, node=self)
 
+    def _member_status(self, endpoint: str) -> api.NodeStatus | None:
+        """A member's `status` answer, or None when it does not answer."""
+        try:
+            conn = self._connect(endpoint, self.tls, 2.0)
+            try:
+                return conn.call(api.Request(op="status"), 2.0).status
+            finally:
+                conn.close()
+        except (OSError, TimeoutError) as exc:
+            self.log.info("member %s: %s", endpoint, exc)
+            return None
+
+    def _refuse_if_joined(self, status: api.NodeStatus, endpoint: str, key: str,
+                          rejoin: str) -> None:
+        """A node with no Raft state that the cluster counts as joined lost its data: it
+        could vote twice in a term it voted in before. Refused (ConfigError)."""
+        if self.id in (status.joined or ()):
+            raise self.config.fail(
+                key, f"node {self.id} is already a member of the cluster at {endpoint}, but "
+                f"its data directory {self.config.node.data_dir} holds no Raft state: it may "
+                "have voted before its data was lost, and could vote twice. Remove it first "
+                f"(raftcache member remove {self.id}), then {rejoin} and add it (raftcache "
+                f"member add {self.id} {self.config.node.address})")
+
     def _ask_join_endpoints(self) -> bool:
         """Learn where the members are from the first join endpoint that answers, so that
-        the leader's first messages can be answered; whether one did. A node with no Raft
-        state that the cluster already counts as a member is refused (ConfigError): it lost
-        its data, and could vote twice in a term it voted in before."""
+        the leader's first messages can be answered; whether one did. Refuses to start a
+        node with no Raft state that the cluster counts as joined."""
         st = self.raw.status()
         fresh = st.term == 0 and st.last_index == 0
         for endpoint in self.config.cluster.join:
-            try:
-                conn = self._connect(endpoint, self.tls, 2.0)
-                try:
-                    status = conn.call(api.Request(op="status"), 2.0).status
-                finally:
-                    conn.close()
-            except (OSError, TimeoutError) as exc:
-                self.log.info("join endpoint %s: %s", endpoint, exc)
-                continue
+            status = self._member_status(endpoint)
             if status is None:
                 continue
-            if fresh and self.id in (status.joined or ()):
-                raise self.config.fail(
-                    "cluster.join",
-                    f"node {self.id} is already a member of the cluster at {endpoint}, but its "
-                    f"data directory {self.config.node.data_dir} holds no Raft state: it may "
-                    "have voted before its data was lost, and could vote twice. Remove it "
-                    f"first (raftcache member remove {self.id}), then start it again and add "
-                    f"it (raftcache member add {self.id} {self.config.node.address})")
+            if fresh:
+                self._refuse_if_joined(status, endpoint, "cluster.join", "start it again")
             self._discovered = {int(k): v for k, v in (status.peer_addresses or {}).items()
                                 if int(k) != self.id}
             self._sync_peers()
             return True
         return False
+
+    def _check_fellow_founders(self) -> None:
+        """A founder that just bootstrapped asks the others whether it joined long ago (its
+        disk was lost). None answering is a cluster's first start: nothing to check."""
+        for node_id, endpoint in sorted(self.config.client_addresses().items()):
+            status = None if node_id == self.id else self._member_status(endpoint)
+            if status is not None:
+                self._refuse_if_joined(
+                    status, endpoint, "cluster.peers",
+                    "start it with a join config (raftcache up writes DATA_DIR/join.toml: "
+                    f"raftcache serve --config join.toml --id {self.id} --address "
+                    f"{self.config.node.address} --data-dir DIR)")
 
     def _keep_asking_join_endpoints(self) -> None:
         while not self._ask_join_endpoints():
