@@ -332,3 +332,22 @@ def test_local_cluster_runs_its_own_redis_servers(tmp_path):
         cluster.stop()
     assert len(pids) == 3 and not any(_alive(p) for p in pids)
     assert not any(s.running() for i in (1, 2, 3) for s in cluster.servers[i].values())
+
+
+def test_a_marker_from_a_newer_format_is_refused(open_storage, tmp_path):
+    import json
+
+    from raftcache.plugins.storage.redis_aof import FORMAT_VERSION
+
+    s = open_storage(1)
+    s.load()
+    s.save(HardState(term=1, vote=1), entries(1, 2), None, True)
+    marker = tmp_path / "node1" / "redis-aof.json"
+    body = json.loads(marker.read_text())
+    assert body["format"] == FORMAT_VERSION
+    assert open_storage(1).load()[0] == HardState(term=1, vote=1)  # this version reads it
+    marker.write_text(json.dumps({**body, "format": FORMAT_VERSION + 1}))
+    with pytest.raises(RedisAofError, match=f"written by a newer raftcache .redis-aof format "
+                                            f"{FORMAT_VERSION + 1}; this build reads up to "
+                                            f"{FORMAT_VERSION}"):
+        open_storage(1).load()

@@ -66,6 +66,9 @@ FORMAT = 1  # leading byte of every encoded record; bump on a layout change
 _ENTRY = struct.Struct(">BQQB")  # format, index, term, type; then the data
 _HARD = struct.Struct(">BQQQ")  # format, term, vote, commit
 MARKER = "redis-aof.json"
+# The keys' layout and record encodings, recorded in the marker: a build refuses, saying so, a
+# newer one (a rolled-back upgrade must not misread them); a marker without it is version 1.
+FORMAT_VERSION = 1
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -391,6 +394,11 @@ class RedisAofStorage:
             raise RedisAofError(f"storage redis-aof: cannot read {self.marker}: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("token"), str):
             raise RedisAofError(f"storage redis-aof: {self.marker} has no token")
+        version = data.get("format", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise RedisAofError(f"storage redis-aof: {self.marker} was written by a newer "
+                                f"raftcache (redis-aof format {version}; this build reads up "
+                                f"to {FORMAT_VERSION}): run that version or a newer one")
         return data
 
     def _write_marker(self, confirmed: bool) -> None:
@@ -399,7 +407,7 @@ class RedisAofStorage:
         private_dir(directory)
         tmp = self.marker + ".tmp"
         body = {"token": self.token, "url": self.where, "keys": f"{self.prefix}:*",
-                "confirmed": confirmed}
+                "confirmed": confirmed, "format": FORMAT_VERSION}
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(body, f)
             f.flush()
