@@ -78,12 +78,19 @@ class NodeMetrics:
         r.register(_NodeState(self))
         self._ops = frozenset(OPERATIONS)
         self._outcomes = frozenset(ERRORS)
+        # (op, outcome) -> its counter and histogram: labels() costs more than the update,
+        # and this runs for every call (bounded: the keys are the bounded label values)
+        self._children: dict[tuple[str, str], tuple] = {}
 
     def request(self, op: str, error: str | None, seconds: float) -> None:
-        op = op if op in self._ops else "unknown"
-        outcome = "ok" if error is None else error if error in self._outcomes else "other"
-        self.requests.labels(op, outcome).inc()
-        self.request_seconds.labels(op).observe(seconds)
+        key = (op if op in self._ops else "unknown",
+               "ok" if error is None else error if error in self._outcomes else "other")
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(*key),
+                                               self.request_seconds.labels(key[0]))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
