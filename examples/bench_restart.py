@@ -24,8 +24,8 @@ def main() -> int:
     import gevent
 
     from raftcache.cluster import free_port_block
-    from raftcache.core import api, config
-    from raftcache.core.node import Node
+    from raftcache.core import api
+    from raftcache.node import Node, config
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,7 +26,7 @@ import gevent
 import gevent.event
 from gevent import get_hub
 
-from raftcache.core.messages import Entry, HardState
+from raftcache.core.raft.messages import Entry, HardState
 
 VALUE = b"v" * 100  # about a small cache write
 

@@ -21,9 +21,8 @@ import time
 import gevent
 
 from raftcache.cluster import free_port_block
-from raftcache.core import config
-from raftcache.core.config import write_secret
-from raftcache.core.node import Node
+from raftcache.node import Node, config
+from raftcache.node.config import write_secret
 
 CLIENT = """
 import socket, sys

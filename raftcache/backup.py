@@ -5,7 +5,7 @@ A backup file is::
     b"RCBACKUP" | u8 format version | u32 header length | header (JSON) | image
 
 The header holds the image's log index and term, its size and SHA-256, and when it was taken;
-the image is a state machine snapshot (`raftcache.core.statemachine`, versioned itself). A
+the image is a state machine snapshot (`raftcache.core.cache.statemachine`, versioned itself). A
 reader refuses a format version newer than it knows, and an image whose checksum differs.
 
 `save` reads the image from the leader a part at a time (the `snapshot` operation): the leader
@@ -103,10 +103,10 @@ def restore(path: str, data_dir: str, nodes: int, keyring: str | None = None,
     """Seed DATA_DIR/node1..nodeN with the backup, in the `storage` plugin's format (one that
     keeps its log in the data directory); its header. Refuses a data directory that already
     holds a node's state."""
-    from raftcache.core.config import private_dir
-    from raftcache.core.messages import ConfState, HardState, Snapshot, SnapshotMeta
-    from raftcache.core.plugins import PluginError, PluginSet, make_manager
-    from raftcache.core.statemachine import SnapshotError, StateMachine
+    from raftcache.core.cache.statemachine import SnapshotError, StateMachine
+    from raftcache.core.raft.messages import ConfState, HardState, Snapshot, SnapshotMeta
+    from raftcache.node.config import private_dir
+    from raftcache.pluginapi.manager import PluginError, PluginSet, make_manager
 
     header, image = read(path)
     if nodes < 1:

@@ -36,7 +36,7 @@ def node_name(node_id: int) -> str:
 
 def tls_config(directory, name: str):
     """The TLSConfig for `name` ("node1", "client", ...) in a directory made by init_certs."""
-    from raftcache.core.hookspecs import TLSConfig
+    from raftcache.pluginapi import TLSConfig
 
     d = os.fspath(directory)
     return TLSConfig(ca=os.path.join(d, "ca.pem"), cert=os.path.join(d, f"{name}.pem"),

@@ -308,7 +308,7 @@ def _add_keys_commands(sub) -> None:
 # -- client commands ----------------------------------------------------------------------------
 def _client(args):
     from raftcache.client import Client
-    from raftcache.core.hookspecs import TLSConfig
+    from raftcache.pluginapi import TLSConfig
 
     tls = None
     if args.ca or args.cert or args.tls_key:
@@ -834,10 +834,10 @@ def serve(config_path: str, plugins=(), core=None, prepare=None, node: dict | No
 
     import gevent
 
-    from raftcache.core import config as config_mod
-    from raftcache.core.node import Node
-    from raftcache.core.plugins import make_manager
     from raftcache.core.raft import RawNode
+    from raftcache.node import Node
+    from raftcache.node import config as config_mod
+    from raftcache.pluginapi.manager import make_manager
 
     try:
         config = config_mod.load(config_path, node)

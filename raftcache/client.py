@@ -19,8 +19,8 @@ import attrs
 
 from raftcache import errors
 from raftcache.core import api, operations
-from raftcache.core.commands import MAX_TTL_MS
-from raftcache.core.hookspecs import TLSConfig
+from raftcache.core.cache.commands import MAX_TTL_MS
+from raftcache.pluginapi import TLSConfig
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7400,127.0.0.1:7401,127.0.0.1:7402"
 
@@ -48,7 +48,7 @@ class Client:
         leader holds its connections open, and would otherwise take the whole timeout); a
         write whose node gave up is retried under its session, so it applies once. None:
         one attempt may take the whole timeout."""
-        from raftcache.core.plugins import PluginSet, make_manager
+        from raftcache.pluginapi.manager import PluginSet, make_manager
 
         self.endpoints = _endpoints(endpoints)
         self.token = token

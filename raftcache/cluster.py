@@ -14,7 +14,7 @@ import time
 
 import attrs
 
-from raftcache.core.config import private_dir, write_secret
+from raftcache.node.config import private_dir, write_secret
 from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_port, free_ports
 
 # The hybrid backend as examples/hybrid/hybrid.toml configures it (sessions in memcached,
@@ -457,7 +457,7 @@ class LocalCluster:
 
         tls = self.tls_files()
         if tls and "tls" not in kwargs:
-            from raftcache.core.hookspecs import TLSConfig
+            from raftcache.pluginapi import TLSConfig
 
             kwargs["tls"] = TLSConfig(**tls)
         kwargs.setdefault("transport", self.transport)

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import attrs
 
-from raftcache.core.config import private_dir
+from raftcache.node.config import private_dir
 
 
 class ServerError(RuntimeError):

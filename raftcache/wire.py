@@ -18,7 +18,7 @@ from thriftpy2.transport import TCyBufferedTransport
 from thriftpy2.utils import serialize
 
 from raftcache.core import api
-from raftcache.core.messages import (
+from raftcache.core.raft.messages import (
     ConfState,
     Entry,
     EntryType,

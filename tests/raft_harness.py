@@ -13,7 +13,8 @@ import json
 import random
 from collections.abc import Callable, Iterable
 
-from raftcache.core.messages import (
+from raftcache.core.raft import PersistedState, RaftConfig, RawNode
+from raftcache.core.raft.messages import (
     NONE,
     ConfState,
     Entry,
@@ -27,7 +28,6 @@ from raftcache.core.messages import (
     Snapshot,
     StateRole,
 )
-from raftcache.core.raft import PersistedState, RaftConfig, RawNode
 
 Pred = Callable[[Message], bool]
 

@@ -23,11 +23,11 @@ import pluggy
 import pytest
 from local_up import up as start_up
 
-from raftcache import errors
+from raftcache import errors, pluginapi
 from raftcache.client import Client, _Session
 from raftcache.cluster import LocalCluster, free_port_block
-from raftcache.core import api, hookspecs
-from raftcache.core.commands import (
+from raftcache.core import api
+from raftcache.core.cache.commands import (
     Caller,
     Cas,
     Configure,
@@ -40,8 +40,8 @@ from raftcache.core.commands import (
     Sweep,
     encode_envelope,
 )
-from raftcache.core.plugins import entry_point_names, make_manager
-from raftcache.core.statemachine import ApplyError, Setting, StateMachine
+from raftcache.core.cache.statemachine import ApplyError, Setting, StateMachine
+from raftcache.pluginapi.manager import entry_point_names, make_manager
 from raftcache.plugins.backend.memory import MemoryBackend
 from raftcache.plugins.security import rbac, tokens
 
@@ -196,10 +196,10 @@ def test_a_node_verifies_each_token_once_in_a_bounded_cache(key, keys, monkeypat
     forged = jwt.encode({"sub": "a", "iat": 1, "grants": {"": "admin"}}, tokens.generate_key(),
                         algorithm="EdDSA", headers={"kid": next(iter(keys))})
     for _ in range(3):
-        with pytest.raises(hookspecs.Unauthorized):
+        with pytest.raises(pluginapi.Unauthorized):
             verifier.verify(forged)
     assert calls == [good, forged]  # one verification each
-    with pytest.raises(hookspecs.Unauthorized):
+    with pytest.raises(pluginapi.Unauthorized):
         verifier.verify("x" * (tokens.MAX_TOKEN_BYTES + 1))
     monkeypatch.setattr(rbac, "CACHE_SIZE", 8)
     for i in range(20):
@@ -276,8 +276,8 @@ def test_times_revocation_and_roles_come_from_stamps_and_settings():
 
 # ---- the state machine: the verdict on a write comes from the entry's stamp ---------------------
 def rbac_hook():
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
+    pm = pluggy.PluginManager(pluginapi.PROJECT)
+    pm.add_hookspecs(pluginapi.hookspecs)
     pm.register(rbac, name="rbac")
     return pm.hook.raftcache_check_command
 
@@ -801,7 +801,7 @@ def test_a_client_certificate_maps_to_a_principal_through_a_role(tmp_path, runni
     through the log), on every node and through a forwarding follower; revoking
     "cert:client" refuses it everywhere; a certificate the map does not name is refused."""
     from raftcache import certs
-    from raftcache.core.hookspecs import TLSConfig
+    from raftcache.pluginapi import TLSConfig
 
     cluster = running(LocalCluster(
         str(tmp_path), port=free_port_block(3), transport="tcp-tls", auth=True,

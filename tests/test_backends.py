@@ -11,12 +11,12 @@ import pymemcache
 import pytest
 import redis
 
-from raftcache.core.backend import make_backend
-from raftcache.core.commands import Envelope, Incr, MSet, Set, encode_envelope
-from raftcache.core.config import ConfigError
-from raftcache.core.hookspecs import BackendLost, BackendUnavailable, Change
-from raftcache.core.plugins import PluginSet, make_manager
-from raftcache.core.statemachine import StateMachine
+from raftcache.core.cache.commands import Envelope, Incr, MSet, Set, encode_envelope
+from raftcache.core.cache.statemachine import StateMachine
+from raftcache.node.backend import make_backend
+from raftcache.node.config import ConfigError
+from raftcache.pluginapi import BackendLost, BackendUnavailable, Change
+from raftcache.pluginapi.manager import PluginSet, make_manager
 from raftcache.plugins.backend.memcached import memcached_key
 from raftcache.plugins.backend.memory import PER_KEY_OVERHEAD, MemoryBackend
 from raftcache.servers import MemcachedServer, RedisServer

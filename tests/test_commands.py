@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from raftcache.core.commands import (
+from raftcache.core.cache.commands import (
     FORMAT_VERSION,
     Caller,
     Cas,

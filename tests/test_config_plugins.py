@@ -2,8 +2,9 @@
 
 import pytest
 
-from raftcache.core import config, hookspecs
-from raftcache.core.plugins import PluginError, PluginSet, entry_point_names, make_manager
+from raftcache import pluginapi
+from raftcache.node import config
+from raftcache.pluginapi.manager import PluginError, PluginSet, entry_point_names, make_manager
 
 GOOD = """
 [node]
@@ -115,9 +116,9 @@ def test_unknown_name_lists_known_ones():
 
 
 class _Dupe:
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_backends(self):
-        yield hookspecs.BackendProvider("memory", lambda node_id, options: None)
+        yield pluginapi.BackendProvider("memory", lambda node_id, options: None)
 
 
 def test_duplicate_names_fail_loudly():

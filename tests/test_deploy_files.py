@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from raftcache import cli
-from raftcache.core import config as config_mod
-from raftcache.core.hookspecs import TLSConfig
+from raftcache.node import config as config_mod
+from raftcache.pluginapi import TLSConfig
 from raftcache.plugins.security.encryption import make_keyring, read_keyring
 from raftcache.plugins.transport.common import tls_context
 

@@ -22,10 +22,10 @@ import redis
 from raftcache import errors
 from raftcache.client import Client
 from raftcache.cluster import LocalCluster, free_port_block, to_toml
-from raftcache.core.backend import PlaintextBackend
-from raftcache.core.config import private_dir
-from raftcache.core.hookspecs import Setting, ValueCodecError
-from raftcache.core.statemachine import ApplyError, StateMachine
+from raftcache.core.cache.statemachine import ApplyError, StateMachine
+from raftcache.node.backend import PlaintextBackend
+from raftcache.node.config import private_dir
+from raftcache.pluginapi import Setting, ValueCodecError
 from raftcache.plugins.backend.memory import MemoryBackend
 from raftcache.plugins.security.encryption import (
     OVERHEAD,
@@ -125,7 +125,7 @@ def test_rotation_seals_new_values_with_the_new_key_and_old_ones_still_open():
 
 
 def test_a_data_key_is_written_once():
-    from raftcache.core.commands import Configure
+    from raftcache.core.cache.commands import Configure
     from raftcache.plugins.security.encryption import raftcache_check_command
 
     settings = {"keys.1": Setting(b"wrapped", 0, 5), "revoked.bob": Setting(b"", 0, 6)}
@@ -145,7 +145,7 @@ def test_a_route_that_opted_out_stores_plaintext():
 def test_incr_on_a_value_altered_in_this_replicas_backend_is_a_miss_not_a_crash():
     codec = codec_with()
     sm = StateMachine(MemoryBackend(), codecs=[codec])
-    from raftcache.core.commands import Envelope, Incr, Set, encode_envelope
+    from raftcache.core.cache.commands import Envelope, Incr, Set, encode_envelope
 
     sm.apply(1, encode_envelope(Envelope(Set(b"n", codec.encode(b"n", b"41")), stamp_ms=1)))
     assert sm.apply(2, encode_envelope(Envelope(Incr(b"n", 1), stamp_ms=2))) == 42
@@ -294,9 +294,9 @@ def test_a_route_that_opted_out_stores_plaintext_there_and_the_node_says_so(tmp_
 
 
 def test_encrypt_values_must_be_a_boolean():
-    from raftcache.core.backend import make_backend
-    from raftcache.core.config import ConfigError
-    from raftcache.core.plugins import PluginSet, make_manager
+    from raftcache.node.backend import make_backend
+    from raftcache.node.config import ConfigError
+    from raftcache.pluginapi.manager import PluginSet, make_manager
 
     plugins = PluginSet(make_manager())
     plaintext: list = []
@@ -607,7 +607,7 @@ def test_everything_a_cluster_creates_is_owner_only(tmp_path, storage, backend):
 
 
 def test_file_wal_dirs_are_0700_and_files_0600_whatever_the_umask(tmp_path):
-    from raftcache.core.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
+    from raftcache.core.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
     from raftcache.plugins.storage.file_wal import FileWALStorage
 
     old = os.umask(0o022)

@@ -22,10 +22,10 @@ from thriftpy2.thrift import TMessageType, TProcessor
 from raftcache import wire
 from raftcache.cluster import LocalCluster, free_port_block
 from raftcache.core import api
-from raftcache.core.config import read_secret
-from raftcache.core.hookspecs import TLSConfig
-from raftcache.core.messages import MAX_TERM, Entry, Message, MsgType
 from raftcache.core.operations import OPERATIONS
+from raftcache.core.raft.messages import MAX_TERM, Entry, Message, MsgType
+from raftcache.node.config import read_secret
+from raftcache.pluginapi import TLSConfig
 from raftcache.plugins.transport import tcp_tls, thrift
 from raftcache.plugins.transport.common import tls_handshake
 from raftcache.testing import fuzz

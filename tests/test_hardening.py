@@ -22,9 +22,9 @@ from raftcache import errors, wire
 from raftcache.client import _Session
 from raftcache.cluster import LocalCluster, free_port_block
 from raftcache.core import api
-from raftcache.core.commands import MAX_TTL_MS, Envelope, Set, encode_envelope
-from raftcache.core.config import read_secret
-from raftcache.core.messages import Entry, Message, MsgType
+from raftcache.core.cache.commands import MAX_TTL_MS, Envelope, Set, encode_envelope
+from raftcache.core.raft.messages import Entry, Message, MsgType
+from raftcache.node.config import read_secret
 from raftcache.plugins.transport import thrift
 
 I64_MAX = 2**63 - 1

@@ -1,6 +1,6 @@
 """What a buggy or hostile peer can send, at the boundary and in the core.
 
-`raftcache.core.validate` drops what is malformed or out of range before the core sees it; the
+`raftcache.core.raft.validate` drops what is malformed or out of range before the core sees it; the
 core ignores what is well formed but impossible (a TimeoutNow from a non-leader, an echo of a
 tick never sent, an acknowledgement of entries never sent, a snapshot image its state machine
 would refuse). A property test then drives a node with arbitrary messages, as the gevent node
@@ -18,8 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raft_harness import Network
 
-from raftcache.core.commands import Envelope, Set, encode_envelope
-from raftcache.core.messages import (
+from raftcache.core.cache.commands import Envelope, Set, encode_envelope
+from raftcache.core.cache.statemachine import StateMachine, check_snapshot
+from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
+from raftcache.core.raft.messages import (
     MAX_INDEX,
     MAX_TERM,
     ConfChange,
@@ -34,9 +36,7 @@ from raftcache.core.messages import (
     SnapshotMeta,
     StateRole,
 )
-from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
-from raftcache.core.statemachine import StateMachine, check_snapshot
-from raftcache.core.validate import peer_message_problem
+from raftcache.core.raft.validate import peer_message_problem
 from raftcache.plugins.backend.memory import MemoryBackend
 from raftcache.plugins.storage import redis_aof
 from raftcache.plugins.storage.file_wal import FileWALStorage

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from raftcache import errors
 from raftcache.cluster import LocalCluster, free_port_block
-from raftcache.core.metrics import NodeMetrics
+from raftcache.node.metrics import NodeMetrics
 
 NAMES = {  # what examples/grafana/raftcache.json and alerting rules use
     "raftcache_requests_total", "raftcache_request_duration_seconds",

@@ -3,10 +3,11 @@
 import gevent
 import pytest
 
+from raftcache import pluginapi
 from raftcache.cluster import free_port_block
-from raftcache.core import api, config, hookspecs
-from raftcache.core.node import Node
-from raftcache.core.plugins import make_manager
+from raftcache.core import api
+from raftcache.node import Node, config
+from raftcache.pluginapi.manager import make_manager
 
 
 class Recorder:
@@ -15,34 +16,34 @@ class Recorder:
     def __init__(self):
         self.events = []
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_node_started(self, node):
         self.events.append(("started", node.id))
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_node_stopping(self, node):
         self.events.append(("stopping", node.id))
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_role_changed(self, node, role, term, leader):
         self.events.append(("role", role, term, leader))
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_check_command(self, command, identity, stamp_ms):
         key = getattr(command, "key", b"")
         if key.startswith(b"secret/"):
             return "writes under secret/ are not allowed"
         return None
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_snapshot_taken(self, node, index, size):
         self.events.append(("snapshot", index))
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_value_codecs(self):
         yield Reverser()
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_metrics(self, node, metrics):
         metrics["recorder_events"] = len(self.events)
 
@@ -211,7 +212,7 @@ def test_metrics_hook_extends_metrics(node_and_plugin):
 def test_not_leader_hints_and_status_name_client_addresses(tmp_path):
     """When peers are reached through relays or proxies, clients must still be told where a
     node really is (cluster.client_addresses), never the peer route."""
-    from raftcache.core.messages import Message, MsgType
+    from raftcache.core.raft.messages import Message, MsgType
 
     port = free_port_block(1)
     me = f"127.0.0.1:{port}"

@@ -9,12 +9,13 @@ import collections
 import gevent
 import pytest
 
+from raftcache import pluginapi
 from raftcache.client import Client
 from raftcache.cluster import free_port_block
-from raftcache.core import api, config, hookspecs
-from raftcache.core.config import write_secret
-from raftcache.core.node import Node
-from raftcache.core.plugins import make_manager
+from raftcache.core import api
+from raftcache.node import Node, config
+from raftcache.node.config import write_secret
+from raftcache.pluginapi.manager import make_manager
 
 OBSERVERS = ("raftcache_node_started", "raftcache_node_stopping", "raftcache_role_changed",
              "raftcache_snapshot_taken", "raftcache_snapshot_installed", "raftcache_metrics")
@@ -30,27 +31,27 @@ class Raiser:
         self.calls[name] += 1
         raise RuntimeError(f"{name} is broken")
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_node_started(self, node):
         self._boom("raftcache_node_started")
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_node_stopping(self, node):
         self._boom("raftcache_node_stopping")
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_role_changed(self, role):
         self._boom("raftcache_role_changed")
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_snapshot_taken(self, node, index):
         self._boom("raftcache_snapshot_taken")
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_snapshot_installed(self, index):
         self._boom("raftcache_snapshot_installed")
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_metrics(self, metrics):
         self._boom("raftcache_metrics")
 
@@ -61,7 +62,7 @@ class Counter:
     def __init__(self):
         self.calls = collections.Counter()
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_role_changed(self):
         self.calls["raftcache_role_changed"] += 1
 
@@ -134,9 +135,10 @@ def test_a_plugin_whose_every_observer_raises_cannot_stop_a_node(tmp_path):
 
 def test_the_protection_has_teeth(tmp_path, monkeypatch):
     # Without the helper (pluggy's own call), the first broken observer stops start-up.
-    from raftcache.core import node as node_module
+    from raftcache.node import host as node_module
 
-    monkeypatch.setattr(node_module, "notify", lambda hook, logger, **kw: hook(**kw))
+    monkeypatch.setattr(node_module, "notify",
+                        lambda pm, name, logger, **kw: getattr(pm.hook, name)(**kw))
     cfg = _configs(tmp_path, n=1)[0]
     node = Node(cfg, pm=make_manager(extra=[Raiser()]))
     try:
@@ -151,7 +153,7 @@ class Veto:
     def __init__(self, name, reason):
         self.name, self.reason, self.asked = name, reason, 0
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_check_command(self, command):
         self.asked += 1
         return self.reason
@@ -161,7 +163,7 @@ class Prefix:
     def __init__(self, tag: bytes):
         self.tag = tag
 
-    @hookspecs.hookimpl
+    @pluginapi.hookimpl
     def raftcache_value_codecs(self):
         yield self
 

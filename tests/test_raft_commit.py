@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from raft_harness import Network, log_of
 
-from raftcache.core.messages import Entry, EntryType, Message, MsgType, StateRole
+from raftcache.core.raft.messages import Entry, EntryType, Message, MsgType, StateRole
 
 FIG7 = {
     # Index 1 is the bootstrap membership entry (term 1), standing in for the figure's index 1.

@@ -7,8 +7,8 @@ import random
 import pytest
 from raft_harness import Network
 
-from raftcache.core.messages import NONE, EntryType, Message, MsgType, StateRole
 from raftcache.core.raft import RaftConfig, RawNode, ReadOnlyOption
+from raftcache.core.raft.messages import NONE, EntryType, Message, MsgType, StateRole
 from raftcache.testing import mutants
 
 ET = 10  # the default election_tick

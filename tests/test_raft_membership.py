@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from raft_harness import Network, log_of
 
-from raftcache.core.messages import (
+from raftcache.core.raft import RawNode
+from raftcache.core.raft.messages import (
     ConfChange,
     ConfChangeSingle,
     ConfChangeType,
@@ -15,7 +16,6 @@ from raftcache.core.messages import (
     ProposalRefused,
     StateRole,
 )
-from raftcache.core.raft import RawNode
 
 ET = 10
 ADD, REMOVE, LEARNER = (

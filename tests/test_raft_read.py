@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from raft_harness import Network
 
-from raftcache.core.messages import NONE, MsgType, NotLeader, ReadState, StateRole
 from raftcache.core.raft import RaftConfig, ReadOnlyOption
+from raftcache.core.raft.messages import NONE, MsgType, NotLeader, ReadState, StateRole
 
 ET = 10
 LEASE = {"read_only": ReadOnlyOption.LEASE}

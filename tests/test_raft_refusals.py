@@ -7,7 +7,8 @@ import random
 import pytest
 from raft_harness import Network
 
-from raftcache.core.messages import (
+from raftcache.core.raft import RaftConfig, RawNode
+from raftcache.core.raft.messages import (
     NONE,
     ConfChangeSingle,
     ConfChangeType,
@@ -17,7 +18,6 @@ from raftcache.core.messages import (
     ProposalRefused,
     StateRole,
 )
-from raftcache.core.raft import RaftConfig, RawNode
 
 ET = 10
 

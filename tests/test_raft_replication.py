@@ -6,9 +6,9 @@ import random
 
 from raft_harness import MemStorage, Network, entry, log_of
 
-from raftcache.core.messages import Message, MsgType, StateRole
-from raftcache.core.progress import ProgressState
 from raftcache.core.raft import RaftConfig, RawNode
+from raftcache.core.raft.messages import Message, MsgType, StateRole
+from raftcache.core.raft.progress import ProgressState
 
 ET = 10
 

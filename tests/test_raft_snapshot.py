@@ -7,7 +7,8 @@ import random
 
 from raft_harness import Network, StateMachine, log_of
 
-from raftcache.core.messages import (
+from raftcache.core.raft import RaftConfig, RawNode
+from raftcache.core.raft.messages import (
     ConfChange,
     ConfChangeSingle,
     ConfChangeType,
@@ -19,8 +20,7 @@ from raftcache.core.messages import (
     Snapshot,
     SnapshotMeta,
 )
-from raftcache.core.progress import ProgressState
-from raftcache.core.raft import RaftConfig, RawNode
+from raftcache.core.raft.progress import ProgressState
 
 ET = 10
 CHUNK = 64

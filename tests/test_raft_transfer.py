@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from raft_harness import Network
 
-from raftcache.core.messages import (
+from raftcache.core.raft.messages import (
     NONE,
     ConfChangeSingle,
     ConfChangeType,

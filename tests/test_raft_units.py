@@ -7,11 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from raft_harness import entry
 
-from raftcache.core import quorum
-from raftcache.core.log import LogError, RaftLog
-from raftcache.core.messages import ConfState, Snapshot, SnapshotMeta
-from raftcache.core.progress import Progress, ProgressState
-from raftcache.core.quorum import VoteResult
+from raftcache.core.raft import quorum
+from raftcache.core.raft.log import LogError, RaftLog
+from raftcache.core.raft.messages import ConfState, Snapshot, SnapshotMeta
+from raftcache.core.raft.progress import Progress, ProgressState
+from raftcache.core.raft.quorum import VoteResult
 
 
 def fs(*xs):

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from raftcache.core.messages import Entry, HardState
-from raftcache.core.plugins import PluginSet, entry_point_names, make_manager
+from raftcache.core.raft.messages import Entry, HardState
+from raftcache.pluginapi.manager import PluginSet, entry_point_names, make_manager
 from raftcache.testing import slow_disk
 from raftcache.testing.slow_disk import set_delay
 

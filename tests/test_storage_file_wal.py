@@ -13,8 +13,15 @@ import time
 
 import pytest
 
-from raftcache.core.messages import ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMeta
-from raftcache.core.plugins import PluginSet, make_manager
+from raftcache.core.raft.messages import (
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Snapshot,
+    SnapshotMeta,
+)
+from raftcache.pluginapi.manager import PluginSet, make_manager
 from raftcache.plugins.storage import file_wal
 from raftcache.plugins.storage.file_wal import FileWALStorage, WALCorruption
 
@@ -477,7 +484,7 @@ def _last_index(path):
 # ------------------------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import random, sys
-    from raftcache.core.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
+    from raftcache.core.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
     from raftcache.plugins.storage.file_wal import FileWALStorage
 
     rng = random.Random(int(sys.argv[2]))
@@ -587,8 +594,8 @@ def test_a_node_on_file_wal_keeps_its_data_across_a_restart(tmp_path):
     import gevent
 
     from raftcache.cluster import free_port_block
-    from raftcache.core import api, config
-    from raftcache.core.node import Node
+    from raftcache.core import api
+    from raftcache.node import Node, config
 
     address = f"127.0.0.1:{free_port_block(1)}"
     cfg = config.parse({

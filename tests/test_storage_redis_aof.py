@@ -11,8 +11,7 @@ import pytest
 import redis
 
 from raftcache.cluster import LocalCluster, free_port_block
-from raftcache.core.config import ConfigError
-from raftcache.core.messages import (
+from raftcache.core.raft.messages import (
     ConfState,
     Entry,
     EntryType,
@@ -20,6 +19,7 @@ from raftcache.core.messages import (
     Snapshot,
     SnapshotMeta,
 )
+from raftcache.node.config import ConfigError
 from raftcache.plugins.storage.redis_aof import RedisAofError, RedisAofStorage
 from raftcache.servers import RedisServer
 
@@ -59,7 +59,7 @@ def snapshot(index, term=1, data=b"image"):
 
 
 def test_plugin_is_found_by_name():
-    from raftcache.core.plugins import PluginSet, make_manager
+    from raftcache.pluginapi.manager import PluginSet, make_manager
 
     assert PluginSet(make_manager()).get("storage", "redis-aof").factory is RedisAofStorage
 
@@ -259,7 +259,7 @@ def test_usable_from_the_gevent_threadpool(server, tmp_path):
     code = f"""
 from gevent import monkey; monkey.patch_all()
 import sys, time, gevent
-from raftcache.core.messages import Entry, HardState
+from raftcache.core.raft.messages import Entry, HardState
 from raftcache.plugins.storage.redis_aof import RedisAofStorage
 s = RedisAofStorage(1, {str(tmp_path / 'n1')!r}, {{"url": {server.url!r}}})
 s.load()

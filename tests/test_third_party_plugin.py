@@ -23,7 +23,7 @@ def installed_example():
 
 
 def test_cluster_runs_on_a_pip_installed_plugin(tmp_path, installed_example):
-    from raftcache.core.plugins import PluginSet, entry_point_names, make_manager
+    from raftcache.pluginapi.manager import PluginSet, entry_point_names, make_manager
 
     assert "audit-log" in entry_point_names()
     assert "audit-memory" in PluginSet(make_manager()).names("backend")

@@ -17,11 +17,11 @@ import pytest
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
-from raftcache import certs, wire
-from raftcache.core import api, hookspecs
-from raftcache.core.hookspecs import TLSConfig
-from raftcache.core.messages import Message, MsgType
-from raftcache.core.plugins import PluginSet
+from raftcache import certs, pluginapi, wire
+from raftcache.core import api
+from raftcache.core.raft.messages import Message, MsgType
+from raftcache.pluginapi import TLSConfig
+from raftcache.pluginapi.manager import PluginSet
 from raftcache.plugins.transport import tcp_tls
 from raftcache.plugins.transport.tcp_tls import PEER, REQUEST, pack_frame
 
@@ -515,8 +515,8 @@ def test_bad_options_and_files_are_named(pki, tmp_path):
 
 
 def test_the_plugin_provides_tcp_tls():
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
+    pm = pluggy.PluginManager(pluginapi.PROJECT)
+    pm.add_hookspecs(pluginapi.hookspecs)
     pm.register(tcp_tls, name="tcp-tls")
     provider = PluginSet(pm).get("transport", "tcp-tls")
     assert provider.server is tcp_tls.server and provider.connect is tcp_tls.connect

@@ -21,8 +21,8 @@ from thriftpy2.transport import TCyFramedTransportFactory
 
 from raftcache import certs, wire
 from raftcache.core import api
-from raftcache.core.messages import ConfState, Entry, Message, MsgType, SnapshotMeta
-from raftcache.core.plugins import PluginSet, make_manager
+from raftcache.core.raft.messages import ConfState, Entry, Message, MsgType, SnapshotMeta
+from raftcache.pluginapi.manager import PluginSet, make_manager
 from raftcache.plugins.transport import thrift
 
 WAIT = 5.0  # generous, bounded: every wait in this file ends by then

@@ -509,7 +509,7 @@ class Target:
         if self.kind != "raftcache":
             return None
         from raftcache.client import Client
-        from raftcache.core.hookspecs import TLSConfig
+        from raftcache.pluginapi import TLSConfig
 
         spec = self.spec
         tls = TLSConfig(**spec["tls"]) if spec.get("tls") else None

@@ -35,7 +35,7 @@ def connect(target: dict, clients: int, value: bytes) -> tuple[Callable, Callabl
     kind, address = target["kind"], target["address"]
     if kind == "raftcache":
         from raftcache.client import Client
-        from raftcache.core.hookspecs import TLSConfig
+        from raftcache.pluginapi import TLSConfig
 
         tls = TLSConfig(**target["tls"]) if target.get("tls") else None
         c = Client(address, token=target.get("token"), tls=tls, timeout=10.0,

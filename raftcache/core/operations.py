@@ -18,8 +18,8 @@ from typing import Protocol
 
 import attrs
 
-from . import commands
 from .api import Request
+from .cache import commands
 
 
 class BadRequest(Exception):

@@ -4,7 +4,7 @@ with one that is wrong in one way and right in every other."""
 
 from __future__ import annotations
 
-from raftcache.core.hookspecs import Unauthorized, hookimpl
+from raftcache.pluginapi import Unauthorized, hookimpl
 from raftcache.plugins.security import rbac
 
 
@@ -31,7 +31,7 @@ class _RBAC:
                 raise Unauthorized("this cluster requires a token")
             return None
         caller = rbac._verifier(node).verify(token)
-        reason = rbac.validity(caller, self.now(node, node._stamp()), None)
+        reason = rbac.validity(caller, self.now(node, node.now_ms()), None)
         if reason:
             raise Unauthorized(reason)
         return caller
@@ -62,18 +62,22 @@ class IgnoresRevocation(_RBAC):
 class LocalClock(_RBAC):
     """Judges a token's times by this node's own clock instead of the replicated stamps."""
 
+    def __init__(self, clock):
+        self.clock = clock  # the node's wall clock (hooks see only its cluster time)
+
     def now(self, node, stamp_ms: int) -> int:
-        return int(node.clock() * 1000)
+        return int(self.clock() * 1000)
 
 
-def _swap(broken: _RBAC):
+def _swap(make_broken):
+    """A node mutant: the node's rbac plugin replaced by `make_broken(the node)`."""
     def mutate(node) -> None:
         node.pm.unregister(name="rbac")
-        node.pm.register(broken, name="rbac-mutant")
+        node.pm.register(make_broken(node), name="rbac-mutant")
     return mutate
 
 
 AUTH_MUTANTS = {
-    "rbac-ignores-revocation": _swap(IgnoresRevocation()),
-    "rbac-local-clock": _swap(LocalClock()),
+    "rbac-ignores-revocation": _swap(lambda node: IgnoresRevocation()),
+    "rbac-local-clock": _swap(lambda node: LocalClock(lambda: node.clock())),
 }

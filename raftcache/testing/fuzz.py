@@ -52,7 +52,7 @@ def _request_seeds():
 
 
 def _messages():
-    from raftcache.core.messages import ConfState, Entry, Message, MsgType, SnapshotMeta
+    from raftcache.core.raft.messages import ConfState, Entry, Message, MsgType, SnapshotMeta
 
     meta = SnapshotMeta(9, 2, ConfState(frozenset({1, 2, 3}), learners=frozenset({4})))
     return [
@@ -97,7 +97,7 @@ def _tcp_tls_seeds():
 
 
 def _envelope_seeds():
-    from raftcache.core import commands as c
+    from raftcache.core.cache import commands as c
 
     return [c.encode_envelope(e) for e in (
         c.Envelope(c.Set(b"k", b"v", 100), "client", 4, None, 1000),
@@ -111,7 +111,7 @@ def _envelope_seeds():
 
 
 def _sm_snapshot_seeds():
-    from raftcache.core.statemachine import StateMachine
+    from raftcache.core.cache.statemachine import StateMachine
     from raftcache.plugins.backend.memory import MemoryBackend
 
     sm = StateMachine(MemoryBackend())
@@ -121,7 +121,7 @@ def _sm_snapshot_seeds():
 
 
 def _wal_snapshot_seeds():
-    from raftcache.core.messages import ConfState, Snapshot, SnapshotMeta
+    from raftcache.core.raft.messages import ConfState, Snapshot, SnapshotMeta
     from raftcache.plugins.storage import file_wal
 
     meta = SnapshotMeta(9, 2, ConfState(frozenset({1, 2, 3}), learners=frozenset({4})))
@@ -129,7 +129,7 @@ def _wal_snapshot_seeds():
 
 
 def _wal_segment_seeds():
-    from raftcache.core.messages import Entry, HardState
+    from raftcache.core.raft.messages import Entry, HardState
     from raftcache.plugins.storage.file_wal import FileWALStorage
 
     with tempfile.TemporaryDirectory() as d:
@@ -154,7 +154,7 @@ def _config_seeds():
 
 
 def _aof_seeds():
-    from raftcache.core.messages import ConfState, Entry, HardState, SnapshotMeta
+    from raftcache.core.raft.messages import ConfState, Entry, HardState, SnapshotMeta
     from raftcache.plugins.storage import redis_aof
 
     return [redis_aof.encode_entry(Entry(3, 9, data=b"x")),
@@ -176,7 +176,7 @@ def client_request(data: bytes) -> None:
 @target("raft-batch", _batch_seeds)
 def raft_batch(data: bytes) -> None:
     from raftcache import wire
-    from raftcache.core.validate import peer_message_problem
+    from raftcache.core.raft.validate import peer_message_problem
 
     try:
         messages = wire.batch_from_wire(wire.decode(wire.RaftBatch, data))
@@ -237,8 +237,8 @@ def tcp_tls_frames(data: bytes) -> None:
 
 @target("envelope", _envelope_seeds)
 def envelope(data: bytes) -> None:
-    from raftcache.core import commands
-    from raftcache.core.statemachine import StateMachine
+    from raftcache.core.cache import commands
+    from raftcache.core.cache.statemachine import StateMachine
     from raftcache.plugins.backend.memory import MemoryBackend
 
     try:
@@ -253,7 +253,7 @@ def envelope(data: bytes) -> None:
 
 @target("state-machine-snapshot", _sm_snapshot_seeds)
 def state_machine_snapshot(data: bytes) -> None:
-    from raftcache.core.statemachine import SnapshotError, StateMachine
+    from raftcache.core.cache.statemachine import SnapshotError, StateMachine
     from raftcache.plugins.backend.memory import MemoryBackend
 
     sm = StateMachine(MemoryBackend())
@@ -265,7 +265,7 @@ def state_machine_snapshot(data: bytes) -> None:
 
 
 def _restores_unchanged(sm) -> None:
-    from raftcache.core.statemachine import StateMachine
+    from raftcache.core.cache.statemachine import StateMachine
     from raftcache.plugins.backend.memory import MemoryBackend
 
     image = sm.snapshot()
@@ -314,7 +314,7 @@ def wal_segment(data: bytes) -> None:
 def config_file(data: bytes) -> None:
     import tomllib
 
-    from raftcache.core import config
+    from raftcache.node import config
 
     try:
         parsed = tomllib.loads(data.decode("utf-8", "replace"))

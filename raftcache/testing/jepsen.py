@@ -744,7 +744,7 @@ class Run:
         """A client of the cluster; with --auth it carries the workload's token (reads and
         writes on every key), or the admin token (the nemesis' membership changes)."""
         from raftcache.client import Client
-        from raftcache.core.hookspecs import TLSConfig
+        from raftcache.pluginapi import TLSConfig
 
         tls = self.cluster.tls_files()
         return Client(endpoints or self.cluster.endpoints(), timeout=timeout or self.opts.op_timeout,

@@ -67,7 +67,8 @@ def report_writes_failed(node) -> None:
     """A node that answers "surely not applied" (Unavailable) for some writes it did apply: the
     RedisRaft "aborted read". Chosen by (client id, sequence), so client retries are refused
     too and the client ends up reporting the write as failed."""
-    from raftcache.core import api, commands
+    from raftcache.core import api
+    from raftcache.core.cache import commands
 
     apply = node._apply
 
@@ -95,7 +96,7 @@ def ignore_backend_loss(node) -> None:
     """A node that does not notice its Redis restarted empty (the bookkeeping check gone): it
     carries on over the empty server instead of rebuilding it, so every value it held and
     nobody rewrote since reads as not found there. On a hybrid backend, its Redis routes."""
-    from raftcache.core.hookspecs import BackendLost
+    from raftcache.pluginapi import BackendLost
     from raftcache.plugins.backend.redis import RedisBackend
 
     def adopting(backend: RedisBackend, call):
@@ -132,7 +133,7 @@ def memcached_skips_sets(node) -> None:
             b.apply = skipping(b.apply)
 
 
-# Node mutants patch a running raftcache.core.node.Node.
+# Node mutants patch a running raftcache.node.Node.
 NODE_MUTANTS = {
     "report-writes-failed": report_writes_failed,
     "ignore-backend-loss": ignore_backend_loss,

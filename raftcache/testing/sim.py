@@ -26,8 +26,8 @@ from collections import deque
 
 import attrs
 
-from raftcache.core import quorum
-from raftcache.core.messages import (
+from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption, quorum
+from raftcache.core.raft.messages import (
     ConfChangeSingle,
     ConfChangeType,
     EntryType,
@@ -38,7 +38,6 @@ from raftcache.core.messages import (
     Snapshot,
     StateRole,
 )
-from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
 from raftcache.testing.history import History
 from raftcache.testing.mutants import MUTANTS
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 
-from raftcache.core.hookspecs import StorageProvider, hookimpl
+from raftcache.pluginapi import StorageProvider, hookimpl
 
 CONTROL_FILE = "slow-disk"
 _CHECK_EVERY = 0.05  # seconds between looks at the control file
@@ -40,7 +40,7 @@ class SlowDisk:
     blocking = True  # durable saves go to the threadpool, so the stall never blocks the hub
 
     def __init__(self, node_id: int, data_dir: str, options: dict | None = None):
-        from raftcache.core.plugins import PluginSet, make_manager
+        from raftcache.pluginapi.manager import PluginSet, make_manager
 
         options = dict(options or {})
         inner = options.pop("inner", "file-wal")

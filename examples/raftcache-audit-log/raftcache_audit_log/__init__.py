@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from raftcache.core.hookspecs import BackendProvider, hookimpl
+from raftcache.pluginapi import BackendProvider, hookimpl
 
 log = logging.getLogger("raftcache_audit_log")
 

@@ -37,8 +37,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Sequence
 
-from raftcache.core.config import ConfigError
-from raftcache.core.hookspecs import Backend, BackendProvider, Change, hookimpl
+from raftcache.pluginapi import Backend, BackendProvider, Change, ConfigError, hookimpl
 
 _GLOB = re.compile(r"[*?\[]")
 

@@ -38,8 +38,15 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
-from raftcache.core.config import OptionError, parse_options, positive
-from raftcache.core.hookspecs import BackendProvider, BackendUnavailable, Change, hookimpl
+from raftcache.pluginapi import (
+    BackendProvider,
+    BackendUnavailable,
+    Change,
+    OptionError,
+    hookimpl,
+    parse_options,
+    positive,
+)
 
 RESERVED = b"__raftcache__:"
 MAX_KEY = 250

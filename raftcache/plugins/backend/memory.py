@@ -23,8 +23,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from raftcache.core.config import OptionError, parse_options
-from raftcache.core.hookspecs import BackendProvider, Change, hookimpl
+from raftcache.pluginapi import BackendProvider, Change, OptionError, hookimpl, parse_options
 
 # Measured (tests/test_backend_memory.py checks it against tracemalloc): the OrderedDict entry
 # and the key's and value's bytes headers here, plus the catalog's dict entry and KeyMeta.

@@ -36,19 +36,17 @@ from collections.abc import Iterable, Sequence
 import attrs
 import redis
 
-from raftcache.core.config import (
-    ConfigError,
-    OptionError,
-    parse_options,
-    positive,
-    redact_url,
-)
-from raftcache.core.hookspecs import (
+from raftcache.pluginapi import (
     BackendLost,
     BackendProvider,
     BackendUnavailable,
     Change,
+    ConfigError,
+    OptionError,
     hookimpl,
+    parse_options,
+    positive,
+    redact_url,
 )
 
 log = logging.getLogger("raftcache.backend.redis")

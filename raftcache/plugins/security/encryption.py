@@ -32,15 +32,24 @@ import os
 import struct
 import weakref
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from raftcache.core.config import Config, ConfigError
-from raftcache.core.hookspecs import Configure, ValueCodecError, hookimpl
-from raftcache.core.statemachine import decode_value, encode_value
+from raftcache.core.cache.statemachine import decode_value, encode_value
+from raftcache.pluginapi import (
+    BackendUnavailable,
+    ConfigError,
+    Configure,
+    ValueCodecError,
+    hookimpl,
+)
+
+if TYPE_CHECKING:
+    from raftcache.node.config import Config
 
 KEYRING_FORMAT = "raftcache-keyring"
 KEYRING_VERSION = 1
@@ -157,7 +166,7 @@ def data_key_ids(settings: Mapping) -> list[int]:
 class EncryptionCodec:
     """Seals values with the active data key; opens them with the key their blob names.
 
-    `settings()` returns the replicated settings (``node.sm.settings``) where wrapped data keys
+    `settings()` returns the replicated settings (``node.settings``) where wrapped data keys
     live; `plaintext(key)`, when given, says whether `key`'s backend route opted out.
     """
 
@@ -273,13 +282,7 @@ def enabled(config: Config) -> bool:
 
 
 def _plaintext_lookup(node) -> Callable[[bytes], bool] | None:
-    if not node.plaintext_routes:
-        return None
-
-    def plaintext(key: bytes) -> bool:
-        asks = getattr(node.sm.backend, "stores_plaintext", None)
-        return bool(asks is not None and asks(key))
-    return plaintext
+    return node.stores_plaintext if node.plaintext_routes else None
 
 
 @hookimpl
@@ -287,7 +290,7 @@ def raftcache_value_codecs(node):
     if not enabled(node.config):
         return ()
     keyring = read_keyring(node.config.encryption.keyring, node.config)
-    codec = EncryptionCodec(keyring, lambda: node.sm.settings, _plaintext_lookup(node))
+    codec = EncryptionCodec(keyring, lambda: node.settings, _plaintext_lookup(node))
     _CODECS[node] = codec
     if node.plaintext_routes:
         node.log.warning("encryption at rest: values routed to %s are stored in plaintext "
@@ -346,7 +349,7 @@ def raftcache_admin(node, action, args):
         if args:
             raise ValueError("keys-rotate takes no arguments")
         active = codec.active_id()
-        new_id = data_key_ids(node.sm.settings)[-1] + 1
+        new_id = data_key_ids(node.settings)[-1] + 1
         if new_id > MAX_KEY_ID:
             raise ValueError("no data key id left")
         wrapped = codec.wrap(new_id, os.urandom(32))
@@ -365,10 +368,10 @@ def _read(node, keys) -> list:
     """(stored blob, version) or None for each key, read between apply batches like a client
     read (a blob read while a batch is half applied could pair a new version with an old
     value, and a Reseal of that would bring the old value back)."""
-    found = node._read_local(keys)
-    if not isinstance(found, list):  # an error Response: the backend is down or catching up
-        raise RuntimeError(f"cannot read the stored values: {found.error}: {found.reason}")
-    return found
+    try:
+        return node.read_settled(keys)
+    except BackendUnavailable as exc:  # the backend is down or catching up
+        raise RuntimeError(f"cannot read the stored values: {exc}") from None
 
 
 def _layers(node, codec: EncryptionCodec):
@@ -380,16 +383,16 @@ def _layers(node, codec: EncryptionCodec):
 def _reseal(node, codec: EncryptionCodec, start: int):
     """The next values after position `start` (write order) sealed under an older data key,
     sealed anew under the active one: a Reseal of them and where to go on."""
-    from raftcache.core.commands import Reseal
+    from raftcache.core.cache.commands import Reseal
 
     active = codec.active_id()
     outer = _layers(node, codec)
     budget = node.config.node.max_request_bytes // 2  # one Reseal entry must fit the log
     items, size, scanned, unreadable = [], 0, 0, 0
     position = start
-    total = len(node.sm)
+    total = node.key_count()
     while position < total and scanned < RESEAL_SCAN and not items:
-        keys = node.sm.keys_at(position, RESEAL_PAGE)
+        keys = node.keys_at(position, RESEAL_PAGE)
         if not keys:
             break
         for key, got in zip(keys, _read(node, keys), strict=True):
@@ -421,17 +424,17 @@ def _reseal(node, codec: EncryptionCodec, start: int):
 
 
 def _status(node, codec: EncryptionCodec) -> dict:
-    settings = node.sm.settings
+    settings = node.settings
     report = {"active": codec.active_id(), "known": data_key_ids(settings),
-              "master": codec.keyring.master_id, "keys": len(node.sm),
+              "master": codec.keyring.master_id, "keys": node.key_count(),
               "plaintext_routes": list(node.plaintext_routes)}
-    if len(node.sm) > STATUS_LIMIT:
+    if node.key_count() > STATUS_LIMIT:
         report["values"] = None  # too many to count on the leader's loop
         return report
     outer = _layers(node, codec)
     counts: dict[str, int] = {}
-    for position in range(0, len(node.sm), 1000):
-        keys = node.sm.keys_at(position, 1000)
+    for position in range(0, node.key_count(), 1000):
+        keys = node.keys_at(position, 1000)
         for key, got in zip(keys, _read(node, keys), strict=True):
             if got is None:
                 continue

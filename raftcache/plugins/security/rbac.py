@@ -24,9 +24,9 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
-from raftcache.core import commands
-from raftcache.core.commands import PERMS, Caller, Configure
-from raftcache.core.hookspecs import Unauthorized, hookimpl
+from raftcache.core.cache import commands
+from raftcache.core.cache.commands import PERMS, Caller, Configure
+from raftcache.pluginapi import Unauthorized, hookimpl
 
 from . import tokens
 
@@ -200,7 +200,7 @@ def raftcache_authenticate(node, token, certificate):
         return None
     caller = _verifier(node).verify(token)
     # A cheap early refusal by this node's time; the verdict on writes is taken at apply.
-    reason = validity(caller, node._stamp(), None)
+    reason = validity(caller, node.now_ms(), None)
     if reason:
         raise Unauthorized(reason)
     return caller
@@ -258,7 +258,7 @@ def raftcache_admin(node, action, args, caller):
         return Configure(((ROLE + name, None),)), {"role": name, "deleted": True}
     if action == "auth-status":
         _only(args, 0, action)
-        settings = node.sm.settings
+        settings = node.settings
         revoked = {name[len(REVOKED):]: s.stamp_ms for name, s in settings.items()
                    if name.startswith(REVOKED)}
         roles = {name[len(ROLE):]: {p.decode(): perms for p, perms in role_grants(s.value)}

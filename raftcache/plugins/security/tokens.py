@@ -34,7 +34,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from raftcache.core.commands import PERMS, Caller
+from raftcache.core.cache.commands import PERMS, Caller
 
 ALGORITHM = "EdDSA"
 MAX_TOKEN_BYTES = 8 << 10

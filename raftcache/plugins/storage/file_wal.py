@@ -60,9 +60,8 @@ from collections.abc import Sequence
 
 import attrs
 
-from raftcache.core.config import OptionError, parse_options, private_dir
-from raftcache.core.hookspecs import StorageProvider, hookimpl
-from raftcache.core.messages import Entry, EntryType, HardState, Snapshot
+from raftcache.core.raft.messages import Entry, EntryType, HardState, Snapshot
+from raftcache.pluginapi import OptionError, StorageProvider, hookimpl, parse_options, private_dir
 from raftcache.plugins.storage.records import decode_meta, encode_meta
 
 log = logging.getLogger("raftcache.storage.file_wal")

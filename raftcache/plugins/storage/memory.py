@@ -3,8 +3,8 @@ back empty and must be re-added. For tests and demos; use `file-wal` for data yo
 
 from __future__ import annotations
 
-from raftcache.core.hookspecs import StorageProvider, hookimpl
-from raftcache.core.messages import HardState
+from raftcache.core.raft.messages import HardState
+from raftcache.pluginapi import StorageProvider, hookimpl
 
 
 class MemoryStorage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from raftcache.core.messages import ConfState, SnapshotMeta
+from raftcache.core.raft.messages import ConfState, SnapshotMeta
 
 
 def encode_meta(meta: SnapshotMeta, order: str) -> bytes:

@@ -42,21 +42,22 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from raftcache.core.config import (
-    ConfigError,
-    OptionError,
-    parse_options,
-    positive,
-    private_dir,
-    redact_url,
-)
-from raftcache.core.hookspecs import StorageProvider, hookimpl
-from raftcache.core.messages import (
+from raftcache.core.raft.messages import (
     Entry,
     EntryType,
     HardState,
     Snapshot,
     SnapshotMeta,
+)
+from raftcache.pluginapi import (
+    ConfigError,
+    OptionError,
+    StorageProvider,
+    hookimpl,
+    parse_options,
+    positive,
+    private_dir,
+    redact_url,
 )
 from raftcache.plugins.storage import records
 

@@ -26,9 +26,8 @@ from gevent import ssl as gssl
 from gevent.server import StreamServer
 
 from raftcache import wire
-from raftcache.core.config import OptionError
-from raftcache.core.hookspecs import TLSConfig
-from raftcache.core.throttle import Throttle, problem_key
+from raftcache.pluginapi import OptionError, TLSConfig
+from raftcache.pluginapi.throttle import Throttle, problem_key
 
 
 def positive(_inst, attribute, value):

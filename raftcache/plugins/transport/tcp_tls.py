@@ -38,9 +38,8 @@ from thriftpy2.protocol import TCyBinaryProtocolFactory
 
 from raftcache import wire
 from raftcache.core import api
-from raftcache.core.config import parse_options
-from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
-from raftcache.core.throttle import problem_key
+from raftcache.pluginapi import TLSConfig, TransportProvider, hookimpl, parse_options
+from raftcache.pluginapi.throttle import problem_key
 from raftcache.plugins.transport.common import (
     TOO_LARGE,
     TOO_MANY_ITEMS,

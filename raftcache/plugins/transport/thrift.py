@@ -46,11 +46,10 @@ from thriftpy2.transport import TCyBufferedTransport, TCyMemoryBuffer
 
 from raftcache import wire
 from raftcache.core import api
-from raftcache.core.config import parse_options
-from raftcache.core.hookspecs import TLSConfig, TransportProvider, hookimpl
-from raftcache.core.messages import MAX_NODE_ID
 from raftcache.core.operations import OPERATIONS, Operation
-from raftcache.core.throttle import problem_key
+from raftcache.core.raft.messages import MAX_NODE_ID
+from raftcache.pluginapi import TLSConfig, TransportProvider, hookimpl, parse_options
+from raftcache.pluginapi.throttle import problem_key
 from raftcache.plugins.transport.common import (
     HEAD_BYTES,
     NONCE_BYTES,

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .config import ConfigError
-from .hookspecs import Backend, Change
-from .plugins import PluginError, PluginSet
+from raftcache.pluginapi import Backend, Change, ConfigError, PluginError
+from raftcache.pluginapi.manager import PluginSet
 
 
 def make_backend(plugins: PluginSet, name: str, node_id: int, options: dict,

@@ -28,11 +28,19 @@ import gevent
 import gevent.event
 from gevent.hub import get_hub
 
-from raftcache.core import api, commands
-from raftcache.core.backend import make_backend
-from raftcache.core.config import Config, read_secret
-from raftcache.core.hookspecs import BackendLost, BackendUnavailable, TLSConfig, Unauthorized
-from raftcache.core.messages import (
+from raftcache.core import api
+from raftcache.core.cache import commands
+from raftcache.core.cache.statemachine import (
+    ApplyError,
+    StateMachine,
+    ValueCodecError,
+    check_snapshot,
+    decode_value,
+    encode_value,
+)
+from raftcache.core.operations import OPERATIONS, BadRequest, batch, key
+from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
+from raftcache.core.raft.messages import (
     NONE,
     ConfChange,
     ConfChangeSingle,
@@ -44,20 +52,19 @@ from raftcache.core.messages import (
     StateRole,
     address_problem,
 )
-from raftcache.core.metrics import NodeMetrics
-from raftcache.core.operations import OPERATIONS, BadRequest, batch, key
-from raftcache.core.plugins import PluginSet, make_manager, notify
-from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
-from raftcache.core.statemachine import (
-    ApplyError,
-    StateMachine,
-    ValueCodecError,
-    check_snapshot,
-    decode_value,
-    encode_value,
+from raftcache.core.raft.validate import peer_message_problem
+from raftcache.node.backend import make_backend
+from raftcache.node.config import Config, read_secret
+from raftcache.node.metrics import NodeMetrics
+from raftcache.pluginapi import (
+    BackendLost,
+    BackendUnavailable,
+    NodeContext,
+    TLSConfig,
+    Unauthorized,
 )
-from raftcache.core.throttle import Throttle
-from raftcache.core.validate import peer_message_problem
+from raftcache.pluginapi.manager import PluginError, PluginSet, make_manager, notify
+from raftcache.pluginapi.throttle import Throttle
 
 log = logging.getLogger("raftcache.node")
 
@@ -121,9 +128,10 @@ class Node:
         self.plaintext_routes: list[str] = []
         backend = make_backend(plugins, config.backend.plugin, self.id,
                                dict(config.backend.options), plaintext=self.plaintext_routes)
+        self.context = self._context()
         # Value codecs (encryption, compression) in plugin registration order: pluggy calls
         # the last registered plugin first.
-        self.codecs = tuple(c for codecs in reversed(self.pm.hook.raftcache_value_codecs(node=self))
+        self.codecs = tuple(c for codecs in reversed(self.pm.hook.raftcache_value_codecs(node=self.context))
                             for c in (codecs or ()))
         # Every replica decides each write from the entry and the replicated settings alone.
         self.sm = StateMachine(backend, check_command=self.pm.hook.raftcache_check_command,
@@ -162,8 +170,28 @@ class Node:
         self._metrics_server = None
 
     # -- start-up ----------------------------------------------------------------------------------
+    def _context(self) -> NodeContext:
+        """What hooks are handed: this node as the plugin API describes it."""
+
+        def read_settled(keys):
+            found = self._read_local(keys)
+            if isinstance(found, api.Response):  # the backend is down or catching up
+                raise BackendUnavailable(found.reason)
+            return found
+
+        def stores_plaintext(key: bytes) -> bool:
+            asks = getattr(self.sm.backend, "stores_plaintext", None)
+            return bool(asks is not None and asks(key))
+
+        return NodeContext(
+            id=self.id, config=self.config, log=self.log,
+            plaintext_routes=tuple(self.plaintext_routes), now_ms=self._stamp,
+            settings=lambda: self.sm.settings, read_settled=read_settled,
+            keys_at=lambda position, count: self.sm.keys_at(position, count),
+            key_count=lambda: len(self.sm), stores_plaintext=stores_plaintext,
+            codecs=lambda: self.codecs, status=self.status)
+
     def _provider(self, plugins: PluginSet, kind: str, name: str):
-        from raftcache.core.plugins import PluginError
 
         try:
             return plugins.get(kind, name)
@@ -246,7 +274,7 @@ class Node:
         self.log.info("serving on %s (storage %s, transport %s, backend %s)",
                       self.config.node.address, self.config.storage.plugin,
                       self.config.transport.plugin, self.config.backend.plugin)
-        notify(self.pm.hook.raftcache_node_started, self.log, node=self)
+        notify(self.pm, "raftcache_node_started", self.log, node=self.context)
 
     def _member_status(self, endpoint: str) -> api.NodeStatus | None:
         """A member's `status` answer, or None when it does not answer."""
@@ -312,7 +340,7 @@ class Node:
         if self._stopped.is_set():
             return
         self.log.info("stopping")
-        notify(self.pm.hook.raftcache_node_stopping, self.log, node=self)
+        notify(self.pm, "raftcache_node_stopping", self.log, node=self.context)
         self._stopped.set()
         self._wakeup.set()
         if self._metrics_server is not None:
@@ -442,7 +470,7 @@ class Node:
                                   rd.snapshot.meta.index)
                     self.stats.snapshots_installed.inc()
                     self.stats.snapshot_bytes = len(rd.snapshot.data)
-                    notify(self.pm.hook.raftcache_snapshot_installed, self.log, node=self,
+                    notify(self.pm, "raftcache_snapshot_installed", self.log, node=self.context,
                            index=rd.snapshot.meta.index)
                 if rd.committed_entries:
                     self._apply(rd.committed_entries)
@@ -617,7 +645,7 @@ class Node:
         threadpool.apply(self.storage.compact, (snap,))
         self.stats.snapshot_seconds.observe(time.monotonic() - started)
         self.stats.snapshot_bytes = len(image)
-        notify(self.pm.hook.raftcache_snapshot_taken, self.log, node=self,
+        notify(self.pm, "raftcache_snapshot_taken", self.log, node=self.context,
                index=snap.meta.index, size=len(snap.data))
 
     def _role_changed(self) -> None:
@@ -637,7 +665,7 @@ class Node:
                  and st.role in (StateRole.PRE_CANDIDATE, StateRole.FOLLOWER))
         self.log.log(logging.DEBUG if quiet else logging.INFO, "term %d: %s, leader %s",
                      st.term, st.role.name.lower(), st.lead or "unknown")
-        notify(self.pm.hook.raftcache_role_changed, self.log, node=self,
+        notify(self.pm, "raftcache_role_changed", self.log, node=self.context,
                role=st.role.name.lower(), term=st.term, leader=st.lead)
 
     # -- the transport's callbacks -------------------------------------------------------------------
@@ -743,13 +771,13 @@ class Node:
     def _authenticate(self, request: api.Request, certificate: str | None):
         """The verified caller of `request` (None: anonymous); raises Unauthorized."""
         token = request.header.token if request.header is not None else None
-        return self.pm.hook.raftcache_authenticate(node=self, token=token,
+        return self.pm.hook.raftcache_authenticate(node=self.context, token=token,
                                                    certificate=certificate)
 
     def _authorize(self, op: str, keys, caller) -> None:
         """Raise Unauthorized unless the access plugins allow `op` on `keys` here and now."""
         reason = self.pm.hook.raftcache_check_request(
-            node=self, op=op, keys=keys, caller=caller, stamp_ms=self._stamp(),
+            node=self.context, op=op, keys=keys, caller=caller, stamp_ms=self._stamp(),
             settings=self.sm.settings)
         if reason:
             raise Unauthorized(reason)
@@ -905,7 +933,7 @@ class Node:
         if not request.action:
             raise BadRequest("admin needs an action")
         try:
-            outcome = self.pm.hook.raftcache_admin(node=self, action=request.action,
+            outcome = self.pm.hook.raftcache_admin(node=self.context, action=request.action,
                                                    args=list(request.arguments or ()), caller=caller)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
@@ -1067,7 +1095,7 @@ class Node:
              "pending_writes": len(self._writes), "pending_reads": len(self._reads),
              "keys": len(self.sm), "dropped_peer_messages": self.dropped_peer_messages,
              "refused_snapshots": st.refused_snapshots, "backend_down": int(self.backend_down)}
-        notify(self.pm.hook.raftcache_metrics, self.log, node=self, metrics=m)
+        notify(self.pm, "raftcache_metrics", self.log, node=self.context, metrics=m)
         return m
 
     def status(self) -> api.NodeStatus:

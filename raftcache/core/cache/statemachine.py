@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import attrs
 
+from ..raft.messages import MAX_NODE_ID, ConfChange, ConfChangeType, address_problem
 from .commands import (
     MAX_STAMP_MS,
     Append,
@@ -68,7 +69,6 @@ from .commands import (
     put_svarint,
     put_uvarint,
 )
-from .messages import MAX_NODE_ID, ConfChange, ConfChangeType, address_problem
 
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
@@ -111,7 +111,7 @@ class ApplyError:
 
 
 class Change(NamedTuple):
-    """One key's change in a `Backend.apply` batch (raftcache.core.hookspecs)."""
+    """One key's change in a `Backend.apply` batch (raftcache.pluginapi)."""
 
     key: bytes
     value: bytes | None  # None: delete the key
@@ -641,7 +641,7 @@ class StateMachine:
 
 
 def check_snapshot(snapshot) -> str | None:
-    """Why a Raft snapshot (`raftcache.core.messages.Snapshot`) does not hold an image that
+    """Why a Raft snapshot (`raftcache.core.raft.messages.Snapshot`) does not hold an image that
     `restore()` would take at its index, or None. The Raft core asks before a snapshot
     received from the leader replaces its log."""
     try:

@@ -2,7 +2,9 @@
 
 Every plugin, ours included, is an entry point in the group ``raftcache`` (see setup.cfg). The
 config names implementations; `PluginSet.storage("file-wal")` and friends resolve them and fail
-with the list of known names.
+with the list of known names. Every hook is called through pluggy (its tracing and wrappers
+apply); where the node needs to know which plugin answered or failed, it calls one plugin at a
+time through pluggy's subset callers.
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ import logging
 import pluggy
 
 from . import hookspecs
+from .errors import PluginError
+from .interfaces import BackendProvider, StorageProvider, TransportProvider
 
 log = logging.getLogger("raftcache.plugins")
-
-
-class PluginError(Exception):
-    """A plugin could not be loaded, or a name is unknown or provided twice."""
 
 
 def make_manager(block: tuple[str, ...] | list[str] = (), extra=()) -> pluggy.PluginManager:
@@ -41,7 +41,30 @@ def make_manager(block: tuple[str, ...] | list[str] = (), extra=()) -> pluggy.Pl
         pm.register(plugin, name=ep.name)
     for plugin in extra:
         pm.register(plugin)
+    check_hooks(pm)
     return pm
+
+
+def check_hooks(pm: pluggy.PluginManager) -> None:
+    """Refuse a plugin that implements a hook no spec names (a misspelt hook would otherwise
+    never be called), in one line naming the plugin and the hook."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        known = sorted(name for name in dir(hookspecs) if name.startswith("raftcache_"))
+        raise PluginError(f"plugin {exc.plugin_name!r} implements an unknown hook: "
+                          f"{str(exc).split(chr(10))[0]} (known hooks: {', '.join(known)})"
+                          ) from None
+
+
+def per_plugin(pm: pluggy.PluginManager, name: str):
+    """(plugin name, a pluggy caller of hook `name` that reaches only that plugin) for each
+    plugin that implements it, in registration order."""
+    hook = getattr(pm.hook, name)
+    plugins = [impl.plugin for impl in hook.get_hookimpls()]
+    for impl in hook.get_hookimpls():
+        others = [p for p in plugins if p is not impl.plugin]
+        yield impl.plugin_name, pm.subset_hook_caller(name, remove_plugins=others)
 
 
 class PluginSet:
@@ -58,15 +81,15 @@ class PluginSet:
     def _collect(self, hook, kind: str) -> dict:
         found: dict = {}
         owners: dict = {}
-        for impl in hook.get_hookimpls():
-            for provider in impl.function() or ():
+        for plugin_name, call in per_plugin(self.pm, hook.name):
+            for provider in (p for result in call() for p in (result or ())):
                 if provider.name in found:
                     raise PluginError(
                         f"{kind} {provider.name!r} is provided twice: by plugin "
-                        f"{owners[provider.name]!r} and by plugin {impl.plugin_name!r}"
+                        f"{owners[provider.name]!r} and by plugin {plugin_name!r}"
                     )
                 found[provider.name] = provider
-                owners[provider.name] = impl.plugin_name
+                owners[provider.name] = plugin_name
         return found
 
     def names(self, kind: str) -> list[str]:
@@ -79,25 +102,25 @@ class PluginSet:
             known = ", ".join(self.names(kind)) or "none"
             raise PluginError(f"unknown {kind} {name!r} (known: {known})") from None
 
-    def storage(self, name: str) -> hookspecs.StorageProvider:
+    def storage(self, name: str) -> StorageProvider:
         return self.get("storage", name)
 
-    def transport(self, name: str) -> hookspecs.TransportProvider:
+    def transport(self, name: str) -> TransportProvider:
         return self.get("transport", name)
 
-    def backend(self, name: str) -> hookspecs.BackendProvider:
+    def backend(self, name: str) -> BackendProvider:
         return self.get("backend", name)
 
 
-def notify(hook, logger, **kwargs) -> None:
-    """Call every implementation of observer `hook` with `kwargs` (each takes the arguments it
-    names). One that raises is logged with its plugin's name and the others still run: an
-    observer must never stop a node, and pluggy's own call stops at the first exception."""
-    for impl in hook.get_hookimpls():
+def notify(pm: pluggy.PluginManager, name: str, logger, **kwargs) -> None:
+    """Call every implementation of observer hook `name` with `kwargs`, one plugin at a time:
+    one that raises is logged with its plugin's name and the others still run (an observer
+    must never stop a node, and a single pluggy call stops at the first exception)."""
+    for plugin_name, call in per_plugin(pm, name):
         try:
-            impl.function(*(kwargs[name] for name in impl.argnames))
+            call(**kwargs)
         except Exception:
-            logger.exception("plugin %r: %s failed; carrying on", impl.plugin_name, hook.name)
+            logger.exception("plugin %r: %s failed; carrying on", plugin_name, name)
 
 
 def entry_point_names() -> list[str]:
