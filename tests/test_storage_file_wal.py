@@ -540,6 +540,7 @@ def replay(lines):
     return acked, inflight, compacted
 
 
+@pytest.mark.fault  # a crash test: kill -9 of child processes
 @pytest.mark.slow
 def test_kill_9_never_loses_an_acknowledged_entry(tmp_path):
     d = tmp_path / "node"
