@@ -2,9 +2,10 @@
 
 Each one removes a single safety rule. `python -m raftcache.testing.sim --mutant NAME` runs the
 simulator against a core mutant and should report a violation within a few hundred seeds; the
-tests in tests/test_sim_mutants.py assert exactly that. A real node runs one when its config says
-`[testing] mutant = "NAME"` (core or node mutants); tests/test_jepsen.py uses that to show the
-fault suite catches them on a running cluster.
+tests in tests/test_sim_mutants.py assert exactly that. A real node runs one (core or node
+mutants) only when started by the test-only launcher `python -m raftcache.testing.node --mutant
+NAME` (a node's config has no such setting); tests/test_jepsen.py uses that to show the fault
+suite catches them on a running cluster.
 """
 
 from __future__ import annotations
