@@ -17,9 +17,12 @@ own tier marker, which wins. A test module that is in no tier stops collection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
+
+from raftcache.cluster import LocalCluster, free_port_block
 
 TIERS = {
     "unit": [
@@ -63,18 +66,79 @@ def pytest_collection_modifyitems(config, items):
             + "; add each to TIERS in tests/conftest.py")
 
 
-@pytest.fixture
-def running():
-    """`running(cluster)` starts a LocalCluster, waits for its leader and returns it; every
-    cluster started so is stopped when the test ends, however it ends."""
-    started = []
+# ================================================================================================
+# Clusters: one way to make, start and stop them
+# ================================================================================================
+def new_cluster(directory, *, nodes: int = 3, ports: int | None = None, metrics: bool = False,
+                **kwargs) -> LocalCluster:
+    """A LocalCluster of `nodes` in `directory` on free ports: `ports` of them (default one per
+    node; more leave room for nodes that join later); `metrics`: a /metrics port per node.
+    The other keyword arguments are LocalCluster's (storage, transport, backend, extra, ...)."""
+    if metrics:
+        kwargs["metrics_port"] = free_port_block(nodes)
+    return LocalCluster(str(directory), nodes=nodes, port=free_port_block(ports or nodes),
+                        **kwargs)
 
-    def start(cluster):
-        started.append(cluster)
+
+@contextlib.contextmanager
+def started(cluster: LocalCluster):
+    """The cluster started, with an agreed leader; stopped however the block ends."""
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _argnames(names) -> list[str]:
+    return [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+
+
+def pytest_generate_tests(metafunc):
+    # In a module with CLUSTERS = {name: shape, ...}, a test that takes `cluster` runs once per
+    # shape, unless it names the ones it runs on itself:
+    # @pytest.mark.parametrize("cluster", [name, ...], indirect=True, scope="module").
+    names = list(getattr(metafunc.module, "CLUSTERS", {}))
+    chosen = any("cluster" in _argnames(m.args[0])
+                 for m in metafunc.definition.iter_markers("parametrize"))
+    if names and "cluster" in metafunc.fixturenames and not chosen:
+        metafunc.parametrize("cluster", names, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def cluster(request, tmp_path_factory):
+    """A running cluster the module's tests share: for tests that read and write their own keys
+    and leave the nodes and the membership as they found them (a test that kills, pauses,
+    restarts, adds or removes nodes takes `running`). Its shape is the module's CLUSTER (the
+    keyword arguments of `new_cluster`), or CLUSTERS[name] when parametrized with a name;
+    tests given the same name share one cluster."""
+    if hasattr(request, "param"):
+        shape = request.module.CLUSTERS[request.param]
+    else:
+        shape = getattr(request.module, "CLUSTER", {})
+    with started(new_cluster(tmp_path_factory.mktemp("cluster"), **shape)) as c:
+        yield c
+
+
+@pytest.fixture
+def running(tmp_path):
+    """A cluster of this test's own: `running(**shape)` makes one (`new_cluster`'s keyword
+    arguments) in a fresh directory under tmp_path, `running(cluster)` takes a LocalCluster
+    made by the test; either is started and has an agreed leader when it is returned, and
+    every cluster started so is stopped when the test ends, however it ends."""
+    clusters = []
+
+    def start(cluster: LocalCluster | None = None, **shape) -> LocalCluster:
+        if cluster is None:
+            cluster = new_cluster(tmp_path / f"c{len(clusters)}", **shape)
+        clusters.append(cluster)
         cluster.start()
         cluster.wait_for_leader()
         return cluster
 
     yield start
-    for cluster in started:
-        cluster.stop()
+    with contextlib.ExitStack() as stack:  # every one stopped even when one stop raises
+        for cluster in clusters:
+            stack.callback(cluster.stop)
+

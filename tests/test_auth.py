@@ -25,7 +25,6 @@ from local_up import up as start_up
 
 from raftcache import errors, pluginapi
 from raftcache.client import Client, _Session
-from raftcache.cluster import LocalCluster, free_port_block
 from raftcache.core import api
 from raftcache.core.cache.commands import (
     Caller,
@@ -403,19 +402,9 @@ def test_decision_checks_catch_a_broken_variant(name, monkeypatch):
 # ================================================================================================
 # Real nodes
 # ================================================================================================
-def make_cluster(tmp_path, **kwargs) -> LocalCluster:
-    return LocalCluster(str(tmp_path), port=free_port_block(3), auth=True, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = make_cluster(tmp_path_factory.mktemp("auth"))
-    c.start()
-    try:
-        c.wait_for_leader()
-        yield c
-    finally:
-        c.stop()
+# The module's shared `cluster` (tests/conftest.py); tests with a cluster of their own start it
+# with `running(auth=True, ...)`.
+CLUSTER = {"auth": True}
 
 
 def signing_key(cluster):
@@ -674,29 +663,29 @@ def expiry_problems(cluster) -> list[str]:
     return problems
 
 
-def skewed_cluster(tmp_path, mutant: str | None = None) -> LocalCluster:
+def skewed_cluster(mutant: str | None = None) -> dict:
+    """The shape of an auth cluster whose node 3 runs an hour behind (and `mutant`)."""
     node3 = ["--clock-offset-ms", str(-HOUR_MS)] + (["--mutant", mutant] if mutant else [])
-    return make_cluster(tmp_path, launcher=["-m", "raftcache.testing.node"],
-                        node_args={3: node3})
+    return {"auth": True, "launcher": ["-m", "raftcache.testing.node"], "node_args": {3: node3}}
 
 
-def test_an_expired_token_is_refused_by_a_replica_whose_clock_is_behind(tmp_path, running):
-    cluster = running(skewed_cluster(tmp_path))
+def test_an_expired_token_is_refused_by_a_replica_whose_clock_is_behind(running):
+    cluster = running(**skewed_cluster())
     assert expiry_problems(cluster) == []
 
 
 # ---- teeth: the same scenarios catch a broken rbac on one node ----------------------------------
-def test_teeth_a_replica_that_judges_expiry_by_its_own_clock_is_caught(tmp_path, running):
-    cluster = running(skewed_cluster(tmp_path, mutant="rbac-local-clock"))
+def test_teeth_a_replica_that_judges_expiry_by_its_own_clock_is_caught(running):
+    cluster = running(**skewed_cluster(mutant="rbac-local-clock"))
     problems = expiry_problems(cluster)
     print("caught:", problems)
     assert any(p.startswith("node 3 (clock 1 h behind) served") for p in problems), problems
     assert not any("write" in p for p in problems), problems  # the leader judged those right
 
 
-def test_teeth_a_replica_that_ignores_revocations_is_caught(tmp_path, running):
-    cluster = running(make_cluster(tmp_path, launcher=["-m", "raftcache.testing.node"],
-                                   node_args={3: ["--mutant", "rbac-ignores-revocation"]}))
+def test_teeth_a_replica_that_ignores_revocations_is_caught(running):
+    cluster = running(auth=True, launcher=["-m", "raftcache.testing.node"],
+                      node_args={3: ["--mutant", "rbac-ignores-revocation"]})
     with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
         admin.transfer_leader(1)  # node 3 a follower: the leader's answers stay right
     problems = revocation_problems(cluster, "eve")
@@ -795,7 +784,7 @@ def test_up_auth_writes_an_admin_token_that_works(tmp_path):
 # ================================================================================================
 # TLS client certificates as principals
 # ================================================================================================
-def test_a_client_certificate_maps_to_a_principal_through_a_role(tmp_path, running):
+def test_a_client_certificate_maps_to_a_principal_through_a_role(running):
     """tcp-tls with `[auth] certificates = {CN = role}`: a call without a token over the
     `client` certificate runs as "cert:client" with the role's grants (held by the cluster,
     through the log), on every node and through a forwarding follower; revoking
@@ -803,9 +792,8 @@ def test_a_client_certificate_maps_to_a_principal_through_a_role(tmp_path, runni
     from raftcache import certs
     from raftcache.pluginapi import TLSConfig
 
-    cluster = running(LocalCluster(
-        str(tmp_path), port=free_port_block(3), transport="tcp-tls", auth=True,
-        extra={"auth": {"certificates": {"client": "apps"}}, "node": {"proxy": True}}))
+    cluster = running(transport="tcp-tls", auth=True,
+                      extra={"auth": {"certificates": {"client": "apps"}}, "node": {"proxy": True}})
     tls = TLSConfig(**cluster.tls_files())
     d = os.path.dirname(tls.ca)
     certs.make_cert(os.path.join(d, "ca.pem"), os.path.join(d, "ca-key.pem"), d, "stranger",

@@ -18,7 +18,7 @@ import redis
 
 from raftcache import errors
 from raftcache.client import Client
-from raftcache.cluster import LocalCluster, free_port_block
+from raftcache.cluster import LocalCluster
 from raftcache.plugins.security.encryption import EncryptionCodec, read_keyring
 
 # Routes for the tests: a memcached route, a redis route, memory for the rest; keys of all three
@@ -32,14 +32,19 @@ HYBRID = {
 KEY = {"redis": "k", "memcached": "k", "hybrid": "k.rd"}
 
 
-def make_cluster(tmp_path, backend: str, **kwargs) -> LocalCluster:
+def shape(backend: str, **kwargs) -> dict:
+    """A cluster on `backend` (file-wal, small snapshots): `new_cluster`'s keyword arguments."""
     extra = {"raft": {"snapshot_entries": 40, "snapshot_keep_entries": 5}}
     if backend == "hybrid":
         extra["backend"] = {"options": HYBRID}
     for section, body in kwargs.pop("extra", {}).items():
         extra.setdefault(section, {}).update(body)
-    return LocalCluster(str(tmp_path / "c"), port=free_port_block(3), storage="file-wal",
-                        backend=backend, extra=extra, **kwargs)
+    return {"storage": "file-wal", "backend": backend, "extra": extra, **kwargs}
+
+
+# The module's shared clusters (tests/conftest.py), one per backend, for the tests that only
+# write their own keys; tests that kill nodes or servers start their own with `running`.
+CLUSTERS = {backend: shape(backend) for backend in ("redis", "memcached", "hybrid")}
 
 
 def on(cluster: LocalCluster, node: int, **kwargs) -> Client:
@@ -102,10 +107,10 @@ def replicas_agree(cluster: LocalCluster, keys) -> dict:
 
 
 # ================================================================================================
-@pytest.mark.parametrize("backend", ["redis", "memcached", "hybrid"])
-def test_every_command_is_agreed_by_every_replica_and_readable_in_the_servers(
-        tmp_path, running, backend):
-    cluster = running(make_cluster(tmp_path, backend))
+@pytest.mark.parametrize("cluster", ["redis", "memcached", "hybrid"], indirect=True,
+                         scope="module")
+def test_every_command_is_agreed_by_every_replica_and_readable_in_the_servers(cluster):
+    backend = cluster.backend
     k = KEY[backend]
     with cluster.client() as c:
         v1 = c.set(k, "one")
@@ -132,12 +137,12 @@ def test_every_command_is_agreed_by_every_replica_and_readable_in_the_servers(
         assert direct_get(cluster, node, b"inv/b.rd", route) is None
 
 
-def test_expiry_is_agreed_by_replicas_whose_clocks_differ(tmp_path, running):
+def test_expiry_is_agreed_by_replicas_whose_clocks_differ(running):
     # Node 1 runs 4 s ahead of real time and leads; node 2 is 4 s behind.
     offsets = {1: 4000, 2: -4000, 3: 0}
-    cluster = make_cluster(tmp_path, "redis", launcher=["-m", "raftcache.testing.node"],
-                           node_args={n: ["--clock-offset-ms", str(o)] for n, o in offsets.items()})
-    running(cluster)
+    cluster = running(**shape(
+        "redis", launcher=["-m", "raftcache.testing.node"],
+        node_args={n: ["--clock-offset-ms", str(o)] for n, o in offsets.items()}))
     with cluster.client() as c:
         c.transfer_leader(1)
         started = time.time()
@@ -157,9 +162,9 @@ def test_expiry_is_agreed_by_replicas_whose_clocks_differ(tmp_path, running):
     assert version > 0
 
 
-@pytest.mark.parametrize("backend", ["redis", "hybrid"])
-def test_incr_is_applied_once_across_leader_changes(tmp_path, running, backend):
-    cluster = running(make_cluster(tmp_path, backend))
+@pytest.mark.parametrize("cluster", ["redis", "hybrid"], indirect=True, scope="module")
+def test_incr_is_applied_once_across_leader_changes(cluster):
+    # Leadership moves (to 2, 3, 1), the membership and the nodes stay: a shared cluster.
     done = {"ok": 0, "unknown": 0}
     stop = threading.Event()
 
@@ -189,9 +194,8 @@ def test_incr_is_applied_once_across_leader_changes(tmp_path, running, backend):
 
 
 @pytest.mark.parametrize("backend", ["redis", "memcached", "hybrid"])
-def test_a_lagging_follower_catches_up_by_snapshot_and_nodes_restart(tmp_path, running,
-                                                                    backend):
-    cluster = running(make_cluster(tmp_path, backend))
+def test_a_lagging_follower_catches_up_by_snapshot_and_nodes_restart(running, backend):
+    cluster = running(**shape(backend))
     leader = cluster.wait_for_leader()
     lagging = next(n for n in (1, 2, 3) if n != leader)
     cluster.kill(lagging)
@@ -213,8 +217,8 @@ def test_a_lagging_follower_catches_up_by_snapshot_and_nodes_restart(tmp_path, r
 @pytest.mark.parametrize("backend,route", [("redis", None), ("memcached", None),
                                            ("hybrid", "rd"), ("hybrid", "mc")])
 def test_backend_servers_killed_and_restarted_empty_never_serve_a_wrong_value(
-        tmp_path, running, backend, route):
-    cluster = running(make_cluster(tmp_path, backend))
+        running, backend, route):
+    cluster = running(**shape(backend))
     key = {None: "w", "rd": "w.rd", "mc": "w.mc"}[route]
     misses_allowed = backend == "memcached" or route == "mc"
     written = {}  # version -> value, every acknowledged write
@@ -288,9 +292,8 @@ def test_backend_servers_killed_and_restarted_empty_never_serve_a_wrong_value(
         assert cluster.processes[node].poll() is None, f"node {node} exited"
 
 
-def test_a_node_whose_redis_hangs_answers_unavailable_then_catches_up(tmp_path, running):
-    cluster = running(make_cluster(tmp_path, "redis",
-                                   extra={"backend": {"options": {"socket_timeout": 0.5}}}))
+def test_a_node_whose_redis_hangs_answers_unavailable_then_catches_up(running):
+    cluster = running(**shape("redis", extra={"backend": {"options": {"socket_timeout": 0.5}}}))
     node = next(n for n in (1, 2, 3) if n != cluster.wait_for_leader())
     with cluster.client() as c:
         before = c.set("h", "before")

@@ -14,7 +14,7 @@ from local_up import up as start_up
 
 from raftcache import cli
 from raftcache.client import Client
-from raftcache.cluster import LocalCluster, free_port_block
+from raftcache.cluster import free_port_block
 from raftcache.core.operations import OPERATIONS
 
 
@@ -23,18 +23,9 @@ def raftcache(*args, env=None, timeout=30):
                           text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Three nodes with small limits, so that the error paths are cheap to reach."""
-    c = LocalCluster(str(tmp_path_factory.mktemp("cli")), port=free_port_block(3),
-                     extra={"node": {"max_key_bytes": 32, "max_value_bytes": 64,
-                                     "max_batch_keys": 4}})
-    c.start()
-    try:
-        c.wait_for_leader()
-        yield c
-    finally:
-        c.stop()
+# The module's shared `cluster` (tests/conftest.py): three nodes with small limits, so that the
+# error paths are cheap to reach.
+CLUSTER = {"extra": {"node": {"max_key_bytes": 32, "max_value_bytes": 64, "max_batch_keys": 4}}}
 
 
 @pytest.fixture

@@ -5,26 +5,19 @@ import time
 import pytest
 
 from raftcache import errors
-from raftcache.cluster import LocalCluster, free_port_block
 
 TRANSPORTS = ["thrift", "tcp-tls"]
 
 
 @pytest.fixture
-def make_cluster(tmp_path):
-    clusters = []
-
+def make_cluster(running):
+    """A cluster of the test's own (these tests kill, pause and reconfigure nodes) with fast
+    elections: `running` (tests/conftest.py) with these settings."""
     def make(nodes=3, transport="thrift", **extra):
-        c = LocalCluster(str(tmp_path / f"c{len(clusters)}"), nodes=nodes,
-                         port=free_port_block(nodes), transport=transport,
-                         extra={"raft": {"tick_ms": 10, "election_tick": 10}, **extra})
-        clusters.append(c)
-        c.start()
-        return c
+        return running(nodes=nodes, transport=transport,
+                       extra={"raft": {"tick_ms": 10, "election_tick": 10}, **extra})
 
-    yield make
-    for c in clusters:
-        c.stop()
+    return make
 
 
 def single(cluster, node_id, **kw):
@@ -100,24 +93,19 @@ def test_kill_leader_new_leader_serves_writes(make_cluster, transport):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_followers_notice_a_killed_leader_by_its_closed_connections(tmp_path, transport):
+def test_followers_notice_a_killed_leader_by_its_closed_connections(running, transport):
     # An election timeout of 2-4 s: without the closed connections telling them, the
     # survivors could not elect anyone for 2 s after the kill.
-    cluster = LocalCluster(str(tmp_path / "c"), port=free_port_block(3), transport=transport,
-                           extra={"raft": {"tick_ms": 10, "election_tick": 200}})
-    cluster.start()
-    try:
-        old = cluster.wait_for_leader()
-        with cluster.client() as c:
-            c.set("before", "1")
-        cluster.kill(old)
-        new = cluster.wait_for_leader(timeout=1.5, exclude=(old,))
-        with cluster.client(timeout=5) as c:
-            c.set("after", "2")
-            assert c.get("before") == b"1"
-        assert new != old
-    finally:
-        cluster.stop()
+    cluster = running(transport=transport, extra={"raft": {"tick_ms": 10, "election_tick": 200}})
+    old = cluster.wait_for_leader()
+    with cluster.client() as c:
+        c.set("before", "1")
+    cluster.kill(old)
+    new = cluster.wait_for_leader(timeout=1.5, exclude=(old,))
+    with cluster.client(timeout=5) as c:
+        c.set("after", "2")
+        assert c.get("before") == b"1"
+    assert new != old
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -249,7 +237,7 @@ def test_membership_change_is_decided_by_the_leader_not_a_removed_node(make_clus
         assert victim in c.status(cluster.address(status.leader)).voters
 
 
-def test_an_overloaded_leader_refuses_at_once_and_the_client_backs_off(tmp_path):
+def test_an_overloaded_leader_refuses_at_once_and_the_client_backs_off(running):
     import gevent
 
     from raftcache.core import api
@@ -257,31 +245,26 @@ def test_an_overloaded_leader_refuses_at_once_and_the_client_backs_off(tmp_path)
 
     # Followers paused: nothing commits, so writes pile up on the leader, which keeps its
     # leadership for the 2-4 s election timeout.
-    cluster = LocalCluster(str(tmp_path / "c"), port=free_port_block(3),
-                           extra={"raft": {"tick_ms": 10, "election_tick": 200},
-                                  "node": {"max_pending": 2}})
-    cluster.start()
-    try:
-        leader = cluster.wait_for_leader()
-        followers = [i for i in (1, 2, 3) if i != leader]
-        for i in followers:
-            cluster.pause(i)
-        conns = [thrift.connect(cluster.address(leader), None, 5.0) for _ in range(3)]
+    cluster = running(extra={"raft": {"tick_ms": 10, "election_tick": 200},
+                             "node": {"max_pending": 2}})
+    leader = cluster.wait_for_leader()
+    followers = [i for i in (1, 2, 3) if i != leader]
+    for i in followers:
+        cluster.pause(i)
+    conns = [thrift.connect(cluster.address(leader), None, 5.0) for _ in range(3)]
 
-        def put(n):
-            return conns[n].call(api.Request(op="put", key=b"k%d" % n, value=b"v"), 5.0)
+    def put(n):
+        return conns[n].call(api.Request(op="put", key=b"k%d" % n, value=b"v"), 5.0)
 
-        waiting = [gevent.spawn(put, n) for n in range(2)]
-        gevent.sleep(0.2)
-        refused = put(2)  # the third: answered at once, not after a deadline
-        assert refused.error == "Unavailable" and "overloaded" in refused.reason
-        assert refused.leader_hint == cluster.address(leader)  # "here, after a backoff"
-        assert not any(g.ready() for g in waiting)
-        for i in followers:
-            cluster.resume(i)
-        assert [g.get(timeout=5).error for g in waiting] == [None, None]
-        with cluster.client(timeout=5) as c:  # a client retries through it
-            c.set("k2", "v2")
-            assert c.get("k2") == b"v2"
-    finally:
-        cluster.stop()
+    waiting = [gevent.spawn(put, n) for n in range(2)]
+    gevent.sleep(0.2)
+    refused = put(2)  # the third: answered at once, not after a deadline
+    assert refused.error == "Unavailable" and "overloaded" in refused.reason
+    assert refused.leader_hint == cluster.address(leader)  # "here, after a backoff"
+    assert not any(g.ready() for g in waiting)
+    for i in followers:
+        cluster.resume(i)
+    assert [g.get(timeout=5).error for g in waiting] == [None, None]
+    with cluster.client(timeout=5) as c:  # a client retries through it
+        c.set("k2", "v2")
+        assert c.get("k2") == b"v2"

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from thriftpy2.thrift import TMessageType, TProcessor
 
 from raftcache import wire
-from raftcache.cluster import LocalCluster, free_port_block
 from raftcache.core import api
 from raftcache.core.operations import OPERATIONS
 from raftcache.core.raft.messages import MAX_TERM, Entry, Message, MsgType
@@ -36,20 +35,20 @@ SETTINGS = {"deadline": None, "derandomize": True,
 I64 = st.one_of(st.integers(-3, 20), st.integers(-(2**63), 2**63 - 1))
 
 
-@pytest.fixture(scope="module", params=["thrift", "tcp-tls"])
-def cluster(request, tmp_path_factory):
-    c = LocalCluster(str(tmp_path_factory.mktemp(request.param)), port=free_port_block(3),
-                     transport=request.param, storage="file-wal",
-                     extra={"transport": {"options": {"frame_timeout": 2.0, "io_timeout": 1.0}}})
-    c.start()
-    try:
-        c.wait_for_leader()
-        with c.client(timeout=5.0) as client:
-            client.mset(SENTINELS)
-        yield c
-        assert_healthy(c)
-    finally:
-        c.stop()
+# The module's shared `cluster` (tests/conftest.py), one on each transport.
+CLUSTERS = {transport: {"transport": transport, "storage": "file-wal",
+                        "extra": {"transport": {"options": {"frame_timeout": 2.0,
+                                                            "io_timeout": 1.0}}}}
+            for transport in ("thrift", "tcp-tls")}
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster):
+    """The shared cluster holding SENTINELS, checked healthy after the module's tests."""
+    with cluster.client(timeout=5.0) as client:
+        client.mset(SENTINELS)
+    yield cluster
+    assert_healthy(cluster)
 
 
 def assert_healthy(cluster):

@@ -20,7 +20,6 @@ from thriftpy2.thrift import TMessageType
 
 from raftcache import errors, wire
 from raftcache.client import _Session
-from raftcache.cluster import LocalCluster, free_port_block
 from raftcache.core import api
 from raftcache.core.cache.commands import MAX_TTL_MS, Envelope, Set, encode_envelope
 from raftcache.core.raft.messages import Entry, Message, MsgType
@@ -31,17 +30,9 @@ I64_MAX = 2**63 - 1
 WAIT = 5.0
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = LocalCluster(str(tmp_path_factory.mktemp("hardening")), port=free_port_block(3),
-                     storage="file-wal",
-                     extra={"transport": {"options": {"frame_timeout": 1.5, "io_timeout": 1.0}}})
-    c.start()
-    try:
-        c.wait_for_leader()
-        yield c
-    finally:
-        c.stop()
+# The module's shared `cluster` (tests/conftest.py).
+CLUSTER = {"storage": "file-wal",
+           "extra": {"transport": {"options": {"frame_timeout": 1.5, "io_timeout": 1.0}}}}
 
 
 def forged_batch(messages, cluster_id: int = 1) -> bytes:
@@ -190,30 +181,25 @@ def test_row7_an_mset_of_100000_items_is_refused(cluster):
     assert_serving(cluster, before)
 
 
-def test_row5_a_huge_ttl_is_refused_and_no_ttl_keeps_a_node_from_restarting(tmp_path):
-    c = LocalCluster(str(tmp_path / "c"), port=free_port_block(3), storage="file-wal",
-                     extra={"raft": {"snapshot_entries": 50, "snapshot_keep_entries": 5}})
-    c.start()
-    try:
-        c.wait_for_leader()
-        with c.client(timeout=WAIT) as client:
-            with pytest.raises(errors.InvalidRequest, match="ttl_ms"):  # as any client can
-                client._call("put", key=b"forever", value=b"x", ttl_ms=I64_MAX)
-            client.set("decade", "y", ttl=MAX_TTL_MS / 1000)  # the longest accepted
-            for i in range(120):  # past two snapshots
-                client.set(f"fill{i % 7}", str(i))
-        for i in range(1, 4):
-            c.kill(i)
-        for i in range(1, 4):
-            c.start(i)
-        c.wait_for_leader()
-        with c.client(timeout=WAIT) as client:
-            assert client.get("decade") == b"y"
-            assert client.get("forever") is None
-        for i, p in c.processes.items():
-            assert p.poll() is None, f"node {i} did not restart: {log_text(c, i)[-500:]}"
-    finally:
-        c.stop()
+def test_row5_a_huge_ttl_is_refused_and_no_ttl_keeps_a_node_from_restarting(running):
+    c = running(storage="file-wal",
+                extra={"raft": {"snapshot_entries": 50, "snapshot_keep_entries": 5}})
+    with c.client(timeout=WAIT) as client:
+        with pytest.raises(errors.InvalidRequest, match="ttl_ms"):  # as any client can
+            client._call("put", key=b"forever", value=b"x", ttl_ms=I64_MAX)
+        client.set("decade", "y", ttl=MAX_TTL_MS / 1000)  # the longest accepted
+        for i in range(120):  # past two snapshots
+            client.set(f"fill{i % 7}", str(i))
+    for i in range(1, 4):
+        c.kill(i)
+    for i in range(1, 4):
+        c.start(i)
+    c.wait_for_leader()
+    with c.client(timeout=WAIT) as client:
+        assert client.get("decade") == b"y"
+        assert client.get("forever") is None
+    for i, p in c.processes.items():
+        assert p.poll() is None, f"node {i} did not restart: {log_text(c, i)[-500:]}"
 
 
 # ---- rows 8-9: connections ---------------------------------------------------------------------

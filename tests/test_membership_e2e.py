@@ -10,20 +10,16 @@ from writer import Writer
 
 from raftcache import errors
 from raftcache.client import Client
-from raftcache.cluster import LocalCluster, free_port_block, to_toml
+from raftcache.cluster import to_toml
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    # Ports for 5 nodes; 3 found the cluster, 4 and 5 join it later.
-    c = LocalCluster(str(tmp_path / "c"), nodes=3, port=free_port_block(5),
-                     storage="file-wal",
-                     extra={"raft": {"tick_ms": 10, "election_tick": 10,
-                                     "snapshot_entries": 200, "snapshot_keep_entries": 20}})
-    c.start()
-    c.wait_for_leader()
-    yield c
-    c.stop()
+def cluster(running):
+    """A cluster of the test's own (its tests change the membership): ports for 5 nodes; 3
+    found the cluster, 4 and 5 join it later."""
+    return running(nodes=3, ports=5, storage="file-wal",
+                   extra={"raft": {"tick_ms": 10, "election_tick": 10,
+                                   "snapshot_entries": 200, "snapshot_keep_entries": 20}})
 
 
 def config_of(cluster, node_id) -> dict:
@@ -186,33 +182,27 @@ def test_a_node_joins_with_join_toml_and_the_cli(cluster, tmp_path):
         log.close()
 
 
-def test_a_node_joins_over_mutual_tls_with_a_certificate_issued_for_it(tmp_path):
+def test_a_node_joins_over_mutual_tls_with_a_certificate_issued_for_it(running):
     import subprocess
     import sys
 
-    c = LocalCluster(str(tmp_path / "tls"), nodes=3, port=free_port_block(4),
-                     transport="tcp-tls", storage="file-wal")
-    c.start()
-    try:
-        c.wait_for_leader()
-        certs = os.path.dirname(c.tls_files()["ca"])
-        issued = subprocess.run([sys.executable, "-m", "raftcache", "certs", "add-node", "--dir",
-                                 certs, "--node", "9", "--host", "node-9.example"],
-                                capture_output=True, text=True, timeout=60)
-        assert issued.returncode == 0 and "node9.pem" in issued.stdout, issued.stderr
-        again = subprocess.run([sys.executable, "-m", "raftcache", "certs", "add-node", "--dir",
-                                certs, "--node", "9"], capture_output=True, text=True, timeout=60)
-        assert again.returncode == 2 and "exists" in again.stderr
-        c.start(4)  # LocalCluster issues node4.pem the same way
-        with c.client(timeout=20.0) as client:
-            assert 4 in client.add_member(4, c.address(4)).voters
-            wait_version = client.set("over-tls", "yes")
-        wait_applied(c, 4, wait_version)
-        with Client([c.address(4)], timeout=5.0, tls=c.client().tls,
-                    transport="tcp-tls") as client:
-            assert client.get("over-tls", consistency="stale") == b"yes"
-    finally:
-        c.stop()
+    c = running(nodes=3, ports=4, transport="tcp-tls", storage="file-wal")
+    certs = os.path.dirname(c.tls_files()["ca"])
+    issued = subprocess.run([sys.executable, "-m", "raftcache", "certs", "add-node", "--dir",
+                             certs, "--node", "9", "--host", "node-9.example"],
+                            capture_output=True, text=True, timeout=60)
+    assert issued.returncode == 0 and "node9.pem" in issued.stdout, issued.stderr
+    again = subprocess.run([sys.executable, "-m", "raftcache", "certs", "add-node", "--dir",
+                            certs, "--node", "9"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr
+    c.start(4)  # LocalCluster issues node4.pem the same way
+    with c.client(timeout=20.0) as client:
+        assert 4 in client.add_member(4, c.address(4)).voters
+        wait_version = client.set("over-tls", "yes")
+    wait_applied(c, 4, wait_version)
+    with Client([c.address(4)], timeout=5.0, tls=c.client().tls,
+                transport="tcp-tls") as client:
+        assert client.get("over-tls", consistency="stale") == b"yes"
 
 
 def test_a_founder_that_lost_its_data_is_refused_too(cluster):

@@ -11,7 +11,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from raftcache import errors
-from raftcache.cluster import LocalCluster, free_port_block
 from raftcache.node.metrics import NodeMetrics
 
 NAMES = {  # what examples/grafana/raftcache.json and alerting rules use
@@ -28,17 +27,9 @@ NAMES = {  # what examples/grafana/raftcache.json and alerting rules use
 }
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = LocalCluster(str(tmp_path_factory.mktemp("metrics")), port=free_port_block(3),
-                     metrics_port=free_port_block(3), storage="file-wal",
-                     extra={"raft": {"snapshot_entries": 100, "snapshot_keep_entries": 10}})
-    c.start()
-    try:
-        c.wait_for_leader()
-        yield c
-    finally:
-        c.stop()
+# The module's shared `cluster` (tests/conftest.py).
+CLUSTER = {"metrics": True, "storage": "file-wal",
+           "extra": {"raft": {"snapshot_entries": 100, "snapshot_keep_entries": 10}}}
 
 
 def get(url: str) -> tuple[int, str]:
