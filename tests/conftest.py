@@ -21,8 +21,10 @@ import contextlib
 import os
 
 import pytest
+import redis
 
 from raftcache.cluster import LocalCluster, free_port_block
+from raftcache.servers import RedisServer
 
 TIERS = {
     "unit": [
@@ -142,3 +144,25 @@ def running(tmp_path):
         for cluster in clusters:
             stack.callback(cluster.stop)
 
+
+# ================================================================================================
+# Redis
+# ================================================================================================
+@pytest.fixture(scope="module")
+def redis_server(request, tmp_path_factory):
+    """One redis-server for the module's tests: its settings are the module's REDIS (RedisServer's
+    keyword arguments); by default the durable ones the redis-aof storage needs (appendonly,
+    appendfsync always). A test that needs it empty takes `fresh_redis` too."""
+    with RedisServer(str(tmp_path_factory.mktemp("redis")),
+                     **getattr(request.module, "REDIS", {})) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_redis(redis_server):
+    """A client of `redis_server`, running again (a test before may have killed it) and empty."""
+    redis_server.start()
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    yield r
+    r.close()

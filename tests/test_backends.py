@@ -9,7 +9,6 @@ import tracemalloc
 
 import pymemcache
 import pytest
-import redis
 
 from raftcache.core.cache.commands import Envelope, Incr, MSet, Set, encode_envelope
 from raftcache.core.cache.statemachine import StateMachine
@@ -24,25 +23,14 @@ from raftcache.servers import MemcachedServer, RedisServer
 OWNER = "cluster 1 node 1"
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    with RedisServer(str(tmp_path_factory.mktemp("redis")), appendonly=False,
-                     extra_args=["--maxmemory-policy", "noeviction"]) as server:
-        yield server
+# The module's `redis_server` (tests/conftest.py): a cache's settings.
+REDIS = {"appendonly": False, "extra_args": ["--maxmemory-policy", "noeviction"]}
 
 
 @pytest.fixture(scope="module")
 def memcached_server(tmp_path_factory):
     with MemcachedServer(str(tmp_path_factory.mktemp("memcached"))) as server:
         yield server
-
-
-@pytest.fixture
-def fresh_redis(redis_server):
-    r = redis.Redis.from_url(redis_server.url)
-    r.flushall()
-    yield r
-    r.close()
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ from raftcache.servers import RedisServer
 
 
 @pytest.fixture
-def server(tmp_path):
-    with RedisServer(str(tmp_path / "redis")) as s:
-        yield s
+def server(redis_server, fresh_redis):
+    """The module's redis-server (tests/conftest.py; the durable default settings), empty."""
+    return redis_server
 
 
 @pytest.fixture
