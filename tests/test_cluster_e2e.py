@@ -226,7 +226,16 @@ def test_membership_change_is_decided_by_the_leader_not_a_removed_node(make_clus
         assert victim not in c.remove_member(victim).voters
         c.set("k", "w")
     cluster.start(victim)  # from its own disk: it never saw the removal
-    time.sleep(1.0)
+    with single(cluster, victim, timeout=2.0) as c:  # until it is up and thinks it a voter
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if victim in c.status(cluster.address(victim)).voters:
+                    break
+            except (OSError, errors.RaftCacheError):
+                pass
+            assert time.monotonic() < deadline, f"node {victim} did not come back"
+            time.sleep(0.05)
     # The victim first in line, as a client that tries the endpoints in order would.
     endpoints = [cluster.address(victim)] + [cluster.address(n) for n in (1, 2, 3) if n != victim]
     with Client(endpoints, timeout=10.0) as c:

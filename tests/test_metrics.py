@@ -67,8 +67,21 @@ def test_every_node_exposes_the_names_and_the_counters_move(cluster):
         assert c.cas("k1", 999, "x") is False
         with pytest.raises(errors.InvalidRequest):
             c.transfer_leader(9)
-    time.sleep(0.3)
-    after = {i: scrape(cluster, i) for i in (1, 2, 3)}
+    # Followers apply, and every node snapshots, after the leader answers: scrape until they did
+    # (then the checks below; they need no more than this).
+    def settled(i, a):
+        return (sample(a, "raftcache_applied_index")
+                >= sample(before[i], "raftcache_applied_index") + 150
+                and sample(a, "raftcache_snapshot_duration_seconds_count") >= 1
+                and sample(a, "raftcache_log_entries") < 150)
+
+    deadline = time.monotonic() + 10
+    while True:
+        after = {i: scrape(cluster, i) for i in (1, 2, 3)}
+        if all(settled(i, a) for i, a in after.items()):
+            break
+        assert time.monotonic() < deadline, after
+        time.sleep(0.05)
     ours = after[leader]
     ok_puts = sample(ours, "raftcache_requests_total", op="put", outcome="ok")
     assert ok_puts - sample(before[leader], "raftcache_requests_total", op="put",
