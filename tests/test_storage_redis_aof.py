@@ -263,6 +263,7 @@ from raftcache.core.raft.messages import Entry, HardState
 from raftcache.plugins.storage.redis_aof import RedisAofStorage
 s = RedisAofStorage(1, {str(tmp_path / 'n1')!r}, {{"url": {server.url!r}}})
 s.load()
+print("saving", flush=True)
 pool = gevent.get_hub().threadpool
 ticks = []
 ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in iter(int, 1)])
@@ -278,7 +279,11 @@ print(i)
 """
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    # Kill it mid-stream: once the child is saving (its start-up alone may take a second on a
+    # busy machine), not at a fixed time after the spawn.
+    line = child.stdout.readline()
+    assert line == "saving\n", (line, child.communicate(timeout=60))
+    time.sleep(0.5)
     server.kill()
     time.sleep(0.2)
     server.start()
