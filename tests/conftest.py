@@ -12,7 +12,8 @@ Tiers (markers registered in setup.cfg [tool:pytest]); every test is in exactly 
   mutants.
 
 A module's tier is in TIERS below (one place); a test in a module of another tier carries its
-own tier marker, which wins. A test module that is in no tier stops collection.
+own tier marker, which wins. A test module that is in no tier stops collection, and so does a
+name in TIERS that is no module.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ MODULE_TIER = {module: tier for tier, modules in TIERS.items() for module in mod
 
 
 def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    stale = sorted(m for m in MODULE_TIER if not os.path.exists(os.path.join(here, m + ".py")))
+    if stale:
+        raise pytest.UsageError(f"TIERS in tests/conftest.py names missing modules: {stale}")
     lost = set()
     for item in items:
         own = [m.name for m in item.iter_markers() if m.name in TIERS]
