@@ -48,6 +48,7 @@ TIERS = {
     "fault": ["test_crash", "test_jepsen", "test_sim", "test_sim_mutants"],
 }
 MODULE_TIER = {module: tier for tier, modules in TIERS.items() for module in modules}
+assert len(MODULE_TIER) == sum(map(len, TIERS.values())), "a module in two tiers"
 
 
 def pytest_collection_modifyitems(config, items):
