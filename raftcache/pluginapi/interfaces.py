@@ -118,7 +118,7 @@ class Backend(Protocol):
     batch per Ready. Reads may run between batches, never during one.
 
     A backend with only ``get``, ``set``, ``delete`` and ``clear`` (the first version of this
-    protocol) still works: the node wraps it (`raftcache.plugins.backend.simple`).
+    protocol) still works: the node wraps it (`raftcache.node.backend.SimpleBackend`).
 
     Optional: ``stores_plaintext(key) -> bool``, whether values under `key` must be stored as
     the client wrote them (a farm applications read directly): the encryption codec asks it
