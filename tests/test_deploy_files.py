@@ -28,7 +28,7 @@ from raftcache import cli
 from raftcache.node import config as config_mod
 from raftcache.pluginapi import TLSConfig
 from raftcache.plugins.security.encryption import make_keyring, read_keyring
-from raftcache.plugins.transport.common import tls_context
+from raftcache.plugins.transport.tls import tls_context
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
