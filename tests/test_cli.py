@@ -52,7 +52,7 @@ def test_every_operation_has_a_cli_command_and_a_client_method():
                     yield p
                     yield from commands(p)
 
-    covered = {p.get_default("operation") for p in commands(cli._parser())} - {None}
+    covered = {p.get_default("operation") for p in commands(cli.build_parser())} - {None}
     assert covered == set(OPERATIONS)
     # The Client's name for each operation where it differs from the Thrift method's.
     methods = {"put": ["set"], "remove": ["delete"], "snapshot": ["snapshot_part"],
