@@ -19,6 +19,9 @@ EXIT_MISSING = 1  # get, mget: a key is missing
 EXIT_CAS_FAILED = 1  # cas: the key is not at the expected version; nothing was written
 EXIT_ERROR = 2  # the call failed (or a usage error: argparse exits 2 too)
 EXIT_UNAUTHORIZED = 3  # the cluster refused the caller's token (or its lack of one)
+# stdout's reader closed the pipe (`| head -1`): 128 + SIGPIPE, the status the shell reports
+# for cat, git and the rest of the tools that SIGPIPE ends; 1 would read as "key missing".
+EXIT_BROKEN_PIPE = 141
 
 
 def client_command(sub, name: str, op: str, func, *positional: str, help: str = ""):
