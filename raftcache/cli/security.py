@@ -2,8 +2,8 @@
 `role` and `auth` (the rbac plugin's roles and revocations), `keys` (encryption at rest).
 
 Contract: the commands that need no cluster (certs, token issue and inspect, keys init) work
-on files alone; the others are client commands (`cluster_calls`) that call admin actions
-through the log and print their JSON answers.
+on files alone; the others are client commands (`cluster_calls`) that call the security
+plugins' admin actions and print their answers (JSON; keys rotate: its progress).
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Reading frames from a socket under deadlines: the buffer a transport's frame parser takes
 whole frames from, and the errors that end a connection.
 
-Contract: `SocketBuffer` holds at most what one frame needs; a silence mid-frame, an EOF
-mid-frame or a frame slower than `frame_timeout` raise ProtocolError (close the connection);
-silence between frames past `idle_timeout` raises Idle; a frame over the connection's limit
-is the parser's to report as Oversized, and `discard` reads it without keeping it. A long
-frame yields to other greenlets every megabyte.
+Contract: a transport's frame parser asks `SocketBuffer.fill(n)` for the bytes it needs and
+`take`s whole frames. Mid-frame, a silence longer than the socket's timeout, an EOF, or a
+frame whose first byte came more than `frame_timeout` ago raise ProtocolError (close the
+connection); between frames, silence past `idle_timeout` raises Idle and a clean EOF is
+`fill` returning False. A frame over the connection's limit is the parser's to report as
+Oversized, and `discard` then reads it without keeping it. A long frame yields to the other
+greenlets every megabyte.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 when its request is over the limits they set.
 
 Contract: `TransportOptions` is frozen and validated on construction (every size and timeout
-positive, refused with an OptionError naming the key); a transport subclasses it to add its
-own keys and to parse them with `parse_options`. Nothing here does I/O.
+must be positive: `pluginapi.positive` refuses it with an OptionError naming the key); each
+transport subclasses it (adding keys of its own, if any) with a `from_dict` that reads
+`[transport.options]` through `parse_options`. Nothing here does I/O.
 """
 
 from __future__ import annotations

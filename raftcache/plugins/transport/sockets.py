@@ -2,7 +2,7 @@
 without raising.
 
 Contract: plain functions over any socket-like object (gevent's or the standard library's);
-none of them blocks longer than the socket's own timeout.
+they block only as long as the socket's own timeout lets them.
 """
 
 from __future__ import annotations
