@@ -155,7 +155,7 @@ struct RaftBatch {
 // ---- peer authentication on a plaintext connection (docs/security.md) -------------------------
 // A node that dials a peer calls peer_hello, checks the listener's proof, then calls peer_auth
 // with its own; only then do its raft() batches count. A proof is HMAC-SHA256 with the cluster
-// secret over both nonces, the cluster id and both node ids (transport/common.py peer_proof).
+// secret over both nonces, the cluster id and both node ids (transport/peer_proof.py).
 struct PeerHello {
   1: i64 cluster_id,
   2: i64 from_node,

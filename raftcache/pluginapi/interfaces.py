@@ -51,7 +51,7 @@ class PeerHandler(Protocol):
                        certificate: str | None = None) -> api.Response:
         """A client's call, answered. Blocks the calling greenlet until the answer is known;
         never raises. `certificate`: the CN of the verified TLS client certificate the call
-        came with (`transport.common.caller_certificate`), which access control may map to
+        came with (`transport.tls.caller_certificate`), which access control may map to
         a principal. The transport turns its wire format into `api.Request` and the answer
         back (`raftcache.wire` does it for the Thrift IDL); `raftcache.core.operations` says
         which fields each operation takes and which field of the answer holds its result."""

@@ -220,7 +220,7 @@ class _Feed:
 def tcp_tls_frames(data: bytes) -> None:
     from raftcache import wire
     from raftcache.plugins.transport import tcp_tls
-    from raftcache.plugins.transport.common import Oversized, ProtocolError
+    from raftcache.plugins.transport.framing import Oversized, ProtocolError
 
     reader = tcp_tls._FrameReader(_Feed(data, 1 + len(data) % 7), 1 << 16)
     try:
