@@ -191,6 +191,8 @@ def _overload_steps(o) -> list[Step]:
             Step(0.0, None, o.processes, OVERLOAD_INFLIGHT, load=2.0)]
 
 
+# The backends the scenario compares: the built-ins. The servers each needs (and hybrid's
+# routes) come from its provider's declaration (BackendProvider.dev_servers, dev_options).
 BACKENDS = ("memory", "redis", "memcached", "hybrid")
 
 
@@ -1074,19 +1076,21 @@ def _raftcache_target(stack, args, options: Options, base: str, extra: dict,
         meta["raftcache"] = f"raftcache at {args.endpoints} (running)"
         _probe(spec)
         return Target(spec, options)
-    from raftcache.cluster import HYBRID_EXAMPLE, LocalCluster, free_port_block
+    from raftcache.cluster import LocalCluster, dev_backend, free_port_block
+    from raftcache.pluginapi.manager import PluginSet, make_manager
 
     # Reads at the `lease` level use the leader's lease only with raft.read_only = "lease"
     # (linearizable ones keep their ReadIndex round): the bench measures each level as such.
     extra = {**extra, "raft": {"read_only": "lease", **extra.get("raft", {})}}
     started: list = []  # the clusters, in order (each its own data dir)
+    plugins = PluginSet(make_manager())
 
     def start_cluster(shape: Shape) -> Target:
         mine = dict(extra)
         if shape.backend != args.backend:  # a scenario's backend: not the one --config sets up
             mine.pop("backend", None)
-        if shape.backend == "hybrid" and "options" not in mine.get("backend", {}):
-            mine["backend"] = HYBRID_EXAMPLE  # no routes of the user's: the example's
+        # no options of the user's (hybrid: routes): the provider's dev options
+        mine["backend"] = dev_backend(shape.backend, plugins, mine.get("backend"))
         auth = args.auth if shape.secure is None else shape.secure
         encryption = (not args.no_encryption) if shape.secure is None else shape.secure
         cluster = LocalCluster(os.path.join(base, f"raftcache-{len(started)}"),
