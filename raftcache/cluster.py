@@ -137,8 +137,10 @@ def server_needs(config: dict, plugins: PluginSet) -> list[ServerNeed]:
     return needs
 
 
-def _backend_needs(plugins: PluginSet, name: str, plugin: str, options) -> list[ServerNeed]:
-    """`plugin`'s unmet dev servers; `options()` is its options table (made when missing)."""
+def _backend_needs(plugins: PluginSet, name: str, plugin: str,
+                   options: Callable[[], dict]) -> list[ServerNeed]:
+    """`plugin`'s unmet dev servers. `options()` is its options table: [backend.options]
+    (made when missing, so only asked for when a server is declared), or an instance's."""
     try:
         provider = plugins.backend(plugin)
     except PluginError:
@@ -168,7 +170,7 @@ def backend_runs_servers(backend: str, plugins: PluginSet, section: dict | None 
     """Whether a local cluster starts servers for `backend` run as `dev_backend` says (so
     that a fault can kill them)."""
     config = {"backend": copy.deepcopy(dev_backend(backend, plugins, section))}
-    return any(_is_backend(need.name) for need in server_needs(config, plugins))
+    return bool(server_needs(config, plugins))
 
 
 def dev_backend(backend: str, plugins: PluginSet, section: dict | None = None) -> dict:

@@ -55,6 +55,7 @@ if __name__ == "__main__":  # before anything imports socket, ssl or threading (
 
 import argparse  # noqa: E402
 import bisect  # noqa: E402
+import functools  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -285,6 +286,7 @@ FAMILIES = {
 }
 
 
+@functools.cache
 def backend_has_servers(backend: str) -> bool:
     """Whether the cluster starts servers for `backend` (its provider's `dev_servers`, run
     with its `dev_options`: LocalCluster starts one of each per node) for a nemesis to kill."""
