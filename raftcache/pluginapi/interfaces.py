@@ -245,6 +245,24 @@ class TransportProvider:
 
 
 @attrs.frozen
+class DevServer:
+    """A server that a local cluster (``raftcache up``, the fault suite, ``raftcache bench``,
+    the tests) starts for each node whose backend options leave `option` unset, on a free
+    port of the node's host, writing its address into `option`; it stops with the cluster.
+
+    `kind` is what to start, by name (the plugin API never imports the product's
+    `raftcache.servers`; `raftcache.cluster` maps kinds to servers):
+
+    - ``"redis"``: a redis-server kept as a cache (no persistence, ``maxmemory-policy
+      noeviction``); `option` gets its URL, ``redis://host:port/0``;
+    - ``"memcached"``: a memcached; `option` gets ``host:port``.
+    """
+
+    kind: str
+    option: str
+
+
+@attrs.frozen
 class BackendProvider:
     """A cache backend by name (``[backend] plugin = "<name>"``).
 
@@ -253,12 +271,30 @@ class BackendProvider:
         @hookimpl
         def raftcache_backends():
             yield BackendProvider("audit-memory", AuditMemoryBackend, "a dict, audited")
+
+    What a local cluster needs to run it (docs/backends.md, "Declaring dev servers"); a
+    backend that declares nothing gets no servers and runs with the options it is given:
+
+    - `dev_servers`: the servers it reaches (`DevServer`), e.g.
+      ``dev_servers=(DevServer("redis", "url"),)``: ``raftcache up --backend <name>`` then
+      starts a redis-server per node and sets ``[backend.options] url``. A config that sets
+      the option itself keeps its server.
+    - `dev_instances` (composites): the option holding its instances, tables of ``plugin``
+      and that plugin's options; each instance gets the dev servers its own plugin declares,
+      its address written into the instance's table (``hybrid``: ``"instances"``).
+    - `dev_options`: the options the fault suite and ``raftcache bench`` run it with when
+      their config gives none (``hybrid``: examples/hybrid/hybrid.toml's routes); None: it
+      runs with no options.
     """
 
     name: str
     factory: BackendFactory | CompositeBackendFactory
     description: str = ""
     composite: bool = False  # factory is a CompositeBackendFactory
+    dev_servers: tuple[DevServer, ...] = ()
+    dev_instances: str | None = None
+    # a dict is unhashable: left out of the record's hash (it is compared still)
+    dev_options: dict | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen
