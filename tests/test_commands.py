@@ -8,6 +8,7 @@ import pytest
 
 from raftcache.core.cache.commands import (
     FORMAT_VERSION,
+    Append,
     Caller,
     Cas,
     CommandError,
@@ -21,7 +22,9 @@ from raftcache.core.cache.commands import (
     Set,
     Sweep,
     decode_envelope,
+    encode_command,
     encode_envelope,
+    fingerprint,
 )
 
 try:
@@ -56,6 +59,8 @@ COMMANDS = [
     Configure((("auth.revoked.alice", b""), ("keys.2", b"\x00wrapped"), ("gone", None))),
     Reseal(()),
     Reseal(((b"k", 7, b"sealed"), (b"", 0, b""))),
+    Append(b"k", b"tail"),
+    Append(b"", b""),
 ]
 
 ALICE = Caller("alice", "k1", 1_000, 2_000, 3_000, ((b"user:", "rw"), (b"", "r")), ("ops",))
@@ -93,6 +98,37 @@ def test_encoding_is_pinned():
     assert encode_envelope(Envelope(Sweep(5), stamp_ms=5))[0] == FORMAT_VERSION
 
 
+# Every command's bytes and fingerprint, as the log, snapshots (session fingerprints) and the
+# WAL of a running cluster hold them: a change here is a new format version, not a refactor.
+PINNED = [
+    (Set(b"k", b"v"), "01016b017600", "82fa43ce44677dad"),
+    (Set(b"", b"", 1), "01000001", "13063bdf5dfc7d5f"),
+    (Delete(b"gone"), "0204676f6e65", "2493ecc242543ff2"),
+    (Cas(b"k", 12345, b"v", 60_000), "03016bf2c0010176e0d403", "af0a702e85b416a7"),
+    (Cas(b"k", -1, b"v"), "03016b01017600", "1964b366968d6f47"),
+    (Incr(b"n", -5), "04016e09", "2886967b99edbfae"),
+    (Incr(b"n", I64_MIN), "04016effffffffffffffffff01", "1d716879bda5ff34"),
+    (Invalidate(), "0500", "74e443d6149ef073"),
+    (Invalidate(b"user:"), "0505757365723a", "5ac9db4c6d81367c"),
+    (MSet(((b"a", b"1"), (b"b", b"2"), (b"a", b"3")), 10), "06030161013101620132016101330a",
+     "ccbb400f1815cdc9"),
+    (Sweep(1_700_000_000_000), "0780d095ffbc31", "69d916a40f455f97"),
+    (Configure((("a", b""), ("b", b"\x00w"), ("c", None))), "090301610100016201020077016300",
+     "9d57a41d381912e7"),
+    (Reseal(((b"k", 7, b"sealed"), (b"", 0, b""))), "0a02016b07067365616c6564000000", "e9f72465824628c9"),
+    (Append(b"k", b"tail"), "08016b047461696c", "572a28fc116e5656"),
+]
+
+
+@pytest.mark.parametrize("command, encoding, fp", PINNED, ids=lambda x: repr(x)[:40])
+def test_every_command_encoding_and_fingerprint_is_pinned(command, encoding, fp):
+    out = bytearray()
+    encode_command(out, command)
+    assert out.hex() == encoding
+    assert fingerprint(command).hex() == fp
+    assert decode_envelope(bytes.fromhex("010000" + encoding)).command == command
+
+
 def test_encoding_is_compact():
     env = Envelope(Set(b"user:42", b"x" * 10, 60_000), "client-1", 17, None, 1_700_000_000_000)
     assert len(encode_envelope(env)) < 45
@@ -104,7 +140,8 @@ def test_commands_are_immutable_and_hashable():
         cmd.key = b"other"
     assert hash(Envelope(cmd)) == hash(Envelope(Set(b"k", b"v")))
     assert {c.kind for c in COMMANDS} == {
-        "set", "delete", "cas", "incr", "invalidate", "mset", "sweep", "configure", "reseal"
+        "set", "delete", "cas", "incr", "invalidate", "mset", "sweep", "configure", "reseal",
+        "append",
     }  # fmt: skip
 
 
