@@ -7,19 +7,20 @@ import random
 import pytest
 
 from raftcache.core.cache.commands import (
+    COMMAND_TYPES,
     FORMAT_VERSION,
     Append,
     Caller,
     Cas,
     CommandError,
     Configure,
-    Delete,
     Envelope,
     Incr,
     Invalidate,
     MSet,
+    Put,
+    Remove,
     Reseal,
-    Set,
     Sweep,
     decode_envelope,
     encode_command,
@@ -37,10 +38,10 @@ I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 U63_MAX = (1 << 63) - 1
 
 COMMANDS = [
-    Set(b"k", b"v"),
-    Set(b"", b"", 1),
-    Set(b"key\x00\xff", b"\x00" * 300, U63_MAX),
-    Delete(b"gone"),
+    Put(b"k", b"v"),
+    Put(b"", b"", 1),
+    Put(b"key\x00\xff", b"\x00" * 300, U63_MAX),
+    Remove(b"gone"),
     Cas(b"k", 0, b"v"),
     Cas(b"k", 12345, b"v", 60_000),
     Cas(b"k", -1, b"v"),
@@ -92,7 +93,7 @@ def test_every_command_round_trips_in_every_envelope_shape(command, shape):
 
 def test_encoding_is_pinned():
     # The WAL and snapshots hold these bytes: changing the format needs a new version number.
-    env = Envelope(Set(b"k", b"v", 1000), client_id="c", seq=2, identity="id", stamp_ms=300)
+    env = Envelope(Put(b"k", b"v", 1000), client_id="c", seq=2, identity="id", stamp_ms=300)
     assert encode_envelope(env) == bytes.fromhex("0107ac02016304026964") + b"\x01\x01k\x01v\xe8\x07"
     assert encode_envelope(Envelope(Incr(b"n", -1))) == b"\x01\x00\x00\x04\x01n\x01"
     assert encode_envelope(Envelope(Sweep(5), stamp_ms=5))[0] == FORMAT_VERSION
@@ -101,9 +102,9 @@ def test_encoding_is_pinned():
 # Every command's bytes and fingerprint, as the log, snapshots (session fingerprints) and the
 # WAL of a running cluster hold them: a change here is a new format version, not a refactor.
 PINNED = [
-    (Set(b"k", b"v"), "01016b017600", "82fa43ce44677dad"),
-    (Set(b"", b"", 1), "01000001", "13063bdf5dfc7d5f"),
-    (Delete(b"gone"), "0204676f6e65", "2493ecc242543ff2"),
+    (Put(b"k", b"v"), "01016b017600", "82fa43ce44677dad"),
+    (Put(b"", b"", 1), "01000001", "13063bdf5dfc7d5f"),
+    (Remove(b"gone"), "0204676f6e65", "2493ecc242543ff2"),
     (Cas(b"k", 12345, b"v", 60_000), "03016bf2c0010176e0d403", "af0a702e85b416a7"),
     (Cas(b"k", -1, b"v"), "03016b01017600", "1964b366968d6f47"),
     (Incr(b"n", -5), "04016e09", "2886967b99edbfae"),
@@ -130,17 +131,19 @@ def test_every_command_encoding_and_fingerprint_is_pinned(command, encoding, fp)
 
 
 def test_encoding_is_compact():
-    env = Envelope(Set(b"user:42", b"x" * 10, 60_000), "client-1", 17, None, 1_700_000_000_000)
+    env = Envelope(Put(b"user:42", b"x" * 10, 60_000), "client-1", 17, None, 1_700_000_000_000)
     assert len(encode_envelope(env)) < 45
 
 
 def test_commands_are_immutable_and_hashable():
-    cmd = Set(b"k", b"v")
+    cmd = Put(b"k", b"v")
     with pytest.raises(AttributeError):
         cmd.key = b"other"
-    assert hash(Envelope(cmd)) == hash(Envelope(Set(b"k", b"v")))
-    assert {c.kind for c in COMMANDS} == {
-        "set", "delete", "cas", "incr", "invalidate", "mset", "sweep", "configure", "reseal",
+    assert hash(Envelope(cmd)) == hash(Envelope(Put(b"k", b"v")))
+    # the round trips above cover every registered command
+    assert {type(c) for c in COMMANDS} == set(COMMAND_TYPES.values())
+    assert {c.name for c in COMMANDS} == {
+        "put", "remove", "cas", "incr", "invalidate", "mset", "sweep", "configure", "reseal",
         "append",
     }  # fmt: skip
 
@@ -217,26 +220,26 @@ def test_random_bytes_never_escape_as_anything_but_command_error():
 @pytest.mark.parametrize(
     "env",
     [
-        Envelope(Set("text key", b"v")),
-        Envelope(Set(b"k", "text value")),
-        Envelope(Set(b"k", bytearray(b"v"))),
-        Envelope(Set(b"k", b"v", 0)),  # a ttl of 0 would be born expired
-        Envelope(Set(b"k", b"v", -1)),
-        Envelope(Set(b"k", b"v", 1 << 63)),
-        Envelope(Set(b"k", b"v", 1.5)),
+        Envelope(Put("text key", b"v")),
+        Envelope(Put(b"k", "text value")),
+        Envelope(Put(b"k", bytearray(b"v"))),
+        Envelope(Put(b"k", b"v", 0)),  # a ttl of 0 would be born expired
+        Envelope(Put(b"k", b"v", -1)),
+        Envelope(Put(b"k", b"v", 1 << 63)),
+        Envelope(Put(b"k", b"v", 1.5)),
         Envelope(Cas(b"k", 1 << 63, b"v")),
         Envelope(Incr(b"k", I64_MIN - 1)),
         Envelope(Incr(b"k", True)),
         Envelope(MSet([(b"a", b"1")])),
         Envelope(MSet(((b"a",),))),
         Envelope(Sweep(-1)),
-        Envelope(Set(b"k", b"v"), stamp_ms=-1),
-        Envelope(Set(b"k", b"v"), stamp_ms=None),
-        Envelope(Set(b"k", b"v"), seq=1 << 63),
-        Envelope(Set(b"k", b"v"), client_id=b"bytes"),
-        Envelope(Set(b"k", b"v"), identity="\ud800"),  # lone surrogate
+        Envelope(Put(b"k", b"v"), stamp_ms=-1),
+        Envelope(Put(b"k", b"v"), stamp_ms=None),
+        Envelope(Put(b"k", b"v"), seq=1 << 63),
+        Envelope(Put(b"k", b"v"), client_id=b"bytes"),
+        Envelope(Put(b"k", b"v"), identity="\ud800"),  # lone surrogate
         Envelope("not a command"),
-        Set(b"k", b"v"),  # not wrapped
+        Put(b"k", b"v"),  # not wrapped
     ],
     ids=repr,
 )
@@ -253,8 +256,8 @@ if st is not None:
     ttls = st.none() | st.integers(1, U63_MAX)
     i64 = st.integers(I64_MIN, I64_MAX)
     commands = st.one_of(
-        st.builds(Set, keys, keys, ttls),
-        st.builds(Delete, keys),
+        st.builds(Put, keys, keys, ttls),
+        st.builds(Remove, keys),
         st.builds(Cas, keys, i64, keys, ttls),
         st.builds(Incr, keys, i64),
         st.builds(Invalidate, keys),
@@ -288,9 +291,9 @@ if st is not None:
 
 
 @pytest.mark.parametrize("bad", [
-    Envelope(Set(b"k", b"v"), identity="alice", caller=Caller("bob")),  # subject != identity
-    Envelope(Set(b"k", b"v"), caller=Caller("alice")),  # a caller needs its identity
-    Envelope(Set(b"k", b"v"), identity="a", caller=Caller("a", grants=((b"", "rwx"),))),
+    Envelope(Put(b"k", b"v"), identity="alice", caller=Caller("bob")),  # subject != identity
+    Envelope(Put(b"k", b"v"), caller=Caller("alice")),  # a caller needs its identity
+    Envelope(Put(b"k", b"v"), identity="a", caller=Caller("a", grants=((b"", "rwx"),))),
     Envelope(Configure((("name", "not bytes"),))),
 ])
 def test_callers_and_settings_refuse_bad_fields(bad):
@@ -299,7 +302,7 @@ def test_callers_and_settings_refuse_bad_fields(bad):
 
 
 def test_a_caller_flag_without_an_identity_is_refused():
-    data = bytearray(encode_envelope(Envelope(Set(b"k", b"v"), identity="a",
+    data = bytearray(encode_envelope(Envelope(Put(b"k", b"v"), identity="a",
                                               caller=Caller("a"))))
     data[1] &= ~4  # drop the identity flag, keep the caller's
     with pytest.raises(CommandError):

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raft_harness import Network
 
-from raftcache.core.cache.commands import Envelope, Set, encode_envelope
+from raftcache.core.cache.commands import Envelope, Put, encode_envelope
 from raftcache.core.cache.statemachine import StateMachine, check_snapshot
 from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
 from raftcache.core.raft.messages import (
@@ -221,14 +221,14 @@ wild_ints = st.one_of(st.sampled_from(_WILD), st.integers(-(2**63), 2**63 - 1))
 def _image(applied: int) -> bytes:
     sm = StateMachine(MemoryBackend())
     if applied:
-        sm.apply(applied, encode_envelope(Envelope(Set(b"img", b"%d" % applied), stamp_ms=3)))
+        sm.apply(applied, encode_envelope(Envelope(Put(b"img", b"%d" % applied), stamp_ms=3)))
     return sm.snapshot()
 
 
 payloads = st.one_of(
     st.binary(max_size=24),
-    st.just(encode_envelope(Envelope(Set(b"k", b"v"), stamp_ms=5))),
-    st.just(encode_envelope(Envelope(Set(b"k", b"w"), "c", 1, None, 6))),
+    st.just(encode_envelope(Envelope(Put(b"k", b"v"), stamp_ms=5))),
+    st.just(encode_envelope(Envelope(Put(b"k", b"w"), "c", 1, None, 6))),
 )
 conf_changes = st.sampled_from([
     ConfChange((ConfChangeSingle(ConfChangeType.ADD_LEARNER, 4),)).encode(),
@@ -291,7 +291,7 @@ def _play(target: Target, script) -> None:
                 target.raw.tick()
             target.drain()
         elif target.raw.role == StateRole.LEADER:
-            target.raw.propose(encode_envelope(Envelope(Set(b"k", b"v"), stamp_ms=9)))
+            target.raw.propose(encode_envelope(Envelope(Put(b"k", b"v"), stamp_ms=9)))
             target.drain()
 
 

@@ -105,7 +105,7 @@ def _value(request: Request, op: str) -> bytes:
 # ---- the writes' commands -------------------------------------------------------------------------
 def _put(r: Request, encode: Encode, _limit: int):
     k = key(r.key)
-    return commands.Set(k, encode(k, _value(r, "put")), ttl(r))
+    return commands.Put(k, encode(k, _value(r, "put")), ttl(r))
 
 
 def _cas(r: Request, encode: Encode, _limit: int):
@@ -134,7 +134,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               _put, lambda version: {"number": version},
               doc="store a value; answers its version"),
     Operation("remove", ("key", "header"), "ok", "write", True,
-              lambda r, _e, _l: commands.Delete(key(r.key)),
+              lambda r, _e, _l: commands.Remove(key(r.key)),
               lambda existed: {"ok": bool(existed)},
               doc="delete a key; answers whether it existed"),
     Operation("cas", ("key", "expected_version", "value", "ttl_ms", "header"), "ok", "write",
