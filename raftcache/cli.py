@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from raftcache.core.operations import OPERATIONS
+from raftcache.core.operations import BY_CLIENT_NAME, OPERATIONS
 
 EXIT_MISSING = 1  # get, mget: a key is missing
 EXIT_CAS_FAILED = 1  # cas: the key is not at the expected version; nothing was written
@@ -89,9 +89,11 @@ def _add_server_commands(sub) -> None:
 
 
 def _client_command(sub, name: str, op: str, func, *positional: str, help: str = ""):
-    """A subcommand that calls operation `op`: its positional arguments and the client
-    options. Its help is the operation's doc unless `help` says more."""
-    text = help or OPERATIONS[op].doc
+    """A subcommand that calls the operation the client calls `op` (`Operation.client_name`):
+    its positional arguments and the client options. Its help is the operation's doc unless
+    `help` says more."""
+    operation = BY_CLIENT_NAME[op]
+    text = help or operation.doc
     sp = sub.add_parser(name, help=text, description=text)
     for arg in positional:
         sp.add_argument(arg)
@@ -104,7 +106,7 @@ def _client_command(sub, name: str, op: str, func, *positional: str, help: str =
     sp.add_argument("--cert", help="client certificate (PEM) for TLS")
     sp.add_argument("--key", dest="tls_key", help="client key (PEM) for TLS")
     sp.add_argument("--timeout", type=float, default=5.0)
-    sp.set_defaults(func=func, operation=op, usage_error=sp.error)
+    sp.set_defaults(func=func, operation=operation.name, usage_error=sp.error)
     return sp
 
 
@@ -119,7 +121,7 @@ class _Pairs(argparse.Action):
 
 
 def _add_client_commands(sub) -> None:
-    s = _client_command(sub, "set", "put", _cmd_set, "key", "value",
+    s = _client_command(sub, "set", "set", _cmd_set, "key", "value",
                         help="store a value; prints its version")
     s.add_argument("--ttl", type=float, default=None, help="seconds")
     g = _client_command(sub, "get", "get", _cmd_get, "key",
@@ -139,7 +141,7 @@ def _add_client_commands(sub) -> None:
                          help="store several values in one write; prints their version")
     ms.add_argument("items", nargs="+", action=_Pairs, metavar="KEY VALUE")
     ms.add_argument("--ttl", type=float, default=None, help="seconds")
-    _client_command(sub, "delete", "remove", _cmd_delete, "key",
+    _client_command(sub, "delete", "delete", _cmd_delete, "key",
                     help="delete a key; prints deleted or not found")
     c = _client_command(sub, "cas", "cas", _cmd_cas, "key",
                         help="store VALUE only if KEY is at VERSION (0: missing); prints the new "

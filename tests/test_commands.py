@@ -307,3 +307,17 @@ def test_a_caller_flag_without_an_identity_is_refused():
     data[1] &= ~4  # drop the identity flag, keep the caller's
     with pytest.raises(CommandError):
         decode_envelope(bytes(data))
+
+
+def test_one_name_per_operation_from_the_registry_to_the_command():
+    from raftcache.core.api import Request
+    from raftcache.core.operations import OPERATIONS
+
+    request = dict(key=b"k", value=b"v", items={b"k": b"v"}, expected_version=0)
+    writes = [op for op in OPERATIONS.values() if op.kind == "write"]
+    for op in writes:
+        proposed = op.command(Request(op=op.name, **request), lambda _key, value: value, 10)
+        assert proposed.name == op.name, (op.name, proposed)
+    # the commands no client sends: the leader's sweep, admin settings, re-encryption
+    internal = {cls.name for cls in COMMAND_TYPES.values()} - {op.name for op in writes}
+    assert internal == {"sweep", "configure", "reseal"}

@@ -198,7 +198,7 @@ def test_row5_a_huge_ttl_is_refused_and_no_ttl_keeps_a_node_from_restarting(tmp_
         c.wait_for_leader()
         with c.client(timeout=WAIT) as client:
             with pytest.raises(errors.InvalidRequest, match="ttl_ms"):  # as any client can
-                client._call("put", key=b"forever", value=b"x", ttl_ms=I64_MAX)
+                client._call("set", key=b"forever", value=b"x", ttl_ms=I64_MAX)
             client.set("decade", "y", ttl=MAX_TTL_MS / 1000)  # the longest accepted
             for i in range(120):  # past two snapshots
                 client.set(f"fill{i % 7}", str(i))
