@@ -241,7 +241,7 @@ class Scalar:
     """How one field is written (checked: CommandError when it is not valid) and read back."""
 
     write: Callable[[bytearray, object, str], None]  # (out, value, what the errors call it)
-    read: Callable[[Reader], object]
+    get: Callable[[Reader], object]  # reads it back
     sample: object  # a valid value (`sample_command`)
     # A client's value, as the value codecs sealed it: left out of fingerprints, because a
     # codec may seal the same write differently on each attempt.
@@ -250,9 +250,6 @@ class Scalar:
     def put(self, out: bytearray, value, what: str, values: bool) -> None:
         if values or not self.is_value:
             self.write(out, value, what)
-
-    def get(self, r: Reader):
-        return self.read(r)
 
 
 def _put_ttl(out: bytearray, ttl, _what: str) -> None:
@@ -324,6 +321,8 @@ class Writes(enum.Enum):
 
 # tag -> command class: what `decode_command` reads; filled by @command, in tag order below.
 COMMAND_TYPES: dict[int, type] = {}
+# tag -> (class, each field's reader): the same, looked up once (decoding runs on every apply)
+_DECODERS: dict[int, tuple[type, tuple]] = {}
 _DECLARED = ("name", "tag", "fields", "writes", "returns_value")
 
 
@@ -351,6 +350,7 @@ def command(cls: type) -> type:
     if any(other.name == cls.name for other in COMMAND_TYPES.values()):
         raise TypeError(f"command {cls.__name__}: another command is named {cls.name!r}")
     COMMAND_TYPES[cls.tag] = cls
+    _DECODERS[cls.tag] = (cls, tuple(f.codec.get for f in cls.fields))
     return cls
 
 
@@ -588,10 +588,11 @@ def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
 
 def decode_command(r: Reader) -> Command:
     tag = r.u8()
-    cls = COMMAND_TYPES.get(tag)
-    if cls is None:
+    decoder = _DECODERS.get(tag)
+    if decoder is None:
         raise CommandError(f"unknown command tag {tag}")
-    return cls(*[f.codec.get(r) for f in cls.fields])
+    cls, readers = decoder
+    return cls(*[read(r) for read in readers])
 
 
 def _caller(out: bytearray, c: Caller) -> None:
