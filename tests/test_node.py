@@ -105,7 +105,7 @@ def test_snapshots_are_taken_and_hooked(node_and_plugin):
     for i in range(50):
         assert call(node, op="put", key=b"k%d" % i, value=b"v").error is None
     assert any(e[0] == "snapshot" for e in plugin.events)
-    assert node.replica.raw.log.offset > 0  # the log prefix was compacted
+    assert node.replica.raw.raft_log.offset > 0  # the log prefix was compacted
     assert call(node, op="get", key=b"k0").result.value == b"v"
 
 

@@ -630,7 +630,7 @@ def test_a_node_on_file_wal_keeps_its_data_across_a_restart(tmp_path):
         for i in range(100):
             got = call(node, op="get", key=b"k%d" % i)
             assert got.error is None and got.result.value == b"v%d" % i, (i, got)
-        assert node.replica.raw.log.offset > 0  # it restarted from a snapshot
+        assert node.replica.raw.raft_log.offset > 0  # it restarted from a snapshot
     finally:
         node.stop()
     assert len(segments(tmp_path / "n1")) <= 3

@@ -35,7 +35,7 @@ class _Pairs(argparse.Action):
 
 
 def add_client_commands(sub) -> None:
-    s = client_command(sub, "set", "put", _cmd_set, "key", "value",
+    s = client_command(sub, "set", "set", _cmd_set, "key", "value",
                        help="store a value; prints its version")
     s.add_argument("--ttl", type=float, default=None, help="seconds")
     g = client_command(sub, "get", "get", _cmd_get, "key",
@@ -55,7 +55,7 @@ def add_client_commands(sub) -> None:
                         help="store several values in one write; prints their version")
     ms.add_argument("items", nargs="+", action=_Pairs, metavar="KEY VALUE")
     ms.add_argument("--ttl", type=float, default=None, help="seconds")
-    client_command(sub, "delete", "remove", _cmd_delete, "key",
+    client_command(sub, "delete", "delete", _cmd_delete, "key",
                    help="delete a key; prints deleted or not found")
     c = client_command(sub, "cas", "cas", _cmd_cas, "key",
                        help="store VALUE only if KEY is at VERSION (0: missing); prints the new "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from raftcache.core.operations import OPERATIONS
+from raftcache.core.operations import BY_CLIENT_NAME
 
 EXIT_MISSING = 1  # get, mget: a key is missing
 EXIT_CAS_FAILED = 1  # cas: the key is not at the expected version; nothing was written
@@ -25,9 +25,11 @@ EXIT_BROKEN_PIPE = 141
 
 
 def client_command(sub, name: str, op: str, func, *positional: str, help: str = ""):
-    """A subcommand that calls operation `op`: its positional arguments and the client
-    options. Its help is the operation's doc unless `help` says more."""
-    text = help or OPERATIONS[op].doc
+    """A subcommand that calls the operation the client calls `op` (`Operation.client_name`):
+    its positional arguments and the client options. Its help is the operation's doc unless
+    `help` says more."""
+    operation = BY_CLIENT_NAME[op]
+    text = help or operation.doc
     sp = sub.add_parser(name, help=text, description=text)
     for arg in positional:
         sp.add_argument(arg)
@@ -40,7 +42,7 @@ def client_command(sub, name: str, op: str, func, *positional: str, help: str = 
     sp.add_argument("--cert", help="client certificate (PEM) for TLS")
     sp.add_argument("--key", dest="tls_key", help="client key (PEM) for TLS")
     sp.add_argument("--timeout", type=float, default=5.0)
-    sp.set_defaults(func=func, operation=op, usage_error=sp.error)
+    sp.set_defaults(func=func, operation=operation.name, usage_error=sp.error)
     return sp
 
 

@@ -147,7 +147,7 @@ class Applier:
         snapshot = self.raw.snapshot
         start = snapshot.meta.index if snapshot is not None else 0
         self.sm.restore(snapshot.data if snapshot is not None else b"")
-        entries = (self.raw.log.slice(start + 1, applied + 1, 1 << 62, 1 << 62)
+        entries = (self.raw.raft_log.slice(start + 1, applied + 1, 1 << 62, 1 << 62)
                    if applied > start else [])
         for n, entry in enumerate(entries, 1):
             if entry.type == EntryType.NORMAL and entry.data:

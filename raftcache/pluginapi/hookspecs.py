@@ -164,8 +164,8 @@ def raftcache_check_command(command, identity: str | None, stamp_ms: int,
     exactly-once session, and its client gets ``Unauthorized(reason)``. Decide only from the
     arguments and replicated state, or replicas will disagree. An exception stops the node.
 
-    :param command: a `raftcache.core.cache.commands` command (Set, Delete, Cas, Incr, Invalidate,
-        MSet) as it is in the log; its values are already encoded by the value codecs.
+    :param command: a `raftcache.core.cache.commands` command (Put, Remove, Cas, Incr, Invalidate,
+        MSet, Append, Configure, Reseal) as in the log, its values encoded by the value codecs.
     :param identity: the caller's identity recorded in the entry by the node that took the
         write, or None (no authentication).
     :param stamp_ms: the entry's time: the proposing leader's clock, never going backwards.

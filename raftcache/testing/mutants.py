@@ -36,7 +36,7 @@ class ReadIndexWithoutHeartbeat(RawNode):
         if not self._committed_in_current_term():
             self.read_only.wait_for_commit(context, requester, lease)
             return
-        self._answer_read(context, requester, self.log.committed)
+        self._answer_read(context, requester, self.raft_log.committed)
 
 
 class ReadIndexBeforeOwnCommit(RawNode):
