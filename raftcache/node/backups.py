@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+import attrs
 import gevent.event
 
 from raftcache.core import api
@@ -14,18 +15,18 @@ from raftcache.pluginapi import BackendLost, BackendUnavailable
 from .applier import Applier
 
 
+@attrs.define
 class Backups:
     """Contract: `take` asks the Ready loop for an image of everything applied so far and
     waits for it (raising gevent.Timeout, BackendUnavailable or BackendLost); the loop takes
     every image asked for at once, between apply batches (`take_wanted`). The newest image
     is kept whole (`newest`), so that a client can read it a part at a time."""
 
-    def __init__(self, applier: Applier, raw: RawNode, wake: Callable[[], None]):
-        self.applier = applier
-        self.raw = raw
-        self.wake = wake
-        self.wanted: list[gevent.event.AsyncResult] = []
-        self.newest: api.SnapshotPart | None = None  # with the whole image in `data`
+    applier: Applier
+    raw: RawNode
+    wake: Callable[[], None]  # the Ready loop's
+    wanted: list[gevent.event.AsyncResult] = attrs.Factory(list)
+    newest: api.SnapshotPart | None = None  # with the whole image in `data`
 
     def take(self, timeout: float) -> api.SnapshotPart:
         wanted = gevent.event.AsyncResult()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+import attrs
 import gevent
 
 from raftcache.core import api
+from raftcache.pluginapi import TLSConfig
 
 from .addresses import AddressBook
 from .config import Config
 
 
+@attrs.define
 class JoinCheck:
     """What a node with no Raft state learns from the cluster before it serves.
 
@@ -23,16 +27,17 @@ class JoinCheck:
     no Raft state lost its data: it is refused (ConfigError) instead of voting twice.
     """
 
-    def __init__(self, config: Config, addresses: AddressBook, connect, tls, log,
-                 fresh: Callable[[], bool], sync_addresses: Callable[[], None]):
-        self.config = config
-        self.id = config.node.id
-        self.addresses = addresses
-        self.connect = connect
-        self.tls = tls
-        self.log = log
-        self.fresh = fresh  # whether the replica still holds no Raft state at all
-        self.sync_addresses = sync_addresses
+    config: Config
+    addresses: AddressBook
+    connect: Callable  # the transport's client connection
+    tls: TLSConfig | None
+    log: logging.LoggerAdapter
+    fresh: Callable[[], bool]  # whether the replica still holds no Raft state at all
+    sync_addresses: Callable[[], None]
+
+    @property
+    def id(self) -> int:
+        return self.config.node.id
 
     def run(self, bootstrapped: bool) -> gevent.Greenlet | None:
         """At start; `bootstrapped`: the replica has just founded a cluster from static

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import attrs
 import gevent
 
 from raftcache.core import api
@@ -13,6 +14,7 @@ from raftcache.core.raft import RawNode
 from .waiting import Overloaded, Waiter
 
 
+@attrs.define
 class Reads:
     """The reads of one replica waiting to be confirmed.
 
@@ -24,16 +26,14 @@ class Reads:
     (`fail_orphaned`), and every read when the backend cannot serve (`fail_all`).
     """
 
-    def __init__(self, node_id: int, raw: RawNode, max_pending: int,
-                 wake: Callable[[], None], advance_clock: Callable[[], None]):
-        self.node_id = node_id
-        self.raw = raw
-        self.max_pending = max_pending
-        self.wake = wake
-        self.advance_clock = advance_clock
-        self.waiting: dict[bytes, Waiter] = {}  # read context -> read not yet confirmed
-        self.confirmed: list[tuple[int, Waiter]] = []  # (read index, read) waiting for apply
-        self._ids = itertools.count(1)
+    node_id: int
+    raw: RawNode
+    max_pending: int
+    wake: Callable[[], None]  # the Ready loop's
+    advance_clock: Callable[[], None]  # the replica's ticks, caught up
+    waiting: dict[bytes, Waiter] = attrs.Factory(dict)  # read context -> not yet confirmed
+    confirmed: list[tuple[int, Waiter]] = attrs.Factory(list)  # (read index, read) to apply
+    _ids: itertools.count = attrs.Factory(lambda: itertools.count(1))
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.confirmed)
