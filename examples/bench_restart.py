@@ -45,7 +45,7 @@ def main() -> int:
         def start() -> Node:
             node = Node(cfg)
             node.start()
-            while node.raw.role.name != "LEADER":
+            while node.replica.raw.role.name != "LEADER":
                 gevent.sleep(0.005)
             return node
 

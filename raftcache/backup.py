@@ -134,10 +134,10 @@ def restore(path: str, data_dir: str, nodes: int, keyring: str | None = None,
     conf = ConfState(voters=frozenset(range(1, nodes + 1)))
     snapshot = Snapshot(SnapshotMeta(header["index"], header["term"], conf), image)
     for n, target in enumerate(targets, 1):
-        log = storage_provider.factory(n, target, {})
-        log.load()
-        log.save(HardState(term=header["term"], commit=header["index"]), [], snapshot, True)
-        log.close()
+        raft_log = storage_provider.factory(n, target, {})
+        raft_log.load()
+        raft_log.save(HardState(term=header["term"], commit=header["index"]), [], snapshot, True)
+        raft_log.close()
         if on_progress is not None:
             on_progress(n, nodes)
     if keyring:

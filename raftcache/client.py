@@ -69,7 +69,7 @@ class Client:
     # -- the API (a contract: README, and raftcache.thrift for other languages) -------------------
     def set(self, key, value, ttl: float | None = None) -> int:
         """Store `value`; returns its version (the log index that wrote it)."""
-        r = self._call("put", key=_bytes(key), value=_bytes(value), ttl_ms=_ttl_ms(ttl))
+        r = self._call("set", key=_bytes(key), value=_bytes(value), ttl_ms=_ttl_ms(ttl))
         return r.number
 
     def get(self, key, consistency: str = "linearizable") -> bytes | None:
@@ -82,7 +82,7 @@ class Client:
         return (r.result.value, r.result.version) if r.result.found else None
 
     def delete(self, key) -> bool:
-        return bool(self._call("remove", key=_bytes(key)).ok)
+        return bool(self._call("delete", key=_bytes(key)).ok)
 
     def cas(self, key, expected_version: int, value, ttl: float | None = None) -> bool:
         return self.cas_with_version(key, expected_version, value, ttl)[0]
@@ -176,7 +176,10 @@ class Client:
         self.close()
 
     # -- plumbing -----------------------------------------------------------------------------------
-    def _call(self, op: str, **fields):
+    def _call(self, name: str, **fields):
+        """Call the operation the client calls `name` (`Operation.client_name`: set and
+        delete are put and remove on the wire)."""
+        op = operations.BY_CLIENT_NAME[name].name
         session = self._take_session() if operations.needs_session(op) else None
         try:
             header = api.RequestHeader(token=self.token)

@@ -11,26 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import attrs
 
 from raftcache.node.config import private_dir, write_secret
+from raftcache.pluginapi import PluginError
+from raftcache.pluginapi.manager import PluginSet, make_manager
 from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_port, free_ports
-
-# The hybrid backend as examples/hybrid/hybrid.toml configures it (sessions in memcached,
-# configuration in redis, the rest in memory); LocalCluster starts a memcached and a
-# redis-server per node for the instances. The fault suite and `raftcache bench` run it.
-HYBRID_EXAMPLE = {
-    "plugin": "hybrid",
-    "options": {
-        "default": "local",
-        "routes": [{"match": "session:*", "to": "sessions"},
-                   {"match": "config:*", "to": "config"}],
-        "instances": {"sessions": {"plugin": "memcached"}, "config": {"plugin": "redis"},
-                      "local": {"plugin": "memory"}},
-    },
-}
-
 
 JOIN_HEADER = """\
 # A new node of this cluster (written by `raftcache up`):
@@ -40,7 +28,7 @@ JOIN_HEADER = """\
 #
 # The node asks the members under cluster.join where everyone is, then waits to be added;
 # the log carries its address to every node. A backend that needs a server of its own
-# (redis, memcached) needs its address in [backend.options] first.
+# (redis, memcached: its provider's dev_servers) needs its address in [backend.options] first.
 
 """
 
@@ -96,54 +84,108 @@ def to_toml(data: dict) -> str:
     return "\n".join(lines)
 
 
-# The option that tells a plugin where its server is, by the kind of server `up` starts.
-_ADDRESS_OPTION = {"redis-aof": "url", "redis": "url", "memcached": "address"}
+@attrs.frozen
+class ServerKind:
+    """A kind of server a local cluster starts: how, and which of its attributes is the
+    address a plugin's option gets."""
+
+    start: Callable  # (directory, port, host) -> a servers.RedisServer or MemcachedServer
+    address: str  # "url" or "address"
+
+
+# Backends name the kinds they need (pluginapi.DevServer); "redis-aof" is the storage's.
+# Their ports are fixed when made, written into the node's config, and kept across restarts.
+SERVER_KINDS = {
+    # a backend's cache: nothing on disk, and full means refusing writes
+    "redis": ServerKind(lambda directory, port, host: RedisServer(
+        directory, port=port, host=host, appendonly=False,
+        extra_args=["--maxmemory-policy", "noeviction"]), "url"),
+    "memcached": ServerKind(lambda directory, port, host: MemcachedServer(
+        directory, port=port, host=host), "address"),
+    "redis-aof": ServerKind(lambda directory, port, host: RedisServer(  # the durable defaults
+        directory, port=port, host=host), "url"),
+}
 
 
 @attrs.frozen
 class ServerNeed:
     """A server a node's config needs and does not name: `up` starts one per node."""
 
-    name: str  # "storage", "backend", or "backend.<hybrid instance>"
-    kind: str  # "redis-aof" (durable), "redis" (a cache: no persistence), "memcached"
-    options: dict  # the plugin options that get its address (`_ADDRESS_OPTION[kind]`)
+    # "storage", "backend", "backend.<instance>" of a composite; "<that>:<option>" when one
+    # backend declares several servers
+    name: str
+    kind: str  # a key of SERVER_KINDS
+    option: str  # the option that gets its address
+    options: dict  # the plugin's options table holding it
 
 
-def server_needs(config: dict) -> list[ServerNeed]:
+def server_needs(config: dict, plugins: PluginSet) -> list[ServerNeed]:
     """The servers a node's config (as written to its file) lacks: the redis-aof storage
-    without a url, a redis or memcached backend without its url or address, and each hybrid
-    backend instance of those plugins without one."""
-    def options(section: dict) -> dict:
-        return section.setdefault("options", {})
-
-    def unnamed(name: str, kind: str, opts: dict) -> list[ServerNeed]:
-        return [] if opts.get(_ADDRESS_OPTION[kind]) else [ServerNeed(name, kind, opts)]
-
+    without a url, and the dev servers its backend's provider declares (`DevServer`; for a
+    composite, each instance's plugin's) whose option it leaves unset."""
     needs = []
     storage = config.get("storage", {})
     # `slow-disk` (fault suite) wraps another storage: options.inner
     if "redis-aof" in (storage.get("plugin"), storage.get("options", {}).get("inner")):
-        needs += unnamed("storage", "redis-aof", options(storage))
+        options = storage.setdefault("options", {})
+        if not options.get("url"):
+            needs.append(ServerNeed("storage", "redis-aof", "url", options))
     backend = config.get("backend", {})
-    plugin = backend.get("plugin")
-    if plugin in ("redis", "memcached"):
-        needs += unnamed("backend", plugin, options(backend))
-    if plugin == "hybrid":
-        for instance, opts in options(backend).get("instances", {}).items():
-            if opts.get("plugin") in ("redis", "memcached"):
-                needs += unnamed(f"backend.{instance}", opts["plugin"], opts)
+    if isinstance(backend.get("plugin"), str):
+        needs += _backend_needs(plugins, "backend", backend["plugin"],
+                                lambda: backend.setdefault("options", {}))
     return needs
 
 
-def _make_server(kind: str, directory: str, host: str):
-    # Its port is fixed now, written into the node's config, and kept across restarts.
-    port = free_port(host)
-    if kind == "memcached":
-        return MemcachedServer(directory, port=port, host=host)
-    if kind == "redis":  # a backend's cache: nothing on disk, and full means refusing writes
-        return RedisServer(directory, port=port, host=host, appendonly=False,
-                           extra_args=["--maxmemory-policy", "noeviction"])
-    return RedisServer(directory, port=port, host=host)  # redis-aof: the durable defaults
+def _backend_needs(plugins: PluginSet, name: str, plugin: str,
+                   options: Callable[[], dict]) -> list[ServerNeed]:
+    """`plugin`'s unmet dev servers. `options()` is its options table: [backend.options]
+    (made when missing, so only asked for when a server is declared), or an instance's."""
+    try:
+        provider = plugins.backend(plugin)
+    except PluginError:
+        return []  # the node names the unknown backend itself, with the known ones
+    needs = []
+    for server in provider.dev_servers:
+        if server.kind not in SERVER_KINDS:
+            raise ValueError(f"backend {plugin!r} declares a dev server of unknown kind "
+                             f"{server.kind!r} (known: {', '.join(sorted(SERVER_KINDS))})")
+        if not options().get(server.option):
+            unique = name if len(provider.dev_servers) == 1 else f"{name}:{server.option}"
+            needs.append(ServerNeed(unique, server.kind, server.option, options()))
+    instances = options().get(provider.dev_instances) if provider.dev_instances else None
+    for instance, table in (instances or {}).items():
+        if isinstance(table, dict) and isinstance(table.get("plugin"), str):
+            needs += _backend_needs(plugins, f"{name}.{instance}", table["plugin"],
+                                    lambda table=table: table)
+    return needs
+
+
+def _is_backend(server_name: str) -> bool:
+    """Whether a `ServerNeed.name` is a backend's ("backend", "backend.x", "backend:url")."""
+    return server_name.split(".")[0].split(":")[0] == "backend"
+
+
+def backend_runs_servers(backend: str, plugins: PluginSet, section: dict | None = None) -> bool:
+    """Whether a local cluster starts servers for `backend` run as `dev_backend` says (so
+    that a fault can kill them)."""
+    config = {"backend": copy.deepcopy(dev_backend(backend, plugins, section))}
+    return bool(server_needs(config, plugins))
+
+
+def dev_backend(backend: str, plugins: PluginSet, section: dict | None = None) -> dict:
+    """The [backend] section a test or bench cluster runs `backend` with: `section` (the
+    config's, whose plugin wins), with its provider's dev options when it gives none
+    (`BackendProvider.dev_options`)."""
+    out = {"plugin": backend, **(section or {})}
+    if "options" not in out:
+        try:
+            options = plugins.backend(out["plugin"]).dev_options
+        except PluginError:
+            options = None
+        if options is not None:
+            out["options"] = copy.deepcopy(options)
+    return out
 
 
 def last_error_line(log_path: str) -> str:
@@ -192,10 +234,22 @@ class LocalCluster:
     routes: dict = attrs.Factory(dict)
     # Node i serves /metrics, /healthz and /readyz on host:metrics_port+i-1 (None: no endpoint).
     metrics_port: int | None = None
+    # Plugin objects (modules) the nodes load besides the entry points, through a launcher
+    # that registers them (raftcache.testing.node --plugin): their backends' dev servers are
+    # started like the built-ins'.
+    plugins: list = attrs.Factory(list)
     processes: dict = attrs.Factory(dict)
     # The servers the configs need and do not name (`server_needs`), one of each per node,
     # started before it and stopped after it: node id -> {ServerNeed.name: server}.
     servers: dict = attrs.Factory(dict)
+
+    _plugin_set: PluginSet | None = attrs.field(default=None, init=False)
+
+    def plugin_set(self) -> PluginSet:
+        """The providers the nodes can load: whose declarations say which servers to start."""
+        if self._plugin_set is None:
+            self._plugin_set = PluginSet(make_manager(extra=self.plugins))
+        return self._plugin_set
 
     def host_of(self, node_id: int) -> str:
         return self.hosts[node_id - 1] if self.hosts else self.host
@@ -270,7 +324,8 @@ class LocalCluster:
         servers = self.servers.setdefault(node_id, {})
         if need.name not in servers:
             directory = os.path.join(self.data_dir, f"node{node_id}", f"{need.name}-{need.kind}")
-            servers[need.name] = _make_server(need.kind, directory, self.host_of(node_id))
+            host = self.host_of(node_id)
+            servers[need.name] = SERVER_KINDS[need.kind].start(directory, free_port(host), host)
         return servers[need.name]
 
     def node_config(self, i: int) -> dict:
@@ -298,9 +353,9 @@ class LocalCluster:
                         **data.get("node", {})}
         if self.metrics_port:
             data["node"]["metrics_address"] = self.metrics_address(i)
-        for need in server_needs(data):
-            need.options[_ADDRESS_OPTION[need.kind]] = getattr(
-                self._server(i, need), _ADDRESS_OPTION[need.kind])
+        for need in server_needs(data, self.plugin_set()):
+            need.options[need.option] = getattr(self._server(i, need),
+                                                SERVER_KINDS[need.kind].address)
         return data
 
     def join_config(self, node_id: int | None = None) -> dict:
@@ -396,9 +451,9 @@ class LocalCluster:
 
     def backend_servers(self, node_id: int, instance: str | None = None) -> list[str]:
         """The names of the node's backend servers: every one, or the hybrid `instance`'s."""
-        names = [n for n in self.servers.get(node_id, {}) if n.split(".")[0] == "backend"]
+        names = [n for n in self.servers.get(node_id, {}) if _is_backend(n)]
         if instance is not None:
-            names = [n for n in names if n == f"backend.{instance}"]
+            names = [n for n in names if n.split(":")[0] == f"backend.{instance}"]
             if not names:
                 raise KeyError(f"node {node_id} runs no server for backend instance {instance!r}")
         return names

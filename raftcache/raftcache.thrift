@@ -1,9 +1,9 @@
 // raftcache wire format: the client service and the peer messages.
 //
 // Binary protocol, framed transport. `set` is reserved in Thrift IDL and thriftpy2 rejects
-// `delete`, so the service calls them `put` and `remove` (the Python client and the CLI keep
-// set/delete). Every client call takes an optional trailing RequestHeader: generated clients in
-// any language may pass null.
+// `delete`, so the service calls them `put` and `remove`, and so does everything inside the node
+// (the Python client and the CLI keep set/delete: `Operation.client_name`). Every client call
+// takes an optional trailing RequestHeader: generated clients in any language may pass null.
 
 namespace py raftcache_rpc  // not "raftcache": that is the Python package
 namespace java io.raftcache
@@ -73,8 +73,8 @@ struct NodeStatus {
 // A request or response as one value: what the tcp-tls transport carries in its frames, and
 // what the node handles whichever transport a call came in on.
 struct Request {
-  1: string op,                   // put remove get cas incr invalidate mget mset status
-                                  // transfer_leader change_member
+  1: string op,                   // put remove get cas incr append invalidate mget mset
+                                  // status transfer_leader change_member snapshot admin
   2: optional binary key,
   3: optional binary value,
   4: optional i64 ttl_ms,
@@ -155,7 +155,7 @@ struct RaftBatch {
 // ---- peer authentication on a plaintext connection (docs/security.md) -------------------------
 // A node that dials a peer calls peer_hello, checks the listener's proof, then calls peer_auth
 // with its own; only then do its raft() batches count. A proof is HMAC-SHA256 with the cluster
-// secret over both nonces, the cluster id and both node ids (transport/common.py peer_proof).
+// secret over both nonces, the cluster id and both node ids (transport/peer_proof.py).
 struct PeerHello {
   1: i64 cluster_id,
   2: i64 from_node,

@@ -29,19 +29,21 @@ from raftcache.servers import RedisServer
 
 TIERS = {
     "unit": [
-        "test_certs", "test_commands", "test_config_plugins", "test_hostile_peers",
+        "test_certs", "test_commands", "test_config_plugins", "test_docs", "test_hostile_peers",
         "test_linearizability", "test_node", "test_observers", "test_raft_commit",
         "test_raft_election", "test_raft_membership", "test_raft_purity", "test_raft_read",
         "test_raft_refusals", "test_raft_replication", "test_raft_snapshot",
-        "test_raft_transfer", "test_raft_units", "test_relay", "test_slow_disk",
+        "test_plugin_boundaries", "test_raft_transfer", "test_raft_units", "test_relay",
+        "test_slow_disk",
         "test_statemachine", "test_storage_file_wal", "test_transport_tcp_tls",
         "test_transport_thrift",
     ],
     "cluster": [
         "test_arrows", "test_auth", "test_backend_cluster", "test_backends", "test_backup",
-        "test_bench", "test_cli", "test_cluster_e2e", "test_deploy_files", "test_encryption",
+        "test_bench", "test_cli", "test_cluster_e2e", "test_deploy_files", "test_dev_servers",
+        "test_encryption",
         "test_fuzz", "test_hardening", "test_interop_nodejs", "test_interop_thrift",
-        "test_membership_e2e", "test_metrics", "test_rolling_upgrade",
+        "test_membership_e2e", "test_metrics", "test_plain_install", "test_rolling_upgrade",
         "test_storage_redis_aof", "test_third_party_plugin", "test_up_backends",
         "test_wal_node_recovery",
     ],
@@ -82,10 +84,12 @@ def new_cluster(directory, *, nodes: int = 3, ports: int | None = None, metrics:
     """A LocalCluster of `nodes` in `directory` on free ports: `ports` of them (default one per
     node; more leave room for nodes that join later); `metrics`: a /metrics port per node.
     The other keyword arguments are LocalCluster's (storage, transport, backend, extra, ...)."""
+    ports = ports or nodes
+    # One block for both: two blocks asked for in turn may overlap, as neither is bound yet.
+    base = free_port_block(ports + (nodes if metrics else 0))
     if metrics:
-        kwargs["metrics_port"] = free_port_block(nodes)
-    return LocalCluster(str(directory), nodes=nodes, port=free_port_block(ports or nodes),
-                        **kwargs)
+        kwargs["metrics_port"] = base + ports
+    return LocalCluster(str(directory), nodes=nodes, port=base, **kwargs)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ def entry(index: int, term: int, data: bytes | None = None) -> Entry:
 def log_of(terms: Iterable[int], voters: Iterable[NodeId]) -> tuple[Entry, ...]:
     """A log like a bootstrapped node's: index 1 is the initial membership (term 1), then one
     NORMAL entry per term in `terms` from index 2 on."""
-    first = RawNode.bootstrap(RaftConfig(id=1), random.Random(0), list(voters)).log.entries[0]
+    first = RawNode.bootstrap(RaftConfig(id=1), random.Random(0), list(voters)).raft_log.entries[0]
     return (first,) + tuple(entry(i, t) for i, t in enumerate(terms, start=2))
 
 
@@ -312,7 +312,7 @@ class Network:
         """Snapshot `nid`'s state machine and compact its log, persisting both."""
         node = self.nodes[nid]
         snap = node.compact(self.sm[nid].image(), keep_entries)
-        self.storage[nid].save_compaction(snap, node.log.offset)
+        self.storage[nid].save_compaction(snap, node.raft_log.offset)
         return snap
 
     # -- looking -------------------------------------------------------------------------------
@@ -348,4 +348,4 @@ class Network:
 
     def log(self, nid: NodeId) -> list[tuple[int, int]]:
         """(index, term) of every entry in `nid`'s in-memory log."""
-        return [(e.index, e.term) for e in self.nodes[nid].log.entries]
+        return [(e.index, e.term) for e in self.nodes[nid].raft_log.entries]

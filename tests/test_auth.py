@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import attrs
 import jwt
 import pluggy
 import pytest
@@ -27,6 +28,7 @@ from raftcache import errors, pluginapi
 from raftcache.client import Client, _Session
 from raftcache.core import api
 from raftcache.core.cache.commands import (
+    COMMAND_TYPES,
     Caller,
     Cas,
     Configure,
@@ -34,10 +36,13 @@ from raftcache.core.cache.commands import (
     Incr,
     Invalidate,
     MSet,
+    Put,
     Reseal,
-    Set,
     Sweep,
+    Writes,
+    command,
     encode_envelope,
+    sample_command,
 )
 from raftcache.core.cache.statemachine import ApplyError, Setting, StateMachine
 from raftcache.pluginapi.manager import entry_point_names, make_manager
@@ -227,21 +232,21 @@ def test_permission_table():
     admin_user = caller(grants=[("user:", "admin")])
     root = caller(grants=[("", "admin")])
     everything_rw = caller(grants=[("", "rw")])
-    assert allowed(user, Set(b"user:1", b"v")) and allowed(user, op="get", keys=[b"user:1"])
-    assert not allowed(user, Set(b"admin:1", b"v"))
+    assert allowed(user, Put(b"user:1", b"v")) and allowed(user, op="get", keys=[b"user:1"])
+    assert not allowed(user, Put(b"admin:1", b"v"))
     assert not allowed(user, op="get", keys=[b"admin:1"])
     assert not allowed(user, op="mget", keys=[b"user:1", b"admin:1"])
     assert not allowed(user, MSet(((b"user:1", b"v"), (b"admin:1", b"v"))))
     assert allowed(user, MSet(((b"user:1", b"v"), (b"user:2", b"v"))))
     assert allowed(reader, op="get", keys=[b"user:1"])
-    assert not allowed(reader, Set(b"user:1", b"v")) and not allowed(reader, Incr(b"user:1"))
+    assert not allowed(reader, Put(b"user:1", b"v")) and not allowed(reader, Incr(b"user:1"))
     assert allowed(writer, Cas(b"user:1", 0, b"v"))
     assert not allowed(writer, op="get", keys=[b"user:1"])
     # invalidate(P) needs w from one grant G that P starts with.
     assert allowed(user, Invalidate(b"user:")) and allowed(writer, Invalidate(b"user:x"))
     assert not allowed(user, Invalidate(b"")) and not allowed(user, Invalidate(b"use"))
     assert not allowed(reader, Invalidate(b"user:"))
-    assert allowed(admin_user, Invalidate(b"user:")) and allowed(admin_user, Set(b"user:", b""))
+    assert allowed(admin_user, Invalidate(b"user:")) and allowed(admin_user, Put(b"user:", b""))
     # Cluster operations and settings: admin on "" only.
     for c in (user, admin_user, everything_rw):
         for op in ("transfer_leader", "change_member", "admin"):
@@ -256,6 +261,64 @@ def test_permission_table():
     assert rbac.decide(None, 0, {}, [("cluster", b"")]) is None  # anonymous: auth off
 
 
+
+# ---- the verdict on a command follows what its class declares it writes ----------------------
+WRITER = caller("writer", grants=[("", "w")])  # may write any key, is no cluster admin
+ROOT = caller("root", grants=[("", "admin")])
+# Each kind of declared write: may a writer of every key run it, and may the cluster admin?
+VERDICTS = {Writes.KEYS: (True, True), Writes.PREFIXES: (True, True),
+            Writes.SETTINGS: (False, True), Writes.SEALING: (False, True),
+            Writes.EXPIRED: (True, True)}
+
+
+def check(command, c):
+    return rbac.raftcache_check_command(command=command, stamp_ms=2000, caller=c, settings={})
+
+
+@pytest.mark.parametrize("cls", list(COMMAND_TYPES.values()), ids=lambda cls: cls.__name__)
+def test_every_registered_command_gets_the_verdict_of_its_declaration(cls):
+    command = sample_command(cls)
+    writer_may, root_may = VERDICTS[cls.writes]
+    assert (check(command, WRITER) is None) == writer_may
+    assert (check(command, ROOT) is None) == root_may
+    if cls.writes is Writes.KEYS:  # and on its keys, not others
+        narrow = caller("narrow", grants=[(k.decode("latin-1"), "w") for k in command.written()])
+        assert check(command, narrow) is None
+        assert check(command, caller("elsewhere", grants=[("zzz", "w")])) is not None
+
+
+@attrs.frozen
+class Rewritten(Put):  # a Put whose class now says it writes the cluster settings
+    writes = Writes.SETTINGS
+
+
+@attrs.frozen
+class Narrowed(Configure):  # a Configure whose class now says it writes one user key
+    writes = Writes.KEYS
+
+    def written(self):
+        return (b"user:1",)
+
+
+@attrs.frozen
+class Undeclared:  # what a new command forgotten in the declarations would be
+    key: bytes
+
+
+def test_changing_or_removing_a_declaration_changes_the_verdict():
+    put, configure = Put(b"user:1", b"v"), Configure((("auth.revoked.x", b""),))
+    user = caller("user", grants=[("user:", "w")])
+    assert check(put, user) is None and check(Rewritten(b"user:1", b"v"), user) is not None
+    assert check(configure, user) is not None and check(Narrowed(configure.items), user) is None
+    # Declared nothing: refused loudly to everyone, the cluster admin and anonymous callers
+    # included, rather than quietly becoming admin-only.
+    for c in (ROOT, user, None):
+        assert "does not declare what it writes" in check(Undeclared(b"user:1"), c)
+    with pytest.raises(TypeError, match="does not declare"):
+        command(Undeclared)  # and it cannot register as a command at all
+    assert Undeclared not in COMMAND_TYPES.values()
+
+
 def test_times_revocation_and_roles_come_from_stamps_and_settings():
     c = caller(grants=[("k", "rw")], issued=1000, nbf=1500, exp=3000)
     get = {"op": "get", "keys": [b"k"]}
@@ -268,7 +331,7 @@ def test_times_revocation_and_roles_come_from_stamps_and_settings():
     assert allowed(c, stamp=2000, settings={"auth.revoked.other": Setting(b"", 5000, 7)}, **get)
     role = caller(roles=["ops"])
     ops = {"auth.role.ops": Setting(json.dumps({"k": "r"}).encode(), 1, 1)}
-    assert allowed(role, settings=ops, **get) and not allowed(role, Set(b"k", b""), settings=ops)
+    assert allowed(role, settings=ops, **get) and not allowed(role, Put(b"k", b""), settings=ops)
     assert not allowed(role, **get)  # the role is not (or no longer) defined
     assert not allowed(role, settings={"auth.role.ops": Setting(b"{garbage", 1, 1)}, **get)
 
@@ -302,23 +365,23 @@ def test_state_machine_judges_expiry_and_revocation_by_the_entry_stamp():
     alice = caller("alice", grants=[("a:", "rw")], issued=1000, nbf=1000, exp=5000)
     replicas = [Replica(), Replica()]
     for r in replicas:
-        assert not isinstance(r.apply(Set(b"a:1", b"x"), 4999, alice), ApplyError)
-        refused = r.apply(Set(b"a:1", b"y"), 5000, alice)  # the stamp reached exp
+        assert not isinstance(r.apply(Put(b"a:1", b"x"), 4999, alice), ApplyError)
+        refused = r.apply(Put(b"a:1", b"y"), 5000, alice)  # the stamp reached exp
         assert refused == ApplyError("Unauthorized", "the token of 'alice' expired")
         assert r.value(b"a:1") == b"x"
         # A later entry stamped before exp cannot happen: stamps never go back.
-        assert isinstance(r.apply(Set(b"a:1", b"z"), 4000, alice), ApplyError)
+        assert isinstance(r.apply(Put(b"a:1", b"z"), 4000, alice), ApplyError)
     bob = caller("bob", grants=[("b:", "rw")], issued=1000, nbf=1000)
     for r in replicas:
-        assert not isinstance(r.apply(Set(b"b:1", b"1"), 6000, bob), ApplyError)
+        assert not isinstance(r.apply(Put(b"b:1", b"1"), 6000, bob), ApplyError)
         r.apply(Configure((("auth.revoked.bob", b""),)), 6001, root)
-        assert r.apply(Set(b"b:1", b"2"), 6002, bob) == ApplyError(
+        assert r.apply(Put(b"b:1", b"2"), 6002, bob) == ApplyError(
             "Unauthorized", "the tokens of 'bob' were revoked")
         bob2 = caller("bob", grants=[("b:", "rw")], issued=6002, nbf=6002)
-        assert not isinstance(r.apply(Set(b"b:1", b"3"), 6003, bob2), ApplyError)
+        assert not isinstance(r.apply(Put(b"b:1", b"3"), 6003, bob2), ApplyError)
         assert isinstance(r.apply(Configure((("auth.revoked.alice", b""),)), 6004, bob2),
                           ApplyError)  # settings: admin on "" only
-        assert r.apply(Set(b"free", b"1"), 6005) == r.index  # anonymous: auth is off
+        assert r.apply(Put(b"free", b"1"), 6005) == r.index  # anonymous: auth is off
         assert r.apply(Sweep(7000), 7000, bob) is not None  # never checked
     assert replicas[0].sm.settings == replicas[1].sm.settings
     assert [r.value(b"b:1") for r in replicas] == [b"3", b"3"]
@@ -327,8 +390,8 @@ def test_state_machine_judges_expiry_and_revocation_by_the_entry_stamp():
 def test_a_vetoed_write_leaves_no_trace_in_its_session():
     r = Replica()
     mallory = caller("mallory", grants=[("m:", "rw")])
-    assert isinstance(r.apply(Set(b"x", b"1"), 2000, mallory, "c1", 1), ApplyError)
-    assert not isinstance(r.apply(Set(b"m:x", b"1"), 2001, mallory, "c1", 1), ApplyError)
+    assert isinstance(r.apply(Put(b"x", b"1"), 2000, mallory, "c1", 1), ApplyError)
+    assert not isinstance(r.apply(Put(b"m:x", b"1"), 2001, mallory, "c1", 1), ApplyError)
 
 
 # ---- teeth for the decision: each broken variant fails the table above --------------------------

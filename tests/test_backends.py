@@ -10,7 +10,7 @@ import tracemalloc
 import pymemcache
 import pytest
 
-from raftcache.core.cache.commands import Envelope, Incr, MSet, Set, encode_envelope
+from raftcache.core.cache.commands import Envelope, Incr, MSet, Put, encode_envelope
 from raftcache.core.cache.statemachine import StateMachine
 from raftcache.node.backend import make_backend
 from raftcache.node.config import ConfigError
@@ -257,7 +257,7 @@ def _write(sm, index, command, stamp=0):
 
 def test_memory_evicts_oldest_writes_alike_on_every_replica_and_after_a_restore():
     a, b = _replica(max_keys=3), _replica(max_keys=3)
-    history = [Set(b"a", b"1"), Set(b"b", b"2"), Set(b"c", b"3"), Set(b"a", b"4"),
+    history = [Put(b"a", b"1"), Put(b"b", b"2"), Put(b"c", b"3"), Put(b"a", b"4"),
                MSet(((b"d", b"5"), (b"e", b"6")))]
     for i, cmd in enumerate(history[:3], 1):
         _write(a, i, cmd)
@@ -276,8 +276,8 @@ def test_memory_evicts_oldest_writes_alike_on_every_replica_and_after_a_restore(
 
 def test_memory_incr_of_an_evicted_key_starts_from_zero_everywhere():
     sm = _replica(max_keys=1)
-    _write(sm, 1, Set(b"n", b"41"))
-    _write(sm, 2, Set(b"m", b"x"))  # evicts n
+    _write(sm, 1, Put(b"n", b"41"))
+    _write(sm, 2, Put(b"m", b"x"))  # evicts n
     assert _write(sm, 3, Incr(b"n", 1)) == 1
 
 
@@ -289,7 +289,7 @@ def test_memory_max_bytes_counts_the_real_cost_of_a_key():
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for i in range(1, n + 1):
-        _write(sm, i, Set(b"key-%08d" % i, b"v" * 100))
+        _write(sm, i, Put(b"key-%08d" % i, b"v" * 100))
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     per_key = used / n - 12 - 100
@@ -297,7 +297,7 @@ def test_memory_max_bytes_counts_the_real_cost_of_a_key():
     assert sm.backend.bytes == n * (12 + 100 + PER_KEY_OVERHEAD)
     full = _replica(max_bytes=10 * (12 + 100 + PER_KEY_OVERHEAD))
     for i in range(1, 21):
-        _write(full, i, Set(b"key-%08d" % i, b"v" * 100))
+        _write(full, i, Put(b"key-%08d" % i, b"v" * 100))
     assert len(full) == 10 and full.read(b"key-00000011", 0) is not None
 
 
@@ -313,7 +313,7 @@ def test_restart_over_redis_replays_into_an_overlay_and_never_regresses_it(
     first, _ = sm_over_redis()
     first.restore(b"")
     entries = [encode_envelope(Envelope(cmd, None, None, None, 0)) for cmd in
-               [Set(b"k", b"1"), Incr(b"n", 5), Set(b"k", b"2"), Incr(b"n", 1), Set(b"k", b"3")]]
+               [Put(b"k", b"1"), Incr(b"n", 5), Put(b"k", b"2"), Incr(b"n", 1), Put(b"k", b"3")]]
     for i, data in enumerate(entries[:2], 1):
         first.apply(i, data)
     snapshot = first.snapshot()  # at 2
@@ -331,7 +331,7 @@ def test_restart_over_redis_replays_into_an_overlay_and_never_regresses_it(
         assert {k: fresh_redis.get(k) for k in (b"k", b"n")} == at_5  # never older
         assert second.read(b"k", 0) == ({3: b"2", 4: b"2", 5: b"3"}[i], {3: 3, 4: 3, 5: 5}[i])
     assert second.read(b"n", 0) == (b"6", 4)
-    second.apply(6, encode_envelope(Envelope(Set(b"k", b"4"), None, None, None, 0)))
+    second.apply(6, encode_envelope(Envelope(Put(b"k", b"4"), None, None, None, 0)))
     assert fresh_redis.get(b"k") == b"4"  # past the overlay: the backend again
 
     # Teeth: restoring without trusting the backend reloads it and sends it back in time.
@@ -350,7 +350,7 @@ def test_an_entry_whose_backend_read_fails_changes_nothing_and_can_be_staged_aga
             return super().get_many(keys)
 
     sm = StateMachine(Flaky())
-    _write(sm, 1, Set(b"n", b"41"), stamp=5)
+    _write(sm, 1, Put(b"n", b"41"), stamp=5)
     before = (sm.applied_index, sm.last_stamp_ms, sm.snapshot())
     sm.backend.down = True
     incr = encode_envelope(Envelope(Incr(b"n", 1), "c", 1, None, 9))
@@ -368,8 +368,8 @@ def test_a_snapshot_key_without_a_value_deletes_an_older_value_held_here():
     # still holds an older "c". The snapshot's version must not be served with that value.
     leader, follower = _replica(), _replica()
     for sm in (leader, follower):
-        _write(sm, 1, Set(b"c", b"old"))
-    _write(leader, 2, Set(b"c", b"new"))
+        _write(sm, 1, Put(b"c", b"old"))
+    _write(leader, 2, Put(b"c", b"new"))
     leader.backend._values.pop(b"c")  # dropped by the leader's server
     follower.restore(leader.snapshot())
     assert follower.read(b"c", 0) is None and follower.backend.get(b"c") is None

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from raftcache.bench import run as bench
+from raftcache.bench import report, results, scenarios, targets
 from raftcache.bench.stats import latency_summary, percentile, spread
 
 
@@ -54,58 +54,58 @@ def _rep(set_us, get_us, seconds=1.0):
 
 
 def test_merge_and_summarize_over_processes_and_reps():
-    step = bench.Step(0.5, "lease", 2, 4)
+    step = scenarios.Step(0.5, "lease", 2, 4)
     assert step.ops == ("set", "get") and step.name == "mix 50/50 lease"
     # two client processes in one repetition: their latencies pooled, their counts summed
-    r1 = bench.merge_rep([_rep([1000] * 10, [500] * 30), _rep([3000] * 10, [500] * 10)], step, 2.0)
+    r1 = results.merge_rep([_rep([1000] * 10, [500] * 30), _rep([3000] * 10, [500] * 10)], step, 2.0)
     assert r1["ops_per_s"] == 30.0  # 60 requests in 2 s
     assert r1["ops"]["set"]["ops_per_s"] == 10.0 and r1["ops"]["get"]["ops_per_s"] == 20.0
     assert r1["ops"]["set"]["p50_ms"] == 1.0 and r1["ops"]["set"]["p99_ms"] == 3.0
     assert r1["per_second"] == [60]
-    r2 = bench.merge_rep([_rep([2000] * 20, [1000] * 20)], step, 2.0)
-    r3 = bench.merge_rep([_rep([4000] * 40, [1000] * 40)], step, 2.0)
-    s = bench.summarize([r1, r2, r3], step)
+    r2 = results.merge_rep([_rep([2000] * 20, [1000] * 20)], step, 2.0)
+    r3 = results.merge_rep([_rep([4000] * 40, [1000] * 40)], step, 2.0)
+    s = results.summarize([r1, r2, r3], step)
     assert s["ops_per_s"] == {"median": 30.0, "min": 20.0, "max": 40.0}
     assert s["ops"]["set"]["p50_ms"] == {"median": 2.0, "min": 1.0, "max": 4.0}
 
 
 def test_steps_per_target_and_ratios():
-    lin = bench.Step(1.0, "linearizable", 2, 25)
-    assert lin.for_target("redis") == bench.Step(1.0, None, 2, 25)
+    lin = scenarios.Step(1.0, "linearizable", 2, 25)
+    assert lin.for_target("redis") == scenarios.Step(1.0, None, 2, 25)
     assert lin.for_target("pysyncobj") is None  # its reads are local dict lookups
-    assert bench.Step(0.0, None, 1, 1).for_target("pysyncobj").name == "set"
-    ours = bench.Outcome("throughput", lin, "raftcache", "raftcache",
-                         [bench.merge_rep([_rep([], [2000] * 50)], lin, 1.0)])
-    redis = bench.Outcome("throughput", lin.for_target("redis"), "redis", "redis",
-                          [bench.merge_rep([_rep([], [500] * 100)], lin, 1.0)])
-    (r,) = bench.ratios([ours, redis])
+    assert scenarios.Step(0.0, None, 1, 1).for_target("pysyncobj").name == "set"
+    ours = results.Outcome("throughput", lin, "raftcache", "raftcache",
+                         [results.merge_rep([_rep([], [2000] * 50)], lin, 1.0)])
+    redis = results.Outcome("throughput", lin.for_target("redis"), "redis", "redis",
+                          [results.merge_rep([_rep([], [500] * 100)], lin, 1.0)])
+    (r,) = results.ratios([ours, redis])
     assert r["ops_per_s"] == 0.5 and r["p50_ms"] == 4.0 and r["against"] == "redis"
-    rows = bench.table_rows([ours, redis])["throughput"]
+    rows = report.table_rows([ours, redis])["throughput"]
     assert [row[2] for row in rows] == ["raftcache", "redis"]
     assert rows[1][7] == "0.50x" and rows[1][8] == "4.00x"
 
 
 def test_latency_scenario_covers_every_read_level():
-    names = [s.name for s in bench.SCENARIOS["latency"].steps(bench.Options())]
+    names = [s.name for s in scenarios.SCENARIOS["latency"].steps(scenarios.Options())]
     assert names == ["set", "get linearizable", "get lease", "get stale"]
-    shapes = {(s.processes, s.clients) for s in bench.SCENARIOS["latency"].steps(bench.Options())}
+    shapes = {(s.processes, s.clients) for s in scenarios.SCENARIOS["latency"].steps(scenarios.Options())}
     assert shapes == {(1, 1)}
-    (mix,) = bench.SCENARIOS["read-heavy"].steps(bench.Options(processes=2))
+    (mix,) = scenarios.SCENARIOS["read-heavy"].steps(scenarios.Options(processes=2))
     assert (mix.read_ratio, mix.processes * mix.clients) == (0.9, 50)
 
 
 def test_value_sizes_scenario_names_each_size_and_bounds_big_key_spaces():
-    steps = bench.SCENARIOS["value-sizes"].steps(bench.Options(processes=2))
+    steps = scenarios.SCENARIOS["value-sizes"].steps(scenarios.Options(processes=2))
     assert [s.name for s in steps[:3]] == ["set 100 B", "set 100 B", "get 100 B linearizable"]
     assert [s.name for s in steps[-3:]] == ["set 1 MB", "set 1 MB", "get 1 MB linearizable"]
     assert [(s.processes, s.clients) for s in steps[:3]] == [(1, 1), (2, 25), (2, 25)]
     assert steps[0].for_target("redis").value_size == 100  # the size goes to every target
-    o = bench.Options(keys=1000)
-    assert [bench.key_count(o, n) for n in (100, 10_000, 1_000_000)] == [1000, 1000, 67]
+    o = scenarios.Options(keys=1000)
+    assert [targets.key_count(o, n) for n in (100, 10_000, 1_000_000)] == [1000, 1000, 67]
 
 
 def test_nodes_scenario_runs_raftcache_at_each_size_and_the_others_once():
-    steps = bench.SCENARIOS["nodes"].steps(bench.Options(processes=2))
+    steps = scenarios.SCENARIOS["nodes"].steps(scenarios.Options(processes=2))
     assert [s.nodes for s in steps] == [3] * 3 + [5] * 3 + [7] * 3
     assert steps[4].name == "set 5 nodes"
     assert steps[4].for_target("redis") == steps[1].for_target("redis")  # one Redis run
@@ -159,7 +159,7 @@ def test_compare_prints_every_target_with_ratios(compared):
 
 def test_json_holds_the_numbers(compared):
     _, data = compared
-    assert data["schema"] == bench.SCHEMA
+    assert data["schema"] == results.SCHEMA
     assert data["machine"]["cpus"] >= 1
     assert data["options"]["seconds"] == 1 and data["options"]["reps"] == 1
     assert data["scenarios"] == ["throughput"]
@@ -201,7 +201,7 @@ def test_help_names_every_scenario():
     p = raftcache("bench", "--help", timeout=30)
     assert p.returncode == 0, p.stderr
     text = " ".join(p.stdout.split())
-    for name in bench.SCENARIOS:
+    for name in scenarios.SCENARIOS:
         assert f"{name} (" in text
     assert "90% gets" in text and "--compare" in text
 
@@ -213,29 +213,29 @@ def test_scenarios_that_start_clusters_refuse_endpoints(scenario):
 
 
 def test_cluster_shapes_keep_the_runs_settings_where_a_step_has_none():
-    run = bench.Shape(3, "memory", None)
-    assert bench.Shape(backend="redis").over(run) == bench.Shape(3, "redis", None)
-    assert bench.Shape(secure=False).over(run) == bench.Shape(3, "memory", False)
-    assert bench.Shape().over(run) == run
-    steps = bench.SCENARIOS["backends"].steps(bench.Options(processes=2))
+    run = scenarios.Shape(3, "memory", None)
+    assert scenarios.Shape(backend="redis").over(run) == scenarios.Shape(3, "redis", None)
+    assert scenarios.Shape(secure=False).over(run) == scenarios.Shape(3, "memory", False)
+    assert scenarios.Shape().over(run) == run
+    steps = scenarios.SCENARIOS["backends"].steps(scenarios.Options(processes=2))
     assert [s.name for s in steps[2:4]] == ["set redis backend",
                                             "get redis backend linearizable"]
-    assert [s.backend for s in steps] == [b for b in bench.BACKENDS for _ in (0, 1)]
+    assert [s.backend for s in steps] == [b for b in scenarios.BACKENDS for _ in (0, 1)]
     # Redis and Memcached direct run each shape once, and every backend's row compares to it
-    assert {s.for_target("redis") for s in steps} == {bench.Step(0.0, None, 2, 25),
-                                                      bench.Step(1.0, None, 2, 25)}
-    steps = bench.SCENARIOS["security"].steps(bench.Options(processes=2))
+    assert {s.for_target("redis") for s in steps} == {scenarios.Step(0.0, None, 2, 25),
+                                                      scenarios.Step(1.0, None, 2, 25)}
+    steps = scenarios.SCENARIOS["security"].steps(scenarios.Options(processes=2))
     assert [s.name for s in steps] == [
         "set auth+encryption off", "get auth+encryption off linearizable",
         "set auth+encryption on", "get auth+encryption on linearizable"]
 
 
 def test_plot_draws_a_png(tmp_path):
-    step = bench.Step(0.0, None, 1, 1)
-    outcomes = [bench.Outcome("latency", step, t, k, [bench.merge_rep([_rep(us, [])], step, 1)])
+    step = scenarios.Step(0.0, None, 1, 1)
+    outcomes = [results.Outcome("latency", step, t, k, [results.merge_rep([_rep(us, [])], step, 1)])
                 for t, k, us in (("raftcache", "raftcache", [2000, 3000, 2500]),
                                  ("redis", "redis", [300, 400, 350]))]
-    bench.plot(outcomes, str(tmp_path / "p.png"))
+    report.plot(outcomes, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
@@ -275,7 +275,7 @@ def test_overload_end_to_end(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     closed, open_loop = json.loads(path.read_text())["results"]
     assert (closed["step"], open_loop["step"]) == ("set", "set at 2x peak")
-    assert open_loop["clients"] == bench.OVERLOAD_INFLIGHT
+    assert open_loop["clients"] == scenarios.OVERLOAD_INFLIGHT
     rep, peak = open_loop["reps"][0], closed["reps"][0]["ops_per_s"]
     # It offered twice what the closed loop reached (the clock's own jitter aside).
     assert rep["peak_ops_per_s"] == pytest.approx(peak, rel=0.01)
@@ -293,7 +293,7 @@ def test_backends_end_to_end(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     data = json.loads(path.read_text())
     ours = [r for r in data["results"] if r["kind"] == "raftcache"]
-    assert [r["backend"] for r in ours] == [b for b in bench.BACKENDS for _ in (0, 1)]
+    assert [r["backend"] for r in ours] == [b for b in scenarios.BACKENDS for _ in (0, 1)]
     for r in ours:
         rep = r["reps"][0]
         assert rep["ops_per_s"] > 0 and rep["errors"] == 0 and rep["misses"] == 0, r

@@ -1,6 +1,8 @@
 """The `raftcache` command as a user runs it."""
 
 import argparse
+import base64
+import fcntl
 import json
 import os
 import re
@@ -43,13 +45,13 @@ def test_every_operation_has_a_cli_command_and_a_client_method():
                     yield p
                     yield from commands(p)
 
-    covered = {p.get_default("operation") for p in commands(cli._parser())} - {None}
+    covered = {p.get_default("operation") for p in commands(cli.build_parser())} - {None}
     assert covered == set(OPERATIONS)
-    # The Client's name for each operation where it differs from the Thrift method's.
-    methods = {"put": ["set"], "remove": ["delete"], "snapshot": ["snapshot_part"],
+    # The Client's methods for the operations it splits or names for Python callers.
+    methods = {"snapshot": ["snapshot_part"],
                "change_member": ["add_member", "remove_member", "update_member_address"]}
     for op in OPERATIONS:
-        for name in methods.get(op, [op]):
+        for name in methods.get(op, [OPERATIONS[op].client_name]):
             assert callable(getattr(Client, name, None)), f"Client lacks {name} ({op})"
 
 
@@ -253,3 +255,51 @@ def test_certs_init_writes_private_keys_0600(tmp_path):
         assert (target / f"{name}-key.pem").stat().st_mode & 0o777 == 0o600
     again = raftcache("certs", "init", "--dir", str(target))
     assert again.returncode == 2 and "--force" in again.stderr
+
+
+def _one_page_pipe() -> tuple[int, int]:
+    """A pipe that holds one page: a few KiB of output fill it, so the writer is still
+    writing when its reader goes away, however fast the reader is."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    return read_end, write_end
+
+
+def _token(claims: dict) -> str:
+    """A well-formed token, not signed (inspect prints it all the same)."""
+    def b64(obj) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+    return f"{b64({'alg': 'EdDSA', 'typ': 'JWT'})}.{b64(claims)}.c2ln"
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="Linux pipes only")
+@pytest.mark.parametrize("command, reader, status", [
+    # Its output, buffered, meets the closed pipe at the last flush.
+    (["token", "inspect", _token({"sub": "someone"})], "gone before the command writes", 141),
+    # More than a page of JSON: the command is still writing when the reader goes.
+    (["token", "inspect", _token({"sub": "someone", "pad": "p" * 5500})],
+     "closes after one line", 141),
+    # argparse writes the help itself and ignores a failed write: it exits 0.
+    (["--help"], "gone before the command writes", 0),
+])
+def test_a_pipe_closed_early_ends_the_command_quietly(command, reader, status):
+    read_end, write_end = _one_page_pipe()
+    if reader == "gone before the command writes":
+        os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", "raftcache", *command], stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    if reader == "closes after one line":  # `| head -1`
+        # Exactly the line, unbuffered: the rest stays in the pipe, so the command cannot
+        # finish writing before the reader is gone.
+        assert os.read(read_end, 2) == b"{\n"
+        os.close(read_end)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    # No traceback, no "Exception ignored ... BrokenPipeError": nothing at all, and the
+    # status a shell reports for a tool that SIGPIPE ended (128 + 13).
+    assert stderr.decode() == ""
+    assert proc.returncode == status
+    assert cli.EXIT_BROKEN_PIPE == 141

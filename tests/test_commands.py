@@ -7,21 +7,25 @@ import random
 import pytest
 
 from raftcache.core.cache.commands import (
+    COMMAND_TYPES,
     FORMAT_VERSION,
+    Append,
     Caller,
     Cas,
     CommandError,
     Configure,
-    Delete,
     Envelope,
     Incr,
     Invalidate,
     MSet,
+    Put,
+    Remove,
     Reseal,
-    Set,
     Sweep,
     decode_envelope,
+    encode_command,
     encode_envelope,
+    fingerprint,
 )
 
 try:
@@ -34,10 +38,10 @@ I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 U63_MAX = (1 << 63) - 1
 
 COMMANDS = [
-    Set(b"k", b"v"),
-    Set(b"", b"", 1),
-    Set(b"key\x00\xff", b"\x00" * 300, U63_MAX),
-    Delete(b"gone"),
+    Put(b"k", b"v"),
+    Put(b"", b"", 1),
+    Put(b"key\x00\xff", b"\x00" * 300, U63_MAX),
+    Remove(b"gone"),
     Cas(b"k", 0, b"v"),
     Cas(b"k", 12345, b"v", 60_000),
     Cas(b"k", -1, b"v"),
@@ -56,6 +60,8 @@ COMMANDS = [
     Configure((("auth.revoked.alice", b""), ("keys.2", b"\x00wrapped"), ("gone", None))),
     Reseal(()),
     Reseal(((b"k", 7, b"sealed"), (b"", 0, b""))),
+    Append(b"k", b"tail"),
+    Append(b"", b""),
 ]
 
 ALICE = Caller("alice", "k1", 1_000, 2_000, 3_000, ((b"user:", "rw"), (b"", "r")), ("ops",))
@@ -87,24 +93,58 @@ def test_every_command_round_trips_in_every_envelope_shape(command, shape):
 
 def test_encoding_is_pinned():
     # The WAL and snapshots hold these bytes: changing the format needs a new version number.
-    env = Envelope(Set(b"k", b"v", 1000), client_id="c", seq=2, identity="id", stamp_ms=300)
+    env = Envelope(Put(b"k", b"v", 1000), client_id="c", seq=2, identity="id", stamp_ms=300)
     assert encode_envelope(env) == bytes.fromhex("0107ac02016304026964") + b"\x01\x01k\x01v\xe8\x07"
     assert encode_envelope(Envelope(Incr(b"n", -1))) == b"\x01\x00\x00\x04\x01n\x01"
     assert encode_envelope(Envelope(Sweep(5), stamp_ms=5))[0] == FORMAT_VERSION
 
 
+# Every command's bytes and fingerprint, as the log, snapshots (session fingerprints) and the
+# WAL of a running cluster hold them: a change here is a new format version, not a refactor.
+PINNED = [
+    (Put(b"k", b"v"), "01016b017600", "82fa43ce44677dad"),
+    (Put(b"", b"", 1), "01000001", "13063bdf5dfc7d5f"),
+    (Remove(b"gone"), "0204676f6e65", "2493ecc242543ff2"),
+    (Cas(b"k", 12345, b"v", 60_000), "03016bf2c0010176e0d403", "af0a702e85b416a7"),
+    (Cas(b"k", -1, b"v"), "03016b01017600", "1964b366968d6f47"),
+    (Incr(b"n", -5), "04016e09", "2886967b99edbfae"),
+    (Incr(b"n", I64_MIN), "04016effffffffffffffffff01", "1d716879bda5ff34"),
+    (Invalidate(), "0500", "74e443d6149ef073"),
+    (Invalidate(b"user:"), "0505757365723a", "5ac9db4c6d81367c"),
+    (MSet(((b"a", b"1"), (b"b", b"2"), (b"a", b"3")), 10), "06030161013101620132016101330a",
+     "ccbb400f1815cdc9"),
+    (Sweep(1_700_000_000_000), "0780d095ffbc31", "69d916a40f455f97"),
+    (Configure((("a", b""), ("b", b"\x00w"), ("c", None))), "090301610100016201020077016300",
+     "9d57a41d381912e7"),
+    (Reseal(((b"k", 7, b"sealed"), (b"", 0, b""))), "0a02016b07067365616c6564000000", "e9f72465824628c9"),
+    (Append(b"k", b"tail"), "08016b047461696c", "572a28fc116e5656"),
+]
+
+
+@pytest.mark.parametrize("command, encoding, fp", PINNED, ids=lambda x: repr(x)[:40])
+def test_every_command_encoding_and_fingerprint_is_pinned(command, encoding, fp):
+    out = bytearray()
+    encode_command(out, command)
+    assert out.hex() == encoding
+    assert fingerprint(command).hex() == fp
+    assert decode_envelope(bytes.fromhex("010000" + encoding)).command == command
+
+
 def test_encoding_is_compact():
-    env = Envelope(Set(b"user:42", b"x" * 10, 60_000), "client-1", 17, None, 1_700_000_000_000)
+    env = Envelope(Put(b"user:42", b"x" * 10, 60_000), "client-1", 17, None, 1_700_000_000_000)
     assert len(encode_envelope(env)) < 45
 
 
 def test_commands_are_immutable_and_hashable():
-    cmd = Set(b"k", b"v")
+    cmd = Put(b"k", b"v")
     with pytest.raises(AttributeError):
         cmd.key = b"other"
-    assert hash(Envelope(cmd)) == hash(Envelope(Set(b"k", b"v")))
-    assert {c.kind for c in COMMANDS} == {
-        "set", "delete", "cas", "incr", "invalidate", "mset", "sweep", "configure", "reseal"
+    assert hash(Envelope(cmd)) == hash(Envelope(Put(b"k", b"v")))
+    # the round trips above cover every registered command
+    assert {type(c) for c in COMMANDS} == set(COMMAND_TYPES.values())
+    assert {c.name for c in COMMANDS} == {
+        "put", "remove", "cas", "incr", "invalidate", "mset", "sweep", "configure", "reseal",
+        "append",
     }  # fmt: skip
 
 
@@ -180,26 +220,26 @@ def test_random_bytes_never_escape_as_anything_but_command_error():
 @pytest.mark.parametrize(
     "env",
     [
-        Envelope(Set("text key", b"v")),
-        Envelope(Set(b"k", "text value")),
-        Envelope(Set(b"k", bytearray(b"v"))),
-        Envelope(Set(b"k", b"v", 0)),  # a ttl of 0 would be born expired
-        Envelope(Set(b"k", b"v", -1)),
-        Envelope(Set(b"k", b"v", 1 << 63)),
-        Envelope(Set(b"k", b"v", 1.5)),
+        Envelope(Put("text key", b"v")),
+        Envelope(Put(b"k", "text value")),
+        Envelope(Put(b"k", bytearray(b"v"))),
+        Envelope(Put(b"k", b"v", 0)),  # a ttl of 0 would be born expired
+        Envelope(Put(b"k", b"v", -1)),
+        Envelope(Put(b"k", b"v", 1 << 63)),
+        Envelope(Put(b"k", b"v", 1.5)),
         Envelope(Cas(b"k", 1 << 63, b"v")),
         Envelope(Incr(b"k", I64_MIN - 1)),
         Envelope(Incr(b"k", True)),
         Envelope(MSet([(b"a", b"1")])),
         Envelope(MSet(((b"a",),))),
         Envelope(Sweep(-1)),
-        Envelope(Set(b"k", b"v"), stamp_ms=-1),
-        Envelope(Set(b"k", b"v"), stamp_ms=None),
-        Envelope(Set(b"k", b"v"), seq=1 << 63),
-        Envelope(Set(b"k", b"v"), client_id=b"bytes"),
-        Envelope(Set(b"k", b"v"), identity="\ud800"),  # lone surrogate
+        Envelope(Put(b"k", b"v"), stamp_ms=-1),
+        Envelope(Put(b"k", b"v"), stamp_ms=None),
+        Envelope(Put(b"k", b"v"), seq=1 << 63),
+        Envelope(Put(b"k", b"v"), client_id=b"bytes"),
+        Envelope(Put(b"k", b"v"), identity="\ud800"),  # lone surrogate
         Envelope("not a command"),
-        Set(b"k", b"v"),  # not wrapped
+        Put(b"k", b"v"),  # not wrapped
     ],
     ids=repr,
 )
@@ -216,8 +256,8 @@ if st is not None:
     ttls = st.none() | st.integers(1, U63_MAX)
     i64 = st.integers(I64_MIN, I64_MAX)
     commands = st.one_of(
-        st.builds(Set, keys, keys, ttls),
-        st.builds(Delete, keys),
+        st.builds(Put, keys, keys, ttls),
+        st.builds(Remove, keys),
         st.builds(Cas, keys, i64, keys, ttls),
         st.builds(Incr, keys, i64),
         st.builds(Invalidate, keys),
@@ -251,9 +291,9 @@ if st is not None:
 
 
 @pytest.mark.parametrize("bad", [
-    Envelope(Set(b"k", b"v"), identity="alice", caller=Caller("bob")),  # subject != identity
-    Envelope(Set(b"k", b"v"), caller=Caller("alice")),  # a caller needs its identity
-    Envelope(Set(b"k", b"v"), identity="a", caller=Caller("a", grants=((b"", "rwx"),))),
+    Envelope(Put(b"k", b"v"), identity="alice", caller=Caller("bob")),  # subject != identity
+    Envelope(Put(b"k", b"v"), caller=Caller("alice")),  # a caller needs its identity
+    Envelope(Put(b"k", b"v"), identity="a", caller=Caller("a", grants=((b"", "rwx"),))),
     Envelope(Configure((("name", "not bytes"),))),
 ])
 def test_callers_and_settings_refuse_bad_fields(bad):
@@ -262,8 +302,22 @@ def test_callers_and_settings_refuse_bad_fields(bad):
 
 
 def test_a_caller_flag_without_an_identity_is_refused():
-    data = bytearray(encode_envelope(Envelope(Set(b"k", b"v"), identity="a",
+    data = bytearray(encode_envelope(Envelope(Put(b"k", b"v"), identity="a",
                                               caller=Caller("a"))))
     data[1] &= ~4  # drop the identity flag, keep the caller's
     with pytest.raises(CommandError):
         decode_envelope(bytes(data))
+
+
+def test_one_name_per_operation_from_the_registry_to_the_command():
+    from raftcache.core.api import Request
+    from raftcache.core.operations import OPERATIONS
+
+    request = dict(key=b"k", value=b"v", items={b"k": b"v"}, expected_version=0)
+    writes = [op for op in OPERATIONS.values() if op.kind == "write"]
+    for op in writes:
+        proposed = op.command(Request(op=op.name, **request), lambda _key, value: value, 10)
+        assert proposed.name == op.name, (op.name, proposed)
+    # the commands no client sends: the leader's sweep, admin settings, re-encryption
+    internal = {cls.name for cls in COMMAND_TYPES.values()} - {op.name for op in writes}
+    assert internal == {"sweep", "configure", "reseal"}

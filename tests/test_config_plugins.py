@@ -131,3 +131,18 @@ def test_blocked_plugin_is_not_loaded():
     with pytest.raises(PluginError, match="unknown backend 'memory'"):
         plugins.backend("memory")
     assert plugins.storage("memory").name == "memory"
+
+
+def test_a_misspelt_hook_is_refused_at_start_in_one_line():
+    from raftcache.pluginapi.manager import make_manager
+
+    class Misspelt:
+        @pluginapi.hookimpl
+        def raftcache_node_strated(self, node):  # the typo is the test
+            pass
+
+    with pytest.raises(pluginapi.PluginError) as caught:
+        make_manager(extra=[Misspelt()])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "raftcache_node_strated" in message and "raftcache_node_started" in message

@@ -25,10 +25,11 @@ import pytest
 import yaml
 
 from raftcache import cli
+from raftcache.cli import server_commands
 from raftcache.node import config as config_mod
 from raftcache.pluginapi import TLSConfig
 from raftcache.plugins.security.encryption import make_keyring, read_keyring
-from raftcache.plugins.transport.common import tls_context
+from raftcache.plugins.transport.tls import tls_context
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -320,8 +321,8 @@ def test_the_start_script_renders_each_pod(sts, objs, tmp_path, ordinal, join_id
     assert result.returncode == 0, result.stderr
     argv = args_out.read_bytes().decode().split("\0")[:-1]
 
-    args = cli._parser().parse_args(argv)  # `raftcache serve` takes these arguments
-    assert args.func is cli._cmd_serve
+    args = cli.build_parser().parse_args(argv)  # `raftcache serve` takes these arguments
+    assert args.func is server_commands._cmd_serve
     node_id = ordinal + 1
     assert args.id == node_id
     assert args.address == _pod_address(sts, ordinal)

@@ -145,9 +145,9 @@ def test_a_route_that_opted_out_stores_plaintext():
 def test_incr_on_a_value_altered_in_this_replicas_backend_is_a_miss_not_a_crash():
     codec = codec_with()
     sm = StateMachine(MemoryBackend(), codecs=[codec])
-    from raftcache.core.cache.commands import Envelope, Incr, Set, encode_envelope
+    from raftcache.core.cache.commands import Envelope, Incr, Put, encode_envelope
 
-    sm.apply(1, encode_envelope(Envelope(Set(b"n", codec.encode(b"n", b"41")), stamp_ms=1)))
+    sm.apply(1, encode_envelope(Envelope(Put(b"n", codec.encode(b"n", b"41")), stamp_ms=1)))
     assert sm.apply(2, encode_envelope(Envelope(Incr(b"n", 1), stamp_ms=2))) == 42
     sm.backend.apply(2, [(b"n", b"\xe1garbage" * 8, None)])  # someone writes to our backend
     result = sm.apply(3, encode_envelope(Envelope(Incr(b"n", 1), stamp_ms=3)))

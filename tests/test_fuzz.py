@@ -26,7 +26,7 @@ from raftcache.core.raft.messages import MAX_TERM, Entry, Message, MsgType
 from raftcache.node.config import read_secret
 from raftcache.pluginapi import TLSConfig
 from raftcache.plugins.transport import tcp_tls, thrift
-from raftcache.plugins.transport.common import tls_handshake
+from raftcache.plugins.transport.tls import tls_handshake
 from raftcache.testing import fuzz
 
 SENTINELS = {b"sentinel:%d" % i: b"value %d" % i for i in range(20)}

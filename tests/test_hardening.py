@@ -21,7 +21,7 @@ from thriftpy2.thrift import TMessageType
 from raftcache import errors, wire
 from raftcache.client import _Session
 from raftcache.core import api
-from raftcache.core.cache.commands import MAX_TTL_MS, Envelope, Set, encode_envelope
+from raftcache.core.cache.commands import MAX_TTL_MS, Envelope, Put, encode_envelope
 from raftcache.core.raft.messages import Entry, Message, MsgType
 from raftcache.node.config import read_secret
 from raftcache.plugins.transport import thrift
@@ -101,7 +101,7 @@ def test_row2_a_forged_append_writes_nothing(cluster):
     leader = next(iter(statuses(cluster).values())).leader
     status = statuses(cluster)[leader]
     entry = Entry(status.term + 1, status.commit + 1,
-                  data=encode_envelope(Envelope(Set(b"forged", b"forged"), stamp_ms=1)))
+                  data=encode_envelope(Envelope(Put(b"forged", b"forged"), stamp_ms=1)))
     append = [Message(MsgType.APP, i, 99, term=status.term + 1, log_term=status.term,
                       index=status.commit, entries=(entry,), commit=status.commit + 1)
               for i in range(1, cluster.nodes + 1)]
@@ -186,7 +186,7 @@ def test_row5_a_huge_ttl_is_refused_and_no_ttl_keeps_a_node_from_restarting(runn
                 extra={"raft": {"snapshot_entries": 50, "snapshot_keep_entries": 5}})
     with c.client(timeout=WAIT) as client:
         with pytest.raises(errors.InvalidRequest, match="ttl_ms"):  # as any client can
-            client._call("put", key=b"forever", value=b"x", ttl_ms=I64_MAX)
+            client._call("set", key=b"forever", value=b"x", ttl_ms=I64_MAX)
         client.set("decade", "y", ttl=MAX_TTL_MS / 1000)  # the longest accepted
         for i in range(120):  # past two snapshots
             client.set(f"fill{i % 7}", str(i))

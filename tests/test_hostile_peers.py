@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raft_harness import Network
 
-from raftcache.core.cache.commands import Envelope, Set, encode_envelope
+from raftcache.core.cache.commands import Envelope, Put, encode_envelope
 from raftcache.core.cache.statemachine import StateMachine, check_snapshot
 from raftcache.core.raft import PersistedState, RaftConfig, RawNode, ReadOnlyOption
 from raftcache.core.raft.messages import (
@@ -133,16 +133,16 @@ def test_an_echo_of_a_tick_never_sent_does_not_extend_a_lease():
 def test_an_acknowledgement_of_entries_never_sent_is_ignored():
     net, leader = _leader()
     commit = leader.commit
-    leader.step(Message(MsgType.APP_RESP, 1, 2, leader.term, index=leader.log.last_index() + 50))
-    leader.step(Message(MsgType.APP_RESP, 1, 3, leader.term, index=leader.log.last_index() + 50))
-    assert leader.commit == commit and leader.tracker.progress[2].match <= leader.log.last_index()
+    leader.step(Message(MsgType.APP_RESP, 1, 2, leader.term, index=leader.raft_log.last_index() + 50))
+    leader.step(Message(MsgType.APP_RESP, 1, 3, leader.term, index=leader.raft_log.last_index() + 50))
+    assert leader.commit == commit and leader.tracker.progress[2].match <= leader.raft_log.last_index()
 
 
 def test_an_undecodable_configuration_change_is_skipped_on_apply():
     net, leader = _leader()
-    index = leader.log.last_index() + 1
-    leader.log.append([Entry(leader.term, index, EntryType.CONF_CHANGE, b"not json")])
-    leader.log.commit_to(index)
+    index = leader.raft_log.last_index() + 1
+    leader.raft_log.append([Entry(leader.term, index, EntryType.CONF_CHANGE, b"not json")])
+    leader.raft_log.commit_to(index)
     conf = leader.conf
     rd = leader.ready()
     leader.advance(rd)  # raised ValueError (a driver crash) before
@@ -156,7 +156,7 @@ def test_a_snapshot_its_state_machine_would_refuse_is_not_installed():
     meta = SnapshotMeta(50, 1, ConfState(frozenset({1, 2})))
     for data in (b"not an image", b"RCSM\x02" + b"\xff" * 20):
         follower.step(Message(MsgType.SNAP, 2, 1, 1, snapshot_meta=meta, data=data, done=True))
-    assert follower.refused_snapshots == 2 and follower.log.offset == 0
+    assert follower.refused_snapshots == 2 and follower.raft_log.offset == 0
     net.process(2)
     sent = [m for m in net.take() if m.type == MsgType.SNAP_RESP]
     assert sent and all(m.reject for m in sent)
@@ -211,7 +211,7 @@ class Target:
         assert list(loaded[2]) == list(expected[2])
         again = RawNode(self.config, random.Random(4), PersistedState(*loaded[:2],
                                                                       tuple(loaded[2])))
-        assert again.term == self.raw.term and again.log.last_index() == self.raw.log.last_index()
+        assert again.term == self.raw.term and again.raft_log.last_index() == self.raw.raft_log.last_index()
 
 
 _WILD = [-1, -(2**63), MAX_TERM, MAX_TERM + 1, 2**63 - 1, 2**31]
@@ -221,14 +221,14 @@ wild_ints = st.one_of(st.sampled_from(_WILD), st.integers(-(2**63), 2**63 - 1))
 def _image(applied: int) -> bytes:
     sm = StateMachine(MemoryBackend())
     if applied:
-        sm.apply(applied, encode_envelope(Envelope(Set(b"img", b"%d" % applied), stamp_ms=3)))
+        sm.apply(applied, encode_envelope(Envelope(Put(b"img", b"%d" % applied), stamp_ms=3)))
     return sm.snapshot()
 
 
 payloads = st.one_of(
     st.binary(max_size=24),
-    st.just(encode_envelope(Envelope(Set(b"k", b"v"), stamp_ms=5))),
-    st.just(encode_envelope(Envelope(Set(b"k", b"w"), "c", 1, None, 6))),
+    st.just(encode_envelope(Envelope(Put(b"k", b"v"), stamp_ms=5))),
+    st.just(encode_envelope(Envelope(Put(b"k", b"w"), "c", 1, None, 6))),
 )
 conf_changes = st.sampled_from([
     ConfChange((ConfChangeSingle(ConfChangeType.ADD_LEARNER, 4),)).encode(),
@@ -291,7 +291,7 @@ def _play(target: Target, script) -> None:
                 target.raw.tick()
             target.drain()
         elif target.raw.role == StateRole.LEADER:
-            target.raw.propose(encode_envelope(Envelope(Set(b"k", b"v"), stamp_ms=9)))
+            target.raw.propose(encode_envelope(Envelope(Put(b"k", b"v"), stamp_ms=9)))
             target.drain()
 
 
@@ -337,7 +337,7 @@ def test_the_driver_round_trips_a_hard_state_and_entries(tmp_path):
     assert target.raw.role == StateRole.LEADER
     _play(target, [("propose", None)] * 3)
     target.step(Message(MsgType.APP_RESP, 1, 2, target.raw.term,
-                        index=target.raw.log.last_index()))
-    assert target.raw.commit == target.raw.log.last_index() and target.sm.read(b"k", 10)
+                        index=target.raw.raft_log.last_index()))
+    assert target.raw.commit == target.raw.raft_log.last_index() and target.sm.read(b"k", 10)
     target.check_restart()
     assert target.model.load()[0] == HardState(target.raw.term, 1, target.raw.commit)

@@ -167,18 +167,20 @@ def test_key_routes_of_each_backend():
     assert jepsen.may_miss("memcached", "k1") and not jepsen.may_miss("redis", "k1")
     assert [jepsen.may_miss("hybrid", k) for k in ("session:k0", "config:k1", "k2")] == [
         True, False, False]
-    # the hybrid prefixes are the routes the cluster runs
-    from raftcache.cluster import HYBRID_EXAMPLE
+    # the hybrid prefixes are the routes the cluster runs: the hybrid provider's dev options
+    from raftcache.cluster import dev_backend
+    from raftcache.pluginapi.manager import PluginSet, make_manager
 
-    routes = {r["match"]: r["to"] for r in HYBRID_EXAMPLE["options"]["routes"]}
-    instances = HYBRID_EXAMPLE["options"]["instances"]
+    hybrid = dev_backend("hybrid", PluginSet(make_manager()))
+    routes = {r["match"]: r["to"] for r in hybrid["options"]["routes"]}
+    instances = hybrid["options"]["instances"]
     assert instances[routes["session:*"]]["plugin"] == "memcached"
     assert instances[routes["config:*"]]["plugin"] == "redis"
-    assert instances[HYBRID_EXAMPLE["options"]["default"]]["plugin"] == "memory"
+    assert instances[hybrid["options"]["default"]]["plugin"] == "memory"
     # ... and the layout examples/hybrid/hybrid.toml documents
     with open(os.path.join(os.path.dirname(__file__), "..", "examples", "hybrid",
                            "hybrid.toml"), "rb") as f:
-        assert tomllib.load(f)["backend"] == HYBRID_EXAMPLE
+        assert tomllib.load(f)["backend"] == hybrid
 
 
 def test_misses_are_dropped_only_where_the_route_may_miss():

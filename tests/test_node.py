@@ -77,7 +77,7 @@ def node_and_plugin(tmp_path):
     node.start()
     with gevent.Timeout(5):
         # The driver, not only the core, must have seen it (role hooks run there).
-        while node.raw.role.name != "LEADER" or node._role[1].name != "LEADER":
+        while node.replica.raw.role.name != "LEADER" or node.replica.role[1].name != "LEADER":
             gevent.sleep(0.01)
     yield node, plugin
     node.stop()
@@ -105,7 +105,7 @@ def test_snapshots_are_taken_and_hooked(node_and_plugin):
     for i in range(50):
         assert call(node, op="put", key=b"k%d" % i, value=b"v").error is None
     assert any(e[0] == "snapshot" for e in plugin.events)
-    assert node.raw.log.offset > 0  # the log prefix was compacted
+    assert node.replica.raw.raft_log.offset > 0  # the log prefix was compacted
     assert call(node, op="get", key=b"k0").result.value == b"v"
 
 
@@ -135,7 +135,7 @@ def test_keys_and_values_over_the_configured_limits_are_refused_and_change_nothi
     node.start()
     try:
         with gevent.Timeout(5):
-            while node.raw.role.name != "LEADER":
+            while node.replica.raw.role.name != "LEADER":
                 gevent.sleep(0.01)
         k8, v16 = b"k" * 8, b"v" * 16
         assert call(node, op="put", key=k8, value=v16).error is None  # at the limits: fine
@@ -194,11 +194,11 @@ def test_unknown_plugin_name_stops_start_up(tmp_path):
 def test_value_codecs_wrap_what_is_stored(node_and_plugin):
     node, _ = node_and_plugin
     assert call(node, op="put", key=b"c", value=b"hello").error is None
-    assert node.sm.backend.get(b"c") == b"R:olleh"  # the backend never saw the plain value
+    assert node.replica.sm.backend.get(b"c") == b"R:olleh"  # the backend never saw the plain value
     assert call(node, op="get", key=b"c").result.value == b"hello"
     assert call(node, op="incr", key=b"n", delta=41).number == 41
     assert call(node, op="incr", key=b"n", delta=1).number == 42
-    assert node.sm.backend.get(b"n") == b"R:24"
+    assert node.replica.sm.backend.get(b"n") == b"R:24"
     assert call(node, op="mget", keys=[b"c", b"n"]).results[1].value == b"42"
 
 
@@ -228,7 +228,7 @@ def test_not_leader_hints_and_status_name_client_addresses(tmp_path):
     try:
         node.handle_peer_messages([Message(MsgType.HEARTBEAT, 1, 2, term=5, commit=0)], 2)
         gevent.sleep(0.05)
-        assert node.raw.lead == 2
+        assert node.replica.raw.lead == 2
         r = call(node, op="put", key=b"k", value=b"v")
         assert (r.error, r.leader_hint) == ("NotLeader", "127.0.0.9:7402")
         status = node.status()

@@ -86,7 +86,7 @@ def _wait(predicate, what, seconds=10.0):
 
 
 def _leader(nodes):
-    leaders = {n.raw.lead for n in nodes.values()}
+    leaders = {n.replica.raw.lead for n in nodes.values()}
     return next(iter(leaders)) if len(leaders) == 1 and 0 not in leaders else None
 
 
@@ -116,7 +116,8 @@ def test_a_plugin_whose_every_observer_raises_cannot_stop_a_node(tmp_path):
                 c.set(f"k{i}", f"v{i}")
         # It comes back and catches up from a snapshot.
         nodes[old] = start(configs[old - 1])
-        _wait(lambda: nodes[old].raw.applied >= survivors[_leader(survivors)].raw.commit,
+        _wait(lambda: nodes[old].replica.raw.applied
+              >= survivors[_leader(survivors)].replica.raw.commit,
               "the restarted node to catch up")
         for n in nodes.values():
             n.metrics()  # raises inside, returns all the same
@@ -179,7 +180,7 @@ def _single(tmp_path, plugins):
     cfg = _configs(tmp_path, n=1)[0]
     node = Node(cfg, pm=make_manager(extra=plugins))
     node.start()
-    _wait(lambda: node.raw.role.name == "LEADER", "leadership")
+    _wait(lambda: node.replica.raw.role.name == "LEADER", "leadership")
     return node
 
 
@@ -192,10 +193,10 @@ def test_value_codecs_run_in_registration_order(tmp_path):
     node = _single(tmp_path, [Prefix(b"A:"), Prefix(b"B:")])
     try:
         assert _call(node, op="put", key=b"k", value=b"v").error is None
-        assert node.sm.backend.get(b"k") == b"B:A:v"  # A first, then B
+        assert node.replica.sm.backend.get(b"k") == b"B:A:v"  # A first, then B
         assert _call(node, op="get", key=b"k").result.value == b"v"
         assert _call(node, op="incr", key=b"n", delta=2).number == 2
-        assert node.sm.backend.get(b"n") == b"B:A:2"
+        assert node.replica.sm.backend.get(b"n") == b"B:A:2"
     finally:
         node.stop()
 

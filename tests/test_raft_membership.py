@@ -56,7 +56,7 @@ def test_add_voter_goes_through_a_joint_configuration_and_leaves_it_automaticall
     assert net.nodes[4].conf == c1
     # Index 3 enters the joint configuration; index 4, proposed by the leader itself once
     # index 3 was applied, leaves it.
-    entries = net.nodes[4].log.entries
+    entries = net.nodes[4].raft_log.entries
     assert [(e.index, e.type) for e in entries[2:]] == [
         (3, EntryType.CONF_CHANGE),
         (4, EntryType.CONF_CHANGE),
@@ -115,11 +115,11 @@ def test_joint_configuration_needs_a_majority_of_both_halves():
     net.stabilize()
     net.propose(1, b"x")
     net.stabilize()
-    assert leader.tracker.progress[4].match == leader.tracker.progress[5].match == leader.log.last_index()
-    assert leader.commit < leader.log.last_index() and leader.conf.joint
+    assert leader.tracker.progress[4].match == leader.tracker.progress[5].match == leader.raft_log.last_index()
+    assert leader.commit < leader.raft_log.last_index() and leader.conf.joint
     net.heal()
     net.run(1)
-    assert leader.commit == leader.log.last_index()
+    assert leader.commit == leader.raft_log.last_index()
     assert leader.conf == conf({1, 2, 3, 4, 5})
 
 
@@ -133,7 +133,7 @@ def test_remove_a_voter():
     net.crash(3)
     net.propose(1, b"two of two")
     net.stabilize()
-    assert leader.commit == leader.log.last_index() and net.sm[2].data == [b"two of two"]
+    assert leader.commit == leader.raft_log.last_index() and net.sm[2].data == [b"two of two"]
     sent_before = len(net.sent)
     net.run(5 * ET)
     assert not [m for m in net.sent[sent_before:] if m.to == 3]  # no longer a member
@@ -188,8 +188,8 @@ def test_learners_receive_entries_but_neither_vote_nor_count_for_commit():
     net.isolate(2, 3)
     net.propose(1, b"learners only")
     net.stabilize()
-    assert leader.tracker.progress[4].match == leader.tracker.progress[5].match == leader.log.last_index()
-    assert leader.commit == leader.log.last_index() - 1
+    assert leader.tracker.progress[4].match == leader.tracker.progress[5].match == leader.raft_log.last_index()
+    assert leader.commit == leader.raft_log.last_index() - 1
     # They never campaign, and nobody asks them for a vote.
     net.heal()
     net.isolate(1)
@@ -259,7 +259,7 @@ def test_invalid_changes_are_refused():
         change(net, 1, (REMOVE, 1), (REMOVE, 2), (REMOVE, 3))
     with pytest.raises(ProposalRefused, match="not in a joint configuration"):
         leader.propose_conf_change(ConfChange())
-    assert leader.log.last_index() == 2
+    assert leader.raft_log.last_index() == 2
     with pytest.raises(ProposalRefused):
         net.nodes[2].propose_conf_change([ConfChangeSingle(ADD, 4)])
 

@@ -37,7 +37,7 @@ def test_propose_on_a_follower_names_the_leader():
     with pytest.raises(NotLeader) as err:
         follower.transfer_leadership(3)
     assert err.value.leader == 1
-    assert not follower.has_ready() and follower.log.last_index() == 2
+    assert not follower.has_ready() and follower.raft_log.last_index() == 2
 
 
 def test_propose_with_no_leader_known():

@@ -106,7 +106,7 @@ def test_pipeline_recovers_when_every_inflight_append_is_lost():
         net.propose(1, b"p%d" % i)
     net.stabilize()
     assert leader.commit == 6  # with node 3
-    assert leader.tracker.progress[2].is_paused(2) and net.nodes[2].log.last_index() == 2
+    assert leader.tracker.progress[2].is_paused(2) and net.nodes[2].raft_log.last_index() == 2
     net.heal()
     net.run(3)  # heartbeats must get the follower going again
     assert net.log(2) == net.log(1) and net.nodes[2].commit == 6
@@ -261,7 +261,7 @@ def test_heartbeat_never_advances_a_follower_commit_past_its_match():
     (hb,) = [m for m in net.queue if m.type == MsgType.HEARTBEAT and m.to == 3]
     assert hb.commit == 2
     net.stabilize()
-    assert net.nodes[3].commit == 2 and net.nodes[3].log.last_index() == 2
+    assert net.nodes[3].commit == 2 and net.nodes[3].raft_log.last_index() == 2
 
 
 def test_restart_recovers_term_vote_and_log_exactly():
@@ -295,12 +295,12 @@ def test_suffix_replaced_while_being_persisted_is_not_marked_stable():
     # While rd1 is being persisted, a newer leader replaces index 3.
     node.step(Message(MsgType.APP, 2, 1, 3, log_term=2, index=2, entries=(entry(3, 3),), commit=1))
     node.advance(rd1)
-    assert node.log.stable == 1  # (3, term 2) was persisted, but (3, term 3) was not
+    assert node.raft_log.stable == 1  # (3, term 2) was persisted, but (3, term 3) was not
     rd2 = node.ready()
     assert (rd2.entries[-1].index, rd2.entries[-1].term) == (3, 3)
     assert [(m.type, m.index, m.term) for m in rd2.messages] == [(MsgType.APP_RESP, 3, 3)]
     node.advance(rd2)
-    assert node.log.stable == 3
+    assert node.raft_log.stable == 3
 
 
 def test_must_sync_only_when_entries_term_vote_or_snapshot_change():

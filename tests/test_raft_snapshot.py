@@ -41,9 +41,9 @@ def test_compact_drops_the_log_prefix_and_describes_what_it_covers():
     assert node.applied == 12
     snap = net.compact(1)
     assert snap.meta == SnapshotMeta(12, 2, ConfState(voters=frozenset({1, 2, 3})))
-    assert node.log.first_index() == 13 and node.log.last_index() == 12
-    assert node.log.term(12) == 2 and node.log.term(11) is None
-    assert node.log.entries == [] and net.storage[1].entries == []
+    assert node.raft_log.first_index() == 13 and node.raft_log.last_index() == 12
+    assert node.raft_log.term(12) == 2 and node.raft_log.term(11) is None
+    assert node.raft_log.entries == [] and net.storage[1].entries == []
     # The image is the state machine at the applied index.
     restored = StateMachine()
     restored.restore(snap)
@@ -55,10 +55,10 @@ def test_compact_can_keep_a_tail_for_slow_followers():
     node = net.nodes[1]
     snap = net.compact(1, keep_entries=3)
     assert snap.meta.index == 12  # the snapshot covers everything applied...
-    assert node.log.offset == 9 and [e.index for e in node.log.entries] == [10, 11, 12]
+    assert node.raft_log.offset == 9 and [e.index for e in node.raft_log.entries] == [10, 11, 12]
     assert [e.index for e in net.storage[1].entries] == [10, 11, 12]
     net.compact(1, keep_entries=5)  # ...and compacting is never undone
-    assert node.log.offset == 9
+    assert node.raft_log.offset == 9
 
 
 def _far_behind(**config) -> tuple[Network, Snapshot]:
@@ -90,7 +90,7 @@ def test_far_behind_follower_gets_the_snapshot_in_chunks_then_appends():
     assert [done for _, _, done in chunks] == [False] * (n - 1) + [True]
     assert all(m.snapshot_meta == snap.meta for m in net.messages(MsgType.SNAP))
     node3 = net.nodes[3]
-    assert node3.log.offset == 32 and node3.commit == 32 and node3.applied == 32
+    assert node3.raft_log.offset == 32 and node3.commit == 32 and node3.applied == 32
     assert net.sm[3].data == net.sm[1].data
     installed = [rd for rd in net.readys[3] if rd.snapshot is not None]
     assert len(installed) == 1 and installed[0].snapshot == snap and installed[0].must_sync
@@ -103,7 +103,7 @@ def test_far_behind_follower_gets_the_snapshot_in_chunks_then_appends():
     (app,) = [m for m in net.messages(MsgType.APP, to=3) if m.entries and m.index >= 32]
     assert (app.index, app.log_term, [e.index for e in app.entries]) == (32, 2, [33])
     assert net.nodes[1].tracker.progress[3].state == ProgressState.REPLICATE
-    assert net.sm[3].data[-1] == b"after" and node3.log.last_index() == 33
+    assert net.sm[3].data[-1] == b"after" and node3.raft_log.last_index() == 33
 
 
 def test_lost_chunk_is_resent():
@@ -118,14 +118,14 @@ def test_lost_chunk_is_resent():
     net.run(1)
     offsets = [off for off, _, _ in _snaps_to_3(net)]
     assert offsets[:3] == [0, CHUNK, CHUNK]  # the same chunk again, then on
-    assert net.nodes[3].log.offset == 32 and net.sm[3].data == net.sm[1].data
+    assert net.nodes[3].raft_log.offset == 32 and net.sm[3].data == net.sm[1].data
 
 
 def test_lost_final_acknowledgement_is_recovered():
     net, snap = _far_behind()
     net.drop(lambda m: m.type == MsgType.APP_RESP and m.frm == 3 and not m.reject, times=1)
     net.run(1)
-    assert net.nodes[3].log.offset == 32
+    assert net.nodes[3].raft_log.offset == 32
     assert net.nodes[1].tracker.progress[3].state == ProgressState.SNAPSHOT  # it does not know yet
     net.run(5)
     assert net.nodes[1].tracker.progress[3].state == ProgressState.REPLICATE
@@ -143,7 +143,7 @@ def test_follower_restarted_mid_transfer_makes_the_leader_start_over():
     assert rejects  # "start over"
     offsets = [off for off, _, _ in _snaps_to_3(net2)]
     assert offsets[:3] == [0, CHUNK, 2 * CHUNK] and 0 in offsets[3:]
-    assert net2.nodes[3].log.offset == 32 and net2.sm[3].data == net2.sm[1].data
+    assert net2.nodes[3].raft_log.offset == 32 and net2.sm[3].data == net2.sm[1].data
 
 
 def test_restart_from_a_persisted_snapshot():
@@ -155,7 +155,7 @@ def test_restart_from_a_persisted_snapshot():
         persisted = net.storage[nid].persisted()
         assert persisted.snapshot == snap and [e.index for e in persisted.entries] == [33]
         node = net.restart(nid)
-        assert node.log.offset == 32 and node.log.first_index() == 33
+        assert node.raft_log.offset == 32 and node.raft_log.first_index() == 33
         assert node.conf == snap.meta.conf_state  # the membership comes from the snapshot
         assert node.commit == node.applied == 33
         assert net.sm[nid].data == net.sm[2].data
@@ -177,7 +177,7 @@ def test_snapshot_at_an_index_the_follower_already_holds_is_acknowledged_at_that
     node.step(Message(MsgType.SNAP, 2, 1, 3, snapshot_meta=meta, data=b"[]", done=True))
     rd = node.ready()
     assert [(m.type, m.index, m.reject) for m in rd.all_messages] == [(MsgType.APP_RESP, 3, False)]
-    assert rd.snapshot is None and node.commit == 3 and node.log.last_index() == 6
+    assert rd.snapshot is None and node.commit == 3 and node.raft_log.last_index() == 6
     node.advance(rd)
 
 
@@ -218,7 +218,7 @@ def test_snapshot_restored_while_a_ready_is_outstanding_keeps_its_configuration(
     node.step(Message(MsgType.SNAP, 2, 1, 2, snapshot_meta=meta, data=b"[]", done=True))
     node.advance(rd)
     assert node.conf == meta.conf_state
-    assert node.applied == 10 and node.log.offset == 10
+    assert node.applied == 10 and node.raft_log.offset == 10
     rd = node.ready()
     assert rd.snapshot is not None and rd.snapshot.meta == meta
     node.advance(rd)
@@ -233,7 +233,7 @@ def test_follower_within_the_kept_tail_is_caught_up_by_appends_not_a_snapshot():
         net.propose(1, b"value-%03d" % i)
     net.stabilize()
     net.compact(1, keep_entries=11)  # node 3 has up to 2; the leader keeps 2..12
-    assert net.nodes[1].log.offset == 1
+    assert net.nodes[1].raft_log.offset == 1
     net.heal()
     net.run(1)
     assert not net.messages(MsgType.SNAP)
@@ -254,4 +254,4 @@ def test_a_transfer_interrupted_halfway_resumes_where_the_follower_got_to():
     assert offsets[0] == 0  # ... from its first chunk
     assert CHUNK not in offsets  # but the follower's answer skipped what it already held
     assert offsets[1] == 2 * CHUNK, offsets
-    assert net.nodes[3].log.offset == 32 and net.sm[3].data == net.sm[1].data
+    assert net.nodes[3].raft_log.offset == 32 and net.sm[3].data == net.sm[1].data

@@ -26,7 +26,7 @@ def _lagging_target() -> Network:
     for i in range(5):
         net.propose(1, b"w%d" % i)
     net.stabilize()
-    assert net.nodes[1].commit == 7 and net.nodes[3].log.last_index() == 2
+    assert net.nodes[1].commit == 7 and net.nodes[3].raft_log.last_index() == 2
     net.heal()
     return net
 
@@ -75,7 +75,7 @@ def test_proposals_are_refused_during_a_transfer():
     assert err.value.reason == "leadership transfer in progress" and err.value.leader == 3
     with pytest.raises(ProposalRefused, match="transfer"):
         leader.propose_conf_change([ConfChangeSingle(ConfChangeType.ADD_LEARNER, 4)])
-    assert leader.log.last_index() == 7  # nothing was appended
+    assert leader.raft_log.last_index() == 7  # nothing was appended
 
 
 def test_transfer_aborts_after_an_election_timeout_if_the_target_is_unreachable():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pluggy
 import pytest
 from hypothesis import given, settings
@@ -12,17 +13,21 @@ from hypothesis import strategies as st
 
 from raftcache import pluginapi
 from raftcache.core.cache.commands import (
+    COMMAND_TYPES,
     Append,
     Cas,
     CommandError,
-    Delete,
     Envelope,
     Incr,
     Invalidate,
     MSet,
-    Set,
+    Put,
+    Remove,
     Sweep,
+    Writes,
+    decode_envelope,
     encode_envelope,
+    sample_command,
 )
 from raftcache.core.cache.statemachine import (
     _R_INT,
@@ -68,10 +73,10 @@ def r():
 # Commands and versions
 # ================================================================================================
 def test_set_returns_the_entry_index_as_version(r):
-    assert r.write(Set(b"k", b"v1")) == 1
+    assert r.write(Put(b"k", b"v1")) == 1
     assert r.get(b"k") == (b"v1", 1)
-    r.write(Set(b"other", b"x"))
-    assert r.write(Set(b"k", b"v2")) == 3
+    r.write(Put(b"other", b"x"))
+    assert r.write(Put(b"k", b"v2")) == 3
     assert r.get(b"k") == (b"v2", 3)
     assert r.get(b"other") == (b"x", 2)
     assert r.get(b"missing") is None
@@ -80,25 +85,25 @@ def test_set_returns_the_entry_index_as_version(r):
 
 def test_versions_are_log_indexes_even_with_gaps(r):
     # Conf changes and no-ops take log indexes the state machine never sees.
-    assert r.sm.apply(7, encode_envelope(Envelope(Set(b"k", b"v")))) == 7
+    assert r.sm.apply(7, encode_envelope(Envelope(Put(b"k", b"v")))) == 7
     assert r.get(b"k") == (b"v", 7)
     assert r.sm.apply(10, b"") is None  # leader no-op
     assert r.sm.applied_index == 10
     with pytest.raises(ValueError):
-        r.sm.apply(10, encode_envelope(Envelope(Set(b"k", b"again"))))
+        r.sm.apply(10, encode_envelope(Envelope(Put(b"k", b"again"))))
     assert r.get(b"k") == (b"v", 7)
 
 
 def test_delete_reports_whether_the_key_existed(r):
-    r.write(Set(b"k", b"v"))
-    assert r.write(Delete(b"k")) is True
+    r.write(Put(b"k", b"v"))
+    assert r.write(Remove(b"k")) is True
     assert r.get(b"k") is None
     assert b"k" not in r.backend._values
-    assert r.write(Delete(b"k")) is False
+    assert r.write(Remove(b"k")) is False
 
 
 def test_cas_compares_against_the_version(r):
-    v = r.write(Set(b"k", b"v1"))
+    v = r.write(Put(b"k", b"v1"))
     assert r.write(Cas(b"k", v + 100, b"nope")) == (False, v)
     assert r.get(b"k") == (b"v1", v)
     assert r.write(Cas(b"k", v, b"v2")) == (True, 3)  # entry 2 was the failed cas
@@ -120,7 +125,7 @@ def test_incr_counts_from_zero_and_stores_ascii_decimal(r):
     assert r.write(Incr(b"n", 41)) == 42
     assert r.write(Incr(b"n", -50)) == -8
     assert r.get(b"n") == (b"-8", 3)
-    r.write(Set(b"m", b"100"))
+    r.write(Put(b"m", b"100"))
     assert r.write(Incr(b"m", 5)) == 105
     assert r.get(b"m") == (b"105", 5)
 
@@ -131,14 +136,14 @@ def test_incr_counts_from_zero_and_stores_ascii_decimal(r):
      b"9223372036854775808", b"1" * 30],
 )  # fmt: skip
 def test_incr_on_a_non_integer_is_an_invalid_request_that_changes_nothing(r, stored):
-    r.write(Set(b"k", stored))
+    r.write(Put(b"k", stored))
     result = r.write(Incr(b"k"))
     assert isinstance(result, ApplyError) and result.kind == "InvalidRequest"
     assert r.get(b"k") == (stored, 1)
 
 
 def test_incr_refuses_to_overflow_64_bits(r):
-    r.write(Set(b"k", b"9223372036854775807"))
+    r.write(Put(b"k", b"9223372036854775807"))
     result = r.write(Incr(b"k"))
     assert isinstance(result, ApplyError) and result.kind == "InvalidRequest"
     assert r.get(b"k") == (b"9223372036854775807", 1)
@@ -147,7 +152,7 @@ def test_incr_refuses_to_overflow_64_bits(r):
 
 def test_invalidate_removes_a_prefix_and_counts(r):
     for key in (b"user:1", b"user:2", b"user", b"session:1"):
-        r.write(Set(key, b"v"))
+        r.write(Put(key, b"v"))
     assert r.write(Invalidate(b"user:")) == 2
     assert r.get(b"user:1") is None and r.get(b"user:2") is None
     assert r.get(b"user") is not None and r.get(b"session:1") is not None
@@ -164,15 +169,15 @@ def test_mset_writes_all_keys_at_one_version(r):
 
 
 def test_invalidate_counts_only_live_keys_but_reclaims_expired_ones(r):
-    r.write(Set(b"p:1", b"v", ttl_ms=10), stamp=100)
-    r.write(Set(b"p:2", b"v"), stamp=100)
+    r.write(Put(b"p:1", b"v", ttl_ms=10), stamp=100)
+    r.write(Put(b"p:2", b"v"), stamp=100)
     assert r.write(Invalidate(b"p:"), stamp=110) == 1
     assert len(r.sm) == 0 and len(r.backend) == 0
 
 
 def test_read_many(r):
-    r.write(Set(b"a", b"1"))
-    r.write(Set(b"b", b"2", ttl_ms=10), stamp=100)
+    r.write(Put(b"a", b"1"))
+    r.write(Put(b"b", b"2", ttl_ms=10), stamp=100)
     assert r.sm.read_many([b"a", b"b", b"c"], 105) == [(b"1", 1), (b"2", 2), None]
     assert r.sm.read_many([b"a", b"b"], 110) == [(b"1", 1), None]
 
@@ -181,14 +186,14 @@ def test_an_undecodable_entry_applies_as_an_invalid_request(r):
     result = r.apply_data(b"\x01garbage")
     assert isinstance(result, ApplyError) and result.kind == "InvalidRequest"
     assert r.sm.applied_index == 1
-    assert r.write(Set(b"k", b"v")) == 2  # and the state machine carries on
+    assert r.write(Put(b"k", b"v")) == 2  # and the state machine carries on
 
 
 # ================================================================================================
 # Deterministic TTL
 # ================================================================================================
 def test_expiry_is_judged_from_stamps_for_reads(r):
-    r.write(Set(b"k", b"v", ttl_ms=500), stamp=1_000)
+    r.write(Put(b"k", b"v", ttl_ms=500), stamp=1_000)
     assert r.get(b"k", now=1_000) == (b"v", 1)
     assert r.get(b"k", now=1_499) == (b"v", 1)
     assert r.get(b"k", now=1_500) is None
@@ -197,7 +202,7 @@ def test_expiry_is_judged_from_stamps_for_reads(r):
 
 
 def test_expiry_is_judged_from_the_entrys_stamp_for_writes(r):
-    r.write(Set(b"k", b"5", ttl_ms=500), stamp=1_000)
+    r.write(Put(b"k", b"5", ttl_ms=500), stamp=1_000)
     # Before expiry: the key is there.
     assert r.write(Cas(b"k", 0, b"x"), stamp=1_499) == (False, 1)
     # At expiry: writes see a missing key, whatever the local clock says.
@@ -206,45 +211,45 @@ def test_expiry_is_judged_from_the_entrys_stamp_for_writes(r):
 
 
 def test_cas_on_an_expired_key_behaves_as_on_a_missing_key(r):
-    v = r.write(Set(b"k", b"v", ttl_ms=10), stamp=100)
+    v = r.write(Put(b"k", b"v", ttl_ms=10), stamp=100)
     assert r.write(Cas(b"k", v, b"late"), stamp=110) == (False, None)
     assert r.write(Cas(b"k", 0, b"new"), stamp=111) == (True, 3)
     assert r.get(b"k", now=10**12) == (b"new", 3)
 
 
 def test_delete_of_an_expired_key_reports_false_and_reclaims_it(r):
-    r.write(Set(b"k", b"v", ttl_ms=10), stamp=100)
-    assert r.write(Delete(b"k"), stamp=200) is False
+    r.write(Put(b"k", b"v", ttl_ms=10), stamp=100)
+    assert r.write(Remove(b"k"), stamp=200) is False
     assert len(r.sm) == 0 and len(r.backend) == 0
 
 
 def test_incr_keeps_the_keys_ttl(r):
-    r.write(Set(b"n", b"1", ttl_ms=100), stamp=1_000)
+    r.write(Put(b"n", b"1", ttl_ms=100), stamp=1_000)
     assert r.write(Incr(b"n"), stamp=1_050) == 2
     assert r.get(b"n", now=1_099) == (b"2", 2)
     assert r.get(b"n", now=1_100) is None
 
 
 def test_overwriting_without_ttl_clears_the_expiry(r):
-    r.write(Set(b"k", b"v", ttl_ms=100), stamp=1_000)
-    r.write(Set(b"k", b"forever"), stamp=1_010)
+    r.write(Put(b"k", b"v", ttl_ms=100), stamp=1_000)
+    r.write(Put(b"k", b"forever"), stamp=1_010)
     assert r.get(b"k", now=10**12) == (b"forever", 2)
     assert not r.sm.expired_keys_due(10**12)
 
 
 def test_a_stamp_going_backwards_does_not_turn_back_time(r):
-    r.write(Set(b"a", b"v"), stamp=1_000)
+    r.write(Put(b"a", b"v"), stamp=1_000)
     # A new leader whose clock is behind: its entry is judged at 1_000, not 900.
-    r.write(Set(b"k", b"v", ttl_ms=100), stamp=900)
+    r.write(Put(b"k", b"v", ttl_ms=100), stamp=900)
     assert r.sm.last_stamp_ms == 1_000
     assert r.get(b"k", now=1_099) is not None
     assert r.get(b"k", now=1_100) is None
 
 
 def test_sweep_reclaims_expired_keys(r):
-    r.write(Set(b"a", b"v", ttl_ms=100), stamp=1_000)  # expires 1_100
-    r.write(Set(b"b", b"v", ttl_ms=200), stamp=1_000)  # expires 1_200
-    r.write(Set(b"c", b"v"), stamp=1_000)  # never
+    r.write(Put(b"a", b"v", ttl_ms=100), stamp=1_000)  # expires 1_100
+    r.write(Put(b"b", b"v", ttl_ms=200), stamp=1_000)  # expires 1_200
+    r.write(Put(b"c", b"v"), stamp=1_000)  # never
     assert not r.sm.expired_keys_due(1_099)
     assert r.sm.expired_keys_due(1_100)
     assert r.sm.next_expiry() == 1_100
@@ -258,14 +263,14 @@ def test_sweep_reclaims_expired_keys(r):
 
 
 def test_sweep_never_reclaims_beyond_its_own_entrys_stamp(r):
-    r.write(Set(b"a", b"v", ttl_ms=100), stamp=1_000)
+    r.write(Put(b"a", b"v", ttl_ms=100), stamp=1_000)
     assert r.write(Sweep(10**9), stamp=1_050) == 0
     assert r.get(b"a", now=1_099) == (b"v", 1)
 
 
 def test_a_rewritten_keys_old_expiry_does_not_trigger_a_sweep(r):
-    r.write(Set(b"k", b"v", ttl_ms=100), stamp=1_000)
-    r.write(Set(b"k", b"v", ttl_ms=10_000), stamp=1_000)
+    r.write(Put(b"k", b"v", ttl_ms=100), stamp=1_000)
+    r.write(Put(b"k", b"v", ttl_ms=10_000), stamp=1_000)
     assert not r.sm.expired_keys_due(2_000)
     assert r.write(Sweep(2_000), stamp=2_000) == 0
     assert r.get(b"k", now=2_000) == (b"v", 2)
@@ -274,7 +279,7 @@ def test_a_rewritten_keys_old_expiry_does_not_trigger_a_sweep(r):
 
 def test_the_expiry_heap_stays_bounded_under_rewrites(r):
     for i in range(10_000):
-        r.write(Set(b"k", b"v", ttl_ms=10**9), stamp=i)
+        r.write(Put(b"k", b"v", ttl_ms=10**9), stamp=i)
     assert len(r.sm._expiries) <= 2 * 1 + 1024 + 1
 
 
@@ -290,9 +295,9 @@ def _random_entries(seed: int, n: int) -> list[bytes]:
         ttl = rng.choice([None, None, 1, 30, 300, 5_000])
         op = rng.randrange(7)
         if op == 0:
-            cmd = Set(key, b"v%d" % rng.randrange(1000), ttl)
+            cmd = Put(key, b"v%d" % rng.randrange(1000), ttl)
         elif op == 1:
-            cmd = Delete(key)
+            cmd = Remove(key)
         elif op == 2:
             cmd = Cas(key, rng.randrange(0, len(entries) + 2), b"c", ttl)
         elif op == 3:
@@ -353,10 +358,10 @@ _extreme = st.one_of(st.integers(-3, 40), st.sampled_from([_U, _U - 1, -(_U + 1)
 _keys = st.sampled_from([b"a", b"b", b"c", b"num", b"p:1", b"p:2", b"\x00"])
 _ttls = st.one_of(st.none(), st.integers(1, 50), st.sampled_from([_U, _U - 5, 1 << 62]))
 _commands = st.one_of(
-    st.builds(Set, _keys, st.binary(max_size=6), _ttls),
-    st.builds(Set, _keys, st.sampled_from([b"0", b"-9223372036854775808",
+    st.builds(Put, _keys, st.binary(max_size=6), _ttls),
+    st.builds(Put, _keys, st.sampled_from([b"0", b"-9223372036854775808",
                                            b"9223372036854775807", b"12"]), _ttls),
-    st.builds(Delete, _keys),
+    st.builds(Remove, _keys),
     st.builds(Cas, _keys, _extreme, st.binary(max_size=4), _ttls),
     st.builds(Incr, _keys, _extreme),
     st.builds(Append, _keys, st.binary(max_size=5)),
@@ -415,7 +420,7 @@ def test_the_history_property_has_teeth(monkeypatch):
     monkeypatch.setattr(statemachine, "_expiry",
                         lambda now, ttl: None if ttl is None else now + ttl)
     r = Replica()
-    r.write(Set(b"a", b"v", _U), stamp=5)
+    r.write(Put(b"a", b"v", _U), stamp=5)
     with pytest.raises(SnapshotError, match="out of range"):
         Replica().sm.restore(r.sm.snapshot())
 
@@ -428,8 +433,8 @@ def test_a_retried_write_returns_the_first_result_and_does_not_apply_twice(r):
     assert r.write(Incr(b"n", 5), client="c", seq=1) == 5  # the retry
     assert r.get(b"n") == (b"5", 1)
     assert r.write(Incr(b"n", 5), client="c", seq=2) == 10
-    assert r.write(Set(b"k", b"v"), client="c", seq=3) == 4
-    assert r.write(Set(b"k", b"v"), client="c", seq=3) == 4  # version of the first apply
+    assert r.write(Put(b"k", b"v"), client="c", seq=3) == 4
+    assert r.write(Put(b"k", b"v"), client="c", seq=3) == 4  # version of the first apply
     assert r.get(b"k") == (b"v", 4)
 
 
@@ -449,10 +454,10 @@ def test_a_session_is_bound_to_the_callers_identity(r):
 
 def test_append_grows_a_value_and_keeps_its_ttl(r):
     assert r.write(Append(b"log", b"a"), stamp=1_000) == 1  # missing: from empty
-    assert r.write(Set(b"log", b"ab", ttl_ms=500), stamp=1_000) == 2
+    assert r.write(Put(b"log", b"ab", ttl_ms=500), stamp=1_000) == 2
     assert r.write(Append(b"log", b"cd"), stamp=1_100) == 4
     assert r.get(b"log", 1_100) == (b"abcd", 3)
-    assert r.get(b"log", 1_500) is None  # the ttl of the Set still holds
+    assert r.get(b"log", 1_500) is None  # the ttl of the Put still holds
     assert r.write(Append(b"log", b"x"), stamp=1_600) == 1  # expired: from empty again
     big = r.write(Append(b"log", b"y" * MAX_APPENDED_BYTES), stamp=1_600)
     assert isinstance(big, ApplyError) and big.kind == "InvalidRequest"
@@ -470,7 +475,7 @@ def test_append_through_value_codecs_stores_only_sealed_values():
 
     r = Replica(codecs=(Seal(),))
     seal = Seal()
-    r.write(Set(b"k", seal.encode(b"k", b"ab")))
+    r.write(Put(b"k", seal.encode(b"k", b"ab")))
     assert r.write(Append(b"k", seal.encode(b"k", b"cd"))) == 4
     assert r.backend.get(b"k") == b"S:dcba"
 
@@ -491,14 +496,14 @@ def test_a_retry_older_than_every_kept_result_is_outcome_unknown(r):
 
 
 def test_a_sequence_number_reused_for_another_write_is_refused(r):
-    assert r.write(Set(b"a", b"1"), client="c", seq=1) == 1
-    for other in (Set(b"b", b"1"), Incr(b"a"), Delete(b"a"), Set(b"a", b"1", ttl_ms=5)):
+    assert r.write(Put(b"a", b"1"), client="c", seq=1) == 1
+    for other in (Put(b"b", b"1"), Incr(b"a"), Remove(b"a"), Put(b"a", b"1", ttl_ms=5)):
         result = r.write(other, client="c", seq=1)
         assert isinstance(result, ApplyError) and result.kind == "InvalidRequest", other
         assert "already used" in result.reason
     assert r.get(b"a") == (b"1", 1) and r.get(b"b") is None
     # The same write with another value is a retry (a codec may seal it differently).
-    assert r.write(Set(b"a", b"sealed again"), client="c", seq=1) == 1
+    assert r.write(Put(b"a", b"sealed again"), client="c", seq=1) == 1
 
 
 def test_a_higher_sequence_number_from_someone_else_does_not_fail_the_client(r):
@@ -523,21 +528,21 @@ def test_sessions_survive_a_version_1_snapshot():
 
 
 def test_error_results_are_remembered_too(r):
-    r.write(Set(b"k", b"text"))
+    r.write(Put(b"k", b"text"))
     first = r.write(Incr(b"k"), client="c", seq=1)
     assert isinstance(first, ApplyError)
-    r.write(Set(b"k", b"1"))
+    r.write(Put(b"k", b"1"))
     assert r.write(Incr(b"k"), client="c", seq=1) == first  # still the first outcome
 
 
 def test_idle_sessions_expire_so_the_table_stays_bounded():
     r = Replica(session_idle_ms=1_000)
     for i in range(5_000):
-        r.write(Set(b"k", b"v"), stamp=i * 10, client=f"client-{i}", seq=1)
+        r.write(Put(b"k", b"v"), stamp=i * 10, client=f"client-{i}", seq=1)
     # Only clients active in the last 1_000 ms (100 of them) are remembered.
     assert r.sm.session_count <= 100
     # An active client keeps its session; a retry within the window is deduplicated.
-    assert r.write(Set(b"k", b"v"), stamp=50_000, client="client-4999", seq=1) == 5_000
+    assert r.write(Put(b"k", b"v"), stamp=50_000, client="client-4999", seq=1) == 5_000
     assert r.sm.session_count <= 100
 
 
@@ -546,7 +551,7 @@ def test_a_session_kept_alive_by_activity_is_not_expired():
     r.write(Incr(b"n"), stamp=0, client="busy", seq=1)
     for i in range(1, 50):
         r.write(Incr(b"n"), stamp=i * 500, client="busy", seq=i + 1)
-        r.write(Set(b"x", b"v"), stamp=i * 500, client=f"other-{i}", seq=1)
+        r.write(Put(b"x", b"v"), stamp=i * 500, client=f"other-{i}", seq=1)
     # The busy session must not shield the idle ones queued behind it from expiry.
     assert r.sm.session_count <= 3
     assert r.write(Incr(b"n"), stamp=25_000, client="busy", seq=50) == 50  # deduplicated
@@ -567,14 +572,14 @@ def test_a_vetoed_write_is_unauthorized_and_changes_nothing():
         return "read-only role" if identity == "mallory" else None
 
     r = Replica(check_command=check)
-    r.write(Set(b"k", b"v"), identity="alice", stamp=10)
+    r.write(Put(b"k", b"v"), identity="alice", stamp=10)
     before = (dict(r.backend._values), r.sm._catalog.copy(), r.sm.session_count)
-    for cmd in (Set(b"k", b"evil"), Delete(b"k"), Incr(b"n"), Invalidate(b""), Cas(b"k", 1, b"x"),
+    for cmd in (Put(b"k", b"evil"), Remove(b"k"), Incr(b"n"), Invalidate(b""), Cas(b"k", 1, b"x"),
                 MSet(((b"a", b"b"),))):  # fmt: skip
         result = r.write(cmd, identity="mallory", stamp=20, client="m", seq=1)
         assert result == ApplyError("Unauthorized", "read-only role")
     assert (dict(r.backend._values), r.sm._catalog, r.sm.session_count) == before
-    assert calls[0] == (Set(b"k", b"v"), "alice", 10)
+    assert calls[0] == (Put(b"k", b"v"), "alice", 10)
     assert calls[-1][1:] == ("mallory", 20)
     # The veto left no session behind: once allowed, the same (client, seq) applies.
     r.sm.check_command = None
@@ -584,7 +589,7 @@ def test_a_vetoed_write_is_unauthorized_and_changes_nothing():
 def test_the_leaders_sweep_is_not_subject_to_the_veto():
     r = Replica(check_command=lambda command, identity, stamp_ms, **_: "nobody may write")
     r.sm.check_command = None
-    r.write(Set(b"k", b"v", ttl_ms=10), stamp=0)
+    r.write(Put(b"k", b"v", ttl_ms=10), stamp=0)
     r.sm.check_command = lambda command, identity, stamp_ms, **_: "nobody may write"
     assert r.write(Sweep(100), stamp=100) == 1
 
@@ -594,12 +599,12 @@ def test_the_leaders_sweep_is_not_subject_to_the_veto():
 # ================================================================================================
 def _populated() -> Replica:
     r = Replica()
-    r.write(Set(b"plain", b"v"), stamp=1_000)
-    r.write(Set(b"ttl", b"t", ttl_ms=500), stamp=1_000)
+    r.write(Put(b"plain", b"v"), stamp=1_000)
+    r.write(Put(b"ttl", b"t", ttl_ms=500), stamp=1_000)
     r.write(Incr(b"n", 7), stamp=1_001, client="c", seq=4)
     r.write(MSet(((b"bin\x00", b"\xff" * 100), (b"e", b""))), stamp=1_002, client="d", seq=1,
             identity="alice")  # fmt: skip
-    r.write(Set(b"x", b"oops"), stamp=1_003)
+    r.write(Put(b"x", b"oops"), stamp=1_003)
     r.write(Incr(b"x"), stamp=1_003, client="e", seq=9)  # an ApplyError result in a session
     return r
 
@@ -627,7 +632,7 @@ def test_snapshot_and_restore_round_trip_into_a_fresh_state_machine():
 def test_snapshots_keep_the_write_order_that_a_bounded_backend_evicts_in():
     a, b = Replica(), Replica()
     a.write(MSet(((b"x", b"1"), (b"a", b"2"), (b"m", b"3"))))
-    a.write(Set(b"x", b"4"))  # rewritten: now the newest
+    a.write(Put(b"x", b"4"))  # rewritten: now the newest
     b.sm.restore(a.sm.snapshot())
     assert list(b.sm._catalog) == list(a.sm._catalog) == [b"a", b"m", b"x"]
     assert list(b.backend._values) == [b"a", b"m", b"x"]
@@ -637,7 +642,7 @@ def test_snapshots_keep_the_write_order_that_a_bounded_backend_evicts_in():
 def test_restore_replaces_everything_including_the_backend():
     a = _populated()
     b = Replica()
-    b.write(Set(b"leftover", b"v"))
+    b.write(Put(b"leftover", b"v"))
     b.backend.apply(1, [Change(b"stray", b"not in the catalog")])
     b.sm.restore(a.sm.snapshot())
     assert b.get(b"leftover") is None
@@ -677,7 +682,7 @@ def test_an_evicted_value_is_recorded_as_missing_and_reads_as_a_miss():
 
 
 def test_incr_on_an_evicted_value_is_outcome_unknown_and_reads_as_a_miss(r):
-    r.write(Set(b"n", b"5"))
+    r.write(Put(b"n", b"5"))
     del r.backend._values[b"n"]
     result = r.write(Incr(b"n"))
     assert isinstance(result, ApplyError) and result.kind == "OutcomeUnknown"
@@ -718,7 +723,7 @@ def test_values_are_stored_as_the_entry_holds_them_and_incr_uses_the_codecs():
         return value
 
     stored = enc(b"n", b"41")
-    r.write(Set(b"n", stored))  # the proposer encoded it
+    r.write(Put(b"n", stored))  # the proposer encoded it
     assert r.get(b"n") == (stored, 1)  # stored and read back as-is
     assert r.write(Incr(b"n")) == 42
     assert r.get(b"n") == (enc(b"n", b"42"), 2)
@@ -753,7 +758,7 @@ def test_settings_are_replicated_state_with_their_stamp_and_snapshotted(r):
                              "keys.2": Setting(b"x", 60, index + 1)}
     seen = []
     r.sm.check_command = lambda **kw: seen.append(dict(kw["settings"])) or None
-    r.write(Set(b"k", b"v"), stamp=70)
+    r.write(Put(b"k", b"v"), stamp=70)
     assert seen == [r.sm.settings]  # the check sees the settings in force
     copy = Replica()
     copy.sm.restore(r.sm.snapshot())
@@ -763,9 +768,9 @@ def test_settings_are_replicated_state_with_their_stamp_and_snapshotted(r):
 def test_reseal_replaces_stored_values_only_at_their_version_and_keeps_the_rest(r):
     from raftcache.core.cache.commands import Reseal
 
-    v1 = r.write(Set(b"a", b"old-a", 10_000), stamp=100)
-    v2 = r.write(Set(b"b", b"old-b"), stamp=100)
-    r.write(Set(b"b", b"newer-b"), stamp=100)  # b moved on: its reseal must not apply
+    v1 = r.write(Put(b"a", b"old-a", 10_000), stamp=100)
+    v2 = r.write(Put(b"b", b"old-b"), stamp=100)
+    r.write(Put(b"b", b"newer-b"), stamp=100)  # b moved on: its reseal must not apply
     assert r.write(Reseal(((b"a", v1, b"sealed-a"), (b"b", v2, b"sealed-b"),
                            (b"gone", 1, b"x"))), stamp=200) == 1
     assert r.sm.read(b"a", 200) == (b"sealed-a", v1)  # same version
@@ -799,3 +804,81 @@ def test_members_addresses_and_joins_survive_a_snapshot_and_older_images_still_l
     # A newer image than this build knows is refused, naming both versions.
     with pytest.raises(SnapshotError, match="unknown snapshot version 5 .this build reads 1 to 4"):
         c.sm.restore(old[:4] + b"\x05" + old[5:])
+
+
+# ================================================================================================
+# Every command, found from the registry: what its class declares holds
+# ================================================================================================
+def _keys_and_settings(sm, now):
+    return ({key: sm.read(key, now) for key in list(sm.keys_at(0, 1 << 30))},
+            dict(sm.settings))
+
+
+def _changed(before: dict, after: dict) -> set:
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+
+
+# What the state machine may change for each kind of declared write: (command, keys changed,
+# values before, values after, settings changed) -> whether it kept to its declaration.
+_KEPT_TO = {
+    Writes.KEYS: lambda cmd, keys, _b, _a, settings: keys <= set(cmd.written()) and not settings,
+    Writes.PREFIXES: lambda cmd, keys, _b, _a, settings: not settings and all(
+        any(k.startswith(p) for p in cmd.written()) for k in keys),
+    Writes.SETTINGS: lambda _cmd, keys, _b, _a, _settings: not keys,
+    # stored forms only: every key keeps its version
+    Writes.SEALING: lambda _cmd, keys, before, after, settings: not settings and all(
+        before[k] is not None and after[k] is not None and before[k][1] == after[k][1]
+        for k in keys),
+    Writes.EXPIRED: lambda _cmd, keys, _b, _a, settings: not keys and not settings,
+}
+
+
+@pytest.mark.parametrize("cls", list(COMMAND_TYPES.values()), ids=lambda cls: cls.__name__)
+def test_every_registered_command_round_trips_applies_and_writes_what_it_declares(cls):
+    command = sample_command(cls)
+    env = Envelope(command, "client", 1, None, 100)
+    assert decode_envelope(encode_envelope(env)) == env
+    r = Replica()
+    for key in (b"k", b"kx", b"other"):  # "k" is every sample's key (and prefix)
+        r.write(Put(key, b"1"), stamp=50)
+    before = _keys_and_settings(r.sm, 100)
+    result = r.apply_data(encode_envelope(env))
+    assert not isinstance(result, ApplyError), result
+    after = _keys_and_settings(r.sm, 100)
+    keys = _changed(before[0], after[0])
+    assert _KEPT_TO[cls.writes](command, keys, before[0], after[0],
+                                _changed(before[1], after[1])), (keys, after)
+    # it applied: a retry under its (client, seq) answers the first result, not a refusal
+    assert r.apply_data(encode_envelope(env)) == result
+    # what `returns_value` says matches what the state machine reads before applying
+    assert (r.sm._read_before_write(command, 100) is not None) == cls.returns_value
+
+
+def test_the_declarations_have_teeth_in_the_state_machine():
+    # A command whose keys are declared elsewhere is caught by the walk above's predicate.
+    r = Replica()
+    r.write(Put(b"k", b"1"))
+    before = _keys_and_settings(r.sm, 0)
+    r.write(Put(b"k", b"2"))
+    keys = _changed(before[0], _keys_and_settings(r.sm, 0)[0])
+    assert _KEPT_TO[Writes.KEYS](Put(b"k", b"2"), keys, {}, {}, set())
+    assert not _KEPT_TO[Writes.KEYS](Put(b"elsewhere", b"2"), keys, {}, {}, set())
+    assert not _KEPT_TO[Writes.SETTINGS](Put(b"k", b"2"), keys, {}, {}, set())
+
+
+def test_a_registered_command_without_an_apply_method_stops_the_import():
+    from raftcache.core.cache import statemachine
+
+    @attrs.frozen
+    class Unapplied:
+        name = "unapplied"
+
+    registry = dict(COMMAND_TYPES)
+    COMMAND_TYPES[255] = Unapplied
+    try:
+        with pytest.raises(TypeError, match="Unapplied"):
+            statemachine._appliers()
+    finally:
+        COMMAND_TYPES.clear()
+        COMMAND_TYPES.update(registry)
+    assert set(statemachine._appliers()) == set(COMMAND_TYPES.values())

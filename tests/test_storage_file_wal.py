@@ -618,7 +618,7 @@ def test_a_node_on_file_wal_keeps_its_data_across_a_restart(tmp_path):
         node = Node(cfg)
         node.start()
         with gevent.Timeout(5):
-            while node.raw.role.name != "LEADER":
+            while node.replica.raw.role.name != "LEADER":
                 gevent.sleep(0.01)
         return node
 
@@ -631,7 +631,7 @@ def test_a_node_on_file_wal_keeps_its_data_across_a_restart(tmp_path):
         for i in range(100):
             got = call(node, op="get", key=b"k%d" % i)
             assert got.error is None and got.result.value == b"v%d" % i, (i, got)
-        assert node.raw.log.offset > 0  # it restarted from a snapshot
+        assert node.replica.raw.raft_log.offset > 0  # it restarted from a snapshot
     finally:
         node.stop()
     assert len(segments(tmp_path / "n1")) <= 3

@@ -507,7 +507,7 @@ def test_the_server_refuses_to_start_without_tls():
 def test_bad_options_and_files_are_named(pki, tmp_path):
     with pytest.raises(ValueError, match="transport.options.handshake_timout: unknown key"):
         tcp_tls.server(1, "127.0.0.1:0", {}, tls(pki, "node1"), {"handshake_timout": 1})
-    with pytest.raises(ValueError, match="transport.options.max_frame: must be positive"):
+    with pytest.raises(ValueError, match="transport.options.max_frame: expected a number > 0"):
         tcp_tls.server(1, "127.0.0.1:0", {}, tls(pki, "node1"), {"max_frame": 0})
     missing = TLSConfig(str(tmp_path / "ca.pem"), str(tmp_path / "n.pem"), str(tmp_path / "k"))
     with pytest.raises(ValueError, match="cannot load TLS files"):

@@ -23,7 +23,7 @@ class RequestHeader:
     timeout_ms: int | None = None  # the caller's deadline for this call
     forwarded: bool | None = None  # proxied by a follower: the receiver must not forward again
     # Set by the node that forwards a call: the CN of its caller's client certificate.
-    # Transports take it only from a node's connection (`common.caller_certificate`).
+    # Transports take it only from a node's connection (`tls.caller_certificate`).
     certificate: str | None = None
 
 

@@ -7,8 +7,9 @@ decides from `command` whether a call needs an exactly-once session and from `mu
 a call whose fate is unknown is `OutcomeUnknown` or merely `Unavailable`.
 
 Adding a write: its method in raftcache.thrift, an `Operation` here (request fields, the command
-it proposes, the answer its result becomes), the command's encoding and apply
-(`commands.py`, `statemachine.py`), and the client/CLI surface.
+it proposes, the answer its result becomes), the command class (`commands.py`: tag, fields,
+what it writes) and its `_apply_<name>` method (`statemachine.py`), and the client/CLI surface.
+Access control follows from the command's declaration (`commands.Writes`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ class SizeLimits(Protocol):
     max_value_bytes: int
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Operation:
-    name: str  # Request.op, and the Thrift method
+    # Request.op, the Thrift method, the metrics label, and the `name` of the command a write
+    # proposes: one name through the layers
+    name: str
+    # What the Python client's method and the CLI's command are called, when not `name`: they
+    # say set/delete, the wire put/remove (`set` and `delete` are reserved words in some of
+    # Thrift's generator targets). This is the one place that maps the two.
+    client_name: str = attrs.field()
     fields: tuple[str, ...]  # the Request fields it takes, in the Thrift method's argument order
     result: str | None  # the Response field that holds its answer (the method's return value)
     kind: str  # "write": proposes `command`; "read": get/mget; "node": the node answers itself
@@ -48,6 +55,10 @@ class Operation:
     # write: the state machine's result -> the Response fields that carry it
     answer: Callable[[object], dict] | None = None
     doc: str = ""
+
+    @client_name.default
+    def _client_name(self) -> str:
+        return self.name
 
     def check_sizes(self, request: Request, limits: SizeLimits) -> None:
         """Refuse (BadRequest) a request with a key or value over the node's limits, before
@@ -105,7 +116,7 @@ def _value(request: Request, op: str) -> bytes:
 # ---- the writes' commands -------------------------------------------------------------------------
 def _put(r: Request, encode: Encode, _limit: int):
     k = key(r.key)
-    return commands.Set(k, encode(k, _value(r, "put")), ttl(r))
+    return commands.Put(k, encode(k, _value(r, "put")), ttl(r))
 
 
 def _cas(r: Request, encode: Encode, _limit: int):
@@ -130,48 +141,63 @@ def _cas_answer(result) -> dict:
 
 # ---- the table --------------------------------------------------------------------------------------
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
-    Operation("put", ("key", "value", "ttl_ms", "header"), "number", "write", True,
-              _put, lambda version: {"number": version},
+    Operation(name="put", client_name="set", fields=("key", "value", "ttl_ms", "header"),
+              result="number", kind="write", mutates=True, command=_put,
+              answer=lambda version: {"number": version},
               doc="store a value; answers its version"),
-    Operation("remove", ("key", "header"), "ok", "write", True,
-              lambda r, _e, _l: commands.Delete(key(r.key)),
-              lambda existed: {"ok": bool(existed)},
+    Operation(name="remove", client_name="delete", fields=("key", "header"), result="ok",
+              kind="write", mutates=True,
+              command=lambda r, _e, _l: commands.Remove(key(r.key)),
+              answer=lambda existed: {"ok": bool(existed)},
               doc="delete a key; answers whether it existed"),
-    Operation("cas", ("key", "expected_version", "value", "ttl_ms", "header"), "ok", "write",
-              True, _cas, _cas_answer,
+    Operation(name="cas", fields=("key", "expected_version", "value", "ttl_ms", "header"),
+              result="ok", kind="write", mutates=True, command=_cas, answer=_cas_answer,
               doc="store a value if the key's version is expected_version (0: missing)"),
-    Operation("incr", ("key", "delta", "header"), "number", "write", True,
-              lambda r, _e, _l: commands.Incr(key(r.key), 1 if r.delta is None else r.delta),
-              lambda value: {"number": value},
+    Operation(name="incr", fields=("key", "delta", "header"), result="number", kind="write",
+              mutates=True,
+              command=lambda r, _e, _l: commands.Incr(key(r.key),
+                                                      1 if r.delta is None else r.delta),
+              answer=lambda value: {"number": value},
               doc="add delta to a decimal integer (missing: 0); answers the new value"),
-    Operation("invalidate", ("key", "header"), "number", "write", True,  # IDL: `prefix`
-              lambda r, _e, _l: commands.Invalidate(r.key or b""),
-              lambda count: {"number": count},
+    Operation(name="invalidate", fields=("key", "header"),  # the IDL calls the key `prefix`
+              result="number", kind="write", mutates=True,
+              command=lambda r, _e, _l: commands.Invalidate(r.key or b""),
+              answer=lambda count: {"number": count},
               doc="delete every key with a prefix; answers how many"),
-    Operation("mset", ("items", "ttl_ms", "header"), "versions", "write", True,
-              _mset, lambda versions: {"versions": list(versions)},
+    Operation(name="mset", fields=("items", "ttl_ms", "header"), result="versions",
+              kind="write", mutates=True, command=_mset,
+              answer=lambda versions: {"versions": list(versions)},
               doc="store several values at once; answers their versions"),
-    Operation("append", ("key", "value", "header"), "number", "write", True,
-              lambda r, encode, _l: commands.Append(key(r.key), encode(r.key, _value(r, "append"))),
-              lambda length: {"number": length},
+    Operation(name="append", fields=("key", "value", "header"), result="number", kind="write",
+              mutates=True,
+              command=lambda r, encode, _l: commands.Append(key(r.key),
+                                                            encode(r.key, _value(r, "append"))),
+              answer=lambda length: {"number": length},
               doc="append bytes to a value (missing: empty); answers the new length"),
-    Operation("get", ("key", "consistency", "header"), "result", "read", False,
-              doc="a value and its version"),
-    Operation("mget", ("keys", "consistency", "header"), "results", "read", False,
-              doc="several values, read at one point"),
-    Operation("status", (), "status", "node", False, doc="this node's view of the cluster"),
-    Operation("transfer_leader", ("node_id", "header"), "status", "node", False,
+    Operation(name="get", fields=("key", "consistency", "header"), result="result",
+              kind="read", mutates=False, doc="a value and its version"),
+    Operation(name="mget", fields=("keys", "consistency", "header"), result="results",
+              kind="read", mutates=False, doc="several values, read at one point"),
+    Operation(name="status", fields=(), result="status", kind="node", mutates=False,
+              doc="this node's view of the cluster"),
+    Operation(name="transfer_leader", fields=("node_id", "header"), result="status",
+              kind="node", mutates=False,
               doc="hand leadership to node_id; answers the leader's status"),
-    Operation("change_member", ("change", "node_id", "header", "address"), "status", "node",
-              True, doc="add-voter, add-learner, remove or update-address of node_id (at "
-                        "address: the log carries it to every node); answers the leader's "
-                        "status"),
-    Operation("snapshot", ("offset", "index", "header"), "part", "node", False,
+    Operation(name="change_member", fields=("change", "node_id", "header", "address"),
+              result="status", kind="node", mutates=True,
+              doc="add-voter, add-learner, remove or update-address of node_id (at address: "
+                  "the log carries it to every node); answers the leader's status"),
+    Operation(name="snapshot", fields=("offset", "index", "header"), result="part",
+              kind="node", mutates=False,
               doc="a backup of the whole cache from the leader, a part at a time"),
-    Operation("admin", ("action", "arguments", "header"), "text", "node", True,
+    Operation(name="admin", fields=("action", "arguments", "header"), result="text",
+              kind="node", mutates=True,
               doc="an admin action of a security plugin (revoke, keys-rotate, ...); "
                   "answers a JSON object"),
 )}
+
+# The Python client's and the CLI's name -> the operation (`Operation.client_name`).
+BY_CLIENT_NAME: dict[str, Operation] = {op.client_name: op for op in OPERATIONS.values()}
 
 
 def needs_session(op: str) -> bool:

@@ -33,6 +33,7 @@ from .interfaces import (
     BackendProvider,
     CompositeBackendFactory,
     Connection,
+    DevServer,
     PeerHandler,
     Storage,
     StorageFactory,
@@ -49,7 +50,7 @@ from .options import parse_options, positive, private_dir, redact_url
 __all__ = [
     "PROJECT", "Backend", "BackendFactory", "BackendLost", "BackendProvider", "BackendUnavailable",
     "Caller", "Change", "CompositeBackendFactory", "ConfigError", "Configure", "Connection",
-    "NodeContext", "OptionError", "PeerHandler", "PluginError", "Setting", "Storage",
+    "DevServer", "NodeContext", "OptionError", "PeerHandler", "PluginError", "Setting", "Storage",
     "StorageFactory", "StorageProvider", "TLSConfig", "Transport", "TransportConnect",
     "TransportProvider", "TransportServer", "Unauthorized", "ValueCodec", "ValueCodecError",
     "hookimpl", "hookspec", "parse_options", "positive", "private_dir", "redact_url",

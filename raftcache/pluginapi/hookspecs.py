@@ -137,9 +137,10 @@ def raftcache_snapshot_installed(node: NodeContext, index: int) -> None:
 
 @hookspec
 def raftcache_metrics(node: NodeContext, metrics: dict) -> None:
-    """Read or add to the node's metrics. Called every ten seconds by the node's ticker, at
-    each scrape of its /metrics (number values you add show as ``raftcache_plugin_<key>``)
-    and whenever `Node.metrics()` is asked (not by the ``status`` call).
+    """Read or add to the node's metrics. Called when the node starts and every ten seconds
+    after, at each scrape of its /metrics (number values you add show as
+    ``raftcache_plugin_<key>``) and whenever `Node.metrics()` is asked (not by the ``status``
+    call).
 
     :param node: the node.
     :param metrics: name -> value (numbers and short strings); add your own keys. Built in:
@@ -163,8 +164,8 @@ def raftcache_check_command(command, identity: str | None, stamp_ms: int,
     exactly-once session, and its client gets ``Unauthorized(reason)``. Decide only from the
     arguments and replicated state, or replicas will disagree. An exception stops the node.
 
-    :param command: a `raftcache.core.cache.commands` command (Set, Delete, Cas, Incr, Invalidate,
-        MSet) as it is in the log; its values are already encoded by the value codecs.
+    :param command: a `raftcache.core.cache.commands` command (Put, Remove, Cas, Incr, Invalidate,
+        MSet, Append, Configure, Reseal) as in the log, its values encoded by the value codecs.
     :param identity: the caller's identity recorded in the entry by the node that took the
         write, or None (no authentication).
     :param stamp_ms: the entry's time: the proposing leader's clock, never going backwards.
@@ -181,9 +182,9 @@ def raftcache_value_codecs(node: NodeContext) -> Iterable[ValueCodec]:
 
     Called once when a node starts, before its state machine exists; a codec that needs the
     replicated settings (data keys) keeps `node` and reads ``node.settings`` when it runs. A
-    value is encoded by every codec in plugin registration order (entry-point plugins by name, then extra plugins; within a plugin, in the order it
-    yields them), before it reaches the log, snapshots and backends, and decoded in the reverse
-    order when read. Codecs must be the same on every node of a cluster.
+    value is encoded by every codec in plugin registration order (entry-point plugins by
+    name, then extra plugins; within a plugin, in the order it yields them), before it
+    reaches the log, snapshots and backends, and decoded in the reverse order when read. Codecs must be the same on every node of a cluster.
     `raftcache.plugins.security.encryption` is the built-in one (encryption at rest).
     """
 
@@ -195,8 +196,8 @@ def raftcache_value_codecs(node: NodeContext) -> Iterable[ValueCodec]:
 def raftcache_authenticate(node: NodeContext, token: str | None,
                            certificate: str | None) -> Caller | None:
     """Who is calling: verify the request's `token` (or map its client certificate) and
-    return the `Caller` it proves, which
-    the node records in the entries it proposes for the call. Raise `Unauthorized(reason)` for
+    return the `Caller` it proves, which the node records in the entries it proposes for the
+    call. Raise `Unauthorized(reason)` for
     a token that is forged, malformed, expired or unknown, or for a missing token when
     authentication is required. Return None when the plugin does not authenticate (the call
     runs anonymously); the first implementation that returns a Caller decides.

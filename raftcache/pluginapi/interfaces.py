@@ -51,7 +51,7 @@ class PeerHandler(Protocol):
                        certificate: str | None = None) -> api.Response:
         """A client's call, answered. Blocks the calling greenlet until the answer is known;
         never raises. `certificate`: the CN of the verified TLS client certificate the call
-        came with (`transport.common.caller_certificate`), which access control may map to
+        came with (`transport.tls.caller_certificate`), which access control may map to
         a principal. The transport turns its wire format into `api.Request` and the answer
         back (`raftcache.wire` does it for the Thrift IDL); `raftcache.core.operations` says
         which fields each operation takes and which field of the answer holds its result."""
@@ -118,7 +118,7 @@ class Backend(Protocol):
     batch per Ready. Reads may run between batches, never during one.
 
     A backend with only ``get``, ``set``, ``delete`` and ``clear`` (the first version of this
-    protocol) still works: the node wraps it (`raftcache.plugins.backend.simple`).
+    protocol) still works: the node wraps it (`raftcache.node.backend.SimpleBackend`).
 
     Optional: ``stores_plaintext(key) -> bool``, whether values under `key` must be stored as
     the client wrote them (a farm applications read directly): the encryption codec asks it
@@ -245,6 +245,24 @@ class TransportProvider:
 
 
 @attrs.frozen
+class DevServer:
+    """A server that a local cluster (``raftcache up``, the fault suite, ``raftcache bench``,
+    the tests) starts for each node whose backend options leave `option` unset, on a free
+    port of the node's host, writing its address into `option`; it stops with the cluster.
+
+    `kind` is what to start, by name (the plugin API never imports the product's
+    `raftcache.servers`; `raftcache.cluster` maps kinds to servers):
+
+    - ``"redis"``: a redis-server kept as a cache (no persistence, ``maxmemory-policy
+      noeviction``); `option` gets its URL, ``redis://host:port/0``;
+    - ``"memcached"``: a memcached; `option` gets ``host:port``.
+    """
+
+    kind: str
+    option: str
+
+
+@attrs.frozen
 class BackendProvider:
     """A cache backend by name (``[backend] plugin = "<name>"``).
 
@@ -253,12 +271,30 @@ class BackendProvider:
         @hookimpl
         def raftcache_backends():
             yield BackendProvider("audit-memory", AuditMemoryBackend, "a dict, audited")
+
+    What a local cluster needs to run it (docs/backends.md, "Declaring dev servers"); a
+    backend that declares nothing gets no servers and runs with the options it is given:
+
+    - `dev_servers`: the servers it reaches (`DevServer`), e.g.
+      ``dev_servers=(DevServer("redis", "url"),)``: ``raftcache up --backend <name>`` then
+      starts a redis-server per node and sets ``[backend.options] url``. A config that sets
+      the option itself keeps its server.
+    - `dev_instances` (composites): the option holding its instances, tables of ``plugin``
+      and that plugin's options; each instance gets the dev servers its own plugin declares,
+      its address written into the instance's table (``hybrid``: ``"instances"``).
+    - `dev_options`: the options the fault suite and ``raftcache bench`` run it with when
+      their config gives none (``hybrid``: examples/hybrid/hybrid.toml's routes); None: it
+      runs with no options.
     """
 
     name: str
     factory: BackendFactory | CompositeBackendFactory
     description: str = ""
     composite: bool = False  # factory is a CompositeBackendFactory
+    dev_servers: tuple[DevServer, ...] = ()
+    dev_instances: str | None = None
+    # a dict is unhashable: left out of the record's hash (it is compared still)
+    dev_options: dict | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen

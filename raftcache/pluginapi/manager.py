@@ -51,10 +51,15 @@ def check_hooks(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        known = sorted(name for name in dir(hookspecs) if name.startswith("raftcache_"))
-        raise PluginError(f"plugin {exc.plugin_name!r} implements an unknown hook: "
-                          f"{str(exc).split(chr(10))[0]} (known hooks: {', '.join(known)})"
-                          ) from None
+        name = pm.get_name(exc.plugin)
+        if name == str(id(exc.plugin)):  # registered without a name (make_manager's extra)
+            name = getattr(exc.plugin, "__name__", type(exc.plugin).__name__)
+        unknown = next(n for n in vars(pm.hook) if not n.startswith("_")
+                       and not getattr(pm.hook, n).has_spec()
+                       and any(i.plugin is exc.plugin for i in getattr(pm.hook, n).get_hookimpls()))
+        known = sorted(n for n in vars(hookspecs) if n.startswith("raftcache_"))
+        raise PluginError(f"plugin {name!r} implements {unknown!r}, which is no hook "
+                          f"(known hooks: {', '.join(known)})") from None
 
 
 def per_plugin(pm: pluggy.PluginManager, name: str):

@@ -70,14 +70,15 @@ class LocalClock(_RBAC):
 
 
 def _swap(make_broken):
-    """A node mutant: the node's rbac plugin replaced by `make_broken(the node)`."""
-    def mutate(node) -> None:
-        node.pm.unregister(name="rbac")
-        node.pm.register(make_broken(node), name="rbac-mutant")
+    """A node mutant: the node's rbac plugin replaced by `make_broken(the node)` (it gets the
+    `raftcache.node.Node` itself, which only test code may touch; hooks get a NodeContext)."""
+    def mutate(host) -> None:
+        host.pm.unregister(name="rbac")
+        host.pm.register(make_broken(host), name="rbac-mutant")
     return mutate
 
 
 AUTH_MUTANTS = {
-    "rbac-ignores-revocation": _swap(lambda node: IgnoresRevocation()),
-    "rbac-local-clock": _swap(lambda node: LocalClock(lambda: node.clock())),
+    "rbac-ignores-revocation": _swap(lambda host: IgnoresRevocation()),
+    "rbac-local-clock": _swap(lambda host: LocalClock(lambda: host.clock())),
 }

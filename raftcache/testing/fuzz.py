@@ -100,14 +100,15 @@ def _envelope_seeds():
     from raftcache.core.cache import commands as c
 
     return [c.encode_envelope(e) for e in (
-        c.Envelope(c.Set(b"k", b"v", 100), "client", 4, None, 1000),
+        c.Envelope(c.Put(b"k", b"v", 100), "client", 4, None, 1000),
         c.Envelope(c.Cas(b"k", 3, b"w"), stamp_ms=7),
         c.Envelope(c.Incr(b"n", -5), "c", 9, "alice", 8),
         c.Envelope(c.MSet(((b"a", b"1"), (b"b", b""))), stamp_ms=9),
         c.Envelope(c.Invalidate(b"user:"), stamp_ms=10),
         c.Envelope(c.Sweep(11), stamp_ms=11),
         c.Envelope(c.Append(b"k", b"more"), "c", 10, None, 12),
-    )]
+    )] + [c.encode_envelope(c.Envelope(c.sample_command(cls), stamp_ms=13))  # every command
+          for cls in c.COMMAND_TYPES.values()]
 
 
 def _sm_snapshot_seeds():
@@ -220,7 +221,7 @@ class _Feed:
 def tcp_tls_frames(data: bytes) -> None:
     from raftcache import wire
     from raftcache.plugins.transport import tcp_tls
-    from raftcache.plugins.transport.common import Oversized, ProtocolError
+    from raftcache.plugins.transport.framing import Oversized, ProtocolError
 
     reader = tcp_tls._FrameReader(_Feed(data, 1 + len(data) % 7), 1 << 16)
     try:

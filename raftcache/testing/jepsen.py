@@ -55,7 +55,7 @@ if __name__ == "__main__":  # before anything imports socket, ssl or threading (
 
 import argparse  # noqa: E402
 import bisect  # noqa: E402
-import copy  # noqa: E402
+import functools  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -284,24 +284,39 @@ FAMILIES = {
     "member": ("member-readd", "member-learner", "member-join"),
     "backend": ("kill-backend",),
 }
-# Backends whose values live in servers of their own (LocalCluster starts one per node).
-BACKENDS_WITH_SERVERS = ("redis", "memcached", "hybrid")
-BACKENDS = ("memory", *BACKENDS_WITH_SERVERS)
+
+
+@functools.cache
+def backend_has_servers(backend: str) -> bool:
+    """Whether the cluster starts servers for `backend` (its provider's `dev_servers`, run
+    with its `dev_options`: LocalCluster starts one of each per node) for a nemesis to kill."""
+    from raftcache.cluster import backend_runs_servers
+    from raftcache.pluginapi.manager import PluginSet, make_manager
+
+    return backend_runs_servers(backend, PluginSet(make_manager()))
 
 
 def expand_nemeses(spec: Iterable[str], backend: str = "memory") -> list[str]:
     """Names and family names (kill, pause, partition, link, transfer, member, backend, all)
     -> names. The backend family needs a backend with servers, and only then is in "all"."""
-    servers = backend in BACKENDS_WITH_SERVERS
+    servers: bool | None = None  # asked once, when a name depends on it
+
+    def has_servers() -> bool:
+        nonlocal servers
+        if servers is None:
+            servers = backend_has_servers(backend)
+        return servers
+
     out: list[str] = []
     for item in spec:
         for name in (x.strip() for x in item.split(",") if x.strip()):
-            if name in ("backend", *FAMILIES["backend"]) and not servers:
+            if name in ("backend", *FAMILIES["backend"]) and not has_servers():
+                with_servers = [b for b in BACKENDS if backend_has_servers(b)]
                 raise ValueError(f"nemesis {name!r} needs a backend with servers "
-                                 f"({', '.join(BACKENDS_WITH_SERVERS)}), not {backend!r}")
+                                 f"({', '.join(with_servers)}), not {backend!r}")
             if name == "all":
                 names = [n for family, names in FAMILIES.items()
-                         if servers or family != "backend" for n in names]
+                         if family != "backend" or has_servers() for n in names]
             elif name == "none":
                 names = []
             elif name in FAMILIES:
@@ -582,6 +597,10 @@ KEY_ROUTES: dict[str, tuple[tuple[str, bool], ...]] = {
 }
 
 
+# The backends the workload knows the routes of (`--backend`).
+BACKENDS = tuple(KEY_ROUTES)
+
+
 def may_miss(backend: str, key) -> bool:
     """Whether `key`'s route may read a value it lost as not found (memcached)."""
     return next(miss for prefix, miss in KEY_ROUTES[backend] if key.startswith(prefix))
@@ -666,7 +685,8 @@ class Run:
 
     # -- set-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        from raftcache.cluster import HYBRID_EXAMPLE, LocalCluster, free_port_block
+        from raftcache.cluster import LocalCluster, dev_backend, free_port_block
+        from raftcache.pluginapi.manager import PluginSet, make_manager
 
         o = self.opts
         self.tmp = o.dir is None
@@ -680,8 +700,9 @@ class Run:
         }
         if o.read == "lease":
             extra["raft"]["read_only"] = "lease"
-        if o.backend == "hybrid":
-            extra["backend"] = copy.deepcopy(HYBRID_EXAMPLE)  # settings may change it
+        # The backend's dev options (hybrid: examples/hybrid/hybrid.toml's routes, whose
+        # prefixes KEY_ROUTES spreads keys over); settings may change them.
+        extra["backend"] = dev_backend(o.backend, PluginSet(make_manager()))
         for text in o.settings:
             section, key, value = _parse_setting(text)
             extra.setdefault(section, {})[key] = value

@@ -37,7 +37,7 @@ class ReadIndexWithoutHeartbeat(RawNode):
         if not self._committed_in_current_term():
             self.read_only.wait_for_commit(context, requester, lease)
             return
-        self._answer_read(context, requester, self.log.committed)
+        self._answer_read(context, requester, self.raft_log.committed)
 
 
 class ReadIndexBeforeOwnCommit(RawNode):
@@ -71,11 +71,12 @@ def report_writes_failed(node) -> None:
     from raftcache.core import api
     from raftcache.core.cache import commands
 
-    apply = node._apply
+    writes = node.replica.writes
+    resolve = writes.resolve
 
     def chosen(entry) -> bool:
-        pending = node._writes.get(entry.index)
-        if pending is None or pending.term != entry.term or not entry.data:
+        waiter = writes.waiting.get(entry.index)
+        if waiter is None or waiter.term != entry.term or not entry.data:
             return False
         try:
             env = commands.decode_envelope(entry.data)
@@ -84,13 +85,13 @@ def report_writes_failed(node) -> None:
         return env.client_id is not None and zlib.crc32(
             b"%s:%d" % (env.client_id.encode(), env.seq)) % 10 == 0
 
-    def _apply(entries) -> None:
-        lied_to = [node._writes.pop(e.index) for e in entries if chosen(e)]
-        apply(entries)  # applies them all; the chosen writers just are not told
-        for pending in lied_to:
-            pending.result.set(api.error("Unavailable", "not applied (mutant: it was)"))
+    def lying(applied) -> None:
+        lied_to = [writes.waiting.pop(e.index) for e, _ in applied if chosen(e)]
+        resolve(applied)  # they were all applied; the chosen writers just are not told
+        for waiter in lied_to:
+            waiter.result.set(api.error("Unavailable", "not applied (mutant: it was)"))
 
-    node._apply = _apply
+    writes.resolve = lying
 
 
 def ignore_backend_loss(node) -> None:
@@ -110,7 +111,7 @@ def ignore_backend_loss(node) -> None:
 
         return wrapped
 
-    backend = node.sm.backend
+    backend = node.replica.sm.backend
     for b in [backend, *getattr(backend, "instances", {}).values()]:
         if isinstance(b, RedisBackend):
             b.get_many, b.apply = adopting(b, b.get_many), adopting(b, b.apply)
@@ -128,13 +129,13 @@ def memcached_skips_sets(node) -> None:
 
         return wrapped
 
-    backend = node.sm.backend
+    backend = node.replica.sm.backend
     for b in [backend, *getattr(backend, "instances", {}).values()]:
         if isinstance(b, MemcachedBackend):
             b.apply = skipping(b.apply)
 
 
-# Node mutants patch a running raftcache.node.Node.
+# Node mutants patch a raftcache.node.Node before it starts: its replica's parts.
 NODE_MUTANTS = {
     "report-writes-failed": report_writes_failed,
     "ignore-backend-loss": ignore_backend_loss,

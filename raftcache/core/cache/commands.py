@@ -9,6 +9,11 @@ bytes, and ``decode_envelope(encode_envelope(env)) == env``. It sits in the writ
 the WAL, so it is hand-rolled varints rather than pickle (unsafe) or JSON (slow, no bytes).
 Both directions raise only `CommandError`.
 
+Each command class describes itself (`command`): its tag, its fields and how each is encoded,
+what it writes (`Writes`, which rbac decides from) and whether its result comes from the
+stored value. Encoding, decoding, the state machine's apply and access control are lookups
+on those declarations, so a new command is one class here and one apply method there.
+
 Layout (version 1)::
 
     envelope := 0x01 flags:u8 stamp_ms:uvarint [client_id:str] [seq:svarint] [identity:str]
@@ -17,7 +22,7 @@ Layout (version 1)::
                 bit 3 caller present (needs bit 2: the identity is the caller's subject)
     caller   := key_id:str issued_ms:uvarint not_before_ms:uvarint expires_ms:uvarint
                 n:uvarint (prefix:bytes perms:str){n} m:uvarint role:str{m}
-    command  := tag:u8 fields (see _TAG_* below)
+    command  := tag:u8 fields (each command class's `tag` and `fields`)
     bytes    := len:uvarint data        str := bytes, UTF-8
     ttl      := uvarint, 0 = no expiry
     svarint  := zigzag-encoded signed 64-bit integer, as uvarint
@@ -27,7 +32,9 @@ Pure: no I/O, no clock, no randomness (it runs inside the deterministic simulato
 
 from __future__ import annotations
 
+import enum
 import hashlib
+from collections.abc import Callable
 from typing import ClassVar
 
 import attrs
@@ -42,168 +49,20 @@ MAX_TTL_MS = 10 * 365 * 24 * 3600 * 1000  # ten years
 _SMIN = -(1 << 63)
 _SMAX = (1 << 63) - 1
 
+_F_CLIENT = 1
+_F_SEQ = 2
+_F_IDENTITY = 4
+_F_CALLER = 8
+_MAX_NAMES = 4096  # items of one Configure or Reseal, grants and roles of one caller
+
 
 class CommandError(ValueError):
     """A command or envelope that cannot be encoded, or bytes that are not a valid envelope."""
 
 
 # ================================================================================================
-# Commands
+# Primitives: varints, lengths, and the cursor that reads them
 # ================================================================================================
-@attrs.frozen(slots=True)
-class Set:
-    """Store `value` under `key`; with `ttl_ms`, it expires at the entry's stamp + ttl_ms."""
-
-    kind: ClassVar[str] = "set"
-    key: bytes
-    value: bytes
-    ttl_ms: int | None = None
-
-
-@attrs.frozen(slots=True)
-class Delete:
-    kind: ClassVar[str] = "delete"
-    key: bytes
-
-
-@attrs.frozen(slots=True)
-class Cas:
-    """Set `key` only if its current version is `expected_version` (0: only if it is missing)."""
-
-    kind: ClassVar[str] = "cas"
-    key: bytes
-    expected_version: int
-    value: bytes
-    ttl_ms: int | None = None
-
-
-@attrs.frozen(slots=True)
-class Incr:
-    """Add `delta` to the ASCII-decimal integer under `key` (a missing key counts as 0)."""
-
-    kind: ClassVar[str] = "incr"
-    key: bytes
-    delta: int = 1
-
-
-@attrs.frozen(slots=True)
-class Invalidate:
-    """Delete every key starting with `prefix` (b"": every key)."""
-
-    kind: ClassVar[str] = "invalidate"
-    prefix: bytes = b""
-
-
-@attrs.frozen(slots=True)
-class MSet:
-    """Several sets in one entry; `items` is a tuple of (key, value) pairs, applied in order."""
-
-    kind: ClassVar[str] = "mset"
-    items: tuple[tuple[bytes, bytes], ...]
-    ttl_ms: int | None = None
-
-
-@attrs.frozen(slots=True)
-class Append:
-    """Append `value` to the value under `key` (a missing key counts as empty); the key keeps
-    its ttl. `value` is encoded by the value codecs like a Set's: the state machine decodes
-    both parts and encodes the result."""
-
-    kind: ClassVar[str] = "append"
-    key: bytes
-    value: bytes
-
-
-@attrs.frozen(slots=True)
-class Sweep:
-    """The leader's expiry reclaim: drop keys whose expiry is <= `up_to_stamp_ms`."""
-
-    kind: ClassVar[str] = "sweep"
-    up_to_stamp_ms: int
-
-
-@attrs.frozen(slots=True)
-class Configure:
-    """Change cluster settings (`StateMachine.settings`): each (name, value) pair sets `name`,
-    a value of None removes it. Security plugins keep their replicated state there (revoked
-    subjects, roles, wrapped data keys); the state machine records each setting's entry stamp
-    and index beside its value."""
-
-    kind: ClassVar[str] = "configure"
-    items: tuple[tuple[str, bytes | None], ...]
-
-
-@attrs.frozen(slots=True)
-class Reseal:
-    """Replace stored values without changing them for the client: each (key, version, blob)
-    stores `blob` under `key` if the key is live at `version`, keeping its version, expiry and
-    place in write order. What a re-encryption sweep commits after a key rotation: `blob` is
-    the same value sealed with the new data key."""
-
-    kind: ClassVar[str] = "reseal"
-    items: tuple[tuple[bytes, int, bytes], ...]
-
-
-Command = Set | Delete | Cas | Incr | Invalidate | MSet | Sweep | Append | Configure | Reseal
-
-PERMS = ("r", "w", "rw", "admin")
-
-
-@attrs.frozen(slots=True)
-class Caller:
-    """Who sent a write, as the node that took it verified (a signed token): recorded in the
-    entry so that every replica's access check sees the same caller. Times are ms since the
-    epoch (0: unset); `grants` are (key prefix, one of PERMS) pairs, `roles` role names
-    resolved against the replicated settings when the entry applies."""
-
-    subject: str
-    key_id: str = ""
-    issued_ms: int = 0
-    not_before_ms: int = 0
-    expires_ms: int = 0
-    grants: tuple[tuple[bytes, str], ...] = ()
-    roles: tuple[str, ...] = ()
-
-
-@attrs.frozen(slots=True)
-class Envelope:
-    """A command as it travels through the log.
-
-    `stamp_ms` is the leader's clock at proposal time and never goes backwards; `client_id` and
-    `seq` (both or neither) make the write exactly-once; `identity` is the caller's verified
-    identity, recorded so every replica's access check sees the same caller, and `caller` what
-    was verified of it (its subject is `identity`).
-    """
-
-    command: Command
-    client_id: str | None = None
-    seq: int | None = None
-    identity: str | None = None
-    stamp_ms: int = 0
-    caller: Caller | None = None
-
-
-# ================================================================================================
-# Encoding
-# ================================================================================================
-_TAG_SET = 1
-_TAG_DELETE = 2
-_TAG_CAS = 3
-_TAG_INCR = 4
-_TAG_INVALIDATE = 5
-_TAG_MSET = 6
-_TAG_SWEEP = 7
-_TAG_APPEND = 8
-_TAG_CONFIGURE = 9
-_TAG_RESEAL = 10
-
-_F_CLIENT = 1
-_F_SEQ = 2
-_F_IDENTITY = 4
-_F_CALLER = 8
-_MAX_NAMES = 4096  # settings in one Configure, grants and roles of one caller
-
-
 def put_uvarint(out: bytearray, n: int) -> None:
     """Append `n` (>= 0) as LEB128; the one varint writer of the log and snapshot formats."""
     while n > 0x7F:
@@ -259,73 +118,6 @@ def _ttl(out: bytearray, ttl) -> None:
         raise CommandError(f"ttl_ms must be None or a positive integer, got {ttl!r}")
 
 
-def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
-    """Append `cmd`'s encoding (tag and fields) to `out`; without its values when `values` is
-    false (what `fingerprint` hashes)."""
-    t = type(cmd)
-    if t is Set:
-        out.append(_TAG_SET)
-        _bytes(out, cmd.key, "key")
-        if values:
-            _bytes(out, cmd.value, "value")
-        _ttl(out, cmd.ttl_ms)
-    elif t is Delete:
-        out.append(_TAG_DELETE)
-        _bytes(out, cmd.key, "key")
-    elif t is Cas:
-        out.append(_TAG_CAS)
-        _bytes(out, cmd.key, "key")
-        _sint(out, cmd.expected_version, "expected_version")
-        if values:
-            _bytes(out, cmd.value, "value")
-        _ttl(out, cmd.ttl_ms)
-    elif t is Incr:
-        out.append(_TAG_INCR)
-        _bytes(out, cmd.key, "key")
-        _sint(out, cmd.delta, "delta")
-    elif t is Invalidate:
-        out.append(_TAG_INVALIDATE)
-        _bytes(out, cmd.prefix, "prefix")
-    elif t is MSet:
-        out.append(_TAG_MSET)
-        items = _items(cmd.items, "MSet items", "(key, value)")
-        put_uvarint(out, len(items))
-        for item in items:
-            _bytes(out, item[0], "key")
-            if values:
-                _bytes(out, item[1], "value")
-        _ttl(out, cmd.ttl_ms)
-    elif t is Append:
-        out.append(_TAG_APPEND)
-        _bytes(out, cmd.key, "key")
-        if values:
-            _bytes(out, cmd.value, "value")
-    elif t is Sweep:
-        out.append(_TAG_SWEEP)
-        _uint(out, cmd.up_to_stamp_ms, "up_to_stamp_ms")
-    elif t is Configure:
-        out.append(_TAG_CONFIGURE)
-        items = _items(cmd.items, "Configure items", "(name, value)", _MAX_NAMES)
-        put_uvarint(out, len(items))
-        for item in items:
-            _str(out, item[0], "setting name")
-            if item[1] is None:
-                out.append(0)
-            else:
-                out.append(1)
-                _bytes(out, item[1], "setting value")
-    elif t is Reseal:
-        out.append(_TAG_RESEAL)
-        items = _items(cmd.items, "Reseal items", "(key, version, blob)", _MAX_NAMES)
-        put_uvarint(out, len(items))
-        for item in items:
-            _bytes(out, item[0], "key")
-            _uint(out, item[1], "version")
-            if values:
-                _bytes(out, item[2], "value")
-    else:
-        raise CommandError(f"not a command: {cmd!r}")
-
 
 def _items(items, what: str, shape: str, limit: int | None = None) -> tuple:
     """`items` checked: a tuple (of at most `limit`) of tuples shaped like `shape`."""
@@ -345,66 +137,7 @@ def _tuple(items, what: str) -> tuple:
     return items
 
 
-def _caller(out: bytearray, c: Caller) -> None:
-    _str(out, c.key_id, "key_id")
-    _uint(out, c.issued_ms, "issued_ms")
-    _uint(out, c.not_before_ms, "not_before_ms")
-    _uint(out, c.expires_ms, "expires_ms")
-    grants = _tuple(c.grants, "grants")
-    put_uvarint(out, len(grants))
-    for grant in grants:
-        if type(grant) is not tuple or len(grant) != 2 or grant[1] not in PERMS:
-            raise CommandError(f"a grant must be (prefix, one of {PERMS}), got {grant!r}")
-        _bytes(out, grant[0], "grant prefix")
-        _str(out, grant[1], "grant perms")
-    roles = _tuple(c.roles, "roles")
-    put_uvarint(out, len(roles))
-    for role in roles:
-        _str(out, role, "role")
 
-
-def fingerprint(cmd: Command) -> bytes:
-    """What tells two writes under one (client id, sequence) apart: the command's kind, keys and
-    arguments, but not its values, which a value codec may seal differently on each attempt
-    of the same write. Deterministic, so every replica computes the same."""
-    out = bytearray()
-    encode_command(out, cmd, values=False)
-    return hashlib.blake2b(out, digest_size=8).digest()
-
-
-def encode_envelope(env: Envelope) -> bytes:
-    """The log entry data for `env`. Raises CommandError if a field is out of range."""
-    if type(env) is not Envelope:
-        raise CommandError(f"not an Envelope: {env!r}")
-    flags = 0
-    if env.client_id is not None:
-        flags |= _F_CLIENT
-    if env.seq is not None:
-        flags |= _F_SEQ
-    if env.identity is not None:
-        flags |= _F_IDENTITY
-    if env.caller is not None:
-        if type(env.caller) is not Caller or env.caller.subject != env.identity:
-            raise CommandError("an envelope's caller must be a Caller whose subject is its "
-                               "identity")
-        flags |= _F_CALLER
-    out = bytearray((FORMAT_VERSION, flags))
-    _uint(out, env.stamp_ms, "stamp_ms")
-    if env.client_id is not None:
-        _str(out, env.client_id, "client_id")
-    if env.seq is not None:
-        _sint(out, env.seq, "seq")
-    if env.identity is not None:
-        _str(out, env.identity, "identity")
-    if env.caller is not None:
-        _caller(out, env.caller)
-    encode_command(out, env.command)
-    return bytes(out)
-
-
-# ================================================================================================
-# Decoding
-# ================================================================================================
 class Reader:
     """A cursor over encoded bytes. Every method raises CommandError on truncated or malformed
     input; shared with the state machine's snapshot format."""
@@ -483,40 +216,11 @@ class Reader:
             raise CommandError(f"{len(self.data) - self.pos} trailing bytes")
 
 
-def decode_command(r: Reader) -> Command:
-    tag = r.u8()
-    if tag == _TAG_SET:
-        return Set(r.bytes_(), r.bytes_(), r.ttl())
-    if tag == _TAG_DELETE:
-        return Delete(r.bytes_())
-    if tag == _TAG_CAS:
-        return Cas(r.bytes_(), r.svarint(), r.bytes_(), r.ttl())
-    if tag == _TAG_INCR:
-        return Incr(r.bytes_(), r.svarint())
-    if tag == _TAG_INVALIDATE:
-        return Invalidate(r.bytes_())
-    if tag == _TAG_MSET:
-        count = r.uvarint()
-        if count > len(r.data) - r.pos:  # each pair takes at least two bytes
-            raise CommandError(f"MSet announces {count} items, too many for its size")
-        items = tuple((r.bytes_(), r.bytes_()) for _ in range(count))
-        return MSet(items, r.ttl())
-    if tag == _TAG_SWEEP:
-        return Sweep(r.uvarint())
-    if tag == _TAG_APPEND:
-        return Append(r.bytes_(), r.bytes_())
-    if tag == _TAG_CONFIGURE:
-        items = tuple((r.str_(), _optional_bytes(r)) for _ in range(_count(r, "settings")))
-        return Configure(items)
-    if tag == _TAG_RESEAL:
-        return Reseal(tuple((r.bytes_(), r.uvarint(), r.bytes_())
-                            for _ in range(_count(r, "values"))))
-    raise CommandError(f"unknown command tag {tag}")
 
-
-def _count(r: Reader, what: str) -> int:
+def _count(r: Reader, what: str, limit: int | None = _MAX_NAMES) -> int:
     count = r.uvarint()
-    if count > min(_MAX_NAMES, len(r.data) - r.pos):  # each takes at least a byte
+    room = len(r.data) - r.pos  # each takes at least a byte
+    if count > (room if limit is None else min(limit, room)):
         raise CommandError(f"{count} {what} announced, too many")
     return count
 
@@ -526,6 +230,428 @@ def _optional_bytes(r: Reader) -> bytes | None:
     if present not in (0, 1):
         raise CommandError("bad value marker")
     return r.bytes_() if present else None
+
+
+
+# ================================================================================================
+# Declarations: what a command class says of itself
+# ================================================================================================
+@attrs.frozen
+class Scalar:
+    """How one field is written (checked: CommandError when it is not valid) and read back."""
+
+    write: Callable[[bytearray, object, str], None]  # (out, value, what the errors call it)
+    get: Callable[[Reader], object]  # reads it back
+    sample: object  # a valid value (`sample_command`)
+    # A client's value, as the value codecs sealed it: left out of fingerprints, because a
+    # codec may seal the same write differently on each attempt.
+    is_value: bool = False
+
+    def put(self, out: bytearray, value, what: str, values: bool) -> None:
+        if values or not self.is_value:
+            self.write(out, value, what)
+
+
+def _put_ttl(out: bytearray, ttl, _what: str) -> None:
+    _ttl(out, ttl)
+
+
+def _put_optional_bytes(out: bytearray, b, what: str) -> None:
+    if b is None:
+        out.append(0)
+    else:
+        out.append(1)
+        _bytes(out, b, what)
+
+
+BLOB = Scalar(_bytes, Reader.bytes_, b"k")
+VALUE = Scalar(_bytes, Reader.bytes_, b"v", is_value=True)
+TEXT = Scalar(_str, Reader.str_, "name")
+OPTIONAL_BLOB = Scalar(_put_optional_bytes, _optional_bytes, b"x")
+SIGNED = Scalar(_sint, Reader.svarint, 1)
+UNSIGNED = Scalar(_uint, Reader.uvarint, 1)
+TTL = Scalar(_put_ttl, Reader.ttl, 60_000)
+
+
+@attrs.frozen
+class Field:
+    name: str  # the attribute, or the part of an item
+    codec: Scalar | Items
+    what: str = ""  # what errors call it; the name when empty
+
+    @property
+    def label(self) -> str:
+        return self.what or self.name
+
+
+@attrs.frozen
+class Items:
+    """A tuple of items, each a tuple of `parts`: count:uvarint then each item's parts."""
+
+    parts: tuple[Field, ...]
+    limit: int | None = _MAX_NAMES  # None: only the entry's size bounds it (MSet)
+
+    @property
+    def sample(self) -> tuple:
+        return (tuple(part.codec.sample for part in self.parts),)
+
+    def put(self, out: bytearray, items, what: str, values: bool) -> None:
+        shape = "(" + ", ".join(part.label for part in self.parts) + ")"
+        items = _items(items, what, shape, self.limit)
+        put_uvarint(out, len(items))
+        for item in items:
+            for part, value in zip(self.parts, item, strict=True):
+                part.codec.put(out, value, part.label, values)
+
+    def get(self, r: Reader) -> tuple:
+        return tuple(tuple(part.codec.get(r) for part in self.parts)
+                     for _ in range(_count(r, "items", self.limit)))
+
+
+class Writes(enum.Enum):
+    """What a command writes, as access control (rbac) reads it. `written()` names the keys or
+    prefixes of the first two."""
+
+    KEYS = "keys"  # exactly the keys `written()` names
+    PREFIXES = "prefixes"  # every key starting with a prefix `written()` names
+    SETTINGS = "settings"  # the replicated cluster settings (StateMachine.settings)
+    SEALING = "sealing"  # how stored values are sealed, not what they are, of any key
+    EXPIRED = "expired"  # only keys every reader already sees as gone (the leader's sweep)
+
+
+# tag -> command class: what `decode_command` reads; filled by @command, in tag order below.
+COMMAND_TYPES: dict[int, type] = {}
+# tag -> (class, each field's reader): the same, looked up once (decoding runs on every apply)
+_DECODERS: dict[int, tuple[type, tuple]] = {}
+_DECLARED = ("name", "tag", "fields", "writes", "returns_value")
+
+
+def command(cls: type) -> type:
+    """Register a command class. It must declare, in its own body: `name` (its operation's, in
+    `raftcache.core.operations`, for the ones clients send), `tag` (its byte in the log: never
+    reused, never changed), `fields` (one `Field` per attribute, in attribute order: its
+    encoding), `writes` (a `Writes`; with KEYS or PREFIXES, a `written()` method too) and
+    `returns_value` (whether its result comes from the value stored under its key, which the
+    state machine then reads before applying it). A class that leaves any out is refused here,
+    at import, rather than be encoded, applied or authorized by guesswork."""
+    missing = [a for a in _DECLARED if a not in vars(cls)]
+    if missing:
+        raise TypeError(f"command {cls.__name__} does not declare {', '.join(missing)}")
+    if cls.writes in (Writes.KEYS, Writes.PREFIXES) and "written" not in vars(cls):
+        raise TypeError(f"command {cls.__name__} writes {cls.writes.value} but has no written()")
+    attributes = [a.name for a in attrs.fields(cls)]
+    if [f.name for f in cls.fields] != attributes:
+        raise TypeError(f"command {cls.__name__}: fields {[f.name for f in cls.fields]} do not "
+                        f"encode its attributes {attributes}")
+    taken = COMMAND_TYPES.get(cls.tag)
+    if taken is not None or not 0 < cls.tag < 256:
+        raise TypeError(f"command {cls.__name__}: tag {cls.tag} is "
+                        + (f"{taken.__name__}'s" if taken else "not a byte above 0"))
+    if any(other.name == cls.name for other in COMMAND_TYPES.values()):
+        raise TypeError(f"command {cls.__name__}: another command is named {cls.name!r}")
+    COMMAND_TYPES[cls.tag] = cls
+    _DECODERS[cls.tag] = (cls, tuple(f.codec.get for f in cls.fields))
+    return cls
+
+
+def sample_command(cls: type):
+    """A valid instance of command class `cls`, built from its field declarations alone: what
+    the fuzzer seeds with and the tests that walk every command start from."""
+    return cls(*(f.codec.sample for f in cls.fields))
+
+
+def _the_key(self) -> tuple[bytes, ...]:
+    return (self.key,)
+
+
+# ================================================================================================
+# Commands
+# ================================================================================================
+@command
+@attrs.frozen(slots=True)
+class Put:
+    """Store `value` under `key`; with `ttl_ms`, it expires at the entry's stamp + ttl_ms."""
+
+    name: ClassVar[str] = "put"
+    tag: ClassVar[int] = 1
+    fields: ClassVar = (Field("key", BLOB), Field("value", VALUE), Field("ttl_ms", TTL))
+    writes: ClassVar = Writes.KEYS
+    returns_value: ClassVar[bool] = False
+    written = _the_key
+    key: bytes
+    value: bytes
+    ttl_ms: int | None = None
+
+
+@command
+@attrs.frozen(slots=True)
+class Remove:
+    """Delete `key`."""
+
+    name: ClassVar[str] = "remove"
+    tag: ClassVar[int] = 2
+    fields: ClassVar = (Field("key", BLOB),)
+    writes: ClassVar = Writes.KEYS
+    returns_value: ClassVar[bool] = False
+    written = _the_key
+    key: bytes
+
+
+@command
+@attrs.frozen(slots=True)
+class Cas:
+    """Set `key` only if its current version is `expected_version` (0: only if it is missing)."""
+
+    name: ClassVar[str] = "cas"
+    tag: ClassVar[int] = 3
+    fields: ClassVar = (Field("key", BLOB), Field("expected_version", SIGNED),
+                        Field("value", VALUE), Field("ttl_ms", TTL))
+    writes: ClassVar = Writes.KEYS
+    returns_value: ClassVar[bool] = False  # a version, from the catalog
+    written = _the_key
+    key: bytes
+    expected_version: int
+    value: bytes
+    ttl_ms: int | None = None
+
+
+@command
+@attrs.frozen(slots=True)
+class Incr:
+    """Add `delta` to the ASCII-decimal integer under `key` (a missing key counts as 0)."""
+
+    name: ClassVar[str] = "incr"
+    tag: ClassVar[int] = 4
+    fields: ClassVar = (Field("key", BLOB), Field("delta", SIGNED))
+    writes: ClassVar = Writes.KEYS
+    returns_value: ClassVar[bool] = True  # the new integer
+    written = _the_key
+    key: bytes
+    delta: int = 1
+
+
+@command
+@attrs.frozen(slots=True)
+class Invalidate:
+    """Delete every key starting with `prefix` (b"": every key)."""
+
+    name: ClassVar[str] = "invalidate"
+    tag: ClassVar[int] = 5
+    fields: ClassVar = (Field("prefix", BLOB),)
+    writes: ClassVar = Writes.PREFIXES
+    returns_value: ClassVar[bool] = False  # a count
+    prefix: bytes = b""
+
+    def written(self) -> tuple[bytes, ...]:
+        return (self.prefix,)
+
+
+@command
+@attrs.frozen(slots=True)
+class MSet:
+    """Several puts in one entry; `items` is a tuple of (key, value) pairs, applied in order."""
+
+    name: ClassVar[str] = "mset"
+    tag: ClassVar[int] = 6
+    fields: ClassVar = (Field("items", Items((Field("key", BLOB), Field("value", VALUE)),
+                                             limit=None), "MSet items"),
+                        Field("ttl_ms", TTL))
+    writes: ClassVar = Writes.KEYS
+    returns_value: ClassVar[bool] = False
+    items: tuple[tuple[bytes, bytes], ...]
+    ttl_ms: int | None = None
+
+    def written(self) -> tuple[bytes, ...]:
+        return tuple(key for key, _ in self.items)
+
+
+@command
+@attrs.frozen(slots=True)
+class Sweep:
+    """The leader's expiry reclaim: drop keys whose expiry is <= `up_to_stamp_ms`."""
+
+    name: ClassVar[str] = "sweep"
+    tag: ClassVar[int] = 7
+    fields: ClassVar = (Field("up_to_stamp_ms", UNSIGNED),)
+    writes: ClassVar = Writes.EXPIRED
+    returns_value: ClassVar[bool] = False
+    up_to_stamp_ms: int
+
+
+@command
+@attrs.frozen(slots=True)
+class Append:
+    """Append `value` to the value under `key` (a missing key counts as empty); the key keeps
+    its ttl. `value` is encoded by the value codecs like a Put's: the state machine decodes
+    both parts and encodes the result."""
+
+    name: ClassVar[str] = "append"
+    tag: ClassVar[int] = 8
+    fields: ClassVar = (Field("key", BLOB), Field("value", VALUE))
+    writes: ClassVar = Writes.KEYS
+    returns_value: ClassVar[bool] = True  # the new length
+    written = _the_key
+    key: bytes
+    value: bytes
+
+
+@command
+@attrs.frozen(slots=True)
+class Configure:
+    """Change cluster settings (`StateMachine.settings`): each (name, value) pair sets `name`,
+    a value of None removes it. Security plugins keep their replicated state there (revoked
+    subjects, roles, wrapped data keys); the state machine records each setting's entry stamp
+    and index beside its value."""
+
+    name: ClassVar[str] = "configure"
+    tag: ClassVar[int] = 9
+    # The setting values are part of the fingerprint: no value codec seals them.
+    fields: ClassVar = (Field("items", Items((Field("name", TEXT, "setting name"),
+                                              Field("value", OPTIONAL_BLOB, "setting value"))),
+                              "Configure items"),)
+    writes: ClassVar = Writes.SETTINGS
+    returns_value: ClassVar[bool] = False
+    items: tuple[tuple[str, bytes | None], ...]
+
+
+@command
+@attrs.frozen(slots=True)
+class Reseal:
+    """Replace stored values without changing them for the client: each (key, version, blob)
+    stores `blob` under `key` if the key is live at `version`, keeping its version, expiry and
+    place in write order. What a re-encryption sweep commits after a key rotation: `blob` is
+    the same value sealed with the new data key."""
+
+    name: ClassVar[str] = "reseal"
+    tag: ClassVar[int] = 10
+    fields: ClassVar = (Field("items", Items((Field("key", BLOB), Field("version", UNSIGNED),
+                                              Field("blob", VALUE, "value"))),
+                              "Reseal items"),)
+    writes: ClassVar = Writes.SEALING
+    returns_value: ClassVar[bool] = False
+    items: tuple[tuple[bytes, int, bytes], ...]
+
+
+Command = Put | Remove | Cas | Incr | Invalidate | MSet | Sweep | Append | Configure | Reseal
+
+PERMS = ("r", "w", "rw", "admin")
+
+
+@attrs.frozen(slots=True)
+class Caller:
+    """Who sent a write, as the node that took it verified (a signed token): recorded in the
+    entry so that every replica's access check sees the same caller. Times are ms since the
+    epoch (0: unset); `grants` are (key prefix, one of PERMS) pairs, `roles` role names
+    resolved against the replicated settings when the entry applies."""
+
+    subject: str
+    key_id: str = ""
+    issued_ms: int = 0
+    not_before_ms: int = 0
+    expires_ms: int = 0
+    grants: tuple[tuple[bytes, str], ...] = ()
+    roles: tuple[str, ...] = ()
+
+
+@attrs.frozen(slots=True)
+class Envelope:
+    """A command as it travels through the log.
+
+    `stamp_ms` is the leader's clock at proposal time and never goes backwards; `client_id` and
+    `seq` (both or neither) make the write exactly-once; `identity` is the caller's verified
+    identity, recorded so every replica's access check sees the same caller, and `caller` what
+    was verified of it (its subject is `identity`).
+    """
+
+    command: Command
+    client_id: str | None = None
+    seq: int | None = None
+    identity: str | None = None
+    stamp_ms: int = 0
+    caller: Caller | None = None
+
+
+
+# ================================================================================================
+# Encoding and decoding: lookups on the declarations
+# ================================================================================================
+def encode_command(out: bytearray, cmd: Command, values: bool = True) -> None:
+    """Append `cmd`'s encoding (tag and fields) to `out`; without its values when `values` is
+    false (what `fingerprint` hashes)."""
+    cls = type(cmd)
+    if COMMAND_TYPES.get(getattr(cls, "tag", None)) is not cls:
+        raise CommandError(f"not a command: {cmd!r}")
+    out.append(cls.tag)
+    for f in cls.fields:
+        f.codec.put(out, getattr(cmd, f.name), f.label, values)
+
+
+def decode_command(r: Reader) -> Command:
+    tag = r.u8()
+    decoder = _DECODERS.get(tag)
+    if decoder is None:
+        raise CommandError(f"unknown command tag {tag}")
+    cls, readers = decoder
+    return cls(*[read(r) for read in readers])
+
+
+def _caller(out: bytearray, c: Caller) -> None:
+    _str(out, c.key_id, "key_id")
+    _uint(out, c.issued_ms, "issued_ms")
+    _uint(out, c.not_before_ms, "not_before_ms")
+    _uint(out, c.expires_ms, "expires_ms")
+    grants = _tuple(c.grants, "grants")
+    put_uvarint(out, len(grants))
+    for grant in grants:
+        if type(grant) is not tuple or len(grant) != 2 or grant[1] not in PERMS:
+            raise CommandError(f"a grant must be (prefix, one of {PERMS}), got {grant!r}")
+        _bytes(out, grant[0], "grant prefix")
+        _str(out, grant[1], "grant perms")
+    roles = _tuple(c.roles, "roles")
+    put_uvarint(out, len(roles))
+    for role in roles:
+        _str(out, role, "role")
+
+
+
+def fingerprint(cmd: Command) -> bytes:
+    """What tells two writes under one (client id, sequence) apart: the command's kind, keys and
+    arguments, but not its values, which a value codec may seal differently on each attempt
+    of the same write. Deterministic, so every replica computes the same."""
+    out = bytearray()
+    encode_command(out, cmd, values=False)
+    return hashlib.blake2b(out, digest_size=8).digest()
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    """The log entry data for `env`. Raises CommandError if a field is out of range."""
+    if type(env) is not Envelope:
+        raise CommandError(f"not an Envelope: {env!r}")
+    flags = 0
+    if env.client_id is not None:
+        flags |= _F_CLIENT
+    if env.seq is not None:
+        flags |= _F_SEQ
+    if env.identity is not None:
+        flags |= _F_IDENTITY
+    if env.caller is not None:
+        if type(env.caller) is not Caller or env.caller.subject != env.identity:
+            raise CommandError("an envelope's caller must be a Caller whose subject is its "
+                               "identity")
+        flags |= _F_CALLER
+    out = bytearray((FORMAT_VERSION, flags))
+    _uint(out, env.stamp_ms, "stamp_ms")
+    if env.client_id is not None:
+        _str(out, env.client_id, "client_id")
+    if env.seq is not None:
+        _sint(out, env.seq, "seq")
+    if env.identity is not None:
+        _str(out, env.identity, "identity")
+    if env.caller is not None:
+        _caller(out, env.caller)
+    encode_command(out, env.command)
+    return bytes(out)
+
 
 
 def _decode_caller(r: Reader, subject: str) -> Caller:
@@ -538,6 +664,7 @@ def _decode_caller(r: Reader, subject: str) -> Caller:
         grants.append((prefix, perms))
     roles = tuple(r.str_() for _ in range(_count(r, "roles")))
     return Caller(subject, key_id, issued, not_before, expires, tuple(grants), roles)
+
 
 
 def decode_envelope(data: bytes) -> Envelope:

@@ -31,11 +31,15 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
 The catalog (key -> version, expiry) lives here, in write order (the order a bounded backend
 evicts in); values live in the backend. Changes to the backend are staged while a batch of
 entries applies and reach it in one `Backend.apply` call per batch (`flush`); an incr or append
-later in the batch reads the staged value. Values are stored
-exactly as the entry holds them - already encoded by the proposer's value codecs (encryption) -
-and `read()` returns them as stored: decoding them for the client is the node's job. The only
-exception is `Incr`, which must look inside a value: it decodes the stored value with `codecs`
-(in reverse order) and encodes the new one (in order), like the node does for other writes.
+later in the batch reads the staged value. Values are stored exactly as the entry holds them -
+already encoded by the proposer's value codecs (encryption) - and `read()` returns them as
+stored: decoding them for the client is the node's job. The exceptions are the commands whose
+result comes from the stored value (`returns_value`: `Incr` and `Append`), which must look
+inside it: they decode it with `codecs` (in reverse order) and encode the new value (in order),
+like the node does for other writes; Append decodes its own argument too.
+
+Each command class is applied by the method named `_apply_<its name>`, found through `_APPLY`;
+a registered command without one stops this module from importing.
 """
 
 from __future__ import annotations
@@ -50,19 +54,21 @@ import attrs
 
 from ..raft.messages import MAX_NODE_ID, ConfChange, ConfChangeType, address_problem
 from .commands import (
+    COMMAND_TYPES,
     MAX_STAMP_MS,
     Append,
     Cas,
     CommandError,
     Configure,
-    Delete,
     Incr,
     Invalidate,
     MSet,
+    Put,
     Reader,
+    Remove,
     Reseal,
-    Set,
     Sweep,
+    Writes,
     decode_envelope,
     fingerprint,
     put_blob,
@@ -259,7 +265,8 @@ class StateMachine:
                         f"sequence number {env.seq} is older than every write of this client "
                         "whose result is still kept; it may have applied before")
 
-        if self.check_command is not None and type(cmd) is not Sweep:
+        # The leader's sweep is not checked: it drops only what every reader sees as gone.
+        if self.check_command is not None and cmd.writes is not Writes.EXPIRED:
             reason = self.check_command(command=cmd, identity=env.identity, stamp_ms=now,
                                         caller=env.caller, settings=self.settings)
             if reason:
@@ -276,70 +283,74 @@ class StateMachine:
         return result
 
     def _read_before_write(self, cmd, now: int) -> bytes | None:
-        """The stored value an incr or append reads (None for other commands, and when the key
-        is missing, expired, or staged by this batch)."""
-        if type(cmd) not in (Incr, Append) or cmd.key in self._staged:
+        """The stored value a command whose result comes from it (`returns_value`: incr,
+        append) reads; None for other commands, and when the key is missing, expired, or
+        staged by this batch."""
+        if not cmd.returns_value or cmd.key in self._staged:
             return None
         if self._live(cmd.key, now) is None:
             return None
         return self._get_many([cmd.key])[0]
 
     def _execute(self, cmd, index: int, now: int, stored: bytes | None) -> Result:
-        t = type(cmd)
-        if t is Set:
-            self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
-            return index
-        if t is Delete:
-            existed = self._live(cmd.key, now) is not None
-            if cmd.key in self._catalog:  # also reclaims an expired one
-                self._remove(cmd.key)
-            return existed
-        if t is Cas:
-            meta = self._live(cmd.key, now)
-            current = meta.version if meta is not None else 0  # a missing key has version 0
-            if current != cmd.expected_version:
-                return (False, None if meta is None else current)
-            self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
-            return (True, index)
-        if t is Incr:
-            return self._incr(cmd, index, now, stored)
-        if t is Append:
-            return self._append(cmd, index, now, stored)
-        if t is Invalidate:
-            prefix = cmd.prefix
-            doomed = [k for k in self._catalog if k.startswith(prefix)]
-            count = 0
-            for key in doomed:
-                if self._live(key, now) is not None:
-                    count += 1
-                self._remove(key)
-            return count
-        if t is MSet:
-            expiry = _expiry(now, cmd.ttl_ms)
-            for key, value in cmd.items:
-                self._write(key, value, index, expiry)
-            return [index] * len(cmd.items)
-        if t is Configure:
-            for name, value in cmd.items:
-                if value is None:
-                    self.settings.pop(name, None)
-                else:
-                    self.settings[name] = Setting(value, now, index)
-            return index
-        if t is Reseal:
-            count = 0
-            for key, version, blob in cmd.items:
-                meta = self._live(key, now)
-                if meta is not None and meta.version == version:
-                    self._change(key, blob, meta.expiry)  # the catalog stays as it is
-                    count += 1
-            return count
-        if t is Sweep:
-            # Never reclaim a key the entry's own clock does not consider expired yet.
-            return self._sweep(min(cmd.up_to_stamp_ms, now))
-        raise AssertionError(f"unhandled command {cmd!r}")  # decode_envelope only yields these
+        return _APPLY[type(cmd)](self, cmd, index, now, stored)
 
-    def _incr(self, cmd: Incr, index: int, now: int, stored: bytes | None) -> Result:
+    # -- one method per command (`_APPLY`): (command, index, now, stored) -> its result ---------
+    def _apply_put(self, cmd: Put, index: int, now: int, _stored) -> Result:
+        self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
+        return index
+
+    def _apply_remove(self, cmd: Remove, _index: int, now: int, _stored) -> Result:
+        existed = self._live(cmd.key, now) is not None
+        if cmd.key in self._catalog:  # also reclaims an expired one
+            self._remove(cmd.key)
+        return existed
+
+    def _apply_cas(self, cmd: Cas, index: int, now: int, _stored) -> Result:
+        meta = self._live(cmd.key, now)
+        current = meta.version if meta is not None else 0  # a missing key has version 0
+        if current != cmd.expected_version:
+            return (False, None if meta is None else current)
+        self._write(cmd.key, cmd.value, index, _expiry(now, cmd.ttl_ms))
+        return (True, index)
+
+    def _apply_invalidate(self, cmd: Invalidate, _index: int, now: int, _stored) -> Result:
+        doomed = [k for k in self._catalog if k.startswith(cmd.prefix)]
+        count = 0
+        for key in doomed:
+            if self._live(key, now) is not None:
+                count += 1
+            self._remove(key)
+        return count
+
+    def _apply_mset(self, cmd: MSet, index: int, now: int, _stored) -> Result:
+        expiry = _expiry(now, cmd.ttl_ms)
+        for key, value in cmd.items:
+            self._write(key, value, index, expiry)
+        return [index] * len(cmd.items)
+
+    def _apply_configure(self, cmd: Configure, index: int, now: int, _stored) -> Result:
+        for name, value in cmd.items:
+            if value is None:
+                self.settings.pop(name, None)
+            else:
+                self.settings[name] = Setting(value, now, index)
+        return index
+
+    def _apply_reseal(self, cmd: Reseal, _index: int, now: int, _stored) -> Result:
+        count = 0
+        for key, version, blob in cmd.items:
+            meta = self._live(key, now)
+            if meta is not None and meta.version == version:
+                self._change(key, blob, meta.expiry)  # the catalog stays as it is
+                count += 1
+        return count
+
+    def _apply_sweep(self, cmd: Sweep, _index: int, now: int, _stored) -> Result:
+        # Never reclaim a key the entry's own clock does not consider expired yet.
+        return self._sweep(min(cmd.up_to_stamp_ms, now))
+
+    def _apply_incr(self, cmd: Incr, index: int, now: int, stored: bytes | None) -> Result:
         current = self._current(cmd.key, index, now, "increment", stored)
         if isinstance(current, ApplyError):
             return current
@@ -353,7 +364,8 @@ class StateMachine:
         self._write(cmd.key, encode_value(self.codecs, cmd.key, b"%d" % new), index, expiry)
         return new
 
-    def _append(self, cmd: Append, index: int, now: int, stored: bytes | None) -> Result:
+    def _apply_append(self, cmd: Append, index: int, now: int,
+                      stored: bytes | None) -> Result:
         current = self._current(cmd.key, index, now, "append", stored)
         if isinstance(current, ApplyError):
             return current
@@ -639,6 +651,18 @@ class StateMachine:
         self._rebuild_expiries()
         self._drop_evicted(evicted)
 
+
+
+def _appliers() -> dict[type, Callable]:
+    missing = [cls.__name__ for cls in COMMAND_TYPES.values()
+               if not hasattr(StateMachine, f"_apply_{cls.name}")]
+    if missing:
+        raise TypeError(f"StateMachine has no _apply_<name> method for {', '.join(missing)}")
+    return {cls: getattr(StateMachine, f"_apply_{cls.name}") for cls in COMMAND_TYPES.values()}
+
+
+# command class -> the StateMachine method that applies it
+_APPLY = _appliers()
 
 def check_snapshot(snapshot) -> str | None:
     """Why a Raft snapshot (`raftcache.core.raft.messages.Snapshot`) does not hold an image that

@@ -108,7 +108,7 @@ class RawNode:
         self.id = config.id
         self._rng = rng
         hs = persisted.hard_state
-        self.log = RaftLog(persisted.snapshot, persisted.entries, hs.commit)
+        self.raft_log = RaftLog(persisted.snapshot, persisted.entries, hs.commit)
         self.snapshot = persisted.snapshot  # the newest snapshot we hold (to send to followers)
         self._term = hs.term
         self._vote = hs.vote
@@ -149,8 +149,8 @@ class RawNode:
         voter -> address puts them in that entry, for the nodes that join later to find them).
         """
         node = cls(config, rng)
-        node.log.append(list(cls.bootstrap_entries(voters)))
-        node.log.commit_to(1)
+        node.raft_log.append(list(cls.bootstrap_entries(voters)))
+        node.raft_log.commit_to(1)
         node._term = 1
         node.conf = ConfState(voters=frozenset(voters))
         node._rebuild_progress()
@@ -234,7 +234,7 @@ class RawNode:
             ConfChange.decode(cc.encode())  # what followers will accept (validate.py)
         except ValueError as exc:
             raise ProposalRefused(str(exc), self._lead) from None
-        if self.pending_conf_index > self.log.applied:
+        if self.pending_conf_index > self.raft_log.applied:
             raise ProposalRefused("a configuration change is still being applied", self._lead)
         if self.conf.joint and cc.changes:
             raise ProposalRefused("leave the joint configuration first", self._lead)
@@ -308,7 +308,7 @@ class RawNode:
         self.election_elapsed = 0  # the transfer gets one election timeout to finish
         self.lead_transferee = target
         pr = self.tracker.progress[target]
-        if pr.match == self.log.last_index():
+        if pr.match == self.raft_log.last_index():
             self._send_timeout_now(target)
         else:
             self._send_append(target)
@@ -325,11 +325,11 @@ class RawNode:
         minus `keep_entries` are dropped; the driver must persist the returned snapshot before
         deleting them from its own storage.
         """
-        index = self.log.applied
-        meta = SnapshotMeta(index=index, term=self.log.term(index) or 0, conf_state=self.conf)
+        index = self.raft_log.applied
+        meta = SnapshotMeta(index=index, term=self.raft_log.term(index) or 0, conf_state=self.conf)
         snap = Snapshot(meta, data)
         self.snapshot = snap
-        self.log.compact(max(self.log.offset, index - keep_entries))
+        self.raft_log.compact(max(self.raft_log.offset, index - keep_entries))
         return snap
 
     def has_ready(self) -> bool:
@@ -341,9 +341,9 @@ class RawNode:
             or self._needs_read_heartbeat
             or self.read_states
             or self._pending_snapshot is not None
-            or self.log.stable < self.log.last_index()
-            or self.log.committed > self.log.applied
-            or self.log.committed != self._prev_hard_state.commit
+            or self.raft_log.stable < self.raft_log.last_index()
+            or self.raft_log.committed > self.raft_log.applied
+            or self.raft_log.committed != self._prev_hard_state.commit
             or self._term != self._prev_hard_state.term
             or self._vote != self._prev_hard_state.vote
             or self._lead != self._prev_soft_state.leader
@@ -356,13 +356,13 @@ class RawNode:
         self._flush_broadcast()
         prev_hard, prev_soft = self._prev_hard_state, self._prev_soft_state
         hard = soft = None
-        if (self._term, self._vote, self.log.committed) != (
+        if (self._term, self._vote, self.raft_log.committed) != (
             prev_hard.term, prev_hard.vote, prev_hard.commit
         ):
-            hard = self._prev_hard_state = HardState(self._term, self._vote, self.log.committed)
+            hard = self._prev_hard_state = HardState(self._term, self._vote, self.raft_log.committed)
         if self._lead != prev_soft.leader or self._role != prev_soft.role:
             soft = self._prev_soft_state = SoftState(self._lead, self._role)
-        log = self.log
+        log = self.raft_log
         entries = tuple(log.entries[log.stable - log.offset :])
         new_vote = hard is not None and (hard.term, hard.vote) != (prev_hard.term, prev_hard.vote)
         # A leader may send its appends and heartbeats while it persists the entries (etcd's
@@ -394,12 +394,12 @@ class RawNode:
             self._pending_snapshot = None
         if rd.entries:
             last = rd.entries[-1]
-            self.log.stable_to(last.index, last.term)
+            self.raft_log.stable_to(last.index, last.term)
         for e in rd.committed_entries:
-            self.log.applied_to(e.index)
+            self.raft_log.applied_to(e.index)
             # A snapshot restored since this Ready was handed out already holds this entry's
             # configuration: applying it again on top would corrupt the restored one.
-            if e.type == EntryType.CONF_CHANGE and e.index > self.log.offset:
+            if e.type == EntryType.CONF_CHANGE and e.index > self.raft_log.offset:
                 try:
                     cc = ConfChange.decode(e.data)
                 except ValueError:
@@ -408,11 +408,11 @@ class RawNode:
         if self._role == StateRole.LEADER:
             # The leader counts itself towards a quorum only for what it has made durable.
             me = self.tracker.progress.get(self.id)
-            if me is not None and me.maybe_update(self.log.stable):
+            if me is not None and me.maybe_update(self.raft_log.stable):
                 self._maybe_commit()
             if (
                 self.conf.joint
-                and self.log.applied >= self.pending_conf_index
+                and self.raft_log.applied >= self.pending_conf_index
                 and self.lead_transferee == NONE
             ):
                 self.propose_conf_change(ConfChange())  # auto-leave the joint configuration
@@ -436,7 +436,7 @@ class RawNode:
         return self._role
 
     def status(self) -> Status:
-        log = self.log  # _make: half the cost of Status(...), and drivers ask often
+        log = self.raft_log  # _make: half the cost of Status(...), and drivers ask often
         return Status._make((self.id, self._term, self._vote, log.committed, log.applied,
                              self._lead, self._role, self.conf, log.offset + 1,
                              log.last_index(), log.last_term(), self.lead_transferee,
@@ -444,20 +444,20 @@ class RawNode:
 
     def term_at(self, index: int) -> int | None:
         """The term of the entry at `index`; None when it is compacted away or not there."""
-        return self.log.term(index)
+        return self.raft_log.term(index)
 
     @property
     def commit(self) -> int:
-        return self.log.committed
+        return self.raft_log.committed
 
     @property
     def first_index(self) -> int:
         """The first entry still in the log (the snapshot's index + 1)."""
-        return self.log.offset + 1
+        return self.raft_log.offset + 1
 
     @property
     def applied(self) -> int:
-        return self.log.applied
+        return self.raft_log.applied
 
     def matched(self) -> dict[NodeId, int]:
         """The leader's view of how far each member's log matches its own (empty when not
@@ -509,7 +509,7 @@ class RawNode:
             me.become_replicate()
         # No conf change until everything in our log is applied: we cannot know whether an
         # unapplied entry in it is a conf change that is still in flight.
-        self.pending_conf_index = self.log.last_index()
+        self.pending_conf_index = self.raft_log.last_index()
         self._append(Entry(self._term, 0, EntryType.NORMAL, b""))  # no-op: commits our term
 
     def _reset(self, term: int) -> None:
@@ -525,10 +525,10 @@ class RawNode:
         )
         self.lead_transferee = NONE
         self.read_only.reset()
-        self.tracker.restart(self.id, self.log.last_index(), self.log.stable)
+        self.tracker.restart(self.id, self.raft_log.last_index(), self.raft_log.stable)
 
     def _rebuild_progress(self) -> None:
-        self.tracker.rebuild(self.conf, self.id, self.log.last_index(), self.log.stable)
+        self.tracker.rebuild(self.conf, self.id, self.raft_log.last_index(), self.raft_log.stable)
 
     # ==========================================================================================
     # Ticks
@@ -585,9 +585,9 @@ class RawNode:
             self._campaign(pre=False, transfer=transfer)
 
     def _has_unapplied_conf_changes(self) -> bool:
-        lo = self.log.applied - self.log.offset
-        hi = self.log.committed - self.log.offset
-        return any(e.type == EntryType.CONF_CHANGE for e in self.log.entries[lo:hi])
+        lo = self.raft_log.applied - self.raft_log.offset
+        hi = self.raft_log.committed - self.raft_log.offset
+        return any(e.type == EntryType.CONF_CHANGE for e in self.raft_log.entries[lo:hi])
 
     def _campaign(self, pre: bool, transfer: bool) -> None:
         if pre:
@@ -602,8 +602,8 @@ class RawNode:
         for v in sorted(self.conf.voters | self.conf.voters_outgoing):
             if v != self.id:
                 self.msgs.append(Message(type=kind, to=v, frm=self.id, term=term,
-                                         log_term=self.log.last_term(),
-                                         index=self.log.last_index(), context=ctx))
+                                         log_term=self.raft_log.last_term(),
+                                         index=self.raft_log.last_index(), context=ctx))
 
     def _poll(self, node: NodeId, granted: bool) -> bool:
         """Record a vote; returns True when the campaign is decided."""
@@ -622,7 +622,7 @@ class RawNode:
 
     def _vote_log_ok(self, last_index: int, last_term: int) -> bool:
         """The election restriction (Raft 5.4.1): only vote for logs at least as up to date."""
-        return self.log.is_up_to_date(last_index, last_term)
+        return self.raft_log.is_up_to_date(last_index, last_term)
 
     def _handle_vote_request(self, m: Message) -> None:
         can_vote = (
@@ -688,7 +688,7 @@ class RawNode:
             if pr.state == ProgressState.REPLICATE and pr.is_paused(self.config.max_inflight):
                 pr.inflights.popleft()  # appends may have been lost: let one more through
             self.read_only.record_lease_ack(m.frm, m.tick, self.ticks)
-            if pr.match < self.log.last_index():
+            if pr.match < self.raft_log.last_index():
                 self._send_append(m.frm)
             if m.context:
                 self._ack_read(m.context, m.frm)
@@ -710,8 +710,8 @@ class RawNode:
             raise ProposalRefused("leadership transfer in progress", self.lead_transferee)
 
     def _append(self, entry: Entry) -> int:
-        index = self.log.last_index() + 1
-        self.log.append([attrs.evolve(entry, index=index)])
+        index = self.raft_log.last_index() + 1
+        self.raft_log.append([attrs.evolve(entry, index=index)])
         self._needs_broadcast = True  # batched: one append per follower per Ready
         return index
 
@@ -737,49 +737,49 @@ class RawNode:
         if pr.is_paused(self.config.max_inflight):
             return False
         prev = pr.next - 1
-        prev_term = self.log.term(prev)
-        if prev_term is None and prev < self.log.offset:
+        prev_term = self.raft_log.term(prev)
+        if prev_term is None and prev < self.raft_log.offset:
             return self._send_snapshot(to, pr)
         if prev_term is None:  # next ran past our log (a stale optimistic guess): probe again
             pr.become_probe()
             prev = pr.next - 1
-            prev_term = self.log.term(prev)
+            prev_term = self.raft_log.term(prev)
             if prev_term is None:
                 return self._send_snapshot(to, pr)
-        last = self.log.last_index()
+        last = self.raft_log.last_index()
         entries = ()
         if pr.next <= last:
-            entries = tuple(self.log.slice(pr.next, last + 1, self.config.max_msg_entries,
+            entries = tuple(self.raft_log.slice(pr.next, last + 1, self.config.max_msg_entries,
                                            self.config.max_msg_bytes))
         if not entries and not send_if_empty:
             return False
         self.msgs.append(Message(type=MsgType.APP, to=to, frm=self.id, term=self._term,
                                  log_term=prev_term,
-                                 index=prev, entries=entries, commit=self.log.committed))
+                                 index=prev, entries=entries, commit=self.raft_log.committed))
         pr.sent_entries(entries[-1].index if entries else prev)
         return True
 
     def _handle_append(self, m: Message) -> None:
-        if m.index < self.log.committed:
-            self._send(MsgType.APP_RESP, m.frm, index=self.log.committed)
+        if m.index < self.raft_log.committed:
+            self._send(MsgType.APP_RESP, m.frm, index=self.raft_log.committed)
             return
-        last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        last_new = self.raft_log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if last_new is not None:
             self._send(MsgType.APP_RESP, m.frm, index=last_new)
             return
-        hint_index, hint_term = self.log.find_conflict_by_term(
-            min(m.index, self.log.last_index()), m.log_term
+        hint_index, hint_term = self.raft_log.find_conflict_by_term(
+            min(m.index, self.raft_log.last_index()), m.log_term
         )
         self._send(MsgType.APP_RESP, m.frm, index=m.index, reject=True,
                    reject_hint=hint_index, log_term=hint_term)
 
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
-        if not m.reject and m.index > self.log.last_index():
+        if not m.reject and m.index > self.raft_log.last_index():
             return  # acknowledges entries we never sent
         if m.reject:
             next_probe = m.reject_hint
             if m.log_term > 0:
-                next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+                next_probe, _ = self.raft_log.find_conflict_by_term(m.reject_hint, m.log_term)
             if pr.maybe_decrease_to(m.index, next_probe):
                 if pr.state == ProgressState.REPLICATE:
                     pr.become_probe()
@@ -792,7 +792,7 @@ class RawNode:
             pr.become_replicate()
         elif pr.state == ProgressState.SNAPSHOT:
             pr.become_probe()
-            if pr.match >= self.log.offset:  # the snapshot (or a later append) caught it up
+            if pr.match >= self.raft_log.offset:  # the snapshot (or a later append) caught it up
                 pr.become_replicate()
         else:
             pr.free_inflights_to(m.index)
@@ -802,11 +802,11 @@ class RawNode:
             self._send_append(m.frm)
         while pr.state == ProgressState.REPLICATE and self._send_append(m.frm, send_if_empty=False):
             pass
-        if m.frm == self.lead_transferee and pr.match == self.log.last_index():
+        if m.frm == self.lead_transferee and pr.match == self.raft_log.last_index():
             self._send_timeout_now(m.frm)
 
     def _handle_heartbeat(self, m: Message) -> None:
-        self.log.commit_to(min(m.commit, self.log.last_index()))
+        self.raft_log.commit_to(min(m.commit, self.raft_log.last_index()))
         self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context, tick=m.tick)
 
     def _broadcast_heartbeat(self, context: bytes | None = None) -> None:
@@ -814,18 +814,18 @@ class RawNode:
             context = self.read_only.newest_context()  # piggyback the newest pending read
         for node, pr in self.tracker.peers(self.id):
             self.msgs.append(Message(type=MsgType.HEARTBEAT, to=node, frm=self.id,
-                                     term=self._term, commit=min(pr.match, self.log.committed),
+                                     term=self._term, commit=min(pr.match, self.raft_log.committed),
                                      context=context or b"", tick=self.ticks))
 
     def _commit_allowed(self, index: int) -> bool:
         """Raft 5.4.2: count replicas only for entries of the leader's own term."""
-        return self.log.term(index) == self._term
+        return self.raft_log.term(index) == self._term
 
     def _maybe_commit(self) -> bool:
         index = self.tracker.committed_index(self.conf)
-        if index <= self.log.committed or not self._commit_allowed(index):
+        if index <= self.raft_log.committed or not self._commit_allowed(index):
             return False
-        self.log.commit_to(index)
+        self.raft_log.commit_to(index)
         if self.read_only.waiting_for_commit and self._committed_in_current_term():
             for ctx, requester, lease in self.read_only.take_waiting():
                 self._handle_read_index(ctx, requester, lease)
@@ -869,9 +869,9 @@ class RawNode:
 
     def _handle_snapshot_chunk(self, m: Message) -> None:
         meta = m.snapshot_meta
-        if meta.index <= self.log.committed:
+        if meta.index <= self.raft_log.committed:
             self._snapshot_rx = None
-            self._send(MsgType.APP_RESP, m.frm, index=self.log.committed)
+            self._send(MsgType.APP_RESP, m.frm, index=self.raft_log.committed)
             return
         if self._snapshot_rx is None or self._snapshot_rx[0] != meta:
             if m.offset != 0:
@@ -894,16 +894,16 @@ class RawNode:
         self._restore(snap)
         # Only the snapshot's index is known to match: when we already held it (and only
         # fast-forwarded the commit), entries after it may be a stale suffix.
-        self._send(MsgType.APP_RESP, m.frm, index=self.log.committed)
+        self._send(MsgType.APP_RESP, m.frm, index=self.raft_log.committed)
 
     def _restore(self, snap: Snapshot) -> None:
         meta = snap.meta
-        if meta.index <= self.log.committed:
+        if meta.index <= self.raft_log.committed:
             return
-        if self.log.match_term(meta.index, meta.term):
-            self.log.commit_to(meta.index)  # we hold it already: just fast-forward the commit
+        if self.raft_log.match_term(meta.index, meta.term):
+            self.raft_log.commit_to(meta.index)  # we hold it already: just fast-forward the commit
             return
-        self.log.restore(snap)
+        self.raft_log.restore(snap)
         self.snapshot = snap
         self._pending_snapshot = snap
         self.conf = meta.conf_state
@@ -913,7 +913,7 @@ class RawNode:
     # Reads
     # ==========================================================================================
     def _committed_in_current_term(self) -> bool:
-        return self.log.term(self.log.committed) == self._term
+        return self.raft_log.term(self.raft_log.committed) == self._term
 
     def _handle_read_index(self, context: bytes, requester: NodeId, lease: bool) -> None:
         """Raft dissertation 6.4: the read index is the commit index, confirmed by a quorum.
@@ -924,7 +924,7 @@ class RawNode:
         if not self._committed_in_current_term():
             self.read_only.wait_for_commit(context, requester, lease)
             return
-        index = self.log.committed
+        index = self.raft_log.committed
         if quorum.has_quorum(self.conf, {self.id}) or (lease and self.lease_valid()):
             self._answer_read(context, requester, index)
             return

@@ -41,6 +41,17 @@ from raftcache.pluginapi import Backend, BackendProvider, Change, ConfigError, h
 
 _GLOB = re.compile(r"[*?\[]")
 
+# examples/hybrid/hybrid.toml's options (sessions in memcached, configuration in redis, the
+# rest in memory): what the fault suite and `raftcache bench` run `hybrid` with when their
+# config gives no options. Its instances name no servers: a local cluster starts them.
+EXAMPLE_OPTIONS = {
+    "default": "local",
+    "routes": [{"match": "session:*", "to": "sessions"},
+               {"match": "config:*", "to": "config"}],
+    "instances": {"sessions": {"plugin": "memcached"}, "config": {"plugin": "redis"},
+                  "local": {"plugin": "memory"}},
+}
+
 
 def route_matcher(pattern: str) -> Callable[[bytes], bool]:
     """A glob (with * ? [) matched against the whole key, else a prefix; bytewise."""
@@ -164,4 +175,4 @@ def raftcache_backends():
     yield BackendProvider(
         "hybrid", make_hybrid_backend,
         "keys routed by prefix or glob to named memory, redis or memcached instances",
-        composite=True)
+        composite=True, dev_instances="instances", dev_options=EXAMPLE_OPTIONS)

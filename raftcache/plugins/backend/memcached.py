@@ -42,6 +42,7 @@ from raftcache.pluginapi import (
     BackendProvider,
     BackendUnavailable,
     Change,
+    DevServer,
     OptionError,
     hookimpl,
     parse_options,
@@ -169,4 +170,5 @@ def make_memcached_backend(node_id: int, options: dict) -> MemcachedBackend:
 def raftcache_backends():
     yield BackendProvider(
         "memcached", make_memcached_backend,
-        "values in a memcached per node (address = ...); evicted values read as misses")
+        "values in a memcached per node (address = ...); evicted values read as misses",
+        dev_servers=(DevServer("memcached", "address"),))

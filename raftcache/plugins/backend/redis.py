@@ -42,6 +42,7 @@ from raftcache.pluginapi import (
     BackendUnavailable,
     Change,
     ConfigError,
+    DevServer,
     OptionError,
     hookimpl,
     parse_options,
@@ -225,4 +226,5 @@ def make_redis_backend(node_id: int, options: dict) -> RedisBackend:
 def raftcache_backends():
     yield BackendProvider(
         "redis", make_redis_backend,
-        "values in a redis-server per node, under the application's keys (url = ...)")
+        "values in a redis-server per node, under the application's keys (url = ...)",
+        dev_servers=(DevServer("redis", "url"),))

@@ -24,8 +24,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
-from raftcache.core.cache import commands
-from raftcache.core.cache.commands import PERMS, Caller, Configure
+from raftcache.core.cache.commands import PERMS, Caller, Configure, Writes
 from raftcache.pluginapi import Unauthorized, hookimpl
 
 from . import tokens
@@ -37,23 +36,41 @@ CACHE_SIZE = 4096  # verified tokens kept per node
 CLUSTER_OPS = frozenset({"transfer_leader", "change_member", "admin", "snapshot"})
 _READS = frozenset({"r", "rw", "admin"})
 _WRITES = frozenset({"w", "rw", "admin"})
-_WRITE_COMMANDS = (commands.Set, commands.Delete, commands.Cas, commands.Incr, commands.Append)
 
 
 # ================================================================================================
 # The decision: one place, pure
 # ================================================================================================
+# What each kind of write a command declares (`commands.Writes`) needs of its caller. A kind
+# missing here, or a command that declares none, is refused to every caller, admins included,
+# with a reason that says so: a new kind of write gets a rule here on purpose; it must never
+# fall silently to "admins only" (nor to "anyone").
+_NEEDS_OF = {
+    Writes.KEYS: lambda cmd: [("w", key) for key in cmd.written()],
+    Writes.PREFIXES: lambda cmd: [("invalidate", prefix) for prefix in cmd.written()],
+    Writes.SETTINGS: lambda _cmd: [("cluster", b"")],  # revocations, roles, data keys
+    Writes.SEALING: lambda _cmd: [("cluster", b"")],  # any key's stored form (key rotation)
+    # The state machine never asks about the leader's sweep: it drops only what every
+    # reader already sees as gone.
+    Writes.EXPIRED: lambda _cmd: [],
+}
+
+
+class UndeclaredWrite(Exception):
+    """A command whose class does not say what it writes in a way rbac knows: refused."""
+
+
 def command_needs(command) -> list[tuple[str, bytes]]:
-    """What a write command needs: (need, key) pairs, need one of "r", "w", "invalidate"
-    (w on a grant whose prefix starts the invalidated prefix) and "cluster" (admin on "")."""
-    t = type(command)
-    if t in _WRITE_COMMANDS:
-        return [("w", command.key)]
-    if t is commands.MSet:
-        return [("w", key) for key, _ in command.items]
-    if t is commands.Invalidate:
-        return [("invalidate", command.prefix)]
-    return [("cluster", b"")]  # Configure, Reseal, and anything newer: cluster admins only
+    """What a write command needs, from what its class declares it writes (`writes` and
+    `written()`): (need, key) pairs, need one of "w", "invalidate" (w on a grant whose prefix
+    starts the invalidated prefix) and "cluster" (admin on ""). Raises UndeclaredWrite for a
+    command that declares nothing rbac knows."""
+    needs_of = _NEEDS_OF.get(getattr(type(command), "writes", None))
+    if needs_of is None:
+        raise UndeclaredWrite(
+            f"{type(command).__name__} does not declare what it writes (commands.Writes), or "
+            "declares a kind rbac has no rule for: refused to every caller")
+    return needs_of(command)
 
 
 def request_needs(op: str, keys: Sequence[bytes]) -> list[tuple[str, bytes]]:
@@ -215,9 +232,13 @@ def raftcache_check_request(node, op, keys, caller, stamp_ms, settings):
 
 @hookimpl
 def raftcache_check_command(command, stamp_ms, caller, settings):
+    try:
+        needs = command_needs(command)
+    except UndeclaredWrite as exc:  # before the anonymous pass: nobody may run it
+        return str(exc)
     if caller is None:  # only nodes without authentication propose anonymous entries
         return None
-    return decide(caller, stamp_ms, settings, command_needs(command))
+    return decide(caller, stamp_ms, settings, needs)
 
 
 # ================================================================================================

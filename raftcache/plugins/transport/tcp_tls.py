@@ -15,7 +15,7 @@ Everything is plain gevent (gevent.socket, gevent.ssl): it works with or without
 monkey-patching. The TLS handshake happens inside the per-connection greenlet under a deadline
 (thriftpy2's TSSLServerSocket handshakes inside its accept loop, with no deadline: one silent
 client would freeze every new connection). Connections are admitted under the limits of
-`common.Admission`, and every frame must arrive whole within `frame_timeout`.
+`admission.Admission`, and every frame must arrive whole within `frame_timeout`.
 """
 
 from __future__ import annotations
@@ -38,26 +38,16 @@ from thriftpy2.protocol import TCyBinaryProtocolFactory
 
 from raftcache import wire
 from raftcache.core import api
-from raftcache.pluginapi import TLSConfig, TransportProvider, hookimpl, parse_options
+from raftcache.pluginapi import TLSConfig, TransportProvider, hookimpl, parse_options, positive
 from raftcache.pluginapi.throttle import problem_key
-from raftcache.plugins.transport.common import (
-    TOO_LARGE,
-    TOO_MANY_ITEMS,
-    Idle,
-    Oversized,
-    ProtocolError,
-    ServerBase,
-    SocketBuffer,
-    TransportOptions,
+from raftcache.plugins.transport.framing import Idle, Oversized, ProtocolError, SocketBuffer
+from raftcache.plugins.transport.options import TOO_LARGE, TOO_MANY_ITEMS, TransportOptions
+from raftcache.plugins.transport.server import ServerBase, deliver_batch, encode_to_fit
+from raftcache.plugins.transport.sockets import close_quietly, parse_address, send_all
+from raftcache.plugins.transport.tls import (
     caller_certificate,
     client_certificate,
-    close_quietly,
-    deliver_batch,
-    encode_to_fit,
-    parse_address,
     peer_node_id,
-    positive,
-    send_all,
     tls_accept,
     tls_context,
     tls_handshake,
@@ -85,7 +75,7 @@ decode = wire.decode  # bounds-checked: safe on hostile bytes
 # ---- options ------------------------------------------------------------------------------------
 @attrs.frozen
 class Options(TransportOptions):
-    """`[transport.options]` of a node's config: common.TransportOptions, and how many calls
+    """`[transport.options]` of a node's config: options.TransportOptions, and how many calls
     one client connection may have in flight at once."""
 
     idle_timeout: float = attrs.field(default=120.0, converter=float, validator=positive)

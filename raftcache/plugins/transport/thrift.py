@@ -13,7 +13,7 @@ Everything is plain gevent (gevent.socket, gevent.ssl): it works with or without
 monkey-patching. Frames are read here, not by thriftpy2's socket transports, so that every
 connection has an idle timeout, a frame-size limit, a deadline for each whole frame and (with
 TLS) a handshake deadline inside its own greenlet; connections are admitted under limits that
-always leave room for peers (`common.Admission`). A silent or malicious client costs one
+always leave room for peers (`admission.Admission`). A silent or malicious client costs one
 greenlet, and eventually its connection.
 
 Each frame is checked by `wire.check_struct` before thriftpy2's Cython decoder sees it (that
@@ -50,27 +50,21 @@ from raftcache.core.operations import OPERATIONS, Operation
 from raftcache.core.raft.messages import MAX_NODE_ID
 from raftcache.pluginapi import TLSConfig, TransportProvider, hookimpl, parse_options
 from raftcache.pluginapi.throttle import problem_key
-from raftcache.plugins.transport.common import (
+from raftcache.plugins.transport.framing import (
     HEAD_BYTES,
-    NONCE_BYTES,
-    TOO_LARGE,
-    TOO_MANY_ITEMS,
     Idle,
     Oversized,
     ProtocolError,
-    ServerBase,
     SocketBuffer,
-    TransportOptions,
+)
+from raftcache.plugins.transport.options import TOO_LARGE, TOO_MANY_ITEMS, TransportOptions
+from raftcache.plugins.transport.peer_proof import NONCE_BYTES, new_nonce, peer_proof
+from raftcache.plugins.transport.server import ServerBase, deliver_batch, encode_to_fit
+from raftcache.plugins.transport.sockets import close_quietly, parse_address, send_all
+from raftcache.plugins.transport.tls import (
     caller_certificate,
     client_certificate,
-    close_quietly,
-    deliver_batch,
-    encode_to_fit,
-    new_nonce,
-    parse_address,
     peer_node_id,
-    peer_proof,
-    send_all,
     tls_accept,
     tls_context,
 )
@@ -102,7 +96,7 @@ class PeerRefused(ConnectionError):
 # ---- options ------------------------------------------------------------------------------------
 @attrs.frozen
 class Options(TransportOptions):
-    """`[transport.options]` of a node's config: see common.TransportOptions."""
+    """`[transport.options]` of a node's config: see options.TransportOptions."""
 
     @classmethod
     def from_dict(cls, options: dict | None) -> Options:
@@ -480,7 +474,7 @@ class _ServerConn:
 
 # ---- peer links ---------------------------------------------------------------------------------
 class _PeerSocket:
-    """A plain or TLS socket carrying one-way raft() calls to a peer (see common.PeerLink)."""
+    """A plain or TLS socket carrying one-way raft() calls to a peer (see peer_links.PeerLink)."""
 
     def __init__(self, sock):
         self.sock = sock
