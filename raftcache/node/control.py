@@ -87,7 +87,9 @@ class ClusterCalls:
                 # removal still believes it is a voter (and may sit in a joint configuration).
                 return self.requests.not_leader(st.lead, request)
             conf = st.conf
-            placed = not address or self.requests.addresses.peers.get(target) == address
+            # Placed where the log says, not where this node dials it: cluster.dial may
+            # route the target through a relay, and then the two never match.
+            placed = not address or self.replica.sm.members.get(target) == address
             done = {"add-voter": target in conf.voters and not conf.joint and placed,
                     "add-learner": target in conf.learners and placed,
                     "update-address": placed,

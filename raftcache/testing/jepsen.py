@@ -556,8 +556,11 @@ def _nemesis_member_join(run) -> Fault:
     run.joined.add(spare)
     run.cluster.start(spare)
     learner = run.rng.random() < 0.5
-    outcome = run.admin(lambda c: c.add_member(spare, run.cluster.address(spare),
-                                               learner=learner))
+    for _ in range(5):  # under faults the change may time out: an operator tries again
+        outcome = run.admin(lambda c: c.add_member(spare, run.cluster.address(spare),
+                                                   learner=learner))
+        if outcome == "done":
+            break
 
     def heal():
         for link in cut:
