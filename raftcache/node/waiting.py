@@ -1,4 +1,4 @@
-"""A client request waiting on the log, and the deadline every wait gets."""
+"""A client request waiting on the log, and the refusal when too many already wait."""
 
 from __future__ import annotations
 
