@@ -147,7 +147,7 @@ class Node:
                              "this cluster", config.node.address)
         raw = self.replica.raw
         join = JoinCheck(config, self.addresses, self.connect, self.tls, self.log,
-                         fresh=lambda: raw.status().term == 0 and raw.status().last_index == 0,
+                         fresh=lambda: _holds_nothing(raw.status()),
                          sync_addresses=lambda: self.addresses.sync(self.replica.sm.members))
         asking = join.run(self.replica.bootstrapped)
         if asking is not None:
@@ -263,6 +263,11 @@ class _NodeLog(logging.LoggerAdapter):
             where = f"term {st.term} {st.role.name.lower()}"
         kwargs.setdefault("extra", {})["node"] = self.node.id
         return f"[{where}] {msg}", kwargs
+
+
+def _holds_nothing(st) -> bool:
+    """Whether a replica's status says it holds no Raft state at all (a new node)."""
+    return st.term == 0 and st.last_index == 0
 
 
 def _tls(section) -> TLSConfig | None:
