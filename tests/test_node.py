@@ -235,3 +235,24 @@ def test_not_leader_hints_and_status_name_client_addresses(tmp_path):
         assert (status.leader, status.leader_address) == (2, "127.0.0.9:7402")
     finally:
         node.stop()
+
+
+def test_status_places_peers_where_the_cluster_does_not_where_this_node_dials(tmp_path):
+    """A joining node adopts a member's `status().peer_addresses` (JoinCheck) to answer the
+    leader: a member's local cluster.dial route (a relay or proxy on its own host) means
+    nothing elsewhere, and a joiner replying there would never be heard."""
+    port = free_port_block(1)
+    me = f"127.0.0.1:{port}"
+    c = config.parse({
+        "node": {"id": 1, "address": me, "data_dir": str(tmp_path / "n1")},
+        "cluster": {"peers": {"1": me, "2": "127.0.0.2:1", "3": "127.0.0.3:1"},
+                    "dial": {"2": "127.0.0.1:9", "3": "127.0.0.1:10"}, "insecure": True},
+        "raft": {"tick_ms": 1000},  # no election of our own meanwhile
+    }, "test.toml")
+    node = Node(c)
+    node.start()
+    try:
+        assert node.addresses.peers[2] == "127.0.0.1:9"  # where this node dials it
+        assert node.status().peer_addresses == {1: me, 2: "127.0.0.2:1", 3: "127.0.0.3:1"}
+    finally:
+        node.stop()

@@ -83,7 +83,8 @@ class NodeStatus:
     leader_address: str
     voters: list = attrs.Factory(list)
     learners: list = attrs.Factory(list)
-    # node id -> the address peers reach it at, for this node's view of the members
+    # node id -> the address peers reach it at, for this node's view of the members (where
+    # the log places it; never this node's own `cluster.dial` routes)
     peer_addresses: dict = attrs.Factory(dict)
     # members that have joined (ran and hold the log): one of them with no Raft state, a
     # lost disk, is refused at start instead of voting twice

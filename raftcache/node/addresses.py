@@ -15,6 +15,8 @@ class AddressBook:
 
     `sync` is called with the members the state machine recorded each time they may have
     moved; it tells the transport (`Transport.set_peer`) about every address that changed.
+    `placed` is where each node is, without the local `cluster.dial` routes: what `status`
+    tells others (a joining node adopts it), since another host cannot use this one's relay.
     """
 
     def __init__(self, config: Config, log):
@@ -22,6 +24,7 @@ class AddressBook:
         self.log = log
         self.id = config.node.id
         self.peers: dict[int, str] = {**config.peer_addresses(), **config.dial_addresses()}
+        self.placed: dict[int, str] = {**config.peer_addresses(), self.id: config.node.address}
         self.client_addresses: dict[int, str] = config.client_addresses()
         self.discovered: dict[int, str] = {}  # a joining node: what its join endpoints said
         self.set_peer = None  # the transport's, once it exists (optional in a transport)
@@ -41,5 +44,6 @@ class AddressBook:
             if self.set_peer is not None and node_id != self.id:
                 self.set_peer(node_id, address)
         self.peers = peers
+        self.placed = {**where, self.id: config.node.address}
         overrides = {int(k): v for k, v in config.cluster.client_addresses.items()}
         self.client_addresses = {**where, **overrides, self.id: config.node.address}

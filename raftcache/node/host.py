@@ -233,13 +233,13 @@ class Node:
 
     def status(self) -> api.NodeStatus:
         st = self.replica.raw.status()
-        peers, config = self.addresses.peers, self.config
+        placed, config = self.addresses.placed, self.config
         return api.NodeStatus(
             id=self.id, address=config.node.address, role=st.role.name.lower(),
             term=st.term, commit=st.commit, applied=st.applied, leader=st.lead,
             leader_address=self.addresses.client_addresses.get(st.lead, ""),
             voters=sorted(st.conf.voters), learners=sorted(st.conf.learners),
-            peer_addresses={n: peers[n] for n in sorted(st.conf.all_nodes()) if n in peers},
+            peer_addresses={n: placed[n] for n in sorted(st.conf.all_nodes()) if n in placed},
             joined=sorted(self.replica.sm.joined),
             metrics_url=(f"http://{config.node.metrics_address}/metrics"
                          if config.node.metrics_address else None),
