@@ -541,11 +541,20 @@ def _nemesis_member_learner(run) -> Fault:
                  heal)
 
 
+SPARE_START_S = 30.0  # member-join: how long a started spare may take to answer
+SPARE_FOLLOW_S = 5.0  # and, once added, to follow a leader before the heal removes it
+
+
 @nemesis("member-join")
 def _nemesis_member_join(run) -> Fault:
     """A node that no config lists joins at a new address (a join config; its address goes
     through the log), as a voter or a learner, half the time while a random member is cut
-    off; the heal removes it, stops it and wipes its disk, as an operator replacing it."""
+    off; the heal removes it, stops it and wipes its disk, as an operator replacing it.
+
+    As an operator would, it adds the node once the node answers (it waits to be added),
+    and removes it only after giving it a while to follow a leader: a node added before it
+    listens, or removed before any leader reached it, shows nothing of the join (a loaded
+    machine takes seconds to start one)."""
     spare = run.spare
     if spare is None or spare in run.joined:
         raise ValueError("no spare node to join (or it is still a member)")
@@ -555,6 +564,8 @@ def _nemesis_member_join(run) -> Fault:
         run.net.block(cut)
     run.joined.add(spare)
     run.cluster.start(spare)
+    if run.wait_for_status(spare, lambda s: True, SPARE_START_S) is None:
+        run._note(f"node {spare} did not answer within {SPARE_START_S:.0f} s of its start")
     learner = run.rng.random() < 0.5
     for _ in range(5):  # under faults the change may time out: an operator tries again
         outcome = run.admin(lambda c: c.add_member(spare, run.cluster.address(spare),
@@ -565,6 +576,10 @@ def _nemesis_member_join(run) -> Fault:
     def heal():
         for link in cut:
             run.net.faults[link].blocked = False
+        if run.wait_for_status(spare, lambda s: s.leader, SPARE_FOLLOW_S) is not None:
+            run.joins_followed += 1
+        else:  # the other faults may leave no leader; the run's checks count the joins
+            run._note(f"node {spare} followed no leader within {SPARE_FOLLOW_S:.0f} s")
         for _ in range(10):  # under faults the removal may time out: it must happen
             if run.admin(lambda c: c.remove_member(spare)) == "done":
                 run.retire(spare)
@@ -640,6 +655,15 @@ class Options:
     history: str | None = None  # where to write the history (default: dir/history.jsonl)
 
 
+def _seconds_range(text: str) -> tuple[float, float]:
+    """"MIN,MAX" or "SECONDS" (both ends) as a (min, max) pair of seconds."""
+    low, _, high = text.partition(",")
+    pair = (float(low), float(high or low))
+    if not 0 <= pair[0] <= pair[1]:
+        raise ValueError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return pair
+
+
 def _parse_setting(text: str) -> tuple[str, str, object]:
     import tomllib
 
@@ -685,6 +709,7 @@ class Run:
         # member-join: one more node id, at an address no config lists, joining and leaving
         self.spare = self.nodes + 1 if "member-join" in self.names else None
         self.joined: set[int] = set()  # the spare while it is a member
+        self.joins_followed = 0  # joins whose spare followed a leader before it left
 
     # -- set-up ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -808,6 +833,25 @@ class Run:
             except Exception:
                 pass
         return out
+
+    def wait_for_status(self, n: int, ok, seconds: float):
+        """Node `n`'s status once `ok(status)` holds (asked every 0.1 s), or None when it
+        does not within `seconds` (the spare too, which `statuses` leaves out)."""
+        import gevent
+
+        if self._status_client is None:
+            self._status_client = self.client(timeout=0.5)
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                status = self._status_client.status(self.cluster.address(n))
+                if ok(status):
+                    return status
+            except Exception:
+                pass
+            if time.monotonic() >= deadline:
+                return None
+            gevent.sleep(0.1)
 
     def leader_status(self):
         """(id, status) of the leader with the highest term among the nodes that answer."""
@@ -1170,7 +1214,7 @@ class Run:
                                                 and op.process != "final"])
                            for k in Kind},
             "faults": dict(self.faults), "nemesis_errors": self.nemesis_errors,
-            "refused_admin": self.refused_admin,
+            "refused_admin": self.refused_admin, "joins_followed": self.joins_followed,
             "elections": len(self.terms_with_leader),
             "anomalies": [attrs.asdict(a) | {"key": repr(a.key)} for a in self.anomalies],
             "history": history_path, "dir": self.dir, **checked,
@@ -1208,6 +1252,9 @@ def format_summary(s: dict) -> str:
     lines.append("")
     faults = ", ".join(f"{k} {v}" for k, v in sorted(s["faults"].items())) or "none"
     lines.append(f"  faults injected: {faults} ({s['nemesis_errors']} nemesis calls failed)")
+    if s["faults"].get("member-join"):
+        lines.append(f"  joins: {s['joins_followed']} of {s['faults']['member-join']} spares "
+                     "followed a leader before they left")
     lines.append(f"  elections (terms that had a leader): {s['elections']}")
     lines.append(f"  checked: {s.get('checked', 0)} operations on {s.get('keys', 0)} keys")
     if s.get("misses"):
@@ -1245,6 +1292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.0,
                    help="cap on operations per second (default: as fast as the clients go); "
                         "long runs keep their history small with it")
+    p.add_argument("--hold", type=_seconds_range, default=attrs.fields(Options).hold.default,
+                   metavar="MIN[,MAX]",
+                   help="seconds each fault lasts, drawn from MIN..MAX (default: 1,4)")
     p.add_argument("--set", dest="settings", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override a node setting, e.g. "
                                                      "raft.check_quorum=false")
@@ -1284,7 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(time=a.time, seed=a.seed, nodes=a.nodes, nemesis=tuple(nemeses),
                    transport=a.transport, storage=a.storage, backend=a.backend, read=read,
                    clients=a.clients, keys=a.keys, ops_per_key=a.ops_per_key,
-                   counters=a.counters, rate=a.rate, settings=tuple(settings),
+                   counters=a.counters, rate=a.rate, hold=a.hold, settings=tuple(settings),
                    mutant=a.mutant, auth=a.auth, encryption=a.encryption, dir=a.dir)
     summary = Run(opts).run(verbose=a.verbose)
     print(format_summary(summary), flush=True)
