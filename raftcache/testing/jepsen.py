@@ -684,7 +684,10 @@ class Run:
     def __init__(self, opts: Options):
         self.opts = opts
         self.nodes = opts.nodes
+        # The seed names the fault schedule: the nemeses draw from their own generator, not
+        # from one the workload and the relays also draw from as fast as they happen to run.
         self.rng = random.Random(opts.seed)
+        self.key_rng = random.Random(f"keys {opts.seed}")
         self.names = expand_nemeses(opts.nemesis, opts.backend)
         self.history = History()
         self.anomalies: list[Anomaly] = []
@@ -750,7 +753,7 @@ class Run:
                                     extra=extra, launcher=launcher, auth=o.auth,
                                     encryption=o.encryption)
         self.net = relay.RelayNet({i: self.cluster.address(i) for i in range(1, every + 1)},
-                                  self.rng)
+                                  random.Random(f"relays {o.seed}"))
         self.cluster.routes = self.net.routes()
         self.cluster.start()
         self.cluster.wait_for_leader(timeout=30)
@@ -892,7 +895,7 @@ class Run:
             gevent.sleep(self._next_op - now - 1.0 / self.opts.rate)
 
     def _pick_key(self, active: list, counts: Counter) -> str:
-        slot = self.rng.randrange(len(active))
+        slot = self.key_rng.randrange(len(active))
         key = active[slot]
         counts[key] += 1
         if counts[key] >= self.opts.ops_per_key:
