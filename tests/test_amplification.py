@@ -14,12 +14,16 @@ import time
 
 import gevent
 import pytest
+from sortedcontainers import SortedList
 
 from raftcache import errors, pluginapi
 from raftcache.cluster import free_port_block
 from raftcache.core import api
+from raftcache.core.cache.commands import Envelope, Invalidate, MSet, Sweep, encode_envelope
+from raftcache.core.cache.statemachine import PAUSE_KEYS, StateMachine
 from raftcache.node import Node, config
 from raftcache.pluginapi.manager import make_manager
+from raftcache.plugins.backend.memory import MemoryBackend
 
 MIB = 1 << 20
 
@@ -133,3 +137,103 @@ def test_a_large_answer_is_opened_with_the_hub_getting_turns_between_values(coun
     # Each MiB opened, the hub ran the ticker before the next value was opened.
     seen = codec.ticks_seen
     assert len(seen) == 3 and seen[0] < seen[1] < seen[2], seen
+
+
+# ================================================================================================
+# invalidate and sweep, on the state machine: what they visit, and chunks that change nothing
+# ================================================================================================
+def _look(name: str):
+    base = getattr(bytes, name)
+
+    def look(self, *args):
+        CountedKey.looks += 1
+        return base(self, *args)
+    return look
+
+
+class CountedKey(bytes):
+    """A key that counts how often the state machine looks at it (compares or tests it)."""
+
+    looks = 0
+    startswith = _look("startswith")
+    __lt__, __le__, __gt__, __ge__ = (_look("__lt__"), _look("__le__"), _look("__gt__"),
+                                      _look("__ge__"))
+    __eq__, __ne__ = _look("__eq__"), _look("__ne__")
+    __hash__ = bytes.__hash__
+
+
+def entry(command, stamp: int = 1) -> bytes:
+    return encode_envelope(Envelope(command, stamp_ms=stamp))
+
+
+def filled(keys: int, pause=None, ttl_ms=None, counted: bool = False) -> StateMachine:
+    """A state machine over the memory backend holding `keys` keys (k-00000000, ...) and ten
+    more under "rare/", written by one MSet each thousand keys. With `counted`, its keys are
+    CountedKeys, so that a test sees every time it looks at one."""
+    sm = StateMachine(MemoryBackend(), pause=pause)
+    names = [b"k-%08d" % i for i in range(keys)] + [b"rare/%d" % i for i in range(10)]
+    index = 0
+    for start in range(0, len(names), 1000):
+        index += 1
+        items = tuple((n, b"v") for n in names[start:start + 1000])
+        sm.apply(index, entry(MSet(items, ttl_ms)))
+    if counted:  # the same state, every key object a CountedKey (derived state rebuilt too)
+        sm._catalog = {CountedKey(k): m for k, m in sm._catalog.items()}
+        sm._ordered = SortedList(sm._catalog)
+        sm._expiries = [(e, CountedKey(k)) for e, k in sm._expiries]
+    return sm
+
+
+@pytest.mark.unit
+def test_an_invalidate_of_a_prefix_with_few_keys_looks_only_at_those():
+    sm = filled(20_000, counted=True)
+    CountedKey.looks = 0
+    assert sm.apply(sm.applied_index + 1, entry(Invalidate(b"rare/"))) == 10
+    # A bisection (log2 of 20,000 is 15, a few levels of the sorted list) and the ten keys
+    # plus the one after them; walking the catalog looked at all 20,010.
+    assert CountedKey.looks < 200, CountedKey.looks
+    assert len(sm) == 20_000 and sm.read(b"rare/3", 1) is None
+    assert sm.read(b"k-00000007", 1) is not None
+
+
+@pytest.mark.unit
+def test_a_sweep_looks_only_at_expired_keys():
+    sm = filled(20_000, counted=True)  # no ttl
+    sm.apply(sm.applied_index + 1, entry(MSet(((b"soon/a", b"v"), (b"soon/b", b"v")), 10)))
+    sm._expiries = [(e, CountedKey(k)) for e, k in sm._expiries]
+    CountedKey.looks = 0
+    assert sm.apply(sm.applied_index + 1, entry(Sweep(100), stamp=100)) == 2
+    assert CountedKey.looks < 50, CountedKey.looks
+    assert len(sm) == 20_010
+
+
+def run_both(command, keys: int, ttl_ms=None, stamp: int = 1):
+    """`command` applied to two replicas holding the same keys, one pausing between chunks
+    (as a node does), one not: (result, snapshot, backend contents) of each, and the pauses."""
+    pauses, backend_calls = [], []
+    out = []
+    for pause in (None, lambda: pauses.append(len(sm._catalog))):
+        sm = filled(keys, pause=pause, ttl_ms=ttl_ms)
+        apply = sm.backend.apply
+        sm.backend.apply = lambda index, changes, a=apply: (
+            backend_calls.append((index, len(changes))), a(index, changes))[1]
+        before = sm.applied_index
+        result = sm.apply(before + 1, entry(command, stamp))
+        out.append((result, sm.snapshot(), dict(sm.backend._values), sm.backend_index))
+    return out, pauses, backend_calls, before
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command,stamp", [(Invalidate(b"k-"), 1), (Invalidate(b""), 1),
+                                           (Sweep(1000), 1000)])
+def test_a_large_invalidate_or_sweep_in_chunks_ends_where_one_step_does(command, stamp):
+    keys = 3 * PAUSE_KEYS + 100
+    (plain, chunked), pauses, calls, before = run_both(command, keys, ttl_ms=10, stamp=stamp)
+    assert plain == chunked  # the same result, snapshot, backend and backend index
+    assert plain[0] >= keys
+    assert len(pauses) >= 2 * 3  # it paused, in the state machine and between backend calls
+    # The chunked replica's backend calls before the last claim the index it already held.
+    chunked_calls = calls[1:]
+    assert [index for index, _ in chunked_calls[:-1]] == [before] * (len(chunked_calls) - 1)
+    assert chunked_calls[-1][0] == before + 1
+    assert all(n <= PAUSE_KEYS + 100 for _, n in chunked_calls)

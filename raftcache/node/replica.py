@@ -70,7 +70,9 @@ class Replica:
         self.stopped = gevent.event.Event()
         self.bootstrapped = False  # it founds a cluster now: no Raft state before
         # Every replica decides each write from the entry and the replicated settings alone.
-        self.sm = StateMachine(backend, check_command=check_command, codecs=codecs)
+        # A large invalidate or sweep yields to the hub between chunks (reads wait meanwhile).
+        self.sm = StateMachine(backend, check_command=check_command, codecs=codecs,
+                               pause=lambda: gevent.sleep(0))
         self.applier = Applier(self.sm, log, self.stopped, self.wakeup.set,
                                on_backend_down=lambda why: self.reads.fail_all(why),
                                on_members_changed=lambda: addresses.sync(self.sm.members))
