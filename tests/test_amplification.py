@@ -59,6 +59,10 @@ class CountingCodec:
     def decode(self, key, blob):
         self.opened += 1
         self.ticks_seen.append(self.ticks)
+        if len(blob) >= MIB:  # what opening a MiB costs a real codec, at least
+            started = time.perf_counter()
+            while time.perf_counter() - started < 0.002:
+                pass
         return blob[2:]
 
 
@@ -122,10 +126,10 @@ def test_a_large_answer_is_opened_with_the_hub_getting_turns_between_values(coun
     for k in keys:
         assert call(node, op="put", key=k, value=b"x" * MIB).error is None
 
-    def ticker():
+    def ticker():  # on a timer, like the node's ticks and heartbeats
         while True:
             codec.ticks += 1
-            gevent.sleep(0)
+            gevent.sleep(0.001)
 
     g = gevent.spawn(ticker)
     try:
@@ -134,9 +138,48 @@ def test_a_large_answer_is_opened_with_the_hub_getting_turns_between_values(coun
     finally:
         g.kill()
     assert r.error is None
-    # Each MiB opened, the hub ran the ticker before the next value was opened.
+    # Each MiB opened, the hub ran the ticker's timer before the next value was opened (a
+    # gevent.sleep(0) there would run ready greenlets only, never a timer).
     seen = codec.ticks_seen
     assert len(seen) == 3 and seen[0] < seen[1] < seen[2], seen
+
+
+@pytest.mark.unit
+def test_a_large_invalidate_gives_the_hub_turns_and_no_read_sees_half_of_it(counted):
+    node, codec = counted
+    names = [b"gone/%06d" % i for i in range(3 * PAUSE_KEYS + 50)]
+    for start in range(0, len(names), 1000):
+        items = {k: b"v" for k in names[start:start + 1000]}
+        assert call(node, op="mset", items=items).error is None
+    first, last = names[0], names[-1]  # removed in the first chunk and in the last
+    seen, halves, reads = [], [], [0]
+    sm = node.replica.sm
+    pause = sm.pause
+    sm.pause = lambda: (seen.append(codec.ticks), pause())
+
+    def ticker():
+        while True:
+            codec.ticks += 1
+            gevent.sleep(0.001)
+
+    def reader():
+        while True:
+            r = call(node, op="mget", keys=[first, last], consistency="stale")
+            if r.error is None:
+                reads[0] += 1
+                if r.results[0].found != r.results[1].found:
+                    halves.append(r.results)
+            gevent.sleep(0)
+
+    greenlets = [gevent.spawn(ticker), gevent.spawn(reader)]
+    try:
+        r = call(node, op="invalidate", key=b"gone/")
+        gevent.sleep(0.01)
+    finally:
+        gevent.killall(greenlets)
+    assert r.error is None and r.number == len(names)
+    assert len(seen) >= 3 and seen[-1] > seen[0], seen  # the ticker ran between chunks
+    assert halves == [] and reads[0] > 0
 
 
 # ================================================================================================

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import attrs
-import gevent
 
 from raftcache.core import api
 from raftcache.core.cache import commands
@@ -24,7 +23,7 @@ from .applier import BackendDown
 from .config import Config
 from .control import ClusterCalls
 from .replica import Replica
-from .waiting import Overloaded
+from .waiting import Overloaded, give_way
 
 MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
 # A read's values are opened (decrypted) this many bytes at a time between yields to the hub:
@@ -226,7 +225,7 @@ class Requests:
                 since_yield += len(value)
                 value = decode_value(self.codecs, k, value)
                 if since_yield >= OPEN_YIELD_BYTES:
-                    gevent.sleep(0)
+                    give_way()
                     since_yield = 0
             opened[k] = api.GetResult(found=True, value=value, version=version)
         return opened

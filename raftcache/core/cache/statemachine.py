@@ -91,7 +91,7 @@ _SNAPSHOT_CHUNK = 1000  # keys per backend read while taking a snapshot
 SESSION_RESULTS = 8  # results kept per client session (a well-behaved client needs one)
 # Keys an invalidate or sweep removes, and deletions handed to the backend in one call, between
 # calls of `pause` (a few ms of work each).
-PAUSE_KEYS = 2048
+PAUSE_KEYS = 1024
 MAX_APPENDED_BYTES = 4 << 20  # what append may grow a value to (node.max_request_bytes' default)
 
 
