@@ -27,6 +27,9 @@ from raftcache.plugins.backend.memory import MemoryBackend
 
 MIB = 1 << 20
 
+# The module's shared `cluster` (tests/conftest.py): three nodes, encryption on.
+CLUSTER = {}
+
 
 def single_node_config(tmp_path, **node):
     address = f"127.0.0.1:{free_port_block(1)}"
@@ -280,3 +283,73 @@ def test_a_large_invalidate_or_sweep_in_chunks_ends_where_one_step_does(command,
     assert [index for index, _ in chunked_calls[:-1]] == [before] * (len(chunked_calls) - 1)
     assert chunked_calls[-1][0] == before + 1
     assert all(n <= PAUSE_KEYS + 100 for _, n in chunked_calls)
+
+
+# ================================================================================================
+# On a real cluster (encryption on, as `raftcache up` runs it)
+# ================================================================================================
+WAIT = 10.0
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def terms(cluster) -> dict:
+    with cluster.client(timeout=WAIT) as c:
+        return {i: c.status(cluster.address(i)).term for i in range(1, cluster.nodes + 1)}
+
+
+def test_mgets_of_one_big_value_many_times_neither_stall_nor_grow_the_leader(cluster):
+    leader = cluster.wait_for_leader()
+    big = [f"amp/big{i}" for i in range(7)]
+    with cluster.client(timeout=WAIT) as c:
+        for k in big:
+            c.set(k, b"x" * MIB)
+    before_terms = terms(cluster)
+    pid = cluster.processes[leader].pid
+    before_rss = rss_bytes(pid)
+    refusals, answers, writes, problems = [], [], [], []
+
+    def hostile():  # the issue's call: 1 GB to decrypt on the hub before main refused it
+        with cluster.client(timeout=WAIT) as c:
+            try:
+                c.mget([big[0]] * 1000)
+                problems.append("an mget of 1000 MiB was answered")
+            except errors.InvalidRequest as exc:
+                refusals.append(str(exc))
+
+    def large():  # within the limit: 7 MiB of encrypted values, opened in turns with the hub
+        with cluster.client(timeout=WAIT) as c:
+            for _ in range(4):
+                answers.append(c.mget(big) == [b"x" * MIB] * 7)
+
+    def writer():
+        with cluster.client(timeout=WAIT) as c:
+            deadline = time.monotonic() + 3.0
+            n = 0
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                c.set("amp/w", str(n))
+                writes.append(time.monotonic() - started)
+                n += 1
+
+    threads = [threading.Thread(target=f) for f in [hostile] * 3 + [large, writer]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert problems == []
+    assert len(refusals) == 3 and all("node.max_response_bytes is 8388608" in r
+                                      for r in refusals), refusals
+    assert answers == [True] * 4
+    # A generous bound, as the issue measured 5 s: each concurrent write went through.
+    assert writes and max(writes) < 2.0, max(writes)
+    assert terms(cluster) == before_terms
+    # Nothing near the 1 GB each hostile call used to decrypt (7 MiB answers come and go).
+    assert rss_bytes(pid) - before_rss < 200 * MIB, (before_rss, rss_bytes(pid))
