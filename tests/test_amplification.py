@@ -19,7 +19,14 @@ from sortedcontainers import SortedList
 from raftcache import errors, pluginapi
 from raftcache.cluster import free_port_block
 from raftcache.core import api
-from raftcache.core.cache.commands import Envelope, Invalidate, MSet, Sweep, encode_envelope
+from raftcache.core.cache.commands import (
+    Envelope,
+    Invalidate,
+    MSet,
+    Put,
+    Sweep,
+    encode_envelope,
+)
 from raftcache.core.cache.statemachine import PAUSE_KEYS, StateMachine
 from raftcache.node import Node, config
 from raftcache.pluginapi.manager import make_manager
@@ -283,6 +290,23 @@ def test_a_large_invalidate_or_sweep_in_chunks_ends_where_one_step_does(command,
     assert [index for index, _ in chunked_calls[:-1]] == [before] * (len(chunked_calls) - 1)
     assert chunked_calls[-1][0] == before + 1
     assert all(n <= PAUSE_KEYS + 100 for _, n in chunked_calls)
+
+
+@pytest.mark.unit
+def test_a_large_invalidate_after_other_writes_in_one_batch_reaches_the_backend_on_its_own():
+    sm = filled(2 * PAUSE_KEYS, pause=lambda: None)
+    calls = []
+    apply = sm.backend.apply
+    sm.backend.apply = lambda index, changes: (calls.append((index, len(changes))),
+                                               apply(index, changes))[1]
+    i = sm.applied_index
+    sm.stage(i + 1, entry(Put(b"other", b"v")))
+    sm.stage(i + 2, entry(Invalidate(b"k-")))  # hands the put over first, at its own index
+    assert calls == [(i + 1, 1)]
+    assert sm.flush_due  # what the applier asks after each entry
+    sm.flush()
+    assert calls == [(i + 1, 1), (i + 1, PAUSE_KEYS), (i + 2, PAUSE_KEYS)]
+    assert sm.read(b"other", 1) is not None and len(sm) == 11
 
 
 # ================================================================================================

@@ -29,7 +29,10 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   that one that lost its data is refused instead of voting twice.
 
 The catalog (key -> version, expiry) lives here, in write order (the order a bounded backend
-evicts in); values live in the backend. Changes to the backend are staged while a batch of
+evicts in), with two indexes derived from it and never snapshotted: its keys in byte order (an
+invalidate visits only the keys under its prefix) and a heap by expiry (a sweep visits only
+expired keys); values live in the backend. A large invalidate or sweep calls `pause` between
+chunks of `PAUSE_KEYS` keys, and its deletions reach the backend in such chunks (`flush`). Changes to the backend are staged while a batch of
 entries applies and reach it in one `Backend.apply` call per batch (`flush`); an incr or append
 later in the batch reads the staged value. Values are stored exactly as the entry holds them -
 already encoded by the proposer's value codecs (encryption) - and `read()` returns them as
