@@ -270,4 +270,3 @@ def _with_certificate(request: api.Request, certificate: str | None) -> api.Requ
         return request
     return attrs.evolve(request, header=attrs.evolve(header or api.RequestHeader(),
                                                      certificate=certificate))
-

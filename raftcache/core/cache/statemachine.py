@@ -31,10 +31,10 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
 The catalog (key -> version, expiry) lives here, in write order (the order a bounded backend
 evicts in), with two indexes derived from it and never snapshotted: its keys in byte order (an
 invalidate visits only the keys under its prefix) and a heap by expiry (a sweep visits only
-expired keys); values live in the backend. A large invalidate or sweep calls `pause` between
-chunks of `PAUSE_KEYS` keys, and its deletions reach the backend in such chunks (`flush`). Changes to the backend are staged while a batch of
+expired keys); values live in the backend. Changes to the backend are staged while a batch of
 entries applies and reach it in one `Backend.apply` call per batch (`flush`); an incr or append
-later in the batch reads the staged value. Values are stored exactly as the entry holds them -
+later in the batch reads the staged value. A large invalidate or sweep calls `pause` between
+chunks of `PAUSE_KEYS` keys, and its deletions reach the backend in such chunks, on their own. Values are stored exactly as the entry holds them -
 already encoded by the proposer's value codecs (encryption) - and `read()` returns them as
 stored: decoding them for the client is the node's job. The exceptions are the commands whose
 result comes from the stored value (`returns_value`: `Incr` and `Append`), which must look
@@ -192,7 +192,7 @@ class StateMachine:
     _ordered: SortedList = attrs.field(init=False, factory=SortedList)
     # key -> (value or None for a delete, expiry): changes not yet handed to the backend
     _staged: dict = attrs.field(init=False, factory=dict)
-    _staged_first: int = attrs.field(init=False, default=0)  # the first entry staged since
+    _staged_first: int = attrs.field(init=False, default=0)  # the entry that staged first
     # After a restart over a backend that already holds entries up to `_overlay_until`, the
     # entries up to there are replayed into this dict (seeded with the snapshot's values)
     # instead of the backend, so the backend never goes back to an older state.
