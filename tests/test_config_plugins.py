@@ -43,6 +43,7 @@ def test_good_config_loads(tmp_path):
     assert c.transport.plugin == "tcp-tls" and c.transport.tls.cert == "node2.pem"
     assert c.backend.plugin == "memory"
     assert (c.node.max_key_bytes, c.node.max_value_bytes) == (64 << 10, 1 << 20)
+    assert c.node.max_response_bytes == 8 << 20
 
 
 @pytest.mark.parametrize(
@@ -72,6 +73,12 @@ def test_good_config_loads(tmp_path):
         (('address = "127.0.0.1:7401"', 'address = "127.0.0.1:7401"\nmax_value_bytes = 4194304'),
          "node.max_value_bytes: node.max_key_bytes (65536) + node.max_value_bytes (4194304) "
          "must leave 4096 bytes of node.max_request_bytes (4194304)"),
+        # a value a put accepts must be readable
+        (('address = "127.0.0.1:7401"', 'address = "127.0.0.1:7401"\n'
+          'max_response_bytes = 1048575'),
+         "node.max_response_bytes: 1048575 is less than node.max_value_bytes (1048576)"),
+        (('address = "127.0.0.1:7401"', 'address = "127.0.0.1:7401"\nmax_response_bytes = 0'),
+         "node.max_response_bytes: must be between 1024 and 1073741824, got 0"),
         (("[raft]", '[testing]\nmutant = "oops"\n[raft]'),  # test code is not config
          "testing: unknown key (accepted: auth, backend, cluster, encryption, log, node, plugins, raft"),
     ],

@@ -25,8 +25,9 @@ class Applier:
 
     Contract:
     - Reads (`read_settled`) see the state machine only between apply batches: a backend
-      call yields to other greenlets, so `_settled` is clear while a batch is half applied
-      and `_applies` counts batches; a read that overlapped one is read again.
+      call, and a large invalidate or sweep between its chunks (`StateMachine.pause`), yields
+      to other greenlets, so `_settled` is clear while a batch is half applied and `_applies`
+      counts batches; a read that overlapped one is read again.
     - A backend call that fails with BackendUnavailable is retried with backoff until it
       goes through: meanwhile `backend_down` is true, reads are refused and nothing more is
       applied (the replica keeps its log; the other replicas carry on). Nothing is skipped.
@@ -62,6 +63,8 @@ class Applier:
             result = None
             if entry.type == EntryType.NORMAL and entry.data:
                 result = self._retry_backend(lambda e=entry: self.sm.stage(e.index, e.data))
+                if self.sm.flush_due:  # a bulk deletion: on its own, in chunks
+                    self._retry_backend(self.sm.flush)
             elif entry.type == EntryType.CONF_CHANGE:
                 self._record_members(entry)
             applied.append((entry, result))

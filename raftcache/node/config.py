@@ -35,6 +35,9 @@ class NodeSection:
     # before anything is read or proposed. 1 MiB values: memcached's default item size.
     max_key_bytes: int = 64 << 10
     max_value_bytes: int = 1 << 20
+    # The stored values one get or mget answer may hold (a key asked for twice counts twice):
+    # beyond it InvalidRequest, from the values' sizes, before any is opened (decrypted).
+    max_response_bytes: int = 8 << 20
     # Writes and reads waiting on this node (proposed and not yet applied, or waiting for a
     # read index): beyond it a request is refused at once, Unavailable "overloaded", which
     # clients retry after a backoff. Back-pressure, instead of queues and deadlines that grow
@@ -205,6 +208,7 @@ def _ranges(c: Config) -> list:
         ("node.max_pending", n.max_pending, 1, 1 << 24),
         ("node.max_key_bytes", n.max_key_bytes, 1, 1 << 20),
         ("node.max_value_bytes", n.max_value_bytes, 1, 1 << 30),
+        ("node.max_response_bytes", n.max_response_bytes, 1024, 1 << 30),
         ("cluster.id", c.cluster.id, 0, _I64_MAX),
         ("raft.tick_ms", r.tick_ms, 1, 60_000),
         ("raft.election_tick", r.election_tick, 2, 100_000),
@@ -234,6 +238,11 @@ def _validate(c: Config) -> None:
                      f"node.max_key_bytes ({n.max_key_bytes}) + node.max_value_bytes "
                      f"({n.max_value_bytes}) must leave {ENTRY_HEADROOM} bytes of "
                      f"node.max_request_bytes ({n.max_request_bytes}) for the rest of the entry")
+    if n.max_response_bytes < n.max_value_bytes:
+        # Else a value a put accepted could never be read back.
+        raise c.fail("node.max_response_bytes",
+                     f"{n.max_response_bytes} is less than node.max_value_bytes "
+                     f"({n.max_value_bytes}): a value could be written but not read")
     peers = {}
     for k, v in c.cluster.peers.items():
         if not str(k).isdigit() or not 1 <= int(k) <= MAX_NODE_ID:

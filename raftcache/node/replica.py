@@ -33,6 +33,7 @@ from .applier import Applier
 from .backups import Backups
 from .config import Config
 from .reads import Reads
+from .waiting import give_way
 from .writes import Writes
 
 
@@ -70,7 +71,9 @@ class Replica:
         self.stopped = gevent.event.Event()
         self.bootstrapped = False  # it founds a cluster now: no Raft state before
         # Every replica decides each write from the entry and the replicated settings alone.
-        self.sm = StateMachine(backend, check_command=check_command, codecs=codecs)
+        # A large invalidate or sweep gives the hub a turn between chunks (reads wait).
+        self.sm = StateMachine(backend, check_command=check_command, codecs=codecs,
+                               pause=give_way)
         self.applier = Applier(self.sm, log, self.stopped, self.wakeup.set,
                                on_backend_down=lambda why: self.reads.fail_all(why),
                                on_members_changed=lambda: addresses.sync(self.sm.members))

@@ -23,9 +23,12 @@ from .applier import BackendDown
 from .config import Config
 from .control import ClusterCalls
 from .replica import Replica
-from .waiting import Overloaded
+from .waiting import Overloaded, give_way
 
 MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
+# A read's values are opened (decrypted) this many bytes at a time between yields to the hub:
+# ~1 ms of AES-GCM, so a large mget never stalls heartbeats for long.
+OPEN_YIELD_BYTES = 1 << 20
 
 
 class Requests:
@@ -39,7 +42,9 @@ class Requests:
     - a write: its command (values sealed by the codecs), proposed in an envelope carrying
       the leader's stamp, the caller and the client's (id, seq); the applied result;
     - a read: the read index confirmed (unless stale) and applied, then
-      `raftcache_check_request`, then the settled values, opened by the codecs;
+      `raftcache_check_request`, then the settled values (each key read once, however often
+      it is asked for), refused when they exceed `node.max_response_bytes` before any is
+      opened, else opened by the codecs a MiB at a time between yields to the hub;
     - a node operation (`control.ClusterCalls`): `raftcache_check_request`, then the call.
     Not the leader: NotLeader with the leader's address, or, with `node.proxy`, the call
     forwarded to it once.
@@ -171,17 +176,26 @@ class Requests:
                 return refused
         # After the read index applied: a revocation committed before the read is known here.
         self.authorize(request.op, keys, caller)
+        distinct = list(dict.fromkeys(keys))  # a key asked for twice is read and opened once
         try:
-            found = self.read_settled(keys)
+            found = dict(zip(distinct, self.read_settled(distinct), strict=True))
         except BackendDown as exc:
             return api.error("Unavailable", str(exc))
+        # The answer's size from the stored values, before any is opened: a repeated key
+        # counts each time, as the answer carries it each time.
+        size = sum(len(found[k][0]) for k in keys if found[k] is not None)
+        limit = self.config.node.max_response_bytes
+        if size > limit:
+            raise BadRequest(f"the answer would hold {size} bytes of values; "
+                             f"node.max_response_bytes is {limit}: ask for fewer keys at once")
         try:
-            results = [_get_result(self._decode(k, f)) for k, f in zip(keys, found, strict=True)]
+            opened = self._open(found)
         except ValueCodecError as exc:  # altered here, perhaps intact on another node
             self.replica.applier.backend_log.warning("codec", "a stored value cannot be "
                                                      "opened: %s", exc)
             return api.error("Unavailable", f"this node cannot open a stored value: {exc}; "
                              "try another node")
+        results = [opened[k] for k in keys]
         if request.op == "get":
             return api.Response(result=results[0])
         return api.Response(results=results)
@@ -197,11 +211,24 @@ class Requests:
         return self.replica.applier.read_settled(
             keys, self.replica.stamp, self.config.node.request_timeout_ms / 1000.0)
 
-    def _decode(self, key: bytes, found):
-        if found is None or not self.codecs:
-            return found
-        value, version = found
-        return decode_value(self.codecs, key, value), version
+    def _open(self, found: dict) -> dict:
+        """key -> GetResult of each (stored value, version) or None in `found`, the values
+        opened by the codecs; yields to the hub every `OPEN_YIELD_BYTES` opened, so that a
+        large answer does not hold up heartbeats and other requests."""
+        opened, since_yield = {}, 0
+        for k, item in found.items():
+            if item is None:
+                opened[k] = api.GetResult(found=False)
+                continue
+            value, version = item
+            if self.codecs:
+                since_yield += len(value)
+                value = decode_value(self.codecs, k, value)
+                if since_yield >= OPEN_YIELD_BYTES:
+                    give_way()
+                    since_yield = 0
+            opened[k] = api.GetResult(found=True, value=value, version=version)
+        return opened
 
     # -- deadlines and other nodes -----------------------------------------------------------------
     def timeout(self, request: api.Request) -> float:
@@ -243,10 +270,3 @@ def _with_certificate(request: api.Request, certificate: str | None) -> api.Requ
         return request
     return attrs.evolve(request, header=attrs.evolve(header or api.RequestHeader(),
                                                      certificate=certificate))
-
-
-def _get_result(found) -> api.GetResult:
-    if found is None:
-        return api.GetResult(found=False)
-    value, version = found
-    return api.GetResult(found=True, value=value, version=version)

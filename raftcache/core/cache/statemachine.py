@@ -29,9 +29,12 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   that one that lost its data is refused instead of voting twice.
 
 The catalog (key -> version, expiry) lives here, in write order (the order a bounded backend
-evicts in); values live in the backend. Changes to the backend are staged while a batch of
+evicts in), with two indexes derived from it and never snapshotted: its keys in byte order (an
+invalidate visits only the keys under its prefix) and a heap by expiry (a sweep visits only
+expired keys); values live in the backend. Changes to the backend are staged while a batch of
 entries applies and reach it in one `Backend.apply` call per batch (`flush`); an incr or append
-later in the batch reads the staged value. Values are stored exactly as the entry holds them -
+later in the batch reads the staged value. A large invalidate or sweep calls `pause` between
+chunks of `PAUSE_KEYS` keys, and its deletions reach the backend in such chunks, on their own. Values are stored exactly as the entry holds them -
 already encoded by the proposer's value codecs (encryption) - and `read()` returns them as
 stored: decoding them for the client is the node's job. The exceptions are the commands whose
 result comes from the stored value (`returns_value`: `Incr` and `Append`), which must look
@@ -51,6 +54,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import attrs
+from sortedcontainers import SortedList
 
 from ..raft.messages import MAX_NODE_ID, ConfChange, ConfChangeType, address_problem
 from .commands import (
@@ -88,6 +92,9 @@ SNAPSHOT_VERSION = 4
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
 _SNAPSHOT_CHUNK = 1000  # keys per backend read while taking a snapshot
 SESSION_RESULTS = 8  # results kept per client session (a well-behaved client needs one)
+# Keys an invalidate or sweep removes, and deletions handed to the backend in one call, between
+# calls of `pause` (a few ms of work each).
+PAUSE_KEYS = 1024
 MAX_APPENDED_BYTES = 4 << 20  # what append may grow a value to (node.max_request_bytes' default)
 
 
@@ -172,12 +179,20 @@ class StateMachine:
     check_command: Callable[..., str | None] | None = None
     codecs: Sequence = attrs.field(default=(), converter=tuple)
     session_idle_ms: int = DEFAULT_SESSION_IDLE_MS
+    # Called between chunks of a large invalidate or sweep and of its backend deletions: the
+    # node yields to its other work there (its reads wait until the whole batch is applied).
+    # It must not touch the state machine.
+    pause: Callable[[], None] | None = None
 
     applied_index: int = attrs.field(init=False, default=0)
     last_stamp_ms: int = attrs.field(init=False, default=0)  # the state machine's "now"
     _catalog: dict = attrs.field(init=False, factory=dict)  # key -> KeyMeta, in write order
+    # The catalog's keys in byte order, so that an invalidate visits only the keys under its
+    # prefix. Derived: rebuilt on restore, never in a snapshot.
+    _ordered: SortedList = attrs.field(init=False, factory=SortedList)
     # key -> (value or None for a delete, expiry): changes not yet handed to the backend
     _staged: dict = attrs.field(init=False, factory=dict)
+    _staged_first: int = attrs.field(init=False, default=0)  # the entry that staged first
     # After a restart over a backend that already holds entries up to `_overlay_until`, the
     # entries up to there are replayed into this dict (seeded with the snapshot's values)
     # instead of the backend, so the backend never goes back to an older state.
@@ -235,6 +250,10 @@ class StateMachine:
             self.applied_index = index
             return ApplyError("InvalidRequest", f"undecodable command: {exc}")
         now = max(self.last_stamp_ms, env.stamp_ms)
+        if env.command.writes in (Writes.PREFIXES, Writes.EXPIRED):
+            # What came before goes to the backend first, so that the deletions this may stage
+            # in bulk are one entry's alone, which `flush` may hand over in chunks.
+            self.flush()
         # The one backend read a write may need comes before anything changes: if the backend
         # fails (raises), the entry can simply be staged again.
         stored = self._read_before_write(env.command, now)
@@ -315,13 +334,20 @@ class StateMachine:
         return (True, index)
 
     def _apply_invalidate(self, cmd: Invalidate, _index: int, now: int, _stored) -> Result:
-        doomed = [k for k in self._catalog if k.startswith(cmd.prefix)]
-        count = 0
-        for key in doomed:
-            if self._live(key, now) is not None:
-                count += 1
-            self._remove(key)
-        return count
+        # The keys under the prefix are a run of the ordered index: found by bisection, taken a
+        # chunk at a time (each chunk's search starts over: the run's head was removed).
+        prefix, count = cmd.prefix, 0
+        while True:
+            under = itertools.takewhile(lambda k: k.startswith(prefix),
+                                        self._ordered.irange(minimum=prefix))
+            chunk = list(itertools.islice(under, PAUSE_KEYS))
+            for key in chunk:
+                if self._live(key, now) is not None:
+                    count += 1
+                self._remove(key)
+            if len(chunk) < PAUSE_KEYS:
+                return count
+            self._pause()
 
     def _apply_mset(self, cmd: MSet, index: int, now: int, _stored) -> Result:
         expiry = _expiry(now, cmd.ttl_ms)
@@ -410,7 +436,9 @@ class StateMachine:
 
     def _write(self, key: bytes, value: bytes, version: int, expiry: int | None) -> None:
         old = self._catalog.pop(key, None)  # re-inserted last: the catalog is in write order
-        if old is not None and old.expiry is not None:
+        if old is None:
+            self._ordered.add(key)
+        elif old.expiry is not None:
             self._ttl_keys -= 1
         self._catalog[key] = KeyMeta(version, expiry)
         self._change(key, value, expiry)
@@ -424,6 +452,7 @@ class StateMachine:
         self._change(key, None, None)
 
     def _forget(self, key: bytes) -> None:
+        self._ordered.remove(key)
         if self._catalog.pop(key).expiry is not None:
             self._ttl_keys -= 1
 
@@ -434,6 +463,8 @@ class StateMachine:
             else:
                 self._overlay[key] = value
             return
+        if not self._staged:
+            self._staged_first = self.applied_index
         self._staged.pop(key, None)  # re-inserted last: changes go out in write order
         self._staged[key] = (value, expiry)
 
@@ -443,13 +474,37 @@ class StateMachine:
         BackendLost nothing is lost: the changes stay staged and `flush` may be called again."""
         if not self._staged:
             return
-        now = self.last_stamp_ms
+        staged, now = self._staged, self.last_stamp_ms
+        if (self.pause is not None and len(staged) > PAUSE_KEYS
+                and self._staged_first == self.applied_index
+                and all(value is None for value, _ in staged.values())):
+            # One entry's deletions (an invalidate, a sweep: `stage` flushed what came before)
+            # go in chunks with pauses between. All but the last are handed over at the index
+            # the backend already reflects: cut short, it is behind that entry, whose replay
+            # deletes them all again (such entries never read the backend). Deletions evict
+            # nothing, so the chunks leave the backend as one call would.
+            while len(staged) > PAUSE_KEYS:
+                chunk = list(itertools.islice(staged, PAUSE_KEYS))
+                self.backend.apply(self.backend_index, [Change(key, None) for key in chunk])
+                for key in chunk:
+                    del staged[key]
+                self._pause()
         changes = [Change(key, value, None if expiry is None else max(0, expiry - now))
-                   for key, (value, expiry) in self._staged.items()]
+                   for key, (value, expiry) in staged.items()]
         evicted = self.backend.apply(self.applied_index, changes)
-        self._staged.clear()
+        staged.clear()
         self.backend_index = self.applied_index
         self._drop_evicted(evicted)
+
+    @property
+    def flush_due(self) -> bool:
+        """Whether enough is staged that the applier should `flush` before the next entry
+        (so that one entry's bulk deletions are its own, handed over in chunks)."""
+        return len(self._staged) > PAUSE_KEYS
+
+    def _pause(self) -> None:
+        if self.pause is not None:
+            self.pause()
 
     def _drop_evicted(self, keys) -> None:
         # The backend evicted them to stay within its limits, the same way on every replica.
@@ -463,14 +518,19 @@ class StateMachine:
         return self.backend.get_many(keys)
 
     def _sweep(self, up_to: int) -> int:
+        # The expiry heap is ordered by (expiry, key): only expired keys (and stale entries of
+        # rewritten ones) are visited, with a pause every PAUSE_KEYS of them.
         heap, catalog = self._expiries, self._catalog
-        count = 0
+        count = visited = 0
         while heap and heap[0][0] <= up_to:
             expiry, key = heapq.heappop(heap)
             meta = catalog.get(key)
             if meta is not None and meta.expiry == expiry:
                 self._remove(key)
                 count += 1
+            visited += 1
+            if visited % PAUSE_KEYS == 0:
+                self._pause()
         return count
 
     def _drop_stale_expiries(self) -> None:
@@ -643,6 +703,7 @@ class StateMachine:
         self._overlay, self._overlay_until = overlay, backend_index
         self.backend_index = backend_index
         self._catalog = catalog
+        self._ordered = SortedList(catalog)
         self.applied_index = applied
         self.last_stamp_ms = stamp
         self._sessions = sessions
