@@ -18,7 +18,7 @@ import attrs
 from raftcache.node.config import private_dir, write_secret
 from raftcache.pluginapi import PluginError, write_private
 from raftcache.pluginapi.manager import PluginSet, make_manager
-from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_port, free_ports
+from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_ports
 
 JOIN_HEADER = """\
 # A new node of this cluster (written by `raftcache up`):
@@ -83,21 +83,22 @@ class ServerKind:
     """A kind of server a local cluster starts: how, and which of its attributes is the
     address a plugin's option gets."""
 
-    start: Callable  # (directory, port, host) -> a servers.RedisServer or MemcachedServer
+    start: Callable  # (directory) -> a servers.RedisServer or MemcachedServer
     address: str  # "url" or "address"
 
 
 # Backends name the kinds they need (pluginapi.DevServer); "redis-aof" is the storage's.
-# Their ports are fixed when made, written into the node's config, and kept across restarts.
+# Each listens on a unix socket in its 0700 directory and on no TCP port: only the node's user
+# can read, delete or replace what it holds. Its socket is fixed at its first start, written
+# into the node's config, and kept across restarts.
 SERVER_KINDS = {
     # a backend's cache: nothing on disk, and full means refusing writes
-    "redis": ServerKind(lambda directory, port, host: RedisServer(
-        directory, port=port, host=host, appendonly=False,
+    "redis": ServerKind(lambda directory: RedisServer(
+        directory, unix=True, appendonly=False,
         extra_args=["--maxmemory-policy", "noeviction"]), "url"),
-    "memcached": ServerKind(lambda directory, port, host: MemcachedServer(
-        directory, port=port, host=host), "address"),
-    "redis-aof": ServerKind(lambda directory, port, host: RedisServer(  # the durable defaults
-        directory, port=port, host=host), "url"),
+    "memcached": ServerKind(lambda directory: MemcachedServer(directory, unix=True), "address"),
+    "redis-aof": ServerKind(lambda directory: RedisServer(  # the durable defaults
+        directory, unix=True), "url"),
 }
 
 
@@ -318,8 +319,7 @@ class LocalCluster:
         servers = self.servers.setdefault(node_id, {})
         if need.name not in servers:
             directory = os.path.join(self.data_dir, f"node{node_id}", f"{need.name}-{need.kind}")
-            host = self.host_of(node_id)
-            servers[need.name] = SERVER_KINDS[need.kind].start(directory, free_port(host), host)
+            servers[need.name] = SERVER_KINDS[need.kind].start(directory)
         return servers[need.name]
 
     def node_config(self, i: int) -> dict:
