@@ -8,6 +8,7 @@ Most drive LocalCluster's servers and configs directly; the last runs the whole 
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tomllib
@@ -339,3 +340,17 @@ def test_up_starts_its_servers_reachable_by_the_node_user_only(tmp_path, args):
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def test_up_tightens_an_existing_loose_data_dir_and_says_so(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o755)
+    proc, _port, out = up(tmp_path, "--nodes", "1")
+    try:
+        assert "leader: node" in out, out
+        assert f"raftcache: tightened --data-dir {data} from mode 0755 to 0700" in out, out
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
