@@ -178,3 +178,22 @@ def test_a_backup_without_sealed_values_restores_without_a_keyring(tmp_path):
                          "--nodes", "1")
     assert restored.returncode == 0, restored.stderr
     assert "keyring" not in restored.stdout
+
+
+def test_after_a_rotation_the_refusal_names_the_master_key_and_the_keyring_still_opens(
+        saved, tmp_path):
+    # Last in this module: it rotates the fixture's cluster (the backups above were saved
+    # before).
+    *_, keyring, _base, old = saved
+    endpoints = ",".join(old.endpoints())
+    rotated = raftcache("keys", "rotate", "--endpoints", endpoints)
+    assert rotated.returncode == 0, rotated.stderr
+    out = str(tmp_path / "rotated.rcbackup")
+    assert raftcache("snapshot", "save", out, "--endpoints", endpoints).returncode == 0
+    refused = raftcache("snapshot", "restore", out, "--data-dir", str(tmp_path / "d"))
+    assert refused.returncode == 2
+    assert "sealed at rest with data key 1, which need master key 1" in refused.stderr, \
+        refused.stderr
+    restored = raftcache("snapshot", "restore", out, "--data-dir", str(tmp_path / "d"),
+                         "--keyring", keyring)
+    assert restored.returncode == 0, restored.stderr
