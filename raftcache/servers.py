@@ -93,7 +93,7 @@ def _socket_path(directory: str, name: str) -> str:
     path = os.path.join(os.path.abspath(directory), name)
     if len(path) <= _SOCKET_PATH_MAX:
         return path
-    return os.path.join(tempfile.mkdtemp(prefix="raftcache-"), name)  # mkdtemp: 0700
+    return os.path.join(tempfile.mkdtemp(prefix="raftcache-sock-"), name)  # mkdtemp: 0700
 
 
 def _own_private_dir(path: str) -> None:
@@ -227,9 +227,7 @@ class _LocalServer:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, and kill -9 after `timeout`; a socket directory of our own under the
         temporary directory goes too (start makes it again)."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout)
