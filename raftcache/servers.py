@@ -5,9 +5,10 @@ crash tests and `raftcache up` run.
 directory and on no TCP port, so only the node's user can reach them (read keys, delete
 values, put back an older ciphertext). The tests' own servers listen on 127.0.0.1.
 
-A server keeps its directory and port (or socket) across kill -9 and restart, so a `RedisServer` with its
-AOF loads what the killed process left behind, exactly like a crashed production server coming
-back; a cache (memcached, redis without persistence) comes back empty.
+A server keeps its directory and port (or socket) across kill -9 and restart, so a
+`RedisServer` with its AOF loads what the killed process left behind, exactly like a crashed
+production server coming back; a cache (memcached, redis without persistence) comes back
+empty.
 """
 
 from __future__ import annotations
