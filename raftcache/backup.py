@@ -15,7 +15,10 @@ cluster of `nodes` nodes (ids 1..nodes, as `raftcache up --nodes N` runs them) w
 as their Raft snapshot: the new cluster starts at the backup's index and term, its membership
 from its own configs (the image's member addresses are dropped: they were the old cluster's).
 Values encrypted at rest stay sealed with the old cluster's keys: the new one needs its
-keyring (`--keyring` copies it to DATA_DIR/keyring, where `raftcache up` looks).
+keyring (`--keyring` checks that it opens them and copies it, owner-only, to DATA_DIR/keyring,
+where `raftcache up` looks). A backup holding sealed values is refused without one, naming
+the data keys and master key it needs: a cluster started without it would answer Unavailable
+for every such key.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 import time
 from collections.abc import Callable
+
+from raftcache.pluginapi import write_private
 
 MAGIC = b"RCBACKUP"
 VERSION = 1
@@ -38,8 +42,8 @@ class BackupError(Exception):
 
 
 def save(client, path: str, on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write a backup of the cluster `client` reaches to `path` (via a temporary file, then
-    renamed); its header. `on_progress(done, size)` after each part."""
+    """Write a backup of the cluster `client` reaches to `path` (mode 0600, atomically:
+    `write_private`); its header. `on_progress(done, size)` after each part."""
     part = client.snapshot_part()
     chunks, done = [part.data], len(part.data)
     if on_progress is not None:
@@ -58,13 +62,8 @@ def save(client, path: str, on_progress: Callable[[int, int], None] | None = Non
     header = {"index": part.index, "term": part.term, "size": part.size, "sha256": part.sha256,
               "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     blob = json.dumps(header, sort_keys=True).encode()
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + bytes([VERSION]) + struct.pack(">I", len(blob)) + blob)
-        f.write(image)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # Owner-only from the first byte: the image holds every value (sealed or not).
+    write_private(path, [MAGIC + bytes([VERSION]) + struct.pack(">I", len(blob)) + blob, image])
     return header
 
 
@@ -97,12 +96,70 @@ def read(path: str) -> tuple[dict, bytes]:
     return header, image
 
 
+def _sealed_samples(sm) -> dict[int, tuple[bytes, bytes]]:
+    """Data key id -> (cache key, stored value) of one value in the state machine `sm` that
+    is sealed with it (`encryption.key_id_of`), for every data key that sealed any."""
+    from raftcache.plugins.security.encryption import key_id_of
+
+    samples: dict[int, tuple[bytes, bytes]] = {}
+    for start in range(0, len(sm), 1000):
+        keys = sm.keys_at(start, 1000)
+        for key, got in zip(keys, sm.read_many(keys, 0), strict=True):  # 0: expired ones too
+            key_id = None if got is None else key_id_of(got[0])
+            if key_id is not None:
+                samples.setdefault(key_id, (key, got[0]))
+    return samples
+
+
+def _check_keyring(path: str, sm, keyring: str | None, without_keyring: bool) -> bytes | None:
+    """The keyring file's bytes when it opens a value of each data key in the backup. Refuses
+    a backup with sealed values and no keyring (unless `without_keyring`), and a keyring that
+    does not open them."""
+    from raftcache.pluginapi import ValueCodecError
+    from raftcache.plugins.security.encryption import (
+        EncryptionCodec,
+        KeyringError,
+        master_ids,
+        read_keyring,
+    )
+
+    samples = _sealed_samples(sm)
+    if keyring is None:
+        if samples and not without_keyring:
+            masters = master_ids(sm.settings)
+            which = (f"master key {', '.join(map(str, masters))}" if masters else
+                     "the old cluster's master key (its id is not recorded before a "
+                     "rotation; `raftcache up` makes id 1)")
+            raise BackupError(
+                f"{path} holds values sealed at rest with data key "
+                f"{', '.join(map(str, sorted(samples)))}, which need {which}: pass the old "
+                "cluster's keyring with --keyring FILE (restored without it, the cluster "
+                "would answer Unavailable for every one of them), or --without-keyring if "
+                "they are plaintext values that only look sealed")
+        return None
+    try:
+        ring = read_keyring(keyring)
+    except KeyringError as exc:
+        raise BackupError(str(exc)) from None
+    codec = EncryptionCodec(ring, lambda: sm.settings)
+    for _key_id, (key, blob) in sorted(samples.items()):
+        try:
+            codec.open(key, blob)
+        except ValueCodecError as exc:
+            raise BackupError(f"the keyring {keyring} (master key {ring.master_id}) does not "
+                              f"open {path}'s values: {exc}") from None
+    with open(keyring, "rb") as f:
+        return f.read()
+
+
 def restore(path: str, data_dir: str, nodes: int, keyring: str | None = None,
             storage: str = "file-wal",
-            on_progress: Callable[[int, int], None] | None = None) -> dict:
+            on_progress: Callable[[int, int], None] | None = None,
+            without_keyring: bool = False) -> dict:
     """Seed DATA_DIR/node1..nodeN with the backup, in the `storage` plugin's format (one that
     keeps its log in the data directory); its header. Refuses a data directory that already
-    holds a node's state."""
+    holds a node's state, a backup with sealed values without `keyring` (unless
+    `without_keyring`), and a keyring that does not open them."""
     from raftcache.core.cache.statemachine import SnapshotError, StateMachine
     from raftcache.core.raft.messages import ConfState, HardState, Snapshot, SnapshotMeta
     from raftcache.node.config import private_dir
@@ -127,6 +184,13 @@ def restore(path: str, data_dir: str, nodes: int, keyring: str | None = None,
         sm.restore(image)
     except SnapshotError as exc:
         raise BackupError(f"{path}: {exc}") from None
+    ring = _check_keyring(path, sm, keyring, without_keyring)
+    destination = os.path.join(data_dir, "keyring")
+    if ring is not None and os.path.exists(destination):
+        with open(destination, "rb") as f:
+            if f.read() != ring:
+                raise BackupError(f"{destination} exists and is another keyring: restore "
+                                  "seeds a new cluster only")
     sm.members.clear()
     sm.joined.clear()
     image = sm.snapshot()
@@ -140,8 +204,6 @@ def restore(path: str, data_dir: str, nodes: int, keyring: str | None = None,
         raft_log.close()
         if on_progress is not None:
             on_progress(n, nodes)
-    if keyring:
-        destination = os.path.join(data_dir, "keyring")
-        shutil.copyfile(keyring, destination)
-        os.chmod(destination, 0o600)
+    if ring is not None and not os.path.exists(destination):
+        write_private(destination, ring, replace=False)  # never readable by others
     return header

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from raftcache.pluginapi import write_private
+
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 LOOPBACK_IPS = 16  # 127.0.0.1 .. 127.0.0.16 in every node certificate
 _SKEW = datetime.timedelta(minutes=5)  # not_before in the past: tolerate clock skew
@@ -206,22 +208,11 @@ def _write_pair(directory: str, name: str, cert: x509.Certificate, key) -> tuple
     os.makedirs(directory, mode=0o700, exist_ok=True)
     cert_path = os.path.join(directory, f"{name}.pem")
     key_path = os.path.join(directory, f"{name}-key.pem")
-    _write(key_path, key.private_bytes(serialization.Encoding.PEM,
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+                                       serialization.NoEncryption()))
+    write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM),
+                  mode=0o644)
     return cert_path, key_path
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
-    # Created with its final mode, so a private key is never readable by others, not even
-    # briefly; fchmod covers a file that already existed with a looser mode.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            fd = -1
-            f.write(data)
-    finally:
-        if fd >= 0:
-            os.close(fd)

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import attrs
 
 from raftcache.node.config import private_dir, write_secret
-from raftcache.pluginapi import PluginError
+from raftcache.pluginapi import PluginError, write_private
 from raftcache.pluginapi.manager import PluginSet, make_manager
-from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_port, free_ports
+from raftcache.servers import MemcachedServer, RedisServer, die_with_parent, free_ports
 
 JOIN_HEADER = """\
 # A new node of this cluster (written by `raftcache up`):
@@ -31,12 +31,6 @@ JOIN_HEADER = """\
 # (redis, memcached: its provider's dev_servers) needs its address in [backend.options] first.
 
 """
-
-
-def _write_private(path: str, text: str) -> None:
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
 
 
 def free_port_block(n: int, host: str = "127.0.0.1") -> int:
@@ -89,21 +83,22 @@ class ServerKind:
     """A kind of server a local cluster starts: how, and which of its attributes is the
     address a plugin's option gets."""
 
-    start: Callable  # (directory, port, host) -> a servers.RedisServer or MemcachedServer
+    start: Callable  # (directory) -> a servers.RedisServer or MemcachedServer
     address: str  # "url" or "address"
 
 
 # Backends name the kinds they need (pluginapi.DevServer); "redis-aof" is the storage's.
-# Their ports are fixed when made, written into the node's config, and kept across restarts.
+# Each listens on a unix socket in its 0700 directory and on no TCP port: only the node's user
+# can read, delete or replace what it holds. Its socket is fixed at its first start, written
+# into the node's config, and kept across restarts.
 SERVER_KINDS = {
     # a backend's cache: nothing on disk, and full means refusing writes
-    "redis": ServerKind(lambda directory, port, host: RedisServer(
-        directory, port=port, host=host, appendonly=False,
+    "redis": ServerKind(lambda directory: RedisServer(
+        directory, unix=True, appendonly=False,
         extra_args=["--maxmemory-policy", "noeviction"]), "url"),
-    "memcached": ServerKind(lambda directory, port, host: MemcachedServer(
-        directory, port=port, host=host), "address"),
-    "redis-aof": ServerKind(lambda directory, port, host: RedisServer(  # the durable defaults
-        directory, port=port, host=host), "url"),
+    "memcached": ServerKind(lambda directory: MemcachedServer(directory, unix=True), "address"),
+    "redis-aof": ServerKind(lambda directory: RedisServer(  # the durable defaults
+        directory, unix=True), "url"),
 }
 
 
@@ -324,8 +319,7 @@ class LocalCluster:
         servers = self.servers.setdefault(node_id, {})
         if need.name not in servers:
             directory = os.path.join(self.data_dir, f"node{node_id}", f"{need.name}-{need.kind}")
-            host = self.host_of(node_id)
-            servers[need.name] = SERVER_KINDS[need.kind].start(directory, free_port(host), host)
+            servers[need.name] = SERVER_KINDS[need.kind].start(directory)
         return servers[need.name]
 
     def node_config(self, i: int) -> dict:
@@ -395,9 +389,9 @@ class LocalCluster:
         """The config of each of `nodes` (default: the founders, and then join.toml)."""
         private_dir(self.data_dir)
         for i in nodes or range(1, self.nodes + 1):
-            _write_private(self.config_path(i), to_toml(self.node_config(i)))
+            write_private(self.config_path(i), to_toml(self.node_config(i)))
         if nodes is None:
-            _write_private(self.join_config_path(), JOIN_HEADER + to_toml(self.join_config()))
+            write_private(self.join_config_path(), JOIN_HEADER + to_toml(self.join_config()))
 
     def join_config_path(self) -> str:
         return os.path.join(self.data_dir, "join.toml")
@@ -541,6 +535,25 @@ class LocalCluster:
         raise TimeoutError(f"no agreed leader within {timeout} s")
 
 
+def tighten_data_dir(path: str) -> str | None:
+    """Make an existing DATA_DIR owner-only (0700): it holds the keyring, the cluster secret,
+    tokens and every value. What was done, to print; None when it was already 0700 or is not
+    there yet (`private_dir` makes it so). Refuses (ValueError) a directory another user owns:
+    they could read or swap what we write into it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if st.st_uid != os.geteuid():
+        raise ValueError(f"--data-dir {path} belongs to uid {st.st_uid}, not to us "
+                         f"(uid {os.geteuid()}): use a directory of our own")
+    if st.st_mode & 0o077 == 0:
+        return None
+    os.chmod(path, 0o700)
+    return (f"tightened --data-dir {path} from mode {st.st_mode & 0o777:04o} to 0700: it "
+            "holds keys, secrets and every value")
+
+
 def run_local_cluster(args) -> int:
     """`raftcache up`: start the cluster, show it, keep it in the foreground until a signal.
     Exits 1 at once when a node or a server it needs exits during start-up, saying which and
@@ -565,6 +578,9 @@ def run_local_cluster(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        tightened = tighten_data_dir(cluster.data_dir)
+        if tightened:
+            print(f"raftcache: {tightened}", flush=True)
         cluster.start()
     except Exception as exc:  # e.g. redis-server missing: say so, leave nothing running
         cluster.stop()

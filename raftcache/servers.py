@@ -1,9 +1,14 @@
 """Real servers started on demand: the redis-server and memcached that the storage tests, the
 crash tests and `raftcache up` run.
 
-A server keeps its directory and port across kill -9 and restart, so a `RedisServer` with its
-AOF loads what the killed process left behind, exactly like a crashed production server coming
-back; a cache (memcached, redis without persistence) comes back empty.
+`raftcache up` starts its servers with `unix=True`: they listen on a unix socket in a 0700
+directory and on no TCP port, so only the node's user can reach them (read keys, delete
+values, put back an older ciphertext). The tests' own servers listen on 127.0.0.1.
+
+A server keeps its directory and port (or socket) across kill -9 and restart, so a
+`RedisServer` with its AOF loads what the killed process left behind, exactly like a crashed
+production server coming back; a cache (memcached, redis without persistence) comes back
+empty.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from typing import ClassVar
@@ -78,11 +84,37 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# A unix socket's path must fit sockaddr_un (108 bytes with its NUL on Linux).
+_SOCKET_PATH_MAX = 100
+
+
+def _socket_path(directory: str, name: str) -> str:
+    """Where a server in `directory` listens: there, or, when that path is too long for a
+    socket, in a new 0700 directory of ours under the temporary directory."""
+    path = os.path.join(os.path.abspath(directory), name)
+    if len(path) <= _SOCKET_PATH_MAX:
+        return path
+    return os.path.join(tempfile.mkdtemp(prefix="raftcache-sock-"), name)  # mkdtemp: 0700
+
+
+def _own_private_dir(path: str) -> None:
+    """`path` made 0700 if missing (`private_dir`), tightened to 0700 if ours; ServerError if
+    another user owns it (a name under /tmp another user took first): they could connect."""
+    private_dir(path)
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise ServerError(f"{path} belongs to uid {st.st_uid}, not to us: a server's socket "
+                          "there would be theirs to reach")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
 @attrs.define
 class _LocalServer:
-    """One server process on host:port with its files in `dir` (its output in dir/<name>.log),
-    killed with us (die_with_parent). A subclass names its command line and how to ask it
-    whether it is ready. Use it as a context manager, or call start() and stop()."""
+    """One server process on host:port, or with `unix` on a unix socket only, with its files
+    in `dir` (its output in dir/<name>.log), killed with us (die_with_parent). A subclass
+    names its command line and how to ask it whether it is ready. Use it as a context
+    manager, or call start() and stop()."""
 
     PROBE: ClassVar[tuple[bytes, bytes]]  # (what to send, how a ready server's answer starts)
 
@@ -90,11 +122,20 @@ class _LocalServer:
     port: int = 0  # 0: a free port, chosen at the first start and kept across restarts
     host: str = "127.0.0.1"
     start_timeout: float = 20.0
+    # No TCP port: a unix socket in a 0700 directory (dir, when its path is short enough),
+    # reachable by our user only; kept across restarts.
+    unix: bool = False
+    socket_path: str | None = None
     process: subprocess.Popen | None = None
+
+    def __attrs_post_init__(self):
+        if self.unix and self.socket_path is None:
+            self.socket_path = _socket_path(self.dir, f"{os.path.basename(self.executable)}.sock")
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """host:port, or the path of the unix socket."""
+        return self.socket_path if self.unix else f"{self.host}:{self.port}"
 
     @property
     def log_path(self) -> str:
@@ -119,7 +160,13 @@ class _LocalServer:
             raise ServerError(f"{self.executable} not found on PATH: install it (apt-get "
                               f"install -y {self.executable}; scripts/test does this)")
         private_dir(self.dir)  # owner-only: the server's files hold values
-        chosen = self.port == 0
+        if self.unix:
+            _own_private_dir(os.path.dirname(self.socket_path))
+            try:  # a socket left by a kill -9 (the directory is ours alone)
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        chosen = self.port == 0 and not self.unix
         for _ in range(5 if chosen else 1):
             if chosen:
                 self.port = free_port(self.host)
@@ -153,30 +200,43 @@ class _LocalServer:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"{self.executable} on port {self.port} exited with code "
+                raise ServerError(f"{self.executable} on {self.address} exited with code "
                                   f"{self.process.returncode}: {self.log_tail().strip()}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=1.0) as s:
+                with self._connect() as s:
                     s.sendall(probe)
                     if s.recv(64).startswith(ready):
                         return
             except OSError:
                 pass
             time.sleep(0.02)
-        raise ServerError(f"{self.executable} on port {self.port} not ready within "
+        raise ServerError(f"{self.executable} on {self.address} not ready within "
                           f"{self.start_timeout} s: {self.log_tail().strip()}")
 
+    def _connect(self) -> socket.socket:
+        if not self.unix:
+            return socket.create_connection((self.host, self.port), timeout=1.0)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(1.0)
+            s.connect(self.socket_path)
+        except OSError:
+            s.close()
+            raise
+        return s
+
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, and kill -9 after `timeout`."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
+        """SIGTERM, and kill -9 after `timeout`; a socket directory of our own under the
+        temporary directory goes too (start makes it again)."""
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        if self.unix and os.path.dirname(self.socket_path) != os.path.abspath(self.dir):
+            shutil.rmtree(os.path.dirname(self.socket_path), ignore_errors=True)
 
     def kill(self) -> None:
         """kill -9: no goodbye."""
@@ -216,11 +276,15 @@ class RedisServer(_LocalServer):
 
     @property
     def url(self) -> str:
+        if self.unix:
+            return f"unix://{self.socket_path}?db=0"
         return f"redis://{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
+        listen = (["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+                  if self.unix else ["--port", str(self.port), "--bind", self.host])
         return [
-            self.executable, "--port", str(self.port), "--bind", self.host,
+            self.executable, *listen,
             "--dir", os.path.abspath(self.dir), "--logfile", os.path.abspath(self.log_path),
             "--daemonize", "no", "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -230,8 +294,9 @@ class RedisServer(_LocalServer):
 
 @attrs.define
 class MemcachedServer(_LocalServer):
-    """memcached on TCP only (no UDP), holding at most `memory_mb` MiB; it keeps nothing on
-    disk (`dir` holds its log), so a restart comes back empty on the same port."""
+    """memcached on TCP only (no UDP), or on a unix socket only (`unix`), holding at most
+    `memory_mb` MiB; it keeps nothing on disk (`dir` holds its log), so a restart comes back
+    empty on the same port or socket."""
 
     PROBE = (b"version\r\n", b"VERSION ")
 
@@ -240,5 +305,7 @@ class MemcachedServer(_LocalServer):
 
     def command(self) -> list[str]:
         user = ["-u", "root"] if os.geteuid() == 0 else []  # it refuses root without -u
-        return [self.executable, "-U", "0", "-l", self.host, "-p", str(self.port),
-                "-m", str(self.memory_mb), *user]
+        # -s: no network at all; -a: the socket's mode
+        listen = (["-s", self.socket_path, "-a", "0700"] if self.unix
+                  else ["-U", "0", "-l", self.host, "-p", str(self.port)])
+        return [self.executable, *listen, "-m", str(self.memory_mb), *user]

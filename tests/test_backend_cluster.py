@@ -84,8 +84,7 @@ def direct_get(cluster: LocalCluster, node: int, key: bytes, route: str | None =
         with redis.Redis.from_url(options["url"]) as r:
             raw = r.get(key)
     else:
-        host, port = options["address"].rsplit(":", 1)
-        c = pymemcache.Client((host, int(port)))
+        c = pymemcache.Client(options["address"])  # up's /path/memcached.sock
         try:
             raw = c.get(key)
         finally:

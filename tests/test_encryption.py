@@ -375,8 +375,7 @@ def search_memcached(cluster: LocalCluster, keys, needles) -> list[str]:
         for server in servers.values():
             if hasattr(server, "url"):
                 continue
-            host, port = server.address.rsplit(":", 1)
-            c = pymemcache.Client((host, int(port)))
+            c = pymemcache.Client(server.address)  # host:port, or up's /path/memcached.sock
             try:
                 for key in keys:
                     value = c.get(key)

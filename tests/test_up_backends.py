@@ -8,6 +8,7 @@ Most drive LocalCluster's servers and configs directly; the last runs the whole 
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tomllib
@@ -23,10 +24,25 @@ HYBRID = os.path.join(os.path.dirname(__file__), "..", "examples", "hybrid", "hy
 WAIT = 10.0
 
 
-def ask(address: str, request: bytes, until: bytes) -> bytes:
-    """Send `request` to host:port and read the answer until it ends with `until`."""
+def connect(address: str, timeout: float) -> socket.socket:
+    """A connection to host:port, or to the unix socket at /path (how `up` starts them)."""
+    if address.startswith("/"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(address)
+        except OSError:
+            s.close()
+            raise
+        return s
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=WAIT) as s:
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def ask(address: str, request: bytes, until: bytes) -> bytes:
+    """Send `request` to host:port or /socket and read the answer until it ends with
+    `until`."""
+    with connect(address, WAIT) as s:
         s.sendall(request)
         answer = b""
         while not answer.endswith(until):
@@ -37,13 +53,14 @@ def ask(address: str, request: bytes, until: bytes) -> bytes:
 
 
 def redis_address(url: str) -> str:
+    if url.startswith("unix://"):
+        return url.removeprefix("unix://").split("?", 1)[0]
     return url.removeprefix("redis://").rsplit("/", 1)[0]
 
 
 def listening(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
     try:
-        socket.create_connection((host, int(port)), timeout=1.0).close()
+        connect(address, 1.0).close()
         return True
     except OSError:
         return False
@@ -180,9 +197,9 @@ def test_hybrid_instances_without_addresses_get_servers_and_the_others_keep_thei
 
 # ---- end to end through `raftcache up` ----------------------------------------------------------
 @pytest.mark.parametrize("args,servers", [
-    (["--backend", "redis"], ["backend: redis://"]),
-    (["--backend", "memcached"], ["backend: 127.0.0.1:"]),
-    (["--config", HYBRID], ["backend.sessions: 127.0.0.1:", "backend.config: redis://"]),
+    (["--backend", "redis"], ["backend: unix:///"]),
+    (["--backend", "memcached"], ["backend: /"]),
+    (["--config", HYBRID], ["backend.sessions: /", "backend.config: unix:///"]),
 ], ids=["redis", "memcached", "hybrid"])
 def test_up_with_a_backend_serves_through_its_servers_and_stops_them(tmp_path, args, servers):
     proc, port, out = up(tmp_path, *args)
@@ -212,7 +229,7 @@ def test_up_with_a_backend_serves_through_its_servers_and_stops_them(tmp_path, a
                 assert r.dbsize() > 0
         addresses = [a.split(": ", 1)[1].rstrip(")") for line in node_lines
                      for a in line.split(", ")[1:] if not a.startswith("metrics: ")]
-        addresses = [redis_address(a) if a.startswith("redis://") else a for a in addresses]
+        addresses = [redis_address(a) if a.startswith("unix://") else a for a in addresses]
         assert len(addresses) == 3 * len(servers) and all(map(listening, addresses))
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -220,3 +237,120 @@ def test_up_with_a_backend_serves_through_its_servers_and_stops_them(tmp_path, a
     assert proc.returncode == 0
     assert not any(listening(a) for a in addresses)
 
+
+
+# ---- dev servers reachable by the node's user only ----------------------------------------------
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def tcp_listening(pid: int) -> list[str]:
+    """The TCP addresses (hex, as /proc/net shows them) process `pid` listens on."""
+    inodes = socket_inodes(pid)
+    out = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    out.append(fields[1])
+    return out
+
+
+def pids_serving(path: str) -> list[int]:
+    """The processes holding the listening unix socket bound at `path`."""
+    with open("/proc/net/unix") as f:
+        inodes = {fields[6] for fields in map(str.split, f.readlines()[1:])
+                  if len(fields) == 8 and fields[7] == path and fields[5] == "01"}
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if socket_inodes(int(pid)) & inodes:
+                out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+def connects_as_nobody(address: str) -> str:
+    """Try `address` from a forked child that dropped root for uid/gid 65534: "connected",
+    or the error's name."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, just the answer through the pipe
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                connect(address, 2.0).close()
+                answer = "connected"
+            except OSError as exc:
+                answer = type(exc).__name__
+            os.write(write, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        answer = f.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.mark.parametrize("args", [["--backend", "redis", "--storage", "redis-aof"],
+                                  ["--backend", "memcached"]], ids=["redis", "memcached"])
+def test_up_starts_its_servers_reachable_by_the_node_user_only(tmp_path, args):
+    # The checks first, against a server on TCP, as the tests' own fixtures run them: they see
+    # its port, and a user that is not us reaches it.
+    with MemcachedServer(str(tmp_path / "tcp")) as tcp:
+        assert tcp_listening(tcp.pid)
+        if os.geteuid() == 0:
+            assert connects_as_nobody(tcp.address) == "connected"
+    proc, port, out = up(tmp_path, *args)
+    try:
+        assert "leader: node" in out, out
+        config = tomllib.loads((tmp_path / "data" / "node1.toml").read_text())
+        addresses = [config["backend"]["options"].get("url")
+                     or config["backend"]["options"]["address"]]
+        if "redis-aof" in args:
+            addresses.append(config["storage"]["options"]["url"])
+        for address in (redis_address(a) if a.startswith("unix://") else a for a in addresses):
+            assert address.startswith("/") and listening(address)
+            [pid] = pids_serving(address)
+            assert tcp_listening(pid) == [], f"{address}'s server listens on TCP"
+            assert os.stat(os.path.dirname(address)).st_mode & 0o777 == 0o700
+            if os.geteuid() == 0:
+                assert connects_as_nobody(address) == "PermissionError"
+        env = dict(os.environ, RAFTCACHE_ENDPOINTS=f"127.0.0.1:{port}")
+        for cmd in (["set", "k", "v"], ["get", "k"]):
+            got = subprocess.run([sys.executable, "-m", "raftcache", *cmd], env=env,
+                                 capture_output=True, text=True, timeout=30)
+            assert got.returncode == 0, got.stderr
+        assert got.stdout == "v\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+
+
+def test_up_tightens_an_existing_loose_data_dir_and_says_so(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o755)
+    proc, _port, out = up(tmp_path, "--nodes", "1")
+    try:
+        assert "leader: node" in out, out
+        assert f"raftcache: tightened --data-dir {data} from mode 0755 to 0700" in out, out
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

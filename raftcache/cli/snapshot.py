@@ -28,7 +28,11 @@ def add_snapshot_commands(sub) -> None:
     r.add_argument("--data-dir", required=True)
     r.add_argument("--nodes", type=int, default=3)
     r.add_argument("--keyring", help="the old cluster's keyring (values stay encrypted with "
-                                     "its keys): copied to DATA_DIR/keyring")
+                                     "its keys): checked to open them, then copied to "
+                                     "DATA_DIR/keyring (mode 0600)")
+    r.add_argument("--without-keyring", action="store_true",
+                   help="restore a backup whose values look sealed without a keyring anyway "
+                        "(by default refused: they would answer Unavailable)")
     r.add_argument("--storage", default="file-wal", help="the storage the new nodes run")
     r.set_defaults(func=_cmd_snapshot_restore)
 
@@ -57,7 +61,8 @@ def _cmd_snapshot_restore(args):
     show, end = progress_display("nodes seeded")
     try:
         header = backup.restore(args.file, args.data_dir, args.nodes, keyring=args.keyring,
-                                storage=args.storage, on_progress=show)
+                                storage=args.storage, on_progress=show,
+                                without_keyring=args.without_keyring)
     except (backup.BackupError, OSError) as exc:
         return fail("BackupError", str(exc))
     finally:
@@ -65,7 +70,7 @@ def _cmd_snapshot_restore(args):
     print(f"restored index {header['index']} (term {header['term']}, taken {header['taken']}) "
           f"into {args.nodes} nodes under {args.data_dir}; start them with: raftcache up "
           f"--data-dir {args.data_dir} --nodes {args.nodes}")
-    if not args.keyring:
-        print("values encrypted at rest need the old cluster's keyring: copy it to "
-              f"{os.path.join(args.data_dir, 'keyring')} (or pass --keyring) before `up`")
+    if not args.keyring and args.without_keyring:
+        print("values that look sealed at rest need the old cluster's keyring: copy it to "
+              f"{os.path.join(args.data_dir, 'keyring')} before `up` if they are")
     return 0

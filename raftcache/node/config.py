@@ -14,7 +14,14 @@ import attrs
 
 from raftcache.core.raft.messages import MAX_NODE_ID, address_problem
 from raftcache.pluginapi.errors import ConfigError, OptionError
-from raftcache.pluginapi.options import build, parse_options, positive, private_dir, redact_url
+from raftcache.pluginapi.options import (
+    build,
+    parse_options,
+    positive,
+    private_dir,
+    redact_url,
+    write_private,
+)
 
 __all__ = ["Config", "ConfigError", "OptionError", "load", "parse", "parse_options", "positive",
            "private_dir", "read_secret", "redact_url", "write_secret"]
@@ -314,8 +321,6 @@ def read_secret(path: str, config: Config | None = None) -> bytes:
 def write_secret(path: str) -> None:
     """A new random cluster secret in `path` (mode 0600); an existing one is kept."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_private(path, secrets.token_hex(32) + "\n", replace=False)
     except FileExistsError:
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
+        pass

@@ -45,7 +45,7 @@ from .interfaces import (
     TransportServer,
     ValueCodec,
 )
-from .options import parse_options, positive, private_dir, redact_url
+from .options import parse_options, positive, private_dir, redact_url, write_private
 
 __all__ = [
     "PROJECT", "Backend", "BackendFactory", "BackendLost", "BackendProvider", "BackendUnavailable",
@@ -54,4 +54,5 @@ __all__ = [
     "StorageFactory", "StorageProvider", "TLSConfig", "Transport", "TransportConnect",
     "TransportProvider", "TransportServer", "Unauthorized", "ValueCodec", "ValueCodecError",
     "hookimpl", "hookspec", "parse_options", "positive", "private_dir", "redact_url",
+    "write_private",
 ]

@@ -254,8 +254,12 @@ class DevServer:
     `raftcache.servers`; `raftcache.cluster` maps kinds to servers):
 
     - ``"redis"``: a redis-server kept as a cache (no persistence, ``maxmemory-policy
-      noeviction``); `option` gets its URL, ``redis://host:port/0``;
-    - ``"memcached"``: a memcached; `option` gets ``host:port``.
+      noeviction``); `option` gets its URL, ``unix:///path/redis-server.sock?db=0``;
+    - ``"memcached"``: a memcached; `option` gets its socket's path,
+      ``/path/memcached.sock``.
+
+    Either listens on a unix socket in a 0700 directory and on no TCP port: only the node's
+    user can reach it.
     """
 
     kind: str

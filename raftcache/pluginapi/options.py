@@ -4,6 +4,7 @@ a node's config (unknown keys, types, refusals name the key); and small helpers 
 from __future__ import annotations
 
 import os
+import tempfile
 import types
 import typing
 import urllib.parse
@@ -17,6 +18,49 @@ def positive(_instance, attribute, value) -> None:
     """An attrs validator: the option must be a number > 0 (seconds, sizes, counts)."""
     if not value > 0:
         raise OptionError(attribute.name, f"expected a number > 0, got {value!r}")
+
+
+def write_private(path: str, data: bytes | str | list[bytes], *, mode: int = 0o600,
+                  replace: bool = True) -> str:
+    """Write `data` (bytes, text, or a list of bytes written one after another) to `path`
+    atomically, readable by its owner only from the first byte: into a new, randomly named
+    file in the same directory (`tempfile.mkstemp`: O_CREAT|O_EXCL, mode 0600 whatever the
+    umask), fsynced, then renamed over `path` (`replace`) or hard-linked to it (not
+    `replace`: FileExistsError when something is there, which is kept), and the directory
+    fsynced. Nothing at a predictable temporary name is ever written through, and a symlink
+    at `path` is replaced, not followed. `mode` may open the file up (a certificate's 0644)
+    before it gets its name. The one way raftcache writes keys, secrets, tokens, keyrings,
+    configs and backups. Returns `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    parts = [data.encode()] if isinstance(data, str) else [data] if isinstance(data, bytes) \
+        else data
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode != 0o600:
+                os.fchmod(f.fileno(), mode)
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic and never clobbers
+            os.unlink(tmp)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
 
 
 def redact_url(url: str) -> str:

@@ -3,8 +3,9 @@ application wrote where Memcached allows them, so that applications reading it k
 
 Options (``[backend.options]``):
 
-- ``address``: ``host:port`` of the memcached. Required, except under ``raftcache up --backend
-  memcached``, which starts one per node and sets it.
+- ``address``: ``host:port`` of the memcached, or the absolute path of its unix socket.
+  Required, except under ``raftcache up --backend memcached``, which starts one per node
+  listening on a unix socket only the node's user can reach, and sets it.
 - ``prefix``: put before every key (default none).
 - ``ttl_slack_ms``: native expiries are set this much after raftcache's own (default 10 000);
   a ttl beyond 30 days gets no native expiry (Memcached would read it as a date): the state
@@ -70,9 +71,12 @@ class Options:
             raise OptionError("address", 'missing: the memcached backend needs address = '
                               '"host:port" (`raftcache up --backend memcached` starts one per '
                               "node and sets it)")
+        if self.address.startswith("/"):
+            return  # a unix socket
         host, _, port = self.address.rpartition(":")
         if not host or not port.isdigit():
-            raise OptionError("address", f"expected host:port, got {self.address!r}")
+            raise OptionError("address", "expected host:port or /path/to/memcached.sock, got "
+                                         f"{self.address!r}")
 
 
 def memcached_key(prefix: bytes, key: bytes) -> bytes:
@@ -89,11 +93,12 @@ def memcached_key(prefix: bytes, key: bytes) -> bytes:
 class MemcachedBackend:
     def __init__(self, options: Options):
         host, _, port = options.address.rpartition(":")
+        server = options.address if options.address.startswith("/") else (host, int(port))
         self.where = options.address
         self.prefix = options.prefix.encode()
         self.slack_ms = options.ttl_slack_ms
         # PooledClient: the one pymemcache client that greenlets may share.
-        self.client = PooledClient((host, int(port)), timeout=options.timeout,
+        self.client = PooledClient(server, timeout=options.timeout,
                                    connect_timeout=options.connect_timeout,
                                    max_pool_size=options.max_pool_size, no_delay=True)
 

@@ -46,6 +46,7 @@ from raftcache.pluginapi import (
     Configure,
     ValueCodecError,
     hookimpl,
+    write_private,
 )
 
 if TYPE_CHECKING:
@@ -93,12 +94,7 @@ def make_keyring(path: str, master_id: int = 1) -> Keyring:
     key = os.urandom(32)
     body = {"format": KEYRING_FORMAT, "version": KEYRING_VERSION,
             "master": {"id": master_id, "key": base64.b64encode(key).decode()}}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(body, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_private(path, json.dumps(body, indent=2) + "\n", replace=False)
     return Keyring(master_id, key, path)
 
 
@@ -160,6 +156,17 @@ def data_key_ids(settings: Mapping) -> list[int]:
     for name in settings:
         if name.startswith(SETTING_PREFIX) and name[len(SETTING_PREFIX):].isdigit():
             ids.add(int(name[len(SETTING_PREFIX):]))
+    return sorted(ids)
+
+
+def master_ids(settings: Mapping) -> list[int]:
+    """The ids of the master keys that wrap the data keys in the replicated settings (none
+    before the first rotation: data key 0 is derived from the master key, not recorded)."""
+    ids = set()
+    for key_id in data_key_ids(settings)[1:]:
+        wrapped = settings[setting_name(key_id)].value
+        if len(wrapped) >= _WRAPPED.size:
+            ids.add(_WRAPPED.unpack_from(wrapped)[1])
     return sorted(ids)
 
 

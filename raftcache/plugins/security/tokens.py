@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from raftcache.core.cache.commands import PERMS, Caller
+from raftcache.pluginapi import write_private
 
 ALGORITHM = "EdDSA"
 MAX_TOKEN_BYTES = 8 << 10
@@ -114,12 +115,6 @@ def load_public_keys(paths: Iterable[str]) -> dict[str, Ed25519PublicKey]:
     return {key_id(k): k for k in map(load_public_key, paths)}
 
 
-def _write_private(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def init_auth_dir(directory: str) -> dict[str, str]:
     """What `raftcache up --auth` needs in DATA_DIR/auth (made at the first start, kept after):
     ``signing.key`` (Ed25519, PKCS8 PEM, 0600), ``signing.pub`` and ``admin.token`` (0600;
@@ -130,15 +125,14 @@ def init_auth_dir(directory: str) -> dict[str, str]:
     paths = {name: os.path.join(directory, name)
              for name in ("signing.key", "signing.pub", "admin.token")}
     if not os.path.exists(paths["signing.key"]):
-        _write_private(paths["signing.key"], private_pem(generate_key()))
+        write_private(paths["signing.key"], private_pem(generate_key()), replace=False)
     key = load_private_key(paths["signing.key"])
     pub = public_pem(key.public_key())
     if not os.path.exists(paths["signing.pub"]) or open(paths["signing.pub"], "rb").read() != pub:
-        with open(paths["signing.pub"], "wb") as f:
-            f.write(pub)
+        write_private(paths["signing.pub"], pub, mode=0o644)
     if not os.path.exists(paths["admin.token"]):
-        _write_private(paths["admin.token"],
-                       issue(key, "admin", {"": "admin"}).encode() + b"\n")
+        write_private(paths["admin.token"], issue(key, "admin", {"": "admin"}) + "\n",
+                      replace=False)
     return paths
 
 

@@ -58,6 +58,7 @@ from raftcache.pluginapi import (
     positive,
     private_dir,
     redact_url,
+    write_private,
 )
 from raftcache.plugins.storage import records
 
@@ -403,22 +404,11 @@ class RedisAofStorage:
         return data
 
     def _write_marker(self, confirmed: bool) -> None:
-        # temp file, fsync, rename, fsync of the directory: the marker is whole or absent.
-        directory = os.path.dirname(self.marker)
-        private_dir(directory)
-        tmp = self.marker + ".tmp"
+        # write_private: the marker is whole or absent, and its token owner-only.
+        private_dir(os.path.dirname(self.marker))
         body = {"token": self.token, "url": self.where, "keys": f"{self.prefix}:*",
                 "confirmed": confirmed, "format": FORMAT_VERSION}
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.marker)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_private(self.marker, json.dumps(body))
 
     # -- writes -------------------------------------------------------------------------------------
     def save(self, hard_state, entries, snapshot, sync: bool) -> None:
