@@ -28,6 +28,7 @@ from .backend import make_backend
 from .config import Config, read_secret
 from .membership import JoinCheck
 from .metrics import NodeMetrics
+from .metrics_server import MetricsServer
 from .replica import Replica
 from .requests import Requests
 
@@ -154,7 +155,13 @@ class Node:
             self._greenlets.append(asking)
         self.transport.serve(self)
         if config.node.metrics_address:
-            self._metrics_server = self.stats.serve(config.node.metrics_address)
+            # The transport's admission keeps this door too: one cap on what clients hold,
+            # derived from the descriptor limit with a reserve for the node's own files.
+            self._metrics_server = MetricsServer(
+                config.node.metrics_address, self.stats.wsgi,
+                getattr(self.transport, "admission", None), config.metrics,
+                logging.getLogger("raftcache.metrics"))
+            self._metrics_server.start()
         self.replica.start()
         self._greenlets.append(gevent.spawn(self._report_metrics))
         self.log.info("serving on %s (storage %s, transport %s, backend %s)",
@@ -241,7 +248,8 @@ class Node:
             voters=sorted(st.conf.voters), learners=sorted(st.conf.learners),
             peer_addresses={n: peers[n] for n in sorted(st.conf.all_nodes()) if n in peers},
             joined=sorted(self.replica.sm.joined),
-            metrics_url=(f"http://{config.node.metrics_address}/metrics"
+            metrics_url=(f"{'https' if config.metrics.tls_server_config else 'http'}://"
+                         f"{config.node.metrics_address}/metrics"
                          if config.node.metrics_address else None),
         )
 
