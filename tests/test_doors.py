@@ -7,10 +7,20 @@ here starts real node processes and bounds its flood in time.
 
 from __future__ import annotations
 
+import base64
+import os
 import resource
 import socket
+import ssl
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 
+import bcrypt
+
+from raftcache.certs import make_ca, make_cert
 from raftcache.plugins.transport import thrift
 
 WAIT = 5.0
@@ -79,3 +89,122 @@ def test_a_burst_of_2000_connections_from_one_address_costs_no_leadership(cluste
         finally:
             close_all(idle)
         time.sleep(0.5)
+
+
+# ---- /metrics ----------------------------------------------------------------------------------
+def get(url: str, context=None, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT, context=context) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_6000_idle_connections_to_metrics_cost_no_leadership_and_keep_no_client_out(cluster):
+    raise_nofile(6000 + 512)
+    leader = cluster.wait_for_leader()
+    before = terms(cluster)
+    address = cluster.metrics_address(leader)
+    idle = []
+    try:
+        for n in range(6):  # six "hosts", a thousand connections each
+            idle += open_idle(address, 1000, f"127.0.0.{80 + n}")
+        time.sleep(1.0)
+        write_within(cluster, "metrics-flood", 2.0)
+        status, text = get(f"http://{address}/metrics")  # a scrape gets in too
+        assert status == 200 and "raftcache_term" in text
+        assert terms(cluster) == before
+    finally:
+        close_all(idle)
+
+
+def test_an_idle_or_dripping_metrics_connection_is_closed_by_its_deadline(running):
+    c = running(nodes=1, metrics=True, extra={"metrics": {"request_timeout": 1.0}})
+    host, port = thrift.parse_address(c.metrics_address(1))
+    for drip in (False, True):
+        started = time.monotonic()
+        with socket.create_connection((host, port), timeout=WAIT) as s:
+            closed = False
+            while time.monotonic() - started < 4.0 and not closed:
+                try:
+                    if drip:
+                        s.sendall(b"G")  # a request line that never ends
+                    s.settimeout(0.3)
+                    closed = s.recv(100) == b""
+                except TimeoutError:
+                    pass
+                except OSError:
+                    closed = True
+        assert closed, f"the {'dripping' if drip else 'idle'} connection was kept open"
+        assert time.monotonic() - started < 3.0
+
+
+def test_metrics_over_tls_with_basic_auth(running, tmp_path):
+    ca_cert, ca_key = make_ca(tmp_path)
+    cert, key = make_cert(ca_cert, ca_key, tmp_path, "metrics", hosts=["127.0.0.1"])
+    hashed = bcrypt.hashpw(b"right horse", bcrypt.gensalt(10)).decode()
+    c = running(nodes=1, metrics=True, extra={"metrics": {
+        "tls_server_config": {"cert_file": cert, "key_file": key},
+        "basic_auth_users": {"prometheus": hashed}}})
+    url = f"https://{c.metrics_address(1)}/metrics"
+    trusted = ssl.create_default_context(cafile=ca_cert)
+    assert get(url, trusted, ("prometheus", "right horse"))[0] == 200
+    assert "raftcache_term" in get(url, trusted, ("prometheus", "right horse"))[1]
+    assert get(url, trusted, ("prometheus", "wrong horse"))[0] == 401
+    assert get(url, trusted, ("nobody", "right horse"))[0] == 401
+    assert get(url, trusted)[0] == 401
+    assert get(f"https://{c.metrics_address(1)}/readyz", trusted)[0] == 401
+    # Plain HTTP gets no page: the endpoint speaks TLS only.
+    try:
+        status = get(f"http://{c.metrics_address(1)}/metrics")[0]
+    except (OSError, urllib.error.URLError):
+        status = None
+    assert status != 200
+    with c.client(timeout=WAIT) as client:
+        assert client.status(c.address(1)).metrics_url.startswith("https://")
+
+
+LOW_NOFILE = 400
+LAUNCHER = ["-c", "import resource, runpy, sys; "
+                  f"resource.setrlimit(resource.RLIMIT_NOFILE, ({LOW_NOFILE}, {LOW_NOFILE})); "
+                  "sys.argv[0] = 'raftcache'; sys.argv.insert(1, 'serve'); "
+                  "runpy.run_module('raftcache', run_name='__main__')"]
+
+
+def test_a_node_with_few_descriptors_survives_a_flood_and_opens_its_files(running):
+    raise_nofile(3000 + 512)
+    c = running(nodes=1, metrics=True, launcher=LAUNCHER,
+                extra={"storage": {"plugin": "file-wal", "options": {"segment_bytes": 4096}},
+                       "raft": {"snapshot_entries": 100, "snapshot_keep_entries": 10}})
+    assert resource.prlimit(c.processes[1].pid, resource.RLIMIT_NOFILE) == (LOW_NOFILE,) * 2
+    wal = os.path.join(c.data_dir, "node1", "wal")
+    snapshot = os.path.join(c.data_dir, "node1", "snapshot")
+    segments = set(os.listdir(wal))
+    assert not os.path.exists(snapshot)
+    idle = []
+    try:
+        for door in (c.address(1), c.metrics_address(1)):
+            for n in range(3):
+                idle += open_idle(door, 500, f"127.0.0.{90 + n}")
+        time.sleep(1.0)
+        with c.client(timeout=WAIT) as client:
+            for n in range(150):  # past a segment's 4 KiB and raft.snapshot_entries
+                client.set(f"k{n}", "v" * 64)
+            assert client.get("k149") == b"v" * 64
+        status, _ = get(f"http://{c.metrics_address(1)}/healthz")
+        assert status == 200
+    finally:
+        close_all(idle)
+    assert c.processes[1].poll() is None, "the node died"
+    assert set(os.listdir(wal)) - segments, "no new WAL segment"
+    deadline = time.monotonic() + 10
+    while not os.path.exists(snapshot) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.path.exists(snapshot), "no snapshot"
+    with open(c.log_path(1), errors="replace") as f:
+        log = f.read()
+    assert "Too many open files" not in log, log[-2000:]
