@@ -208,3 +208,60 @@ def test_a_node_with_few_descriptors_survives_a_flood_and_opens_its_files(runnin
     with open(c.log_path(1), errors="replace") as f:
         log = f.read()
     assert "Too many open files" not in log, log[-2000:]
+
+
+LISTENER = """
+import logging, resource, socket, sys
+import gevent, gevent.event
+from raftcache.plugins.transport.admission import Listener
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+kept = []
+def admit(sock, addr):
+    kept.append(sock)  # no cap of ours: the process runs out of descriptors
+    return sock, addr
+released = gevent.event.Event()
+def handle(sock, addr):
+    try:
+        sock.sendall(b"ok")
+    except OSError:  # a connection of the flood, closed meanwhile
+        pass
+    released.wait(30)  # the flood's connections are held open until released below
+server = Listener(("127.0.0.1", 0), admit, handle, logging.getLogger("listener"))
+server.start()
+print(server.address[1], flush=True)
+sys.stdin.readline()  # the flood is open
+gevent.sleep(1.0)
+released.set()
+for s in kept:
+    s.close()
+print("released", len(kept), flush=True)
+gevent.sleep(5.0)
+"""
+
+
+def test_a_listener_out_of_descriptors_pauses_and_recovers():
+    raise_nofile(200 + 512)
+    p = subprocess.Popen([sys.executable, "-c", LISTENER], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    idle, lines = [], []
+    try:
+        port = int(p.stdout.readline())
+        idle = open_idle(f"127.0.0.1:{port}", 200, "127.0.0.1")
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        lines = []
+        while not lines or not lines[-1].startswith("released"):
+            lines.append(p.stdout.readline())
+            assert lines[-1], "the listener's process ended"
+        close_all(idle)
+        idle = []
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+            assert s.recv(2) == b"ok"  # accepting again
+        assert p.poll() is None
+    finally:
+        close_all(idle)
+        p.kill()
+        out = "".join(lines) + p.communicate()[0]
+    assert "Too many open files; pausing" in out, out
+    assert "Traceback" not in out, out
