@@ -8,6 +8,7 @@ here starts real node processes and bounds its flood in time.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import os
 import resource
 import socket
@@ -141,6 +142,9 @@ def test_an_idle_or_dripping_metrics_connection_is_closed_by_its_deadline(runnin
                     closed = True
         assert closed, f"the {'dripping' if drip else 'idle'} connection was kept open"
         assert time.monotonic() - started < 3.0
+    with socket.create_connection((host, port), timeout=WAIT) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"x" * 9000)  # a head that never ends
+        assert s.recv(100).startswith(b"HTTP/1.1 431 ")
 
 
 def test_metrics_over_tls_with_basic_auth(running, tmp_path):
@@ -166,6 +170,24 @@ def test_metrics_over_tls_with_basic_auth(running, tmp_path):
     assert status != 200
     with c.client(timeout=WAIT) as client:
         assert client.status(c.address(1)).metrics_url.startswith("https://")
+    # A flood of wrong passwords (bcrypt runs off the event loop, one check at a time) stalls
+    # no write and moves no term; a guess is refused, or closed when its deadline passes
+    # while it waits for the check; the right password still gets in meanwhile.
+    def guess(n):
+        try:
+            return get(url, trusted, ("prometheus", f"guess{n}"))[0]
+        except (OSError, urllib.error.URLError):
+            return None
+
+    before = terms(c)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        wrong = [pool.submit(guess, n) for n in range(16)]
+        time.sleep(0.2)
+        write_within(c, "during-guesses", 2.0)
+        assert get(url, trusted, ("prometheus", "right horse"))[0] == 200
+        assert set(f.result() for f in wrong) <= {401, None}
+        assert 401 in {f.result() for f in wrong}
+    assert terms(c) == before
 
 
 LOW_NOFILE = 400
