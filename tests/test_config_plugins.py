@@ -73,7 +73,8 @@ def test_good_config_loads(tmp_path):
          "node.max_value_bytes: node.max_key_bytes (65536) + node.max_value_bytes (4194304) "
          "must leave 4096 bytes of node.max_request_bytes (4194304)"),
         (("[raft]", '[testing]\nmutant = "oops"\n[raft]'),  # test code is not config
-         "testing: unknown key (accepted: auth, backend, cluster, encryption, log, node, plugins, raft"),
+         "testing: unknown key (accepted: auth, backend, cluster, encryption, log, metrics, node, "
+         "plugins, raft"),
     ],
 )
 def test_mistakes_give_one_clear_line(tmp_path, change, message):

@@ -287,3 +287,29 @@ def test_a_listener_out_of_descriptors_pauses_and_recovers():
         out = "".join(lines) + p.communicate()[0]
     assert "Too many open files; pausing" in out, out
     assert "Traceback" not in out, out
+
+
+def test_metrics_config_mistakes_give_one_clear_line(tmp_path):
+    from raftcache.node.config import ConfigError, parse
+
+    base = {"node": {"id": 1, "address": "127.0.0.1:7400"},
+            "cluster": {"peers": {"1": "127.0.0.1:7400"}}}
+    cases = [
+        ({"basic_auth_users": {"prometheus": "hunter2"}},
+         "metrics.basic_auth_users.prometheus: expected a bcrypt hash"),
+        ({"tls_server_config": {"cert_file": str(tmp_path / "none.pem"),
+                                "key_file": str(tmp_path / "none.pem")}},
+         "metrics.tls_server_config.cert_file: "),
+        ({"request_timeout": 0}, "metrics.request_timeout: must be between 0 and 300"),
+        ({"web_config": "web.yml"}, "metrics.web_config: unknown key"),
+    ]
+    for section, message in cases:
+        try:
+            parse({**base, "metrics": section}, "node.toml")
+        except ConfigError as exc:
+            assert message in str(exc), str(exc)
+        else:
+            raise AssertionError(f"{section} was accepted")
+    hashed = bcrypt.hashpw(b"x", bcrypt.gensalt(4)).decode()
+    assert parse({**base, "metrics": {"basic_auth_users": {"p": hashed}}}).metrics \
+        .basic_auth_users == {"p": hashed}

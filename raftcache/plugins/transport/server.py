@@ -2,9 +2,10 @@
 and the Raft traffic that arrives on it.
 
 Contract: a subclass of `ServerBase` names its `Options` and `logger` and provides
-`_serve_conn(sock, addr, slot)` (for a connection already admitted), `_dial(peer_id, address)` and `_encode_batch(messages)`; the base
-admits connections (`admission`), keeps the peer links (`send`, `set_peer`, `peer_links`,
-`dropped`) and tells the node when a peer's last connection closes. `deliver_batch` hands a
+`_serve_conn(sock, addr, slot)` (for a connection already admitted), `_dial(peer_id,
+address)` and `_encode_batch(messages)`; the base admits connections (`admission`, in the
+accept loop), keeps the peer links (`send`, `set_peer`, `peer_links`, `dropped`) and tells the
+node when a peer's last connection closes. `deliver_batch` hands a
 decoded RaftBatch to the node; `encode_to_fit` splits an outgoing batch until every frame fits.
 """
 
