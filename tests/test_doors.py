@@ -313,3 +313,24 @@ def test_metrics_config_mistakes_give_one_clear_line(tmp_path):
     hashed = bcrypt.hashpw(b"x", bcrypt.gensalt(4)).decode()
     assert parse({**base, "metrics": {"basic_auth_users": {"p": hashed}}}).metrics \
         .basic_auth_users == {"p": hashed}
+
+
+def test_admission_evicts_the_least_recently_active_idle_connection():
+    import logging
+
+    from raftcache.plugins.transport.admission import Admission
+
+    closed = []
+    adm = Admission(1000, 3, logging.getLogger("test"))
+    a, b, c = (adm.admit("10.0.0.1", lambda n=n: closed.append(n)) for n in "abc")
+    adm.begin(a)
+    adm.end(a)  # a was active last: b is now the longest idle
+    adm.begin(c)  # c is busy: never evicted
+    d = adm.admit("10.0.0.1", lambda: closed.append("d"))
+    assert closed == ["b"] and d is not None
+    e = adm.admit("10.0.0.1", lambda: closed.append("e"))
+    assert closed == ["b", "a"] and e is not None
+    adm.begin(d)
+    adm.begin(e)
+    assert adm.admit("10.0.0.1", lambda: None) is None  # all busy: refused at once
+    assert adm.admit("10.0.0.2", lambda: None) is not None  # another source is not

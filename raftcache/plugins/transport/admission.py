@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import logging
 import resource
-import time
 from collections import Counter
 
 import attrs
@@ -32,7 +31,6 @@ class Slot:
 
     source: str
     close: object  # callable that closes the connection (replaced once TLS wraps the socket)
-    last_active: float = attrs.Factory(time.monotonic)
     inflight: int = 0  # requests being answered: an idle connection has none
     peer: int | None = None  # the node it proved to be; peers are not counted as clients
 
@@ -106,7 +104,6 @@ class Admission:
     def end(self, slot: Slot) -> None:
         """A request on `slot`'s connection was answered: it is the most recently active."""
         slot.inflight -= 1
-        slot.last_active = time.monotonic()
         if slot in self._clients:  # to the back of both orders
             del self._clients[slot]
             self._clients[slot] = None
