@@ -38,6 +38,7 @@ log = logging.getLogger("raftcache.node")
 # Room a peer frame needs besides the one entry an append may carry (message fields, framing).
 FRAME_HEADROOM = 64 << 10
 READY_LAG = 1000  # committed entries a ready node may still have to apply
+FULL_COLLECTION_EVERY = 100  # middle-generation collections per full one (Python's default: 10)
 
 
 class Node:
@@ -171,9 +172,13 @@ class Node:
         self._notify("raftcache_node_started")
         # What start-up made (modules, the plugins, the loaded log) lives as long as the
         # process: out of the collector's sight, a full collection no longer walks it. A
-        # flood of connections makes garbage enough for several full collections, and each
+        # flood of connections made garbage enough for several full collections, and each
         # walked all of it: tens of milliseconds of stalled event loop (hundreds under load).
+        # Full collections a tenth as often (young cycles are still collected as before):
+        # one during a flood still cost the leader its leadership under load.
         gc.freeze()
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
     def stop(self) -> None:
         if self._stopped.is_set():

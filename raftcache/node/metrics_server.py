@@ -34,7 +34,8 @@ _SUCCESSES_KEPT = 64  # passwords found right, remembered so that scrapes skip b
 # Checked when the user is unknown, so that a wrong name costs what a wrong password does.
 _DUMMY_HASH = bcrypt.hashpw(b"no such user", bcrypt.gensalt(4))
 _STATUS = {200: "200 OK", 400: "400 Bad Request", 401: "401 Unauthorized",
-           405: "405 Method Not Allowed", 431: "431 Request Header Fields Too Large"}
+           405: "405 Method Not Allowed", 431: "431 Request Header Fields Too Large",
+           500: "500 Internal Server Error"}
 
 
 class MetricsServer:
@@ -113,7 +114,11 @@ class MetricsServer:
             return _response(401, b"unauthorized\n",
                              [("WWW-Authenticate", 'Basic realm="raftcache"')])
         path, _, query = target.partition("?")
-        return self._call_app(method, path, query)
+        try:
+            return self._call_app(method, path, query)
+        except Exception:  # a metrics plugin's bug, say: the page fails, not the node
+            self.log.exception("/metrics: answering %s %s failed", method, path)
+            return _response(500, b"internal error\n")
 
     def _authorized(self, header: str) -> bool:
         scheme, _, encoded = header.partition(" ")
