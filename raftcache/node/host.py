@@ -170,15 +170,6 @@ class Node:
                       config.node.address, config.storage.plugin, config.transport.plugin,
                       config.backend.plugin)
         self._notify("raftcache_node_started")
-        # What start-up made (modules, the plugins, the loaded log) lives as long as the
-        # process: out of the collector's sight, a full collection no longer walks it. A
-        # flood of connections made garbage enough for several full collections, and each
-        # walked all of it: tens of milliseconds of stalled event loop (hundreds under load).
-        # Full collections a tenth as often (young cycles are still collected as before):
-        # one during a flood still cost the leader its leadership under load.
-        gc.freeze()
-        young, middle, _ = gc.get_threshold()
-        gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -282,6 +273,23 @@ class _NodeLog(logging.LoggerAdapter):
             where = f"term {st.term} {st.role.name.lower()}"
         kwargs.setdefault("extra", {})["node"] = self.node.id
         return f"[{where}] {msg}", kwargs
+
+
+def collect_less() -> None:
+    """Tune the garbage collector of a process that hosts one node, once it has started
+    (`raftcache serve`; not a process that starts many, such as a test run: what it freezes
+    is never collected).
+
+    What start-up made (modules, the plugins, the loaded log) lives as long as the process:
+    frozen out of the collector's sight, a full collection no longer walks it. A flood of
+    connections made garbage enough for several full collections, and each walked all of it:
+    tens of milliseconds of stalled event loop, hundreds under load. Full collections also
+    run a tenth as often (young cycles are still collected at Python's pace): one during a
+    flood still cost a leader its leadership under load.
+    """
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
 def _holds_nothing(st) -> bool:
