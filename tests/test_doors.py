@@ -230,6 +230,8 @@ def test_a_node_with_few_descriptors_survives_a_flood_and_opens_its_files(runnin
     with open(c.log_path(1), errors="replace") as f:
         log = f.read()
     assert "Too many open files" not in log, log[-2000:]
+    # The cap both doors share was derived from the limit, with descriptors kept in reserve.
+    assert f"the open-file limit is {LOW_NOFILE} (ulimit -n): admitting 144 client" in log
 
 
 LISTENER = """
