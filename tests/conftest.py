@@ -42,7 +42,7 @@ TIERS = {
     "cluster": [
         "test_amplification", "test_arrows", "test_auth", "test_backend_cluster", "test_backends", "test_backup",
         "test_bench", "test_cli", "test_cluster_e2e", "test_deploy_files", "test_dev_servers",
-        "test_encryption",
+        "test_doors", "test_encryption",
         "test_fuzz", "test_hardening", "test_interop_nodejs", "test_interop_thrift",
         "test_membership_e2e", "test_metrics", "test_plain_install", "test_rolling_upgrade",
         "test_storage_redis_aof", "test_third_party_plugin", "test_up_backends",

@@ -80,7 +80,8 @@ def test_good_config_loads(tmp_path):
         (('address = "127.0.0.1:7401"', 'address = "127.0.0.1:7401"\nmax_response_bytes = 0'),
          "node.max_response_bytes: must be between 1024 and 1073741824, got 0"),
         (("[raft]", '[testing]\nmutant = "oops"\n[raft]'),  # test code is not config
-         "testing: unknown key (accepted: auth, backend, cluster, encryption, log, node, plugins, raft"),
+         "testing: unknown key (accepted: auth, backend, cluster, encryption, log, metrics, node, "
+         "plugins, raft"),
     ],
 )
 def test_mistakes_give_one_clear_line(tmp_path, change, message):

@@ -73,6 +73,7 @@ def serve(config_path: str, plugins=(), core=None, prepare=None, node: dict | No
     from raftcache.core.raft import RawNode
     from raftcache.node import Node
     from raftcache.node import config as config_mod
+    from raftcache.node.host import collect_less
     from raftcache.pluginapi.manager import make_manager
 
     try:
@@ -105,6 +106,7 @@ def serve(config_path: str, plugins=(), core=None, prepare=None, node: dict | No
         print(f"raftcache: cannot start node {config.node.id}: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return 2
+    collect_less()
     gevent.signal_handler(signal.SIGTERM, node.stop)
     gevent.signal_handler(signal.SIGINT, node.stop)
     node.wait()

@@ -137,6 +137,26 @@ class EncryptionSection:
 
 
 @attrs.frozen
+class MetricsTLSSection:
+    cert_file: str
+    key_file: str
+
+
+@attrs.frozen
+class MetricsSection:
+    """Who may read `node.metrics_address` (raftcache.node.metrics_server): the keys of a
+    Prometheus exporter's web config file, in the node's TOML (docs/security.md)."""
+
+    # Serve HTTPS only, with this certificate and key.
+    tls_server_config: MetricsTLSSection | None = None
+    # user -> bcrypt hash of the password (as for Prometheus exporters: `htpasswd -nBC 10 ""`,
+    # or Python's bcrypt.hashpw): every path then needs HTTP basic auth as one of them.
+    basic_auth_users: dict = attrs.Factory(dict)
+    # A connection's request (TLS handshake included) must arrive whole within this long.
+    request_timeout: float = 5.0
+
+
+@attrs.frozen
 class LogSection:
     level: str = "info"
 
@@ -152,6 +172,7 @@ class Config:
     plugins: PluginsSection = PluginsSection()
     auth: AuthSection = AuthSection()
     encryption: EncryptionSection = EncryptionSection()
+    metrics: MetricsSection = MetricsSection()
     log: LogSection = LogSection()
     path: str = "<config>"
 
@@ -262,6 +283,7 @@ def _validate(c: Config) -> None:
             _address(c, f"cluster.{table}.{k}", v)
     if c.node.metrics_address:
         _address(c, "node.metrics_address", c.node.metrics_address)
+    _validate_metrics(c)
     for i, endpoint in enumerate(c.cluster.join):
         _address(c, f"cluster.join[{i}]", endpoint)
     if c.node.id not in peers and not c.cluster.join:
@@ -295,6 +317,25 @@ def _validate(c: Config) -> None:
                      "(`raftcache up` generates one; any 32 random bytes, mode 0600), or use "
                      "TLS node certificates ([transport.tls]), or accept Raft traffic from "
                      "anyone who can reach the port with cluster.insecure = true")
+
+
+def _validate_metrics(c: Config) -> None:
+    m = c.metrics
+    if not 0 < m.request_timeout <= 300:
+        raise c.fail("metrics.request_timeout", f"must be between 0 and 300 seconds, got "
+                                                f"{m.request_timeout}")
+    for user, hashed in m.basic_auth_users.items():
+        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            raise c.fail(f"metrics.basic_auth_users.{user}", "expected a bcrypt hash "
+                         "($2b$...), not a password")
+        if ":" in user:
+            raise c.fail(f"metrics.basic_auth_users.{user}", "a user name has no colon")
+    tls = m.tls_server_config
+    if tls is not None:
+        for key in ("cert_file", "key_file"):
+            if not os.path.isfile(getattr(tls, key)):
+                raise c.fail(f"metrics.tls_server_config.{key}",
+                             f"{getattr(tls, key)!r}: no such file")
 
 
 def read_secret(path: str, config: Config | None = None) -> bytes:

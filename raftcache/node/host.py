@@ -9,6 +9,7 @@ docs/architecture.md follows a write and a read through the parts.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -28,6 +29,7 @@ from .backend import make_backend
 from .config import Config, read_secret
 from .membership import JoinCheck
 from .metrics import NodeMetrics
+from .metrics_server import MetricsServer
 from .replica import Replica
 from .requests import Requests
 
@@ -36,6 +38,7 @@ log = logging.getLogger("raftcache.node")
 # Room a peer frame needs besides the one entry an append may carry (message fields, framing).
 FRAME_HEADROOM = 64 << 10
 READY_LAG = 1000  # committed entries a ready node may still have to apply
+FULL_COLLECTION_EVERY = 100  # middle-generation collections per full one (Python's default: 10)
 
 
 class Node:
@@ -154,7 +157,13 @@ class Node:
             self._greenlets.append(asking)
         self.transport.serve(self)
         if config.node.metrics_address:
-            self._metrics_server = self.stats.serve(config.node.metrics_address)
+            # The transport's admission keeps this door too: one cap on what clients hold,
+            # derived from the descriptor limit with a reserve for the node's own files.
+            self._metrics_server = MetricsServer(
+                config.node.metrics_address, self.stats.wsgi,
+                getattr(self.transport, "admission", None), config.metrics,
+                logging.getLogger("raftcache.metrics"))
+            self._metrics_server.start()
         self.replica.start()
         self._greenlets.append(gevent.spawn(self._report_metrics))
         self.log.info("serving on %s (storage %s, transport %s, backend %s)",
@@ -241,7 +250,8 @@ class Node:
             voters=sorted(st.conf.voters), learners=sorted(st.conf.learners),
             peer_addresses={n: placed[n] for n in sorted(st.conf.all_nodes()) if n in placed},
             joined=sorted(self.replica.sm.joined),
-            metrics_url=(f"http://{config.node.metrics_address}/metrics"
+            metrics_url=(f"{'https' if config.metrics.tls_server_config else 'http'}://"
+                         f"{config.node.metrics_address}/metrics"
                          if config.node.metrics_address else None),
         )
 
@@ -263,6 +273,23 @@ class _NodeLog(logging.LoggerAdapter):
             where = f"term {st.term} {st.role.name.lower()}"
         kwargs.setdefault("extra", {})["node"] = self.node.id
         return f"[{where}] {msg}", kwargs
+
+
+def collect_less() -> None:
+    """Tune the garbage collector of a process that hosts one node, once it has started
+    (`raftcache serve`; not a process that starts many, such as a test run: what it freezes
+    is never collected).
+
+    What start-up made (modules, the plugins, the loaded log) lives as long as the process:
+    frozen out of the collector's sight, a full collection no longer walks it. A flood of
+    connections made garbage enough for several full collections, and each walked all of it:
+    tens of milliseconds of stalled event loop, hundreds under load. Full collections also
+    run a tenth as often (young cycles are still collected at Python's pace): one during a
+    flood still cost a leader its leadership under load.
+    """
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
 
 
 def _holds_nothing(st) -> bool:

@@ -1,6 +1,7 @@
 """A node's Prometheus metrics (prometheus-client) and the HTTP endpoint that serves them.
 
-`node.metrics_address` ("host:port") turns the endpoint on:
+`node.metrics_address` ("host:port") turns the endpoint on (served by
+raftcache.node.metrics_server, under the rules of `[metrics]`):
 
 - ``/metrics``: the Prometheus text exposition. Counters and histograms the node updates as it
   works (calls by operation and outcome, their latency, durable-save latency, snapshots,
@@ -112,15 +113,6 @@ class NodeMetrics:
                 "text/plain"
         start_response(status, [("Content-Type", kind), ("Content-Length", str(len(body)))])
         return [body]
-
-    def serve(self, address: str):
-        """Start the HTTP endpoint on `address`; the server (`stop()` it)."""
-        from gevent.pywsgi import WSGIServer
-
-        host, _, port = address.rpartition(":")
-        server = WSGIServer((host.strip("[]"), int(port)), self.wsgi, log=None)
-        server.start()
-        return server
 
 
 class _NodeState:

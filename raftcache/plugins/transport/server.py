@@ -2,9 +2,10 @@
 and the Raft traffic that arrives on it.
 
 Contract: a subclass of `ServerBase` names its `Options` and `logger` and provides
-`_serve_conn(sock, addr)`, `_dial(peer_id, address)` and `_encode_batch(messages)`; the base
-admits connections (`admission`), keeps the peer links (`send`, `set_peer`, `peer_links`,
-`dropped`) and tells the node when a peer's last connection closes. `deliver_batch` hands a
+`_serve_conn(sock, addr, slot)` (for a connection already admitted), `_dial(peer_id,
+address)` and `_encode_batch(messages)`; the base admits connections (`admission`, in the
+accept loop), keeps the peer links (`send`, `set_peer`, `peer_links`, `dropped`) and tells the
+node when a peer's last connection closes. `deliver_batch` hands a
 decoded RaftBatch to the node; `encode_to_fit` splits an outgoing batch until every frame fits.
 """
 
@@ -12,18 +13,14 @@ from __future__ import annotations
 
 import logging
 
-import gevent
-import gevent.pool
-from gevent.server import StreamServer
-
 from raftcache import wire
 from raftcache.pluginapi import TLSConfig
 from raftcache.pluginapi.throttle import Throttle
-from raftcache.plugins.transport.admission import Admission, Slot
+from raftcache.plugins.transport.admission import Admission, Listener, Slot
 from raftcache.plugins.transport.framing import ProtocolError
 from raftcache.plugins.transport.options import TransportOptions
 from raftcache.plugins.transport.peer_links import PeerLinks
-from raftcache.plugins.transport.sockets import parse_address
+from raftcache.plugins.transport.sockets import close_quietly, parse_address
 
 log = logging.getLogger("raftcache.transport")
 
@@ -32,7 +29,7 @@ class ServerBase:
     """What both built-in transports' servers share: the node's identity and peers, options,
     connection admission, the logging of closed connections, peer links, and a listener whose
     accept loop never stops (admission refuses at once instead). A subclass names its
-    `Options` class and `logger`, and provides `_serve_conn(sock, addr)`, `_dial(peer_id,
+    `Options` class and `logger`, and provides `_serve_conn(sock, addr, slot)`, `_dial(peer_id,
     address)` and `_encode_batch(messages)`."""
 
     Options = TransportOptions
@@ -50,7 +47,7 @@ class ServerBase:
         self.admission = Admission(self.opts.max_connections,
                                    self.opts.max_connections_per_source, self.logger)
         self._closings = Throttle(self.logger)
-        self._server: StreamServer | None = None
+        self._server: Listener | None = None
         self._links = PeerLinks(node_id, self.peers, self.opts, dial=self._dial,
                                 encode=self._encode_batch)
         self._closed = False
@@ -63,11 +60,18 @@ class ServerBase:
 
     def serve(self, handler) -> None:
         self.handler = handler
-        # An unbounded pool: _serve_conn admits or refuses at once; a bounded one would stop
-        # the accept loop when full and keep peers out with everyone else.
-        self._server = StreamServer(parse_address(self.address), self._serve_conn,
-                                    spawn=gevent.pool.Pool())
+        # Admission happens in the accept loop, a few connections per turn: a refused one
+        # costs no greenlet, and a burst of thousands never holds the event loop for long.
+        self._server = Listener(parse_address(self.address), self._admit, self._serve_conn,
+                                self.logger)
         self._server.start()
+
+    def _admit(self, sock, addr):
+        slot = self.admission.admit(addr[0], lambda: close_quietly(sock))
+        if slot is None:
+            close_quietly(sock)
+            return None
+        return sock, addr, slot
 
     def send(self, messages) -> None:
         self._links.send(messages)

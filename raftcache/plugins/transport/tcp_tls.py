@@ -317,12 +317,8 @@ class TcpTlsTransport(ServerBase):
             lambda payload: len(payload) + _AFTER_LENGTH <= self.max_frame, self.node_id)
 
     # -- server --------------------------------------------------------------------------------
-    def _serve_conn(self, raw, addr) -> None:
+    def _serve_conn(self, raw, addr, slot) -> None:
         peer = f"{addr[0]}:{addr[1]}"
-        slot = self.admission.admit(addr[0], lambda: close_quietly(raw))
-        if slot is None:
-            close_quietly(raw)
-            return
         try:
             sock = tls_accept(self._server_ctx, raw, self.opts.handshake_timeout, peer,
                               self._closings)
@@ -379,7 +375,7 @@ class TcpTlsTransport(ServerBase):
                         _refuse(conn, request_id, TOO_MANY_ITEMS.format(
                             self.opts.max_request_items))
                         continue
-                    conn.slot.inflight += 1
+                    self.admission.begin(conn.slot)
                     pool.spawn(self._answer, conn, request_id, request)  # waits when full
                 elif kind == PEER:  # from a node's certificate: _frame_limit saw to that
                     deliver_batch(self, decode(wire.RaftBatch, payload), conn.node_id,
@@ -407,8 +403,7 @@ class TcpTlsTransport(ServerBase):
             log.exception("%s: request %r failed", conn.peer, getattr(request, "op", None))
             payload = _response_payload(api.error("Unavailable", "internal error"))
         finally:
-            conn.slot.inflight -= 1
-            conn.slot.last_active = time.monotonic()
+            self.admission.end(conn.slot)
         if len(payload) + _AFTER_LENGTH > self.opts.max_frame:
             payload = _response_payload(api.error(
                 "InvalidRequest", f"response of {len(payload)} bytes exceeds max_frame"))

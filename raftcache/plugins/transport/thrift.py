@@ -357,14 +357,13 @@ class _ServerConn:
                     continue
             if frame is None:
                 return
-            slot.inflight = 1
+            t.admission.begin(slot)
             try:
                 reply = self.dispatch(frame)
                 if reply:
                     send_all(self.sock, reply)
             finally:
-                slot.inflight = 0
-                slot.last_active = time.monotonic()
+                t.admission.end(slot)
 
     def _refuse_oversized(self, exc: Oversized) -> bytes:
         """InvalidRequest for a client call too big to hold an acceptable request."""
@@ -573,12 +572,8 @@ class ThriftTransport(ServerBase):
         return encode_to_fit(batch, frame, lambda f: len(f) - _LENGTH.size <= self.max_frame,
                              self.node_id)
 
-    def _serve_conn(self, raw, addr) -> None:
+    def _serve_conn(self, raw, addr, slot) -> None:
         peer = f"{addr[0]}:{addr[1]}"
-        slot = self.admission.admit(addr[0], lambda: close_quietly(raw))
-        if slot is None:
-            close_quietly(raw)
-            return
         sock = raw
         try:
             raw.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
