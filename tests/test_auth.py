@@ -208,7 +208,73 @@ def test_a_node_verifies_each_token_once_in_a_bounded_cache(key, keys, monkeypat
     monkeypatch.setattr(rbac, "CACHE_SIZE", 8)
     for i in range(20):
         verifier.verify(tokens.issue(key, f"s{i}", {"": "r"}))
-    assert len(verifier.cache) == 8
+    assert len(verifier.accepted) == 8
+
+
+def junk(keys, i: int) -> str:
+    """A distinct forged token naming a real key id: each costs a signature check."""
+    return jwt.encode({"sub": "j", "iat": 1, "jti": str(i), "grants": {"": "admin"}},
+                      JUNK_KEY, algorithm="EdDSA", headers={"kid": next(iter(keys))})
+
+
+JUNK_KEY = tokens.generate_key()
+
+
+def test_junk_tokens_never_evict_an_accepted_one(key, keys, monkeypatch):
+    """Refusals are cached apart: 4,096 + 100 distinct forgeries leave the valid token cached
+    (it is not verified again), and the refusal cache stays bounded."""
+    verifier = rbac._Verifier([])
+    verifier.keys = keys
+    monkeypatch.setattr(rbac, "VERIFY_BURST", 10**6)  # this test is about the caches
+    good = tokens.issue(key, "a", {"": "r"})
+    verifier.verify(good, "10.0.0.1")
+    for i in range(rbac.REFUSED_CACHE_SIZE + 100):
+        with pytest.raises(pluginapi.Unauthorized):
+            verifier.verify(junk(keys, i), "10.0.0.2")
+    before = verifier.verified
+    assert verifier.verify(good, "10.0.0.1").subject == "a"
+    assert verifier.verified == before  # served from the cache: no verification
+    assert len(verifier.refused) == rbac.REFUSED_CACHE_SIZE and len(verifier.accepted) == 1
+    # Teeth: one LRU for both (as it was) lets the flood evict the valid token.
+    shared = rbac._Verifier([])
+    shared.keys, shared.refused = keys, shared.accepted
+    shared.verify(good)
+    for i in range(rbac.CACHE_SIZE):
+        with pytest.raises(pluginapi.Unauthorized):
+            shared.verify(junk(keys, i), "10.0.0.2")
+    before = shared.verified
+    shared.verify(good)
+    assert shared.verified == before + 1
+
+
+def test_each_source_may_cause_a_bounded_rate_of_verifications(key, keys, monkeypatch):
+    now = [0.0]
+    verifier = rbac._Verifier([], clock=lambda: now[0])
+    verifier.keys = keys
+    monkeypatch.setattr(rbac, "MAX_SOURCES", 4)
+    good = tokens.issue(key, "a", {"": "r"})
+    verifier.verify(good, "flood")
+    for i in range(rbac.VERIFY_BURST + 50):
+        with pytest.raises(pluginapi.Unauthorized):
+            verifier.verify(junk(keys, i), "flood")
+    assert verifier.verified == rbac.VERIFY_BURST  # the burst, then nothing
+    assert verifier.limited == 51
+    with pytest.raises(pluginapi.Unauthorized, match="too many new tokens to verify from flood"):
+        verifier.verify(tokens.issue(key, "b", {"": "r"}), "flood")
+    assert verifier.verify(good, "flood").subject == "a"  # cached: no bucket needed
+    assert verifier.verify(tokens.issue(key, "c", {"": "r"}), "other").subject == "c"
+    now[0] += 1.0  # a second refills VERIFY_RATE
+    for i in range(int(rbac.VERIFY_RATE)):
+        with pytest.raises(pluginapi.Unauthorized, match="(?i)signature verification failed"):
+            verifier.verify(junk(keys, 10_000 + i), "flood")
+    with pytest.raises(pluginapi.Unauthorized, match="too many"):
+        verifier.verify(junk(keys, 20_000), "flood")
+    # The sources table is bounded; busy sources are kept, new ones share one bucket.
+    for i in range(10):
+        with pytest.raises(pluginapi.Unauthorized):
+            verifier.verify(junk(keys, 30_000 + i), f"s{i}")
+    assert len(verifier.buckets.table) == rbac.MAX_SOURCES + 1  # + the shared bucket
+    assert "flood" in verifier.buckets.table and "s9" not in verifier.buckets.table
 
 
 # ================================================================================================
@@ -640,6 +706,85 @@ def test_a_revoked_token_is_refused_on_every_replica_at_once(cluster):
         assert "bob" in status["revoked"] and status["required"] is True
         assert admin.admin("unrevoke", "bob")["unrevoked"] == "bob"
         assert "bob" not in admin.admin("auth-status")["revoked"]
+
+
+def junk_flood(kid: str, n: int) -> list[str]:
+    """n distinct forged tokens naming key `kid`, well formed down to a random signature."""
+    header = b64(json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": kid}).encode())
+    return [f"{header}.{b64(json.dumps({'sub': 'x', 'iat': 1, 'jti': str(i)}).encode())}."
+            f"{b64(os.urandom(64))}" for i in range(n)]
+
+
+def p99(samples: list[float]) -> float:
+    return sorted(samples)[int(len(samples) * 0.99)] * 1000
+
+
+def test_a_junk_token_flood_costs_bounded_verifications_and_spares_valid_callers(cluster):
+    """5,000 distinct forged tokens naming the real key id, from one source, while a valid
+    caller reads: the valid token stays cached (never verified again), every forgery is
+    refused, the source causes at most its rate of verifications, and the term holds."""
+    import threading
+
+    leader = cluster.wait_for_leader()
+    address = cluster.address(leader)
+    kid = next(iter(tokens.load_public_keys([cluster.auth_files()["signing.pub"]])))
+    valid = issue(cluster, "flood-reader", {"flood:": "rw"})
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        admin.set("flood:k", "v")
+        term = admin.status(address).term
+
+    def counters() -> dict:
+        with node_client(cluster, leader, cluster.admin_token()) as c:
+            return c.admin("auth-status")["tokens"]
+
+    def reads(stop: threading.Event, out: list, errors_seen: list, count: int = 0):
+        with node_client(cluster, leader, valid) as c:
+            while not stop.is_set() and (count == 0 or len(out) < count):
+                started = time.monotonic()
+                try:
+                    assert c.get("flood:k") == b"v"
+                except Exception as exc:  # a refusal here is the failure this test looks for
+                    errors_seen.append(repr(exc))
+                out.append(time.monotonic() - started)
+
+    quiet, problems = [], []
+    reads(threading.Event(), quiet, problems, count=300)  # also puts `valid` in the cache
+    before = counters()
+    outcomes, stop, during = [], threading.Event(), []
+    reader = threading.Thread(target=reads, args=(stop, during, problems))
+    forged = junk_flood(kid, 5000)
+
+    def flood(part: list[str]):
+        with node_client(cluster, leader, None, timeout=2.0) as c:
+            for token in part:
+                c.token = token
+                outcomes.append(refused(lambda: c.get("flood:k")))
+
+    floods = [threading.Thread(target=flood, args=(forged[i::4],)) for i in range(4)]
+    started = time.monotonic()
+    reader.start()
+    for t in floods:
+        t.start()
+    for t in floods:
+        t.join(120)
+    elapsed = time.monotonic() - started
+    stop.set()
+    reader.join(10)
+    after = counters()
+    with node_client(cluster, leader, valid) as c:
+        assert c.get("flood:k") == b"v"
+    assert counters()["verified"] == after["verified"]  # both tokens still cached
+    assert problems == [] and len(during) > 0
+    assert len(outcomes) == 5000 and all(outcomes)
+    verified = after["verified"] - before["verified"]
+    assert verified <= rbac.VERIFY_BURST + rbac.VERIFY_RATE * (elapsed + 1)
+    assert after["limited"] - before["limited"] >= 5000 - verified
+    with cluster.client(timeout=WAIT) as c:
+        assert c.status(address).term == term
+    print(f"\njunk flood: 5000 forged tokens in {elapsed:.1f} s; {verified} verified, "
+          f"{after['limited'] - before['limited']} refused unverified; valid reader p99 "
+          f"{p99(quiet):.2f} ms quiet ({len(quiet)} gets), {p99(during):.2f} ms during the "
+          f"flood ({len(during)} gets)")
 
 
 def test_roles_resolve_against_the_replicated_settings(cluster):

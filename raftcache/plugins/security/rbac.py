@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,11 @@ from . import tokens
 REVOKED = "auth.revoked."
 ROLE = "auth.role."
 CERTIFICATE = "cert:"  # the subject of a caller known by its TLS client certificate
-CACHE_SIZE = 4096  # verified tokens kept per node
+CACHE_SIZE = 4096  # accepted tokens kept per node
+REFUSED_CACHE_SIZE = 4096  # refused tokens' reasons, kept apart from the accepted ones
+VERIFY_RATE = 100.0  # token verifications a second one source may cause (past its burst)
+VERIFY_BURST = 200
+MAX_SOURCES = 1024  # sources whose buckets a node keeps
 CLUSTER_OPS = frozenset({"transfer_leader", "change_member", "admin", "snapshot"})
 _READS = frozenset({"r", "rw", "admin"})
 _WRITES = frozenset({"w", "rw", "admin"})
@@ -149,31 +154,88 @@ def decide(caller: Caller | None, stamp_ms: int, settings: Mapping,
 # The node's side: tokens in, verified callers out
 # ================================================================================================
 class _Verifier:
-    """One node's public keys and the tokens it verified (LRU): the token's SHA-256 -> Caller,
-    or the reason it was refused (a forged token costs one verify, not one per request)."""
+    """One node's public keys and the tokens it verified: the token's SHA-256 -> Caller for
+    accepted tokens, and apart from them -> the reason for refused ones, each an LRU of its
+    own, so that no number of junk tokens can evict an accepted one (a cached token costs a
+    hash and a lookup, no verification). A token in neither costs one verification, which
+    each source may cause at most `VERIFY_RATE` times a second (a token bucket of
+    `VERIFY_BURST`): past that, the call is refused unverified."""
 
-    def __init__(self, paths: Sequence[str]):
+    def __init__(self, paths: Sequence[str], clock=time.monotonic):
         self.keys = tokens.load_public_keys(paths)
-        self.cache: OrderedDict[bytes, Caller | str] = OrderedDict()
+        self.accepted: OrderedDict[bytes, Caller] = OrderedDict()
+        self.refused: OrderedDict[bytes, str] = OrderedDict()
+        self.buckets = _Buckets(clock)
+        self.verified = 0  # signatures checked (cache misses let through)
+        self.limited = 0  # calls refused unverified: their source was over its rate
 
-    def verify(self, token: str) -> Caller:
+    def verify(self, token: str, source: str | None = None) -> Caller:
         if not isinstance(token, str) or len(token) > tokens.MAX_TOKEN_BYTES:
             raise Unauthorized(f"a token is a string of at most {tokens.MAX_TOKEN_BYTES} bytes")
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        found = self.cache.get(digest)
-        if found is None:
+        found = self.accepted.get(digest)
+        if found is not None:
+            self.accepted.move_to_end(digest)
+            return found
+        reason = self.refused.get(digest)
+        if reason is None:
+            if not self.buckets.take(source):
+                self.limited += 1
+                raise Unauthorized(
+                    f"too many new tokens to verify from {source or 'this source'} (at most "
+                    f"{VERIFY_RATE:g} a second); not verified, retry later")
+            self.verified += 1
             try:
-                found = tokens.verify(token, self.keys)
+                caller = tokens.verify(token, self.keys)
             except tokens.TokenError as exc:
-                found = str(exc)
-            self.cache[digest] = found
-            if len(self.cache) > CACHE_SIZE:
-                self.cache.popitem(last=False)
+                reason = str(exc)
+            else:
+                _remember(self.accepted, digest, caller, CACHE_SIZE)
+                return caller
+            _remember(self.refused, digest, reason, REFUSED_CACHE_SIZE)
         else:
-            self.cache.move_to_end(digest)
-        if isinstance(found, str):
-            raise Unauthorized(found)
-        return found
+            self.refused.move_to_end(digest)
+        raise Unauthorized(reason)
+
+
+def _remember(cache: OrderedDict, digest: bytes, found, size: int) -> None:
+    cache[digest] = found
+    if len(cache) > size:
+        cache.popitem(last=False)
+
+
+class _Buckets:
+    """Token buckets per source (`VERIFY_RATE` a second, `VERIFY_BURST` at most), in a table
+    of `MAX_SOURCES`. A source is dropped only once its bucket is full again (forgetting it
+    changes nothing); when the table is full of busy sources, new ones share one bucket."""
+
+    _SHARED = object()
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.table: OrderedDict = OrderedDict()  # source -> [tokens, when], least recent first
+
+    def take(self, source) -> bool:
+        now = self.clock()
+        bucket = self.table.get(source)
+        if bucket is None:
+            if len(self.table) >= MAX_SOURCES:
+                oldest, (left, when) = next(iter(self.table.items()))
+                if oldest is not self._SHARED and _refill(left, when, now) >= VERIFY_BURST:
+                    del self.table[oldest]
+                else:
+                    source = self._SHARED
+            bucket = self.table.setdefault(source, [float(VERIFY_BURST), now])
+        self.table.move_to_end(source)
+        bucket[0], bucket[1] = _refill(bucket[0], bucket[1], now), now
+        if bucket[0] < 1:
+            return False
+        bucket[0] -= 1
+        return True
+
+
+def _refill(left: float, when: float, now: float) -> float:
+    return min(float(VERIFY_BURST), left + max(0.0, now - when) * VERIFY_RATE)
 
 
 _verifiers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -203,7 +265,7 @@ def raftcache_node_started(node) -> None:
 
 
 @hookimpl
-def raftcache_authenticate(node, token, certificate):
+def raftcache_authenticate(node, token, certificate, source):
     auth = node.config.auth
     if not token and certificate is not None and certificate in auth.certificates:
         # A certificate the CA signed stands for its principal; its grants are its role's.
@@ -215,7 +277,7 @@ def raftcache_authenticate(node, token, certificate):
         if auth.required:
             raise Unauthorized("this cluster requires a token (--token or $RAFTCACHE_TOKEN)")
         return None
-    caller = _verifier(node).verify(token)
+    caller = _verifier(node).verify(token, source)
     # A cheap early refusal by this node's time; the verdict on writes is taken at apply.
     reason = validity(caller, node.now_ms(), None)
     if reason:
@@ -285,8 +347,13 @@ def raftcache_admin(node, action, args, caller):
         roles = {name[len(ROLE):]: {p.decode(): perms for p, perms in role_grants(s.value)}
                  for name, s in settings.items() if name.startswith(ROLE)}
         auth = node.config.auth
+        verifier = _verifier(node) if auth.public_keys else None
+        # This node's token caches and counters (not replicated): what a flood cost it.
+        cache = {} if verifier is None else {
+            "accepted": len(verifier.accepted), "refused": len(verifier.refused),
+            "verified": verifier.verified, "limited": verifier.limited}
         return {"required": auth.required, "enabled": bool(auth.public_keys),
-                "key_ids": sorted(_verifier(node).keys) if auth.public_keys else [],
-                "revoked": revoked, "roles": roles,
+                "key_ids": sorted(verifier.keys) if verifier else [],
+                "revoked": revoked, "roles": roles, "tokens": cache,
                 "caller": caller.subject if caller is not None else None}
     return None
