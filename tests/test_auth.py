@@ -41,6 +41,7 @@ from raftcache.core.cache.commands import (
     Sweep,
     Writes,
     command,
+    decode_envelope,
     encode_envelope,
     sample_command,
 )
@@ -85,8 +86,9 @@ def test_a_token_round_trips_with_its_claims(key, keys):
     caller = tokens.verify(token, keys)
     assert caller == Caller("alice", header["kid"], issued_ms=1_700_000_000_123,
                             not_before_ms=1_700_000_000_123, expires_ms=1_700_000_060_123,
-                            grants=((b"", "r"), (b"user:", "rw")), roles=("ops",))
-    assert claims["jti"] and claims["iat"] == 1_700_000_000.123
+                            grants=((b"", "r"), (b"user:", "rw")), roles=("ops",),
+                            jti=claims["jti"])
+    assert len(claims["jti"]) == 32 and claims["iat"] == 1_700_000_000.123
     # No expiry: 0. Times are not judged by verify (a token from 1970 still verifies).
     old = tokens.verify(tokens.issue(key, "bob", {"": "admin"}, now=1.0), keys)
     assert old.expires_ms == 0 and old.issued_ms == 1000
@@ -178,12 +180,21 @@ def test_signing_key_files(tmp_path):
     key = tokens.load_private_key(paths["signing.key"])
     admin = tokens.verify(open(paths["admin.token"]).read().strip(),
                           tokens.load_public_keys([paths["signing.pub"]]))
-    assert (admin.subject, admin.grants, admin.expires_ms) == ("admin", ((b"", "admin"),), 0)
-    # Kept across restarts: the same key, the same admin token.
+    assert (admin.subject, admin.grants) == ("admin", ((b"", "admin"),))
+    assert admin.expires_ms - admin.issued_ms == tokens.ADMIN_TTL * 1000  # 7 days
+    # Kept across restarts: the same key, the same admin token...
     before = {n: open(p, "rb").read() for n, p in paths.items()}
-    tokens.init_auth_dir(str(tmp_path / "auth"))
+    tokens.init_auth_dir(str(tmp_path / "auth"), now=time.time() + 5 * 24 * 3600)
     assert {n: open(p, "rb").read() for n, p in paths.items()} == before
     assert tokens.key_id(key.public_key()) == admin.key_id
+    # ... until it has less than a day left: then a new one, with the same key.
+    later = time.time() + 6.5 * 24 * 3600
+    tokens.init_auth_dir(str(tmp_path / "auth"), now=later)
+    renewed = tokens.verify(open(paths["admin.token"]).read().strip(),
+                            tokens.load_public_keys([paths["signing.pub"]]))
+    assert renewed.expires_ms == round((later + tokens.ADMIN_TTL) * 1000)
+    assert stat.S_IMODE(os.stat(paths["admin.token"]).st_mode) == 0o600
+    assert open(paths["signing.key"], "rb").read() == before["signing.key"]
     os.chmod(paths["signing.key"], 0o644)
     with pytest.raises(tokens.TokenError, match="chmod 600"):
         tokens.load_private_key(paths["signing.key"])
@@ -453,6 +464,106 @@ def test_state_machine_judges_expiry_and_revocation_by_the_entry_stamp():
     assert [r.value(b"b:1") for r in replicas] == [b"3", b"3"]
 
 
+@attrs.define
+class AdminNode:
+    """What rbac's admin actions read of a node: its replicated settings and its time."""
+
+    sm: StateMachine
+    config: object = None
+
+    @property
+    def settings(self):
+        return self.sm.settings
+
+    def now_ms(self) -> int:
+        return self.sm.last_stamp_ms
+
+
+def admin(r: Replica, action: str, *args, stamp: int):
+    """Run rbac's admin action against replica `r` and apply its Configure at `stamp`."""
+    outcome = rbac.raftcache_admin(node=AdminNode(r.sm), action=action,
+                                   args=[a.encode() for a in args], caller=None)
+    command, report = outcome
+    assert not isinstance(r.apply(command, stamp, ROOT), ApplyError)
+    return report
+
+
+ROOT = Caller("root", "k", grants=((b"", "admin"),))
+
+
+def test_one_token_is_revoked_by_its_jti_and_the_revocation_ends_with_its_expiry():
+    """`revoke-jti` refuses that token on every replica at apply, and no other token of its
+    subject; once the cluster's time passed its expiry a later revoke-jti drops it."""
+    r = Replica()
+    one = attrs.evolve(caller("carl", grants=[("c:", "rw")], exp=10_000), jti="j1")
+    other = attrs.evolve(one, jti="j2")
+    assert not isinstance(r.apply(Put(b"c:1", b"x"), 2000, one), ApplyError)
+    assert admin(r, "revoke-jti", "j1", "10000", stamp=2001)["revoked_jti"] == "j1"
+    assert r.apply(Put(b"c:1", b"y"), 2002, one) == ApplyError(
+        "Unauthorized", "the token 'j1' of 'carl' was revoked")
+    assert not isinstance(r.apply(Put(b"c:1", b"z"), 2003, other), ApplyError)
+    assert r.value(b"c:1") == b"z"
+    # Bounded: at 10,000 ms the token expired by the cluster's time; the next revoke-jti
+    # drops it (and one with no known expiry stays until unrevoked).
+    admin(r, "revoke-jti", "forever", stamp=2004)
+    r.apply(Put(b"tick", b""), 10_000)
+    assert admin(r, "revoke-jti", "j3", "20000", stamp=10_001)["dropped_expired"] == 1
+    held = {n for n in r.sm.settings if n.startswith(rbac.REVOKED_JTI)}
+    assert held == {rbac.REVOKED_JTI + "forever", rbac.REVOKED_JTI + "j3"}
+    admin(r, "unrevoke-jti", "forever", stamp=10_002)
+    assert rbac.REVOKED_JTI + "forever" not in r.sm.settings
+
+
+def test_revoked_jtis_are_bounded(monkeypatch):
+    monkeypatch.setattr(rbac, "MAX_REVOKED_JTIS", 3)
+    r = Replica()
+    for i in range(3):
+        admin(r, "revoke-jti", f"j{i}", "0", stamp=1000 + i)
+    with pytest.raises(ValueError, match="revoke their subjects instead"):
+        admin(r, "revoke-jti", "j9", stamp=1010)
+    admin(r, "revoke-jti", "j1", "5", stamp=1011)  # the same id again: no new one held
+
+
+def test_a_token_issued_ahead_of_the_cluster_time_is_refused():
+    """An issuer whose clock runs ahead would mint a token that outlives a revocation of its
+    subject (it compares iat): past the skew, its iat alone refuses it, nbf or not."""
+    ahead = caller("eve", grants=[("e:", "rw")], issued=100_000 + rbac.ISSUED_SKEW_MS + 1,
+                   nbf=0)
+    within = caller("eve", grants=[("e:", "rw")], issued=100_000 + rbac.ISSUED_SKEW_MS, nbf=0)
+    get = {"op": "get", "keys": [b"e:1"]}
+    assert not allowed(ahead, stamp=100_000, **get) and allowed(within, stamp=100_000, **get)
+    assert "issued in the future" in rbac.validity(ahead, 100_000, None)
+    r = Replica()
+    assert isinstance(r.apply(Put(b"e:1", b"x"), 100_000, ahead), ApplyError)
+
+
+def test_one_grammar_for_subjects_at_issue_verification_and_revocation(key, keys):
+    """"alice smith" is issued, verified and revoked alike; what one refuses, all refuse."""
+    token = tokens.issue(key, "alice smith", {"": "r"})
+    assert tokens.verify(token, keys).subject == "alice smith"
+    r = Replica()
+    assert admin(r, "revoke", "alice smith", stamp=5000) == {"revoked": "alice smith"}
+    for bad in ("", " alice", "alice ", "al\tice", "al\nice", "x" * 257):
+        with pytest.raises(tokens.TokenError):
+            tokens.issue(key, bad, {"": "r"})
+        with pytest.raises(ValueError):
+            rbac.raftcache_admin(node=AdminNode(r.sm), action="revoke", args=[bad.encode()],
+                                 caller=None)
+        forged = jwt.encode({"sub": bad, "iat": 1, "grants": {}}, key, algorithm="EdDSA",
+                            headers={"kid": tokens.key_id(key.public_key())})
+        with pytest.raises(tokens.TokenError, match="subject"):
+            tokens.verify(forged, keys)
+
+
+def test_a_callers_jti_travels_in_the_entry():
+    who = attrs.evolve(caller("u", grants=[("", "r")]), jti="abc")
+    env = Envelope(Put(b"k", b"v"), identity="u", stamp_ms=5, caller=who)
+    assert decode_envelope(encode_envelope(env)).caller == who
+    bare = attrs.evolve(who, jti="")  # entries written before jtis were recorded
+    data = encode_envelope(attrs.evolve(env, caller=bare))
+    assert data[1] & 16 == 0 and decode_envelope(data).caller == bare
+
+
 def test_a_vetoed_write_leaves_no_trace_in_its_session():
     r = Replica()
     mallory = caller("mallory", grants=[("m:", "rw")])
@@ -708,6 +819,9 @@ def test_a_revoked_token_is_refused_on_every_replica_at_once(cluster):
         assert "bob" not in admin.admin("auth-status")["revoked"]
 
 
+FLOOD_CONNECTIONS = 2  # one source: the flood's connections all come from 127.0.0.1
+
+
 def junk_flood(kid: str, n: int) -> list[str]:
     """n distinct forged tokens naming key `kid`, well formed down to a random signature."""
     header = b64(json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": kid}).encode())
@@ -760,7 +874,7 @@ def test_a_junk_token_flood_costs_bounded_verifications_and_spares_valid_callers
                 c.token = token
                 outcomes.append(refused(lambda: c.get("flood:k")))
 
-    floods = [threading.Thread(target=flood, args=(forged[i::4],)) for i in range(4)]
+    floods = [threading.Thread(target=flood, args=(forged[i::FLOOD_CONNECTIONS],)) for i in range(FLOOD_CONNECTIONS)]
     started = time.monotonic()
     reader.start()
     for t in floods:
@@ -770,6 +884,8 @@ def test_a_junk_token_flood_costs_bounded_verifications_and_spares_valid_callers
     elapsed = time.monotonic() - started
     stop.set()
     reader.join(10)
+    with cluster.client(timeout=WAIT) as c:
+        assert c.status(address).term == term  # the counters below are this leader's
     after = counters()
     with node_client(cluster, leader, valid) as c:
         assert c.get("flood:k") == b"v"
@@ -779,8 +895,6 @@ def test_a_junk_token_flood_costs_bounded_verifications_and_spares_valid_callers
     verified = after["verified"] - before["verified"]
     assert verified <= rbac.VERIFY_BURST + rbac.VERIFY_RATE * (elapsed + 1)
     assert after["limited"] - before["limited"] >= 5000 - verified
-    with cluster.client(timeout=WAIT) as c:
-        assert c.status(address).term == term
     print(f"\njunk flood: 5000 forged tokens in {elapsed:.1f} s; {verified} verified, "
           f"{after['limited'] - before['limited']} refused unverified; valid reader p99 "
           f"{p99(quiet):.2f} ms quiet ({len(quiet)} gets), {p99(during):.2f} ms during the "
@@ -840,13 +954,14 @@ def expiry_problems(cluster) -> list[str]:
     clock is an hour behind: its verdict comes from the stamps it applied."""
     problems = []
     # Node 3 may lead at first, and judges tokens by its stamps: an hour behind, a token
-    # issued now is not valid yet there. This one is valid from two hours ago.
-    admin_token = issue(cluster, "root", {"": "admin"}, not_before=time.time() - 7200)
+    # issued now is not valid yet there (and issued in the future). This one is issued two
+    # hours ago.
+    admin_token = issue(cluster, "root", {"": "admin"}, now=time.time() - 7200)
     with cluster.client(token=admin_token, timeout=WAIT) as admin:
         admin.transfer_leader(1)
         admin.set("admin:tick", "0")
     # Valid from two hours ago (node 3's clock is no obstacle) for 1.5 s from now.
-    token = issue(cluster, "dave", {"d:": "rw"}, ttl=1.5, not_before=time.time() - 7200)
+    token = issue(cluster, "dave", {"d:": "rw"}, ttl=7201.5, now=time.time() - 7200)
     with cluster.client(token=token, timeout=WAIT) as c:
         c.set("d:k", "v")
     with node_client(cluster, 3, token) as c:

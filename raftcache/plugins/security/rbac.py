@@ -11,8 +11,10 @@
   ``auth-status``.
 
 Replicated state (settings): ``auth.revoked.<subject>`` (value b""; tokens of that subject
-issued at or before the setting's stamp are refused) and ``auth.role.<name>`` (JSON object
-prefix -> perms).
+issued at or before the setting's stamp are refused), ``auth.revoked-jti.<jti>`` (value: the
+token's expiry in ms as ASCII digits, "0" unknown; that one token is refused; dropped by a
+later revoke-jti once the cluster's time passed the expiry) and ``auth.role.<name>`` (JSON
+object prefix -> perms).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from raftcache.pluginapi import Unauthorized, hookimpl
 from . import tokens
 
 REVOKED = "auth.revoked."
+REVOKED_JTI = "auth.revoked-jti."
+MAX_REVOKED_JTIS = 10_000  # revoked token ids held at once (expired ones are dropped)
+ISSUED_SKEW_MS = 60_000  # a token issued further ahead of the cluster's time is refused
 ROLE = "auth.role."
 CERTIFICATE = "cert:"  # the subject of a caller known by its TLS client certificate
 CACHE_SIZE = 4096  # accepted tokens kept per node
@@ -108,8 +113,13 @@ def effective_grants(caller: Caller, settings: Mapping) -> tuple[tuple[bytes, st
 
 
 def validity(caller: Caller, stamp_ms: int, settings: Mapping | None) -> str | None:
-    """Why the caller's token is not good at `stamp_ms` (not yet valid, expired, revoked),
-    or None."""
+    """Why the caller's token is not good at `stamp_ms` (issued in the future, not yet valid,
+    expired, revoked), or None."""
+    if caller.issued_ms > stamp_ms + ISSUED_SKEW_MS:
+        # An issuer whose clock runs ahead would mint tokens that outlive a revocation of
+        # their subject (judged by `iat`): the cluster's time says when "now" is.
+        return (f"the token of {caller.subject!r} was issued in the future (its iat is more "
+                f"than {ISSUED_SKEW_MS // 1000} s ahead of the cluster's time)")
     if stamp_ms < caller.not_before_ms:
         return f"the token of {caller.subject!r} is not valid yet"
     if caller.expires_ms and stamp_ms >= caller.expires_ms:
@@ -118,6 +128,8 @@ def validity(caller: Caller, stamp_ms: int, settings: Mapping | None) -> str | N
         revoked = settings.get(REVOKED + caller.subject)
         if revoked is not None and caller.issued_ms <= revoked.stamp_ms:
             return f"the tokens of {caller.subject!r} were revoked"
+        if caller.jti and settings.get(REVOKED_JTI + caller.jti) is not None:
+            return f"the token {caller.jti!r} of {caller.subject!r} was revoked"
     return None
 
 
@@ -321,13 +333,59 @@ def _only(args: Sequence[bytes], n: int, action: str) -> None:
         raise ValueError(f"{action} takes {n} argument{'s' if n != 1 else ''}, got {len(args)}")
 
 
+def _subject(args: Sequence[bytes]) -> str:
+    try:
+        return tokens.check_subject(bytes(args[0]).decode("utf-8"))
+    except (tokens.TokenError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _jti(args: Sequence[bytes]) -> str:
+    jti = bytes(args[0]).decode("utf-8")
+    if not 0 < len(jti) <= tokens.MAX_NAME_CHARS or not jti.isprintable():
+        raise ValueError(f"a token id (jti) is 1 to {tokens.MAX_NAME_CHARS} printable "
+                         f"characters, got {jti!r}")
+    return jti
+
+
+def _revoke_jti(node, args: Sequence[bytes]):
+    """revoke-jti JTI [EXPIRES_MS]: refuse that one token. The revoked ids whose token
+    expired by the cluster's time go in the same entry: the entry's stamp is no earlier than
+    that time, so every later verdict finds them expired anyway."""
+    if not 1 <= len(args) <= 2:
+        raise ValueError("revoke-jti JTI [EXPIRES_MS] takes 1 or 2 arguments")
+    jti = _jti(args)
+    expires = bytes(args[1]).decode("ascii", "replace") if len(args) == 2 else "0"
+    if not expires.isdigit() or len(expires) > 19:
+        raise ValueError(f"EXPIRES_MS is the token's expiry in ms since the epoch, got {expires!r}")
+    now = node.now_ms()
+    held = {name: s.value for name, s in node.settings.items() if name.startswith(REVOKED_JTI)}
+    dropped = [name for name, value in held.items()
+               if value.isdigit() and 0 < int(value) <= now][:_MAX_DROPS]
+    if len(held) - len(dropped) >= MAX_REVOKED_JTIS and REVOKED_JTI + jti not in held:
+        raise ValueError(f"{MAX_REVOKED_JTIS} token ids are revoked and not yet expired; "
+                         "revoke their subjects instead (`raftcache token revoke SUBJECT`)")
+    items = ((REVOKED_JTI + jti, str(int(expires)).encode()),
+             *((name, None) for name in dropped if name != REVOKED_JTI + jti))
+    return Configure(items), {"revoked_jti": jti, "dropped_expired": len(dropped)}
+
+
+_MAX_DROPS = 1024  # expired revoked ids one revoke-jti drops
+
+
 @hookimpl
 def raftcache_admin(node, action, args, caller):
     if action in ("revoke", "unrevoke"):
         _only(args, 1, action)
-        subject = _name(args, "subject", tokens.MAX_SUBJECT_CHARS)
+        subject = _subject(args)
         value = b"" if action == "revoke" else None
         return Configure(((REVOKED + subject, value),)), {action + "d": subject}
+    if action == "revoke-jti":
+        return _revoke_jti(node, args)
+    if action == "unrevoke-jti":
+        _only(args, 1, action)
+        jti = _jti(args)
+        return Configure(((REVOKED_JTI + jti, None),)), {"unrevoked_jti": jti}
     if action == "role-set":
         name = _name(args, "role name", tokens.MAX_NAME_CHARS)
         if not 1 < len(args) <= 1 + tokens.MAX_GRANTS:
@@ -344,6 +402,8 @@ def raftcache_admin(node, action, args, caller):
         settings = node.settings
         revoked = {name[len(REVOKED):]: s.stamp_ms for name, s in settings.items()
                    if name.startswith(REVOKED)}
+        revoked_jtis = {name[len(REVOKED_JTI):]: int(s.value) if s.value.isdigit() else 0
+                        for name, s in settings.items() if name.startswith(REVOKED_JTI)}
         roles = {name[len(ROLE):]: {p.decode(): perms for p, perms in role_grants(s.value)}
                  for name, s in settings.items() if name.startswith(ROLE)}
         auth = node.config.auth
@@ -354,6 +414,7 @@ def raftcache_admin(node, action, args, caller):
             "verified": verifier.verified, "limited": verifier.limited}
         return {"required": auth.required, "enabled": bool(auth.public_keys),
                 "key_ids": sorted(verifier.keys) if verifier else [],
-                "revoked": revoked, "roles": roles, "tokens": cache,
+                "revoked": revoked, "revoked_jti": revoked_jtis, "roles": roles,
+                "tokens": cache,
                 "caller": caller.subject if caller is not None else None}
     return None
