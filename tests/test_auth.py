@@ -1054,19 +1054,41 @@ def test_token_issue_and_inspect_offline(tmp_path):
     assert none.returncode == 2 and "--grant" in none.stderr
 
 
+def exported(out: str) -> dict:
+    """The NAME=VALUE pairs of the `export RAFTCACHE_...` lines `up` printed (not $(...))."""
+    pairs = {}
+    for line in out.splitlines():
+        if "export RAFTCACHE_" in line:
+            for word in line.split("export ", 1)[1].split():
+                name, _, value = word.partition("=")
+                if not value.startswith("$("):
+                    pairs[name] = value
+    return pairs
+
+
 def test_up_auth_writes_an_admin_token_that_works(tmp_path):
+    """`up --auth` runs TLS (tokens never cross a readable wire) and prints what clients
+    need; the admin token expires in 7 days; tokens are revoked by subject or by jti."""
     up, port, out = start_up(tmp_path, "--storage", "memory", "--auth")
     data = tmp_path / "data"
     try:
         assert "leader: node" in out, out
+        assert "tcp-tls transport" in out and "WARNING" not in out, out
         token_path = data / "auth" / "admin.token"
         assert f"export RAFTCACHE_TOKEN=$(cat {token_path})" in out, out
+        expiry = tokens.expiry_text(tokens.expires_at(str(token_path)))
+        assert f"(expires at {expiry}, renewed" in out, out
+        assert 6.9 * 86400 < tokens.expires_at(str(token_path)) - time.time() <= 7 * 86400
         assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(data / "auth" / "signing.key").st_mode) == 0o600
         assert stat.S_IMODE(os.stat(data / "auth").st_mode) == 0o700
         endpoints = ",".join(f"127.0.0.1:{port + i}" for i in range(3))
-        anon = dict(os.environ, RAFTCACHE_ENDPOINTS=endpoints)
-        anon.pop("RAFTCACHE_TOKEN", None)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTCACHE_")}
+        plain = dict(env, RAFTCACHE_ENDPOINTS=endpoints,
+                     RAFTCACHE_TOKEN=token_path.read_text().strip())
+        assert raftcache("get", "admin:k", "--timeout", "2", env=plain).returncode == 2
+        anon = dict(env, RAFTCACHE_ENDPOINTS=endpoints, **exported(out))
+        assert anon["RAFTCACHE_TRANSPORT"] == "tcp-tls" and os.path.exists(anon["RAFTCACHE_CA"])
         admin = dict(anon, RAFTCACHE_TOKEN=token_path.read_text().strip())
         # Anonymous: one line, exit 3; status stays open.
         refused_set = raftcache("set", "k", "v", env=anon)
@@ -1081,6 +1103,10 @@ def test_up_auth_writes_an_admin_token_that_works(tmp_path):
         issued = raftcache("token", "issue", "--data-dir", str(data), "--subject", "alice",
                            "--grant", "user:=rw")
         alice = dict(anon, RAFTCACHE_TOKEN=issued.stdout.strip())
+        claims = tokens.unverified(issued.stdout.strip())[1]
+        assert claims["exp"] - claims["iat"] == tokens.USER_TTL  # a day, by default
+        assert issued.stderr == (f"token for 'alice' (jti {claims['jti']}) expires at "
+                                 f"{tokens.expiry_text(claims['exp'])}\n")
         assert raftcache("set", "user:1", "a", env=alice).returncode == 0
         assert raftcache("get", "admin:k", env=alice).returncode == 3
         assert raftcache("get", "admin:k", "--token", issued.stdout.strip(),
@@ -1099,6 +1125,35 @@ def test_up_auth_writes_an_admin_token_that_works(tmp_path):
         assert raftcache("role", "delete", "ops", env=admin).returncode == 0
         assert raftcache("token", "unrevoke", "alice", env=admin).returncode == 0
         assert raftcache("get", "user:1", env=alice).stdout == "a\n"
+        # One token by its jti (given the token itself): the subject's others still work.
+        second = raftcache("token", "issue", "--data-dir", str(data), "--subject",
+                           "alice smith", "--grant", "user:=rw").stdout.strip()
+        third = raftcache("token", "issue", "--data-dir", str(data), "--subject",
+                          "alice smith", "--grant", "user:=rw").stdout.strip()
+        by_jti = raftcache("token", "revoke", "--jti", second, env=admin)
+        assert by_jti.returncode == 0, by_jti
+        assert json.loads(by_jti.stdout)["revoked_jti"] == tokens.unverified(second)[1]["jti"]
+        assert "was revoked" in raftcache("get", "user:1", "--token", second, env=anon).stderr
+        assert raftcache("get", "user:1", "--token", third, env=anon).stdout == "a\n"
+        status = json.loads(raftcache("auth", "status", env=admin).stdout)
+        held = status["revoked_jti"][tokens.unverified(second)[1]["jti"]]
+        assert held == round(tokens.unverified(second)[1]["exp"] * 1000)
+        # Subjects with a space: issued, revoked and verified by one grammar.
+        spaced = raftcache("token", "revoke", "alice smith", env=admin)
+        assert spaced.returncode == 0, spaced
+        assert raftcache("get", "user:1", "--token", third, env=anon).returncode == 3
+        assert raftcache("token", "revoke", env=admin).returncode == 2  # nothing named
+    finally:
+        up.terminate()
+        up.wait(20)
+
+
+def test_up_auth_over_plaintext_thrift_warns(tmp_path):
+    up, _port, out = start_up(tmp_path, "--storage", "memory", "--auth", "--transport",
+                              "thrift")
+    try:
+        assert "leader: node" in out, out
+        assert "WARNING: --auth over plaintext thrift" in out and "RAFTCACHE_CA" not in out
     finally:
         up.terminate()
         up.wait(20)

@@ -149,14 +149,8 @@ def _cmd_token_issue(args):
     _header, claims = tokens.unverified(token)
     # stderr: stdout holds the token alone, for $(raftcache token issue ...)
     print(f"token for {claims['sub']!r} (jti {claims['jti']}) expires at "
-          f"{expiry_text(claims['exp'])}", file=sys.stderr)
+          f"{tokens.expiry_text(claims['exp'])}", file=sys.stderr)
     return 0
-
-
-def expiry_text(exp: float) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(exp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _cmd_token_revoke(args):
@@ -182,7 +176,7 @@ def _cmd_token_revoke(args):
                 return fail("InvalidRequest", "this token has no jti: revoke its subject")
             exp = claims.get("exp")
             if args.action == "revoke" and type(exp) in (int, float) and exp > 0:
-                extra = (str(int(exp * 1000) + 1),)
+                extra = (str(round(exp * 1000)),)  # the expires_ms nodes judge it by
         call = (args.action + "-jti", jti, *extra)
 
     def go():

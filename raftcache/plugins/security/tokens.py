@@ -21,6 +21,7 @@ checked (token size, counts, lengths, types), and anything malformed is a `Token
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import math
@@ -164,6 +165,13 @@ def init_auth_dir(directory: str, now: float | None = None) -> dict[str, str]:
                        issue(key, "admin", {"": "admin"}, ttl=ADMIN_TTL, now=now).encode()
                        + b"\n")
     return paths
+
+
+def expiry_text(exp: float) -> str:
+    """A NumericDate as people read it (UTC); "never" for inf."""
+    if exp == math.inf:
+        return "never"
+    return datetime.datetime.fromtimestamp(exp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def expires_at(path: str) -> float:
