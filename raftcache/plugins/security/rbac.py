@@ -1,12 +1,14 @@
 """`rbac`: who may do what, from signed tokens (docs/security.md).
 
 - ``raftcache_authenticate`` verifies a request's token against ``[auth] public_keys`` (the
-  node keeps what it verified in a bounded LRU, so a request costs a dict lookup, not an
-  Ed25519 verify) and returns the `Caller` the node records in the entries it proposes.
+  node keeps accepted and refused tokens in two bounded LRUs, so a request costs a dict
+  lookup, not an Ed25519 verify, and bounds the verifications each source may cause) and
+  returns the `Caller` the node records in the entries it proposes.
 - ``raftcache_check_command`` (every replica, at apply) and ``raftcache_check_request`` (reads
   once their read index applied; node operations) decide with one function, `decide`, from
   the caller, the entry's stamp and the replicated settings only: never from a clock.
-- ``raftcache_admin`` turns ``revoke``, ``unrevoke``, ``role-set`` and ``role-delete`` into
+- ``raftcache_admin`` turns ``revoke``, ``unrevoke``, ``revoke-jti``, ``unrevoke-jti``,
+  ``role-set`` and ``role-delete`` into
   `Configure` commands (committed through the log like any write) and answers
   ``auth-status``.
 
