@@ -564,10 +564,14 @@ def run_local_cluster(args) -> int:
     if args.config:
         with open(args.config, "rb") as f:
             extra = {k: v for k, v in tomllib.load(f).items() if k not in ("node", "cluster")}
+    auth = getattr(args, "auth", False)
+    transport = getattr(args, "transport", None)
+    if transport is None:  # a token must not cross a readable wire: TLS with --auth
+        transport = "tcp-tls" if auth and "transport" not in extra else "thrift"
     cluster = LocalCluster(os.path.abspath(args.data_dir), nodes=args.nodes, host=args.host,
-                           port=args.port, storage=args.storage, transport=args.transport,
+                           port=args.port, storage=args.storage, transport=transport,
                            backend=args.backend, extra=extra, insecure=args.insecure,
-                           auth=getattr(args, "auth", False),
+                           auth=auth,
                            encryption=not getattr(args, "no_encryption", False),
                            metrics_port=getattr(args, "metrics_port", None) or None)
     stopping = []
@@ -627,10 +631,24 @@ def _describe_cluster(cluster: LocalCluster, args) -> None:
         print(f"peers prove themselves with node certificates ({cluster.data_dir}/certs)")
     else:
         print(f"peers prove themselves with the cluster secret {cluster.secret_path()}")
+    tls = cluster.tls_files()
+    if tls:
+        print("clients talk TLS with the certificates in "
+              f"{os.path.dirname(tls['ca'])}: export RAFTCACHE_TRANSPORT={cluster.transport} "
+              f"RAFTCACHE_CA={tls['ca']} RAFTCACHE_CERT={tls['cert']} RAFTCACHE_KEY={tls['key']}")
     auth = cluster.auth_files()
+    if auth and not tls:
+        print("WARNING: --auth over plaintext thrift: every token, the admin token too, "
+              "crosses the network readable by anyone who can see the traffic; run "
+              "--auth without --transport (tcp-tls) where that is not only this machine",
+              file=sys.stderr)
     if auth:
+        from raftcache.plugins.security.tokens import expires_at, expiry_text
+
         print(f"clients need a signed token; the admin token is in {auth['admin.token']} "
-              f"(signing key: {auth['signing.key']}). Use it with")
+              f"(expires at {expiry_text(expires_at(auth['admin.token']))}, renewed by a "
+              f"start with less than a day left; signing key: {auth['signing.key']}). Use it "
+              "with")
         print(f"  export RAFTCACHE_TOKEN=$(cat {auth['admin.token']})")
         print(f"and issue others with: raftcache token issue --data-dir {cluster.data_dir} "
               "--subject NAME --grant PREFIX=r|w|rw|admin")

@@ -41,6 +41,7 @@ from raftcache.core.cache.commands import (
     Sweep,
     Writes,
     command,
+    decode_envelope,
     encode_envelope,
     sample_command,
 )
@@ -85,8 +86,9 @@ def test_a_token_round_trips_with_its_claims(key, keys):
     caller = tokens.verify(token, keys)
     assert caller == Caller("alice", header["kid"], issued_ms=1_700_000_000_123,
                             not_before_ms=1_700_000_000_123, expires_ms=1_700_000_060_123,
-                            grants=((b"", "r"), (b"user:", "rw")), roles=("ops",))
-    assert claims["jti"] and claims["iat"] == 1_700_000_000.123
+                            grants=((b"", "r"), (b"user:", "rw")), roles=("ops",),
+                            jti=claims["jti"])
+    assert len(claims["jti"]) == 32 and claims["iat"] == 1_700_000_000.123
     # No expiry: 0. Times are not judged by verify (a token from 1970 still verifies).
     old = tokens.verify(tokens.issue(key, "bob", {"": "admin"}, now=1.0), keys)
     assert old.expires_ms == 0 and old.issued_ms == 1000
@@ -178,12 +180,21 @@ def test_signing_key_files(tmp_path):
     key = tokens.load_private_key(paths["signing.key"])
     admin = tokens.verify(open(paths["admin.token"]).read().strip(),
                           tokens.load_public_keys([paths["signing.pub"]]))
-    assert (admin.subject, admin.grants, admin.expires_ms) == ("admin", ((b"", "admin"),), 0)
-    # Kept across restarts: the same key, the same admin token.
+    assert (admin.subject, admin.grants) == ("admin", ((b"", "admin"),))
+    assert admin.expires_ms - admin.issued_ms == tokens.ADMIN_TTL * 1000  # 7 days
+    # Kept across restarts: the same key, the same admin token...
     before = {n: open(p, "rb").read() for n, p in paths.items()}
-    tokens.init_auth_dir(str(tmp_path / "auth"))
+    tokens.init_auth_dir(str(tmp_path / "auth"), now=time.time() + 5 * 24 * 3600)
     assert {n: open(p, "rb").read() for n, p in paths.items()} == before
     assert tokens.key_id(key.public_key()) == admin.key_id
+    # ... until it has less than a day left: then a new one, with the same key.
+    later = time.time() + 6.5 * 24 * 3600
+    tokens.init_auth_dir(str(tmp_path / "auth"), now=later)
+    renewed = tokens.verify(open(paths["admin.token"]).read().strip(),
+                            tokens.load_public_keys([paths["signing.pub"]]))
+    assert renewed.expires_ms == round((later + tokens.ADMIN_TTL) * 1000)
+    assert stat.S_IMODE(os.stat(paths["admin.token"]).st_mode) == 0o600
+    assert open(paths["signing.key"], "rb").read() == before["signing.key"]
     os.chmod(paths["signing.key"], 0o644)
     with pytest.raises(tokens.TokenError, match="chmod 600"):
         tokens.load_private_key(paths["signing.key"])
@@ -208,7 +219,73 @@ def test_a_node_verifies_each_token_once_in_a_bounded_cache(key, keys, monkeypat
     monkeypatch.setattr(rbac, "CACHE_SIZE", 8)
     for i in range(20):
         verifier.verify(tokens.issue(key, f"s{i}", {"": "r"}))
-    assert len(verifier.cache) == 8
+    assert len(verifier.accepted) == 8
+
+
+def junk(keys, i: int) -> str:
+    """A distinct forged token naming a real key id: each costs a signature check."""
+    return jwt.encode({"sub": "j", "iat": 1, "jti": str(i), "grants": {"": "admin"}},
+                      JUNK_KEY, algorithm="EdDSA", headers={"kid": next(iter(keys))})
+
+
+JUNK_KEY = tokens.generate_key()
+
+
+def test_junk_tokens_never_evict_an_accepted_one(key, keys, monkeypatch):
+    """Refusals are cached apart: 4,096 + 100 distinct forgeries leave the valid token cached
+    (it is not verified again), and the refusal cache stays bounded."""
+    verifier = rbac._Verifier([])
+    verifier.keys = keys
+    monkeypatch.setattr(rbac, "VERIFY_BURST", 10**6)  # this test is about the caches
+    good = tokens.issue(key, "a", {"": "r"})
+    verifier.verify(good, "10.0.0.1")
+    for i in range(rbac.REFUSED_CACHE_SIZE + 100):
+        with pytest.raises(pluginapi.Unauthorized):
+            verifier.verify(junk(keys, i), "10.0.0.2")
+    before = verifier.verified
+    assert verifier.verify(good, "10.0.0.1").subject == "a"
+    assert verifier.verified == before  # served from the cache: no verification
+    assert len(verifier.refused) == rbac.REFUSED_CACHE_SIZE and len(verifier.accepted) == 1
+    # Teeth: one LRU for both (as it was) lets the flood evict the valid token.
+    shared = rbac._Verifier([])
+    shared.keys, shared.refused = keys, shared.accepted
+    shared.verify(good)
+    for i in range(rbac.CACHE_SIZE):
+        with pytest.raises(pluginapi.Unauthorized):
+            shared.verify(junk(keys, i), "10.0.0.2")
+    before = shared.verified
+    shared.verify(good)
+    assert shared.verified == before + 1
+
+
+def test_each_source_may_cause_a_bounded_rate_of_verifications(key, keys, monkeypatch):
+    now = [0.0]
+    verifier = rbac._Verifier([], clock=lambda: now[0])
+    verifier.keys = keys
+    monkeypatch.setattr(rbac, "MAX_SOURCES", 4)
+    good = tokens.issue(key, "a", {"": "r"})
+    verifier.verify(good, "flood")
+    for i in range(rbac.VERIFY_BURST + 50):
+        with pytest.raises(pluginapi.Unauthorized):
+            verifier.verify(junk(keys, i), "flood")
+    assert verifier.verified == rbac.VERIFY_BURST  # the burst, then nothing
+    assert verifier.limited == 51
+    with pytest.raises(pluginapi.Unauthorized, match="too many new tokens to verify from flood"):
+        verifier.verify(tokens.issue(key, "b", {"": "r"}), "flood")
+    assert verifier.verify(good, "flood").subject == "a"  # cached: no bucket needed
+    assert verifier.verify(tokens.issue(key, "c", {"": "r"}), "other").subject == "c"
+    now[0] += 1.0  # a second refills VERIFY_RATE
+    for i in range(int(rbac.VERIFY_RATE)):
+        with pytest.raises(pluginapi.Unauthorized, match="(?i)signature verification failed"):
+            verifier.verify(junk(keys, 10_000 + i), "flood")
+    with pytest.raises(pluginapi.Unauthorized, match="too many"):
+        verifier.verify(junk(keys, 20_000), "flood")
+    # The sources table is bounded; busy sources are kept, new ones share one bucket.
+    for i in range(10):
+        with pytest.raises(pluginapi.Unauthorized):
+            verifier.verify(junk(keys, 30_000 + i), f"s{i}")
+    assert len(verifier.buckets.table) == rbac.MAX_SOURCES + 1  # + the shared bucket
+    assert "flood" in verifier.buckets.table and "s9" not in verifier.buckets.table
 
 
 # ================================================================================================
@@ -385,6 +462,106 @@ def test_state_machine_judges_expiry_and_revocation_by_the_entry_stamp():
         assert r.apply(Sweep(7000), 7000, bob) is not None  # never checked
     assert replicas[0].sm.settings == replicas[1].sm.settings
     assert [r.value(b"b:1") for r in replicas] == [b"3", b"3"]
+
+
+@attrs.define
+class AdminNode:
+    """What rbac's admin actions read of a node: its replicated settings and its time."""
+
+    sm: StateMachine
+    config: object = None
+
+    @property
+    def settings(self):
+        return self.sm.settings
+
+    def now_ms(self) -> int:
+        return self.sm.last_stamp_ms
+
+
+def admin(r: Replica, action: str, *args, stamp: int):
+    """Run rbac's admin action against replica `r` and apply its Configure at `stamp`."""
+    outcome = rbac.raftcache_admin(node=AdminNode(r.sm), action=action,
+                                   args=[a.encode() for a in args], caller=None)
+    command, report = outcome
+    assert not isinstance(r.apply(command, stamp, ROOT), ApplyError)
+    return report
+
+
+ROOT = Caller("root", "k", grants=((b"", "admin"),))
+
+
+def test_one_token_is_revoked_by_its_jti_and_the_revocation_ends_with_its_expiry():
+    """`revoke-jti` refuses that token on every replica at apply, and no other token of its
+    subject; once the cluster's time passed its expiry a later revoke-jti drops it."""
+    r = Replica()
+    one = attrs.evolve(caller("carl", grants=[("c:", "rw")], exp=10_000), jti="j1")
+    other = attrs.evolve(one, jti="j2")
+    assert not isinstance(r.apply(Put(b"c:1", b"x"), 2000, one), ApplyError)
+    assert admin(r, "revoke-jti", "j1", "10000", stamp=2001)["revoked_jti"] == "j1"
+    assert r.apply(Put(b"c:1", b"y"), 2002, one) == ApplyError(
+        "Unauthorized", "the token 'j1' of 'carl' was revoked")
+    assert not isinstance(r.apply(Put(b"c:1", b"z"), 2003, other), ApplyError)
+    assert r.value(b"c:1") == b"z"
+    # Bounded: at 10,000 ms the token expired by the cluster's time; the next revoke-jti
+    # drops it (and one with no known expiry stays until unrevoked).
+    admin(r, "revoke-jti", "forever", stamp=2004)
+    r.apply(Put(b"tick", b""), 10_000)
+    assert admin(r, "revoke-jti", "j3", "20000", stamp=10_001)["dropped_expired"] == 1
+    held = {n for n in r.sm.settings if n.startswith(rbac.REVOKED_JTI)}
+    assert held == {rbac.REVOKED_JTI + "forever", rbac.REVOKED_JTI + "j3"}
+    admin(r, "unrevoke-jti", "forever", stamp=10_002)
+    assert rbac.REVOKED_JTI + "forever" not in r.sm.settings
+
+
+def test_revoked_jtis_are_bounded(monkeypatch):
+    monkeypatch.setattr(rbac, "MAX_REVOKED_JTIS", 3)
+    r = Replica()
+    for i in range(3):
+        admin(r, "revoke-jti", f"j{i}", "0", stamp=1000 + i)
+    with pytest.raises(ValueError, match="revoke their subjects instead"):
+        admin(r, "revoke-jti", "j9", stamp=1010)
+    admin(r, "revoke-jti", "j1", "5", stamp=1011)  # the same id again: no new one held
+
+
+def test_a_token_issued_ahead_of_the_cluster_time_is_refused():
+    """An issuer whose clock runs ahead would mint a token that outlives a revocation of its
+    subject (it compares iat): past the skew, its iat alone refuses it, nbf or not."""
+    ahead = caller("eve", grants=[("e:", "rw")], issued=100_000 + rbac.ISSUED_SKEW_MS + 1,
+                   nbf=0)
+    within = caller("eve", grants=[("e:", "rw")], issued=100_000 + rbac.ISSUED_SKEW_MS, nbf=0)
+    get = {"op": "get", "keys": [b"e:1"]}
+    assert not allowed(ahead, stamp=100_000, **get) and allowed(within, stamp=100_000, **get)
+    assert "issued in the future" in rbac.validity(ahead, 100_000, None)
+    r = Replica()
+    assert isinstance(r.apply(Put(b"e:1", b"x"), 100_000, ahead), ApplyError)
+
+
+def test_one_grammar_for_subjects_at_issue_verification_and_revocation(key, keys):
+    """"alice smith" is issued, verified and revoked alike; what one refuses, all refuse."""
+    token = tokens.issue(key, "alice smith", {"": "r"})
+    assert tokens.verify(token, keys).subject == "alice smith"
+    r = Replica()
+    assert admin(r, "revoke", "alice smith", stamp=5000) == {"revoked": "alice smith"}
+    for bad in ("", " alice", "alice ", "al\tice", "al\nice", "x" * 257):
+        with pytest.raises(tokens.TokenError):
+            tokens.issue(key, bad, {"": "r"})
+        with pytest.raises(ValueError):
+            rbac.raftcache_admin(node=AdminNode(r.sm), action="revoke", args=[bad.encode()],
+                                 caller=None)
+        forged = jwt.encode({"sub": bad, "iat": 1, "grants": {}}, key, algorithm="EdDSA",
+                            headers={"kid": tokens.key_id(key.public_key())})
+        with pytest.raises(tokens.TokenError, match="subject"):
+            tokens.verify(forged, keys)
+
+
+def test_a_callers_jti_travels_in_the_entry():
+    who = attrs.evolve(caller("u", grants=[("", "r")]), jti="abc")
+    env = Envelope(Put(b"k", b"v"), identity="u", stamp_ms=5, caller=who)
+    assert decode_envelope(encode_envelope(env)).caller == who
+    bare = attrs.evolve(who, jti="")  # entries written before jtis were recorded
+    data = encode_envelope(attrs.evolve(env, caller=bare))
+    assert data[1] & 16 == 0 and decode_envelope(data).caller == bare
 
 
 def test_a_vetoed_write_leaves_no_trace_in_its_session():
@@ -642,6 +819,88 @@ def test_a_revoked_token_is_refused_on_every_replica_at_once(cluster):
         assert "bob" not in admin.admin("auth-status")["revoked"]
 
 
+FLOOD_CONNECTIONS = 2  # one source: the flood's connections all come from 127.0.0.1
+
+
+def junk_flood(kid: str, n: int) -> list[str]:
+    """n distinct forged tokens naming key `kid`, well formed down to a random signature."""
+    header = b64(json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": kid}).encode())
+    return [f"{header}.{b64(json.dumps({'sub': 'x', 'iat': 1, 'jti': str(i)}).encode())}."
+            f"{b64(os.urandom(64))}" for i in range(n)]
+
+
+def p99(samples: list[float]) -> float:
+    return sorted(samples)[int(len(samples) * 0.99)] * 1000
+
+
+def test_a_junk_token_flood_costs_bounded_verifications_and_spares_valid_callers(cluster):
+    """5,000 distinct forged tokens naming the real key id, from one source, while a valid
+    caller reads: the valid token stays cached (never verified again), every forgery is
+    refused, the source causes at most its rate of verifications, and the term holds."""
+    import threading
+
+    leader = cluster.wait_for_leader()
+    address = cluster.address(leader)
+    kid = next(iter(tokens.load_public_keys([cluster.auth_files()["signing.pub"]])))
+    valid = issue(cluster, "flood-reader", {"flood:": "rw"})
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        admin.set("flood:k", "v")
+        term = admin.status(address).term
+
+    def counters() -> dict:
+        with node_client(cluster, leader, cluster.admin_token()) as c:
+            return c.admin("auth-status")["tokens"]
+
+    def reads(stop: threading.Event, out: list, errors_seen: list, count: int = 0):
+        with node_client(cluster, leader, valid) as c:
+            while not stop.is_set() and (count == 0 or len(out) < count):
+                started = time.monotonic()
+                try:
+                    assert c.get("flood:k") == b"v"
+                except Exception as exc:  # a refusal here is the failure this test looks for
+                    errors_seen.append(repr(exc))
+                out.append(time.monotonic() - started)
+
+    quiet, problems = [], []
+    reads(threading.Event(), quiet, problems, count=300)  # also puts `valid` in the cache
+    before = counters()
+    outcomes, stop, during = [], threading.Event(), []
+    reader = threading.Thread(target=reads, args=(stop, during, problems))
+    forged = junk_flood(kid, 5000)
+
+    def flood(part: list[str]):
+        with node_client(cluster, leader, None, timeout=2.0) as c:
+            for token in part:
+                c.token = token
+                outcomes.append(refused(lambda: c.get("flood:k")))
+
+    floods = [threading.Thread(target=flood, args=(forged[i::FLOOD_CONNECTIONS],)) for i in range(FLOOD_CONNECTIONS)]
+    started = time.monotonic()
+    reader.start()
+    for t in floods:
+        t.start()
+    for t in floods:
+        t.join(120)
+    elapsed = time.monotonic() - started
+    stop.set()
+    reader.join(10)
+    with cluster.client(timeout=WAIT) as c:
+        assert c.status(address).term == term  # the counters below are this leader's
+    after = counters()
+    with node_client(cluster, leader, valid) as c:
+        assert c.get("flood:k") == b"v"
+    assert counters()["verified"] == after["verified"]  # both tokens still cached
+    assert problems == [] and len(during) > 0
+    assert len(outcomes) == 5000 and all(outcomes)
+    verified = after["verified"] - before["verified"]
+    assert verified <= rbac.VERIFY_BURST + rbac.VERIFY_RATE * (elapsed + 1)
+    assert after["limited"] - before["limited"] >= 5000 - verified
+    print(f"\njunk flood: 5000 forged tokens in {elapsed:.1f} s; {verified} verified, "
+          f"{after['limited'] - before['limited']} refused unverified; valid reader p99 "
+          f"{p99(quiet):.2f} ms quiet ({len(quiet)} gets), {p99(during):.2f} ms during the "
+          f"flood ({len(during)} gets)")
+
+
 def test_roles_resolve_against_the_replicated_settings(cluster):
     token = issue(cluster, "carol", {}, roles=["reader"])
     with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
@@ -695,13 +954,14 @@ def expiry_problems(cluster) -> list[str]:
     clock is an hour behind: its verdict comes from the stamps it applied."""
     problems = []
     # Node 3 may lead at first, and judges tokens by its stamps: an hour behind, a token
-    # issued now is not valid yet there. This one is valid from two hours ago.
-    admin_token = issue(cluster, "root", {"": "admin"}, not_before=time.time() - 7200)
+    # issued now is not valid yet there (and issued in the future). This one is issued two
+    # hours ago.
+    admin_token = issue(cluster, "root", {"": "admin"}, now=time.time() - 7200)
     with cluster.client(token=admin_token, timeout=WAIT) as admin:
         admin.transfer_leader(1)
         admin.set("admin:tick", "0")
     # Valid from two hours ago (node 3's clock is no obstacle) for 1.5 s from now.
-    token = issue(cluster, "dave", {"d:": "rw"}, ttl=1.5, not_before=time.time() - 7200)
+    token = issue(cluster, "dave", {"d:": "rw"}, ttl=7201.5, now=time.time() - 7200)
     with cluster.client(token=token, timeout=WAIT) as c:
         c.set("d:k", "v")
     with node_client(cluster, 3, token) as c:
@@ -794,19 +1054,41 @@ def test_token_issue_and_inspect_offline(tmp_path):
     assert none.returncode == 2 and "--grant" in none.stderr
 
 
+def exported(out: str) -> dict:
+    """The NAME=VALUE pairs of the `export RAFTCACHE_...` lines `up` printed (not $(...))."""
+    pairs = {}
+    for line in out.splitlines():
+        if "export RAFTCACHE_" in line:
+            for word in line.split("export ", 1)[1].split():
+                name, _, value = word.partition("=")
+                if not value.startswith("$("):
+                    pairs[name] = value
+    return pairs
+
+
 def test_up_auth_writes_an_admin_token_that_works(tmp_path):
+    """`up --auth` runs TLS (tokens never cross a readable wire) and prints what clients
+    need; the admin token expires in 7 days; tokens are revoked by subject or by jti."""
     up, port, out = start_up(tmp_path, "--storage", "memory", "--auth")
     data = tmp_path / "data"
     try:
         assert "leader: node" in out, out
+        assert "tcp-tls transport" in out and "WARNING" not in out, out
         token_path = data / "auth" / "admin.token"
         assert f"export RAFTCACHE_TOKEN=$(cat {token_path})" in out, out
+        expiry = tokens.expiry_text(tokens.expires_at(str(token_path)))
+        assert f"(expires at {expiry}, renewed" in out, out
+        assert 6.9 * 86400 < tokens.expires_at(str(token_path)) - time.time() <= 7 * 86400
         assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(data / "auth" / "signing.key").st_mode) == 0o600
         assert stat.S_IMODE(os.stat(data / "auth").st_mode) == 0o700
         endpoints = ",".join(f"127.0.0.1:{port + i}" for i in range(3))
-        anon = dict(os.environ, RAFTCACHE_ENDPOINTS=endpoints)
-        anon.pop("RAFTCACHE_TOKEN", None)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTCACHE_")}
+        plain = dict(env, RAFTCACHE_ENDPOINTS=endpoints,
+                     RAFTCACHE_TOKEN=token_path.read_text().strip())
+        assert raftcache("get", "admin:k", "--timeout", "2", env=plain).returncode == 2
+        anon = dict(env, RAFTCACHE_ENDPOINTS=endpoints, **exported(out))
+        assert anon["RAFTCACHE_TRANSPORT"] == "tcp-tls" and os.path.exists(anon["RAFTCACHE_CA"])
         admin = dict(anon, RAFTCACHE_TOKEN=token_path.read_text().strip())
         # Anonymous: one line, exit 3; status stays open.
         refused_set = raftcache("set", "k", "v", env=anon)
@@ -821,6 +1103,10 @@ def test_up_auth_writes_an_admin_token_that_works(tmp_path):
         issued = raftcache("token", "issue", "--data-dir", str(data), "--subject", "alice",
                            "--grant", "user:=rw")
         alice = dict(anon, RAFTCACHE_TOKEN=issued.stdout.strip())
+        claims = tokens.unverified(issued.stdout.strip())[1]
+        assert claims["exp"] - claims["iat"] == tokens.USER_TTL  # a day, by default
+        assert issued.stderr == (f"token for 'alice' (jti {claims['jti']}) expires at "
+                                 f"{tokens.expiry_text(claims['exp'])}\n")
         assert raftcache("set", "user:1", "a", env=alice).returncode == 0
         assert raftcache("get", "admin:k", env=alice).returncode == 3
         assert raftcache("get", "admin:k", "--token", issued.stdout.strip(),
@@ -839,6 +1125,35 @@ def test_up_auth_writes_an_admin_token_that_works(tmp_path):
         assert raftcache("role", "delete", "ops", env=admin).returncode == 0
         assert raftcache("token", "unrevoke", "alice", env=admin).returncode == 0
         assert raftcache("get", "user:1", env=alice).stdout == "a\n"
+        # One token by its jti (given the token itself): the subject's others still work.
+        second = raftcache("token", "issue", "--data-dir", str(data), "--subject",
+                           "alice smith", "--grant", "user:=rw").stdout.strip()
+        third = raftcache("token", "issue", "--data-dir", str(data), "--subject",
+                          "alice smith", "--grant", "user:=rw").stdout.strip()
+        by_jti = raftcache("token", "revoke", "--jti", second, env=admin)
+        assert by_jti.returncode == 0, by_jti
+        assert json.loads(by_jti.stdout)["revoked_jti"] == tokens.unverified(second)[1]["jti"]
+        assert "was revoked" in raftcache("get", "user:1", "--token", second, env=anon).stderr
+        assert raftcache("get", "user:1", "--token", third, env=anon).stdout == "a\n"
+        status = json.loads(raftcache("auth", "status", env=admin).stdout)
+        held = status["revoked_jti"][tokens.unverified(second)[1]["jti"]]
+        assert held == round(tokens.unverified(second)[1]["exp"] * 1000)
+        # Subjects with a space: issued, revoked and verified by one grammar.
+        spaced = raftcache("token", "revoke", "alice smith", env=admin)
+        assert spaced.returncode == 0, spaced
+        assert raftcache("get", "user:1", "--token", third, env=anon).returncode == 3
+        assert raftcache("token", "revoke", env=admin).returncode == 2  # nothing named
+    finally:
+        up.terminate()
+        up.wait(20)
+
+
+def test_up_auth_over_plaintext_thrift_warns(tmp_path):
+    up, _port, out = start_up(tmp_path, "--storage", "memory", "--auth", "--transport",
+                              "thrift")
+    try:
+        assert "leader: node" in out, out
+        assert "WARNING: --auth over plaintext thrift" in out and "RAFTCACHE_CA" not in out
     finally:
         up.terminate()
         up.wait(20)

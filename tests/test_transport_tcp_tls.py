@@ -66,7 +66,7 @@ class EchoHandler:
         self.got = gevent.event.Event()
         self.want = 0
 
-    def handle_request(self, request, certificate=None):
+    def handle_request(self, request, certificate=None, source=None):
         self.ops.append(request.op)
         self.certificates.append(certificate)
         if request.op == "sleep":

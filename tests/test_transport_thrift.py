@@ -39,7 +39,7 @@ class EchoHandler:
         self.messages = []
         self.got_messages = gevent.event.Event()
 
-    def handle_request(self, r, certificate=None):
+    def handle_request(self, r, certificate=None, source=None):
         self.requests.append(r)
         key = r.key or b""
         if key.startswith(b"err:"):

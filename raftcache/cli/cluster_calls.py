@@ -37,10 +37,14 @@ def client_command(sub, name: str, op: str, func, *positional: str, help: str = 
                     help="host:port,... (default: $RAFTCACHE_ENDPOINTS or 127.0.0.1:7400-7402)")
     sp.add_argument("--token", default=os.environ.get("RAFTCACHE_TOKEN"),
                     help="a signed token (default: $RAFTCACHE_TOKEN)")
-    sp.add_argument("--transport", default="thrift")
-    sp.add_argument("--ca", help="CA certificate (PEM) for TLS")
-    sp.add_argument("--cert", help="client certificate (PEM) for TLS")
-    sp.add_argument("--key", dest="tls_key", help="client key (PEM) for TLS")
+    sp.add_argument("--transport", default=os.environ.get("RAFTCACHE_TRANSPORT", "thrift"),
+                    help="thrift or tcp-tls (default: $RAFTCACHE_TRANSPORT or thrift)")
+    sp.add_argument("--ca", default=os.environ.get("RAFTCACHE_CA"),
+                    help="CA certificate (PEM) for TLS (default: $RAFTCACHE_CA)")
+    sp.add_argument("--cert", default=os.environ.get("RAFTCACHE_CERT"),
+                    help="client certificate (PEM) for TLS (default: $RAFTCACHE_CERT)")
+    sp.add_argument("--key", dest="tls_key", default=os.environ.get("RAFTCACHE_KEY"),
+                    help="client key (PEM) for TLS (default: $RAFTCACHE_KEY)")
     sp.add_argument("--timeout", type=float, default=5.0)
     sp.set_defaults(func=func, operation=operation.name, usage_error=sp.error)
     return sp

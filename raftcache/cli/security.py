@@ -95,8 +95,9 @@ def add_auth_commands(sub) -> None:
                          "empty: every key); repeatable")
     ti.add_argument("--role", action="append", default=[], metavar="NAME",
                     help="a role whose grants the cluster holds (`raftcache role set`)")
-    ti.add_argument("--ttl", type=float, default=None, help="seconds until it expires "
-                                                           "(default: never)")
+    ti.add_argument("--ttl", type=float, default=None,
+                    help="seconds until it expires (default: 86400, a day); printed on stderr "
+                         "with the token's id (jti), which `token revoke --jti` takes")
     ti.set_defaults(func=_cmd_token_issue)
     tin = token_sub.add_parser("inspect", help="print a token's header and claims as JSON, "
                                                "and whether its signature verifies")
@@ -105,12 +106,17 @@ def add_auth_commands(sub) -> None:
     pub.add_argument("--data-dir", help="verify with DATA_DIR/auth/signing.pub")
     pub.add_argument("--public-key", help="verify with this Ed25519 public key (PEM)")
     tin.set_defaults(func=_cmd_token_inspect)
-    client_command(token_sub, "revoke", "admin", _cmd_auth_admin, "subject",
-                   help="revoke every token of SUBJECT issued until now (through the log; "
-                        "needs an admin token)").set_defaults(action="revoke")
-    client_command(token_sub, "unrevoke", "admin", _cmd_auth_admin, "subject",
-                   help="lift SUBJECT's revocation (its older tokens work again)"
-                   ).set_defaults(action="unrevoke")
+    for name, text in (
+            ("revoke", "revoke every token of SUBJECT issued until now, or with --jti one "
+                       "token (through the log; needs an admin token)"),
+            ("unrevoke", "lift SUBJECT's revocation (its older tokens work again), or with "
+                         "--jti that of one token")):
+        tr = client_command(token_sub, name, "admin", _cmd_token_revoke, help=text)
+        tr.add_argument("subject", nargs="?")
+        tr.add_argument("--jti", metavar="ID|TOKEN",
+                        help="one token: its id (printed at issue) or the token itself (then "
+                             "the revocation is dropped once the token expires)")
+        tr.set_defaults(action=name)
     role = sub.add_parser("role", help="named sets of grants that tokens refer to")
     role_sub = role.add_subparsers(required=True, metavar="ACTION")
     rs = client_command(role_sub, "set", "admin", _cmd_auth_admin, "name",
@@ -135,10 +141,48 @@ def _cmd_token_issue(args):
         if not grants and not args.role:
             raise ValueError("give at least one --grant PREFIX=PERMS or --role NAME")
         key = tokens.load_private_key(path)
-        print(tokens.issue(key, args.subject, grants, roles=args.role, ttl=args.ttl))
+        token = tokens.issue(key, args.subject, grants, roles=args.role,
+                             ttl=tokens.USER_TTL if args.ttl is None else args.ttl)
     except (tokens.TokenError, ValueError) as exc:
         return fail("InvalidRequest", str(exc))
+    print(token)
+    _header, claims = tokens.unverified(token)
+    # stderr: stdout holds the token alone, for $(raftcache token issue ...)
+    print(f"token for {claims['sub']!r} (jti {claims['jti']}) expires at "
+          f"{tokens.expiry_text(claims['exp'])}", file=sys.stderr)
     return 0
+
+
+def _cmd_token_revoke(args):
+    """revoke/unrevoke SUBJECT, or --jti ID|TOKEN: the admin actions revoke, unrevoke,
+    revoke-jti (with the token's expiry when a token is given) and unrevoke-jti."""
+    import json
+
+    from raftcache.plugins.security import tokens
+
+    if (args.subject is None) == (args.jti is None):
+        args.usage_error("give a SUBJECT or --jti ID|TOKEN (one of them)")
+    if args.jti is None:
+        call = (args.action, args.subject)
+    else:
+        jti, extra = args.jti, ()
+        if jti.count(".") == 2:  # a token: its id, and its expiry to drop it by
+            try:
+                _header, claims = tokens.unverified(jti)
+            except tokens.TokenError as exc:
+                return fail("InvalidRequest", str(exc))
+            jti = claims.get("jti")
+            if not isinstance(jti, str) or not jti:
+                return fail("InvalidRequest", "this token has no jti: revoke its subject")
+            exp = claims.get("exp")
+            if args.action == "revoke" and type(exp) in (int, float) and exp > 0:
+                extra = (str(round(exp * 1000)),)  # the expires_ms nodes judge it by
+        call = (args.action + "-jti", jti, *extra)
+
+    def go():
+        with connect(args) as c:
+            print(json.dumps(c.admin(*call), sort_keys=True))
+    return run_client(go)
 
 
 def _cmd_token_inspect(args):

@@ -18,7 +18,10 @@ def add_server_commands(sub) -> None:
     up.add_argument("--data-dir", default="./raftcache-data")
     up.add_argument("--storage", default="file-wal",
                     help="file-wal (default), redis-aof, or memory (not durable)")
-    up.add_argument("--transport", default="thrift")
+    up.add_argument("--transport", default=None,
+                    help="thrift (default) or tcp-tls (mutual TLS, certificates made in "
+                         "DATA_DIR/certs); with --auth, tcp-tls unless said otherwise: tokens "
+                         "must not cross a readable wire")
     up.add_argument("--backend", default="memory",
                     help="memory (default), redis, memcached, or hybrid (with --config); "
                          "redis-server or memcached per node when the config names none")
@@ -33,7 +36,9 @@ def add_server_commands(sub) -> None:
                          "cluster secret on plaintext transports); logs a warning")
     up.add_argument("--auth", action="store_true",
                     help="require signed tokens from clients: writes DATA_DIR/auth/admin.token "
-                         "(0600) beside the signing key (docs/security.md)")
+                         "(0600, expires after 7 days, renewed at a start) beside the signing "
+                         "key, and runs tcp-tls unless --transport says otherwise "
+                         "(docs/security.md)")
     up.add_argument("--no-encryption", action="store_true",
                     help="store values in plaintext (by default they are encrypted at rest "
                          "with the keyring DATA_DIR/keyring, made at the first start)")

@@ -197,9 +197,9 @@ class Node:
                 return
 
     # -- the transport's callbacks -----------------------------------------------------------------
-    def handle_request(self, request: api.Request,
-                       certificate: str | None = None) -> api.Response:
-        return self.requests.handle(request, certificate)
+    def handle_request(self, request: api.Request, certificate: str | None = None,
+                       source: str | None = None) -> api.Response:
+        return self.requests.handle(request, certificate, source)
 
     def handle_peer_messages(self, messages, sender: int | None = None) -> None:
         self.replica.step(messages, sender)

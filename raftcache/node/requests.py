@@ -70,13 +70,15 @@ class Requests:
                             "change_member": control.change_member,
                             "snapshot": control.snapshot, "admin": control.admin}
 
-    def handle(self, request: api.Request, certificate: str | None = None) -> api.Response:
+    def handle(self, request: api.Request, certificate: str | None = None,
+               source: str | None = None) -> api.Response:
         started = time.monotonic()
-        response = self._dispatch(request, certificate)
+        response = self._dispatch(request, certificate, source)
         self.stats.request(request.op, response.error, time.monotonic() - started)
         return response
 
-    def _dispatch(self, request: api.Request, certificate: str | None) -> api.Response:
+    def _dispatch(self, request: api.Request, certificate: str | None,
+                  source: str | None) -> api.Response:
         op = OPERATIONS.get(request.op)
         try:
             if op is None:
@@ -84,7 +86,7 @@ class Requests:
             op.check_sizes(request, self.config.node)
             if op.name == "status":  # open to all: it is the health check
                 return api.Response(status=self.status())
-            caller = self._authenticate(request, certificate)
+            caller = self._authenticate(request, certificate, source)
             request = _with_certificate(request, certificate)  # what a forward carries
             if op.kind == "write":
                 return self._write(op, request, caller)
@@ -107,11 +109,12 @@ class Requests:
             return api.error("Unavailable", "internal error; see the node's log")
 
     # -- who is calling ----------------------------------------------------------------------------
-    def _authenticate(self, request: api.Request, certificate: str | None):
+    def _authenticate(self, request: api.Request, certificate: str | None,
+                      source: str | None = None):
         """The verified caller of `request` (None: anonymous); raises Unauthorized."""
         token = request.header.token if request.header is not None else None
         return self.pm.hook.raftcache_authenticate(node=self.context, token=token,
-                                                   certificate=certificate)
+                                                   certificate=certificate, source=source)
 
     def authorize(self, op: str, keys, caller) -> None:
         """Raise Unauthorized unless the access plugins allow `op` on `keys` here and now."""

@@ -193,8 +193,8 @@ def raftcache_value_codecs(node: NodeContext) -> Iterable[ValueCodec]:
 # Access control: on the node a client called
 # ================================================================================================
 @hookspec(firstresult=True)
-def raftcache_authenticate(node: NodeContext, token: str | None,
-                           certificate: str | None) -> Caller | None:
+def raftcache_authenticate(node: NodeContext, token: str | None, certificate: str | None,
+                           source: str | None) -> Caller | None:
     """Who is calling: verify the request's `token` (or map its client certificate) and
     return the `Caller` it proves, which the node records in the entries it proposes for the
     call. Raise `Unauthorized(reason)` for
@@ -207,6 +207,8 @@ def raftcache_authenticate(node: NodeContext, token: str | None,
     :param node: the node that received the call.
     :param token: ``RequestHeader.token``, or None.
     :param certificate: the CN of the TLS client certificate the call came with, or None.
+    :param source: the address (host) the call's connection came from, or None: what a
+        plugin bounds the work a source can cause (token verifications) by.
     """
 
 

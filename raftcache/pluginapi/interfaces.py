@@ -47,12 +47,13 @@ class Storage(Protocol):
 class PeerHandler(Protocol):
     """What a transport's server calls into. Implemented by the node."""
 
-    def handle_request(self, request: api.Request,
-                       certificate: str | None = None) -> api.Response:
+    def handle_request(self, request: api.Request, certificate: str | None = None,
+                       source: str | None = None) -> api.Response:
         """A client's call, answered. Blocks the calling greenlet until the answer is known;
         never raises. `certificate`: the CN of the verified TLS client certificate the call
         came with (`transport.tls.caller_certificate`), which access control may map to
-        a principal. The transport turns its wire format into `api.Request` and the answer
+        a principal; `source`: the address the connection came from (its host, no port), what
+        access control bounds per source (the token verifications it costs). The transport turns its wire format into `api.Request` and the answer
         back (`raftcache.wire` does it for the Thrift IDL); `raftcache.core.operations` says
         which fields each operation takes and which field of the answer holds its result."""
 

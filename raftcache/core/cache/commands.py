@@ -19,9 +19,10 @@ Layout (version 1)::
     envelope := 0x01 flags:u8 stamp_ms:uvarint [client_id:str] [seq:svarint] [identity:str]
                 [caller] command
     flags    := bit 0 client_id present, bit 1 seq present, bit 2 identity present,
-                bit 3 caller present (needs bit 2: the identity is the caller's subject)
+                bit 3 caller present (needs bit 2: the identity is the caller's subject),
+                bit 4 the caller's token id present (needs bit 3)
     caller   := key_id:str issued_ms:uvarint not_before_ms:uvarint expires_ms:uvarint
-                n:uvarint (prefix:bytes perms:str){n} m:uvarint role:str{m}
+                n:uvarint (prefix:bytes perms:str){n} m:uvarint role:str{m} [jti:str]
     command  := tag:u8 fields (each command class's `tag` and `fields`)
     bytes    := len:uvarint data        str := bytes, UTF-8
     ttl      := uvarint, 0 = no expiry
@@ -53,6 +54,7 @@ _F_CLIENT = 1
 _F_SEQ = 2
 _F_IDENTITY = 4
 _F_CALLER = 8
+_F_JTI = 16  # entries written before token ids were recorded lack it (their callers': "")
 _MAX_NAMES = 4096  # items of one Configure or Reseal, grants and roles of one caller
 
 
@@ -551,6 +553,7 @@ class Caller:
     expires_ms: int = 0
     grants: tuple[tuple[bytes, str], ...] = ()
     roles: tuple[str, ...] = ()
+    jti: str = ""  # the token's id ("" none): what a revocation of one token names
 
 
 @attrs.frozen(slots=True)
@@ -611,6 +614,8 @@ def _caller(out: bytearray, c: Caller) -> None:
     put_uvarint(out, len(roles))
     for role in roles:
         _str(out, role, "role")
+    if c.jti:
+        _str(out, c.jti, "jti")
 
 
 
@@ -639,6 +644,8 @@ def encode_envelope(env: Envelope) -> bytes:
             raise CommandError("an envelope's caller must be a Caller whose subject is its "
                                "identity")
         flags |= _F_CALLER
+        if env.caller.jti:
+            flags |= _F_JTI
     out = bytearray((FORMAT_VERSION, flags))
     _uint(out, env.stamp_ms, "stamp_ms")
     if env.client_id is not None:
@@ -654,7 +661,7 @@ def encode_envelope(env: Envelope) -> bytes:
 
 
 
-def _decode_caller(r: Reader, subject: str) -> Caller:
+def _decode_caller(r: Reader, subject: str, has_jti: int) -> Caller:
     key_id, issued, not_before, expires = r.str_(), r.uvarint(), r.uvarint(), r.uvarint()
     grants = []
     for _ in range(_count(r, "grants")):
@@ -663,7 +670,10 @@ def _decode_caller(r: Reader, subject: str) -> Caller:
             raise CommandError(f"unknown grant perms {perms!r}")
         grants.append((prefix, perms))
     roles = tuple(r.str_() for _ in range(_count(r, "roles")))
-    return Caller(subject, key_id, issued, not_before, expires, tuple(grants), roles)
+    jti = r.str_() if has_jti else ""
+    if has_jti and not jti:
+        raise CommandError("an empty jti is written by leaving it out")
+    return Caller(subject, key_id, issued, not_before, expires, tuple(grants), roles, jti)
 
 
 
@@ -682,14 +692,15 @@ def decode_envelope(data: bytes) -> Envelope:
     r.pos = 1
     try:
         flags = r.u8()
-        if flags & ~(_F_CLIENT | _F_SEQ | _F_IDENTITY | _F_CALLER) or (
-                flags & _F_CALLER and not flags & _F_IDENTITY):
+        if flags & ~(_F_CLIENT | _F_SEQ | _F_IDENTITY | _F_CALLER | _F_JTI) or (
+                flags & _F_CALLER and not flags & _F_IDENTITY) or (
+                flags & _F_JTI and not flags & _F_CALLER):
             raise CommandError(f"unknown envelope flags {flags:#x}")
         stamp = r.uvarint()
         client_id = r.str_() if flags & _F_CLIENT else None
         seq = r.svarint() if flags & _F_SEQ else None
         identity = r.str_() if flags & _F_IDENTITY else None
-        caller = _decode_caller(r, identity) if flags & _F_CALLER else None
+        caller = _decode_caller(r, identity, flags & _F_JTI) if flags & _F_CALLER else None
         command = decode_command(r)
         r.end()
     except CommandError:

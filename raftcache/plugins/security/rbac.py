@@ -1,18 +1,22 @@
 """`rbac`: who may do what, from signed tokens (docs/security.md).
 
 - ``raftcache_authenticate`` verifies a request's token against ``[auth] public_keys`` (the
-  node keeps what it verified in a bounded LRU, so a request costs a dict lookup, not an
-  Ed25519 verify) and returns the `Caller` the node records in the entries it proposes.
+  node keeps accepted and refused tokens in two bounded LRUs, so a request costs a dict
+  lookup, not an Ed25519 verify, and bounds the verifications each source may cause) and
+  returns the `Caller` the node records in the entries it proposes.
 - ``raftcache_check_command`` (every replica, at apply) and ``raftcache_check_request`` (reads
   once their read index applied; node operations) decide with one function, `decide`, from
   the caller, the entry's stamp and the replicated settings only: never from a clock.
-- ``raftcache_admin`` turns ``revoke``, ``unrevoke``, ``role-set`` and ``role-delete`` into
+- ``raftcache_admin`` turns ``revoke``, ``unrevoke``, ``revoke-jti``, ``unrevoke-jti``,
+  ``role-set`` and ``role-delete`` into
   `Configure` commands (committed through the log like any write) and answers
   ``auth-status``.
 
 Replicated state (settings): ``auth.revoked.<subject>`` (value b""; tokens of that subject
-issued at or before the setting's stamp are refused) and ``auth.role.<name>`` (JSON object
-prefix -> perms).
+issued at or before the setting's stamp are refused), ``auth.revoked-jti.<jti>`` (value: the
+token's expiry in ms as ASCII digits, "0" unknown; that one token is refused; dropped by a
+later revoke-jti once the cluster's time passed the expiry) and ``auth.role.<name>`` (JSON
+object prefix -> perms).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -30,9 +35,16 @@ from raftcache.pluginapi import Unauthorized, hookimpl
 from . import tokens
 
 REVOKED = "auth.revoked."
+REVOKED_JTI = "auth.revoked-jti."
+MAX_REVOKED_JTIS = 10_000  # revoked token ids held at once (expired ones are dropped)
+ISSUED_SKEW_MS = 60_000  # a token issued further ahead of the cluster's time is refused
 ROLE = "auth.role."
 CERTIFICATE = "cert:"  # the subject of a caller known by its TLS client certificate
-CACHE_SIZE = 4096  # verified tokens kept per node
+CACHE_SIZE = 4096  # accepted tokens kept per node
+REFUSED_CACHE_SIZE = 4096  # refused tokens' reasons, kept apart from the accepted ones
+VERIFY_RATE = 100.0  # token verifications a second one source may cause (past its burst)
+VERIFY_BURST = 200
+MAX_SOURCES = 1024  # sources whose buckets a node keeps
 CLUSTER_OPS = frozenset({"transfer_leader", "change_member", "admin", "snapshot"})
 _READS = frozenset({"r", "rw", "admin"})
 _WRITES = frozenset({"w", "rw", "admin"})
@@ -103,8 +115,13 @@ def effective_grants(caller: Caller, settings: Mapping) -> tuple[tuple[bytes, st
 
 
 def validity(caller: Caller, stamp_ms: int, settings: Mapping | None) -> str | None:
-    """Why the caller's token is not good at `stamp_ms` (not yet valid, expired, revoked),
-    or None."""
+    """Why the caller's token is not good at `stamp_ms` (issued in the future, not yet valid,
+    expired, revoked), or None."""
+    if caller.issued_ms > stamp_ms + ISSUED_SKEW_MS:
+        # An issuer whose clock runs ahead would mint tokens that outlive a revocation of
+        # their subject (judged by `iat`): the cluster's time says when "now" is.
+        return (f"the token of {caller.subject!r} was issued in the future (its iat is more "
+                f"than {ISSUED_SKEW_MS // 1000} s ahead of the cluster's time)")
     if stamp_ms < caller.not_before_ms:
         return f"the token of {caller.subject!r} is not valid yet"
     if caller.expires_ms and stamp_ms >= caller.expires_ms:
@@ -113,6 +130,8 @@ def validity(caller: Caller, stamp_ms: int, settings: Mapping | None) -> str | N
         revoked = settings.get(REVOKED + caller.subject)
         if revoked is not None and caller.issued_ms <= revoked.stamp_ms:
             return f"the tokens of {caller.subject!r} were revoked"
+        if caller.jti and settings.get(REVOKED_JTI + caller.jti) is not None:
+            return f"the token {caller.jti!r} of {caller.subject!r} was revoked"
     return None
 
 
@@ -149,31 +168,88 @@ def decide(caller: Caller | None, stamp_ms: int, settings: Mapping,
 # The node's side: tokens in, verified callers out
 # ================================================================================================
 class _Verifier:
-    """One node's public keys and the tokens it verified (LRU): the token's SHA-256 -> Caller,
-    or the reason it was refused (a forged token costs one verify, not one per request)."""
+    """One node's public keys and the tokens it verified: the token's SHA-256 -> Caller for
+    accepted tokens, and apart from them -> the reason for refused ones, each an LRU of its
+    own, so that no number of junk tokens can evict an accepted one (a cached token costs a
+    hash and a lookup, no verification). A token in neither costs one verification, which
+    each source may cause at most `VERIFY_RATE` times a second (a token bucket of
+    `VERIFY_BURST`): past that, the call is refused unverified."""
 
-    def __init__(self, paths: Sequence[str]):
+    def __init__(self, paths: Sequence[str], clock=time.monotonic):
         self.keys = tokens.load_public_keys(paths)
-        self.cache: OrderedDict[bytes, Caller | str] = OrderedDict()
+        self.accepted: OrderedDict[bytes, Caller] = OrderedDict()
+        self.refused: OrderedDict[bytes, str] = OrderedDict()
+        self.buckets = _Buckets(clock)
+        self.verified = 0  # signatures checked (cache misses let through)
+        self.limited = 0  # calls refused unverified: their source was over its rate
 
-    def verify(self, token: str) -> Caller:
+    def verify(self, token: str, source: str | None = None) -> Caller:
         if not isinstance(token, str) or len(token) > tokens.MAX_TOKEN_BYTES:
             raise Unauthorized(f"a token is a string of at most {tokens.MAX_TOKEN_BYTES} bytes")
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        found = self.cache.get(digest)
-        if found is None:
+        found = self.accepted.get(digest)
+        if found is not None:
+            self.accepted.move_to_end(digest)
+            return found
+        reason = self.refused.get(digest)
+        if reason is None:
+            if not self.buckets.take(source):
+                self.limited += 1
+                raise Unauthorized(
+                    f"too many new tokens to verify from {source or 'this source'} (at most "
+                    f"{VERIFY_RATE:g} a second); not verified, retry later")
+            self.verified += 1
             try:
-                found = tokens.verify(token, self.keys)
+                caller = tokens.verify(token, self.keys)
             except tokens.TokenError as exc:
-                found = str(exc)
-            self.cache[digest] = found
-            if len(self.cache) > CACHE_SIZE:
-                self.cache.popitem(last=False)
+                reason = str(exc)
+            else:
+                _remember(self.accepted, digest, caller, CACHE_SIZE)
+                return caller
+            _remember(self.refused, digest, reason, REFUSED_CACHE_SIZE)
         else:
-            self.cache.move_to_end(digest)
-        if isinstance(found, str):
-            raise Unauthorized(found)
-        return found
+            self.refused.move_to_end(digest)
+        raise Unauthorized(reason)
+
+
+def _remember(cache: OrderedDict, digest: bytes, found, size: int) -> None:
+    cache[digest] = found
+    if len(cache) > size:
+        cache.popitem(last=False)
+
+
+class _Buckets:
+    """Token buckets per source (`VERIFY_RATE` a second, `VERIFY_BURST` at most), in a table
+    of `MAX_SOURCES`. A source is dropped only once its bucket is full again (forgetting it
+    changes nothing); when the table is full of busy sources, new ones share one bucket."""
+
+    _SHARED = object()
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.table: OrderedDict = OrderedDict()  # source -> [tokens, when], least recent first
+
+    def take(self, source) -> bool:
+        now = self.clock()
+        bucket = self.table.get(source)
+        if bucket is None:
+            if len(self.table) >= MAX_SOURCES:
+                oldest, (left, when) = next(iter(self.table.items()))
+                if oldest is not self._SHARED and _refill(left, when, now) >= VERIFY_BURST:
+                    del self.table[oldest]
+                else:
+                    source = self._SHARED
+            bucket = self.table.setdefault(source, [float(VERIFY_BURST), now])
+        self.table.move_to_end(source)
+        bucket[0], bucket[1] = _refill(bucket[0], bucket[1], now), now
+        if bucket[0] < 1:
+            return False
+        bucket[0] -= 1
+        return True
+
+
+def _refill(left: float, when: float, now: float) -> float:
+    return min(float(VERIFY_BURST), left + max(0.0, now - when) * VERIFY_RATE)
 
 
 _verifiers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -203,7 +279,7 @@ def raftcache_node_started(node) -> None:
 
 
 @hookimpl
-def raftcache_authenticate(node, token, certificate):
+def raftcache_authenticate(node, token, certificate, source):
     auth = node.config.auth
     if not token and certificate is not None and certificate in auth.certificates:
         # A certificate the CA signed stands for its principal; its grants are its role's.
@@ -215,7 +291,7 @@ def raftcache_authenticate(node, token, certificate):
         if auth.required:
             raise Unauthorized("this cluster requires a token (--token or $RAFTCACHE_TOKEN)")
         return None
-    caller = _verifier(node).verify(token)
+    caller = _verifier(node).verify(token, source)
     # A cheap early refusal by this node's time; the verdict on writes is taken at apply.
     reason = validity(caller, node.now_ms(), None)
     if reason:
@@ -259,13 +335,59 @@ def _only(args: Sequence[bytes], n: int, action: str) -> None:
         raise ValueError(f"{action} takes {n} argument{'s' if n != 1 else ''}, got {len(args)}")
 
 
+def _subject(args: Sequence[bytes]) -> str:
+    try:
+        return tokens.check_subject(bytes(args[0]).decode("utf-8"))
+    except (tokens.TokenError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _jti(args: Sequence[bytes]) -> str:
+    jti = bytes(args[0]).decode("utf-8")
+    if not 0 < len(jti) <= tokens.MAX_NAME_CHARS or not jti.isprintable():
+        raise ValueError(f"a token id (jti) is 1 to {tokens.MAX_NAME_CHARS} printable "
+                         f"characters, got {jti!r}")
+    return jti
+
+
+def _revoke_jti(node, args: Sequence[bytes]):
+    """revoke-jti JTI [EXPIRES_MS]: refuse that one token. The revoked ids whose token
+    expired by the cluster's time go in the same entry: the entry's stamp is no earlier than
+    that time, so every later verdict finds them expired anyway."""
+    if not 1 <= len(args) <= 2:
+        raise ValueError("revoke-jti JTI [EXPIRES_MS] takes 1 or 2 arguments")
+    jti = _jti(args)
+    expires = bytes(args[1]).decode("ascii", "replace") if len(args) == 2 else "0"
+    if not expires.isdigit() or len(expires) > 19:
+        raise ValueError(f"EXPIRES_MS is the token's expiry in ms since the epoch, got {expires!r}")
+    now = node.now_ms()
+    held = {name: s.value for name, s in node.settings.items() if name.startswith(REVOKED_JTI)}
+    dropped = [name for name, value in held.items()
+               if value.isdigit() and 0 < int(value) <= now][:_MAX_DROPS]
+    if len(held) - len(dropped) >= MAX_REVOKED_JTIS and REVOKED_JTI + jti not in held:
+        raise ValueError(f"{MAX_REVOKED_JTIS} token ids are revoked and not yet expired; "
+                         "revoke their subjects instead (`raftcache token revoke SUBJECT`)")
+    items = ((REVOKED_JTI + jti, str(int(expires)).encode()),
+             *((name, None) for name in dropped if name != REVOKED_JTI + jti))
+    return Configure(items), {"revoked_jti": jti, "dropped_expired": len(dropped)}
+
+
+_MAX_DROPS = 1024  # expired revoked ids one revoke-jti drops
+
+
 @hookimpl
 def raftcache_admin(node, action, args, caller):
     if action in ("revoke", "unrevoke"):
         _only(args, 1, action)
-        subject = _name(args, "subject", tokens.MAX_SUBJECT_CHARS)
+        subject = _subject(args)
         value = b"" if action == "revoke" else None
         return Configure(((REVOKED + subject, value),)), {action + "d": subject}
+    if action == "revoke-jti":
+        return _revoke_jti(node, args)
+    if action == "unrevoke-jti":
+        _only(args, 1, action)
+        jti = _jti(args)
+        return Configure(((REVOKED_JTI + jti, None),)), {"unrevoked_jti": jti}
     if action == "role-set":
         name = _name(args, "role name", tokens.MAX_NAME_CHARS)
         if not 1 < len(args) <= 1 + tokens.MAX_GRANTS:
@@ -282,11 +404,19 @@ def raftcache_admin(node, action, args, caller):
         settings = node.settings
         revoked = {name[len(REVOKED):]: s.stamp_ms for name, s in settings.items()
                    if name.startswith(REVOKED)}
+        revoked_jtis = {name[len(REVOKED_JTI):]: int(s.value) if s.value.isdigit() else 0
+                        for name, s in settings.items() if name.startswith(REVOKED_JTI)}
         roles = {name[len(ROLE):]: {p.decode(): perms for p, perms in role_grants(s.value)}
                  for name, s in settings.items() if name.startswith(ROLE)}
         auth = node.config.auth
+        verifier = _verifier(node) if auth.public_keys else None
+        # This node's token caches and counters (not replicated): what a flood cost it.
+        cache = {} if verifier is None else {
+            "accepted": len(verifier.accepted), "refused": len(verifier.refused),
+            "verified": verifier.verified, "limited": verifier.limited}
         return {"required": auth.required, "enabled": bool(auth.public_keys),
-                "key_ids": sorted(_verifier(node).keys) if auth.public_keys else [],
-                "revoked": revoked, "roles": roles,
+                "key_ids": sorted(verifier.keys) if verifier else [],
+                "revoked": revoked, "revoked_jti": revoked_jtis, "roles": roles,
+                "tokens": cache,
                 "caller": caller.subject if caller is not None else None}
     return None

@@ -7,12 +7,12 @@ looked at, so ``alg: none`` and an HMAC "signed" with the public key get nowhere
 Header: ``{"alg": "EdDSA", "typ": "JWT", "kid": KEY_ID}`` where KEY_ID is the first 16 hex
 digits of the SHA-256 of the raw 32-byte public key. Claims::
 
-    sub     the subject (who), a string
+    sub     the subject (who): `check_subject`'s grammar
     grants  {key prefix: "r" | "w" | "rw" | "admin"}; "" is every key
     roles   [role name, ...]  (optional; their grants live in the cluster's settings)
     iat     issued at, nbf not before, exp expires (optional): JWT NumericDate, seconds since
             the epoch, with up to millisecond precision
-    jti     a random id
+    jti     a random id: what `token revoke --jti` names
 
 Times are not judged here: a node judges them against its stamps (rbac.py). Every bound is
 checked (token size, counts, lengths, types), and anything malformed is a `TokenError`.
@@ -21,6 +21,7 @@ checked (token size, counts, lengths, types), and anything malformed is a `Token
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import math
@@ -44,12 +45,30 @@ MAX_ROLES = 32
 MAX_SUBJECT_CHARS = 256
 MAX_NAME_CHARS = 128  # a role name, a jti
 MAX_PREFIX_BYTES = 1024
+USER_TTL = 24 * 3600.0  # what `raftcache token issue` gives a token unless --ttl says
+ADMIN_TTL = 7 * 24 * 3600.0  # the admin token of `raftcache up --auth`, reissued as it nears
 _HEADER_KEYS = {"alg", "typ", "kid"}
 _MAX_SECONDS = 10**13  # NumericDates beyond this (year 318857) are refused: ms stay < 2**63
 
 
 class TokenError(ValueError):
     """A token that is malformed, signed by an unknown key, or forged."""
+
+
+def check_subject(subject) -> str:
+    """`subject` if it is one: 1 to MAX_SUBJECT_CHARS printable characters (spaces inside
+    allowed; no tabs, newlines or other control characters), neither starting nor ending
+    with a space. Raises TokenError. The one grammar of subjects: at issue, at verification
+    and at revocation."""
+    if (not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_CHARS
+            or not subject.isprintable() or subject != subject.strip()):
+        raise TokenError(f"a subject is 1 to {MAX_SUBJECT_CHARS} printable characters, not "
+                         f"starting or ending with a space; got {subject!r}")
+    try:
+        subject.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TokenError("a subject must be valid UTF-8") from None
+    return subject
 
 
 # ================================================================================================
@@ -115,11 +134,12 @@ def load_public_keys(paths: Iterable[str]) -> dict[str, Ed25519PublicKey]:
     return {key_id(k): k for k in map(load_public_key, paths)}
 
 
-def init_auth_dir(directory: str) -> dict[str, str]:
+def init_auth_dir(directory: str, now: float | None = None) -> dict[str, str]:
     """What `raftcache up --auth` needs in DATA_DIR/auth (made at the first start, kept after):
     ``signing.key`` (Ed25519, PKCS8 PEM, 0600), ``signing.pub`` and ``admin.token`` (0600;
-    subject "admin", admin on every key, no expiry). The directory is 0700. Returns the
-    three paths by name."""
+    subject "admin", admin on every key, expiring after ADMIN_TTL: a start with less than a
+    day of it left, or one it cannot read, writes a new one). The directory is 0700. Returns
+    the three paths by name."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
     paths = {name: os.path.join(directory, name)
@@ -130,10 +150,33 @@ def init_auth_dir(directory: str) -> dict[str, str]:
     pub = public_pem(key.public_key())
     if not os.path.exists(paths["signing.pub"]) or open(paths["signing.pub"], "rb").read() != pub:
         write_private(paths["signing.pub"], pub, mode=0o644)
-    if not os.path.exists(paths["admin.token"]):
-        write_private(paths["admin.token"], issue(key, "admin", {"": "admin"}) + "\n",
-                      replace=False)
+    now = time.time() if now is None else now
+    expiry = expires_at(paths["admin.token"])
+    if expiry < now + 24 * 3600 or expiry == math.inf:  # (older ones never expired)
+        write_private(paths["admin.token"],
+                      issue(key, "admin", {"": "admin"}, ttl=ADMIN_TTL, now=now) + "\n")
     return paths
+
+
+def expiry_text(exp: float) -> str:
+    """A NumericDate as people read it (UTC); "never" for inf."""
+    if exp == math.inf:
+        return "never"
+    return datetime.datetime.fromtimestamp(exp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def expires_at(path: str) -> float:
+    """When the token in file `path` expires (seconds; inf: never), 0 when there is none or
+    it is no token."""
+    try:
+        with open(path) as f:
+            _header, claims = unverified(f.read().strip())
+    except (OSError, TokenError):
+        return 0.0
+    exp = claims.get("exp")
+    if exp is None:
+        return math.inf
+    return exp if type(exp) in (int, float) else 0.0
 
 
 # ================================================================================================
@@ -246,9 +289,7 @@ def _ms(claims: dict, name: str, default=None) -> int:
 def _check_claims(claims, kid: str = "") -> Caller:
     if not isinstance(claims, dict):
         raise TokenError("token claims must be an object")
-    sub = claims.get("sub")
-    if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUBJECT_CHARS:
-        raise TokenError(f"token subject must be a string of 1 to {MAX_SUBJECT_CHARS} characters")
+    sub = check_subject(claims.get("sub"))
     grants = claims.get("grants", {})
     if not isinstance(grants, dict) or len(grants) > MAX_GRANTS:
         raise TokenError(f"token grants must be an object of at most {MAX_GRANTS} prefixes")
@@ -276,11 +317,10 @@ def _check_claims(claims, kid: str = "") -> Caller:
     if "exp" in claims and expires == 0:
         raise TokenError("token expires at the epoch")
     try:
-        sub.encode("utf-8")
         for r in roles:
             r.encode("utf-8")
     except UnicodeEncodeError:
         raise TokenError("token names must be valid UTF-8") from None
     return Caller(subject=sub, key_id=kid, issued_ms=issued, not_before_ms=not_before,
                   expires_ms=expires, grants=tuple(sorted(pairs)),
-                  roles=tuple(sorted(set(roles))))
+                  roles=tuple(sorted(set(roles))), jti=jti)

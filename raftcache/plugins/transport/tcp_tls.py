@@ -397,7 +397,7 @@ class TcpTlsTransport(ServerBase):
     def _answer(self, conn: _ServerConn, request_id: int, request) -> None:
         try:
             response = self.handler.handle_request(request, caller_certificate(
-                conn.node_id, conn.certificate, request))
+                conn.node_id, conn.certificate, request), source=conn.slot.source)
             payload = wire.encode(wire.response_to_wire(response))
         except Exception:  # the handler promises not to raise; keep the connection anyway
             log.exception("%s: request %r failed", conn.peer, getattr(request, "op", None))

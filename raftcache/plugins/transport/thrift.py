@@ -298,7 +298,8 @@ def _method(op: Operation):
         request = api.Request(op=op.name, **given)
         conn = self._conn
         response = conn.transport.handler.handle_request(
-            request, caller_certificate(conn.cert_node, conn.certificate, request))
+            request, caller_certificate(conn.cert_node, conn.certificate, request),
+            source=conn.slot.source)
         if response.error:
             raise _exception_for(response)
         return wire.value_to_wire(op.result, getattr(response, op.result))
