@@ -46,7 +46,13 @@ from raftcache.core.cache.commands import (
     encode_envelope,
     sample_command,
 )
-from raftcache.core.cache.statemachine import ApplyError, Setting, StateMachine
+from raftcache.core.cache.statemachine import (
+    MAX_SESSIONS_PER_IDENTITY,
+    SESSION_EVICTABLE_MS,
+    ApplyError,
+    Setting,
+    StateMachine,
+)
 from raftcache.pluginapi.manager import entry_point_names, make_manager
 from raftcache.plugins.backend.memory import MemoryBackend
 from raftcache.plugins.security import rbac, tokens
@@ -739,6 +745,49 @@ def test_one_caller_can_neither_consume_nor_fail_another_callers_sequence(cluste
         c._sessions.append(_Session(session, 2))
         assert c.set("s:a", "3") > first and c.get("s:a") == b"3"
     assert set(map(tuple, replicas_agree(cluster, ["s:a", "s:m"]).values())) == {(b"3", b"1")}
+
+
+def test_a_caller_cycling_client_ids_is_capped_and_others_write_on(cluster):
+    flood = issue(cluster, "s-flood", {"flood:": "rw"})
+    bystander = issue(cluster, "s-bystander", {"by:": "rw"})
+    with cluster.client(token=bystander, timeout=WAIT) as c:
+        assert c.incr("by:n") == 1
+        kept = c._sessions[0]  # its session, opened before the flood
+
+    def leader_answer(token, client_id, seq, key):
+        """The leader's own answer to one incr (no retries elsewhere)."""
+        leader = cluster.address(cluster.wait_for_leader())
+        request = api.Request(op="incr", key=key, delta=1, header=api.RequestHeader(
+            token=token, client_id=client_id, seq=seq, timeout_ms=int(WAIT * 1000)))
+        with cluster.client(token=token, timeout=WAIT) as c:
+            return c._call_once(leader, request, WAIT)
+
+    cap = MAX_SESSIONS_PER_IDENTITY
+    started = time.monotonic()
+    with cluster.client(token=flood, timeout=WAIT) as c:
+        for i in range(cap):
+            header = api.RequestHeader(token=flood, client_id=f"flood-{i}", seq=1)
+            c._call_until_deadline(api.Request(op="incr", key=b"flood:n", delta=1,
+                                               header=header))
+            assert time.monotonic() - started < 300, f"only {i} writes in five minutes"
+    took = time.monotonic() - started
+    new = leader_answer(flood, "flood-new", 1, b"flood:n")
+    if new.error is not None:
+        # All within a minute: the next new client id is refused and applies nothing, and
+        # the oldest session is still there to answer its retry.
+        assert new.error == "Unavailable" and "client sessions" in new.reason, new
+        assert leader_answer(flood, "flood-0", 1, b"flood:n").number == 1
+        flooded = cap
+    else:  # a machine so loaded that the flood outlasted a minute: the oldest made room
+        assert took > SESSION_EVICTABLE_MS / 1000 - 5 and new.number == cap + 1, (took, new)
+        retry = leader_answer(flood, "flood-0", 1, b"flood:n")
+        assert retry.error == "OutcomeUnknown" and "evicted" in retry.reason, retry
+        flooded = cap + 1
+    # Another caller neither lost its session nor is refused a new one.
+    assert leader_answer(bystander, kept.id, kept.seq, b"by:n").number == 1  # its retry
+    assert leader_answer(bystander, "by-new", 1, b"by:n").number == 2
+    assert set(map(tuple, replicas_agree(cluster, ["flood:n", "by:n"]).values())) == \
+        {(str(flooded).encode(), b"2")}
 
 
 # ---- expiry judged by stamps, on a replica whose clock is an hour behind ------------------------
