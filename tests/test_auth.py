@@ -25,7 +25,7 @@ import pytest
 from local_up import up as start_up
 
 from raftcache import errors, pluginapi
-from raftcache.client import Client, _Session
+from raftcache.client import SESSION_REUSE_S, Client, _Session
 from raftcache.core import api
 from raftcache.core.cache.commands import (
     COMMAND_TYPES,
@@ -745,6 +745,27 @@ def test_one_caller_can_neither_consume_nor_fail_another_callers_sequence(cluste
         c._sessions.append(_Session(session, 2))
         assert c.set("s:a", "3") > first and c.get("s:a") == b"3"
     assert set(map(tuple, replicas_agree(cluster, ["s:a", "s:m"]).values())) == {(b"3", b"1")}
+
+
+def test_the_client_reuses_a_session_only_while_the_cluster_keeps_it(cluster):
+    token = issue(cluster, "s-reuse", {"reuse:": "rw"})
+    with cluster.client(token=token, timeout=WAIT) as c:
+        c.set("reuse:s", "x")
+        assert c.incr("reuse:n") == 1
+        (first,) = c._sessions
+        assert first.seq == 2
+        with pytest.raises(errors.InvalidRequest):  # applied as a refusal: the session holds it
+            c.incr("reuse:s")
+        assert c._sessions == [first] and first.seq == 3
+        assert refused(lambda: c.incr("other:n"))  # vetoed: no trace in the cluster's table
+        assert c._sessions == []
+        assert c.incr("reuse:n") == 2
+        (second,) = c._sessions
+        assert second.id != first.id and second.seq == 1
+        second.used -= SESSION_REUSE_S  # idle long enough that the caps might have evicted it
+        assert c.incr("reuse:n") == 3
+        (third,) = c._sessions
+        assert third.id not in (first.id, second.id) and third.seq == 1
 
 
 def test_a_caller_cycling_client_ids_is_capped_and_others_write_on(cluster):
