@@ -669,6 +669,21 @@ def test_after_an_eviction_only_a_sessions_first_write_opens_one():
     assert r.write(Incr(b"n"), stamp=120_000, client="svc-a", seq=3, identity="svc") == 5
 
 
+def test_a_table_over_the_caps_shrinks_a_little_per_new_session():
+    # What an older release (no caps) leaves in a snapshot: 300 sessions of one caller.
+    old = Replica(session_idle_ms=10**9)
+    _cycle(old, "svc", 300)
+    capped = Replica(**{**CAPS, "max_sessions": 10**6}, session_idle_ms=10**9)
+    capped.sm.restore(old.sm.snapshot())
+    capped.index = old.index
+    counts = []
+    for i in range(300, 600):
+        capped.write(Put(b"k", b"v"), stamp=i * 100, client=f"svc-{i}", seq=1, identity="svc")
+        counts.append(capped.sm.session_count)
+    # One apply never evicts more than two: the table converges to the cap, one at a time.
+    assert counts[:3] == [299, 298, 297] and counts[-1] == 64
+
+
 def _capped_entries(seed: int, n: int) -> list[bytes]:
     rng = random.Random(seed)
     entries, seqs, stamp = [], {}, 0

@@ -542,17 +542,23 @@ class StateMachine:
     def _make_room(self, identity: str | None, now: int) -> ApplyError | None:
         """Before a write opens a session for `identity`: evict what the caps require (the
         caller's least recently used session, then anyone's), or the refusal when that one
-        is too recent to go. Decided from applied state only: the same on every replica."""
+        is too recent to go. Decided from applied state only: the same on every replica.
+
+        At most two sessions go per cap and write: a table that is over a cap already (one
+        an older release kept) shrinks by one per new session instead of in a single apply."""
         if identity is not None:
-            mine = self._identity_sessions.get(identity, ())
-            while len(mine) >= self.max_sessions_per_identity:
+            for _ in range(2):
+                mine = self._identity_sessions.get(identity, ())
+                if len(mine) < self.max_sessions_per_identity:
+                    break
                 refused = self._evict((next(iter(mine)), identity), now,
                                       f"{identity!r} has {len(mine)} client sessions (at most "
                                       f"{self.max_sessions_per_identity} per caller)")
                 if refused is not None:
                     return refused
-                mine = self._identity_sessions.get(identity, ())
-        while len(self._sessions) >= self.max_sessions:
+        for _ in range(2):
+            if len(self._sessions) < self.max_sessions:
+                break
             refused = self._evict(next(iter(self._sessions)), now,
                                   f"the cluster holds {len(self._sessions)} client sessions (at "
                                   f"most {self.max_sessions})")
