@@ -617,8 +617,11 @@ def _no_room_made(self, identity, now):
     return None  # main's table: no caps
 
 
-def _evicts_without_a_record(self, key, now, why):
+def _evicts_without_a_record(self, key, now):
+    if now - self._sessions[key].last_stamp_ms < self.session_evictable_ms:
+        return False
     self._drop_session(key)  # evicts, but forgets that it did: a retry applies again
+    return True
 
 
 CAP_MUTANTS = {"no caps": ("_make_room", _no_room_made),

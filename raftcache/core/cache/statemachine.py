@@ -551,30 +551,30 @@ class StateMachine:
                 mine = self._identity_sessions.get(identity, ())
                 if len(mine) < self.max_sessions_per_identity:
                     break
-                refused = self._evict((next(iter(mine)), identity), now,
-                                      f"{identity!r} has {len(mine)} client sessions (at most "
-                                      f"{self.max_sessions_per_identity} per caller)")
-                if refused is not None:
-                    return refused
+                if not self._evict((next(iter(mine)), identity), now):
+                    return self._no_room(f"{identity!r} has {len(mine)} client sessions (at "
+                                         f"most {self.max_sessions_per_identity} per caller)")
         for _ in range(2):
             if len(self._sessions) < self.max_sessions:
                 break
-            refused = self._evict(next(iter(self._sessions)), now,
-                                  f"the cluster holds {len(self._sessions)} client sessions (at "
-                                  f"most {self.max_sessions})")
-            if refused is not None:
-                return refused
+            if not self._evict(next(iter(self._sessions)), now):
+                return self._no_room(f"the cluster holds {len(self._sessions)} client sessions "
+                                     f"(at most {self.max_sessions})")
         return None
 
-    def _evict(self, key: tuple, now: int, why: str) -> ApplyError | None:
+    def _evict(self, key: tuple, now: int) -> bool:
+        """Evict the session `key` unless it is too recent to go; whether it went."""
         if now - self._sessions[key].last_stamp_ms < self.session_evictable_ms:
-            return ApplyError("Unavailable",
-                              f"{why}, each used in the last {self.session_evictable_ms} ms; "
-                              "nothing was applied: retry later, or use fewer client ids")
+            return False
         self._drop_session(key)
         self._evicted.pop(key[1], None)  # re-inserted last: the records stay in stamp order
         self._evicted[key[1]] = now
-        return None
+        return True
+
+    def _no_room(self, why: str) -> ApplyError:
+        return ApplyError("Unavailable", f"{why}, each used in the last "
+                                         f"{self.session_evictable_ms} ms; nothing was applied: "
+                                         "retry later, or use fewer client ids")
 
     def _open_session(self, key: tuple, now: int) -> _Session:
         session = self._sessions[key] = _Session(now)
