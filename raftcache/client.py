@@ -20,9 +20,13 @@ import attrs
 from raftcache import errors
 from raftcache.core import api, operations
 from raftcache.core.cache.commands import MAX_TTL_MS
+from raftcache.core.cache.statemachine import SESSION_EVICTABLE_MS
 from raftcache.pluginapi import TLSConfig
 
 DEFAULT_ENDPOINTS = "127.0.0.1:7400,127.0.0.1:7401,127.0.0.1:7402"
+# A session idle this long is not reused: well within the time after which the cluster's
+# session caps may evict it (then its next write would be refused as a possible retry).
+SESSION_REUSE_S = SESSION_EVICTABLE_MS / 1000 / 2
 
 
 def _bytes(x) -> bytes:
@@ -181,21 +185,33 @@ class Client:
         delete are put and remove on the wire)."""
         op = operations.BY_CLIENT_NAME[name].name
         session = self._take_session() if operations.needs_session(op) else None
+        answered = False
         try:
             header = api.RequestHeader(token=self.token)
             if session is not None:
                 session.seq += 1
                 header = attrs.evolve(header, client_id=session.id, seq=session.seq)
-            return self._call_until_deadline(api.Request(op=op, header=header, **fields))
+            response = self._call_until_deadline(api.Request(op=op, header=header, **fields))
+            answered = True
+            return response
+        except errors.InvalidRequest:
+            answered = True
+            raise
         finally:
-            if session is not None:
+            # After any other error the cluster may hold the session differently than we
+            # think (never opened, or evicted by its caps): its next number could be refused
+            # as a possible retry. A fresh client id starts clean.
+            if session is not None and answered:
+                session.used = time.monotonic()
                 with self._lock:
                     self._sessions.append(session)
 
     def _take_session(self) -> _Session:
         with self._lock:
-            if self._sessions:
-                return self._sessions.pop()
+            while self._sessions:
+                session = self._sessions.pop()
+                if time.monotonic() - session.used < SESSION_REUSE_S:
+                    return session
         return _Session(f"{self._base_id}-{next(self._session_ids)}")
 
     def _call_until_deadline(self, request: api.Request):
@@ -272,6 +288,7 @@ class _Session:
 
     id: str
     seq: int = 0
+    used: float = attrs.Factory(time.monotonic)  # when its last write was answered
 
 
 def _ttl_ms(ttl: float | None) -> int | None:

@@ -25,10 +25,11 @@ import pytest
 from local_up import up as start_up
 
 from raftcache import errors, pluginapi
-from raftcache.client import Client, _Session
+from raftcache.client import SESSION_REUSE_S, Client, _Session
 from raftcache.core import api
 from raftcache.core.cache.commands import (
     COMMAND_TYPES,
+    Append,
     Caller,
     Cas,
     Configure,
@@ -37,6 +38,7 @@ from raftcache.core.cache.commands import (
     Invalidate,
     MSet,
     Put,
+    Remove,
     Reseal,
     Sweep,
     Writes,
@@ -45,7 +47,13 @@ from raftcache.core.cache.commands import (
     encode_envelope,
     sample_command,
 )
-from raftcache.core.cache.statemachine import ApplyError, Setting, StateMachine
+from raftcache.core.cache.statemachine import (
+    MAX_SESSIONS_PER_IDENTITY,
+    SESSION_EVICTABLE_MS,
+    ApplyError,
+    Setting,
+    StateMachine,
+)
 from raftcache.pluginapi.manager import entry_point_names, make_manager
 from raftcache.plugins.backend.memory import MemoryBackend
 from raftcache.plugins.security import rbac, tokens
@@ -317,10 +325,17 @@ def test_permission_table():
     assert allowed(user, MSet(((b"user:1", b"v"), (b"user:2", b"v"))))
     assert allowed(reader, op="get", keys=[b"user:1"])
     assert not allowed(reader, Put(b"user:1", b"v")) and not allowed(reader, Incr(b"user:1"))
-    assert allowed(writer, Cas(b"user:1", 0, b"v"))
+    assert allowed(writer, Put(b"user:1", b"v")) and allowed(writer, MSet(((b"user:1", b"v"),)))
     assert not allowed(writer, op="get", keys=[b"user:1"])
-    # invalidate(P) needs w from one grant G that P starts with.
-    assert allowed(user, Invalidate(b"user:")) and allowed(writer, Invalidate(b"user:x"))
+    # A write whose result reveals what was stored needs r as well: w alone is not a read.
+    for revealing in (Remove(b"user:1"), Cas(b"user:1", 0, b"v"), Incr(b"user:1", 0),
+                      Append(b"user:1", b""), Invalidate(b"user:x")):
+        assert not allowed(writer, revealing) and not allowed(reader, revealing), revealing
+        assert allowed(user, revealing) and allowed(admin_user, revealing), revealing
+    split = caller(grants=[("user:", "w"), ("user:1", "r")])  # r from another grant is r
+    assert allowed(split, Incr(b"user:1")) and not allowed(split, Incr(b"user:2"))
+    # invalidate(P) needs w and r, each from a grant G that P starts with.
+    assert allowed(user, Invalidate(b"user:")) and allowed(user, Invalidate(b"user:x"))
     assert not allowed(user, Invalidate(b"")) and not allowed(user, Invalidate(b"use"))
     assert not allowed(reader, Invalidate(b"user:"))
     assert allowed(admin_user, Invalidate(b"user:")) and allowed(admin_user, Put(b"user:", b""))
@@ -341,6 +356,7 @@ def test_permission_table():
 
 # ---- the verdict on a command follows what its class declares it writes ----------------------
 WRITER = caller("writer", grants=[("", "w")])  # may write any key, is no cluster admin
+READ_WRITER = caller("read-writer", grants=[("", "rw")])  # may also read them
 ROOT = caller("root", grants=[("", "admin")])
 # Each kind of declared write: may a writer of every key run it, and may the cluster admin?
 VERDICTS = {Writes.KEYS: (True, True), Writes.PREFIXES: (True, True),
@@ -356,12 +372,16 @@ def check(command, c):
 def test_every_registered_command_gets_the_verdict_of_its_declaration(cls):
     command = sample_command(cls)
     writer_may, root_may = VERDICTS[cls.writes]
-    assert (check(command, WRITER) is None) == writer_may
+    # A result that reveals what was stored is a read too: a writer alone may not run it.
+    assert (check(command, WRITER) is None) == (writer_may and not cls.reveals)
+    assert (check(command, READ_WRITER) is None) == writer_may
     assert (check(command, ROOT) is None) == root_may
     if cls.writes is Writes.KEYS:  # and on its keys, not others
-        narrow = caller("narrow", grants=[(k.decode("latin-1"), "w") for k in command.written()])
+        perms = "rw" if cls.reveals else "w"
+        narrow = caller("narrow", grants=[(k.decode("latin-1"), perms)
+                                          for k in command.written()])
         assert check(command, narrow) is None
-        assert check(command, caller("elsewhere", grants=[("zzz", "w")])) is not None
+        assert check(command, caller("elsewhere", grants=[("zzz", "rw")])) is not None
 
 
 @attrs.frozen
@@ -615,6 +635,11 @@ def _invalidate_by_key(needs):
     return lambda cmd: ([("w", b"\xff" + cmd.prefix)] if type(cmd) is Invalidate else needs(cmd))
 
 
+def _write_needs_only(needs):
+    # what main did: a write needs w, whatever its result tells of the stored value
+    return lambda cmd: [(need, key) for need, key in needs(cmd) if need != "r"]
+
+
 MUTANT_DECISIONS = {
     "ignores revocation": ("validity", _ignore_revocation),
     "ignores expiry": ("validity", _ignore_expiry),
@@ -625,6 +650,7 @@ MUTANT_DECISIONS = {
                                              [("w", b"")] if op != "get" and op != "mget"
                                              else needs(op, keys))),
     "invalidate checked as a key": ("command_needs", _invalidate_by_key),
+    "a w grant runs writes whose result reads": ("command_needs", _write_needs_only),
 }
 
 
@@ -693,6 +719,38 @@ def replicas_agree(cluster, keys, token=None) -> dict:
         with node_client(cluster, i, admin) as c:
             out[i] = c.mget(keys, consistency="stale")
     return out
+
+
+# Each write whose result tells what was stored (its class's `reveals`), as a client call.
+REVEALING_CALLS = {
+    "incr": lambda c: c.incr("wo:n", 0),  # the value
+    "append": lambda c: c.append("wo:s", ""),  # its length
+    "cas": lambda c: c.cas("wo:s", 1, "x"),  # whether it exists, its version
+    "delete": lambda c: c.delete("wo:gone"),  # whether it existed
+    "invalidate": lambda c: c.invalidate("wo:gone"),  # how many keys were live
+}
+
+
+def test_a_write_only_grant_cannot_read_through_a_write_result(cluster):
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        admin.set("wo:n", "41")
+        admin.set("wo:s", "secret")
+        admin.set("wo:gone", "x")
+    write_only = issue(cluster, "w-only", {"wo:": "w"})
+    read_write = issue(cluster, "w-and-r", {"wo:": "rw"})
+    with cluster.client(token=write_only, timeout=WAIT) as c:
+        answered = [name for name, call in REVEALING_CALLS.items()
+                    if not refused(lambda call=call: call(c))]
+        assert answered == [], "a w grant read through these writes' results"
+        with pytest.raises(errors.Unauthorized, match="'w-only' may not read b'wo:n'"):
+            c.incr("wo:n", 0)
+        assert c.set("wo:blind", "v") > 0 and c.mset({"wo:blind": "w"})  # writes that tell nothing
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
+        # nothing the refused calls would have done happened
+        assert admin.mget(["wo:n", "wo:s", "wo:gone"]) == [b"41", b"secret", b"x"]
+    with cluster.client(token=read_write, timeout=WAIT) as c:
+        assert c.incr("wo:n", 0) == 41 and c.append("wo:s", "") == 6
+        assert c.delete("wo:gone") is True and c.invalidate("wo:gone") == 0
 
 
 def test_a_user_token_is_confined_to_its_prefix(cluster):
@@ -946,6 +1004,70 @@ def test_one_caller_can_neither_consume_nor_fail_another_callers_sequence(cluste
         c._sessions.append(_Session(session, 2))
         assert c.set("s:a", "3") > first and c.get("s:a") == b"3"
     assert set(map(tuple, replicas_agree(cluster, ["s:a", "s:m"]).values())) == {(b"3", b"1")}
+
+
+def test_the_client_reuses_a_session_only_while_the_cluster_keeps_it(cluster):
+    token = issue(cluster, "s-reuse", {"reuse:": "rw"})
+    with cluster.client(token=token, timeout=WAIT) as c:
+        c.set("reuse:s", "x")
+        assert c.incr("reuse:n") == 1
+        (first,) = c._sessions
+        assert first.seq == 2
+        with pytest.raises(errors.InvalidRequest):  # applied as a refusal: the session holds it
+            c.incr("reuse:s")
+        assert c._sessions == [first] and first.seq == 3
+        assert refused(lambda: c.incr("other:n"))  # vetoed: no trace in the cluster's table
+        assert c._sessions == []
+        assert c.incr("reuse:n") == 2
+        (second,) = c._sessions
+        assert second.id != first.id and second.seq == 1
+        second.used -= SESSION_REUSE_S  # idle long enough that the caps might have evicted it
+        assert c.incr("reuse:n") == 3
+        (third,) = c._sessions
+        assert third.id not in (first.id, second.id) and third.seq == 1
+
+
+def test_a_caller_cycling_client_ids_is_capped_and_others_write_on(cluster):
+    flood = issue(cluster, "s-flood", {"flood:": "rw"})
+    bystander = issue(cluster, "s-bystander", {"by:": "rw"})
+    with cluster.client(token=bystander, timeout=WAIT) as c:
+        assert c.incr("by:n") == 1
+        kept = c._sessions[0]  # its session, opened before the flood
+
+    def leader_answer(token, client_id, seq, key):
+        """The leader's own answer to one incr (no retries elsewhere)."""
+        leader = cluster.address(cluster.wait_for_leader())
+        request = api.Request(op="incr", key=key, delta=1, header=api.RequestHeader(
+            token=token, client_id=client_id, seq=seq, timeout_ms=int(WAIT * 1000)))
+        with cluster.client(token=token, timeout=WAIT) as c:
+            return c._call_once(leader, request, WAIT)
+
+    cap = MAX_SESSIONS_PER_IDENTITY
+    started = time.monotonic()
+    with cluster.client(token=flood, timeout=WAIT) as c:
+        for i in range(cap):
+            header = api.RequestHeader(token=flood, client_id=f"flood-{i}", seq=1)
+            c._call_until_deadline(api.Request(op="incr", key=b"flood:n", delta=1,
+                                               header=header))
+            assert time.monotonic() - started < 300, f"only {i} writes in five minutes"
+    took = time.monotonic() - started
+    new = leader_answer(flood, "flood-new", 1, b"flood:n")
+    if new.error is not None:
+        # All within a minute: the next new client id is refused and applies nothing, and
+        # the oldest session is still there to answer its retry.
+        assert new.error == "Unavailable" and "client sessions" in new.reason, new
+        assert leader_answer(flood, "flood-0", 1, b"flood:n").number == 1
+        flooded = cap
+    else:  # a machine so loaded that the flood outlasted a minute: the oldest made room
+        assert took > SESSION_EVICTABLE_MS / 1000 - 5 and new.number == cap + 1, (took, new)
+        retry = leader_answer(flood, "flood-0", 1, b"flood:n")
+        assert retry.error == "OutcomeUnknown" and "evicted" in retry.reason, retry
+        flooded = cap + 1
+    # Another caller neither lost its session nor is refused a new one.
+    assert leader_answer(bystander, kept.id, kept.seq, b"by:n").number == 1  # its retry
+    assert leader_answer(bystander, "by-new", 1, b"by:n").number == 2
+    assert set(map(tuple, replicas_agree(cluster, ["flood:n", "by:n"]).values())) == \
+        {(str(flooded).encode(), b"2")}
 
 
 # ---- expiry judged by stamps, on a replica whose clock is an hour behind ------------------------

@@ -561,6 +561,174 @@ def test_a_session_kept_alive_by_activity_is_not_expired():
     assert r.sm.session_count == 1
 
 
+# ---- the session caps ---------------------------------------------------------------------------
+CAPS = {"max_sessions_per_identity": 64, "max_sessions": 200, "session_evictable_ms": 1_000}
+
+
+def _cycle(r, identity, count, start=0, step=100, key=b"k"):
+    """`count` writes by `identity`, each under a new client id; the largest table seen."""
+    largest = 0
+    for i in range(start, start + count):
+        r.write(Put(key, b"%d" % i), stamp=i * step, client=f"{identity}-{i}", seq=1,
+                identity=identity)
+        largest = max(largest, r.sm.session_count)
+    return largest
+
+
+def cap_problems() -> list[str]:
+    """The session caps' checks, as a list of what failed (empty: all hold)."""
+    problems = []
+    # A writer cycling 10,000 client ids keeps at most its cap; another caller keeps its own.
+    r = Replica(**CAPS, session_idle_ms=10**9)
+    r.write(Incr(b"n"), stamp=0, client="alice-1", seq=1, identity="alice")
+    largest = _cycle(r, "mallory", 10_000, start=1)
+    if largest > 64 + 1:
+        problems.append(f"10,000 client ids of one caller grew the table to {largest}")
+    if r.write(Incr(b"n"), stamp=1_000_000, client="alice-1", seq=1, identity="alice") != 1:
+        problems.append("another caller's session was pushed out by the flood")
+    small = Replica(**CAPS)
+    _cycle(small, "mallory", 100)
+    if len(r.sm.snapshot()) > len(small.sm.snapshot()) + 64 * 16:
+        problems.append(f"the snapshot grew with the flood: {len(r.sm.snapshot())} bytes")
+    # Many callers: the total cap holds too, anonymous sessions included.
+    r = Replica(**CAPS)
+    largest = max(_cycle(r, who, 100, start=i * 100) for i, who in
+                  enumerate([f"u{i}" for i in range(10)] + [None]))
+    if largest > 200:
+        problems.append(f"the total cap did not hold: {r.sm.session_count}")
+    # A retry whose session the caps evicted is refused, never applied twice.
+    r = Replica(**CAPS)
+    for seq in (1, 2, 3):
+        r.write(Incr(b"n"), stamp=0, client="svc-a", seq=seq, identity="svc")
+    _cycle(r, "svc", 64, start=100, key=b"other")  # at 10 s and on: svc-a has idled out of room
+    retry = r.write(Incr(b"n"), stamp=20_000, client="svc-a", seq=3, identity="svc")
+    if not (isinstance(retry, ApplyError) and retry.kind == "OutcomeUnknown"):
+        problems.append(f"the retry of an evicted session's write answered {retry!r}")
+    if r.get(b"n")[0] != b"3":
+        problems.append(f"the retry of an evicted session's write applied again: {r.get(b'n')}")
+    return problems
+
+
+def test_the_session_caps_hold():
+    assert cap_problems() == []
+
+
+def _no_room_made(self, identity, now):
+    return None  # main's table: no caps
+
+
+def _evicts_without_a_record(self, key, now):
+    if now - self._sessions[key].last_stamp_ms < self.session_evictable_ms:
+        return False
+    self._drop_session(key)  # evicts, but forgets that it did: a retry applies again
+    return True
+
+
+CAP_MUTANTS = {"no caps": ("_make_room", _no_room_made),
+               "eviction leaves no record": ("_evict", _evicts_without_a_record)}
+
+
+@pytest.mark.parametrize("name", sorted(CAP_MUTANTS))
+def test_the_session_cap_checks_catch_a_broken_variant(name, monkeypatch):
+    monkeypatch.setattr(StateMachine, *CAP_MUTANTS[name])
+    assert cap_problems(), f"the broken variant {name!r} passed every check"
+
+
+def test_a_flood_of_new_sessions_never_pushes_out_a_recent_one():
+    r = Replica(**CAPS)
+    r.write(Incr(b"n"), stamp=0, client="mallory-0", seq=1, identity="mallory")
+    # 64 sessions within a second: the 65th new one is refused, and changes nothing.
+    _cycle(r, "mallory", 63, start=1, step=1)
+    refused = r.write(Put(b"k", b"late"), stamp=100, client="mallory-x", seq=1,
+                      identity="mallory")
+    assert isinstance(refused, ApplyError) and refused.kind == "Unavailable"
+    assert r.get(b"k")[0] == b"63" and r.sm.session_count == 64
+    assert r.write(Incr(b"n"), stamp=100, client="mallory-0", seq=1, identity="mallory") == 1
+    # Once the oldest has idled for session_evictable_ms, it makes room.
+    assert r.write(Put(b"k", b"late"), stamp=1_063, client="mallory-x", seq=1,
+                   identity="mallory") > 0
+    assert r.sm.session_count == 64
+    # The total cap: anonymous sessions (no authentication) count only towards it.
+    t = Replica(**CAPS)
+    _cycle(t, None, 200, step=1)
+    refused = t.write(Put(b"k", b"v"), stamp=500, client="x", seq=1, identity="carol")
+    assert isinstance(refused, ApplyError) and refused.kind == "Unavailable"
+    assert t.sm.session_count == 200
+
+
+def test_after_an_eviction_only_a_sessions_first_write_opens_one():
+    r = Replica(**CAPS, session_idle_ms=100_000)
+    r.write(Incr(b"n"), stamp=0, client="svc-a", seq=1, identity="svc")
+    r.write(Incr(b"n"), stamp=0, client="svc-a", seq=2, identity="svc")
+    _cycle(r, "svc", 64, start=100, key=b"other")  # evicts svc-a at stamp 10,000
+    for seq in (2, 3):  # the retry of its last write, and its next one: either may have applied
+        refused = r.write(Incr(b"n"), stamp=20_000, client="svc-a", seq=seq, identity="svc")
+        assert isinstance(refused, ApplyError) and refused.kind == "OutcomeUnknown"
+    assert r.get(b"n")[0] == b"2"
+    # A new client id's first write is a new session; other callers are not concerned.
+    assert r.write(Incr(b"n"), stamp=20_000, client="svc-b", seq=1, identity="svc") == 3
+    assert r.write(Incr(b"n"), stamp=20_000, client="other", seq=7, identity="alice") == 4
+    # The record goes with the idle window (what a session's retry must keep within anyway).
+    assert r.write(Incr(b"n"), stamp=120_000, client="svc-a", seq=3, identity="svc") == 5
+
+
+def test_a_table_over_the_caps_shrinks_a_little_per_new_session():
+    # What an older release (no caps) leaves in a snapshot: 300 sessions of one caller.
+    old = Replica(session_idle_ms=10**9)
+    _cycle(old, "svc", 300)
+    capped = Replica(**{**CAPS, "max_sessions": 10**6}, session_idle_ms=10**9)
+    capped.sm.restore(old.sm.snapshot())
+    capped.index = old.index
+    counts = []
+    for i in range(300, 600):
+        capped.write(Put(b"k", b"v"), stamp=i * 100, client=f"svc-{i}", seq=1, identity="svc")
+        counts.append(capped.sm.session_count)
+    # One apply never evicts more than two: the table converges to the cap, one at a time.
+    assert counts[:3] == [299, 298, 297] and counts[-1] == 64
+
+
+def _capped_entries(seed: int, n: int) -> list[bytes]:
+    rng = random.Random(seed)
+    entries, seqs, stamp = [], {}, 0
+    for _ in range(n):
+        stamp += rng.randrange(0, 15)
+        identity = rng.choice([None, "a", "b", "c"])
+        client = f"{identity}-{rng.randrange(60)}"
+        if rng.random() < 0.2 and (client, identity) in seqs:
+            seq = seqs[client, identity]  # a retry
+        elif rng.random() < 0.1:
+            seq = rng.randrange(1, 5)  # a stale or strange number
+        else:
+            seq = seqs[client, identity] = seqs.get((client, identity), 0) + 1
+        entries.append(encode_envelope(Envelope(Incr(b"n:" + client.encode()), client, seq,
+                                                identity, stamp)))
+    return entries
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_replicas_evict_the_same_sessions(seed):
+    caps = {"max_sessions_per_identity": 8, "max_sessions": 20, "session_evictable_ms": 300,
+            "session_idle_ms": 5_000}
+    entries = _capped_entries(seed, 3_000)
+    a, b, c = Replica(**caps), Replica(**caps), Replica(**caps)
+    results_a = [a.apply_data(e) for e in entries]
+    assert [b.apply_data(e) for e in entries] == results_a
+    assert a.sm.snapshot() == b.sm.snapshot()
+    assert list(a.sm._sessions) == list(b.sm._sessions)
+    # One restored midway from a snapshot evicts the same ones from there on.
+    for e in entries[:1_500]:
+        c.apply_data(e)
+    d = Replica(**caps)
+    d.sm.restore(c.sm.snapshot())
+    d.index = c.index
+    assert [d.apply_data(e) for e in entries[1_500:]] == results_a[1_500:]
+    assert d.sm.snapshot() == a.sm.snapshot()
+    # Not vacuous: the caps evicted, refused new sessions, and refused retries.
+    kinds = {x.kind for x in results_a if isinstance(x, ApplyError)}
+    assert {"Unavailable", "OutcomeUnknown"} <= kinds
+    assert a.sm._evicted
+
+
 # ================================================================================================
 # The apply-time veto
 # ================================================================================================
@@ -797,13 +965,16 @@ def test_members_addresses_and_joins_survive_a_snapshot_and_older_images_still_l
     assert b.sm.members == {1: "z:9"} and b.sm.joined == {3}
     # A version-3 image (the release before members) loads with none.
     old = _populated().sm.snapshot()
-    assert old[4] == 4 and old.endswith(b"\x00")  # v4 ends with an empty member table
+    # v5 ends with an empty member table and no session-cap evictions
+    assert old[4] == 5 and old.endswith(b"\x00\x00")
     c = Replica()
-    c.sm.restore(old[:4] + b"\x03" + old[5:-1])
+    c.sm.restore(old[:4] + b"\x03" + old[5:-2])
     assert c.sm.members == {} and c.sm.snapshot() == old
+    c.sm.restore(old[:4] + b"\x04" + old[5:-1])  # v4: members, no evictions
+    assert c.sm.snapshot() == old
     # A newer image than this build knows is refused, naming both versions.
-    with pytest.raises(SnapshotError, match="unknown snapshot version 5 .this build reads 1 to 4"):
-        c.sm.restore(old[:4] + b"\x05" + old[5:])
+    with pytest.raises(SnapshotError, match="unknown snapshot version 6 .this build reads 1 to 5"):
+        c.sm.restore(old[:4] + b"\x06" + old[5:])
 
 
 # ================================================================================================

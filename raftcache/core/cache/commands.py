@@ -10,8 +10,8 @@ the WAL, so it is hand-rolled varints rather than pickle (unsafe) or JSON (slow,
 Both directions raise only `CommandError`.
 
 Each command class describes itself (`command`): its tag, its fields and how each is encoded,
-what it writes (`Writes`, which rbac decides from) and whether its result comes from the
-stored value. Encoding, decoding, the state machine's apply and access control are lookups
+what it writes (`Writes`, which rbac decides from), whether its result comes from the
+stored value, and what that result reveals of the stored state (`reveals`: rbac asks for `r`). Encoding, decoding, the state machine's apply and access control are lookups
 on those declarations, so a new command is one class here and one apply method there.
 
 Layout (version 1)::
@@ -325,7 +325,7 @@ class Writes(enum.Enum):
 COMMAND_TYPES: dict[int, type] = {}
 # tag -> (class, each field's reader): the same, looked up once (decoding runs on every apply)
 _DECODERS: dict[int, tuple[type, tuple]] = {}
-_DECLARED = ("name", "tag", "fields", "writes", "returns_value")
+_DECLARED = ("name", "tag", "fields", "writes", "returns_value", "reveals")
 
 
 def command(cls: type) -> type:
@@ -334,7 +334,8 @@ def command(cls: type) -> type:
     reused, never changed), `fields` (one `Field` per attribute, in attribute order: its
     encoding), `writes` (a `Writes`; with KEYS or PREFIXES, a `written()` method too) and
     `returns_value` (whether its result comes from the value stored under its key, which the
-    state machine then reads before applying it). A class that leaves any out is refused here,
+    state machine then reads before applying it) and `reveals` (what its result tells of what
+    was stored before it, "" for nothing: rbac then asks for `r` besides `w`). A class that leaves any out is refused here,
     at import, rather than be encoded, applied or authorized by guesswork."""
     missing = [a for a in _DECLARED if a not in vars(cls)]
     if missing:
@@ -379,6 +380,7 @@ class Put:
     fields: ClassVar = (Field("key", BLOB), Field("value", VALUE), Field("ttl_ms", TTL))
     writes: ClassVar = Writes.KEYS
     returns_value: ClassVar[bool] = False
+    reveals: ClassVar[str] = ""  # the new version: the entry's index, nothing that was stored
     written = _the_key
     key: bytes
     value: bytes
@@ -395,6 +397,7 @@ class Remove:
     fields: ClassVar = (Field("key", BLOB),)
     writes: ClassVar = Writes.KEYS
     returns_value: ClassVar[bool] = False
+    reveals: ClassVar[str] = "whether the key existed"
     written = _the_key
     key: bytes
 
@@ -410,6 +413,7 @@ class Cas:
                         Field("value", VALUE), Field("ttl_ms", TTL))
     writes: ClassVar = Writes.KEYS
     returns_value: ClassVar[bool] = False  # a version, from the catalog
+    reveals: ClassVar[str] = "whether the key exists, and its version"
     written = _the_key
     key: bytes
     expected_version: int
@@ -427,6 +431,7 @@ class Incr:
     fields: ClassVar = (Field("key", BLOB), Field("delta", SIGNED))
     writes: ClassVar = Writes.KEYS
     returns_value: ClassVar[bool] = True  # the new integer
+    reveals: ClassVar[str] = "the value"
     written = _the_key
     key: bytes
     delta: int = 1
@@ -442,6 +447,7 @@ class Invalidate:
     fields: ClassVar = (Field("prefix", BLOB),)
     writes: ClassVar = Writes.PREFIXES
     returns_value: ClassVar[bool] = False  # a count
+    reveals: ClassVar[str] = "how many live keys start with the prefix"
     prefix: bytes = b""
 
     def written(self) -> tuple[bytes, ...]:
@@ -460,6 +466,7 @@ class MSet:
                         Field("ttl_ms", TTL))
     writes: ClassVar = Writes.KEYS
     returns_value: ClassVar[bool] = False
+    reveals: ClassVar[str] = ""  # the new versions: the entry's index
     items: tuple[tuple[bytes, bytes], ...]
     ttl_ms: int | None = None
 
@@ -477,6 +484,7 @@ class Sweep:
     fields: ClassVar = (Field("up_to_stamp_ms", UNSIGNED),)
     writes: ClassVar = Writes.EXPIRED
     returns_value: ClassVar[bool] = False
+    reveals: ClassVar[str] = ""  # the leader's own entry: no client sees its result
     up_to_stamp_ms: int
 
 
@@ -492,6 +500,7 @@ class Append:
     fields: ClassVar = (Field("key", BLOB), Field("value", VALUE))
     writes: ClassVar = Writes.KEYS
     returns_value: ClassVar[bool] = True  # the new length
+    reveals: ClassVar[str] = "the value's length"
     written = _the_key
     key: bytes
     value: bytes
@@ -513,6 +522,7 @@ class Configure:
                               "Configure items"),)
     writes: ClassVar = Writes.SETTINGS
     returns_value: ClassVar[bool] = False
+    reveals: ClassVar[str] = ""  # the entry's index
     items: tuple[tuple[str, bytes | None], ...]
 
 
@@ -531,6 +541,7 @@ class Reseal:
                               "Reseal items"),)
     writes: ClassVar = Writes.SEALING
     returns_value: ClassVar[bool] = False
+    reveals: ClassVar[str] = "which of its keys are live at their version (a count)"
     items: tuple[tuple[bytes, int, bytes], ...]
 
 

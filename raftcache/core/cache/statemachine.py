@@ -17,7 +17,14 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   when it is below every number it still holds (its result is gone), and applied otherwise
   (it never applied), so a write tagged with another client's id and a higher number does not
   make that client's next write fail. Sessions idle for `session_idle_ms` (by stamps) are
-  dropped.
+  dropped. The table is capped (`max_sessions_per_identity` for each authenticated caller,
+  `max_sessions` in all): a write that opens a session beyond a cap takes the place of the
+  least recently used one (the caller's, then anyone's) if that one has been idle for
+  `session_evictable_ms`, and is refused Unavailable otherwise, so a flood of new client ids
+  never pushes out a session that is still being retried. For `session_idle_ms` after the
+  caps evicted a session of a caller, a write of that caller on a session the table lacks is
+  refused OutcomeUnknown unless it is a session's first (seq 1): it may retry a write the
+  evicted session applied.
 - **Errors** that are the client's fault are *results* (`ApplyError`), never exceptions.
 - **Settings** (`Configure`): a small replicated map of cluster settings (name -> value, with
   the stamp and index of the entry that set it) where security plugins keep revocations,
@@ -85,9 +92,10 @@ _I64_MAX = (1 << 63) - 1
 _MAX_INT_DIGITS = 20  # "-9223372036854775808"
 
 SNAPSHOT_MAGIC = b"RCSM"
-# 2: sessions hold several results with fingerprints; 3: settings; 4: members' addresses.
+# 2: sessions hold several results with fingerprints; 3: settings; 4: members' addresses;
+# 5: which callers the session caps evicted from, when.
 # Older ones are still read; a newer one is refused with a message naming both.
-SNAPSHOT_VERSION = 4
+SNAPSHOT_VERSION = 5
 
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
 _SNAPSHOT_CHUNK = 1000  # keys per backend read while taking a snapshot
@@ -95,6 +103,14 @@ SESSION_RESULTS = 8  # results kept per client session (a well-behaved client ne
 # Keys an invalidate or sweep removes, and deletions handed to the backend in one call, between
 # calls of `pause` (a few ms of work each).
 PAUSE_KEYS = 1024
+# The session caps. The Python client holds one session per write in flight, so a caller
+# needs about as many as it has concurrent writers; anonymous sessions (no authentication:
+# every client is the same caller) count only towards the total.
+MAX_SESSIONS_PER_IDENTITY = 1024
+MAX_SESSIONS = 100_000
+# Only a session idle this long may make room for a new one: longer than a client keeps
+# retrying a write (a node bounds a call's deadline to 60 s).
+SESSION_EVICTABLE_MS = 60_000
 MAX_APPENDED_BYTES = 4 << 20  # what append may grow a value to (node.max_request_bytes' default)
 
 
@@ -183,6 +199,9 @@ class StateMachine:
     # node yields to its other work there (its reads wait until the whole batch is applied).
     # It must not touch the state machine.
     pause: Callable[[], None] | None = None
+    max_sessions_per_identity: int = MAX_SESSIONS_PER_IDENTITY
+    max_sessions: int = MAX_SESSIONS
+    session_evictable_ms: int = SESSION_EVICTABLE_MS
 
     applied_index: int = attrs.field(init=False, default=0)
     last_stamp_ms: int = attrs.field(init=False, default=0)  # the state machine's "now"
@@ -203,6 +222,10 @@ class StateMachine:
     _ttl_keys: int = attrs.field(init=False, default=0)  # catalog keys with an expiry
     # (client_id, identity) -> _Session, least recently used first
     _sessions: OrderedDict = attrs.field(init=False, factory=OrderedDict)
+    # identity -> its client ids (OrderedDict, least recently used first); not anonymous ones
+    _identity_sessions: dict = attrs.field(init=False, factory=dict)
+    # identity -> stamp of the latest cap eviction of one of its sessions, oldest first
+    _evicted: OrderedDict = attrs.field(init=False, factory=OrderedDict)
     settings: dict = attrs.field(init=False, factory=dict)  # name -> Setting; read, never write
     members: dict = attrs.field(init=False, factory=dict)  # node id -> peer address (the log's)
     joined: set = attrs.field(init=False, factory=set)  # members that ran and hold the log
@@ -275,14 +298,19 @@ class StateMachine:
                             "InvalidRequest",
                             f"sequence number {env.seq} of client {env.client_id!r} was "
                             "already used for a different write; nothing was applied")
-                    session.last_stamp_ms = now
-                    self._sessions.move_to_end(session_key)
+                    self._touch(session_key, session, now)
                     return seen[1]
                 if env.seq <= session.floor:
                     return ApplyError(
                         "OutcomeUnknown",
                         f"sequence number {env.seq} is older than every write of this client "
                         "whose result is still kept; it may have applied before")
+            elif env.seq > 1 and env.identity in self._evicted:
+                return ApplyError(
+                    "OutcomeUnknown",
+                    f"client {env.client_id!r} has no session here, and the session caps "
+                    "evicted sessions of this caller lately: this write may be the retry of "
+                    "one that applied. Nothing was applied now; start a new client id (seq 1)")
 
         # The leader's sweep is not checked: it drops only what every reader sees as gone.
         if self.check_command is not None and cmd.writes is not Writes.EXPIRED:
@@ -292,13 +320,16 @@ class StateMachine:
                 # A veto leaves no trace, not even in the session: it surely did not apply.
                 return ApplyError("Unauthorized", str(reason))
 
+        if session is None and env.client_id is not None and env.seq is not None:
+            refused = self._make_room(env.identity, now)
+            if refused is not None:
+                return refused
         result = self._execute(cmd, index, now, stored)
         if env.client_id is not None and env.seq is not None:
             if session is None:
-                session = self._sessions[session_key] = _Session(now)
-            session.last_stamp_ms = now
+                session = self._open_session(session_key, now)
             session.remember(env.seq, fp, result)
-            self._sessions.move_to_end(session_key)
+            self._touch(session_key, session, now)
         return result
 
     def _read_before_write(self, cmd, now: int) -> bytes | None:
@@ -553,13 +584,80 @@ class StateMachine:
         heapq.heapify(self._expiries)
         self._ttl_keys = len(self._expiries)
 
+    # -- client sessions -----------------------------------------------------------------------
     def _expire_sessions(self, now: int) -> None:
         sessions, idle = self._sessions, self.session_idle_ms
         while sessions:
             key, session = next(iter(sessions.items()))
             if now - session.last_stamp_ms < idle:
-                return
-            del sessions[key]
+                break
+            self._drop_session(key)
+        evicted = self._evicted
+        while evicted:
+            identity, stamp = next(iter(evicted.items()))
+            if now - stamp < idle:
+                break
+            del evicted[identity]
+
+    def _make_room(self, identity: str | None, now: int) -> ApplyError | None:
+        """Before a write opens a session for `identity`: evict what the caps require (the
+        caller's least recently used session, then anyone's), or the refusal when that one
+        is too recent to go. Decided from applied state only: the same on every replica.
+
+        At most two sessions go per cap and write: a table that is over a cap already (one
+        an older release kept) shrinks by one per new session instead of in a single apply."""
+        if identity is not None:
+            for _ in range(2):
+                mine = self._identity_sessions.get(identity, ())
+                if len(mine) < self.max_sessions_per_identity:
+                    break
+                if not self._evict((next(iter(mine)), identity), now):
+                    return self._no_room(f"{identity!r} has {len(mine)} client sessions (at "
+                                         f"most {self.max_sessions_per_identity} per caller)")
+        for _ in range(2):
+            if len(self._sessions) < self.max_sessions:
+                break
+            if not self._evict(next(iter(self._sessions)), now):
+                return self._no_room(f"the cluster holds {len(self._sessions)} client sessions "
+                                     f"(at most {self.max_sessions})")
+        return None
+
+    def _evict(self, key: tuple, now: int) -> bool:
+        """Evict the session `key` unless it is too recent to go; whether it went."""
+        if now - self._sessions[key].last_stamp_ms < self.session_evictable_ms:
+            return False
+        self._drop_session(key)
+        self._evicted.pop(key[1], None)  # re-inserted last: the records stay in stamp order
+        self._evicted[key[1]] = now
+        return True
+
+    def _no_room(self, why: str) -> ApplyError:
+        return ApplyError("Unavailable", f"{why}, each used in the last "
+                                         f"{self.session_evictable_ms} ms; nothing was applied: "
+                                         "retry later, or use fewer client ids")
+
+    def _open_session(self, key: tuple, now: int) -> _Session:
+        session = self._sessions[key] = _Session(now)
+        client_id, identity = key
+        if identity is not None:
+            self._identity_sessions.setdefault(identity, OrderedDict())[client_id] = None
+        return session
+
+    def _touch(self, key: tuple, session: _Session, now: int) -> None:
+        session.last_stamp_ms = now
+        self._sessions.move_to_end(key)
+        client_id, identity = key
+        if identity is not None:
+            self._identity_sessions[identity].move_to_end(client_id)
+
+    def _drop_session(self, key: tuple) -> None:
+        del self._sessions[key]
+        client_id, identity = key
+        if identity is not None:
+            mine = self._identity_sessions[identity]
+            del mine[client_id]
+            if not mine:
+                del self._identity_sessions[identity]
 
     # ==========================================================================================
     # Queries (local: the node decides which consistency level makes them safe)
@@ -631,11 +729,7 @@ class StateMachine:
         put_uvarint(out, len(self._sessions))
         for (client_id, identity), session in self._sessions.items():  # LRU order matters
             put_blob(out, client_id.encode())
-            if identity is None:
-                out.append(0)
-            else:
-                out.append(1)
-                put_blob(out, identity.encode())
+            _put_identity(out, identity)
             put_uvarint(out, session.last_stamp_ms)
             put_svarint(out, session.floor)
             put_uvarint(out, len(session.results))
@@ -656,6 +750,10 @@ class StateMachine:
             put_uvarint(out, node_id)
             put_blob(out, self.members.get(node_id, "").encode())
             out.append(1 if node_id in self.joined else 0)
+        put_uvarint(out, len(self._evicted))
+        for identity, stamp in self._evicted.items():  # stamp order
+            _put_identity(out, identity)
+            put_uvarint(out, stamp)
         return bytes(out)
 
     def _put_key(self, out: bytearray, key: bytes, value: bytes | None) -> None:
@@ -682,8 +780,8 @@ class StateMachine:
         The snapshot is parsed completely before anything changes, so garbage raises
         SnapshotError and leaves the state machine as it was. Empty data is the empty state.
         """
-        applied, stamp, catalog, values, sessions, settings, (members, joined) = \
-            _parse_snapshot(data)
+        applied, stamp, catalog, values, (sessions, cap_evictions), settings, \
+            (members, joined) = _parse_snapshot(data)
         if backend_index is not None and backend_index >= applied:
             overlay, evicted = dict(values), ()
         else:
@@ -707,6 +805,11 @@ class StateMachine:
         self.applied_index = applied
         self.last_stamp_ms = stamp
         self._sessions = sessions
+        self._identity_sessions = {}
+        for client_id, identity in sessions:  # in LRU order, like the table
+            if identity is not None:
+                self._identity_sessions.setdefault(identity, OrderedDict())[client_id] = None
+        self._evicted = cap_evictions
         self.settings = settings
         self.members, self.joined = members, joined
         self._rebuild_expiries()
@@ -740,17 +843,18 @@ def check_snapshot(snapshot) -> str | None:
 
 
 def _parse_snapshot(data: bytes):
-    """(applied index, stamp, catalog, values, sessions, settings, (members, joined)) of a
-    snapshot; SnapshotError (only) when `data` is not one."""
+    """(applied index, stamp, catalog, values, (sessions, evicted), settings, (members,
+    joined)) of a snapshot; SnapshotError (only) when `data` is not one."""
     catalog: dict = {}
     settings: dict = {}
     members: dict = {}
     joined: set = set()
     values: list = []
     sessions: OrderedDict = OrderedDict()
+    evicted: OrderedDict = OrderedDict()
     applied = stamp = 0
     if not data:
-        return applied, stamp, catalog, values, sessions, settings, (members, joined)
+        return applied, stamp, catalog, values, (sessions, evicted), settings, (members, joined)
     r = Reader(bytes(data))
     try:
         if bytes(data[:4]) != SNAPSHOT_MAGIC:
@@ -774,10 +878,7 @@ def _parse_snapshot(data: bytes):
                 raise CommandError("bad value marker")
         for _ in range(r.uvarint()):
             client_id = r.str_()
-            has_identity = r.u8()
-            if has_identity not in (0, 1):
-                raise CommandError("bad identity marker")
-            identity = r.str_() if has_identity else None
+            identity = _get_identity(r)
             if version == 1:  # the latest result only: older numbers were refused
                 seq = r.svarint()
                 session = _Session(r.uvarint(), floor=seq - 1)
@@ -805,10 +906,29 @@ def _parse_snapshot(data: bytes):
                     members[node_id] = address
                 if flag:
                     joined.add(node_id)
+        if version >= 5:
+            for _ in range(r.uvarint()):
+                identity = _get_identity(r)
+                evicted[identity] = r.uvarint()
         r.end()
     except CommandError as exc:
         raise SnapshotError(f"corrupt state machine snapshot: {exc}") from None
-    return applied, stamp, catalog, values, sessions, settings, (members, joined)
+    return applied, stamp, catalog, values, (sessions, evicted), settings, (members, joined)
+
+
+def _put_identity(out: bytearray, identity: str | None) -> None:
+    if identity is None:
+        out.append(0)
+    else:
+        out.append(1)
+        put_blob(out, identity.encode())
+
+
+def _get_identity(r: Reader) -> str | None:
+    has_identity = r.u8()
+    if has_identity not in (0, 1):
+        raise CommandError("bad identity marker")
+    return r.str_() if has_identity else None
 
 
 # ================================================================================================

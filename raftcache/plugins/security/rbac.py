@@ -74,15 +74,24 @@ class UndeclaredWrite(Exception):
 
 def command_needs(command) -> list[tuple[str, bytes]]:
     """What a write command needs, from what its class declares it writes (`writes` and
-    `written()`): (need, key) pairs, need one of "w", "invalidate" (w on a grant whose prefix
-    starts the invalidated prefix) and "cluster" (admin on ""). Raises UndeclaredWrite for a
-    command that declares nothing rbac knows."""
-    needs_of = _NEEDS_OF.get(getattr(type(command), "writes", None))
+    `written()`) and what its result reveals (`reveals`): (need, key) pairs, need one of "w",
+    "invalidate" (w on a grant whose prefix starts the invalidated prefix), "r" (r on a grant
+    that covers the key, or starts the prefix) and "cluster" (admin on ""). Raises
+    UndeclaredWrite for a command that declares nothing rbac knows."""
+    cls = type(command)
+    needs_of = _NEEDS_OF.get(getattr(cls, "writes", None))
     if needs_of is None:
         raise UndeclaredWrite(
-            f"{type(command).__name__} does not declare what it writes (commands.Writes), or "
+            f"{cls.__name__} does not declare what it writes (commands.Writes), or "
             "declares a kind rbac has no rule for: refused to every caller")
-    return needs_of(command)
+    reveals = getattr(cls, "reveals", None)
+    if not isinstance(reveals, str):
+        raise UndeclaredWrite(f"{cls.__name__} does not declare what its result reveals "
+                              "(commands.command): refused to every caller")
+    needs = needs_of(command)
+    if reveals:  # the result tells what was stored there: a w grant must not be a read
+        needs += [("r", key) for need, key in needs if need in ("w", "invalidate")]
+    return needs
 
 
 def request_needs(op: str, keys: Sequence[bytes]) -> list[tuple[str, bytes]]:
