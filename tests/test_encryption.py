@@ -28,6 +28,8 @@ from raftcache.node.config import private_dir
 from raftcache.pluginapi import Setting, ValueCodecError
 from raftcache.plugins.backend.memory import MemoryBackend
 from raftcache.plugins.security.encryption import (
+    BINDING_BYTES,
+    LEGACY_MAGIC,
     OVERHEAD,
     EncryptionCodec,
     Keyring,
@@ -63,7 +65,7 @@ def test_round_trip_with_a_random_nonce_each_time():
     codec = codec_with()
     a, b = codec.encode(b"k", b"secret"), codec.encode(b"k", b"secret")
     assert a != b and a[5:17] != b[5:17]  # a fresh nonce for every seal
-    assert len(a) == len(b"secret") + OVERHEAD and key_id_of(a) == 0 and a[0] == 0xE1
+    assert len(a) == len(b"secret") + OVERHEAD and key_id_of(a) == 0 and a[0] == 0xE2
     assert b"secret" not in a
     assert codec.decode(b"k", a) == codec.decode(b"k", b) == b"secret"
     assert codec.decode(b"k", codec.encode(b"k", b"")) == b""
@@ -85,6 +87,55 @@ def test_a_value_moved_to_another_key_is_refused():
     codec = codec_with()
     with pytest.raises(ValueCodecError, match="altered, or sealed for another key"):
         codec.decode(b"other", codec.encode(b"k", b"v"))
+
+
+def test_a_stored_value_is_bound_to_its_key_and_version():
+    codec = codec_with()
+    blob = codec.encode(b"k", b"v")
+    stored = codec.bind(b"k", 7, blob)
+    assert len(stored) == len(blob) + BINDING_BYTES
+    assert codec.decode(b"k", codec.unbind(b"k", 7, stored)) == b"v"
+    for key, version, what in ((b"k", 6, "an older version"), (b"k", 8, "a newer one"),
+                               (b"j", 7, "another key")):
+        with pytest.raises(ValueCodecError, match="is not the one written at version"):
+            codec.unbind(key, version, stored)
+    with pytest.raises(ValueCodecError):  # the tag stripped: a bare blob is not a stored one
+        codec.unbind(b"k", 7, blob)
+    with pytest.raises(ValueCodecError):
+        codec.unbind(b"k", 7, b"")
+
+
+def legacy_seal(codec: EncryptionCodec, key: bytes, value: bytes) -> bytes:
+    """A value as the format before the version binding sealed (and stored) it."""
+    header, nonce = bytes((LEGACY_MAGIC, 0, 0, 0, 0)), os.urandom(12)
+    return header + nonce + codec._aead(0).encrypt(nonce, value,
+                                                  b"raftcache-value-1" + header + key)
+
+
+def test_a_value_stored_before_the_binding_still_opens():
+    codec = codec_with()
+    legacy = legacy_seal(codec, b"k", b"old")
+    assert codec.decode(b"k", codec.unbind(b"k", 3, legacy)) == b"old"
+    with pytest.raises(ValueCodecError):  # its associated data names the magic
+        codec.decode(b"k", bytes((0xE2,)) + legacy[1:])
+
+
+def test_the_state_machine_binds_what_it_stores_and_refuses_an_older_value_put_back():
+    from raftcache.core.cache.commands import Envelope, Incr, Put, encode_envelope
+
+    codec = codec_with()
+    sm = StateMachine(MemoryBackend(), codecs=[codec])
+    sm.apply(1, encode_envelope(Envelope(Put(b"n", codec.encode(b"n", b"1")), stamp_ms=1)))
+    v1 = sm.read(b"n", 1)[0]
+    sm.apply(2, encode_envelope(Envelope(Put(b"n", codec.encode(b"n", b"2")), stamp_ms=2)))
+    stored, version = sm.read(b"n", 2)
+    assert version == 2 and codec.decode(b"n", codec.unbind(b"n", 2, stored)) == b"2"
+    sm.backend.apply(2, [(b"n", v1, None)])  # someone puts the older value back
+    with pytest.raises(ValueCodecError, match="not the one written at version 2"):
+        codec.unbind(b"n", 2, sm.read(b"n", 2)[0])
+    # incr meets it as a value this replica cannot open: a miss, never the old value
+    result = sm.apply(3, encode_envelope(Envelope(Incr(b"n", 1), stamp_ms=3)))
+    assert isinstance(result, ApplyError) and result.kind == "OutcomeUnknown"
 
 
 def test_an_unknown_key_id_says_so():
@@ -549,7 +600,8 @@ def test_a_value_altered_in_one_nodes_redis_is_unavailable_there_and_read_elsewh
             with redis.Redis.from_url(cluster.servers[1]["backend"].url) as r:
                 r.set("k", r.get("moved"))  # a sealed value copied under another key
             with pytest.raises(errors.Unavailable, match="this node cannot open a stored value: "
-                                                         "the stored value of b'k' fails to open"):
+                                                         "the stored value of b'k' is not the "
+                                                         "one written at version"):
                 one.get("k", consistency="stale")
         with cluster.client() as c:  # the client tries another node
             leader = cluster.wait_for_leader()
@@ -560,6 +612,38 @@ def test_a_value_altered_in_one_nodes_redis_is_unavailable_there_and_read_elsewh
         cluster.stop()
     assert "a stored value cannot be opened: the stored value of b'k'" in (
         open(cluster.log_path(1)).read())
+
+
+def test_an_older_value_put_back_in_redis_or_one_moved_from_another_key_is_refused(tmp_path):
+    """Someone with access to a node's Redis keeps the bytes of a value, and after it is
+    overwritten puts them back (or copies another key's bytes over it): the read is refused
+    as tampered, never answered with the old value."""
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=1, port=free_port_block(1),
+                           storage="memory", backend="redis")
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        with redis.Redis.from_url(cluster.servers[1]["backend"].url) as r, \
+                Client([cluster.address(1)]) as c:
+            c.set("k", "version one")
+            v1 = r.get("k")
+            c.set("k", "version two")
+            c.set("other", "another key's value")
+            assert c.get("k") == b"version two"
+            r.set("k", v1)  # the older value put back
+            with pytest.raises(errors.Unavailable, match="this node cannot open a stored value: "
+                                                         "the stored value of b'k' is not the "
+                                                         "one written at version"):
+                c.get("k")
+            r.set("k", r.get("other"))  # another key's value moved here
+            with pytest.raises(errors.Unavailable, match="cannot open a stored value"):
+                c.get("k")
+            assert c.get("other") == b"another key's value"
+            c.set("k", "version three")  # a new write is read again
+            assert c.get("k") == b"version three"
+        assert not cluster.failures()
+    finally:
+        cluster.stop()
 
 
 # ================================================================================================

@@ -246,7 +246,8 @@ def _reseal_all(client, passes: int = 3) -> int:
                     break
             status = client.admin("keys-status")
             older = {k: n for k, n in (status.get("values") or {}).items()
-                     if k.isdigit() and int(k) != status["active"]}
+                     if (k.isdigit() and int(k) != status["active"])
+                     or k.endswith("-unbound")}  # stored before the version binding
             if not older:
                 progress.close(f"done: no value is sealed under an older data key than "
                                f"{status['active']}")

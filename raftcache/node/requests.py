@@ -201,7 +201,7 @@ class Requests:
         if found is None or not self.codecs:
             return found
         value, version = found
-        return decode_value(self.codecs, key, value), version
+        return decode_value(self.codecs, key, value, version), version
 
     # -- deadlines and other nodes -----------------------------------------------------------------
     def timeout(self, request: api.Request) -> float:

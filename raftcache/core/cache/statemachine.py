@@ -32,8 +32,9 @@ The catalog (key -> version, expiry) lives here, in write order (the order a bou
 evicts in); values live in the backend. Changes to the backend are staged while a batch of
 entries applies and reach it in one `Backend.apply` call per batch (`flush`); an incr or append
 later in the batch reads the staged value. Values are stored exactly as the entry holds them -
-already encoded by the proposer's value codecs (encryption) - and `read()` returns them as
-stored: decoding them for the client is the node's job. The exceptions are the commands whose
+already encoded by the proposer's value codecs (encryption), bound to their version by the
+codecs that do so (`bind_value`) - and `read()` returns them as stored: decoding them for the
+client is the node's job. The exceptions are the commands whose
 result comes from the stored value (`returns_value`: `Incr` and `Append`), which must look
 inside it: they decode it with `codecs` (in reverse order) and encode the new value (in order),
 like the node does for other writes; Append decodes its own argument too.
@@ -342,7 +343,8 @@ class StateMachine:
         for key, version, blob in cmd.items:
             meta = self._live(key, now)
             if meta is not None and meta.version == version:
-                self._change(key, blob, meta.expiry)  # the catalog stays as it is
+                # The catalog stays as it is, so the version the value is bound to too.
+                self._change(key, bind_value(self.codecs, key, version, blob), meta.expiry)
                 count += 1
         return count
 
@@ -388,7 +390,7 @@ class StateMachine:
         blob = staged[0] if staged is not None else stored
         if blob is not None:
             try:
-                return decode_value(self.codecs, key, blob), meta.expiry
+                return decode_value(self.codecs, key, blob, meta.version), meta.expiry
             except ValueCodecError as exc:
                 # Altered in this node's backend (the others may hold it intact): drop it
                 # here, so that it reads as missing, and carry on as after an eviction.
@@ -413,7 +415,7 @@ class StateMachine:
         if old is not None and old.expiry is not None:
             self._ttl_keys -= 1
         self._catalog[key] = KeyMeta(version, expiry)
-        self._change(key, value, expiry)
+        self._change(key, bind_value(self.codecs, key, version, value), expiry)
         if expiry is not None:
             self._ttl_keys += 1
             heapq.heappush(self._expiries, (expiry, key))
@@ -760,10 +762,27 @@ def encode_value(codecs: Sequence, key: bytes, value: bytes) -> bytes:
     return value
 
 
-def decode_value(codecs: Sequence, key: bytes, blob: bytes) -> bytes:
-    """A stored value as the client wrote it: through the codecs in reverse order."""
+def decode_value(codecs: Sequence, key: bytes, blob: bytes, version: int | None = None) -> bytes:
+    """A value as the client wrote it: through the codecs in reverse order. `version`: `blob`
+    is a stored value (`bind_value`) the catalog holds at that version, checked first."""
+    if version is not None:
+        for codec in reversed(codecs):
+            unbind = getattr(codec, "unbind", None)
+            if unbind is not None:
+                blob = unbind(key, version, blob)
     for codec in reversed(codecs):
         blob = codec.decode(key, blob)
+    return blob
+
+
+def bind_value(codecs: Sequence, key: bytes, version: int, blob: bytes) -> bytes:
+    """An encoded value as the backend stores it at `version`: codecs with a `bind` method
+    (encryption) tie it to the key and the version, which is only known once its entry
+    applies, so that an older value put back in the backend is refused."""
+    for codec in codecs:
+        bind = getattr(codec, "bind", None)
+        if bind is not None:
+            blob = bind(key, version, blob)
     return blob
 
 

@@ -14,19 +14,30 @@ commits it wrapped with the master key as the replicated setting ``keys.<n>``::
                aad = "raftcache-data-key-1" | master id | n)
 
 The active data key is the highest id among them; older ones stay, so older values still
-open. A sealed value::
+open. A sealed value, as the node that takes the write seals it (and the log holds it)::
 
-    blob := 0xE1 | key id u32 BE | nonce 12 | AES-256-GCM(data key, nonce, value,
-            aad = "raftcache-value-1" | 0xE1 | key id | cache key)
+    blob := 0xE2 | key id u32 BE | nonce 12 | AES-256-GCM(data key, nonce, value,
+            aad = "raftcache-value-1" | 0xE2 | key id | cache key)
 
 The cache key in the associated data makes a value copied under another key fail to open; the
-nonce is random for every seal.
+nonce is random for every seal. A value's version (the log index of the entry that writes it)
+is not known when it is sealed, so the state machine binds it when the entry applies
+(`bind`): what the backend and the snapshots hold is ::
+
+    stored := blob | HMAC-SHA256(binding key, "raftcache-version-1" | version u64 BE |
+                                 key length u32 BE | cache key | blob)[:16]
+
+with the binding key derived from the master key (HKDF-SHA256). A read checks it against the
+catalog's version (`unbind`), so an older value put back, or a value moved to another key, is
+refused like an altered one. Values stored before this format (0xE1, unbound) still open;
+the reseal sweep rewrites them bound.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import os
 import struct
@@ -53,11 +64,15 @@ if TYPE_CHECKING:
 
 KEYRING_FORMAT = "raftcache-keyring"
 KEYRING_VERSION = 1
-MAGIC = 0xE1
+MAGIC = 0xE2  # a blob whose stored form is bound to its version
+LEGACY_MAGIC = 0xE1  # stored unbound (sealed before the binding): opens, the sweep reseals it
 _HEADER = struct.Struct(">BI")  # magic, data key id
 NONCE_BYTES = 12
 TAG_BYTES = 16
 OVERHEAD = _HEADER.size + NONCE_BYTES + TAG_BYTES  # 33 bytes a sealed value adds
+BINDING_BYTES = 16  # what binding a stored value to its version adds
+_BINDING_AAD = b"raftcache-version-1"
+_BINDING = struct.Struct(">QI")  # version, key length
 _VALUE_AAD = b"raftcache-value-1"
 _WRAP_AAD = b"raftcache-data-key-1"
 _WRAP_VERSION = 1
@@ -144,8 +159,8 @@ def read_keyring(path: str, config: Config | None = None) -> Keyring:
 # The codec
 # ================================================================================================
 def key_id_of(blob: bytes) -> int | None:
-    """The data key id a sealed blob names, or None when it is not a sealed blob."""
-    if len(blob) < OVERHEAD or blob[0] != MAGIC:
+    """The data key id a sealed blob (or its stored form) names, or None when it is not one."""
+    if len(blob) < OVERHEAD or blob[0] not in (MAGIC, LEGACY_MAGIC):
         return None
     return _HEADER.unpack_from(blob)[1]
 
@@ -181,6 +196,9 @@ class EncryptionCodec:
         self._keys: dict[int, tuple[bytes | None, AESGCM]] = {
             0: (None, AESGCM(derived.derive(keyring.master_key)))}
         self._active = 0
+        self._binding_key = HKDF(hashes.SHA256(), 32, salt=None,
+                                 info=b"raftcache version binding|master %d"
+                                 % keyring.master_id).derive(keyring.master_key)
 
     # -- data keys ---------------------------------------------------------------------------
     def active_id(self) -> int:
@@ -247,6 +265,35 @@ class EncryptionCodec:
         if self._plaintext is not None and self._plaintext(key):
             return blob
         return self.open(key, blob)
+
+    # -- the version binding (called by the state machine) ------------------------------------
+    def bind(self, key: bytes, version: int, blob: bytes) -> bytes:
+        """`blob` as stored at `version`: with a tag binding it to the key and the version."""
+        if self._plaintext is not None and self._plaintext(key):
+            return blob
+        return blob + self._binding(key, version, blob)
+
+    def unbind(self, key: bytes, version: int, stored: bytes) -> bytes:
+        """The blob in `stored`, once its tag proves it was stored under `key` at `version`;
+        ValueCodecError otherwise (an older value put back, or one from another key)."""
+        if self._plaintext is not None and self._plaintext(key):
+            return stored
+        if stored[:1] == bytes((LEGACY_MAGIC,)):
+            return stored  # sealed before the binding: the sweep rewrites it
+        blob, tag = stored[:-BINDING_BYTES], stored[-BINDING_BYTES:]
+        if len(stored) < BINDING_BYTES or not hmac.compare_digest(
+                tag, self._binding(key, version, blob)):
+            raise ValueCodecError(f"the stored value of {key!r} is not the one written at "
+                                  f"version {version}: it was replaced (an older value put "
+                                  "back?), altered, or moved from another key")
+        return blob
+
+    def _binding(self, key: bytes, version: int, blob: bytes) -> bytes:
+        mac = hmac.new(self._binding_key, _BINDING_AAD, "sha256")
+        mac.update(_BINDING.pack(version, len(key)))
+        mac.update(key)
+        mac.update(blob)
+        return mac.digest()[:BINDING_BYTES]
 
     def seal(self, key: bytes, value: bytes, key_id: int) -> bytes:
         header = _HEADER.pack(MAGIC, key_id)
@@ -404,10 +451,10 @@ def _reseal(node, codec: EncryptionCodec, start: int):
                 continue
             blob, version = got
             try:
-                inner = decode_value(outer, key, blob)
+                inner = decode_value(outer, key, codec.unbind(key, version, blob))
                 key_id = key_id_of(inner)
-                if key_id is None or key_id == active:
-                    continue
+                if key_id is None or (key_id == active and inner[0] == MAGIC):
+                    continue  # unbound (legacy) values are resealed under the active key too
                 new = encode_value(outer, key, codec.seal(key, codec.open(key, inner), active))
             except ValueCodecError:
                 unreadable += 1
@@ -442,10 +489,14 @@ def _status(node, codec: EncryptionCodec) -> dict:
                 name = "plaintext"
             else:
                 try:
-                    key_id = key_id_of(decode_value(outer, key, got[0]))
+                    inner = decode_value(outer, key, codec.unbind(key, got[1], got[0]))
+                    key_id = key_id_of(inner)
                 except ValueCodecError:
                     key_id = None
-                name = "unreadable" if key_id is None else str(key_id)
+                if key_id is None:
+                    name = "unreadable"
+                else:  # unbound: sealed before the version binding, not yet resealed
+                    name = str(key_id) if inner[0] == MAGIC else f"{key_id}-unbound"
             counts[name] = counts.get(name, 0) + 1
     report["values"] = counts
     return report
