@@ -175,6 +175,31 @@ def test_rotation_seals_new_values_with_the_new_key_and_old_ones_still_open():
     assert codec.unwrap(2, wrapped) not in wrapped
 
 
+def test_a_node_asks_for_a_new_data_key_once_it_sealed_its_budget_with_the_active_one(tmp_path):
+    settings: dict = {}
+    path = str(tmp_path / "seal-counts.json")
+    codec = EncryptionCodec(Keyring(1, os.urandom(32), "test"), lambda: settings,
+                            rotate_after=100, counts_path=path)
+    for _ in range(99):
+        codec.encode(b"k", b"v")
+    assert codec.rotation() is None and codec.sealed.count(0) == 99
+    codec.encode(b"k", b"v")
+    command = codec.rotation()  # the 100th seal: a new key, wrapped, as the next id
+    (name, wrapped), = command.items
+    assert name == "keys.1" and len(codec.unwrap(1, wrapped)) == 32
+    settings[name] = Setting(wrapped, 0, 5)  # committed: the new key seals, nothing asked
+    assert codec.rotation() is None and key_id_of(codec.encode(b"k", b"v")) == 1
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    # A restart resumes from what the file reserved: never fewer than were sealed.
+    again = EncryptionCodec(codec.keyring, lambda: settings, rotate_after=100, counts_path=path)
+    assert again.sealed.count(0) >= 100 and again.sealed.count(1) >= 1
+    assert json.load(open(path))["sealed"]["0"] == again.sealed.count(0) < 100 + 100 // 64 + 1
+    with open(path, "w") as f:  # a count it cannot read: it refuses rather than start at 0
+        f.write("{garbage")
+    with pytest.raises(KeyringError, match="unreadable seal counts"):
+        EncryptionCodec(codec.keyring, lambda: settings, counts_path=path)
+
+
 def test_a_data_key_is_written_once():
     from raftcache.core.cache.commands import Configure
     from raftcache.plugins.security.encryption import raftcache_check_command
@@ -644,6 +669,40 @@ def test_an_older_value_put_back_in_redis_or_one_moved_from_another_key_is_refus
         assert not cluster.failures()
     finally:
         cluster.stop()
+
+
+def test_the_leader_rotates_the_data_key_when_a_node_has_sealed_its_budget(tmp_path):
+    """With the budget lowered to 40 seals per data key, writes move the cluster through new
+    keys by themselves (through the log, like `keys rotate`), and every value still reads."""
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=3, port=free_port_block(3),
+                           storage="file-wal", backend="memory",
+                           extra={"encryption": {"rotate_after": 40}})
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        with cluster.client() as c:
+            assert c.admin("keys-status")["active"] == 0
+            written = {}
+            deadline = time.monotonic() + 60
+            i = 0
+            while c.admin("keys-status")["active"] < 2:
+                assert time.monotonic() < deadline, c.admin("keys-status")
+                for _ in range(10):
+                    written[f"k{i}"] = b"value %d" % i
+                    c.set(f"k{i}", written[f"k{i}"])
+                    i += 1
+                c.incr("counter", 1)  # sealed again inside apply, on every replica
+            status = c.admin("keys-status")
+            assert status["known"][:3] == [0, 1, 2], status
+            assert status["rotate_after"] == 40, status
+            assert c.mget(list(written)) == list(written.values())
+        assert not cluster.failures()
+    finally:
+        cluster.stop()
+    for node in (1, 2, 3):
+        counts = json.load(open(os.path.join(cluster.data_dir, f"node{node}",
+                                             "seal-counts.json")))
+        assert counts["master"] == 1 and counts["sealed"]["0"] >= 1, counts
 
 
 # ================================================================================================

@@ -79,6 +79,7 @@ _WRAP_VERSION = 1
 _WRAPPED = struct.Struct(">BI")  # wrap version, master key id
 SETTING_PREFIX = "keys."
 MAX_KEY_ID = (1 << 32) - 1
+SEAL_COUNTS = "seal-counts.json"  # in the node's data dir: seals made per data key
 RESEAL_PAGE = 256  # keys a keys-reseal call reads at a time
 RESEAL_SCAN = 4096  # keys one keys-reseal call looks at, at most, before it answers
 STATUS_LIMIT = 100_000  # keys-status counts values by key id up to this many keys
@@ -183,13 +184,19 @@ class EncryptionCodec:
 
     `settings()` returns the replicated settings (``node.settings``) where wrapped data keys
     live; `plaintext(key)`, when given, says whether `key`'s backend route opted out.
+    `rotate_after`: seals with one data key after which `rotation` asks for a new one; the
+    count is kept in `counts_path` (when given) a block ahead, so a restart never counts less.
     """
 
     def __init__(self, keyring: Keyring, settings: Callable[[], Mapping],
-                 plaintext: Callable[[bytes], bool] | None = None):
+                 plaintext: Callable[[bytes], bool] | None = None,
+                 rotate_after: int = 1 << 26, counts_path: str = ""):
         self.keyring = keyring
         self._settings = settings
         self._plaintext = plaintext
+        self.rotate_after = rotate_after
+        self.sealed = SealCounts(counts_path, keyring.master_id,
+                                 block=max(1, min(1 << 16, rotate_after // 64)))
         self._master = AESGCM(keyring.master_key)
         derived = HKDF(hashes.SHA256(), 32, salt=None,
                        info=b"raftcache data key 0|master %d" % keyring.master_id)
@@ -227,6 +234,21 @@ class EncryptionCodec:
         aead = AESGCM(self.unwrap(key_id, setting.value))
         self._keys[key_id] = (setting.value, aead)
         return aead
+
+    def new_key(self) -> Configure:
+        """The entry that adds a new data key (the next id), wrapped; it becomes active."""
+        new_id = data_key_ids(self._settings())[-1] + 1
+        if new_id > MAX_KEY_ID:
+            raise ValueError("no data key id left")
+        return Configure(((setting_name(new_id), self.wrap(new_id, os.urandom(32))),))
+
+    def rotation(self) -> Configure | None:
+        """A new data key to commit when this node has sealed `rotate_after` values with the
+        active one (random nonces: their chance of colliding grows with the count), else
+        None. The leader asks every second (`Replica`) and proposes it."""
+        if self.sealed.count(self.active_id()) < self.rotate_after:
+            return None
+        return self.new_key()
 
     def wrap(self, key_id: int, data_key: bytes) -> bytes:
         header = _WRAPPED.pack(_WRAP_VERSION, self.keyring.master_id)
@@ -297,6 +319,7 @@ class EncryptionCodec:
 
     def seal(self, key: bytes, value: bytes, key_id: int) -> bytes:
         header = _HEADER.pack(MAGIC, key_id)
+        self.sealed.add(key_id)  # before the nonce is used: a crash never undercounts
         nonce = os.urandom(NONCE_BYTES)
         return header + nonce + self._aead(key_id).encrypt(nonce, value,
                                                            _VALUE_AAD + header + key)
@@ -314,6 +337,53 @@ class EncryptionCodec:
         except InvalidTag:
             raise ValueCodecError(f"the stored value of {key!r} fails to open with data key "
                                   f"{key_id}: it was altered, or sealed for another key") from None
+
+
+class SealCounts:
+    """How many values this node sealed with each data key (each seal draws a random nonce).
+
+    Kept in a file (JSON, 0600) a block ahead of the count: the file is rewritten once per
+    `block` seals, and a restart resumes from what it reserved, so it may count more than were
+    made, never fewer. Without a path, counts live in memory only."""
+
+    def __init__(self, path: str, master_id: int, block: int):
+        self.path, self.master_id, self.block = path, master_id, block
+        self.counts: dict[int, int] = {}
+        self.reserved: dict[int, int] = {}
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    body = json.loads(f.read(1 << 20))
+                if body.get("master") == master_id:
+                    self.reserved = {int(k): int(v) for k, v in body["sealed"].items()}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise KeyringError(f"{path}: unreadable seal counts ({exc}); a node must "
+                                   "not forget how many values it sealed: restore the file, "
+                                   "or remove it and run `raftcache keys rotate`") from None
+            self.counts = dict(self.reserved)
+
+    def count(self, key_id: int) -> int:
+        return self.counts.get(key_id, 0)
+
+    def add(self, key_id: int) -> None:
+        n = self.counts.get(key_id, 0) + 1
+        self.counts[key_id] = n
+        if self.path and n > self.reserved.get(key_id, 0):
+            self.reserved[key_id] = n - 1 + self.block
+            self._save()
+
+    def _save(self) -> None:
+        body = json.dumps({"master": self.master_id,
+                           "sealed": {str(k): v for k, v in sorted(self.reserved.items())}})
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 # ================================================================================================
@@ -337,7 +407,11 @@ def raftcache_value_codecs(node):
     if not enabled(node.config):
         return ()
     keyring = read_keyring(node.config.encryption.keyring, node.config)
-    codec = EncryptionCodec(keyring, lambda: node.settings, _plaintext_lookup(node))
+    data_dir = node.config.node.data_dir
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    codec = EncryptionCodec(keyring, lambda: node.settings, _plaintext_lookup(node),
+                            node.config.encryption.rotate_after,
+                            os.path.join(data_dir, SEAL_COUNTS))
     _CODECS[node] = codec
     if node.plaintext_routes:
         node.log.warning("encryption at rest: values routed to %s are stored in plaintext "
@@ -396,12 +470,9 @@ def raftcache_admin(node, action, args):
         if args:
             raise ValueError("keys-rotate takes no arguments")
         active = codec.active_id()
-        new_id = data_key_ids(node.settings)[-1] + 1
-        if new_id > MAX_KEY_ID:
-            raise ValueError("no data key id left")
-        wrapped = codec.wrap(new_id, os.urandom(32))
-        return Configure(((setting_name(new_id), wrapped),)), {"key_id": new_id,
-                                                               "previous": active}
+        command = codec.new_key()
+        new_id = int(command.items[0][0][len(SETTING_PREFIX):])
+        return command, {"key_id": new_id, "previous": active}
     if action == "keys-reseal":
         return _reseal(node, _codec(node), _position(args))
     if action == "keys-status":
@@ -474,6 +545,8 @@ def _status(node, codec: EncryptionCodec) -> dict:
     settings = node.settings
     report = {"active": codec.active_id(), "known": data_key_ids(settings),
               "master": codec.keyring.master_id, "keys": node.key_count(),
+              "sealed_here": codec.sealed.count(codec.active_id()),
+              "rotate_after": codec.rotate_after,
               "plaintext_routes": list(node.plaintext_routes)}
     if node.key_count() > STATUS_LIMIT:
         report["values"] = None  # too many to count on the leader's loop
