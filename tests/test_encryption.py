@@ -22,6 +22,7 @@ import redis
 from raftcache import errors
 from raftcache.client import Client
 from raftcache.cluster import LocalCluster, free_port_block, to_toml
+from raftcache.core.cache.commands import put_svarint
 from raftcache.core.cache.statemachine import ApplyError, StateMachine
 from raftcache.node.backend import PlaintextBackend
 from raftcache.node.config import private_dir
@@ -136,6 +137,39 @@ def test_the_state_machine_binds_what_it_stores_and_refuses_an_older_value_put_b
     # incr meets it as a value this replica cannot open: a miss, never the old value
     result = sm.apply(3, encode_envelope(Envelope(Incr(b"n", 1), stamp_ms=3)))
     assert isinstance(result, ApplyError) and result.kind == "OutcomeUnknown"
+
+
+def test_a_sealed_incr_amount_and_the_result_its_session_keeps_open_only_with_the_keys():
+    from raftcache.core.cache.commands import Envelope, SealedIncr, encode_envelope
+    from raftcache.core.cache.statemachine import SealedResult
+
+    codec = codec_with()
+    sm = StateMachine(MemoryBackend(), codecs=[codec])
+    amount = 7_123_456_789_012_345
+
+    def incr(index, seq, delta=b"%d" % amount):
+        entry = Envelope(SealedIncr(b"n", codec.encode(b"n", delta)), "client", seq, None, index)
+        assert b"%d" % amount not in entry.command.delta and svarint(amount) not in (
+            encode_envelope(entry))
+        return sm.apply(index, encode_envelope(entry))
+
+    assert incr(1, 1) == amount and incr(2, 2) == 2 * amount
+    kept = sm._sessions[("client", None)].results[2][1]
+    assert type(kept) is SealedResult and b"%d" % (2 * amount) not in kept.blob
+    image = sm.snapshot()
+    assert svarint(2 * amount) not in image and b"%d" % (2 * amount) not in image
+    assert incr(3, 2) == 2 * amount  # a retry: the first result, opened
+    again = StateMachine(MemoryBackend(), codecs=[codec])
+    again.restore(image)
+    assert again.apply(3, encode_envelope(Envelope(SealedIncr(b"n", codec.encode(b"n", b"1")),
+                                                   "client", 2, None, 3))) == 2 * amount
+    stranger = StateMachine(MemoryBackend(), codecs=[codec_with()])  # another master key
+    stranger.restore(image)
+    lost = stranger.apply(3, encode_envelope(Envelope(SealedIncr(b"n", b"x"), "client", 2,
+                                                      None, 3)))
+    assert isinstance(lost, ApplyError) and lost.kind == "OutcomeUnknown"
+    bad = incr(4, 3, delta=b"1.5")
+    assert isinstance(bad, ApplyError) and bad.kind == "InvalidRequest"
 
 
 def test_an_unknown_key_id_says_so():
@@ -519,6 +553,56 @@ def test_no_plaintext_at_rest_anywhere(tmp_path, storage, backend, encrypted):
         assert hits["redis"], hits
     if backend in ("memcached", "hybrid"):
         assert hits["memcached"], hits
+
+
+def svarint(n: int) -> bytes:
+    out = bytearray()
+    put_svarint(out, n)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "teeth-plaintext"])
+def test_incr_amounts_and_the_results_sessions_keep_are_sealed_in_the_log_snapshots_and_backups(
+        tmp_path, encrypted):
+    """An incr's amount travels in its log entry, and its result (and an append's length) is
+    kept in the client's session, which snapshots and backups hold: searched for in every
+    encoding the log and the snapshots use (decimal, and the zigzag varint of ints)."""
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=1, port=free_port_block(1),
+                           storage="file-wal", backend="memory", encryption=encrypted,
+                           extra={"raft": {"snapshot_entries": 16, "snapshot_keep_entries": 2}})
+    first = (1 << 52) + secrets.randbelow(1 << 50)  # distinctive in 8 bytes of any encoding
+    second = (1 << 51) + secrets.randbelow(1 << 49)
+    tail = (1 << 50) + secrets.randbelow(1 << 48)
+    grown = b"%s-appended" % secrets.token_hex(4000).encode()  # an append's length: 8010+
+    numbers = [first, second, first + second, tail, len(b"start-") + len(grown)]
+    needles = [b"%d" % n for n in numbers[:4]] + [svarint(n) for n in numbers]
+    backup = str(tmp_path / "c" / "cache.rcbackup")
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        with cluster.client() as c:
+            assert c.incr("ctr", first) == first
+            assert c.incr("ctr", second) == first + second
+            c.set("app", b"start-")
+            assert c.append("app", grown) == numbers[4]
+            for i in range(20):  # past a snapshot (every 16 entries): the sessions are in it
+                c.set(f"filler{i % 3}", f"{i}")
+            assert c.incr("tail", tail) == tail  # and one in the log before the next
+        saved = raftcache("snapshot", "save", backup, "--endpoints",
+                          ",".join(cluster.endpoints()))
+        assert saved.returncode == 0, saved.stderr
+        hits = search(cluster, needles)["files"]
+        assert not cluster.failures()
+    finally:
+        cluster.stop()
+    print(f"encrypted={encrypted}: {hits}")
+    if encrypted:
+        assert hits == []
+        return
+    # Teeth: stored as written, the amounts are in the log and the results in the snapshot
+    # and the backup, where this search finds them.
+    assert any(h.startswith("node1/wal/") for h in hits), hits
+    assert "node1/snapshot" in hits and "cache.rcbackup" in hits, hits
 
 
 # ================================================================================================

@@ -797,13 +797,13 @@ def test_members_addresses_and_joins_survive_a_snapshot_and_older_images_still_l
     assert b.sm.members == {1: "z:9"} and b.sm.joined == {3}
     # A version-3 image (the release before members) loads with none.
     old = _populated().sm.snapshot()
-    assert old[4] == 4 and old.endswith(b"\x00")  # v4 ends with an empty member table
+    assert old[4] == 5 and old.endswith(b"\x00")  # v4 and v5 end with an empty member table
     c = Replica()
     c.sm.restore(old[:4] + b"\x03" + old[5:-1])
     assert c.sm.members == {} and c.sm.snapshot() == old
     # A newer image than this build knows is refused, naming both versions.
-    with pytest.raises(SnapshotError, match="unknown snapshot version 5 .this build reads 1 to 4"):
-        c.sm.restore(old[:4] + b"\x05" + old[5:])
+    with pytest.raises(SnapshotError, match="unknown snapshot version 6 .this build reads 1 to 5"):
+        c.sm.restore(old[:4] + b"\x06" + old[5:])
 
 
 # ================================================================================================

@@ -17,7 +17,8 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   when it is below every number it still holds (its result is gone), and applied otherwise
   (it never applied), so a write tagged with another client's id and a higher number does not
   make that client's next write fail. Sessions idle for `session_idle_ms` (by stamps) are
-  dropped.
+  dropped. A result that comes from a stored value (incr, append) is kept sealed by the value
+  codecs (`SealedResult`), like the value itself.
 - **Errors** that are the client's fault are *results* (`ApplyError`), never exceptions.
 - **Settings** (`Configure`): a small replicated map of cluster settings (name -> value, with
   the stamp and index of the entry that set it) where security plugins keep revocations,
@@ -68,6 +69,7 @@ from .commands import (
     Reader,
     Remove,
     Reseal,
+    SealedIncr,
     Sweep,
     Writes,
     decode_envelope,
@@ -82,9 +84,10 @@ _I64_MAX = (1 << 63) - 1
 _MAX_INT_DIGITS = 20  # "-9223372036854775808"
 
 SNAPSHOT_MAGIC = b"RCSM"
-# 2: sessions hold several results with fingerprints; 3: settings; 4: members' addresses.
-# Older ones are still read; a newer one is refused with a message naming both.
-SNAPSHOT_VERSION = 4
+# 2: sessions hold several results with fingerprints; 3: settings; 4: members' addresses;
+# 5: sealed session results (`SealedResult`). Older ones are still read; a newer one is
+# refused with a message naming both.
+SNAPSHOT_VERSION = 5
 
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
 _SNAPSHOT_CHUNK = 1000  # keys per backend read while taking a snapshot
@@ -160,6 +163,16 @@ class _Session:
             oldest = min(self.results)
             del self.results[oldest]
             self.floor = max(self.floor, oldest)
+
+
+@attrs.frozen(slots=True)
+class SealedResult:
+    """What a session keeps of a result that comes from a stored value (incr's new integer,
+    append's new length) when there are value codecs: the decimal result as they encode a
+    value of `key`, so that sessions, snapshots and backups do not hold it in plaintext."""
+
+    key: bytes
+    blob: bytes
 
 
 Result = object  # int | bool | tuple[bool, int | None] | list[int] | ApplyError | None
@@ -259,7 +272,7 @@ class StateMachine:
                             "already used for a different write; nothing was applied")
                     session.last_stamp_ms = now
                     self._sessions.move_to_end(session_key)
-                    return seen[1]
+                    return self._unseal_result(seen[1])
                 if env.seq <= session.floor:
                     return ApplyError(
                         "OutcomeUnknown",
@@ -279,8 +292,27 @@ class StateMachine:
             if session is None:
                 session = self._sessions[session_key] = _Session(now)
             session.last_stamp_ms = now
-            session.remember(env.seq, fp, result)
+            session.remember(env.seq, fp, self._seal_result(cmd, result))
             self._sessions.move_to_end(session_key)
+        return result
+
+    def _seal_result(self, cmd, result) -> Result:
+        if self.codecs and cmd.returns_value and type(result) is int:
+            return SealedResult(cmd.key, encode_value(self.codecs, cmd.key, b"%d" % result))
+        return result
+
+    def _unseal_result(self, kept) -> Result:
+        if type(kept) is not SealedResult:
+            return kept
+        try:
+            result = _parse_int(decode_value(self.codecs, kept.key, kept.blob))
+        except ValueCodecError as exc:
+            result, problem = None, str(exc)
+        else:
+            problem = "not a number"
+        if result is None:  # a snapshot this node's codecs cannot open: the result is lost
+            return ApplyError("OutcomeUnknown", f"the result of this write applied before "
+                                                f"cannot be read on this node ({problem})")
         return result
 
     def _read_before_write(self, cmd, now: int) -> bytes | None:
@@ -353,17 +385,28 @@ class StateMachine:
         return self._sweep(min(cmd.up_to_stamp_ms, now))
 
     def _apply_incr(self, cmd: Incr, index: int, now: int, stored: bytes | None) -> Result:
-        current = self._current(cmd.key, index, now, "increment", stored)
+        return self._increment(cmd.key, cmd.delta, index, now, stored)
+
+    def _apply_sealed_incr(self, cmd: SealedIncr, index: int, now: int,
+                           stored: bytes | None) -> Result:
+        delta = _parse_int(decode_value(self.codecs, cmd.key, cmd.delta))  # like append's
+        if delta is None:
+            return ApplyError("InvalidRequest", "the amount of an incr must be a 64-bit integer")
+        return self._increment(cmd.key, delta, index, now, stored)
+
+    def _increment(self, key: bytes, delta: int, index: int, now: int,
+                   stored: bytes | None) -> Result:
+        current = self._current(key, index, now, "increment", stored)
         if isinstance(current, ApplyError):
             return current
         blob, expiry = current
         base = 0 if blob is None else _parse_int(blob)  # missing or expired: from 0, no ttl
         if base is None:
-            return ApplyError("InvalidRequest", f"the value of {cmd.key!r} is not an integer")
-        new = base + cmd.delta
+            return ApplyError("InvalidRequest", f"the value of {key!r} is not an integer")
+        new = base + delta
         if not _I64_MIN <= new <= _I64_MAX:
-            return ApplyError("InvalidRequest", f"incrementing {cmd.key!r} overflows 64 bits")
-        self._write(cmd.key, encode_value(self.codecs, cmd.key, b"%d" % new), index, expiry)
+            return ApplyError("InvalidRequest", f"incrementing {key!r} overflows 64 bits")
+        self._write(key, encode_value(self.codecs, key, b"%d" % new), index, expiry)
         return new
 
     def _apply_append(self, cmd: Append, index: int, now: int,
@@ -803,7 +846,7 @@ def _parse_int(blob: bytes) -> int | None:
 
 
 # Session results in snapshots: a tagged, recursive encoding of the few shapes apply returns.
-_R_NONE, _R_FALSE, _R_TRUE, _R_INT, _R_TUPLE, _R_LIST, _R_ERROR = range(7)
+_R_NONE, _R_FALSE, _R_TRUE, _R_INT, _R_TUPLE, _R_LIST, _R_ERROR, _R_SEALED = range(8)
 
 
 def _encode_result(out: bytearray, result) -> None:
@@ -825,6 +868,10 @@ def _encode_result(out: bytearray, result) -> None:
         out.append(_R_ERROR)
         put_blob(out, result.kind.encode())
         put_blob(out, result.reason.encode("utf-8", "backslashreplace"))
+    elif type(result) is SealedResult:
+        out.append(_R_SEALED)
+        put_blob(out, result.key)
+        put_blob(out, result.blob)
     else:
         raise TypeError(f"cannot snapshot result {result!r}")
 
@@ -849,4 +896,6 @@ def _decode_result(r: Reader, depth: int = 0):
         return tuple(items) if tag == _R_TUPLE else items
     if tag == _R_ERROR:
         return ApplyError(r.str_(), r.str_())
+    if tag == _R_SEALED:
+        return SealedResult(r.bytes_(), r.bytes_())
     raise CommandError(f"unknown result tag {tag}")
