@@ -112,12 +112,16 @@ def legacy_seal(codec: EncryptionCodec, key: bytes, value: bytes) -> bytes:
                                                   b"raftcache-value-1" + header + key)
 
 
-def test_a_value_stored_before_the_binding_still_opens():
-    codec = codec_with()
+def test_a_value_stored_before_the_binding_opens_until_the_cluster_requires_them_bound():
+    settings: dict = {}
+    codec = codec_with(settings)
     legacy = legacy_seal(codec, b"k", b"old")
     assert codec.decode(b"k", codec.unbind(b"k", 3, legacy)) == b"old"
     with pytest.raises(ValueCodecError):  # its associated data names the magic
         codec.decode(b"k", bytes((0xE2,)) + legacy[1:])
+    settings["keys.bound"] = Setting(b"1", 0, 9)
+    with pytest.raises(ValueCodecError, match="stored before values were bound"):
+        codec.unbind(b"k", 3, legacy)
 
 
 def test_the_state_machine_binds_what_it_stores_and_refuses_an_older_value_put_back():
@@ -786,6 +790,40 @@ def test_the_leader_rotates_the_data_key_when_a_node_has_sealed_its_budget(tmp_p
         counts = json.load(open(os.path.join(cluster.data_dir, f"node{node}",
                                              "seal-counts.json")))
         assert counts["master"] == 1 and counts["sealed"]["0"] >= 1, counts
+
+
+def test_values_stored_before_the_binding_open_until_the_sweep_binds_them_then_are_refused(
+        tmp_path):
+    """A value stored by the format before the version binding (unbound) still reads; `keys
+    rotate` reseals it bound and then requires every value bound, so that same unbound copy
+    put back is refused."""
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=1, port=free_port_block(1),
+                           storage="memory", backend="redis")
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        old = EncryptionCodec(read_keyring(cluster.keyring_path()), dict)  # key 0, as before
+        with redis.Redis.from_url(cluster.servers[1]["backend"].url) as r, \
+                Client([cluster.address(1)]) as c:
+            c.set("legacy", "placeholder")
+            unbound = legacy_seal(old, b"legacy", b"stored before the upgrade")
+            r.set("legacy", unbound)
+            assert c.get("legacy") == b"stored before the upgrade"  # teeth: it is accepted
+            status = c.admin("keys-status")
+            assert status["values"] == {"0-unbound": 1} and status["bound"] is False, status
+            with pytest.raises(errors.InvalidRequest, match="1 values are still stored unbound"):
+                c.admin("keys-require-bound")
+            result = raftcache("keys", "rotate", "--endpoints", cluster.endpoints()[0])
+            assert result.returncode == 0, result.stderr
+            status = c.admin("keys-status")
+            assert status["values"] == {"1": 1} and status["bound"] is True, status
+            assert c.get("legacy") == b"stored before the upgrade"
+            r.set("legacy", unbound)  # the unbound copy put back
+            with pytest.raises(errors.Unavailable, match="was stored before values were bound"):
+                c.get("legacy")
+        assert not cluster.failures()
+    finally:
+        cluster.stop()
 
 
 # ================================================================================================

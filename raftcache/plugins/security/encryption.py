@@ -78,6 +78,9 @@ _WRAP_AAD = b"raftcache-data-key-1"
 _WRAP_VERSION = 1
 _WRAPPED = struct.Struct(">BI")  # wrap version, master key id
 SETTING_PREFIX = "keys."
+# Set (once, by `keys-require-bound`) when no value is stored unbound any more: from then on
+# an unbound (0xE1) value is refused, so one kept from before the binding cannot be put back.
+BOUND_SETTING = "keys.bound"
 MAX_KEY_ID = (1 << 32) - 1
 SEAL_COUNTS = "seal-counts.json"  # in the node's data dir: seals made per data key
 RESEAL_PAGE = 256  # keys a keys-reseal call reads at a time
@@ -301,6 +304,11 @@ class EncryptionCodec:
         if self._plaintext is not None and self._plaintext(key):
             return stored
         if stored[:1] == bytes((LEGACY_MAGIC,)):
+            if BOUND_SETTING in self._settings():
+                raise ValueCodecError(
+                    f"the stored value of {key!r} was stored before values were bound to "
+                    "their version, and this cluster requires them bound (keys.bound): it "
+                    "was put back from an older copy")
             return stored  # sealed before the binding: the sweep rewrites it
         blob, tag = stored[:-BINDING_BYTES], stored[-BINDING_BYTES:]
         if len(stored) < BINDING_BYTES or not hmac.compare_digest(
@@ -479,7 +487,26 @@ def raftcache_admin(node, action, args):
         if args:
             raise ValueError("keys-status takes no arguments")
         return _status(node, _codec(node))
+    if action == "keys-require-bound":
+        if args:
+            raise ValueError("keys-require-bound takes no arguments")
+        return _require_bound(node, _codec(node))
     return None
+
+
+def _require_bound(node, codec: EncryptionCodec):
+    """Commit `BOUND_SETTING` once no value is stored unbound (counted like keys-status)."""
+    if BOUND_SETTING in node.settings:
+        return {"bound": True, "result": 0}
+    values = _status(node, codec)["values"]
+    if values is None:
+        raise ValueError(f"more than {STATUS_LIMIT} keys: cannot check that none is stored "
+                         "unbound")
+    unbound = sum(n for name, n in values.items() if name.endswith("-unbound"))
+    if unbound:
+        raise ValueError(f"{unbound} values are still stored unbound; `raftcache keys "
+                         "rotate` reseals them")
+    return Configure(((BOUND_SETTING, b"1"),)), {"bound": True}
 
 
 def _read(node, keys) -> list:
@@ -546,6 +573,7 @@ def _status(node, codec: EncryptionCodec) -> dict:
     report = {"active": codec.active_id(), "known": data_key_ids(settings),
               "master": codec.keyring.master_id, "keys": node.key_count(),
               "sealed_here": codec.sealed.count(codec.active_id()),
+              "bound": BOUND_SETTING in settings,
               "rotate_after": codec.rotate_after,
               "plaintext_routes": list(node.plaintext_routes)}
     if node.key_count() > STATUS_LIMIT:
