@@ -22,12 +22,15 @@ import redis
 from raftcache import errors
 from raftcache.client import Client
 from raftcache.cluster import LocalCluster, free_port_block, to_toml
+from raftcache.core.cache.commands import put_svarint
 from raftcache.core.cache.statemachine import ApplyError, StateMachine
 from raftcache.node.backend import PlaintextBackend
 from raftcache.node.config import private_dir
 from raftcache.pluginapi import Setting, ValueCodecError
 from raftcache.plugins.backend.memory import MemoryBackend
 from raftcache.plugins.security.encryption import (
+    BINDING_BYTES,
+    LEGACY_MAGIC,
     OVERHEAD,
     EncryptionCodec,
     Keyring,
@@ -63,7 +66,7 @@ def test_round_trip_with_a_random_nonce_each_time():
     codec = codec_with()
     a, b = codec.encode(b"k", b"secret"), codec.encode(b"k", b"secret")
     assert a != b and a[5:17] != b[5:17]  # a fresh nonce for every seal
-    assert len(a) == len(b"secret") + OVERHEAD and key_id_of(a) == 0 and a[0] == 0xE1
+    assert len(a) == len(b"secret") + OVERHEAD and key_id_of(a) == 0 and a[0] == 0xE2
     assert b"secret" not in a
     assert codec.decode(b"k", a) == codec.decode(b"k", b) == b"secret"
     assert codec.decode(b"k", codec.encode(b"k", b"")) == b""
@@ -85,6 +88,91 @@ def test_a_value_moved_to_another_key_is_refused():
     codec = codec_with()
     with pytest.raises(ValueCodecError, match="altered, or sealed for another key"):
         codec.decode(b"other", codec.encode(b"k", b"v"))
+
+
+def test_a_stored_value_is_bound_to_its_key_and_version():
+    codec = codec_with()
+    blob = codec.encode(b"k", b"v")
+    stored = codec.bind(b"k", 7, blob)
+    assert len(stored) == len(blob) + BINDING_BYTES
+    assert codec.decode(b"k", codec.unbind(b"k", 7, stored)) == b"v"
+    for key, version in ((b"k", 6), (b"k", 8), (b"j", 7)):  # older, newer, another key
+        with pytest.raises(ValueCodecError, match="is not the one written at version"):
+            codec.unbind(key, version, stored)
+    with pytest.raises(ValueCodecError):  # the tag stripped: a bare blob is not a stored one
+        codec.unbind(b"k", 7, blob)
+    with pytest.raises(ValueCodecError):
+        codec.unbind(b"k", 7, b"")
+
+
+def legacy_seal(codec: EncryptionCodec, key: bytes, value: bytes) -> bytes:
+    """A value as the format before the version binding sealed (and stored) it."""
+    header, nonce = bytes((LEGACY_MAGIC, 0, 0, 0, 0)), os.urandom(12)
+    return header + nonce + codec._aead(0).encrypt(nonce, value,
+                                                  b"raftcache-value-1" + header + key)
+
+
+def test_a_value_stored_before_the_binding_opens_until_the_cluster_requires_them_bound():
+    settings: dict = {}
+    codec = codec_with(settings)
+    legacy = legacy_seal(codec, b"k", b"old")
+    assert codec.decode(b"k", codec.unbind(b"k", 3, legacy)) == b"old"
+    with pytest.raises(ValueCodecError):  # its associated data names the magic
+        codec.decode(b"k", bytes((0xE2,)) + legacy[1:])
+    settings["keys.bound"] = Setting(b"1", 0, 9)
+    with pytest.raises(ValueCodecError, match="stored before values were bound"):
+        codec.unbind(b"k", 3, legacy)
+
+
+def test_the_state_machine_binds_what_it_stores_and_refuses_an_older_value_put_back():
+    from raftcache.core.cache.commands import Envelope, Incr, Put, encode_envelope
+
+    codec = codec_with()
+    sm = StateMachine(MemoryBackend(), codecs=[codec])
+    sm.apply(1, encode_envelope(Envelope(Put(b"n", codec.encode(b"n", b"1")), stamp_ms=1)))
+    v1 = sm.read(b"n", 1)[0]
+    sm.apply(2, encode_envelope(Envelope(Put(b"n", codec.encode(b"n", b"2")), stamp_ms=2)))
+    stored, version = sm.read(b"n", 2)
+    assert version == 2 and codec.decode(b"n", codec.unbind(b"n", 2, stored)) == b"2"
+    sm.backend.apply(2, [(b"n", v1, None)])  # someone puts the older value back
+    with pytest.raises(ValueCodecError, match="not the one written at version 2"):
+        codec.unbind(b"n", 2, sm.read(b"n", 2)[0])
+    # incr meets it as a value this replica cannot open: a miss, never the old value
+    result = sm.apply(3, encode_envelope(Envelope(Incr(b"n", 1), stamp_ms=3)))
+    assert isinstance(result, ApplyError) and result.kind == "OutcomeUnknown"
+
+
+def test_a_sealed_incr_amount_and_the_result_its_session_keeps_open_only_with_the_keys():
+    from raftcache.core.cache.commands import Envelope, SealedIncr, encode_envelope
+    from raftcache.core.cache.statemachine import SealedResult
+
+    codec = codec_with()
+    sm = StateMachine(MemoryBackend(), codecs=[codec])
+    amount = 7_123_456_789_012_345
+
+    def incr(index, seq, delta=b"%d" % amount):
+        entry = Envelope(SealedIncr(b"n", codec.encode(b"n", delta)), "client", seq, None, index)
+        assert b"%d" % amount not in entry.command.delta and svarint(amount) not in (
+            encode_envelope(entry))
+        return sm.apply(index, encode_envelope(entry))
+
+    assert incr(1, 1) == amount and incr(2, 2) == 2 * amount
+    kept = sm._sessions[("client", None)].results[2][1]
+    assert type(kept) is SealedResult and b"%d" % (2 * amount) not in kept.blob
+    image = sm.snapshot()
+    assert svarint(2 * amount) not in image and b"%d" % (2 * amount) not in image
+    assert incr(3, 2) == 2 * amount  # a retry: the first result, opened
+    again = StateMachine(MemoryBackend(), codecs=[codec])
+    again.restore(image)
+    assert again.apply(3, encode_envelope(Envelope(SealedIncr(b"n", codec.encode(b"n", b"1")),
+                                                   "client", 2, None, 3))) == 2 * amount
+    stranger = StateMachine(MemoryBackend(), codecs=[codec_with()])  # another master key
+    stranger.restore(image)
+    lost = stranger.apply(3, encode_envelope(Envelope(SealedIncr(b"n", b"x"), "client", 2,
+                                                      None, 3)))
+    assert isinstance(lost, ApplyError) and lost.kind == "OutcomeUnknown"
+    bad = incr(4, 3, delta=b"1.5")
+    assert isinstance(bad, ApplyError) and bad.kind == "InvalidRequest"
 
 
 def test_an_unknown_key_id_says_so():
@@ -122,6 +210,31 @@ def test_rotation_seals_new_values_with_the_new_key_and_old_ones_still_open():
     # The settings hold only wrapped keys: the data key itself is nowhere in them.
     wrapped = settings[setting_name(2)].value
     assert codec.unwrap(2, wrapped) not in wrapped
+
+
+def test_a_node_asks_for_a_new_data_key_once_it_sealed_its_budget_with_the_active_one(tmp_path):
+    settings: dict = {}
+    path = str(tmp_path / "seal-counts.json")
+    codec = EncryptionCodec(Keyring(1, os.urandom(32), "test"), lambda: settings,
+                            rotate_after=100, counts_path=path)
+    for _ in range(99):
+        codec.encode(b"k", b"v")
+    assert codec.rotation() is None and codec.sealed.count(0) == 99
+    codec.encode(b"k", b"v")
+    command = codec.rotation()  # the 100th seal: a new key, wrapped, as the next id
+    (name, wrapped), = command.items
+    assert name == "keys.1" and len(codec.unwrap(1, wrapped)) == 32
+    settings[name] = Setting(wrapped, 0, 5)  # committed: the new key seals, nothing asked
+    assert codec.rotation() is None and key_id_of(codec.encode(b"k", b"v")) == 1
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    # A restart resumes from what the file reserved: never fewer than were sealed.
+    again = EncryptionCodec(codec.keyring, lambda: settings, rotate_after=100, counts_path=path)
+    assert again.sealed.count(0) >= 100 and again.sealed.count(1) >= 1
+    assert json.load(open(path))["sealed"]["0"] == again.sealed.count(0) < 100 + 100 // 64 + 1
+    with open(path, "w") as f:  # a count it cannot read: it refuses rather than start at 0
+        f.write("{garbage")
+    with pytest.raises(KeyringError, match="unreadable seal counts"):
+        EncryptionCodec(codec.keyring, lambda: settings, counts_path=path)
 
 
 def test_a_data_key_is_written_once():
@@ -444,6 +557,56 @@ def test_no_plaintext_at_rest_anywhere(tmp_path, storage, backend, encrypted):
         assert hits["memcached"], hits
 
 
+def svarint(n: int) -> bytes:
+    out = bytearray()
+    put_svarint(out, n)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "teeth-plaintext"])
+def test_incr_amounts_and_the_results_sessions_keep_are_sealed_in_the_log_snapshots_and_backups(
+        tmp_path, encrypted):
+    """An incr's amount travels in its log entry, and its result (and an append's length) is
+    kept in the client's session, which snapshots and backups hold: searched for in every
+    encoding the log and the snapshots use (decimal, and the zigzag varint of ints)."""
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=1, port=free_port_block(1),
+                           storage="file-wal", backend="memory", encryption=encrypted,
+                           extra={"raft": {"snapshot_entries": 16, "snapshot_keep_entries": 2}})
+    first = (1 << 52) + secrets.randbelow(1 << 50)  # distinctive in 8 bytes of any encoding
+    second = (1 << 51) + secrets.randbelow(1 << 49)
+    tail = (1 << 50) + secrets.randbelow(1 << 48)
+    grown = b"%s-appended" % secrets.token_hex(4000).encode()  # an append's length: 8010+
+    numbers = [first, second, first + second, tail, len(b"start-") + len(grown)]
+    needles = [b"%d" % n for n in numbers[:4]] + [svarint(n) for n in numbers]
+    backup = str(tmp_path / "c" / "cache.rcbackup")
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        with cluster.client() as c:
+            assert c.incr("ctr", first) == first
+            assert c.incr("ctr", second) == first + second
+            c.set("app", b"start-")
+            assert c.append("app", grown) == numbers[4]
+            for i in range(20):  # past a snapshot (every 16 entries): the sessions are in it
+                c.set(f"filler{i % 3}", f"{i}")
+            assert c.incr("tail", tail) == tail  # and one in the log before the next
+        saved = raftcache("snapshot", "save", backup, "--endpoints",
+                          ",".join(cluster.endpoints()))
+        assert saved.returncode == 0, saved.stderr
+        hits = search(cluster, needles)["files"]
+        assert not cluster.failures()
+    finally:
+        cluster.stop()
+    print(f"encrypted={encrypted}: {hits}")
+    if encrypted:
+        assert hits == []
+        return
+    # Teeth: stored as written, the amounts are in the log and the results in the snapshot
+    # and the backup, where this search finds them.
+    assert any(h.startswith("node1/wal/") for h in hits), hits
+    assert "node1/snapshot" in hits and "cache.rcbackup" in hits, hits
+
+
 # ================================================================================================
 # Rotation and the reseal sweep, with a writer that keeps writing
 # ================================================================================================
@@ -548,7 +711,8 @@ def test_a_value_altered_in_one_nodes_redis_is_unavailable_there_and_read_elsewh
             with redis.Redis.from_url(cluster.servers[1]["backend"].url) as r:
                 r.set("k", r.get("moved"))  # a sealed value copied under another key
             with pytest.raises(errors.Unavailable, match="this node cannot open a stored value: "
-                                                         "the stored value of b'k' fails to open"):
+                                                         "the stored value of b'k' is not the "
+                                                         "one written at version"):
                 one.get("k", consistency="stale")
         with cluster.client() as c:  # the client tries another node
             leader = cluster.wait_for_leader()
@@ -559,6 +723,106 @@ def test_a_value_altered_in_one_nodes_redis_is_unavailable_there_and_read_elsewh
         cluster.stop()
     assert "a stored value cannot be opened: the stored value of b'k'" in (
         open(cluster.log_path(1)).read())
+
+
+def test_an_older_value_put_back_in_redis_or_one_moved_from_another_key_is_refused(tmp_path):
+    """Someone with access to a node's Redis keeps the bytes of a value, and after it is
+    overwritten puts them back (or copies another key's bytes over it): the read is refused
+    as tampered, never answered with the old value."""
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=1, port=free_port_block(1),
+                           storage="memory", backend="redis")
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        with redis.Redis.from_url(cluster.servers[1]["backend"].url) as r, \
+                Client([cluster.address(1)]) as c:
+            c.set("k", "version one")
+            v1 = r.get("k")
+            c.set("k", "version two")
+            c.set("other", "another key's value")
+            assert c.get("k") == b"version two"
+            r.set("k", v1)  # the older value put back
+            with pytest.raises(errors.Unavailable, match="this node cannot open a stored value: "
+                                                         "the stored value of b'k' is not the "
+                                                         "one written at version"):
+                c.get("k")
+            r.set("k", r.get("other"))  # another key's value moved here
+            with pytest.raises(errors.Unavailable, match="cannot open a stored value"):
+                c.get("k")
+            assert c.get("other") == b"another key's value"
+            c.set("k", "version three")  # a new write is read again
+            assert c.get("k") == b"version three"
+        assert not cluster.failures()
+    finally:
+        cluster.stop()
+
+
+def test_the_leader_rotates_the_data_key_when_a_node_has_sealed_its_budget(tmp_path):
+    """With the budget lowered to 40 seals per data key, writes move the cluster through new
+    keys by themselves (through the log, like `keys rotate`), and every value still reads."""
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=3, port=free_port_block(3),
+                           storage="file-wal", backend="memory",
+                           extra={"encryption": {"rotate_after": 40}})
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        with cluster.client() as c:
+            assert c.admin("keys-status")["active"] == 0
+            written = {}
+            deadline = time.monotonic() + 60
+            i = 0
+            while c.admin("keys-status")["active"] < 2:
+                assert time.monotonic() < deadline, c.admin("keys-status")
+                for _ in range(10):
+                    written[f"k{i}"] = b"value %d" % i
+                    c.set(f"k{i}", written[f"k{i}"])
+                    i += 1
+                c.incr("counter", 1)  # sealed again inside apply, on every replica
+            status = c.admin("keys-status")
+            assert status["known"][:3] == [0, 1, 2], status
+            assert status["rotate_after"] == 40, status
+            assert c.mget(list(written)) == list(written.values())
+        assert not cluster.failures()
+    finally:
+        cluster.stop()
+    for node in (1, 2, 3):
+        counts = json.load(open(os.path.join(cluster.data_dir, f"node{node}",
+                                             "seal-counts.json")))
+        assert counts["master"] == 1 and counts["sealed"]["0"] >= 1, counts
+
+
+def test_values_stored_before_the_binding_open_until_the_sweep_binds_them_then_are_refused(
+        tmp_path):
+    """A value stored by the format before the version binding (unbound) still reads; `keys
+    rotate` reseals it bound and then requires every value bound, so that same unbound copy
+    put back is refused."""
+    cluster = LocalCluster(str(tmp_path / "c"), nodes=1, port=free_port_block(1),
+                           storage="memory", backend="redis")
+    try:
+        cluster.start()
+        cluster.wait_for_leader()
+        old = EncryptionCodec(read_keyring(cluster.keyring_path()), dict)  # key 0, as before
+        with redis.Redis.from_url(cluster.servers[1]["backend"].url) as r, \
+                Client([cluster.address(1)]) as c:
+            c.set("legacy", "placeholder")
+            unbound = legacy_seal(old, b"legacy", b"stored before the upgrade")
+            r.set("legacy", unbound)
+            assert c.get("legacy") == b"stored before the upgrade"  # teeth: it is accepted
+            status = c.admin("keys-status")
+            assert status["values"] == {"0-unbound": 1} and status["bound"] is False, status
+            with pytest.raises(errors.InvalidRequest, match="1 values are still stored unbound"):
+                c.admin("keys-require-bound")
+            result = raftcache("keys", "rotate", "--endpoints", cluster.endpoints()[0])
+            assert result.returncode == 0, result.stderr
+            status = c.admin("keys-status")
+            assert status["values"] == {"1": 1} and status["bound"] is True, status
+            assert c.get("legacy") == b"stored before the upgrade"
+            r.set("legacy", unbound)  # the unbound copy put back
+            with pytest.raises(errors.Unavailable, match="was stored before values were bound"):
+                c.get("legacy")
+        assert not cluster.failures()
+    finally:
+        cluster.stop()
 
 
 # ================================================================================================

@@ -290,8 +290,13 @@ def _reseal_all(client, passes: int = 3) -> int:
                     break
             status = client.admin("keys-status")
             older = {k: n for k, n in (status.get("values") or {}).items()
-                     if k.isdigit() and int(k) != status["active"]}
+                     if (k.isdigit() and int(k) != status["active"])
+                     or k.endswith("-unbound")}  # stored before the version binding
             if not older:
+                if not status.get("bound") and status.get("values") is not None:
+                    # None stored unbound: from now on such a value is refused (an older
+                    # copy put back), whatever key it names.
+                    client.admin("keys-require-bound")
                 progress.close(f"done: no value is sealed under an older data key than "
                                f"{status['active']}")
                 return 0

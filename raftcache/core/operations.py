@@ -119,6 +119,14 @@ def _put(r: Request, encode: Encode, _limit: int):
     return commands.Put(k, encode(k, _value(r, "put")), ttl(r))
 
 
+def _incr(r: Request, encode: Encode, _limit: int):
+    delta = 1 if r.delta is None else r.delta
+    if type(delta) is not int or not -(1 << 63) <= delta < (1 << 63):
+        raise BadRequest("delta must be a 64-bit signed integer")
+    k = key(r.key)
+    return commands.SealedIncr(k, encode(k, b"%d" % delta))  # sealed like a value
+
+
 def _cas(r: Request, encode: Encode, _limit: int):
     if r.expected_version is None:
         raise BadRequest("cas needs expected_version and value")
@@ -155,8 +163,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               doc="store a value if the key's version is expected_version (0: missing)"),
     Operation(name="incr", fields=("key", "delta", "header"), result="number", kind="write",
               mutates=True,
-              command=lambda r, _e, _l: commands.Incr(key(r.key),
-                                                      1 if r.delta is None else r.delta),
+              command=_incr,
               answer=lambda value: {"number": value},
               doc="add delta to a decimal integer (missing: 0); answers the new value"),
     Operation(name="invalidate", fields=("key", "header"),  # the IDL calls the key `prefix`

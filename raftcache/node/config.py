@@ -134,6 +134,9 @@ class EncryptionSection:
 
     enabled: bool | None = None  # None: not said (serve refuses to guess)
     keyring: str = ""  # the keyring file (mode 0600), the same on every node
+    # Seals (random 96-bit nonces) this node makes with one data key before the leader
+    # rotates to a new one: far below NIST's 2**32 per key for the whole cluster.
+    rotate_after: int = 1 << 26
 
 
 @attrs.frozen
@@ -245,6 +248,7 @@ def _ranges(c: Config) -> list:
         ("raft.max_inflight", r.max_inflight, 1, 1 << 16),
         ("raft.snapshot_entries", r.snapshot_entries, 1, _I64_MAX),
         ("raft.snapshot_keep_entries", r.snapshot_keep_entries, 0, _I64_MAX),
+        ("encryption.rotate_after", c.encryption.rotate_after, 1, 1 << 28),
     ]
 
 

@@ -90,6 +90,7 @@ class Replica:
         self._last_stamp = 0
         self._last_tick = time.monotonic()
         self._sweep_index = 0  # the pending sweep's log index: one at a time
+        self._rotate_index = 0  # the pending key rotation's (`_maybe_rotate`)
         self._role = (NONE, StateRole.FOLLOWER)
         self._members = (None, None, frozenset())  # (conf, peers it was made from, members)
 
@@ -167,6 +168,7 @@ class Replica:
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + 1.0
                 self._maybe_sweep()
+                self._maybe_rotate()
 
     def advance_clock(self) -> None:
         """Tick once for every tick period that passed, however late we got to run."""
@@ -217,6 +219,28 @@ class Replica:
         except ProposalRefused:
             return
         self.wakeup.set()
+
+    def _maybe_rotate(self) -> None:
+        """The leader commits the new key a value codec asks for (`rotation`: encryption's
+        data key has sealed its budget of random nonces here), one at a time."""
+        st = self.raw.status()
+        if st.role != StateRole.LEADER or self._rotate_index > st.applied:
+            return
+        for codec in self.sm.codecs:
+            rotation = getattr(codec, "rotation", None)
+            command = rotation() if rotation is not None else None
+            if command is None:
+                continue
+            stamp = self.stamp()
+            envelope = commands.Envelope(command=command, stamp_ms=stamp)
+            try:
+                _term, self._rotate_index = self.raw.propose(commands.encode_envelope(envelope))
+            except ProposalRefused:
+                return
+            self.log.info("a value codec's key reached its budget: proposed %s at index %d",
+                          command, self._rotate_index)
+            self.wakeup.set()
+            return
 
     # -- the Ready loop ----------------------------------------------------------------------------
     def _drive(self) -> None:

@@ -216,8 +216,9 @@ class Requests:
 
     def _open(self, found: dict) -> dict:
         """key -> GetResult of each (stored value, version) or None in `found`, the values
-        opened by the codecs; yields to the hub every `OPEN_YIELD_BYTES` opened, so that a
-        large answer does not hold up heartbeats and other requests."""
+        opened by the codecs (which check that each is bound to its version); yields to the
+        hub every `OPEN_YIELD_BYTES` opened, so that a large answer does not hold up
+        heartbeats and other requests."""
         opened, since_yield = {}, 0
         for k, item in found.items():
             if item is None:
@@ -226,7 +227,7 @@ class Requests:
             value, version = item
             if self.codecs:
                 since_yield += len(value)
-                value = decode_value(self.codecs, k, value)
+                value = decode_value(self.codecs, k, value, version)
                 if since_yield >= OPEN_YIELD_BYTES:
                     give_way()
                     since_yield = 0

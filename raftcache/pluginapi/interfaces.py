@@ -169,6 +169,11 @@ class ValueCodec(Protocol):
     runs on every replica for ``incr``. `encode` may be randomized (a nonce) - exactly-once
     retries compare writes without their values. `decode` raises `ValueCodecError` for a blob
     it cannot open (the node answers that read Unavailable, naming the problem).
+
+    Optionally, ``bind(key, version, blob)`` and ``unbind(key, version, stored)``: the state
+    machine binds what it stores to the version the entry gives it (only known at apply, so
+    deterministic: every replica binds alike), and a stored value is unbound against the
+    catalog's version before it is decoded (`ValueCodecError` when it does not match).
     """
 
     def encode(self, key: bytes, value: bytes) -> bytes: ...

@@ -268,6 +268,7 @@ def _put_optional_bytes(out: bytearray, b, what: str) -> None:
 
 BLOB = Scalar(_bytes, Reader.bytes_, b"k")
 VALUE = Scalar(_bytes, Reader.bytes_, b"v", is_value=True)
+AMOUNT = Scalar(_bytes, Reader.bytes_, b"1", is_value=True)  # a decimal, sealed like a value
 TEXT = Scalar(_str, Reader.str_, "name")
 OPTIONAL_BLOB = Scalar(_put_optional_bytes, _optional_bytes, b"x")
 SIGNED = Scalar(_sint, Reader.svarint, 1)
@@ -439,6 +440,24 @@ class Incr:
 
 @command
 @attrs.frozen(slots=True)
+class SealedIncr:
+    """An `Incr` whose amount is sealed like a value, so that the log does not hold it in
+    plaintext: `delta` is the ASCII-decimal amount as the value codecs encoded it (as written
+    without codecs); the state machine decodes it when the entry applies. What nodes propose
+    for ``incr``; `Incr` entries still apply."""
+
+    name: ClassVar[str] = "sealed_incr"
+    tag: ClassVar[int] = 11
+    fields: ClassVar = (Field("key", BLOB), Field("delta", AMOUNT, "value"))
+    writes: ClassVar = Writes.KEYS
+    returns_value: ClassVar[bool] = True  # the new integer
+    written = _the_key
+    key: bytes
+    delta: bytes
+
+
+@command
+@attrs.frozen(slots=True)
 class Invalidate:
     """Delete every key starting with `prefix` (b"": every key)."""
 
@@ -545,7 +564,8 @@ class Reseal:
     items: tuple[tuple[bytes, int, bytes], ...]
 
 
-Command = Put | Remove | Cas | Incr | Invalidate | MSet | Sweep | Append | Configure | Reseal
+Command = (Put | Remove | Cas | Incr | SealedIncr | Invalidate | MSet | Sweep | Append | Configure
+           | Reseal)
 
 PERMS = ("r", "w", "rw", "admin")
 

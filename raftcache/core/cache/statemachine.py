@@ -24,7 +24,8 @@ same result, so nothing here reads a clock, draws randomness or does I/O besides
   never pushes out a session that is still being retried. For `session_idle_ms` after the
   caps evicted a session of a caller, a write of that caller on a session the table lacks is
   refused OutcomeUnknown unless it is a session's first (seq 1): it may retry a write the
-  evicted session applied.
+  evicted session applied. A result that comes from a stored value (incr, append) is kept
+  sealed by the value codecs (`SealedResult`), like the value itself.
 - **Errors** that are the client's fault are *results* (`ApplyError`), never exceptions.
 - **Settings** (`Configure`): a small replicated map of cluster settings (name -> value, with
   the stamp and index of the entry that set it) where security plugins keep revocations,
@@ -41,9 +42,11 @@ invalidate visits only the keys under its prefix) and a heap by expiry (a sweep 
 expired keys); values live in the backend. Changes to the backend are staged while a batch of
 entries applies and reach it in one `Backend.apply` call per batch (`flush`); an incr or append
 later in the batch reads the staged value. A large invalidate or sweep calls `pause` between
-chunks of `PAUSE_KEYS` keys, and its deletions reach the backend in such chunks, on their own. Values are stored exactly as the entry holds them -
-already encoded by the proposer's value codecs (encryption) - and `read()` returns them as
-stored: decoding them for the client is the node's job. The exceptions are the commands whose
+chunks of `PAUSE_KEYS` keys, and its deletions reach the backend in such chunks, on their own.
+Values are stored exactly as the entry holds them - already encoded by the proposer's value
+codecs (encryption), bound to their version by the codecs that do so (`bind_value`) - and
+`read()` returns them as stored: decoding them for the client is the node's job. The
+exceptions are the commands whose
 result comes from the stored value (`returns_value`: `Incr` and `Append`), which must look
 inside it: they decode it with `codecs` (in reverse order) and encode the new value (in order),
 like the node does for other writes; Append decodes its own argument too.
@@ -78,6 +81,7 @@ from .commands import (
     Reader,
     Remove,
     Reseal,
+    SealedIncr,
     Sweep,
     Writes,
     decode_envelope,
@@ -93,8 +97,8 @@ _MAX_INT_DIGITS = 20  # "-9223372036854775808"
 
 SNAPSHOT_MAGIC = b"RCSM"
 # 2: sessions hold several results with fingerprints; 3: settings; 4: members' addresses;
-# 5: which callers the session caps evicted from, when.
-# Older ones are still read; a newer one is refused with a message naming both.
+# 5: sealed session results (`SealedResult`), and which callers the session caps evicted
+# from, when. Older ones are still read; a newer one is refused with a message naming both.
 SNAPSHOT_VERSION = 5
 
 DEFAULT_SESSION_IDLE_MS = 10 * 60 * 1000
@@ -182,6 +186,16 @@ class _Session:
             oldest = min(self.results)
             del self.results[oldest]
             self.floor = max(self.floor, oldest)
+
+
+@attrs.frozen(slots=True)
+class SealedResult:
+    """What a session keeps of a result that comes from a stored value (incr's new integer,
+    append's new length) when there are value codecs: the decimal result as they encode a
+    value of `key`, so that sessions, snapshots and backups do not hold it in plaintext."""
+
+    key: bytes
+    blob: bytes
 
 
 Result = object  # int | bool | tuple[bool, int | None] | list[int] | ApplyError | None
@@ -299,7 +313,7 @@ class StateMachine:
                             f"sequence number {env.seq} of client {env.client_id!r} was "
                             "already used for a different write; nothing was applied")
                     self._touch(session_key, session, now)
-                    return seen[1]
+                    return self._unseal_result(seen[1])
                 if env.seq <= session.floor:
                     return ApplyError(
                         "OutcomeUnknown",
@@ -328,8 +342,27 @@ class StateMachine:
         if env.client_id is not None and env.seq is not None:
             if session is None:
                 session = self._open_session(session_key, now)
-            session.remember(env.seq, fp, result)
+            session.remember(env.seq, fp, self._seal_result(cmd, result))
             self._touch(session_key, session, now)
+        return result
+
+    def _seal_result(self, cmd, result) -> Result:
+        if self.codecs and cmd.returns_value and type(result) is int:
+            return SealedResult(cmd.key, encode_value(self.codecs, cmd.key, b"%d" % result))
+        return result
+
+    def _unseal_result(self, kept) -> Result:
+        if type(kept) is not SealedResult:
+            return kept
+        try:
+            result = _parse_int(decode_value(self.codecs, kept.key, kept.blob))
+        except ValueCodecError as exc:
+            result, problem = None, str(exc)
+        else:
+            problem = "not a number"
+        if result is None:  # a snapshot this node's codecs cannot open: the result is lost
+            return ApplyError("OutcomeUnknown", f"the result of this write applied before "
+                                                f"cannot be read on this node ({problem})")
         return result
 
     def _read_before_write(self, cmd, now: int) -> bytes | None:
@@ -399,7 +432,8 @@ class StateMachine:
         for key, version, blob in cmd.items:
             meta = self._live(key, now)
             if meta is not None and meta.version == version:
-                self._change(key, blob, meta.expiry)  # the catalog stays as it is
+                # The catalog stays as it is, so the version the value is bound to too.
+                self._change(key, bind_value(self.codecs, key, version, blob), meta.expiry)
                 count += 1
         return count
 
@@ -408,17 +442,28 @@ class StateMachine:
         return self._sweep(min(cmd.up_to_stamp_ms, now))
 
     def _apply_incr(self, cmd: Incr, index: int, now: int, stored: bytes | None) -> Result:
-        current = self._current(cmd.key, index, now, "increment", stored)
+        return self._increment(cmd.key, cmd.delta, index, now, stored)
+
+    def _apply_sealed_incr(self, cmd: SealedIncr, index: int, now: int,
+                           stored: bytes | None) -> Result:
+        delta = _parse_int(decode_value(self.codecs, cmd.key, cmd.delta))  # like append's
+        if delta is None:
+            return ApplyError("InvalidRequest", "the amount of an incr must be a 64-bit integer")
+        return self._increment(cmd.key, delta, index, now, stored)
+
+    def _increment(self, key: bytes, delta: int, index: int, now: int,
+                   stored: bytes | None) -> Result:
+        current = self._current(key, index, now, "increment", stored)
         if isinstance(current, ApplyError):
             return current
         blob, expiry = current
         base = 0 if blob is None else _parse_int(blob)  # missing or expired: from 0, no ttl
         if base is None:
-            return ApplyError("InvalidRequest", f"the value of {cmd.key!r} is not an integer")
-        new = base + cmd.delta
+            return ApplyError("InvalidRequest", f"the value of {key!r} is not an integer")
+        new = base + delta
         if not _I64_MIN <= new <= _I64_MAX:
-            return ApplyError("InvalidRequest", f"incrementing {cmd.key!r} overflows 64 bits")
-        self._write(cmd.key, encode_value(self.codecs, cmd.key, b"%d" % new), index, expiry)
+            return ApplyError("InvalidRequest", f"incrementing {key!r} overflows 64 bits")
+        self._write(key, encode_value(self.codecs, key, b"%d" % new), index, expiry)
         return new
 
     def _apply_append(self, cmd: Append, index: int, now: int,
@@ -445,7 +490,7 @@ class StateMachine:
         blob = staged[0] if staged is not None else stored
         if blob is not None:
             try:
-                return decode_value(self.codecs, key, blob), meta.expiry
+                return decode_value(self.codecs, key, blob, meta.version), meta.expiry
             except ValueCodecError as exc:
                 # Altered in this node's backend (the others may hold it intact): drop it
                 # here, so that it reads as missing, and carry on as after an eviction.
@@ -472,7 +517,7 @@ class StateMachine:
         elif old.expiry is not None:
             self._ttl_keys -= 1
         self._catalog[key] = KeyMeta(version, expiry)
-        self._change(key, value, expiry)
+        self._change(key, bind_value(self.codecs, key, version, value), expiry)
         if expiry is not None:
             self._ttl_keys += 1
             heapq.heappush(self._expiries, (expiry, key))
@@ -941,10 +986,27 @@ def encode_value(codecs: Sequence, key: bytes, value: bytes) -> bytes:
     return value
 
 
-def decode_value(codecs: Sequence, key: bytes, blob: bytes) -> bytes:
-    """A stored value as the client wrote it: through the codecs in reverse order."""
+def decode_value(codecs: Sequence, key: bytes, blob: bytes, version: int | None = None) -> bytes:
+    """A value as the client wrote it: through the codecs in reverse order. `version`: `blob`
+    is a stored value (`bind_value`) the catalog holds at that version, checked first."""
+    if version is not None:
+        for codec in reversed(codecs):
+            unbind = getattr(codec, "unbind", None)
+            if unbind is not None:
+                blob = unbind(key, version, blob)
     for codec in reversed(codecs):
         blob = codec.decode(key, blob)
+    return blob
+
+
+def bind_value(codecs: Sequence, key: bytes, version: int, blob: bytes) -> bytes:
+    """An encoded value as the backend stores it at `version`: codecs with a `bind` method
+    (encryption) tie it to the key and the version, which is only known once its entry
+    applies, so that an older value put back in the backend is refused."""
+    for codec in codecs:
+        bind = getattr(codec, "bind", None)
+        if bind is not None:
+            blob = bind(key, version, blob)
     return blob
 
 
@@ -965,7 +1027,7 @@ def _parse_int(blob: bytes) -> int | None:
 
 
 # Session results in snapshots: a tagged, recursive encoding of the few shapes apply returns.
-_R_NONE, _R_FALSE, _R_TRUE, _R_INT, _R_TUPLE, _R_LIST, _R_ERROR = range(7)
+_R_NONE, _R_FALSE, _R_TRUE, _R_INT, _R_TUPLE, _R_LIST, _R_ERROR, _R_SEALED = range(8)
 
 
 def _encode_result(out: bytearray, result) -> None:
@@ -987,6 +1049,10 @@ def _encode_result(out: bytearray, result) -> None:
         out.append(_R_ERROR)
         put_blob(out, result.kind.encode())
         put_blob(out, result.reason.encode("utf-8", "backslashreplace"))
+    elif type(result) is SealedResult:
+        out.append(_R_SEALED)
+        put_blob(out, result.key)
+        put_blob(out, result.blob)
     else:
         raise TypeError(f"cannot snapshot result {result!r}")
 
@@ -1011,4 +1077,6 @@ def _decode_result(r: Reader, depth: int = 0):
         return tuple(items) if tag == _R_TUPLE else items
     if tag == _R_ERROR:
         return ApplyError(r.str_(), r.str_())
+    if tag == _R_SEALED:
+        return SealedResult(r.bytes_(), r.bytes_())
     raise CommandError(f"unknown result tag {tag}")

@@ -14,19 +14,30 @@ commits it wrapped with the master key as the replicated setting ``keys.<n>``::
                aad = "raftcache-data-key-1" | master id | n)
 
 The active data key is the highest id among them; older ones stay, so older values still
-open. A sealed value::
+open. A sealed value, as the node that takes the write seals it (and the log holds it)::
 
-    blob := 0xE1 | key id u32 BE | nonce 12 | AES-256-GCM(data key, nonce, value,
-            aad = "raftcache-value-1" | 0xE1 | key id | cache key)
+    blob := 0xE2 | key id u32 BE | nonce 12 | AES-256-GCM(data key, nonce, value,
+            aad = "raftcache-value-1" | 0xE2 | key id | cache key)
 
 The cache key in the associated data makes a value copied under another key fail to open; the
-nonce is random for every seal.
+nonce is random for every seal. A value's version (the log index of the entry that writes it)
+is not known when it is sealed, so the state machine binds it when the entry applies
+(`bind`): what the backend and the snapshots hold is ::
+
+    stored := blob | HMAC-SHA256(binding key, "raftcache-version-1" | version u64 BE |
+                                 key length u32 BE | cache key | blob)[:16]
+
+with the binding key derived from the master key (HKDF-SHA256). A read checks it against the
+catalog's version (`unbind`), so an older value put back, or a value moved to another key, is
+refused like an altered one. Values stored before this format (0xE1, unbound) still open;
+the reseal sweep rewrites them bound.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import os
 import struct
@@ -54,17 +65,25 @@ if TYPE_CHECKING:
 
 KEYRING_FORMAT = "raftcache-keyring"
 KEYRING_VERSION = 1
-MAGIC = 0xE1
+MAGIC = 0xE2  # a blob whose stored form is bound to its version
+LEGACY_MAGIC = 0xE1  # stored unbound (sealed before the binding): opens, the sweep reseals it
 _HEADER = struct.Struct(">BI")  # magic, data key id
 NONCE_BYTES = 12
 TAG_BYTES = 16
 OVERHEAD = _HEADER.size + NONCE_BYTES + TAG_BYTES  # 33 bytes a sealed value adds
+BINDING_BYTES = 16  # what binding a stored value to its version adds
+_BINDING_AAD = b"raftcache-version-1"
+_BINDING = struct.Struct(">QI")  # version, key length
 _VALUE_AAD = b"raftcache-value-1"
 _WRAP_AAD = b"raftcache-data-key-1"
 _WRAP_VERSION = 1
 _WRAPPED = struct.Struct(">BI")  # wrap version, master key id
 SETTING_PREFIX = "keys."
+# Set (once, by `keys-require-bound`) when no value is stored unbound any more: from then on
+# an unbound (0xE1) value is refused, so one kept from before the binding cannot be put back.
+BOUND_SETTING = "keys.bound"
 MAX_KEY_ID = (1 << 32) - 1
+SEAL_COUNTS = "seal-counts.json"  # in the node's data dir: seals made per data key
 RESEAL_PAGE = 256  # keys a keys-reseal call reads at a time
 RESEAL_SCAN = 4096  # keys one keys-reseal call looks at, at most, before it answers
 STATUS_LIMIT = 100_000  # keys-status counts values by key id up to this many keys
@@ -140,8 +159,8 @@ def read_keyring(path: str, config: Config | None = None) -> Keyring:
 # The codec
 # ================================================================================================
 def key_id_of(blob: bytes) -> int | None:
-    """The data key id a sealed blob names, or None when it is not a sealed blob."""
-    if len(blob) < OVERHEAD or blob[0] != MAGIC:
+    """The data key id a sealed blob (or its stored form) names, or None when it is not one."""
+    if len(blob) < OVERHEAD or blob[0] not in (MAGIC, LEGACY_MAGIC):
         return None
     return _HEADER.unpack_from(blob)[1]
 
@@ -175,19 +194,28 @@ class EncryptionCodec:
 
     `settings()` returns the replicated settings (``node.settings``) where wrapped data keys
     live; `plaintext(key)`, when given, says whether `key`'s backend route opted out.
+    `rotate_after`: seals with one data key after which `rotation` asks for a new one; the
+    count is kept in `counts_path` (when given) a block ahead, so a restart never counts less.
     """
 
     def __init__(self, keyring: Keyring, settings: Callable[[], Mapping],
-                 plaintext: Callable[[bytes], bool] | None = None):
+                 plaintext: Callable[[bytes], bool] | None = None,
+                 rotate_after: int = 1 << 26, counts_path: str = ""):
         self.keyring = keyring
         self._settings = settings
         self._plaintext = plaintext
+        self.rotate_after = rotate_after
+        self.sealed = SealCounts(counts_path, keyring.master_id,
+                                 block=max(1, min(1 << 16, rotate_after // 64)))
         self._master = AESGCM(keyring.master_key)
         derived = HKDF(hashes.SHA256(), 32, salt=None,
                        info=b"raftcache data key 0|master %d" % keyring.master_id)
         self._keys: dict[int, tuple[bytes | None, AESGCM]] = {
             0: (None, AESGCM(derived.derive(keyring.master_key)))}
         self._active = 0
+        self._binding_key = HKDF(hashes.SHA256(), 32, salt=None,
+                                 info=b"raftcache version binding|master %d"
+                                 % keyring.master_id).derive(keyring.master_key)
 
     # -- data keys ---------------------------------------------------------------------------
     def active_id(self) -> int:
@@ -216,6 +244,21 @@ class EncryptionCodec:
         aead = AESGCM(self.unwrap(key_id, setting.value))
         self._keys[key_id] = (setting.value, aead)
         return aead
+
+    def new_key(self) -> Configure:
+        """The entry that adds a new data key (the next id), wrapped; it becomes active."""
+        new_id = data_key_ids(self._settings())[-1] + 1
+        if new_id > MAX_KEY_ID:
+            raise ValueError("no data key id left")
+        return Configure(((setting_name(new_id), self.wrap(new_id, os.urandom(32))),))
+
+    def rotation(self) -> Configure | None:
+        """A new data key to commit when this node has sealed `rotate_after` values with the
+        active one (random nonces: their chance of colliding grows with the count), else
+        None. The leader asks every second (`Replica`) and proposes it."""
+        if self.sealed.count(self.active_id()) < self.rotate_after:
+            return None
+        return self.new_key()
 
     def wrap(self, key_id: int, data_key: bytes) -> bytes:
         header = _WRAPPED.pack(_WRAP_VERSION, self.keyring.master_id)
@@ -255,8 +298,43 @@ class EncryptionCodec:
             return blob
         return self.open(key, blob)
 
+    # -- the version binding (called by the state machine) ------------------------------------
+    def bind(self, key: bytes, version: int, blob: bytes) -> bytes:
+        """`blob` as stored at `version`: with a tag binding it to the key and the version."""
+        if self._plaintext is not None and self._plaintext(key):
+            return blob
+        return blob + self._binding(key, version, blob)
+
+    def unbind(self, key: bytes, version: int, stored: bytes) -> bytes:
+        """The blob in `stored`, once its tag proves it was stored under `key` at `version`;
+        ValueCodecError otherwise (an older value put back, or one from another key)."""
+        if self._plaintext is not None and self._plaintext(key):
+            return stored
+        if stored[:1] == bytes((LEGACY_MAGIC,)):
+            if BOUND_SETTING in self._settings():
+                raise ValueCodecError(
+                    f"the stored value of {key!r} was stored before values were bound to "
+                    "their version, and this cluster requires them bound (keys.bound): it "
+                    "was put back from an older copy")
+            return stored  # sealed before the binding: the sweep rewrites it
+        blob, tag = stored[:-BINDING_BYTES], stored[-BINDING_BYTES:]
+        if len(stored) < BINDING_BYTES or not hmac.compare_digest(
+                tag, self._binding(key, version, blob)):
+            raise ValueCodecError(f"the stored value of {key!r} is not the one written at "
+                                  f"version {version}: it was replaced (an older value put "
+                                  "back?), altered, or moved from another key")
+        return blob
+
+    def _binding(self, key: bytes, version: int, blob: bytes) -> bytes:
+        mac = hmac.new(self._binding_key, _BINDING_AAD, "sha256")
+        mac.update(_BINDING.pack(version, len(key)))
+        mac.update(key)
+        mac.update(blob)
+        return mac.digest()[:BINDING_BYTES]
+
     def seal(self, key: bytes, value: bytes, key_id: int) -> bytes:
         header = _HEADER.pack(MAGIC, key_id)
+        self.sealed.add(key_id)  # before the nonce is used: a crash never undercounts
         nonce = os.urandom(NONCE_BYTES)
         return header + nonce + self._aead(key_id).encrypt(nonce, value,
                                                            _VALUE_AAD + header + key)
@@ -274,6 +352,53 @@ class EncryptionCodec:
         except InvalidTag:
             raise ValueCodecError(f"the stored value of {key!r} fails to open with data key "
                                   f"{key_id}: it was altered, or sealed for another key") from None
+
+
+class SealCounts:
+    """How many values this node sealed with each data key (each seal draws a random nonce).
+
+    Kept in a file (JSON, 0600) a block ahead of the count: the file is rewritten once per
+    `block` seals, and a restart resumes from what it reserved, so it may count more than were
+    made, never fewer. Without a path, counts live in memory only."""
+
+    def __init__(self, path: str, master_id: int, block: int):
+        self.path, self.master_id, self.block = path, master_id, block
+        self.counts: dict[int, int] = {}
+        self.reserved: dict[int, int] = {}
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    body = json.loads(f.read(1 << 20))
+                if body.get("master") == master_id:
+                    self.reserved = {int(k): int(v) for k, v in body["sealed"].items()}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise KeyringError(f"{path}: unreadable seal counts ({exc}); a node must "
+                                   "not forget how many values it sealed: restore the file, "
+                                   "or remove it and run `raftcache keys rotate`") from None
+            self.counts = dict(self.reserved)
+
+    def count(self, key_id: int) -> int:
+        return self.counts.get(key_id, 0)
+
+    def add(self, key_id: int) -> None:
+        n = self.counts.get(key_id, 0) + 1
+        self.counts[key_id] = n
+        if self.path and n > self.reserved.get(key_id, 0):
+            self.reserved[key_id] = n - 1 + self.block
+            self._save()
+
+    def _save(self) -> None:
+        body = json.dumps({"master": self.master_id,
+                           "sealed": {str(k): v for k, v in sorted(self.reserved.items())}})
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 # ================================================================================================
@@ -297,7 +422,11 @@ def raftcache_value_codecs(node):
     if not enabled(node.config):
         return ()
     keyring = read_keyring(node.config.encryption.keyring, node.config)
-    codec = EncryptionCodec(keyring, lambda: node.settings, _plaintext_lookup(node))
+    data_dir = node.config.node.data_dir
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    codec = EncryptionCodec(keyring, lambda: node.settings, _plaintext_lookup(node),
+                            node.config.encryption.rotate_after,
+                            os.path.join(data_dir, SEAL_COUNTS))
     _CODECS[node] = codec
     if node.plaintext_routes:
         node.log.warning("encryption at rest: values routed to %s are stored in plaintext "
@@ -356,19 +485,35 @@ def raftcache_admin(node, action, args):
         if args:
             raise ValueError("keys-rotate takes no arguments")
         active = codec.active_id()
-        new_id = data_key_ids(node.settings)[-1] + 1
-        if new_id > MAX_KEY_ID:
-            raise ValueError("no data key id left")
-        wrapped = codec.wrap(new_id, os.urandom(32))
-        return Configure(((setting_name(new_id), wrapped),)), {"key_id": new_id,
-                                                               "previous": active}
+        command = codec.new_key()
+        new_id = int(command.items[0][0][len(SETTING_PREFIX):])
+        return command, {"key_id": new_id, "previous": active}
     if action == "keys-reseal":
         return _reseal(node, _codec(node), _position(args))
     if action == "keys-status":
         if args:
             raise ValueError("keys-status takes no arguments")
         return _status(node, _codec(node))
+    if action == "keys-require-bound":
+        if args:
+            raise ValueError("keys-require-bound takes no arguments")
+        return _require_bound(node, _codec(node))
     return None
+
+
+def _require_bound(node, codec: EncryptionCodec):
+    """Commit `BOUND_SETTING` once no value is stored unbound (counted like keys-status)."""
+    if BOUND_SETTING in node.settings:
+        return {"bound": True, "result": 0}
+    values = _status(node, codec)["values"]
+    if values is None:
+        raise ValueError(f"more than {STATUS_LIMIT} keys: cannot check that none is stored "
+                         "unbound")
+    unbound = sum(n for name, n in values.items() if name.endswith("-unbound"))
+    if unbound:
+        raise ValueError(f"{unbound} values are still stored unbound; `raftcache keys "
+                         "rotate` reseals them")
+    return Configure(((BOUND_SETTING, b"1"),)), {"bound": True}
 
 
 def _read(node, keys) -> list:
@@ -411,10 +556,10 @@ def _reseal(node, codec: EncryptionCodec, start: int):
                 continue
             blob, version = got
             try:
-                inner = decode_value(outer, key, blob)
+                inner = decode_value(outer, key, codec.unbind(key, version, blob))
                 key_id = key_id_of(inner)
-                if key_id is None or key_id == active:
-                    continue
+                if key_id is None or (key_id == active and inner[0] == MAGIC):
+                    continue  # unbound (legacy) values are resealed under the active key too
                 new = encode_value(outer, key, codec.seal(key, codec.open(key, inner), active))
             except ValueCodecError:
                 unreadable += 1
@@ -434,6 +579,9 @@ def _status(node, codec: EncryptionCodec) -> dict:
     settings = node.settings
     report = {"active": codec.active_id(), "known": data_key_ids(settings),
               "master": codec.keyring.master_id, "keys": node.key_count(),
+              "sealed_here": codec.sealed.count(codec.active_id()),
+              "bound": BOUND_SETTING in settings,
+              "rotate_after": codec.rotate_after,
               "plaintext_routes": list(node.plaintext_routes)}
     if node.key_count() > STATUS_LIMIT:
         report["values"] = None  # too many to count on the leader's loop
@@ -449,10 +597,14 @@ def _status(node, codec: EncryptionCodec) -> dict:
                 name = "plaintext"
             else:
                 try:
-                    key_id = key_id_of(decode_value(outer, key, got[0]))
+                    inner = decode_value(outer, key, codec.unbind(key, got[1], got[0]))
+                    key_id = key_id_of(inner)
                 except ValueCodecError:
                     key_id = None
-                name = "unreadable" if key_id is None else str(key_id)
+                if key_id is None:
+                    name = "unreadable"
+                else:  # unbound: sealed before the version binding, not yet resealed
+                    name = str(key_id) if inner[0] == MAGIC else f"{key_id}-unbound"
             counts[name] = counts.get(name, 0) + 1
     report["values"] = counts
     return report
