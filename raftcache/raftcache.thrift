@@ -145,6 +145,7 @@ struct RaftMessage {
   14: binary data,
   15: bool done,
   16: i64 tick,
+  17: i64 clock_ms,
 }
 
 struct RaftBatch {

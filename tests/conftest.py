@@ -30,7 +30,7 @@ from raftcache.servers import RedisServer
 TIERS = {
     "unit": [
         "test_certs", "test_commands", "test_config_plugins", "test_docs", "test_hostile_peers",
-        "test_linearizability", "test_node", "test_observers", "test_raft_commit",
+        "test_linearizability", "test_node", "test_observers", "test_raft_clock", "test_raft_commit",
         "test_raft_election", "test_raft_membership", "test_raft_purity", "test_raft_read",
         "test_raft_refusals", "test_raft_replication", "test_raft_snapshot",
         "test_plugin_boundaries", "test_raft_transfer", "test_raft_units", "test_relay",

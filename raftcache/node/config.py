@@ -43,6 +43,10 @@ class NodeSection:
     # "host:port" of this node's HTTP endpoint: Prometheus /metrics, and /healthz and /readyz
     # probes (raftcache.node.metrics). Empty: none.
     metrics_address: str = ""
+    # `stale` reads skip the read index: a node serves them only while it has heard from a
+    # leader within this long (a leader: from a quorum), and only as a member. Beyond it
+    # they are refused Unavailable, so a partitioned node stops judging by old settings.
+    max_stale_ms: int = 500
 
 
 @attrs.frozen
@@ -205,6 +209,7 @@ def _ranges(c: Config) -> list:
         ("node.max_pending", n.max_pending, 1, 1 << 24),
         ("node.max_key_bytes", n.max_key_bytes, 1, 1 << 20),
         ("node.max_value_bytes", n.max_value_bytes, 1, 1 << 30),
+        ("node.max_stale_ms", n.max_stale_ms, 2 * r.heartbeat_tick * r.tick_ms, 86_400_000),
         ("cluster.id", c.cluster.id, 0, _I64_MAX),
         ("raft.tick_ms", r.tick_ms, 1, 60_000),
         ("raft.election_tick", r.election_tick, 2, 100_000),

@@ -35,6 +35,11 @@ from .config import Config
 from .reads import Reads
 from .writes import Writes
 
+# The clock error cluster time tolerates (docs/security.md): while a majority of voters' clocks
+# are within it of each other, no other node's clock, however wrong, moves cluster time further.
+# A node whose own clock is further off the agreed time says so in its log.
+MAX_CLOCK_SKEW_MS = 500
+
 
 class Replica:
     """One Raft group: its core (`raw`), its cache state machine (`sm`) and the greenlets
@@ -164,9 +169,12 @@ class Replica:
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + 1.0
                 self._maybe_sweep()
+                self._check_skew()
 
     def advance_clock(self) -> None:
-        """Tick once for every tick period that passed, however late we got to run."""
+        """Tick once for every tick period that passed, however late we got to run; hand
+        the core the wall clock, which it only carries in messages and compares."""
+        self.raw.set_clock(int(self.clock() * 1000))
         tick_s = self.config.raft.tick_ms / 1000.0
         missed = int((time.monotonic() - self._last_tick) / tick_s)
         if missed > 0:
@@ -176,11 +184,44 @@ class Replica:
             self.wakeup.set()
 
     def stamp(self) -> int:
-        """The replica's cluster time in ms: the later of the wall clock and the newest
-        applied stamp, never going backwards; every replica judges expiry by it."""
-        self._last_stamp = max(int(self.clock() * 1000), self._last_stamp,
-                               self.sm.last_stamp_ms)
+        """The replica's cluster time in ms, by which it stamps writes and judges expiry:
+        its clock plus the offset the core agreed (the median of the voters' clocks on a
+        leader, the leader's agreed time on a follower), never before the newest applied
+        stamp, never going backwards. Until an offset is known it stands still: this node's
+        clock alone decides nothing."""
+        now = int(self.clock() * 1000)
+        self.raw.set_clock(now)
+        offset = self.raw.clock_offset_ms()
+        agreed = now + offset if offset is not None else 0
+        self._last_stamp = max(agreed, self._last_stamp, self.sm.last_stamp_ms)
         return self._last_stamp
+
+    def clock_skew_ms(self) -> int | None:
+        """How far this node's clock is behind (negative: ahead of) cluster time; None
+        until an offset is agreed."""
+        return self.raw.clock_offset_ms()
+
+    def stale_read_refusal(self) -> str | None:
+        """Why this replica may not serve a `stale` read now, or None: it must be a member
+        and have been in touch with a leader within `node.max_stale_ms` (a leader: with a
+        quorum), so a partitioned or removed replica stops judging by old settings."""
+        st = self.raw.status()
+        if self.id not in st.conf.all_nodes():
+            return "this node is not a member of the cluster; ask another node"
+        ticks = self.raw.ticks_since_leader()
+        limit = self.config.node.max_stale_ms
+        if ticks is None or ticks * self.config.raft.tick_ms > limit:
+            return (f"this node has not heard from a leader within node.max_stale_ms "
+                    f"({limit} ms); ask another node or read linearizable")
+        return None
+
+    def _check_skew(self) -> None:
+        skew = self.clock_skew_ms()
+        if skew is not None and abs(skew) > MAX_CLOCK_SKEW_MS:
+            self._drop_log.warning("clock", "this node's clock is %d ms %s the cluster's agreed "
+                                   "time (tolerated: %d ms); cluster time follows the majority",
+                                   abs(skew), "behind" if skew > 0 else "ahead of",
+                                   MAX_CLOCK_SKEW_MS)
 
     def _mark_joined(self) -> None:
         """The leader records through the log which members have joined: they acknowledged
@@ -334,6 +375,7 @@ class Replica:
             return
         members = self._peer_members()
         stepped = False
+        self.raw.set_clock(int(self.clock() * 1000))  # responses carry our clock as of now
         for m in messages:
             if sender is not None and m.frm != sender:
                 problem = f"claims to come from node {m.frm} on node {sender}'s connection"

@@ -165,7 +165,11 @@ class Requests:
             keys = [key(k) for k in batch(request.keys, self.config.node.max_batch_keys, "mget")]
         if self.replica.applier.backend_down:
             return api.error("Unavailable", "this node's backend is unavailable; try another node")
-        if consistency != "stale":
+        if consistency == "stale":
+            stale = self.replica.stale_read_refusal()
+            if stale is not None:
+                return api.error("Unavailable", stale)
+        else:
             refused = self.read_index(request, lease=consistency == "lease")
             if refused is not None:
                 return refused
