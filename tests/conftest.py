@@ -40,7 +40,8 @@ TIERS = {
     ],
     "cluster": [
         "test_arrows", "test_auth", "test_backend_cluster", "test_backends", "test_backup",
-        "test_bench", "test_cli", "test_cluster_e2e", "test_deploy_files", "test_dev_servers",
+        "test_bench", "test_cli", "test_clock", "test_cluster_e2e", "test_deploy_files",
+        "test_dev_servers",
         "test_encryption",
         "test_fuzz", "test_hardening", "test_interop_nodejs", "test_interop_thrift",
         "test_membership_e2e", "test_metrics", "test_plain_install", "test_rolling_upgrade",

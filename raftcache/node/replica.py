@@ -35,10 +35,12 @@ from .config import Config
 from .reads import Reads
 from .writes import Writes
 
-# The clock error cluster time tolerates (docs/security.md): while a majority of voters' clocks
-# are within it of each other, no other node's clock, however wrong, moves cluster time further.
-# A node whose own clock is further off the agreed time says so in its log.
+# The most that any one node's clock, however wrong, moves cluster time from the time a
+# majority of voters' clocks agree on (docs/security.md). A node's own clock counts only
+# within CLOCK_TRUST_MS of the agreed time; the rest is for the agreement's age (a heartbeat,
+# a network delay, a disk sync). A node whose clock is further off says so in its log.
 MAX_CLOCK_SKEW_MS = 500
+CLOCK_TRUST_MS = 250
 
 
 class Replica:
@@ -185,15 +187,18 @@ class Replica:
 
     def stamp(self) -> int:
         """The replica's cluster time in ms, by which it stamps writes and judges expiry:
-        its clock plus the offset the core agreed (the median of the voters' clocks on a
-        leader, the leader's agreed time on a follower), never before the newest applied
-        stamp, never going backwards. Until an offset is known it stands still: this node's
-        clock alone decides nothing."""
+        its own clock, but kept within CLOCK_TRUST_MS of the agreed time (the median of the
+        voters' clocks on a leader, the leader's agreed time on a follower: the core's
+        offset); never before the newest applied stamp, never going backwards. Until an
+        offset is known it stands still: this node's clock alone decides nothing."""
         now = int(self.clock() * 1000)
         self.raw.set_clock(now)
         offset = self.raw.clock_offset_ms()
-        agreed = now + offset if offset is not None else 0
-        self._last_stamp = max(agreed, self._last_stamp, self.sm.last_stamp_ms)
+        own = 0
+        if offset is not None:
+            agreed = now + offset
+            own = min(max(now, agreed - CLOCK_TRUST_MS), agreed + CLOCK_TRUST_MS)
+        self._last_stamp = max(own, self._last_stamp, self.sm.last_stamp_ms)
         return self._last_stamp
 
     def clock_skew_ms(self) -> int | None:
