@@ -10,12 +10,17 @@ clock (mutant `clock-local`, what every node did before) and assert they catch i
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 
 from test_auth import WAIT, eventually, issue, node_client, refused
 
 from raftcache import errors
+from raftcache.client import Client
+from raftcache.cluster import LocalCluster, free_port_block
 from raftcache.node.replica import MAX_CLOCK_SKEW_MS
+from raftcache.testing import relay
 
 YEAR_MS = 365 * 24 * 3600 * 1000
 BOUND_S = MAX_CLOCK_SKEW_MS / 1000
@@ -28,13 +33,17 @@ def skewed(node: int, offset_ms: int, mutant: str | None = None) -> dict:
 
 
 def lead(cluster, node: int) -> None:
-    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as admin:
-        def leads():
-            try:
-                return admin.transfer_leader(node).leader == node
-            except errors.RaftCacheError:
-                return False
-        eventually(leads, timeout=15, what=f"node {node} leads")
+    """Hand leadership to `node`, asking each node in turn (one whose clock is off may refuse
+    the admin's token)."""
+    def leads():
+        for i in range(1, cluster.nodes + 1):
+            with node_client(cluster, i, cluster.admin_token(), timeout=2.0) as admin:
+                try:
+                    return admin.transfer_leader(node).leader == node
+                except errors.RaftCacheError:
+                    continue
+        return False
+    eventually(leads, timeout=15, what=f"node {node} leads")
 
 
 def time_problems(cluster) -> list[str]:
@@ -167,3 +176,111 @@ def test_teeth_an_idle_follower_behind_by_its_own_clock_is_caught(running):
     problems = idle_follower_problems(running(**skewed(3, -YEAR_MS, "clock-local")))
     print("caught:", problems)
     assert any("stale read with an expired token" in p for p in problems), problems
+
+
+# ================================================================================================
+# Stale reads get a staleness bound (node.max_stale_ms)
+# ================================================================================================
+def partition_problems(cluster, net) -> list[str]:
+    """Node 3 cut off; "mallory" revoked through the majority: node 3 must stop serving her
+    (and anyone) stale reads once node.max_stale_ms passes, and serve again once healed."""
+    problems = []
+    lead(cluster, 1)
+    token = issue(cluster, "mallory", {"m:": "rw"})
+    with node_client(cluster, 1, token) as c:
+        c.set("m:k", "v")
+    with node_client(cluster, 3, token, timeout=2.0) as c:
+        eventually(lambda: c.get("m:k", consistency="stale") == b"v", what="node 3 applies")
+    net.block(relay.isolate(3, [1, 2, 3]))
+    with Client([cluster.address(1), cluster.address(2)], token=cluster.admin_token(),
+                timeout=WAIT) as admin:
+        def revoked():
+            try:
+                return admin.admin("revoke", "mallory")["result"] > 0
+            except errors.RaftCacheError:
+                return False  # an election in the majority: again
+        eventually(revoked, timeout=15, what="the majority revokes")
+    time.sleep(1.0)  # past node.max_stale_ms (500 ms)
+    for who, t in (("the revoked subject", token), ("the admin", cluster.admin_token())):
+        with node_client(cluster, 3, t, timeout=1.0) as c:
+            try:
+                c.get("m:k", consistency="stale")
+                problems.append(f"partitioned node 3 served {who} a stale read")
+            except errors.Unavailable as exc:
+                if "max_stale_ms" not in str(exc):
+                    problems.append(f"node 3 refused for another reason: {exc}")
+            except errors.Unauthorized:
+                problems.append(f"partitioned node 3 judged {who} (it knows no revocation)")
+    net.heal()
+    with node_client(cluster, 3, cluster.admin_token(), timeout=1.0) as c:
+        def serves():
+            try:
+                return c.get("m:k", consistency="stale") == b"v"
+            except errors.Unavailable:
+                return False
+        eventually(serves, timeout=15, what="node 3 serves stale reads once healed")
+    with cluster.client(token=cluster.admin_token(), timeout=WAIT) as c:
+        def caught_up():
+            return len({c.status(cluster.address(i)).applied for i in (1, 2, 3)}) == 1
+        eventually(caught_up, timeout=15, what="node 3 catches up")
+    with node_client(cluster, 3, token) as c:
+        if not refused(lambda: c.get("m:k", consistency="stale")):
+            problems.append("healed node 3 served the revoked subject")
+    return problems
+
+
+class ThreadRelays:
+    """The fault relays (gevent) on a thread of their own, whose hub runs while this one
+    sleeps or blocks in a client call; the test flips their faults from here."""
+
+    def __init__(self, nodes: dict[int, str]):
+        self.ready, self.stopping = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(nodes,), daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+
+    def _serve(self, nodes) -> None:
+        import gevent
+
+        self.net = relay.RelayNet(nodes, random.Random(1))
+        self.ready.set()
+        while not self.stopping.is_set():
+            gevent.sleep(0.05)
+        self.net.close()
+
+    def block(self, links) -> None:
+        self.net.block(links)
+
+    def heal(self) -> None:
+        self.net.heal()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+
+
+def partitioned_cluster(running, tmp_path, max_stale_ms: int):
+    cluster = LocalCluster(str(tmp_path / "p"), nodes=3, port=free_port_block(3), auth=True,
+                           extra={"node": {"max_stale_ms": max_stale_ms}})
+    net = ThreadRelays({i: cluster.address(i) for i in (1, 2, 3)})
+    cluster.routes = net.net.routes()
+    return running(cluster), net
+
+
+def test_a_partitioned_follower_stops_serving_stale_reads(running, tmp_path):
+    cluster, net = partitioned_cluster(running, tmp_path, 500)
+    try:
+        assert partition_problems(cluster, net) == []
+    finally:
+        net.close()
+
+
+def test_teeth_without_a_staleness_bound_a_partitioned_follower_serves_the_revoked(
+        running, tmp_path):
+    cluster, net = partitioned_cluster(running, tmp_path, 86_400_000)  # a day: no bound
+    try:
+        problems = partition_problems(cluster, net)
+    finally:
+        net.close()
+    print("caught:", problems)
+    assert "partitioned node 3 served the revoked subject a stale read" in problems, problems
