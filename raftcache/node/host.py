@@ -243,7 +243,7 @@ class Node:
             joined=sorted(self.replica.sm.joined),
             metrics_url=(f"http://{config.node.metrics_address}/metrics"
                          if config.node.metrics_address else None),
-            cluster_time_ms=self.replica.stamp(),
+            cluster_time_ms=self.replica.stamp() if self.replica.knows_cluster_time() else None,
         )
 
 

@@ -201,6 +201,11 @@ class Replica:
         self._last_stamp = max(own, self._last_stamp, self.sm.last_stamp_ms)
         return self._last_stamp
 
+    def knows_cluster_time(self) -> bool:
+        """Whether this node has an agreed time (from a quorum, or from a leader) to judge
+        by; a node that just started has none until it hears from a leader."""
+        return self.raw.clock_offset_ms() is not None
+
     def clock_skew_ms(self) -> int | None:
         """How far this node's clock is behind (negative: ahead of) cluster time; None
         until an offset is agreed."""
@@ -251,6 +256,8 @@ class Replica:
         st = self.raw.status()
         if st.role != StateRole.LEADER or self._sweep_index > st.applied:
             return
+        if not self.knows_cluster_time():
+            return  # no agreed time yet: nothing is judged expired by this clock alone
         stamp = self.stamp()
         if not self.sm.expired_keys_due(stamp):
             return

@@ -79,6 +79,10 @@ class Requests:
             op.check_sizes(request, self.config.node)
             if op.name == "status":  # open to all: it is the health check
                 return api.Response(status=self.status())
+            if not self.replica.knows_cluster_time():
+                # Tokens, TTLs and stamps are judged by cluster time: not by this clock alone.
+                return api.error("Unavailable", "this node does not know the cluster time yet "
+                                 "(no leader heard since it started); try another node")
             caller = self._authenticate(request, certificate)
             request = _with_certificate(request, certificate)  # what a forward carries
             if op.kind == "write":
