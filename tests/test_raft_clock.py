@@ -107,3 +107,19 @@ def test_ticks_since_leader():
     run(net, {1: T, 2: T, 3: T}, rounds=4)
     assert net.nodes[3].ticks_since_leader() == 4 * net.make_config(3).heartbeat_tick
     assert net.nodes[2].ticks_since_leader() <= 2
+
+
+def test_teeth_a_core_whose_leader_trusts_its_own_clock_is_caught(monkeypatch):
+    # The check of the first test, on a core whose leader takes its own clock as agreed.
+    from raftcache.core.raft import RawNode
+
+    agreed = RawNode.clock_offset_ms
+    monkeypatch.setattr(RawNode, "clock_offset_ms",
+                        lambda self: 0 if self.role.name == "LEADER" else agreed(self))
+    net = Network.bootstrap([1, 2, 3])
+    net.elect(1)
+    clocks = {1: T + YEAR, 2: T + 3, 3: T - 5}
+    run(net, clocks)
+    times = cluster_times(net, clocks)
+    assert not all(abs(t - T) <= 5 for t in times.values())
+    assert times[1] == T + YEAR and times[2] == times[3] == T + YEAR  # all follow it
