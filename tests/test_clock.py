@@ -32,18 +32,20 @@ def skewed(node: int, offset_ms: int, mutant: str | None = None) -> dict:
             "node_args": {node: args}}
 
 
-def lead(cluster, node: int) -> None:
-    """Hand leadership to `node`, asking each node in turn (one whose clock is off may refuse
-    the admin's token)."""
-    def leads():
+def lead(cluster, node: int) -> str | None:
+    """Hand leadership to `node`, asking each node in turn; None once it leads, else why not
+    (a leader whose cluster time is wrong may refuse even the admin's token)."""
+    deadline, why = time.monotonic() + 15, None
+    while time.monotonic() < deadline:
         for i in range(1, cluster.nodes + 1):
             with node_client(cluster, i, cluster.admin_token(), timeout=2.0) as admin:
                 try:
-                    return admin.transfer_leader(node).leader == node
-                except errors.RaftCacheError:
-                    continue
-        return False
-    eventually(leads, timeout=15, what=f"node {node} leads")
+                    if admin.transfer_leader(node).leader == node:
+                        return None
+                except errors.RaftCacheError as exc:
+                    why = str(exc)
+        time.sleep(0.1)
+    return f"node {node} could not be made leader: {why}"
 
 
 def time_problems(cluster) -> list[str]:
@@ -104,29 +106,34 @@ def verdict_problems(cluster, tag: str) -> list[str]:
     return problems
 
 
-def restart_correct(cluster, node: int) -> None:
+def restart_correct(cluster, node: int) -> str | None:
     cluster.kill(node)
     cluster.node_args[node] = []
     cluster.start(node)
     cluster.wait_for_leader()
-    lead(cluster, node)
+    return lead(cluster, node)
 
 
 def leader_problems(cluster) -> list[str]:
     """Node 1 (its clock skewed) leads after node 2 (a correct clock) stamped a write."""
-    problems: list[str] = []
-    lead(cluster, 2)
+    problems = [p for p in (lead(cluster, 2),) if p]
     admin_write(cluster, problems, "before")
-    lead(cluster, 1)
+    failed = lead(cluster, 1)
+    if failed:
+        return problems + time_problems(cluster) + [f"skewed: {failed}"]
     problems += verdict_problems(cluster, "skewed")
-    restart_correct(cluster, 1)
+    failed = restart_correct(cluster, 1)
+    if failed:
+        return problems + [f"restarted: {failed}"]
     return problems + verdict_problems(cluster, "restarted")
 
 
 def idle_follower_problems(cluster) -> list[str]:
     """Node 3, a year behind, idle: no write since the token expired."""
     problems = time_problems(cluster)
-    lead(cluster, 1)
+    failed = lead(cluster, 1)
+    if failed:  # node 3 led from the start, and judges the admin by its own clock
+        return problems + [failed]
     token = issue(cluster, "erin", {"e:": "rw"}, ttl=1.5, not_before=time.time() - 1)
     with cluster.client(token=token, timeout=WAIT) as c:
         c.set("e:k", "v")
@@ -138,8 +145,9 @@ def idle_follower_problems(cluster) -> list[str]:
         if not refused(lambda: c.get("e:k")):
             problems.append("node 3 (idle, a year behind) served a linearizable read with an "
                             "expired token")
-    restart_correct(cluster, 3)
-    lead(cluster, 1)
+    failed = restart_correct(cluster, 3) or lead(cluster, 1)
+    if failed:
+        return problems + [f"restarted: {failed}"]
     return problems + verdict_problems(cluster, "restarted")
 
 
@@ -167,15 +175,21 @@ def test_teeth_a_leader_ahead_by_its_own_clock_is_caught(running):
 def test_teeth_a_leader_behind_by_its_own_clock_is_caught(running):
     problems = leader_problems(running(**skewed(1, -YEAR_MS, "clock-local")))
     print("caught:", problems)
-    # Frozen at the last stamp: valid tokens that came after it are "not valid yet" there.
-    assert any(p.startswith("skewed:") and "not valid yet" in p for p in problems), problems
+    # Frozen at the last stamp (0 if it led from the start): valid tokens that came after it
+    # are "not valid yet" there, the admin's too.
+    assert any(p.startswith(("skewed:", "before:")) and "not valid yet" in p
+               for p in problems), problems
     assert any(p.startswith("node 1's cluster time is -") for p in problems), problems
 
 
 def test_teeth_an_idle_follower_behind_by_its_own_clock_is_caught(running):
     problems = idle_follower_problems(running(**skewed(3, -YEAR_MS, "clock-local")))
     print("caught:", problems)
-    assert any("stale read with an expired token" in p for p in problems), problems
+    assert any(p.startswith("node 3's cluster time is -") for p in problems), problems
+    # Node 3 a follower: it serves the expired token; node 3 leading from the start (frozen
+    # at stamp 0): it refuses even the admin, and keeps its leadership.
+    assert any("stale read with an expired token" in p or "not valid yet" in p
+               for p in problems), problems
 
 
 # ================================================================================================
@@ -185,7 +199,7 @@ def partition_problems(cluster, net) -> list[str]:
     """Node 3 cut off; "mallory" revoked through the majority: node 3 must stop serving her
     (and anyone) stale reads once node.max_stale_ms passes, and serve again once healed."""
     problems = []
-    lead(cluster, 1)
+    assert lead(cluster, 1) is None
     token = issue(cluster, "mallory", {"m:": "rw"})
     with node_client(cluster, 1, token) as c:
         c.set("m:k", "v")

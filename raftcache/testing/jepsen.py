@@ -516,7 +516,7 @@ def _skew_clock(run, offset_ms: int, label: str) -> Fault:
     run.kill(n)
     run.cluster.node_args[n] = ["--clock-offset-ms", str(offset_ms)]
     run.restart(n)
-    outcome = run.admin(lambda c: c.transfer_leader(n))
+    outcome = _lead(run, n)
 
     def heal():
         run.kill(n)
@@ -525,6 +525,23 @@ def _skew_clock(run, offset_ms: int, label: str) -> Fault:
 
     return Fault(label, f"node {n} restarted with its clock {offset_ms / YEAR_MS:+.0f} year; "
                         f"leadership to it: {outcome}", heal)
+
+
+def _lead(run, n: int, seconds: float = 5.0) -> str:
+    """Hand leadership to node `n`, retrying while it catches up after a restart."""
+    import gevent
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with run.client(timeout=2.0, admin=True) as c:
+                c.transfer_leader(n)
+            return "done"
+        except Exception as exc:  # not caught up yet, an election: again, for a while
+            if time.monotonic() >= deadline:
+                run.nemesis_errors += 1
+                return f"{type(exc).__name__}: {exc}"
+        gevent.sleep(0.2)
 
 
 @nemesis("clock-ahead")
