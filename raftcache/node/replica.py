@@ -219,7 +219,7 @@ class Replica:
         if self.id not in st.conf.all_nodes():
             return "this node is not a member of the cluster; ask another node"
         ticks = self.raw.ticks_since_leader()
-        limit = self.config.node.max_stale_ms
+        limit = self.config.stale_ms()
         if ticks is None or ticks * self.config.raft.tick_ms > limit:
             return (f"this node has not heard from a leader within node.max_stale_ms "
                     f"({limit} ms); ask another node or read linearizable")

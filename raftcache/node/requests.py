@@ -28,6 +28,10 @@ from .waiting import Overloaded
 MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
 
 
+class NoClusterTime(Unauthorized):
+    """Nothing can be judged yet: answered Unavailable (the client asks another node)."""
+
+
 class Requests:
     """Answers the calls a transport hands the node (`handle`).
 
@@ -79,10 +83,6 @@ class Requests:
             op.check_sizes(request, self.config.node)
             if op.name == "status":  # open to all: it is the health check
                 return api.Response(status=self.status())
-            if not self.replica.knows_cluster_time():
-                # Tokens, TTLs and stamps are judged by cluster time: not by this clock alone.
-                return api.error("Unavailable", "this node does not know the cluster time yet "
-                                 "(no leader heard since it started); try another node")
             caller = self._authenticate(request, certificate)
             request = _with_certificate(request, certificate)  # what a forward carries
             if op.kind == "write":
@@ -94,7 +94,8 @@ class Requests:
         except (BadRequest, commands.CommandError) as exc:
             return api.error("InvalidRequest", str(exc))
         except Unauthorized as exc:
-            return api.error("Unauthorized", str(exc))
+            return api.error("Unavailable" if isinstance(exc, NoClusterTime) else "Unauthorized",
+                             str(exc))
         except NotLeader as exc:
             return self.not_leader(exc.leader, request)
         except Overloaded as exc:
@@ -109,8 +110,17 @@ class Requests:
     def _authenticate(self, request: api.Request, certificate: str | None):
         """The verified caller of `request` (None: anonymous); raises Unauthorized."""
         token = request.header.token if request.header is not None else None
+        if token:
+            self.need_cluster_time()  # a token's times are judged by it
         return self.pm.hook.raftcache_authenticate(node=self.context, token=token,
                                                    certificate=certificate)
+
+    def need_cluster_time(self) -> None:
+        """Raise NoClusterTime unless this node knows the cluster time: tokens, TTLs and stamps
+        are judged by it, never by this node's clock alone (a node that just started)."""
+        if not self.replica.knows_cluster_time():
+            raise NoClusterTime("this node does not know the cluster time yet (no leader "
+                                "heard since it started); try another node")
 
     def authorize(self, op: str, keys, caller) -> None:
         """Raise Unauthorized unless the access plugins allow `op` on `keys` here and now."""
@@ -137,6 +147,8 @@ class Requests:
     def propose(self, command, request: api.Request, caller, client_id=None, seq=None):
         """Commit `command` on behalf of `caller` and return its applied result, or an error
         Response (a refusal, a timeout). Raises NotLeader and Overloaded."""
+        if self.replica.raw.status().lead == self.id:
+            self.need_cluster_time()  # the leader stamps the entry (a follower's is dropped)
         envelope = commands.Envelope(command=command, client_id=client_id, seq=seq,
                                      identity=caller.subject if caller else None,
                                      stamp_ms=self.replica.stamp(), caller=caller)
@@ -178,6 +190,7 @@ class Requests:
             if refused is not None:
                 return refused
         # After the read index applied: a revocation committed before the read is known here.
+        self.need_cluster_time()  # expiry of keys and tokens
         self.authorize(request.op, keys, caller)
         try:
             found = self.read_settled(keys)
