@@ -37,8 +37,9 @@ from .writes import Writes
 
 # The most that any one node's clock, however wrong, moves cluster time from the time a
 # majority of voters' clocks agree on (docs/security.md). A node's own clock counts only
-# within CLOCK_TRUST_MS of the agreed time; the rest is for the agreement's age (a heartbeat,
-# a network delay, a disk sync). A node whose clock is further off says so in its log.
+# within CLOCK_TRUST_MS of the agreed time (beyond, the agreed time does); the rest is for the
+# agreement's age (a heartbeat, a network delay, a disk sync). A node whose clock is further
+# off says so in its log.
 MAX_CLOCK_SKEW_MS = 500
 CLOCK_TRUST_MS = 250
 
@@ -187,17 +188,18 @@ class Replica:
 
     def stamp(self) -> int:
         """The replica's cluster time in ms, by which it stamps writes and judges expiry:
-        its own clock, but kept within CLOCK_TRUST_MS of the agreed time (the median of the
-        voters' clocks on a leader, the leader's agreed time on a follower: the core's
-        offset); never before the newest applied stamp, never going backwards. Until an
-        offset is known it stands still: this node's clock alone decides nothing."""
+        its own clock while that is within CLOCK_TRUST_MS of the agreed time (the median of
+        the voters' clocks on a leader, the leader's agreed time on a follower: the core's
+        offset), else the agreed time; never before the newest applied stamp, never going
+        backwards. Until an offset is known it stands still: this node's clock alone decides
+        nothing (`knows_cluster_time`)."""
         now = int(self.clock() * 1000)
         self.raw.set_clock(now)
         offset = self.raw.clock_offset_ms()
         own = 0
         if offset is not None:
             agreed = now + offset
-            own = min(max(now, agreed - CLOCK_TRUST_MS), agreed + CLOCK_TRUST_MS)
+            own = now if abs(now - agreed) <= CLOCK_TRUST_MS else agreed
         self._last_stamp = max(own, self._last_stamp, self.sm.last_stamp_ms)
         return self._last_stamp
 
