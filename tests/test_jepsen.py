@@ -292,6 +292,9 @@ def test_scenario_finds_no_anomaly_on_the_real_cluster(tmp_path, scenario):
     assert set(s["faults"]) <= set(jepsen.SCENARIOS[scenario].nemesis)
     assert s["ops"]["ok"] > 200 and s["checked"] >= s["ops"]["ok"]
     assert "anomalies: 0" in proc.stdout
+    if scenario == "clock-skew":  # a node's clock was off, with auth and encryption on
+        assert s["faults"].get("clock-ahead", 0) + s["faults"].get("clock-behind", 0) >= 1
+        assert (s["auth"], s["encryption"]) == (True, True)
 
 
 def test_the_suite_catches_a_deposed_leader_serving_local_reads(tmp_path):
