@@ -28,7 +28,7 @@ from .waiting import Overloaded
 MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits and a counter
 
 
-class NoClusterTime(Unauthorized):
+class NoClusterTime(Exception):
     """Nothing can be judged yet: answered Unavailable (the client asks another node)."""
 
 
@@ -94,8 +94,9 @@ class Requests:
         except (BadRequest, commands.CommandError) as exc:
             return api.error("InvalidRequest", str(exc))
         except Unauthorized as exc:
-            return api.error("Unavailable" if isinstance(exc, NoClusterTime) else "Unauthorized",
-                             str(exc))
+            return api.error("Unauthorized", str(exc))
+        except NoClusterTime as exc:
+            return api.error("Unavailable", str(exc))
         except NotLeader as exc:
             return self.not_leader(exc.leader, request)
         except Overloaded as exc:
