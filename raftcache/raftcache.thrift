@@ -68,6 +68,7 @@ struct NodeStatus {
   11: optional map<i64, string> peer_addresses, // member id -> where peers reach it
   12: optional list<i64> joined,  // members that ran and hold the log
   13: optional string metrics_url, // Prometheus text at http://.../metrics (node.metrics_address)
+  14: optional i64 cluster_time_ms, // what it stamps writes and judges expiry by
 }
 
 // A request or response as one value: what the tcp-tls transport carries in its frames, and
@@ -145,6 +146,7 @@ struct RaftMessage {
   14: binary data,
   15: bool done,
   16: i64 tick,
+  17: i64 clock_ms,
 }
 
 struct RaftBatch {

@@ -96,6 +96,7 @@ def message_to_wire(m: Message):
         int(m.type), m.to, m.frm, m.term, m.log_term, m.index,
         [idl.Entry(e.term, e.index, int(e.type), e.data) for e in m.entries],
         m.commit, m.reject, m.reject_hint, m.context, meta, m.offset, m.data, m.done, m.tick,
+        m.clock_ms,
     )
 
 
@@ -120,7 +121,7 @@ def message_from_wire(w) -> Message:
             tuple(Entry(_required(e.term, "entry term"), _required(e.index, "entry index"),
                         EntryType(e.type), e.data or b"") for e in (w.entries or ())),
             w.commit or 0, bool(w.reject), w.reject_hint or 0, w.context or b"", meta,
-            w.offset or 0, w.data or b"", bool(w.done), w.tick or 0,
+            w.offset or 0, w.data or b"", bool(w.done), w.tick or 0, w.clock_ms or 0,
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise WireError(f"bad raft message: {exc}") from None

@@ -31,7 +31,7 @@ TIERS = {
     "unit": [
         "test_certs", "test_commands", "test_config_plugins", "test_docs", "test_hostile_peers",
         "test_linearizability", "test_node", "test_observers", "test_private_files",
-        "test_raft_commit",
+        "test_raft_clock", "test_raft_commit",
         "test_raft_election", "test_raft_membership", "test_raft_purity", "test_raft_read",
         "test_raft_refusals", "test_raft_replication", "test_raft_snapshot",
         "test_plugin_boundaries", "test_raft_transfer", "test_raft_units", "test_relay",
@@ -40,9 +40,9 @@ TIERS = {
         "test_transport_thrift",
     ],
     "cluster": [
-        "test_amplification", "test_arrows", "test_auth", "test_backend_cluster", "test_backends", "test_backup",
-        "test_bench", "test_cli", "test_cluster_e2e", "test_deploy_files", "test_dev_servers",
-        "test_doors", "test_encryption",
+        "test_amplification", "test_arrows", "test_auth", "test_backend_cluster", "test_backends",
+        "test_backup", "test_bench", "test_cli", "test_clock", "test_cluster_e2e",
+        "test_deploy_files", "test_dev_servers", "test_doors", "test_encryption",
         "test_fuzz", "test_hardening", "test_interop_nodejs", "test_interop_thrift",
         "test_membership_e2e", "test_metrics", "test_plain_install", "test_rolling_upgrade",
         "test_storage_redis_aof", "test_third_party_plugin", "test_up_backends",

@@ -75,6 +75,8 @@ def test_a_well_formed_message_passes():
     ({"commit": -5}, "commit"),
     ({"index": MAX_INDEX + 1}, "index"),
     ({"tick": 2**63 - 1}, "tick"),
+    ({"clock_ms": 2**63 - 1}, "clock_ms"),
+    ({"clock_ms": -1}, "clock_ms"),
     ({"reject_hint": -1}, "reject_hint"),
     ({"type": MsgType.VOTE, "log_term": 6}, "log term 6 after"),
     ({"context": b"x" * 257}, "context"),
@@ -238,7 +240,7 @@ conf_changes = st.sampled_from([
 ])
 # Fields a message can have wrong, and the values to put there.
 _BREAKABLE = ["to", "frm", "term", "log_term", "index", "commit", "reject_hint", "offset",
-              "tick"]
+              "tick", "clock_ms"]
 
 
 @st.composite
@@ -268,7 +270,8 @@ def messages(draw):
                 commit=draw(st.integers(0, 15)), reject=draw(st.booleans()),
                 reject_hint=draw(small), context=draw(st.binary(max_size=8)),
                 snapshot_meta=meta, offset=draw(st.sampled_from([0, 0, 0, 1, 7])), data=data,
-                done=draw(st.sampled_from([True, True, False])), tick=draw(st.integers(0, 40)))
+                done=draw(st.sampled_from([True, True, False])), tick=draw(st.integers(0, 40)),
+                clock_ms=draw(st.sampled_from([0, 1, 1_900_000_000_000, 2**62])))
     if draw(st.integers(0, 3)) == 0:
         field = draw(st.sampled_from(_BREAKABLE))
         m = attrs.evolve(m, **{field: draw(wild_ints)})

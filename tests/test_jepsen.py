@@ -245,7 +245,8 @@ def test_nemesis_names_and_families():
     assert jepsen.expand_nemeses(["kill-one,partition-one", "link", "kill"]) == [
         "kill-one", "partition-one", "slow", "lossy", "reset", "kill-leader", "kill-majority",
         "kill-all"]
-    with pytest.raises(ValueError, match="unknown nemesis 'chaos' \\(known: all, backend, disk, kill"):
+    with pytest.raises(ValueError, match="unknown nemesis 'chaos' \\(known: all, backend, clock, "
+                                         "clock-ahead, clock-behind, disk, kill"):
         jepsen.expand_nemeses(["chaos"])
 
 
@@ -276,6 +277,7 @@ SCENARIO_RUNS = {
     "deposed-leader-reads": ("thrift", "file-wal", 3),
     "lease-slow-disk": ("tcp-tls", "file-wal", 3),
     "unfsynced-write-loss": ("thrift", "redis-aof", 3),
+    "clock-skew": ("thrift", "file-wal", 3),  # with auth and encryption (the scenario's)
 }
 
 
@@ -291,6 +293,9 @@ def test_scenario_finds_no_anomaly_on_the_real_cluster(tmp_path, scenario):
     assert set(s["faults"]) <= set(jepsen.SCENARIOS[scenario].nemesis)
     assert s["ops"]["ok"] > 200 and s["checked"] >= s["ops"]["ok"]
     assert "anomalies: 0" in proc.stdout
+    if scenario == "clock-skew":  # a node's clock was off, with auth and encryption on
+        assert s["faults"].get("clock-ahead", 0) + s["faults"].get("clock-behind", 0) >= 1
+        assert (s["auth"], s["encryption"]) == (True, True)
 
 
 def test_the_suite_catches_a_deposed_leader_serving_local_reads(tmp_path):
@@ -412,6 +417,19 @@ def test_auth_required_and_values_encrypted_under_every_fault(tmp_path):
     assert s["refused_admin"] == 0  # the nemesis' admin token was honoured
     for kind in ("read", "write", "cas", "incr"):
         assert s["by_kind"][kind].get("ok", 0) > 50, s["by_kind"]
+
+
+def test_the_suite_catches_a_node_whose_own_clock_is_cluster_time(tmp_path):
+    """Teeth of the clock-skew scenario: nodes whose cluster time is their own clock (test-only
+    mutant clock-local, what every node did before issue #22). A leader restarted a year ahead
+    stamps the workload's token (valid for the run) expired: the workload is refused."""
+    proc, s = run_jepsen(tmp_path, "--scenario", "clock-skew", "--mutant", "clock-local",
+                         "--nemesis", "clock-ahead", "--time", 10, "--nodes", 3,
+                         "--clients", 6, "--seed", 1, timeout=150)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (s["auth"], s["encryption"]) == (True, True)
+    assert any(a["kind"] == "unexpected-error" and "expired" in a["message"]
+               for a in s["anomalies"]), s["anomalies"][:5]
 
 
 def test_list_and_bad_arguments():

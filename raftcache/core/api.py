@@ -90,6 +90,8 @@ class NodeStatus:
     # lost disk, is refused at start instead of voting twice
     joined: list = attrs.Factory(list)
     metrics_url: str | None = None  # its Prometheus endpoint, when node.metrics_address is set
+    # its cluster time (ms): what it stamps writes and judges expiry by (docs/security.md)
+    cluster_time_ms: int | None = None
 
 
 @attrs.frozen

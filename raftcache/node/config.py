@@ -53,6 +53,11 @@ class NodeSection:
     # "host:port" of this node's HTTP endpoint: Prometheus /metrics, and /healthz and /readyz
     # probes (raftcache.node.metrics). Empty: none.
     metrics_address: str = ""
+    # `stale` reads skip the read index: a node serves them only while it has heard from a
+    # leader within this long (a leader: from a quorum), and only as a member. Beyond it
+    # they are refused Unavailable, so a partitioned node stops judging by old settings.
+    # 0: 500 ms, or four of the longest election timeouts when that is longer (`stale_ms`).
+    max_stale_ms: int = 0
 
 
 @attrs.frozen
@@ -193,6 +198,12 @@ class Config:
         out[self.node.id] = self.node.address
         return out
 
+    def stale_ms(self) -> int:
+        """How long after its last contact with a leader a node still serves `stale` reads
+        (`node.max_stale_ms`; 0: 500 ms, or four of the longest election timeouts)."""
+        r = self.raft
+        return self.node.max_stale_ms or max(500, 4 * 2 * r.election_tick * r.tick_ms)
+
     def fail(self, key: str, problem: str) -> ConfigError:
         """A ConfigError for `key` of this file (for checks made after loading)."""
         return ConfigError(f"{self.path}: {key}: {problem}")
@@ -240,6 +251,7 @@ def _ranges(c: Config) -> list:
         ("node.max_key_bytes", n.max_key_bytes, 1, 1 << 20),
         ("node.max_value_bytes", n.max_value_bytes, 1, 1 << 30),
         ("node.max_response_bytes", n.max_response_bytes, 1024, 1 << 30),
+        ("node.max_stale_ms", n.max_stale_ms, 0, 86_400_000),
         ("cluster.id", c.cluster.id, 0, _I64_MAX),
         ("raft.tick_ms", r.tick_ms, 1, 60_000),
         ("raft.election_tick", r.election_tick, 2, 100_000),
@@ -264,6 +276,11 @@ def _validate(c: Config) -> None:
         if not lo <= value <= hi:
             raise c.fail(key, f"must be between {lo} and {hi}, got {value}")
     n = c.node
+    beat_ms = c.raft.heartbeat_tick * c.raft.tick_ms
+    if n.max_stale_ms and n.max_stale_ms < 2 * beat_ms:
+        # Else a follower refuses stale reads between two heartbeats of a healthy leader.
+        raise c.fail("node.max_stale_ms", f"must be 0 (the default) or at least two heartbeat "
+                                          f"intervals ({2 * beat_ms} ms), got {n.max_stale_ms}")
     if n.max_key_bytes + n.max_value_bytes + ENTRY_HEADROOM > n.max_request_bytes:
         # Else a set within both limits could still be refused for its log entry's size.
         raise c.fail("node.max_value_bytes",

@@ -253,6 +253,7 @@ class Node:
             metrics_url=(f"{'https' if config.metrics.tls_server_config else 'http'}://"
                          f"{config.node.metrics_address}/metrics"
                          if config.node.metrics_address else None),
+            cluster_time_ms=self.replica.stamp() if self.replica.knows_cluster_time() else None,
         )
 
 

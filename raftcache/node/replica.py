@@ -36,6 +36,14 @@ from .reads import Reads
 from .waiting import give_way
 from .writes import Writes
 
+# The most that any one node's clock, however wrong, moves cluster time from the time a
+# majority of voters' clocks agree on (docs/security.md). A node's own clock counts only
+# within CLOCK_TRUST_MS of the agreed time (beyond, the agreed time does); the rest is for the
+# agreement's age (a heartbeat, a network delay, a disk sync). A node whose clock is further
+# off says so in its log.
+MAX_CLOCK_SKEW_MS = 500
+CLOCK_TRUST_MS = 250
+
 
 class Replica:
     """One Raft group: its core (`raw`), its cache state machine (`sm`) and the greenlets
@@ -169,9 +177,12 @@ class Replica:
                 next_sweep = time.monotonic() + 1.0
                 self._maybe_sweep()
                 self._maybe_rotate()
+                self._check_skew()
 
     def advance_clock(self) -> None:
-        """Tick once for every tick period that passed, however late we got to run."""
+        """Tick once for every tick period that passed, however late we got to run; hand
+        the core the wall clock, which it only carries in messages and compares."""
+        self.raw.set_clock(int(self.clock() * 1000))
         tick_s = self.config.raft.tick_ms / 1000.0
         missed = int((time.monotonic() - self._last_tick) / tick_s)
         if missed > 0:
@@ -181,11 +192,53 @@ class Replica:
             self.wakeup.set()
 
     def stamp(self) -> int:
-        """The replica's cluster time in ms: the later of the wall clock and the newest
-        applied stamp, never going backwards; every replica judges expiry by it."""
-        self._last_stamp = max(int(self.clock() * 1000), self._last_stamp,
-                               self.sm.last_stamp_ms)
+        """The replica's cluster time in ms, by which it stamps writes and judges expiry:
+        its own clock while that is within CLOCK_TRUST_MS of the agreed time (the median of
+        the voters' clocks on a leader, the leader's agreed time on a follower: the core's
+        offset), else the agreed time; never before the newest applied stamp, never going
+        backwards. Until an offset is known it stands still: this node's clock alone decides
+        nothing (`knows_cluster_time`)."""
+        now = int(self.clock() * 1000)
+        self.raw.set_clock(now)
+        offset = self.raw.clock_offset_ms()
+        own = 0
+        if offset is not None:
+            agreed = now + offset
+            own = now if abs(now - agreed) <= CLOCK_TRUST_MS else agreed
+        self._last_stamp = max(own, self._last_stamp, self.sm.last_stamp_ms)
         return self._last_stamp
+
+    def knows_cluster_time(self) -> bool:
+        """Whether this node has an agreed time (from a quorum, or from a leader) to judge
+        by; a node that just started has none until it hears from a leader."""
+        return self.raw.clock_offset_ms() is not None
+
+    def clock_skew_ms(self) -> int | None:
+        """How far this node's clock is behind (negative: ahead of) cluster time; None
+        until an offset is agreed."""
+        return self.raw.clock_offset_ms()
+
+    def stale_read_refusal(self) -> str | None:
+        """Why this replica may not serve a `stale` read now, or None: it must be a member
+        and have been in touch with a leader within `node.max_stale_ms` (a leader: with a
+        quorum), so a partitioned or removed replica stops judging by old settings."""
+        st = self.raw.status()
+        if self.id not in st.conf.all_nodes():
+            return "this node is not a member of the cluster; ask another node"
+        ticks = self.raw.ticks_since_leader()
+        limit = self.config.stale_ms()
+        if ticks is None or ticks * self.config.raft.tick_ms > limit:
+            return (f"this node has not heard from a leader within node.max_stale_ms "
+                    f"({limit} ms); ask another node or read linearizable")
+        return None
+
+    def _check_skew(self) -> None:
+        skew = self.clock_skew_ms()
+        if skew is not None and abs(skew) > MAX_CLOCK_SKEW_MS:
+            self._drop_log.warning("clock", "this node's clock is %d ms %s the cluster's agreed "
+                                   "time (tolerated: %d ms); cluster time follows the majority",
+                                   abs(skew), "behind" if skew > 0 else "ahead of",
+                                   MAX_CLOCK_SKEW_MS)
 
     def _mark_joined(self) -> None:
         """The leader records through the log which members have joined: they acknowledged
@@ -210,6 +263,8 @@ class Replica:
         st = self.raw.status()
         if st.role != StateRole.LEADER or self._sweep_index > st.applied:
             return
+        if not self.knows_cluster_time():
+            return  # no agreed time yet: nothing is judged expired by this clock alone
         stamp = self.stamp()
         if not self.sm.expired_keys_due(stamp):
             return
@@ -361,6 +416,7 @@ class Replica:
             return
         members = self._peer_members()
         stepped = False
+        self.raw.set_clock(int(self.clock() * 1000))  # responses carry our clock as of now
         for m in messages:
             if sender is not None and m.frm != sender:
                 problem = f"claims to come from node {m.frm} on node {sender}'s connection"

@@ -31,6 +31,10 @@ MAX_CLIENT_ID = 128  # characters; the Python client sends 32 random hex digits 
 OPEN_YIELD_BYTES = 1 << 20
 
 
+class NoClusterTime(Exception):
+    """Nothing can be judged yet: answered Unavailable (the client asks another node)."""
+
+
 class Requests:
     """Answers the calls a transport hands the node (`handle`).
 
@@ -98,6 +102,8 @@ class Requests:
             return api.error("InvalidRequest", str(exc))
         except Unauthorized as exc:
             return api.error("Unauthorized", str(exc))
+        except NoClusterTime as exc:
+            return api.error("Unavailable", str(exc))
         except NotLeader as exc:
             return self.not_leader(exc.leader, request)
         except Overloaded as exc:
@@ -113,8 +119,17 @@ class Requests:
                       source: str | None = None):
         """The verified caller of `request` (None: anonymous); raises Unauthorized."""
         token = request.header.token if request.header is not None else None
+        if token:
+            self.need_cluster_time()  # a token's times are judged by it
         return self.pm.hook.raftcache_authenticate(node=self.context, token=token,
                                                    certificate=certificate, source=source)
+
+    def need_cluster_time(self) -> None:
+        """Raise NoClusterTime unless this node knows the cluster time: tokens, TTLs and stamps
+        are judged by it, never by this node's clock alone (a node that just started)."""
+        if not self.replica.knows_cluster_time():
+            raise NoClusterTime("this node does not know the cluster time yet (no leader "
+                                "heard since it started); try another node")
 
     def authorize(self, op: str, keys, caller) -> None:
         """Raise Unauthorized unless the access plugins allow `op` on `keys` here and now."""
@@ -141,6 +156,8 @@ class Requests:
     def propose(self, command, request: api.Request, caller, client_id=None, seq=None):
         """Commit `command` on behalf of `caller` and return its applied result, or an error
         Response (a refusal, a timeout). Raises NotLeader and Overloaded."""
+        if self.replica.raw.status().lead == self.id:
+            self.need_cluster_time()  # the leader stamps the entry (a follower's is dropped)
         envelope = commands.Envelope(command=command, client_id=client_id, seq=seq,
                                      identity=caller.subject if caller else None,
                                      stamp_ms=self.replica.stamp(), caller=caller)
@@ -173,11 +190,16 @@ class Requests:
             keys = [key(k) for k in batch(request.keys, self.config.node.max_batch_keys, "mget")]
         if self.replica.applier.backend_down:
             return api.error("Unavailable", "this node's backend is unavailable; try another node")
-        if consistency != "stale":
+        if consistency == "stale":
+            stale = self.replica.stale_read_refusal()
+            if stale is not None:
+                return api.error("Unavailable", stale)
+        else:
             refused = self.read_index(request, lease=consistency == "lease")
             if refused is not None:
                 return refused
         # After the read index applied: a revocation committed before the read is known here.
+        self.need_cluster_time()  # expiry of keys and tokens
         self.authorize(request.op, keys, caller)
         distinct = list(dict.fromkeys(keys))  # a key asked for twice is read and opened once
         try:

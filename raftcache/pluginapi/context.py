@@ -40,8 +40,10 @@ class NodeContext:
     _status: Callable[[], api.NodeStatus]
 
     def now_ms(self) -> int:
-        """The node's cluster time in ms: the later of its wall clock and the newest stamp it
-        applied, never going backwards (what stamps the writes it proposes)."""
+        """The node's cluster time in ms: its clock while within 250 ms of the time a majority
+        of voters' clocks agree on (else that time), never before the newest stamp it
+        applied, never going backwards (what stamps the writes it proposes; docs/security.md,
+        "Cluster time")."""
         return self._now_ms()
 
     @property

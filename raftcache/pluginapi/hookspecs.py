@@ -168,7 +168,8 @@ def raftcache_check_command(command, identity: str | None, stamp_ms: int,
         MSet, Append, Configure, Reseal) as in the log, its values encoded by the value codecs.
     :param identity: the caller's identity recorded in the entry by the node that took the
         write, or None (no authentication).
-    :param stamp_ms: the entry's time: the proposing leader's clock, never going backwards.
+    :param stamp_ms: the entry's time: the proposing leader's cluster time, never going
+        backwards.
     :param caller: what the node that took the write verified of its caller
         (`raftcache_authenticate`), recorded in the entry; None for an anonymous write.
     :param settings: the replicated cluster settings as of this entry (`commands.Configure`
@@ -225,7 +226,7 @@ def raftcache_check_request(node: NodeContext, op: str, keys: Sequence[bytes],
         "transfer_leader", "change_member" or "admin".
     :param keys: the keys a read asks for (empty for node operations).
     :param caller: what `raftcache_authenticate` returned, or None (anonymous).
-    :param stamp_ms: the node's time: the later of its clock and the newest applied stamp.
+    :param stamp_ms: the node's cluster time (`NodeContext.now_ms`).
     :param settings: the replicated settings this node has applied.
     """
 

@@ -196,6 +196,7 @@ class Scenario:
     catches: str  # which check reports it
     read: str = "linearizable"
     settings: tuple[str, ...] = ()  # extra config, "section.key=value"
+    auth: bool = False  # tokens required (as --auth)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -249,6 +250,13 @@ SCENARIOS: dict[str, Scenario] = {
     "unfsynced-write-loss": Scenario(
         "etcd: stale reads after losing un-fsynced writes", ("kill-all", "kill-majority"),
         "final reads and linearizability after every node restarted from its disk"),
+    "clock-skew": Scenario(
+        "issue #22: one node's clock a year off moved cluster time: a leader ahead expired "
+        "every token, TTL and session for good, one behind froze them",
+        ("clock-ahead", "clock-behind", "kill-leader", "partition-leader"),
+        "unexpected errors (the workload's token, valid for the run, refused; its session "
+        "expired), linearizability and final reads; auth required, values encrypted",
+        auth=True),
 }
 
 
@@ -283,6 +291,7 @@ FAMILIES = {
     "transfer": ("transfer",),
     "member": ("member-readd", "member-learner", "member-join"),
     "backend": ("kill-backend",),
+    "clock": ("clock-ahead", "clock-behind"),
 }
 
 
@@ -491,6 +500,58 @@ def _nemesis_transfer(run) -> Fault:
     target = run.rng.choice(candidates)
     outcome = run.admin(lambda c: c.transfer_leader(target))
     return Fault("transfer", f"leadership {leader} -> {target}: {outcome}")
+
+
+YEAR_MS = 365 * 24 * 3600 * 1000
+
+
+def _skew_clock(run, offset_ms: int, label: str) -> Fault:
+    """Restart the leader (or a node) with its clock `offset_ms` off and hand it leadership, so
+    it stamps the writes; the heal restarts it with a correct clock. One node at a time: the
+    promise is about one clock (a majority of wrong clocks is the cluster's time)."""
+    skewed = [m for m, args in run.cluster.node_args.items() if "--clock-offset-ms" in args]
+    if skewed:
+        return Fault(label, f"node {skewed[0]}'s clock is off already: one at a time")
+    n = run.leader_or_any()
+    run.kill(n)
+    run.cluster.node_args[n] = ["--clock-offset-ms", str(offset_ms)]
+    run.restart(n)
+    outcome = _lead(run, n)
+
+    def heal():
+        run.kill(n)
+        run.cluster.node_args.pop(n, None)
+        run.restart(n)
+
+    return Fault(label, f"node {n} restarted with its clock {offset_ms / YEAR_MS:+.0f} year; "
+                        f"leadership to it: {outcome}", heal)
+
+
+def _lead(run, n: int, seconds: float = 5.0) -> str:
+    """Hand leadership to node `n`, retrying while it catches up after a restart."""
+    import gevent
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with run.client(timeout=2.0, admin=True) as c:
+                c.transfer_leader(n)
+            return "done"
+        except Exception as exc:  # not caught up yet, an election: again, for a while
+            if time.monotonic() >= deadline:
+                run.nemesis_errors += 1
+                return f"{type(exc).__name__}: {exc}"
+        gevent.sleep(0.2)
+
+
+@nemesis("clock-ahead")
+def _nemesis_clock_ahead(run) -> Fault:
+    return _skew_clock(run, YEAR_MS, "clock-ahead")
+
+
+@nemesis("clock-behind")
+def _nemesis_clock_behind(run) -> Fault:
+    return _skew_clock(run, -YEAR_MS, "clock-behind")
 
 
 @nemesis("kill-backend")
@@ -761,7 +822,9 @@ class Run:
             from raftcache.plugins.security import tokens
 
             key = tokens.load_private_key(self.cluster.auth_files()["signing.key"])
-            self.tokens = {"workload": tokens.issue(key, "jepsen", {"": "rw"}),
+            # Valid for the run (and an hour): a cluster time a year ahead expires it.
+            self.tokens = {"workload": tokens.issue(key, "jepsen", {"": "rw"},
+                                                    ttl=o.time + 3600),
                            "admin": self.cluster.admin_token()}
 
     def key_name(self, stem: str, n: int) -> str:
@@ -1325,6 +1388,7 @@ def main(argv: list[str] | None = None) -> int:
         nemeses = a.nemesis or list(sc.nemesis)
         read = a.read or sc.read
         settings = list(sc.settings) + settings
+        a.auth = a.auth or sc.auth
     if not 1 <= a.nodes <= 15:
         p.error("--nodes must be 1..15 (node i lives on 127.0.0.<i+1>, which the generated "
                 "certificates name up to 127.0.0.16)")

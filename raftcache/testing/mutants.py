@@ -135,8 +135,23 @@ def memcached_skips_sets(node) -> None:
             b.apply = skipping(b.apply)
 
 
+def clock_local(node) -> None:
+    """A node whose cluster time is its own clock (what every node did before cluster time
+    was agreed): as a leader a year ahead it expires everything for good, a year behind it
+    freezes time; as an idle follower behind it accepts expired tokens."""
+    replica = node.replica
+
+    def stamp() -> int:
+        replica._last_stamp = max(int(replica.clock() * 1000), replica._last_stamp,
+                                  replica.sm.last_stamp_ms)
+        return replica._last_stamp
+
+    replica.stamp = stamp
+
+
 # Node mutants patch a raftcache.node.Node before it starts: its replica's parts.
 NODE_MUTANTS = {
+    "clock-local": clock_local,
     "report-writes-failed": report_writes_failed,
     "ignore-backend-loss": ignore_backend_loss,
     "memcached-skips-sets": memcached_skips_sets,

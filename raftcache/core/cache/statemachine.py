@@ -5,9 +5,9 @@ Every replica applies the same entries in the same order and must reach the same
 same result, so nothing here reads a clock, draws randomness or does I/O besides the backend:
 
 - **Versions**: a key's version is the log index of the entry that last wrote it.
-- **Time** is the entry's `stamp_ms` (the leader's clock). The state machine's own "now" is the
-  largest stamp applied so far, so a stamp that goes backwards (a new leader whose clock is
-  behind) cannot make time go backwards. A key written with a ttl expires at now + ttl_ms; a
+- **Time** is the entry's `stamp_ms` (the leader's cluster time, which no single clock
+  moves). The state machine's own "now" is the largest stamp applied so far, so a stamp that
+  goes backwards (a new leader a little behind) cannot make time go backwards. A key written with a ttl expires at now + ttl_ms; a
   write treats a key as gone once now >= its expiry, a read once the reader's `now_stamp_ms`
   is. Expired keys are reclaimed by `Sweep` entries the leader proposes (`expired_keys_due`).
 - **Exactly once** (Raft dissertation 6.3): a table of client sessions keeps the results of

@@ -207,6 +207,9 @@ class Message:
     done: bool = False
     # Lease bookkeeping: the leader's tick count when it sent the HEARTBEAT, echoed back.
     tick: int = 0
+    # The sender's time in ms, as data its driver handed in (RawNode.set_clock); 0: unknown.
+    # A leader sends the cluster time its voters agree on, any other node its own clock.
+    clock_ms: int = 0
 
 
 @attrs.frozen(slots=True)

@@ -4,8 +4,15 @@ The driver owns every side effect. It calls ``tick()`` on a timer, ``step(msg)``
 from a peer, ``propose()``/``read_index()``/... for clients, and whenever ``has_ready()`` it takes
 ``ready()``, carries it out in the order documented on `Ready` (persist, send, apply), and calls
 ``advance(ready)``. Randomness comes only from the injected ``random.Random``; time only from
-``tick()``. Nothing here touches a socket, a file or a clock, so a simulator can run thousands of
-clusters deterministically.
+``tick()``, and wall-clock readings only as data the driver hands in (``set_clock``). Nothing
+here touches a socket, a file or a clock, so a simulator can run thousands of clusters
+deterministically.
+
+Cluster time (``clock_offset_ms``): no single node's clock decides it. Every message carries its
+sender's time; a leader takes, among its voters' clocks as their responses report them, the one a
+majority reaches (the median), and sends that agreed time with its appends and heartbeats; a
+follower runs at the leader's agreed time from the last one it heard. So one node with its clock
+a year off, leader or follower, moves no node's cluster time by more than the others disagree.
 
 Semantics follow the Raft paper and Ongaro's dissertation, with etcd-raft's refinements:
 pre-vote (9.6), check-quorum, ReadIndex and leases (6.4), leadership transfer (3.10), joint
@@ -120,6 +127,12 @@ class RawNode:
         self.msgs: list[Message] = []
         self.read_states: list[ReadState] = []
         self.ticks = 0  # monotonic count of tick() calls: the only clock
+        self.clock_ms = 0  # the driver's newest wall-clock reading (set_clock); 0: none
+        # Cluster time minus clock_ms, as last agreed (leader) or heard (follower); None: unknown.
+        self._clock_offset: int | None = None
+        self._peer_clocks: dict[NodeId, int] = {}  # leader: voter -> its clock minus ours
+        self._clock_dirty = False  # a voter's clock changed since the leader last agreed one
+        self._leader_tick: int | None = None  # follower: tick it last heard from a leader
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = config.election_tick
@@ -168,6 +181,35 @@ class RawNode:
     # ==========================================================================================
     # The driver's interface
     # ==========================================================================================
+    def set_clock(self, now_ms: int) -> None:
+        """The driver's wall-clock reading, in ms (data: the core never reads a clock). It
+        stamps the messages this node sends from now on."""
+        self.clock_ms = max(0, int(now_ms))
+
+    def clock_offset_ms(self) -> int | None:
+        """Cluster time minus this node's clock (`set_clock`): for a leader, the clock that a
+        quorum of voters reaches (the median of their reports, each taken relative to ours);
+        for anyone else, the agreed time its leader last sent. None until known."""
+        if self._clock_dirty and self._role == StateRole.LEADER:
+            self._clock_dirty = False
+            ours = dict(self._peer_clocks)
+            ours[self.id] = 0
+            base = 1 << 61  # offsets may be negative; missing voters count as 0: "not known"
+            agreed = quorum.committed_index(self.conf, {n: base + o for n, o in ours.items()})
+            if agreed > 0:
+                self._clock_offset = agreed - base
+        return self._clock_offset
+
+    def ticks_since_leader(self) -> int | None:
+        """Ticks since this node was last in touch with a leader: a leader, since a quorum of
+        voters last answered its heartbeats; anyone else, since it last heard from one. None:
+        not since it started."""
+        if self._role == StateRole.LEADER:
+            never = -(1 << 62)
+            heard = self.read_only.quorum_tick(self.conf, self.id, self.ticks, never=never)
+            return None if heard == never else self.ticks - heard
+        return None if self._leader_tick is None else self.ticks - self._leader_tick
+
     def tick(self) -> None:
         self.ticks += 1
         if self._role == StateRole.LEADER:
@@ -504,6 +546,8 @@ class RawNode:
         self._reset(self._term)
         self._lead = self.id
         self._role = StateRole.LEADER
+        self._peer_clocks = {}  # reported afresh this term; until a quorum has, keep the old
+        self._clock_dirty = True  # a lone voter agrees with itself at once
         me = self.tracker.progress.get(self.id)
         if me is not None:
             me.become_replicate()
@@ -646,13 +690,13 @@ class RawNode:
     def _step_follower(self, m: Message) -> None:
         t = m.type
         if t == MsgType.APP:
-            self._heard_from_leader(m.frm)
+            self._heard_from_leader(m)
             self._handle_append(m)
         elif t == MsgType.HEARTBEAT:
-            self._heard_from_leader(m.frm)
+            self._heard_from_leader(m)
             self._handle_heartbeat(m)
         elif t == MsgType.SNAP:
-            self._heard_from_leader(m.frm)
+            self._heard_from_leader(m)
             self._handle_snapshot_chunk(m)
         elif t == MsgType.TIMEOUT_NOW:
             if m.frm == self._lead:  # only our leader may hand over its leadership
@@ -681,6 +725,9 @@ class RawNode:
             return  # not (or no longer) a member
         if t in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP, MsgType.SNAP_RESP):
             pr.recent_active = True
+            if m.clock_ms and self.clock_ms:
+                self._peer_clocks[m.frm] = m.clock_ms - self.clock_ms
+                self._clock_dirty = True
         if t == MsgType.APP_RESP:
             self._handle_append_response(m, pr)
         elif t == MsgType.HEARTBEAT_RESP:
@@ -695,10 +742,13 @@ class RawNode:
         elif t == MsgType.SNAP_RESP:
             self._handle_snapshot_response(m, pr)
 
-    def _heard_from_leader(self, leader: NodeId) -> None:
+    def _heard_from_leader(self, m: Message) -> None:
         self.election_elapsed = 0
-        self._lead = leader
+        self._lead = m.frm
         self._booting = False
+        self._leader_tick = self.ticks
+        if m.clock_ms and self.clock_ms:
+            self._clock_offset = m.clock_ms - self.clock_ms  # run at the leader's agreed time
 
     # ==========================================================================================
     # Replication
@@ -755,7 +805,8 @@ class RawNode:
             return False
         self.msgs.append(Message(type=MsgType.APP, to=to, frm=self.id, term=self._term,
                                  log_term=prev_term,
-                                 index=prev, entries=entries, commit=self.raft_log.committed))
+                                 index=prev, entries=entries, commit=self.raft_log.committed,
+                                 clock_ms=self._sent_clock()))
         pr.sent_entries(entries[-1].index if entries else prev)
         return True
 
@@ -815,7 +866,8 @@ class RawNode:
         for node, pr in self.tracker.peers(self.id):
             self.msgs.append(Message(type=MsgType.HEARTBEAT, to=node, frm=self.id,
                                      term=self._term, commit=min(pr.match, self.raft_log.committed),
-                                     context=context or b"", tick=self.ticks))
+                                     context=context or b"", tick=self.ticks,
+                                     clock_ms=self._sent_clock()))
 
     def _commit_allowed(self, index: int) -> bool:
         """Raft 5.4.2: count replicas only for entries of the leader's own term."""
@@ -848,7 +900,8 @@ class RawNode:
         pr.snapshot_sent_tick = self.ticks
         self.msgs.append(Message(type=MsgType.SNAP, to=to, frm=self.id, term=self._term,
                                  snapshot_meta=snap.meta,
-                                 offset=off, data=chunk, done=off + len(chunk) >= len(snap.data)))
+                                 offset=off, data=chunk, done=off + len(chunk) >= len(snap.data),
+                                 clock_ms=self._sent_clock()))
 
     def _resend_stalled_snapshots(self) -> None:
         for node, pr in self.tracker.stalled_snapshots(self.ticks,
@@ -973,7 +1026,16 @@ class RawNode:
     # Helpers
     # ==========================================================================================
     def _send(self, kind: MsgType, to: NodeId, **fields) -> None:
-        self.msgs.append(Message(type=kind, to=to, frm=self.id, term=self._term, **fields))
+        self.msgs.append(Message(type=kind, to=to, frm=self.id, term=self._term,
+                                 clock_ms=self._sent_clock(), **fields))
+
+    def _sent_clock(self) -> int:
+        """The time this node's messages carry: a leader's agreed cluster time (0 until a
+        quorum reported), anyone else's own clock, so that voters' reports stay independent."""
+        if self._role != StateRole.LEADER:
+            return self.clock_ms
+        offset = self.clock_offset_ms()
+        return 0 if offset is None or not self.clock_ms else max(0, self.clock_ms + offset)
 
 
 def _next_conf(conf: ConfState, cc: ConfChange) -> ConfState | None:

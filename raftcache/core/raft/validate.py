@@ -40,7 +40,8 @@ def peer_message_problem(m: Message, node_id: NodeId, members: Container[NodeId]
         return f"from node {m.frm}, which is not a member of this cluster"
     if not 0 <= m.term <= MAX_TERM:
         return f"term {m.term} out of range"
-    for name in ("log_term", "index", "commit", "reject_hint", "offset", "tick"):
+    for name in ("log_term", "index", "commit", "reject_hint", "offset", "tick",
+                 "clock_ms"):
         value = getattr(m, name)
         if not 0 <= value <= MAX_INDEX:
             return f"{name} {value} out of range"
