@@ -451,6 +451,7 @@ class SealedIncr:
     fields: ClassVar = (Field("key", BLOB), Field("delta", AMOUNT, "value"))
     writes: ClassVar = Writes.KEYS
     returns_value: ClassVar[bool] = True  # the new integer
+    reveals: ClassVar[str] = "the value"
     written = _the_key
     key: bytes
     delta: bytes
