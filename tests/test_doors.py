@@ -237,21 +237,24 @@ def test_a_node_with_few_descriptors_survives_a_flood_and_opens_its_files(runnin
 LISTENER = """
 import logging, resource, socket, sys
 import gevent, gevent.event
-from raftcache.plugins.transport.admission import Listener
+from raftcache.plugins.transport.admission import Admission, Listener
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 kept = []
-def admit(sock, addr):
-    kept.append(sock)  # no cap of ours: the process runs out of descriptors
-    return sock, addr
 released = gevent.event.Event()
-def handle(sock, addr):
+def handle(sock, addr, slot):
+    kept.append(sock)
     try:
         sock.sendall(b"ok")
     except OSError:  # a connection of the flood, closed meanwhile
         pass
     released.wait(30)  # the flood's connections are held open until released below
-server = Listener(("127.0.0.1", 0), admit, handle, logging.getLogger("listener"))
+log = logging.getLogger("listener")
+quiet = logging.getLogger("quiet")
+quiet.disabled = True  # (it would say the limit is low: stdout carries the port)
+admission = Admission(16, 16, quiet)
+admission.max_connections = admission.max_per_source = 10**6  # no cap: descriptors run out
+server = Listener(("127.0.0.1", 0), admission, handle, log)
 server.start()
 print(server.address[1], flush=True)
 sys.stdin.readline()  # the flood is open

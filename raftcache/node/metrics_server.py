@@ -56,7 +56,7 @@ class MetricsServer:
             self._ctx.load_cert_chain(section.tls_server_config.cert_file,
                                       section.tls_server_config.key_file)
         self._closings = Throttle(logger)
-        self._server = Listener(parse_address(address), self._admit, self._serve, logger)
+        self._server = Listener(parse_address(address), self.admission, self._serve, logger)
 
     @property
     def bound_address(self) -> str:
@@ -68,13 +68,6 @@ class MetricsServer:
 
     def stop(self, timeout: float = 1.0) -> None:
         self._server.stop(timeout=timeout)
-
-    def _admit(self, sock, addr):
-        slot = self.admission.admit(addr[0], lambda: close_quietly(sock))
-        if slot is None:
-            close_quietly(sock)
-            return None
-        return sock, addr, slot
 
     def _serve(self, raw, addr, slot) -> None:
         sock = raw

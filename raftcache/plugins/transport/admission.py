@@ -24,6 +24,8 @@ from gevent.server import StreamServer
 
 from raftcache.pluginapi.throttle import Throttle
 
+from .sockets import close_quietly
+
 
 @attrs.define(eq=False)
 class Slot:
@@ -160,9 +162,9 @@ class Admission:
 class Listener(StreamServer):
     """A listening socket whose accept loop sheds cheaply and never stops for good.
 
-    `admit(sock, addr)` runs in the accept path, before any greenlet is spawned: it returns
-    the arguments for `handle` (the connection was admitted) or None (it refused it, and
-    closed the socket itself). At most `ACCEPTS_PER_TURN` connections are taken per turn of
+    `admission` admits or refuses each connection in the accept path, before any greenlet is
+    spawned: an admitted one is handed to `handle(sock, addr, slot)`, a refused one closed.
+    At most `ACCEPTS_PER_TURN` connections are taken per turn of
     the event loop. When accept() fails for want of descriptors (EMFILE, ENFILE) or memory,
     the listener says so (once a minute) and pauses, doubling the pause up to half a second,
     instead of printing a traceback per attempt: the connections already open, peers among
@@ -172,11 +174,11 @@ class Listener(StreamServer):
     max_accept = ACCEPTS_PER_TURN
     PAUSES = (0.02, 0.5)  # the first pause when out of descriptors, and the longest
 
-    def __init__(self, address, admit, handle, logger):
+    def __init__(self, address, admission: Admission, handle, logger):
         # An unbounded pool, so that stop() can wait for and end the connections; a bounded
         # one would stop the accept loop when full and keep peers out with everyone else.
         super().__init__(address, handle, spawn=gevent.pool.Pool())
-        self._admit = admit
+        self._admission = admission
         self._log = Throttle(logger)
         self._pause = self.PAUSES[0]
 
@@ -198,6 +200,8 @@ class Listener(StreamServer):
         return args
 
     def do_handle(self, sock, addr):
-        args = self._admit(sock, addr)
-        if args is not None:
-            super().do_handle(*args)
+        slot = self._admission.admit(addr[0], lambda: close_quietly(sock))
+        if slot is None:
+            close_quietly(sock)
+        else:
+            super().do_handle(sock, addr, slot)

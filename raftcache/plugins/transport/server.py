@@ -20,7 +20,7 @@ from raftcache.plugins.transport.admission import Admission, Listener, Slot
 from raftcache.plugins.transport.framing import ProtocolError
 from raftcache.plugins.transport.options import TransportOptions
 from raftcache.plugins.transport.peer_links import PeerLinks
-from raftcache.plugins.transport.sockets import close_quietly, parse_address
+from raftcache.plugins.transport.sockets import parse_address
 
 log = logging.getLogger("raftcache.transport")
 
@@ -62,16 +62,9 @@ class ServerBase:
         self.handler = handler
         # Admission happens in the accept loop, a few connections per turn: a refused one
         # costs no greenlet, and a burst of thousands never holds the event loop for long.
-        self._server = Listener(parse_address(self.address), self._admit, self._serve_conn,
+        self._server = Listener(parse_address(self.address), self.admission, self._serve_conn,
                                 self.logger)
         self._server.start()
-
-    def _admit(self, sock, addr):
-        slot = self.admission.admit(addr[0], lambda: close_quietly(sock))
-        if slot is None:
-            close_quietly(sock)
-            return None
-        return sock, addr, slot
 
     def send(self, messages) -> None:
         self._links.send(messages)
