@@ -76,9 +76,11 @@ def backend_options(cluster: LocalCluster, node: int, route: str | None = None) 
     return options["instances"][route] if route else options
 
 
-def direct_get(cluster: LocalCluster, node: int, key: bytes, route: str | None = None):
+def direct_get(cluster: LocalCluster, node: int, key: bytes, route: str | None = None,
+               version: int | None = None):
     """What an application reading the node's own server directly sees, opened with the
-    cluster's keyring when it is sealed (encryption at rest is on by default)."""
+    cluster's keyring when it is sealed (encryption at rest is on by default): a sealed value
+    is bound to the `version` it was stored at."""
     options = backend_options(cluster, node, route)
     if "url" in options:
         with redis.Redis.from_url(options["url"]) as r:
@@ -92,7 +94,8 @@ def direct_get(cluster: LocalCluster, node: int, key: bytes, route: str | None =
     if raw is None or not cluster.encryption:
         return raw
     keyring = read_keyring(cluster.keyring_path())
-    return EncryptionCodec(keyring, dict).open(key, raw)  # data key 0: nothing rotated here
+    codec = EncryptionCodec(keyring, dict)
+    return codec.open(key, codec.unbind(key, version, raw))  # data key 0: nothing rotated here
 
 
 def replicas_agree(cluster: LocalCluster, keys) -> dict:
@@ -132,7 +135,7 @@ def test_every_command_is_agreed_by_every_replica_and_readable_in_the_servers(cl
     # Applications reading each node's own server find the value under the key they know.
     route = "rd" if backend == "hybrid" else None
     for node in (1, 2, 3):
-        assert direct_get(cluster, node, k.encode(), route) == b"two+"
+        assert direct_get(cluster, node, k.encode(), route, final[k][1]) == b"two+"
         assert direct_get(cluster, node, b"inv/b.rd", route) is None
 
 
@@ -286,7 +289,7 @@ def test_backend_servers_killed_and_restarted_empty_never_serve_a_wrong_value(
     else:  # every node rebuilt its Redis from its snapshot and log
         assert agreed[key] == (b"final", final)
         for node in (1, 2, 3):
-            assert direct_get(cluster, node, key.encode(), route) == b"final"
+            assert direct_get(cluster, node, key.encode(), route, final) == b"final"
     for node in (1, 2, 3):
         assert cluster.processes[node].poll() is None, f"node {node} exited"
 
