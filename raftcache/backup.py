@@ -96,18 +96,18 @@ def read(path: str) -> tuple[dict, bytes]:
     return header, image
 
 
-def _sealed_samples(sm) -> dict[int, tuple[bytes, bytes]]:
-    """Data key id -> (cache key, stored value) of one value in the state machine `sm` that
-    is sealed with it (`encryption.key_id_of`), for every data key that sealed any."""
+def _sealed_samples(sm) -> dict[int, tuple[bytes, bytes, int]]:
+    """Data key id -> (cache key, stored value, version) of one value in the state machine
+    `sm` that is sealed with it (`encryption.key_id_of`), for every data key that sealed any."""
     from raftcache.plugins.security.encryption import key_id_of
 
-    samples: dict[int, tuple[bytes, bytes]] = {}
+    samples: dict[int, tuple[bytes, bytes, int]] = {}
     for start in range(0, len(sm), 1000):
         keys = sm.keys_at(start, 1000)
         for key, got in zip(keys, sm.read_many(keys, 0), strict=True):  # 0: expired ones too
             key_id = None if got is None else key_id_of(got[0])
             if key_id is not None:
-                samples.setdefault(key_id, (key, got[0]))
+                samples.setdefault(key_id, (key, *got))
     return samples
 
 
@@ -142,9 +142,9 @@ def _check_keyring(path: str, sm, keyring: str | None, without_keyring: bool) ->
     except KeyringError as exc:
         raise BackupError(str(exc)) from None
     codec = EncryptionCodec(ring, lambda: sm.settings)
-    for _key_id, (key, blob) in sorted(samples.items()):
+    for _key_id, (key, stored, version) in sorted(samples.items()):
         try:
-            codec.open(key, blob)
+            codec.open(key, codec.unbind(key, version, stored))
         except ValueCodecError as exc:
             raise BackupError(f"the keyring {keyring} (master key {ring.master_id}) does not "
                               f"open {path}'s values: {exc}") from None
