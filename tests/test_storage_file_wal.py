@@ -172,6 +172,25 @@ def test_hard_state_and_snapshot_files_are_atomic(d):
     assert not (d / "hardstate.tmp").exists() and not (d / "snapshot.tmp").exists()
 
 
+def test_files_are_replaced_through_fresh_temporary_names(d, tmp_path):
+    """Nothing planted at a predictable temporary name (a symlink to another file) is
+    written through when the hard state or the snapshot is replaced."""
+    store, _ = reopen(d)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    for name in ("hardstate.tmp", "snapshot.tmp", ".hardstate.tmp", ".snapshot.tmp"):
+        os.symlink(victim, d / name)
+    store.save(HardState(4, 2, 9), entries(1, 20), None, True)
+    store.compact(snap(9, data=b"image-9"))
+    store.close()
+    assert victim.read_bytes() == b"untouched"
+    assert (os.stat(d / "hardstate").st_mode & 0o777) == 0o600
+    assert (os.stat(d / "snapshot").st_mode & 0o777) == 0o600
+    store, (hs, snapshot, _) = reopen(d)
+    assert hs == HardState(4, 2, 9) and snapshot == snap(9, data=b"image-9")
+    store.close()
+
+
 def test_damaged_snapshot_or_hard_state_file_stops_start_up(d):
     store, _ = reopen(d)
     store.save(HardState(4, 2, 9), entries(1, 20), None, True)

@@ -54,6 +54,7 @@ import logging
 import os
 import re
 import struct
+import tempfile
 import zlib
 from array import array
 from collections.abc import Sequence
@@ -489,10 +490,11 @@ class FileWALStorage:
 
     # -- the small files ---------------------------------------------------------------------------
     def _write_atomic(self, name: str, blob: bytes) -> None:
-        """Replace `name` as a whole: readers see the old file or the new, never a mix."""
+        """Replace `name` as a whole: readers see the old file or the new, never a mix. The
+        temporary file has a fresh random name (O_EXCL, 0600), so nothing planted at a
+        predictable one is written through; `load` removes any a crash left."""
         path = os.path.join(self.dir, name)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".tmp")
         try:
             view = memoryview(blob)
             while view:
