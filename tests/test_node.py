@@ -1,5 +1,7 @@
 """The gevent node in-process: plugin hooks, the apply pipeline and request handling."""
 
+import logging
+
 import gevent
 import pytest
 
@@ -256,3 +258,55 @@ def test_status_places_peers_where_the_cluster_does_not_where_this_node_dials(tm
         assert node.status().peer_addresses == {1: me, 2: "127.0.0.2:1", 3: "127.0.0.3:1"}
     finally:
         node.stop()
+
+
+def test_a_rebuild_during_a_batch_that_finds_a_newer_snapshot_skips_what_it_covers():
+    """The backend loses its data while an entry of a batch stages (an incr reads it), and
+    meanwhile the leader's snapshot at a later index reached the core (a peer message is
+    stepped while the backend is retried): the rebuild can start only from that snapshot, so
+    the rest of the batch is already in it. It must be skipped, not staged behind the state
+    machine's index (which stopped the node with a ValueError)."""
+    import attrs
+    import gevent.event
+
+    from raftcache.core.cache.commands import Envelope, Incr, Put, encode_envelope
+    from raftcache.core.cache.statemachine import ApplyError, StateMachine
+    from raftcache.core.raft.messages import Entry, EntryType, Snapshot, SnapshotMeta
+    from raftcache.node.applier import Applier
+    from raftcache.plugins.backend.memory import MemoryBackend
+
+    def entry(index, command):
+        return Entry(term=1, index=index, type=EntryType.NORMAL,
+                     data=encode_envelope(Envelope(command)))
+
+    log = [entry(1, Put(b"k1", b"1")), entry(2, Incr(b"n", 5)), entry(3, Incr(b"n", 1)),
+           *(entry(i, Put(b"k%d" % i, b"1")) for i in range(4, 11))]
+    leader = StateMachine(MemoryBackend())
+    for e in log:
+        leader.apply(e.index, e.data)
+    newer = Snapshot(SnapshotMeta(index=10, term=1, conf_state=None), leader.snapshot())
+
+    class LosesItsData(MemoryBackend):
+        lost = False
+
+        def get_many(self, keys):
+            if not self.lost:
+                self.lost = True
+                raise pluginapi.BackendLost("the server restarted empty")
+            return super().get_many(keys)
+
+    sm = StateMachine(LosesItsData())
+    for e in log[:2]:  # n = 5: the incr below reads it
+        sm.apply(e.index, e.data)
+
+    @attrs.define
+    class Core:  # what the applier asks of the replica's core: its newest snapshot
+        snapshot: Snapshot
+
+    applier = Applier(sm, logging.getLogger("test"), gevent.event.Event(), wake=lambda: None,
+                      on_backend_down=lambda why: None, on_members_changed=lambda: None)
+    applier.raw = Core(newer)
+    results = [result for _, result in applier.apply(log[2:4])]
+    assert all(isinstance(r, ApplyError) and r.kind == "OutcomeUnknown" for r in results)
+    assert sm.applied_index == 10 and sm.read(b"n", 0) == (b"6", 3)
+    assert sm.snapshot() == leader.snapshot()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import gevent
 import gevent.event
 
-from raftcache.core.cache.statemachine import StateMachine
+from raftcache.core.cache.statemachine import ApplyError, StateMachine
 from raftcache.core.raft.messages import ConfChange, Entry, EntryType, Snapshot
 from raftcache.pluginapi import BackendLost, BackendUnavailable
 from raftcache.pluginapi.throttle import Throttle
@@ -62,10 +62,10 @@ class Applier:
         for entry in entries:
             result = None
             if entry.type == EntryType.NORMAL and entry.data:
-                result = self._retry_backend(lambda e=entry: self.sm.stage(e.index, e.data))
+                result = self._retry_backend(lambda e=entry: self._stage(e))
                 if self.sm.flush_due:  # a bulk deletion: on its own, in chunks
                     self._retry_backend(self.sm.flush)
-            elif entry.type == EntryType.CONF_CHANGE:
+            elif entry.type == EntryType.CONF_CHANGE and entry.index > self.sm.applied_index:
                 self._record_members(entry)
             applied.append((entry, result))
         self._retry_backend(self.sm.flush)
@@ -73,6 +73,17 @@ class Applier:
         if self.sm.members != members:
             self.on_members_changed()
         return applied
+
+    def _stage(self, entry: Entry):
+        """Stage one committed entry, unless a rebuild during this batch already moved the
+        state machine past it: the core may hold a newer snapshot from the leader by then (a
+        peer message stepped while the backend was retried), and the rebuild can only start
+        from that one, which holds this entry's effect but not its result."""
+        if entry.index <= self.sm.applied_index:
+            return ApplyError("OutcomeUnknown", "this node rebuilt its backend from a newer "
+                              "snapshot while the write applied: it applied, with a result "
+                              "not known here")
+        return self.sm.stage(entry.index, entry.data)
 
     def install(self, snapshot: Snapshot) -> None:
         """Replace the state with a snapshot received from the leader."""
@@ -146,7 +157,9 @@ class Applier:
 
     def _rebuild_backend(self, applied: int) -> None:
         """Load the newest snapshot into the backend and apply the log since, up to `applied`
-        (raises what the backend raises; the caller retries from scratch)."""
+        (raises what the backend raises; the caller retries from scratch). A snapshot the
+        leader sent meanwhile may lie past `applied`: the state machine then ends at it, and
+        `apply` skips the rest of its batch (`_stage`)."""
         snapshot = self.raw.snapshot
         start = snapshot.meta.index if snapshot is not None else 0
         self.sm.restore(snapshot.data if snapshot is not None else b"")
