@@ -1,5 +1,5 @@
 .PHONY: test lint sim sim-long jepsen jepsen-long jepsen-backends fuzz demo bench bench-all \
-	bench-failover bench-storage bench-latency bench-backends bench-security
+	bench-failover bench-storage bench-latency bench-backends bench-security bench-stalls
 
 test:
 	scripts/test
@@ -64,8 +64,14 @@ bench:
 	.venv/bin/raftcache bench --compare $(BENCH_ARGS)
 
 # every older benchmark, one after another
-bench-all: bench-storage bench-latency bench-failover bench-backends bench-security
+bench-all: bench-storage bench-latency bench-failover bench-backends bench-security bench-stalls
 
 # the throughput cost of auth (signed tokens) plus encryption at rest: off vs on, 3 nodes
 bench-security:
 	scripts/bootstrap && .venv/bin/raftcache bench --scenario security $(BENCH_ARGS)
+
+# the longest stall of a node's hub under hostile requests, and under large invalidates and
+# mgets with a million keys
+bench-stalls:
+	scripts/bootstrap && .venv/bin/python examples/hostile_stalls.py
+	.venv/bin/python examples/amplification_stalls.py

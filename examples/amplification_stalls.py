@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """The longest hub stall (a 1 ms timer's lateness) during an invalidate of a small prefix and of
 a 100k-key prefix, and during large mgets, on one in-process node (memory backend and storage,
 the encryption codec) holding N keys (default a million).
 
-    .venv/bin/python scripts/measure-stalls [N]
+    python examples/amplification_stalls.py [N]      # or: make bench-stalls
 
 Wall-clock figures: on a loaded machine they include the time the process waits for a core.
 A benchmark, not a test: it asserts nothing about speed."""
@@ -76,7 +75,7 @@ class Stalls:
 def main():
     address = f"127.0.0.1:{free_port_block(1)}"
     cfg = config.parse({
-        "node": {"id": 1, "address": address, "data_dir": tempfile.mkdtemp(prefix="measure-stalls-"),
+        "node": {"id": 1, "address": address, "data_dir": tempfile.mkdtemp(prefix="amplification-stalls-"),
                  "request_timeout_ms": 60_000},
         "cluster": {"peers": {"1": address}},
         "raft": {"snapshot_entries": 1 << 40},
