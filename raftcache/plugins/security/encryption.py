@@ -390,15 +390,9 @@ class SealCounts:
             self._save()
 
     def _save(self) -> None:
-        body = json.dumps({"master": self.master_id,
-                           "sealed": {str(k): v for k, v in sorted(self.reserved.items())}})
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(
+            {"master": self.master_id,
+             "sealed": {str(k): v for k, v in sorted(self.reserved.items())}}))
 
 
 # ================================================================================================
